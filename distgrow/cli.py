@@ -1,0 +1,134 @@
+"""The ``distgrow`` command: a few verbs, each taking a config file and dotted overrides.
+
+    distgrow plan CONFIG [key=value ...] [--json]
+    distgrow config [CONFIG] [key=value ...]      the resolved config, or every key documented
+
+Errors in the config are printed as one line naming the key, the value and the fix, with exit
+status 2 (the same as a usage error), before anything runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+
+from distgrow.config import ConfigError, describe_fields, dump_config, load_config
+from distgrow.planner import Plan, make_plan
+
+EXIT_USAGE = 2
+
+
+def _fmt_epoch(x: float) -> str:
+    if math.isnan(x):
+        return "-"
+    return str(int(x)) if abs(x - round(x)) < 1e-9 else f"{x:.2f}"
+
+
+def _fmt_lr(lr: float, lr_end: float) -> str:
+    if math.isclose(lr, lr_end, rel_tol=1e-9):
+        return f"{lr:.4g}"
+    return f"{lr:.4g}→{lr_end:.4g}"
+
+
+def format_plan(plan: Plan) -> str:
+    """A readable table of the plan's phases and the totals against the baseline."""
+    first = "rung" if plan.ladder else "epochs"
+    updates = "updates/epoch" if plan.ladder else "updates"
+    header = [first, "batch", "workers", "micro", "accum", "lr", "momentum", "noise", updates]
+    rows = []
+    for p in plan.phases:
+        where = (
+            str(p.rung) if plan.ladder else f"{_fmt_epoch(p.start_epoch)}–{_fmt_epoch(p.end_epoch)}"
+        )
+        rows.append(
+            [
+                where,
+                f"{p.global_batch}" + ("*" if p.capped else ""),
+                str(p.workers),
+                str(p.micro_batch),
+                str(p.accum_steps),
+                _fmt_lr(p.lr, p.lr_end),
+                f"{p.momentum:g}",
+                f"{p.noise:.4g}",
+                f"{p.updates:,}",
+            ]
+        )
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        f"plan: growth.mode={plan.mode}, schedule={plan.schedule}, N={plan.dataset_size:,}, "
+        f"epochs={plan.epochs}, B0={plan.base_batch}",
+        "  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)),
+    ]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    if any(p.capped for p in plan.phases):
+        lines.append("* batch capped: the learning rate carries the rest of the decay (hybrid)")
+    if plan.total_updates is not None and plan.baseline_total_updates is not None:
+        ratio = plan.update_ratio or math.nan
+        lines.append(
+            f"total updates: {plan.total_updates:,}   decay_lr baseline: "
+            f"{plan.baseline_total_updates:,}   ratio: {ratio:.2f}× fewer "
+            f"({1 - plan.total_updates / plan.baseline_total_updates:.1%} saved)"
+        )
+    lines += [f"note: {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    plan = make_plan(cfg, cfg.data.expected_train_size())
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=2, allow_nan=False, default=_json_nan))
+    else:
+        print(format_plan(plan))
+    return 0
+
+
+def _json_nan(obj: object) -> object:  # pragma: no cover - only reached for unknown types
+    raise TypeError(f"cannot serialise {type(obj).__name__}")
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    if args.config is None and not args.overrides:
+        for key, tp, default, doc in describe_fields():
+            print(f"{key} ({tp}, default {default!r}): {doc}")
+        return 0
+    print(dump_config(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distgrow",
+        description="Don't decay the learning rate, increase the batch size.",
+    )
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("config", nargs="?" if name == "config" else None, help="a YAML config")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+        return p
+
+    p = verb("plan", "Print the batch-growth plan of a config against its decay_lr baseline.")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_plan)
+    p = verb("config", "Print the resolved config, or every setting with its documentation.")
+    p.set_defaults(func=_cmd_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``distgrow`` console script and ``python -m distgrow``."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as err:
+        print(f"distgrow: config error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The user's learning-rate schedules, as the decay ratio ``r(t) = lr(t) / lr0``.
+
+A schedule here is what the user would have run with a fixed batch. The planner turns each cut
+of ``r`` into batch growth. Time ``t`` is in the schedule's interval: epochs, or the baseline's
+updates (samples seen / base batch) for ``interval: step``.
+
+Plateau schedules are not a function of time: :class:`PlateauTrigger` watches the validation
+metric and fires at exactly the epochs where ``torch.optim.lr_scheduler.ReduceLROnPlateau``
+would cut the LR (tested differentially against torch).
+
+Pure Python: no torch import.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from distgrow.config import ScheduleConfig
+
+
+class DecaySchedule(Protocol):
+    """A time-based decay: ``ratio(t)`` is non-increasing, starts at 1."""
+
+    @property
+    def continuous(self) -> bool:
+        """True when r changes at every t (exponential, time-based, cosine), False if piecewise."""
+        ...
+
+    def ratio(self, t: float) -> float:
+        """``lr(t) / lr0`` at time ``t`` (in the schedule's interval)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Constant:
+    continuous: bool = False
+
+    def ratio(self, t: float) -> float:
+        return 1.0
+
+
+@dataclass(frozen=True)
+class Step:
+    """``gamma ** floor(t / step_size)`` (torch ``StepLR``)."""
+
+    step_size: float
+    gamma: float
+    continuous: bool = False
+
+    def ratio(self, t: float) -> float:
+        return self.gamma ** math.floor(t / self.step_size + 1e-12)
+
+
+@dataclass(frozen=True)
+class MultiStep:
+    """``gamma ** (number of milestones <= t)`` (torch ``MultiStepLR``)."""
+
+    milestones: tuple[float, ...]
+    gamma: float
+    continuous: bool = False
+
+    def ratio(self, t: float) -> float:
+        return self.gamma ** sum(1 for m in self.milestones if t >= m)
+
+
+@dataclass(frozen=True)
+class Exponential:
+    """``gamma ** t`` (torch ``ExponentialLR``)."""
+
+    gamma: float
+    continuous: bool = True
+
+    def ratio(self, t: float) -> float:
+        return self.gamma**t
+
+
+@dataclass(frozen=True)
+class TimeBased:
+    """``1 / (1 + decay · t)`` (Keras' SGD ``decay``; rule of thumb ``decay = lr0 / epochs``)."""
+
+    decay: float
+    continuous: bool = True
+
+    def ratio(self, t: float) -> float:
+        return 1.0 / (1.0 + self.decay * t)
+
+
+@dataclass(frozen=True)
+class Cosine:
+    """``eta_min/lr0 + (1 - eta_min/lr0)(1 + cos(π t / t_max)) / 2`` (torch ``CosineAnnealingLR``
+    closed form), flat at ``eta_min`` after ``t_max``: a decay, never a restart."""
+
+    t_max: float
+    floor: float  # eta_min / lr0
+    continuous: bool = True
+
+    def ratio(self, t: float) -> float:
+        t = min(t, self.t_max)
+        return self.floor + (1.0 - self.floor) * (1.0 + math.cos(math.pi * t / self.t_max)) / 2.0
+
+
+def build_schedule(cfg: ScheduleConfig, lr0: float, horizon: float) -> DecaySchedule:
+    """The time-based schedule for ``cfg``; ``horizon`` is the length of training in ``t``.
+
+    Raises:
+        ValueError: for ``plateau`` (use :class:`PlateauTrigger`), or a cosine floor above lr0.
+    """
+    if cfg.type == "constant":
+        return Constant()
+    if cfg.type == "step":
+        return Step(cfg.step_size, cfg.gamma)
+    if cfg.type == "multistep":
+        return MultiStep(tuple(cfg.milestones), cfg.gamma)
+    if cfg.type == "exponential":
+        return Exponential(cfg.gamma)
+    if cfg.type == "time_based":
+        return TimeBased(cfg.decay)
+    if cfg.type == "cosine":
+        if cfg.eta_min > lr0:
+            raise ValueError(
+                f"schedule.eta_min ({cfg.eta_min}) is above optim.lr ({lr0}): a cosine from lr0 "
+                "down to eta_min must decay. Fix: set schedule.eta_min below optim.lr."
+            )
+        return Cosine(cfg.t_max if cfg.t_max is not None else horizon, cfg.eta_min / lr0)
+    raise ValueError(f"schedule.type={cfg.type!r} is metric-triggered: use PlateauTrigger")
+
+
+@dataclass
+class PlateauTrigger:
+    """Decides, from one metric value per epoch, when a plateau cut is due.
+
+    Replicates ``torch.optim.lr_scheduler.ReduceLROnPlateau.step`` exactly (same ``patience``,
+    ``threshold``, ``threshold_mode``, ``cooldown``, ``mode``; NaN never counts as improvement).
+    The LR-side rules (``factor``, ``min_lr``, ``eps``) are applied by :meth:`ratio_after`, which
+    the planner uses to tell a cut that still changes the noise scale from one that does not.
+    """
+
+    mode: str = "min"
+    patience: int = 10
+    threshold: float = 1e-4
+    threshold_mode: str = "rel"
+    cooldown: int = 0
+    best: float = math.inf
+    num_bad_epochs: int = 0
+    cooldown_counter: int = 0
+    last_epoch: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: ScheduleConfig) -> PlateauTrigger:
+        trigger = cls(
+            mode=cfg.mode,
+            patience=cfg.patience,
+            threshold=cfg.threshold,
+            threshold_mode=cfg.threshold_mode,
+            cooldown=cfg.cooldown,
+        )
+        trigger.best = math.inf if cfg.mode == "min" else -math.inf
+        return trigger
+
+    def _is_better(self, current: float) -> bool:
+        if self.mode == "min" and self.threshold_mode == "rel":
+            return current < self.best * (1.0 - self.threshold)
+        if self.mode == "min":
+            return current < self.best - self.threshold
+        if self.threshold_mode == "rel":
+            return current > self.best * (self.threshold + 1.0)
+        return current > self.best + self.threshold
+
+    def step(self, metric: float) -> bool:
+        """Feed one epoch's metric; True when a cut (or its batch growth) is due now."""
+        current = float(metric)
+        self.last_epoch += 1
+        if self._is_better(current):
+            self.best = current
+            self.num_bad_epochs = 0
+        else:
+            self.num_bad_epochs += 1
+        if self.cooldown_counter > 0:
+            self.cooldown_counter -= 1
+            self.num_bad_epochs = 0  # torch ignores bad epochs during cooldown
+        if self.num_bad_epochs > self.patience:
+            self.cooldown_counter = self.cooldown
+            self.num_bad_epochs = 0
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def plateau_ratio_after(
+    cuts: int, *, factor: float, lr0: float, min_lr: float, eps: float
+) -> float:
+    """``r`` after ``cuts`` plateau cuts, as ReduceLROnPlateau computes the LR.
+
+    torch's rule per cut: ``new = max(old * factor, min_lr)``, applied only when
+    ``old - new > eps``. Returns ``lr / lr0``.
+    """
+    lr = lr0
+    for _ in range(cuts):
+        new = max(lr * factor, min_lr)
+        if lr - new > eps:
+            lr = new
+    return lr / lr0
