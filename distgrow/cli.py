@@ -80,14 +80,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     plan = make_plan(cfg, cfg.data.expected_train_size())
     if args.json:
-        print(json.dumps(plan.to_json(), indent=2, allow_nan=False, default=_json_nan))
+        print(json.dumps(plan.to_json(), indent=2, allow_nan=False))
     else:
         print(format_plan(plan))
     return 0
-
-
-def _json_nan(obj: object) -> object:  # pragma: no cover - only reached for unknown types
-    raise TypeError(f"cannot serialise {type(obj).__name__}")
 
 
 def _cmd_config(args: argparse.Namespace) -> int:

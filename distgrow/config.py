@@ -244,8 +244,9 @@ class ScheduleConfig:
     """The learning-rate schedule the user would run; distgrow converts it (see planner)."""
 
     type: ScheduleType = _f(
-        "multistep",
-        "constant, step, multistep, exponential, time_based (lr0/(1+decay·t)), cosine, plateau.",
+        "constant",
+        "constant (nothing to convert), step, multistep, exponential, time_based "
+        "(lr0/(1+decay·t)), cosine, plateau.",
     )
     interval: Literal["epoch", "step"] = _f(
         "epoch",
@@ -543,7 +544,9 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
     if origin is Literal:
         if value not in get_args(tp):
             choices = ", ".join(repr(a) for a in get_args(tp))
-            near = difflib.get_close_matches(str(value), [str(a) for a in get_args(tp)], n=1)
+            near = difflib.get_close_matches(
+                str(value), [str(a) for a in get_args(tp)], n=1, cutoff=0.5
+            )
             hint = f"did you mean {near[0]!r}? " if near else ""
             raise ConfigError(
                 f"{key} = {value!r} in {source} is not one of {choices}. "
@@ -583,6 +586,12 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
             raise wrong()
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 6e-4 (no dot) as a string; a number is what the user meant.
+            try:
+                return float(value)
+            except ValueError:
+                raise wrong() from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise wrong()
         return float(value)

@@ -34,6 +34,10 @@ from distgrow.schedules import DecaySchedule, PlateauTrigger, build_schedule, pl
 # 15999.999999999996); this relative slack keeps exact decays exact.
 _FLOAT_SLACK = 1e-9
 
+ACCUM_WINDOW = 32
+"""Accumulation counts tried beyond the fewest that fit: more steps are smaller micro-batches
+(less efficient), so the realiser only looks a little further for an exact split."""
+
 
 @dataclass(frozen=True)
 class Realisation:
@@ -95,7 +99,8 @@ class Limits:
         Realisable: ``workers × micro_batch × accum_steps`` with ``floor_workers <= workers <=
         max_workers``, micro-batches multiples of ``multiple`` and at most ``max_micro_batch``,
         and accumulation only when the target exceeds what all workers hold at their memory
-        limit in one pass. Among splits of the largest size: fewest accumulation steps, then
+        limit in one pass (then at most ``ACCUM_WINDOW`` steps more than the fewest that
+        reach the target). Among splits of the largest size: fewest accumulation steps, then
         the fewest workers that keep the micro-batch at or under the preferred ``micro_batch``
         (else the most workers).
 
@@ -117,11 +122,13 @@ class Limits:
                 steps = [1]
             else:
                 assert top_micro is not None
+                # From the count that fills memory exactly (a_full) to the fewest that reach the
+                # target (a_min), and up to ACCUM_WINDOW more in case one divides more exactly.
+                a_full = max(1, target // (w * top_micro))
                 a_min = math.ceil(target / (w * top_micro))
-                a_max = 2 * a_min if self.max_accum_steps is None else self.max_accum_steps
-                # The fewest steps that fit, a few more in case one divides more exactly; when
-                # max_accum_steps stops short of a_min, the most steps allowed.
-                steps = [1, *range(max(2, min(a_min, a_max)), min(a_max, 2 * a_min) + 1)]
+                a_max = self.max_accum_steps or a_min + ACCUM_WINDOW
+                a_hi = min(a_max, a_min + ACCUM_WINDOW)
+                steps = [1, *range(max(2, min(a_full, a_max)), a_hi + 1)]
             for a in steps:
                 micro = target // (w * a * u) * u
                 if top_micro is not None:
@@ -151,6 +158,8 @@ class Setting:
     """B0 / r(t): the batch that would have carried the whole decay."""
     rung: int = 0
     """Plateau schedules: how many plateau cuts have fired."""
+    capped: bool = False
+    """The ideal batch is above a cap: the LR carries the rest of the decay (the hybrid)."""
 
     @property
     def realisation(self) -> Realisation:
@@ -204,12 +213,18 @@ class GrowthPolicy:
         self.trigger = PlateauTrigger.from_config(cfg.schedule) if self.is_plateau else None
         self.rung = 0
         start = self.limits.realise(min(self.start_batch, self.limits.cap))
-        if start is None:
+        derived = cfg.growth.mode in ("grow_batch_lr", "grow_momentum")  # may round, LR absorbs
+        if start is None or (start.global_batch != self.start_batch and not derived):
+            unit = self.limits.min_workers * self.limits.multiple
+            lo, hi = self.start_batch // unit * unit, (self.start_batch // unit + 1) * unit
+            choices = f"{lo} or {hi}" if lo else str(hi)
             raise ConfigError(
-                f"growth.base_batch ({self.start_batch}) cannot be split over "
+                f"growth.base_batch ({self.start_batch}) cannot be split exactly over "
                 f"{self.limits.min_workers} workers in micro-batches that are multiples of "
-                f"{self.limits.multiple}. Fix: use a base batch that is a multiple of "
-                f"{self.limits.min_workers * self.limits.multiple}."
+                f"{self.limits.multiple} (model.ghost_batch) within growth.max_micro_batch="
+                f"{self.limits.max_micro_batch} and growth.max_accum_steps="
+                f"{self.limits.max_accum_steps}. Fix: use growth.base_batch={choices}, or "
+                "raise the limits."
             )
         self._start = start
         self._current = start
@@ -259,6 +274,7 @@ class GrowthPolicy:
             ratio=r,
             ideal_batch=ideal,
             rung=self.rung,
+            capped=self.grows and target > self.limits.cap,
         )
 
     def setting(self, epoch: int, position: int = 0) -> Setting:
@@ -340,7 +356,12 @@ class Plan:
         return self.baseline_total_updates / self.total_updates
 
     def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict; the ladder's rungs have no epochs (null)."""
         out = asdict(self)
+        for phase in out["phases"]:
+            for key in ("start_epoch", "end_epoch"):
+                if isinstance(phase[key], float) and math.isnan(phase[key]):
+                    phase[key] = None
         out["update_ratio"] = self.update_ratio
         return out
 
@@ -386,7 +407,7 @@ def _simulate(policy: GrowthPolicy, epochs: int) -> tuple[list[Phase], int]:
                         noise=s.ratio,
                         updates=steps,
                         samples=samples,
-                        capped=policy.grows and s.global_batch < s.ideal_batch * (1 - _FLOAT_SLACK),
+                        capped=s.capped,
                     )
                 )
             phases[-1].end_epoch = epoch + (position + samples) / n
@@ -405,7 +426,7 @@ def _ladder(policy: GrowthPolicy, max_rungs: int = 12) -> list[Phase]:
         s = policy.setting(0)
         if rows and math.isclose(s.ratio, rows[-1].noise, rel_tol=1e-12):
             break  # min_lr reached: further plateaus change nothing
-        capped = policy.grows and s.global_batch < s.ideal_batch * (1 - _FLOAT_SLACK)
+        capped = s.capped
         rows.append(
             Phase(
                 start_epoch=math.nan,

@@ -1,0 +1,118 @@
+"""`distgrow plan` and `distgrow config`, through main() and as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import distgrow
+from distgrow.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+CIFAR = str(ROOT / "configs" / "cifar10_wrn16_4.yaml")
+
+
+def run_main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_plan_json_has_the_documented_fields(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_main(capsys, "plan", CIFAR, "growth.max_dataset_fraction=null", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["total_updates"] == 29_000
+    assert data["baseline_total_updates"] == 78_200
+    assert data["dataset_size"] == 50_000
+    assert data["update_ratio"] == pytest.approx(78_200 / 29_000)
+    keys = {"start_epoch", "end_epoch", "global_batch", "workers", "micro_batch", "accum_steps",
+            "lr", "momentum", "updates"}  # fmt: skip
+    assert all(keys <= set(p) for p in data["phases"])
+    assert [p["global_batch"] for p in data["phases"]] == [128, 640, 3200, 16000]
+    assert [p["start_epoch"] for p in data["phases"]] == [0, 60, 120, 160]
+
+
+def test_plan_table_shows_phases_and_totals(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_main(capsys, "plan", CIFAR, "growth.max_global_batch=640")
+    assert code == 0
+    lines = out.splitlines()
+    header = next(line for line in lines if "batch" in line and "workers" in line)
+    for column in ("epochs", "micro", "accum", "lr", "momentum", "noise", "updates"):
+        assert column in header
+    rows = [line.split() for line in lines if re.match(r"\s*\d+–\d+\s", line)]
+    assert [r[0] for r in rows] == ["0–60", "60–120", "120–160", "160–200"]
+    assert [r[1] for r in rows] == ["128", "640", "640*", "640*"]
+    assert [r[5] for r in rows] == ["0.1", "0.1", "0.02", "0.004"]
+    assert "total updates: 34,520   decay_lr baseline: 78,200" in out
+    assert "hybrid" in out
+
+
+def test_plan_ladder_for_plateau(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_main(capsys, "plan", str(ROOT / "configs" / "covtype_bottleneck.yaml"))
+    assert code == 0
+    assert "rung" in out and "updates/epoch" in out
+    assert re.search(r"^\s*1\s+1280\s", out, re.M)
+    code, out, _ = run_main(capsys, "plan", str(ROOT / "configs" / "covtype_bottleneck.yaml"),
+                            "--json")  # fmt: skip
+    data = json.loads(out)
+    assert data["ladder"] is True and data["total_updates"] is None
+    assert data["phases"][1]["global_batch"] == 1280
+
+
+def test_config_errors_exit_2_with_the_fix(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_main(capsys, "plan", CIFAR, "growth.max_global_batch=64")
+    assert code == 2 and out == ""
+    assert "growth.max_global_batch = 64" in err and "Fix:" in err
+    code, _, err = run_main(capsys, "plan", CIFAR, "optimizer.lr=1")
+    assert code == 2 and "unknown key 'optimizer'" in err
+
+
+def test_config_verb(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_main(capsys, "config")
+    assert code == 0 and "growth.max_dataset_fraction (float | null, default 0.1)" in out
+    code, out, _ = run_main(capsys, "config", CIFAR, "optim.lr=0.2")
+    assert code == 0 and "lr: 0.2" in out
+
+
+def test_python_dash_m_runs_the_same_command() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "distgrow", "plan", CIFAR, "growth.max_global_batch=640", "--json"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["total_updates"] == 34_520
+
+
+def test_public_api_convert_hybrid() -> None:
+    policy = distgrow.convert(
+        50_000,
+        run={"epochs": 200},
+        optim={"lr": 0.1, "momentum": 0.9},
+        schedule={"type": "multistep", "milestones": [60, 120, 160], "gamma": 0.2},
+        growth={"base_batch": 128, "max_global_batch": 640},
+    )
+    got = [(s.global_batch, round(s.lr, 6)) for s in map(policy.setting, (0, 59, 60, 130, 199))]
+    assert got == [(128, 0.1), (128, 0.1), (640, 0.1), (640, 0.02), (640, 0.004)]
+    with pytest.raises(distgrow.ConfigError, match="unknown key 'growth.max_batch'"):
+        distgrow.convert(100, growth={"max_batch": 3})
+
+
+def test_readme_python_example_runs() -> None:
+    """The README's converter example is executed as written."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert blocks, "README must show the converter API in a ```python block"
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})  # the doc's own asserts check the values
+
+
+def test_importing_distgrow_does_not_import_torch() -> None:
+    code = "import sys, distgrow, distgrow.planner; print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "False"

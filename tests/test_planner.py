@@ -1,0 +1,379 @@
+"""The noise-scale conversion, the realisation rules, the hybrid, and the update counts."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from distgrow.config import Config, ConfigError, load_config
+from distgrow.planner import ACCUM_WINDOW, GrowthPolicy, Limits, Realisation, make_plan
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CIFAR = CONFIGS / "cifar10_wrn16_4.yaml"
+
+
+def cifar(*overrides: str) -> Config:
+    return load_config(CIFAR, list(overrides))
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's numbers (METHOD.md §2)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_paper_increase_batch_caps_off() -> None:
+    plan = make_plan(cifar("growth.max_dataset_fraction=null"), 50_000)
+    assert [p.global_batch for p in plan.phases] == [128, 640, 3200, 16000]
+    assert [(p.start_epoch, p.end_epoch) for p in plan.phases] == [
+        (0, 60), (60, 120), (120, 160), (160, 200)
+    ]  # fmt: skip
+    assert [p.lr for p in plan.phases] == pytest.approx([0.1] * 4)
+    # 60·⌈50000/128⌉ + 60·⌈50000/640⌉ + 40·⌈50000/3200⌉ + 40·⌈50000/16000⌉
+    assert plan.total_updates == 60 * 391 + 60 * 79 + 40 * 16 + 40 * 4 == 29_000
+    assert plan.baseline_total_updates == 200 * 391 == 78_200
+    assert not any(p.capped for p in plan.phases)
+    for p in plan.phases:
+        assert p.workers * p.micro_batch * p.accum_steps == p.global_batch
+        assert p.micro_batch % 128 == 0  # whole ghost batches
+        assert p.workers <= 8 and p.micro_batch <= 1024
+
+
+def test_paper_hybrid_memory_cap_640() -> None:
+    plan = make_plan(cifar("growth.max_global_batch=640"), 50_000)
+    assert [p.global_batch for p in plan.phases] == [128, 640, 640, 640]
+    assert [p.lr for p in plan.phases] == pytest.approx([0.1, 0.1, 0.02, 0.004])
+    assert plan.total_updates == 60 * 391 + 140 * 79 == 34_520
+    assert [p.capped for p in plan.phases] == [False, False, True, True]
+
+
+def test_paper_larger_initial_lr() -> None:
+    plan = make_plan(
+        cifar("growth.mode=grow_batch_lr", "growth.lr_scale=5", "growth.max_dataset_fraction=null"),
+        50_000,
+    )
+    first = plan.phases[0]
+    assert (first.global_batch, first.lr) == (640, pytest.approx(0.5))
+    # noise scale relative to the baseline's start stays on the user's path
+    assert [p.noise for p in plan.phases] == pytest.approx([1, 0.2, 0.04, 0.008])
+
+
+def test_paper_larger_momentum() -> None:
+    plan = make_plan(
+        cifar("growth.mode=grow_momentum", "growth.momentum=0.98", "growth.lr_scale=5",
+              "growth.max_dataset_fraction=null"),
+        50_000,
+    )  # fmt: skip
+    first = plan.phases[0]
+    assert (first.global_batch, first.lr, first.momentum) == (3200, pytest.approx(0.5), 0.98)
+    # ε/(B(1−m)): 0.5/(3200·0.02) == 0.1/(128·0.1)
+    assert first.lr / (first.global_batch * (1 - first.momentum)) == pytest.approx(0.1 / 12.8)
+    assert plan.total_updates is not None and plan.total_updates < 2_500
+
+
+def test_covtype_plateau_ladder() -> None:
+    cfg = load_config(CONFIGS / "covtype_bottleneck.yaml")
+    plan = make_plan(cfg, 435_759)
+    assert plan.ladder and plan.total_updates is None
+    batches = [p.global_batch for p in plan.phases]
+    assert batches[:5] == [256, 1280, 6400, 32000, 43575]  # ×5 while under N/10
+    lrs = [p.lr for p in plan.phases]
+    assert lrs[:4] == pytest.approx([6e-4] * 4)
+    # past the cap the LR takes the decay: r = 0.2**4 with B = 43575 instead of 256/0.2**4
+    assert lrs[4] == pytest.approx(6e-4 * 0.2**4 * 43575 / 256)
+    assert lrs[5] / lrs[4] == pytest.approx(0.2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Realisation
+# ---------------------------------------------------------------------------------------------
+
+
+def brute_force(lim: Limits, target: int, floor_workers: int) -> int:
+    """The largest batch any allowed split reaches, by enumeration of every split."""
+    best = 0
+    max_micro = lim.max_micro_batch or target
+    one_pass_capacity = lim.max_workers * (lim.max_micro_batch or 10**12)
+    top = max_micro // lim.multiple * lim.multiple
+    for w in range(max(floor_workers, lim.min_workers), lim.max_workers + 1):
+        # the documented window: at most ACCUM_WINDOW steps beyond the fewest that fit
+        fewest = math.ceil(min(target, lim.cap) / (w * top)) if top else 1
+        accum_range = range(1, min(lim.max_accum_steps or 10**9, fewest + ACCUM_WINDOW) + 1)
+        for micro in range(lim.multiple, max_micro + 1, lim.multiple):
+            for a in accum_range:
+                b = w * micro * a
+                if b > min(target, lim.cap):
+                    break
+                if a > 1 and min(target, lim.cap) <= one_pass_capacity:
+                    break  # accumulation only when one pass of every worker cannot hold it
+                best = max(best, b)
+    return best
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    target=st.integers(1, 400),
+    max_workers=st.integers(1, 6),
+    micro=st.integers(1, 40),
+    max_micro=st.one_of(st.none(), st.integers(1, 60)),
+    max_accum=st.one_of(st.none(), st.integers(1, 6)),
+    multiple=st.sampled_from([1, 1, 2, 4]),
+    floor_workers=st.integers(1, 3),
+)
+def test_realise_is_largest_exact_split(
+    target: int,
+    max_workers: int,
+    micro: int,
+    max_micro: int | None,
+    max_accum: int | None,
+    multiple: int,
+    floor_workers: int,
+) -> None:
+    assume(max_micro is None or micro <= max_micro)
+    assume(floor_workers <= max_workers)
+    lim = Limits(
+        cap=10**6, max_workers=max_workers, micro_batch=micro, max_micro_batch=max_micro,
+        max_accum_steps=max_accum, multiple=multiple,
+    )  # fmt: skip
+    got = lim.realise(target, floor_workers)
+    expected = brute_force(lim, target, floor_workers)
+    if expected == 0:
+        assert got is None
+        return
+    assert got is not None
+    assert got.workers * got.micro_batch * got.accum_steps == got.global_batch
+    assert floor_workers <= got.workers <= max_workers
+    assert got.micro_batch % multiple == 0
+    assert max_micro is None or got.micro_batch <= max_micro
+    assert max_accum is None or got.accum_steps <= max_accum
+    assert got.global_batch == expected
+
+
+def test_workers_first_then_micro_then_accumulation() -> None:
+    lim = Limits(cap=10**6, max_workers=4, micro_batch=32, max_micro_batch=64,
+                 max_accum_steps=None, multiple=1)  # fmt: skip
+    assert lim.realise(32) == Realisation(32, 1, 32, 1)
+    assert lim.realise(96) == Realisation(96, 3, 32, 1)  # add workers at the preferred size
+    assert lim.realise(128) == Realisation(128, 4, 32, 1)
+    assert lim.realise(256) == Realisation(256, 4, 64, 1)  # then grow the micro-batch
+    assert lim.realise(512) == Realisation(512, 4, 64, 2)  # accumulate only at both limits
+    assert lim.realise(64) == Realisation(64, 2, 32, 1)
+    assert lim.realise(64, floor_workers=3) == Realisation(64, 4, 16, 1)  # workers never drop
+
+
+def test_rounding_down_when_no_exact_split() -> None:
+    lim = Limits(cap=10**6, max_workers=3, micro_batch=10, max_micro_batch=10,
+                 max_accum_steps=2, multiple=1)  # fmt: skip
+    # 3 workers × 10 × 2 = 60 is the hardware's most; 61 rounds down to it
+    assert lim.realise(61) == Realisation(60, 3, 10, 2)
+    assert lim.realise(1000) == Realisation(60, 3, 10, 2)
+
+
+def test_base_batch_that_cannot_be_split_is_a_config_error() -> None:
+    cfg = load_config(None, ["growth.base_batch=100", "growth.max_workers=8"])
+    with pytest.raises(ConfigError, match="cannot be split exactly over 8 workers.*96 or 104"):
+        GrowthPolicy(cfg, 10_000, min_workers=8)
+    with pytest.raises(ConfigError, match="the job has 9 workers"):
+        GrowthPolicy(cfg, 10_000, min_workers=9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Properties over random schedules and limits
+# ---------------------------------------------------------------------------------------------
+
+schedules = st.one_of(
+    st.builds(
+        lambda ms, g: [
+            "schedule.type=multistep",
+            f"schedule.milestones={ms}",
+            f"schedule.gamma={g}",
+        ],
+        st.lists(st.integers(1, 11), min_size=1, max_size=4, unique=True).map(sorted),
+        st.sampled_from([0.5, 0.2, 0.1, 0.3]),
+    ),
+    st.builds(
+        lambda s, g: ["schedule.type=step", f"schedule.step_size={s}", f"schedule.gamma={g}"],
+        st.integers(1, 5),
+        st.sampled_from([0.5, 0.2]),
+    ),
+    st.builds(
+        lambda g: ["schedule.type=exponential", f"schedule.gamma={g}"],
+        st.sampled_from([0.9, 0.7, 0.5]),
+    ),
+    st.builds(
+        lambda d: ["schedule.type=time_based", f"schedule.decay={d}"],
+        st.sampled_from([0.01, 0.1, 0.5]),
+    ),
+    st.just(["schedule.type=cosine", "schedule.eta_min=0.001"]),
+    st.just(["schedule.type=constant"]),
+)
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    sched=schedules,
+    interval=st.sampled_from(["epoch", "step"]),
+    n=st.integers(100, 3000),
+    b0=st.sampled_from([4, 8, 12, 16, 32]),
+    max_workers=st.integers(1, 6),
+    max_micro=st.one_of(st.none(), st.sampled_from([16, 32, 48, 64])),
+    max_accum=st.one_of(st.none(), st.integers(1, 8)),
+    max_global=st.one_of(st.none(), st.sampled_from([64, 100, 256])),
+    fraction=st.one_of(st.none(), st.sampled_from([0.1, 0.25, 0.5])),
+    momentum=st.sampled_from([0.0, 0.9]),
+    mode=st.sampled_from(["grow_batch", "decay_lr", "grow_batch_lr"]),
+)
+def test_noise_limits_monotonicity_and_counts(
+    sched: list[str],
+    interval: str,
+    n: int,
+    b0: int,
+    max_workers: int,
+    max_micro: int | None,
+    max_accum: int | None,
+    max_global: int | None,
+    fraction: float | None,
+    momentum: float,
+    mode: str,
+) -> None:
+    epochs = 12
+    assume(max_global is None or max_global >= b0)
+    overrides = [
+        *sched, f"schedule.interval={interval}", f"run.epochs={epochs}", "optim.lr=0.1",
+        f"optim.momentum={momentum}", f"growth.mode={mode}", "growth.lr_scale=2",
+        f"growth.base_batch={b0}", f"growth.max_workers={max_workers}",
+        f"growth.micro_batch={min(b0, max_micro or b0)}",
+        f"growth.max_micro_batch={'null' if max_micro is None else max_micro}",
+        f"growth.max_accum_steps={'null' if max_accum is None else max_accum}",
+        f"growth.max_global_batch={'null' if max_global is None else max_global}",
+        f"growth.max_dataset_fraction={'null' if fraction is None else fraction}",
+    ]  # fmt: skip
+    cfg = load_config(None, overrides)
+    try:
+        policy = GrowthPolicy(cfg, n)
+    except ConfigError:
+        assume(False)  # B0 not realisable under these limits: a config error, tested elsewhere
+        return
+    lim = policy.limits
+    noise0 = 0.1 / (b0 * (1 - momentum))
+    prev_batch, prev_workers, updates = 0, 0, 0
+    for epoch in range(epochs):
+        position = 0
+        while position < n:
+            s = policy.setting(epoch, position)
+            r = policy.ratio(epoch, position)
+            # the noise scale follows the user's schedule exactly, at every update
+            assert s.lr / (s.global_batch * (1 - s.momentum)) == pytest.approx(noise0 * r, rel=1e-9)
+            # the realisation is exact and within every limit
+            assert s.workers * s.micro_batch * s.accum_steps == s.global_batch
+            assert s.global_batch <= max(lim.cap, b0)
+            assert s.workers <= max_workers
+            assert max_micro is None or s.micro_batch <= max_micro
+            assert max_accum is None or s.accum_steps <= max_accum
+            if s.accum_steps > 1:
+                assert max_micro is not None and s.global_batch > max_workers * max_micro
+            # the batch and the workers never shrink; the LR never exceeds its start
+            assert s.global_batch >= prev_batch and s.workers >= prev_workers
+            assert s.lr <= policy.lr_per_sample * policy.start_batch * (1 + 1e-9)
+            if mode == "decay_lr":
+                assert s.global_batch == policy.start_batch or policy.start_batch > lim.cap
+                assert s.lr == pytest.approx(0.1 * r)
+            prev_batch, prev_workers = s.global_batch, s.workers
+            updates += 1
+            position += s.global_batch if interval == "step" else n
+            if interval == "epoch":
+                updates += math.ceil(n / s.global_batch) - 1
+    plan = make_plan(cfg, n)
+    assert plan.total_updates == updates == sum(p.updates for p in plan.phases)
+    assert sum(p.samples for p in plan.phases) == epochs * n
+    assert plan.baseline_total_updates == epochs * math.ceil(n / b0)
+    assert plan.total_updates <= plan.baseline_total_updates or mode == "decay_lr"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    cuts=st.lists(st.integers(1, 6), min_size=1, max_size=3, unique=True).map(sorted),
+    cap=st.sampled_from([None, 200, 1000, 5000]),
+)
+def test_lr_fixed_until_the_batch_is_capped(cuts: list[int], cap: int | None) -> None:
+    """×5 cuts with an exactly realisable batch: LR stays lr0 until the cap, then decays ×5."""
+    cfg = load_config(None, [
+        "schedule.type=multistep", f"schedule.milestones={cuts}", "schedule.gamma=0.2",
+        "run.epochs=8", "growth.base_batch=8", "growth.max_dataset_fraction=null",
+        f"growth.max_global_batch={'null' if cap is None else cap}", "optim.lr=0.1",
+    ])  # fmt: skip
+    plan = make_plan(cfg, 100_000)
+    for p in plan.phases:
+        if p.capped:
+            assert cap is not None and p.global_batch == cap and p.lr < 0.1
+            assert p.lr == pytest.approx(0.1 * p.noise * p.global_batch / 8)
+        else:
+            assert p.lr == pytest.approx(0.1)
+            assert p.global_batch == pytest.approx(8 / p.noise)
+    capped = [p.capped for p in plan.phases]
+    assert capped == sorted(capped)  # once capped, capped for good
+
+
+def test_policy_resume_replays_the_same_decisions() -> None:
+    cfg = load_config(CONFIGS / "covtype_bottleneck.yaml", ["schedule.patience=1"])
+    metrics = [1.0, 0.9, 0.9, 0.9, 0.8, 0.8, 0.8, 0.8, 0.7, 0.7, 0.7]
+    a = GrowthPolicy(cfg, 435_759)
+    for m in metrics[:5]:
+        a.end_epoch(m)
+    b = GrowthPolicy(cfg, 435_759)
+    b.load_state_dict(a.state_dict())
+    for epoch, m in enumerate(metrics[5:], start=5):
+        assert a.setting(epoch) == b.setting(epoch)
+        assert a.end_epoch(m) == b.end_epoch(m)
+    assert a.setting(20) == b.setting(20)
+    assert a.rung >= 2  # the test exercised real growth events
+
+
+def test_plateau_growth_fires_with_the_trigger() -> None:
+    cfg = load_config(CONFIGS / "covtype_bottleneck.yaml")
+    policy = GrowthPolicy(cfg, 435_759)
+    batches = []
+    for m in [1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.5]:
+        policy.end_epoch(m)
+        batches.append(policy.setting(0).global_batch)
+    # patience 3: epochs 2-5 don't improve, the 4th of them (epoch 5) grows ×5; epoch 6
+    # improves, 7-10 don't, epoch 10 grows again
+    assert batches == [256, 256, 256, 256, 1280, 1280, 1280, 1280, 1280, 6400]
+
+
+def test_min_workers_is_respected() -> None:
+    with pytest.raises(ConfigError, match="cannot be split exactly over 4 workers.*=512,"):
+        make_plan(cifar(), 50_000, min_workers=4)  # 128 is one ghost batch: one worker only
+    cfg = cifar("growth.max_dataset_fraction=null", "model.ghost_batch=null")
+    plan = make_plan(cfg, 50_000, min_workers=4)
+    assert all(p.workers >= 4 for p in plan.phases)
+    assert [p.global_batch for p in plan.phases][:2] == [128, 640]
+
+
+def test_every_shipped_config_plans() -> None:
+    files = sorted(CONFIGS.glob("*.yaml"))
+    assert len(files) >= 4
+    for f in files:
+        cfg = load_config(f)
+        plan = make_plan(cfg, cfg.data.expected_train_size())
+        assert plan.phases, f
+        first = f.read_text().splitlines()[0]
+        assert first.startswith("#"), f"{f.name} must start with a comment giving its command"
+        assert "distgrow " in f.read_text(), f"{f.name} must show the command that runs it"
+
+
+def test_phase_counts_for_step_interval_cover_all_samples() -> None:
+    cfg = load_config(CONFIGS / "ionosphere_time_based.yaml")
+    plan = make_plan(cfg, 235)
+    assert plan.total_samples == 50 * 235 == sum(p.samples for p in plan.phases)
+    assert plan.baseline_total_updates == 50 * math.ceil(235 / 28)
+    assert plan.total_updates is not None and plan.total_updates < plan.baseline_total_updates
+    batches = [p.global_batch for p in plan.phases]
+    assert batches == sorted(batches) and batches[0] == 28
+    # 1/(1 + 0.002 t) at the last update, t = 449.x baseline steps: B* ≈ 28 · 1.9
+    assert batches[-1] == math.floor(28 * (1 + 0.002 * plan.phases[-1].start_epoch * 9) + 1e-9)
+    assert list(itertools.pairwise(batches)) == [(b, b + 1) for b in batches[:-1]]
