@@ -1,0 +1,28 @@
+# distgrow's tasks. Every target sets itself up first (scripts/bootstrap.sh is quick when done).
+.PHONY: setup demo test lint format clean
+
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+setup:
+	bash scripts/bootstrap.sh
+
+# The main job on its embedded default: a real comparison run on CPU (scripts/demo.sh).
+demo: setup
+	bash scripts/demo.sh
+
+lint: setup
+	$(BIN)/ruff check distgrow tests
+	$(BIN)/ruff format --check distgrow tests
+	$(BIN)/mypy
+
+# What CI runs (.ci/run): lint, types, then every test tier that can run on this machine.
+test: lint
+	$(BIN)/pytest
+
+format: setup
+	$(BIN)/ruff format distgrow tests
+	$(BIN)/ruff check --fix distgrow tests
+
+clean:
+	rm -rf runs/demo .pytest_cache .mypy_cache .ruff_cache
