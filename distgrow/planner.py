@@ -255,10 +255,8 @@ class GrowthPolicy:
 
     def _settle(self, r: float) -> Setting:
         ideal = self.start_batch / r if r > 0 else math.inf
+        target = self.limits.cap if math.isinf(ideal) else math.floor(ideal * (1 + _FLOAT_SLACK))
         if self.grows:
-            target = (
-                self.limits.cap if math.isinf(ideal) else math.floor(ideal * (1 + _FLOAT_SLACK))
-            )
             cand = self.limits.realise(target, self._current.workers)
             # The batch never shrinks (a rounding can land below the current size).
             if cand is not None and cand.global_batch > self._current.global_batch:
