@@ -2,6 +2,7 @@
 
     distgrow plan CONFIG [key=value ...] [--json]
     distgrow config [CONFIG] [key=value ...]      the resolved config, or every key documented
+    distgrow train CONFIG [key=value ...] [--resume]
 
 Errors in the config are printed as one line naming the key, the value and the fix, with exit
 status 2 (the same as a usage error), before anything runs.
@@ -95,6 +96,53 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+_TRAIN_EPILOG = """\
+Runs in one process, or as one rank of a job started by torchrun (torchrun -m distgrow train
+...), srun, mpirun or deepspeed's launcher: the rank, world size and rendezvous are read from
+the launcher's environment. gloo on the CPU, NCCL on CUDA devices (backend.dist_backend).
+
+The run directory (run.output_dir) receives checkpoints (ckpt-<step>.pt), metrics.jsonl,
+summary.json and config.yaml. Without --resume a directory that already holds a run is
+refused; with --resume the newest checkpoint is continued (at any world size), and a
+directory without checkpoints starts a fresh run.
+
+exit status:
+  0   trained to run.epochs
+  1   unexpected error (traceback printed)
+  2   config, data set, run directory or checkpoint problem: nothing was trained
+  65  the loss became NaN/inf: the last good checkpoint is kept; lower optim.lr or set
+      optim.grad_clip, then --resume
+  75  the plan needs more workers than the job has: a checkpoint and resize.json
+      (need_workers, have_workers, epoch, step, checkpoint) are in the run directory;
+      relaunch with need_workers workers and --resume
+"""
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    # Imported here: planning and config printing never load torch.
+    from distgrow import trainer
+
+    overrides = list(args.overrides) + (["run.resume=true"] if args.resume else [])
+    return trainer.run(load_config(args.config, overrides))
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    from distgrow.launch import main_launch
+
+    return main_launch(args.config, list(args.overrides), args.dry_run)
+
+
+_LAUNCH_EPILOG = """\
+For each span of the plan with one worker count, the launcher (launch.launcher: torchrun,
+deepspeed, horovodrun, mpirun, srun inside a SLURM allocation; auto picks from the
+environment) starts that many `distgrow train` workers. When they exit 75 (more workers
+needed) it relaunches wider from the checkpoint; a crash is retried from the last checkpoint up
+to launch.max_restarts times. SIGTERM, SIGINT and SIGUSR1 (SLURM pre-emption) are forwarded to
+the workers and never followed by a relaunch. Each attempt's output goes to
+<run dir>/launch/attempt-NN-<workers>w.log.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distgrow",
@@ -113,6 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_plan)
     p = verb("config", "Print the resolved config, or every setting with its documentation.")
     p.set_defaults(func=_cmd_config)
+    p = verb("train", "Train a config: the growth plan, realised on torch.distributed.")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in run.output_dir (= run.resume=true)",
+    )
+    p.epilog = _TRAIN_EPILOG
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.set_defaults(func=_cmd_train)
+    p = verb("launch", "Start the workers each phase of the plan needs, widening as it grows.")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.epilog = _LAUNCH_EPILOG
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.set_defaults(func=_cmd_launch)
     return parser
 
 

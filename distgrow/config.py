@@ -77,6 +77,11 @@ class RunConfig:
         "auto", "Where to train: 'auto' uses CUDA when present, else the CPU."
     )
     keep_checkpoints: int = _f(3, "How many checkpoints to keep (the newest ones).")
+    threads: int | None = _f(
+        None,
+        "Intra-op CPU threads per worker (null: the node's cores / its workers). The float "
+        "results of some kernels depend on it: pin it to compare runs bit for bit.",
+    )
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -88,6 +93,8 @@ class RunConfig:
                 "must keep at least one checkpoint",
                 "set run.keep_checkpoints=1 or more",
             )
+        if self.threads is not None and self.threads < 1:
+            raise _fail("run.threads", self.threads, "must be at least 1", "e.g. 1, or null")
         if not self.name or "/" in self.name:
             raise _fail("run.name", self.name, "must be a non-empty name without '/'", "e.g. cifar")
 
@@ -542,6 +549,10 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
             )
         return _build(typing.cast(type, tp), value, key, source)
     if origin is Literal:
+        if isinstance(value, bool):
+            # YAML 1.1 reads off/on/no/yes as booleans: map back to the choice the user typed.
+            words = ("off", "no", "false") if value is False else ("on", "yes", "true")
+            value = next((w for w in words if w in get_args(tp)), value)
         if value not in get_args(tp):
             choices = ", ".join(repr(a) for a in get_args(tp))
             near = difflib.get_close_matches(

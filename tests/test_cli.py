@@ -116,3 +116,16 @@ def test_importing_distgrow_does_not_import_torch() -> None:
     code = "import sys, distgrow, distgrow.planner; print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "False"
+
+
+def test_launch_dry_run_prints_one_command_per_worker_span(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fm = str(ROOT / "configs" / "fashion_mnist_mlp.yaml")
+    argv = ["launch", fm, "growth.max_workers=4", "launch.launcher=torchrun", "--dry-run"]
+    code, out, _ = run_main(capsys, *argv)
+    assert code == 0
+    commands = [line for line in out.splitlines() if line.strip().startswith("$ ")]
+    assert len(commands) == 2
+    assert "--nproc_per_node=1" in commands[0] and "run.resume=true" not in commands[0]
+    assert "--nproc_per_node=4" in commands[1] and "run.resume=true" in commands[1]

@@ -175,3 +175,11 @@ def test_expected_train_size() -> None:
     assert load_config(None, [*base, "data.size=1234"]).data.expected_train_size() == 1234
     with pytest.raises(ConfigError, match="set data.size"):
         load_config(None, [*base, "data.name=mystery"]).data.expected_train_size()
+
+
+def test_yaml_booleans_map_back_to_literal_words() -> None:
+    # YAML 1.1 reads `off` as false: logging.progress=off must still mean 'off'
+    cfg = load_config(None, ["logging.progress=off"])
+    assert cfg.logging.progress == "off"
+    with pytest.raises(ConfigError, match="run.device = True"):
+        load_config(None, ["run.device=yes"])  # no yes/on/true choice there: still an error

@@ -1,0 +1,114 @@
+"""The small interface the trainer talks to; each data-parallel engine implements it.
+
+The trainer never branches on the engine. It asks the backend to wrap the model, to run a
+micro-step with or without gradient synchronisation, to step the optimizer, and for the few
+collectives it needs (agreeing on a finite loss, validation sums, broadcasting the plateau
+decision). Each backend owns its accumulation mechanics: DDP's ``no_sync``, DeepSpeed's
+engine boundary, Horovod's ``backward_passes_per_step``.
+
+Loss convention (every backend): the trainer scales each micro-batch's summed loss by
+``world_size / samples_in_global_batch``, so that the backend's *mean over ranks* of the
+accumulated *sum over micro-steps* is exactly the mean over the global batch.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Any, Literal, NoReturn, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+ReduceOp = Literal["sum", "max", "min"]
+
+
+class BackendError(RuntimeError):
+    """A backend cannot start or cannot do what was asked; the message says how to fix it."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A data-parallel engine as the trainer sees it."""
+
+    @property
+    def rank(self) -> int:
+        """Global rank of this worker."""
+        ...
+
+    @property
+    def world_size(self) -> int:
+        """Number of workers."""
+        ...
+
+    @property
+    def local_rank(self) -> int:
+        """Rank on this node."""
+        ...
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model and batches live."""
+        ...
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0, the rank that writes files."""
+        ...
+
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
+        """Wrap ``model`` (already on :attr:`device`) for data-parallel training.
+
+        Returns:
+            The module to call for training forward passes.
+        """
+        ...
+
+    def micro_step(self, sync: bool) -> AbstractContextManager[None]:
+        """Context around the forward and backward of one micro-batch.
+
+        Args:
+            sync: True on the last micro-step of an update (gradients are reduced across
+                ranks); False on the others, which must not communicate.
+        """
+        ...
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradients of ``loss`` (inside :meth:`micro_step`)."""
+        ...
+
+    def step(self, optimizer: torch.optim.Optimizer, grad_clip: float | None) -> None:
+        """Apply the reduced gradients (clipping their global norm first), then zero them."""
+        ...
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop accumulated gradients without stepping (a skipped update)."""
+        ...
+
+    def all_reduce(self, tensor: torch.Tensor, op: ReduceOp = "sum") -> torch.Tensor:
+        """Reduce ``tensor`` over all ranks in place and return it (identity on one worker)."""
+        ...
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """``obj`` from rank ``src`` on every rank (picklable; between trusted ranks only)."""
+        ...
+
+    def barrier(self) -> None:
+        """Wait until every rank arrives."""
+        ...
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The unwrapped model's state, as CPU tensors (the same on every rank)."""
+        ...
+
+    def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load an unwrapped state (from any world size) into the model."""
+        ...
+
+    def shutdown(self, exit_code: int) -> NoReturn:
+        """Leave the job and end the process with ``exit_code``.
+
+        Multi-process: destroy the process group, flush stdout/stderr, ``os._exit`` (a normal
+        interpreter exit aborts ~15% of gloo jobs, INFRA.md). A single process without a
+        process group raises ``SystemExit(exit_code)``, so in-process callers can catch it.
+        """
+        ...

@@ -1,0 +1,268 @@
+"""Atomic, world-size-independent checkpoints, loaded without running pickled code.
+
+A checkpoint is one ``torch.save`` dict of plain types and tensors, written by rank 0 as
+``ckpt-<step:09d>.pt`` in the run directory:
+
+``format_version``, ``fingerprint`` (what must match to resume: model, data, seed, optimizer),
+``model`` (the unwrapped state dict, CPU tensors), ``optimizer`` (its state dict: replicated
+under DDP, so valid at any world size), ``plan_state`` (the growth policy), ``epoch`` and
+``position`` (where the next update starts: samples already consumed in that epoch), ``step``
+(updates so far), ``samples_seen``, ``rng`` (torch's CPU RNG state), plus the trainer's
+bookkeeping (``wall_s``, ``worker_seconds``, ...).
+
+Writes go to a temporary file in the same directory, are fsync'ed and renamed over the final
+name (``os.replace``), so a crash at any moment leaves either the old or the new file, never a
+torn one; then only the newest ``keep`` checkpoints are kept.
+
+Loading uses ``torch.load(..., weights_only=True)``: a file holding anything but tensors and
+plain containers is refused instead of executed. A file that cannot be read, or that belongs to
+another run, raises :class:`CheckpointError` naming the file and the fix; it is never
+overwritten or deleted, and there is no silent fall-back to an older checkpoint (a run that
+quietly rewinds is worse than one that stops and says why).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import re
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from distgrow.config import Config
+
+FORMAT_VERSION = 1
+
+REQUIRED_KEYS = (
+    "format_version",
+    "fingerprint",
+    "model",
+    "optimizer",
+    "plan_state",
+    "epoch",
+    "position",
+    "step",
+    "samples_seen",
+    "rng",
+)
+
+_NAME = re.compile(r"^ckpt-(\d{9,})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message names the file, the problem and the fix."""
+
+
+def checkpoint_path(directory: str | Path, step: int) -> Path:
+    """The file name of the checkpoint after ``step`` updates."""
+    return Path(directory) / f"ckpt-{step:09d}.pt"
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Checkpoints in ``directory``, oldest first (by step; temporary files are ignored)."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def fingerprint(cfg: Config, dataset_size: int) -> dict[str, Any]:
+    """What a checkpoint and the config resuming from it must agree on.
+
+    The model architecture, the data (which samples, hence the sample order), the seed and the
+    optimizer's kind. Everything else (epochs, schedule, growth limits, logging) may change
+    between a run and its resume.
+    """
+    d = cfg.data
+    return {
+        "model": {
+            "name": cfg.model.name,
+            "hidden": list(cfg.model.hidden),
+            "dropout": cfg.model.dropout,
+            "depth": cfg.model.depth,
+            "width": cfg.model.width,
+            "ghost_batch": cfg.model.ghost_batch,
+        },
+        "data": {
+            "name": d.name,
+            "limit_train": d.limit_train,
+            "limit_val": d.limit_val,
+            "val_fraction": d.val_fraction,
+            "synthetic_samples": d.synthetic_samples,
+            "synthetic_features": d.synthetic_features,
+            "train_size": dataset_size,
+        },
+        "seed": cfg.run.seed,
+        "optimizer": cfg.optim.name,
+    }
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, name))
+        else:
+            out[name] = value
+    return out
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some file systems do not open directories; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file, fsync, ``os.replace``)."""
+    _atomic_write(Path(path), lambda f: f.write(data))
+
+
+def _atomic_write(target: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write through ``write`` to a temporary file next to ``target``, then rename it over.
+
+    On any failure the temporary file is removed and ``target`` keeps its old content.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(target.parent)
+
+
+def save_checkpoint(directory: str | Path, state: Mapping[str, Any], keep: int) -> Path:
+    """Write ``state`` as ``ckpt-<step>.pt`` atomically, then keep only the newest ``keep``.
+
+    Args:
+        directory: The run directory (created if needed).
+        state: The checkpoint dict; must hold every key of :data:`REQUIRED_KEYS` (and only
+            tensors and plain types, so that it loads with ``weights_only=True``).
+        keep: How many checkpoints to keep, newest first (>= 1).
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: a required key is missing or ``keep < 1`` (a bug in the caller).
+        OSError: the write failed; the previous checkpoints are untouched.
+    """
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"checkpoint state lacks {', '.join(missing)}; a bug in the trainer.")
+    if keep < 1:
+        raise ValueError(f"keep = {keep}: at least the newest checkpoint must be kept.")
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = checkpoint_path(folder, int(state["step"]))
+    _atomic_write(path, lambda f: torch.save(dict(state), f))
+    for old in list_checkpoints(folder)[:-keep]:
+        with contextlib.suppress(OSError):
+            old.unlink()
+    return path
+
+
+def load_checkpoint(path: str | Path, expected: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Load and check one checkpoint, without executing any pickled code.
+
+    Args:
+        path: The ``ckpt-*.pt`` file.
+        expected: The fingerprint of the resuming config (:func:`fingerprint`); None skips
+            the comparison.
+
+    Returns:
+        The checkpoint dict (tensors on the CPU).
+
+    Raises:
+        CheckpointError: unreadable, not a distgrow checkpoint, of another format version,
+            holding non-tensor objects, or from a run whose fingerprint differs. The file is
+            left as it is.
+    """
+    p = Path(path)
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"checkpoint {p} holds objects other than tensors and plain data, so it was not "
+            f"loaded (weights_only=True refuses to run pickled code): {_first_line(err)}. Fix: "
+            "resume only from checkpoints distgrow wrote; move this file away or point "
+            "run.output_dir elsewhere."
+        ) from err
+    except Exception as err:  # truncated zip, wrong magic, I/O error: all mean "unreadable"
+        raise CheckpointError(
+            f"checkpoint {p} cannot be read ({type(err).__name__}: {_first_line(err)}). It was "
+            "left untouched. Fix: move it out of the run directory to resume from the previous "
+            "checkpoint, or set run.output_dir to a new directory to start over."
+        ) from err
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"checkpoint {p} holds a {type(state).__name__}, not a distgrow checkpoint dict. "
+            "Fix: move it out of the run directory."
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {p} lacks {', '.join(missing)}: not a distgrow checkpoint. Fix: move "
+            "it out of the run directory."
+        )
+    if state["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {p} has format_version {state['format_version']!r}; this distgrow "
+            f"reads version {FORMAT_VERSION}. Fix: resume it with the distgrow that wrote it, "
+            "or start a new run."
+        )
+    if expected is not None:
+        have, want = _flatten(state["fingerprint"]), _flatten(expected)
+        diffs = [
+            f"{key}: checkpoint {have.get(key)!r}, config {want.get(key)!r}"
+            for key in sorted(set(have) | set(want))
+            if have.get(key) != want.get(key)
+        ]
+        if diffs:
+            raise CheckpointError(
+                f"checkpoint {p} belongs to a different run ({'; '.join(diffs)}). It was left "
+                "untouched. Fix: resume with the same model, data, seed and optimizer, or set "
+                "run.output_dir to a new directory."
+            )
+    return state
+
+
+def load_latest(
+    directory: str | Path, expected: Mapping[str, Any] | None = None
+) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint in ``directory`` and its state, or None when there is none.
+
+    Raises:
+        CheckpointError: the newest checkpoint is unusable (see :func:`load_checkpoint`); older
+            ones are not tried, so a run never silently rewinds.
+    """
+    found = list_checkpoints(directory)
+    if not found:
+        return None
+    return found[-1], load_checkpoint(found[-1], expected)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,0 +1,311 @@
+"""Where this process sits in a job: rank, world size and rendezvous, read from the launcher.
+
+Every launcher announces a worker's place in its own variables:
+
+==============  ===========================  ====================  ===========================
+launcher        rank                         world size            local rank
+==============  ===========================  ====================  ===========================
+torchrun,       ``RANK``                     ``WORLD_SIZE``        ``LOCAL_RANK``
+deepspeed
+mpirun (Open    ``OMPI_COMM_WORLD_RANK``     ``OMPI_COMM_WORLD_    ``OMPI_COMM_WORLD_LOCAL_
+MPI)                                         SIZE``                RANK``
+srun (SLURM)    ``SLURM_PROCID``             ``SLURM_NTASKS``      ``SLURM_LOCALID``
+MPICH, Intel    ``PMI_RANK``                 ``PMI_SIZE``          ``MPI_LOCALRANKID``
+MPI (PMI)
+==============  ===========================  ====================  ===========================
+
+:func:`detect_runtime` reads them (pure: it takes the environment as a mapping) into a
+:class:`Runtime`, and :func:`export_environment` writes the normalised ``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` that
+``torch.distributed``'s ``env://`` rendezvous reads, logging every variable it sets or
+overwrites. Under SLURM the rendezvous host is the first node of the job's node list.
+
+This module imports neither torch nor anything distributed.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass
+
+DEFAULT_MASTER_ADDR = "127.0.0.1"
+DEFAULT_MASTER_PORT = 29500
+
+# Variable names that may hold credentials: their values are never written to a log.
+_SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+
+
+class RuntimeEnvError(ValueError):
+    """The launcher's variables are inconsistent or malformed; the message names them."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """This worker's place in the job.
+
+    Attributes:
+        rank: Global rank, ``0 <= rank < world_size``.
+        world_size: Number of workers in the job.
+        local_rank: Rank among the workers on this node (picks the GPU).
+        local_world_size: Workers on this node (shares the CPU cores between them).
+        master_addr: Rendezvous host of rank 0.
+        master_port: Rendezvous port.
+        launcher: Which variables were read: ``torchrun`` (also deepspeed's launcher),
+            ``mpirun``, ``srun``, ``pmi``, or ``none`` for a plain single process.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str
+
+    @property
+    def is_distributed(self) -> bool:
+        """True when more than one worker takes part."""
+        return self.world_size > 1
+
+
+def _int(env: Mapping[str, str], name: str) -> int:
+    raw = env[name]
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise RuntimeEnvError(
+            f"environment variable {name}={raw!r} is not an integer; the launcher sets it to a "
+            "number. Fix: unset it, or start the job with its launcher."
+        ) from None
+
+
+def _first_int(env: Mapping[str, str], *names: str) -> int | None:
+    for name in names:
+        if env.get(name, "").strip():
+            return _int(env, name)
+    return None
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand a SLURM node list: ``host``, ``host[1-3,5]``, ``a,b``, ``n[01-02]-ib``.
+
+    Zero padding is kept (``n[08-10]`` gives ``n08 n09 n10``) and several bracket groups in one
+    name multiply out (``r[1-2]n[1-2]``), as ``scontrol show hostnames`` does.
+
+    Args:
+        nodelist: The value of ``SLURM_JOB_NODELIST`` (or ``SLURM_STEP_NODELIST``).
+
+    Returns:
+        The host names in order.
+
+    Raises:
+        RuntimeEnvError: unbalanced brackets or a malformed range.
+    """
+    hosts: list[str] = []
+    for item in _split_top_level(nodelist.strip()):
+        hosts.extend(_expand_one(item, nodelist))
+    return hosts
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split at commas outside brackets (``a[1,2],b`` -> ``a[1,2]``, ``b``)."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [item for item in items if item]
+
+
+def _expand_one(item: str, whole: str) -> list[str]:
+    match = re.match(r"^([^\[\]]*)\[([^\[\]]*)\](.*)$", item)
+    if match is None:
+        if "[" in item or "]" in item:
+            raise RuntimeEnvError(
+                f"SLURM node list {whole!r}: unbalanced brackets in {item!r}. Fix: set "
+                "MASTER_ADDR to the first node's host name."
+            )
+        return [item]
+    prefix, ranges, rest = match.groups()
+    expanded: list[str] = []
+    for part in ranges.split(","):
+        bounds = part.split("-")
+        if len(bounds) == 1 and bounds[0].isdigit():
+            numbers = [bounds[0]]
+        elif (
+            len(bounds) == 2
+            and all(b.isdigit() for b in bounds)
+            and int(bounds[0]) <= int(bounds[1])
+        ):
+            width = len(bounds[0])
+            numbers = [str(n).zfill(width) for n in range(int(bounds[0]), int(bounds[1]) + 1)]
+        else:
+            raise RuntimeEnvError(
+                f"SLURM node list {whole!r}: {part!r} is not a number or a range lo-hi. Fix: set "
+                "MASTER_ADDR to the first node's host name."
+            )
+        for number in numbers:
+            expanded.extend(_expand_one(prefix + number + rest, whole))
+    return expanded
+
+
+def _slurm_tasks_on_node(tasks_per_node: str, node_id: int) -> int | None:
+    """Tasks on node ``node_id`` from ``SLURM_STEP_TASKS_PER_NODE``, e.g. ``2(x3),1``."""
+    counts: list[int] = []
+    for part in tasks_per_node.split(","):
+        match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if match is None:
+            return None
+        counts.extend([int(match.group(1))] * int(match.group(2) or 1))
+    return counts[node_id] if 0 <= node_id < len(counts) else None
+
+
+def detect_runtime(
+    env: Mapping[str, str],
+    *,
+    default_addr: str = DEFAULT_MASTER_ADDR,
+    default_port: int = DEFAULT_MASTER_PORT,
+) -> Runtime:
+    """Read this worker's rank, world size and rendezvous from the launcher's variables.
+
+    The first launcher whose variables are present wins, in the order torchrun/deepspeed
+    (``RANK`` + ``WORLD_SIZE``), Open MPI, SLURM, PMI; with none, a single process. An
+    explicitly set ``MASTER_ADDR``/``MASTER_PORT`` is kept; otherwise SLURM's first node or
+    ``default_addr``, and ``default_port``.
+
+    Args:
+        env: The environment (``os.environ`` or a plain dict in tests).
+        default_addr: Rendezvous host when the environment names none.
+        default_port: Rendezvous port when the environment names none.
+
+    Returns:
+        The :class:`Runtime`.
+
+    Raises:
+        RuntimeEnvError: a non-integer value, or a rank outside ``[0, world_size)``.
+    """
+    launcher = "none"
+    rank, world, local_rank, local_world = 0, 1, 0, None
+    addr = default_addr
+    if env.get("RANK") and env.get("WORLD_SIZE"):
+        launcher = "torchrun"
+        rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
+        local_rank = _first_int(env, "LOCAL_RANK") or 0
+        local_world = _first_int(env, "LOCAL_WORLD_SIZE", "LOCAL_SIZE")
+    elif env.get("OMPI_COMM_WORLD_RANK") and env.get("OMPI_COMM_WORLD_SIZE"):
+        launcher = "mpirun"
+        rank, world = _int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_SIZE")
+        local_rank = _first_int(env, "OMPI_COMM_WORLD_LOCAL_RANK") or 0
+        local_world = _first_int(env, "OMPI_COMM_WORLD_LOCAL_SIZE")
+    elif env.get("SLURM_PROCID") and (env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")):
+        launcher = "srun"
+        rank = _int(env, "SLURM_PROCID")
+        # Inside an `srun` step the step's own task count is the world; SLURM_NTASKS is the
+        # allocation's, which can be larger.
+        world = _first_int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") or 1
+        local_rank = _first_int(env, "SLURM_LOCALID") or 0
+        per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+        if per_node:
+            local_world = _slurm_tasks_on_node(per_node, _first_int(env, "SLURM_NODEID") or 0)
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+        if nodelist:
+            hosts = expand_nodelist(nodelist)
+            if hosts:
+                addr = hosts[0]
+    elif env.get("PMI_RANK") and env.get("PMI_SIZE"):
+        launcher = "pmi"
+        rank, world = _int(env, "PMI_RANK"), _int(env, "PMI_SIZE")
+        local_rank = _first_int(env, "MPI_LOCALRANKID") or 0
+        local_world = _first_int(env, "MPI_LOCALNRANKS")
+    if world < 1 or not 0 <= rank < world:
+        raise RuntimeEnvError(
+            f"the {launcher} variables give rank {rank} in a world of {world}: the rank must be "
+            "in [0, world size). Fix: check the launcher's command line."
+        )
+    if not 0 <= local_rank < world:
+        raise RuntimeEnvError(
+            f"the {launcher} variables give local rank {local_rank} in a world of {world}. "
+            "Fix: check the launcher's command line."
+        )
+    # Unknown local size: assume every worker is on this node, the safe side for sharing cores.
+    local_world = local_world if local_world and local_world >= 1 else world
+    addr = env.get("MASTER_ADDR") or addr
+    port = _first_int(env, "MASTER_PORT") or default_port
+    return Runtime(
+        rank=rank,
+        world_size=world,
+        local_rank=local_rank,
+        local_world_size=max(1, min(local_world, world)),
+        master_addr=addr,
+        master_port=port,
+        launcher=launcher,
+    )
+
+
+def runtime_variables(rt: Runtime) -> dict[str, str]:
+    """The variables ``torch.distributed``'s ``env://`` rendezvous reads, for ``rt``."""
+    return {
+        "RANK": str(rt.rank),
+        "WORLD_SIZE": str(rt.world_size),
+        "LOCAL_RANK": str(rt.local_rank),
+        "LOCAL_WORLD_SIZE": str(rt.local_world_size),
+        "MASTER_ADDR": rt.master_addr,
+        "MASTER_PORT": str(rt.master_port),
+    }
+
+
+def redact(name: str, value: str) -> str:
+    """``value``, or ``<redacted>`` when ``name`` looks like it holds a credential."""
+    upper = name.upper()
+    return "<redacted>" if any(marker in upper for marker in _SECRET_MARKERS) else value
+
+
+def _log_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def export_environment(
+    rt: Runtime,
+    environ: MutableMapping[str, str],
+    log: Callable[[str], None] = _log_stderr,
+) -> dict[str, str]:
+    """Write the normalised rendezvous variables for ``rt`` into ``environ``; log each change.
+
+    A plain single process (``launcher == "none"``) gets nothing: it needs no rendezvous, and
+    leaving the environment alone keeps child processes from inheriting a fake job.
+
+    Args:
+        rt: The detected runtime.
+        environ: Usually ``os.environ``.
+        log: Receives one line per variable set (``set NAME=value``) or overwritten
+            (``overwrote NAME: old -> new``); values of names containing KEY, TOKEN, SECRET or
+            PASSWORD are redacted.
+
+    Returns:
+        The variables that were set or changed, with their new values.
+    """
+    if rt.launcher == "none":
+        return {}
+    changed: dict[str, str] = {}
+    for name, value in runtime_variables(rt).items():
+        old = environ.get(name)
+        if old == value:
+            continue
+        environ[name] = value
+        changed[name] = value
+        shown = redact(name, value)
+        if old is None:
+            log(f"distgrow[rank {rt.rank}]: set {name}={shown} (from {rt.launcher})")
+        else:
+            log(
+                f"distgrow[rank {rt.rank}]: overwrote {name}: {redact(name, old)} -> {shown} "
+                f"(from {rt.launcher})"
+            )
+    return changed

@@ -1,0 +1,417 @@
+"""The trainer in one process: exactness, the plan's settings, stops, run directory, metrics."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distgrow.backends import Backend, BackendError, make_backend
+from distgrow.backends.torch_ddp import TorchBackend
+from distgrow.checkpoint import list_checkpoints, load_latest
+from distgrow.config import Config, load_config
+from distgrow.data import epoch_permutation
+from distgrow.metrics import read_jsonl
+from distgrow.planner import make_plan
+from distgrow.runtime import Runtime
+from distgrow.trainer import (
+    EXIT_NEED_WORKERS,
+    EXIT_NONFINITE,
+    EXIT_OK,
+    Trainer,
+    TrainError,
+    build_optimizer,
+    load_data,
+    micro_batch_seed,
+)
+
+SINGLE = Runtime(0, 1, 0, 1, "127.0.0.1", 29500, "none")
+# 1291 samples keep 1033 for training: 1033 = 32·32 + 9 = 64·16 + 9, so every epoch ends with a
+# partial batch whose 9 samples leave trailing micro-batches empty.
+N_TRAIN = 1033
+REPO = Path(__file__).resolve().parent.parent
+STEP_FIELDS = {
+    "epoch",
+    "step",
+    "samples_seen",
+    "global_batch",
+    "workers",
+    "micro_batch",
+    "accum_steps",
+    "lr",
+    "momentum",
+    "train_loss",
+    "val_loss",
+    "val_acc",
+    "wall_s",
+    "samples_per_s",
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    # Two intra-op threads on two cores that other processes also use spin and run several
+    # times slower than one; these tiny models gain nothing from a second thread anyway.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def syn_config(run_dir: Path, *overrides: str) -> Config:
+    """A small synthetic job: MLP, SGD + momentum, batch 32 → 64 at epoch 1."""
+    base = [
+        "data.name=synthetic_classification",
+        "data.synthetic_samples=1291",
+        "data.synthetic_features=16",
+        "model.name=mlp",
+        "model.hidden=[32]",
+        "optim.lr=0.05",
+        "optim.momentum=0.9",
+        "schedule.type=multistep",
+        "schedule.milestones=[1]",
+        "schedule.gamma=0.5",
+        "growth.base_batch=32",
+        "growth.micro_batch=8",
+        "growth.max_micro_batch=8",
+        "growth.max_dataset_fraction=null",
+        "run.epochs=2",
+        f"run.output_dir={run_dir}",
+        "logging.every_steps=5",
+        "logging.progress='off'",
+    ]
+    return load_config(None, [*base, *overrides])
+
+
+def make_trainer(cfg: Config) -> Trainer:
+    return Trainer(cfg, TorchBackend(cfg.backend, SINGLE, device="cpu"), load_data(cfg))
+
+
+def train(cfg: Config) -> tuple[int, Trainer]:
+    trainer = make_trainer(cfg)
+    return trainer.train(), trainer
+
+
+def final_model(run_dir: Path) -> dict[str, torch.Tensor]:
+    found = load_latest(run_dir)
+    assert found is not None, f"no checkpoint in {run_dir}"
+    return found[1]["model"]
+
+
+def records(run_dir: Path, kind: str) -> list[dict[str, object]]:
+    return [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] == kind]
+
+
+def test_accumulation_equals_one_large_micro_batch(tmp_path: Path) -> None:
+    code_a, a = train(syn_config(tmp_path / "accum"))  # 1×8×4, then 1×8×8
+    code_b, b = train(
+        syn_config(tmp_path / "large", "growth.micro_batch=64", "growth.max_micro_batch=null")
+    )  # 1×32×1, 1×64×1
+    assert code_a == code_b == EXIT_OK
+    splits_a = {(r["micro_batch"], r["accum_steps"]) for r in records(tmp_path / "accum", "step")}
+    splits_b = {(r["micro_batch"], r["accum_steps"]) for r in records(tmp_path / "large", "step")}
+    assert splits_a == {(8, 4), (8, 8)} and splits_b == {(32, 1), (64, 1)}
+    assert a.step == b.step == 33 + 17
+    for name, value in a.model.state_dict().items():
+        torch.testing.assert_close(value, b.model.state_dict()[name], rtol=1e-5, atol=1e-6)
+    torch.manual_seed(0)
+    untrained = make_trainer(syn_config(tmp_path / "untrained")).model.state_dict()
+    assert not torch.allclose(a.model.state_dict()["1.weight"], untrained["1.weight"], atol=1e-3)
+
+
+def test_a_partial_batch_with_empty_micro_batches_is_exact(tmp_path: Path) -> None:
+    trainer = make_trainer(syn_config(tmp_path / "run", "optim.momentum=0"))
+    reference = copy.deepcopy(trainer.model)
+    setting = trainer.policy.setting(0, 0)
+    assert (setting.micro_batch, setting.accum_steps) == (8, 4)
+    indices = epoch_permutation(N_TRAIN, 0, 0)[:9]  # chunks of 3, 3, 3 and an empty one
+    loss = trainer.train_step(indices, setting)
+
+    x, y = trainer.data.train.batch(indices, 0)
+    ref_loss = F.cross_entropy(reference(x), y)
+    ref_loss.backward()
+    ref_loss = ref_loss.detach()
+    with torch.no_grad():
+        for p in reference.parameters():
+            assert p.grad is not None
+            p -= setting.lr * p.grad
+    assert loss == pytest.approx(ref_loss.item(), rel=1e-6)
+    for (name, got), want in zip(
+        trainer.model.named_parameters(), reference.parameters(), strict=True
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_lr_and_batch_follow_the_plan_into_the_hybrid(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    cfg = syn_config(
+        run_dir,
+        "schedule.milestones=[1, 2]",
+        "growth.max_global_batch=64",
+        "run.epochs=3",
+        "logging.every_steps=1",
+    )
+    code, trainer = train(cfg)
+    assert code == EXIT_OK
+    seen = {(r["epoch"], r["global_batch"], r["lr"]) for r in records(run_dir, "step")}
+    # Epoch 2: the batch doubles and the LR stays; epoch 3: capped at 64, the LR halves.
+    assert seen == {(1, 32, 0.05), (2, 64, 0.05), (3, 64, 0.025)}
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [0.025]
+    growth = records(run_dir, "event")
+    growth = [r for r in growth if r["event"] == "growth"]
+    assert len(growth) == 1 and growth[0]["step"] == 33
+    assert growth[0]["previous"]["global_batch"] == 32 and growth[0]["global_batch"] == 64
+    assert (run_dir / "ckpt-000000033.pt").exists()  # the epoch-end/growth checkpoint
+
+
+def test_momentum_comes_from_the_plan(tmp_path: Path) -> None:
+    cfg = syn_config(
+        tmp_path / "run",
+        "growth.mode=grow_momentum",
+        "growth.momentum=0.98",
+        "growth.lr_scale=1",
+        "growth.micro_batch=null",
+        "growth.max_micro_batch=null",
+    )
+    trainer = make_trainer(cfg)
+    setting = trainer.policy.setting(0, 0)
+    trainer.train_step(epoch_permutation(N_TRAIN, 0, 0)[: setting.global_batch], setting)
+    assert trainer.optimizer.param_groups[0]["momentum"] == 0.98
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(setting.lr)
+
+
+def test_adam_keeps_its_betas(tmp_path: Path) -> None:
+    trainer = make_trainer(syn_config(tmp_path / "run", "optim.name=adam", "optim.momentum=0"))
+    setting = trainer.policy.setting(0, 0)
+    trainer.train_step(epoch_permutation(N_TRAIN, 0, 0)[:32], setting)
+    group = trainer.optimizer.param_groups[0]
+    assert group["betas"] == (0.9, 0.999) and "momentum" not in group
+    assert group["lr"] == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop"])
+def test_build_optimizer(name: str) -> None:
+    momentum = "0.9" if name in ("sgd", "rmsprop") else "0"
+    cfg = load_config(None, [f"optim.name={name}", f"optim.momentum={momentum}"])
+    opt = build_optimizer(cfg.optim, torch.nn.Linear(2, 2).parameters())
+    assert type(opt).__name__.lower() == name
+    assert opt.param_groups[0]["lr"] == 0.1
+
+
+def test_nonfinite_loss_stops_with_65_and_keeps_the_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    assert train(syn_config(run_dir, "run.epochs=1"))[0] == EXIT_OK
+    before = {p.name: p.read_bytes() for p in list_checkpoints(run_dir)}
+    assert list(before) == ["ckpt-000000033.pt"]
+    cfg = syn_config(run_dir, "run.epochs=2", "run.resume=true", "optim.lr=1e30")
+    code, trainer = train(cfg)
+    assert code == EXIT_NONFINITE
+    assert {p.name: p.read_bytes() for p in list_checkpoints(run_dir)} == before
+    assert load_latest(run_dir) is not None
+    err = capsys.readouterr().err
+    assert "training loss is" in err and "optim.lr" in err and "optim.grad_clip" in err
+    assert "ckpt-000000033.pt" in err
+    last = read_jsonl(run_dir / "metrics.jsonl")[-1]
+    assert last["event"] == "nonfinite" and last["step"] == trainer.step > 33
+
+
+def test_refuses_to_overwrite_a_run(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert train(syn_config(run_dir, "run.epochs=1"))[0] == EXIT_OK
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    with pytest.raises(TrainError, match=r"already holds a run.*--resume.*run\.output_dir"):
+        make_trainer(syn_config(run_dir, "run.epochs=1")).train()
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
+def test_resume_without_a_checkpoint_starts_fresh(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = syn_config(tmp_path / "run", "run.epochs=1", "run.resume=true", "logging.progress=lines")
+    assert train(cfg)[0] == EXIT_OK
+    assert "no checkpoint" in capsys.readouterr().out
+
+
+def test_resume_continues_exactly(tmp_path: Path) -> None:
+    straight_dir, split_dir = tmp_path / "straight", tmp_path / "split"
+    dropout = "model.dropout=0.2"  # reseeded per micro-batch, so a resume repeats the masks
+    assert train(syn_config(straight_dir, dropout, "run.epochs=3"))[0] == EXIT_OK
+    assert train(syn_config(split_dir, dropout, "run.epochs=1"))[0] == EXIT_OK
+    code, resumed = train(syn_config(split_dir, dropout, "run.epochs=3", "run.resume=true"))
+    assert code == EXIT_OK and resumed.step == 33 + 17 + 17
+    want, got = final_model(straight_dir), final_model(split_dir)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    summary = json.loads((split_dir / "summary.json").read_text())
+    assert summary["total_updates"] == 67 and summary["epochs"] == 3
+    events = [r["event"] for r in records(split_dir, "event")]
+    assert events.count("resume") == 1
+
+
+def test_resume_from_a_mid_epoch_growth_checkpoint(tmp_path: Path) -> None:
+    # interval=step: the cut at baseline update 40 is 7 updates (224 samples) into epoch 2,
+    # where the growth checkpoint is written; the rest of the epoch is 13 updates of 64.
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    extra = ["schedule.interval=step", "schedule.milestones=[40]", "run.keep_checkpoints=5"]
+    assert train(syn_config(straight, *extra))[0] == EXIT_OK
+    growth = [r for r in records(straight, "event") if r["event"] == "growth"]
+    assert len(growth) == 1 and growth[0]["step"] == 40
+    names = [p.name for p in list_checkpoints(straight)]
+    assert names == ["ckpt-000000033.pt", "ckpt-000000040.pt", "ckpt-000000053.pt"]
+    resumed.mkdir()
+    (resumed / "ckpt-000000040.pt").write_bytes((straight / "ckpt-000000040.pt").read_bytes())
+    state = load_latest(resumed)
+    assert state is not None and (state[1]["epoch"], state[1]["position"]) == (1, 224)
+    code, trainer = train(syn_config(resumed, *extra, "run.resume=true"))
+    assert code == EXIT_OK and trainer.step == 53
+    want, got = final_model(straight), final_model(resumed)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    # The epoch's mean train loss spans the resume: it was carried in the checkpoint.
+    assert records(resumed, "epoch")[-1]["train_loss"] == pytest.approx(
+        records(straight, "epoch")[-1]["train_loss"], rel=1e-12
+    )
+
+
+def test_metrics_summary_and_config(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    cfg = syn_config(run_dir, "schedule.milestones=[1, 2]", "run.epochs=3")
+    code, trainer = train(cfg)
+    assert code == EXIT_OK
+    plan = make_plan(cfg, N_TRAIN)
+    assert trainer.step == plan.total_updates == sum(p.updates for p in plan.phases) == 33 + 17 + 9
+
+    steps = records(run_dir, "step")
+    assert steps and all(set(r) >= STEP_FIELDS for r in steps)
+    assert [r["step"] for r in steps] == list(range(5, trainer.step + 1, 5))
+    assert all(r["val_loss"] is None and r["train_loss"] > 0 for r in steps)
+    epochs = records(run_dir, "epoch")
+    assert [r["epoch"] for r in epochs] == [1, 2, 3]
+    assert [r["samples_seen"] for r in epochs] == [N_TRAIN, 2 * N_TRAIN, 3 * N_TRAIN]
+    assert [r["step"] for r in epochs] == [33, 50, 59]
+    assert [r["global_batch"] for r in epochs] == [32, 64, 128]
+    assert all(set(r) >= STEP_FIELDS and 0.5 < r["val_acc"] <= 1 for r in epochs)
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["total_updates"] == 59 and summary["samples_seen"] == 3 * N_TRAIN
+    assert summary["val_acc"] == epochs[-1]["val_acc"]
+    assert summary["val_loss"] == epochs[-1]["val_loss"]
+    assert summary["baseline_total_updates"] == plan.baseline_total_updates == 3 * 33
+    assert summary["worker_seconds"] == pytest.approx(summary["wall_s"])
+    assert summary["growth_events"] == 2
+    assert load_config(run_dir / "config.yaml") == cfg
+
+
+def test_plateau_growth_is_decided_at_epoch_end(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    cfg = syn_config(
+        run_dir,
+        "schedule.type=plateau",
+        "schedule.patience=0",
+        "schedule.factor=0.5",
+        "schedule.threshold_mode=abs",
+        "schedule.threshold=100",  # nothing after the first epoch counts as an improvement
+        "run.epochs=3",
+    )
+    assert train(cfg)[0] == EXIT_OK
+    assert [r["global_batch"] for r in records(run_dir, "epoch")] == [32, 32, 64]
+    growth = [r for r in records(run_dir, "event") if r["event"] == "growth"]
+    assert [r["epoch"] for r in growth] == [3]
+
+
+def test_need_workers_checkpoints_and_exits_75(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    cfg = syn_config(
+        run_dir, "growth.micro_batch=32", "growth.max_micro_batch=32", "growth.max_workers=2"
+    )
+    code, _ = train(cfg)
+    assert code == EXIT_NEED_WORKERS
+    info = json.loads((run_dir / "resize.json").read_text())
+    assert info["need_workers"] == 2 and info["have_workers"] == 1
+    assert (info["epoch"], info["step"], info["global_batch"]) == (1, 33, 64)
+    found = load_latest(run_dir)
+    assert found is not None and str(found[0]) == info["checkpoint"]
+    # The epoch-end checkpoint at the same step serves: a resume re-derives the 2-worker split.
+    assert (found[1]["step"], found[1]["epoch"], found[1]["position"]) == (33, 1, 0)
+
+
+def test_regression_reports_no_accuracy(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert train(syn_config(run_dir, "data.name=synthetic_regression", "optim.lr=0.01"))[0] == 0
+    epochs = records(run_dir, "epoch")
+    assert all(r["val_acc"] is None for r in epochs)
+    assert epochs[-1]["val_loss"] < epochs[0]["val_loss"] < 1.0
+
+
+def test_micro_batch_seed_depends_on_the_samples_only() -> None:
+    assert micro_batch_seed(0, 1, 17) == micro_batch_seed(0, 1, 17)
+    seeds = {micro_batch_seed(s, e, i) for s in range(3) for e in range(3) for i in range(50)}
+    assert len(seeds) == 3 * 3 * 50
+    assert all(0 <= s < 2**63 for s in seeds)
+
+
+def test_cli_missing_data_set_exits_2(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distgrow",
+            "train",
+            str(REPO / "configs" / "fashion_mnist_mlp.yaml"),
+            f"data.root={tmp_path / 'nowhere'}",
+            f"run.output_dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "nowhere" in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_cli_config_error_exits_2(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distgrow",
+            "train",
+            str(REPO / "configs" / "fashion_mnist_mlp.yaml"),
+            "optim.lr=-1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert proc.returncode == 2 and "optim.lr" in proc.stderr
+
+
+def test_the_torch_backend_meets_the_protocol_and_others_are_not_there_yet() -> None:
+    cfg = load_config(None)
+    backend = make_backend(cfg.backend, SINGLE, cfg.run)
+    assert isinstance(backend, Backend) and backend.world_size == 1 and backend.is_main
+    assert backend.device.type in ("cpu", "cuda")
+    for name in ("deepspeed", "horovod"):
+        other = load_config(None, [f"backend.name={name}"])
+        with pytest.raises(BackendError, match=rf"backend.name = '{name}'.*not implemented yet"):
+            make_backend(other.backend, SINGLE, other.run)
+    fp16 = load_config(None, ["backend.precision=fp16"])
+    with pytest.raises(BackendError, match="backend.precision"):
+        make_backend(fp16.backend, SINGLE, fp16.run)
+    nccl = load_config(None, ["backend.dist_backend=nccl", "run.device=cpu"])
+    with pytest.raises(BackendError, match="gloo"):
+        make_backend(nccl.backend, SINGLE, nccl.run)
+
+
+def test_a_model_that_does_not_fit_the_data_is_a_train_error(tmp_path: Path) -> None:
+    with pytest.raises(TrainError, match=r"model.name = 'cnn'.*synthetic_classification"):
+        make_trainer(syn_config(tmp_path / "run", "model.name=cnn"))
