@@ -1,0 +1,775 @@
+"""distgrow.launch: the command builders, the environment, and the controller's decisions.
+
+Unit tests assert on the builders' ``(argv, env)`` and on the controller's choices with a
+scripted executor (no process starts). The ``real`` tests at the end run the controller's
+subprocess path for real, through torchrun and mpirun, with the stand-in worker of
+``launch_fakes`` (exits 75, then 0; crashes; waits for a signal).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REPO_ROOT, free_port, kill_process_tree, write_config
+from launch_fakes import make_fake_distgrow, read_calls
+
+from distgrow.config import Config, load_config
+from distgrow.launch import (
+    EXIT_NEED_WORKERS,
+    EXIT_NONFINITE,
+    EXIT_USAGE,
+    RESIZE_FILE,
+    LaunchError,
+    LaunchSpec,
+    Outcome,
+    build_command,
+    build_deepspeed,
+    build_horovodrun,
+    build_mpirun,
+    build_none,
+    build_srun,
+    build_torchrun,
+    describe_env_changes,
+    detect_launcher,
+    main_launch,
+    max_workers_from_env,
+    redact,
+    rendezvous_from_env,
+    run_controller,
+    slurm_hostnames,
+    torchrun_root_cause,
+    worker_limit,
+)
+
+PY = "/venv/bin/python"
+TRAIN = ["-m", "distgrow", "train", "cfg.yaml"]
+
+
+def spec(**kwargs: Any) -> LaunchSpec:
+    base: dict[str, Any] = {"workers": 2, "config": "cfg.yaml", "python": PY}
+    return LaunchSpec(**(base | kwargs))
+
+
+# --------------------------------------------------------------------------------------------
+# Builders
+# --------------------------------------------------------------------------------------------
+
+
+def test_torchrun_single_node() -> None:
+    argv, env = build_torchrun(spec(workers=4, overrides=("optim.lr=0.2",), master_port=29600))
+    assert argv == [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=4",
+        "--nnodes=1",
+        "--node_rank=0",
+        "--master_addr=127.0.0.1",
+        "--master_port=29600",
+        "--max_restarts=0",
+        *TRAIN,
+        "optim.lr=0.2",
+    ]
+    assert env == {"PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}
+
+
+def test_torchrun_multi_node_static_and_restarts() -> None:
+    argv, env = build_torchrun(
+        spec(workers=8, nodes=2, node_rank=1, master_addr="node01", max_restarts=2, resume=True)
+    )
+    assert "--nproc_per_node=4" in argv
+    assert argv[argv.index("--nproc_per_node=4") + 1 :] == [
+        "--nnodes=2",
+        "--node_rank=1",
+        "--master_addr=node01",
+        "--master_port=29500",
+        "--max_restarts=2",
+        *TRAIN,
+        "run.resume=true",
+    ]
+    # Restarts hang in torch 2.13 when the workers share the agent's store (INFRA.md).
+    assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+
+
+def test_torchrun_elastic_uses_c10d_rendezvous_and_node_range() -> None:
+    argv, env = build_torchrun(
+        spec(workers=4, nodes=2, elastic=True, min_workers=2, max_workers=8, master_addr="n1")
+    )
+    assert "--nproc_per_node=2" in argv
+    assert "--nnodes=1:4" in argv
+    assert "--rdzv_backend=c10d" in argv
+    assert "--rdzv_endpoint=n1:29500" in argv
+    assert not any(a.startswith(("--master_addr", "--node_rank")) for a in argv)
+    assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+
+
+def test_torchrun_refuses_workers_that_do_not_divide_over_nodes() -> None:
+    with pytest.raises(LaunchError, match=r"6 workers cannot be spread evenly over launch.nodes=4"):
+        build_torchrun(spec(workers=6, nodes=4))
+
+
+def test_resume_goes_last_so_it_wins_over_an_earlier_override() -> None:
+    argv, _ = build_none(spec(workers=1, overrides=("run.resume=false",), resume=True))
+    assert argv == [PY, *TRAIN, "run.resume=false", "run.resume=true"]
+
+
+def test_none_runs_one_worker_only() -> None:
+    assert build_none(spec(workers=1)) == ([PY, *TRAIN], {})
+    with pytest.raises(LaunchError, match="single worker, but 2 worker"):
+        build_none(spec(workers=2))
+
+
+def test_deepspeed_local_starts_n_processes_with_num_gpus() -> None:
+    argv, env = build_deepspeed(spec(workers=2))
+    assert argv == [
+        PY,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus=2",  # without it, deepspeed starts one process on CPU (INFRA.md)
+        "--master_addr=127.0.0.1",
+        "--master_port=29500",
+        "--no_local_rank",
+        "--module",
+        "distgrow",
+        "train",
+        "cfg.yaml",
+    ]
+    assert env == {}
+
+
+def test_deepspeed_multi_node_needs_a_hostfile() -> None:
+    argv, _ = build_deepspeed(spec(workers=8, nodes=2, hostfile="/h", master_addr="n1"))
+    assert argv[3:8] == ["--hostfile", "/h", "--num_nodes=2", "--num_gpus=4", "--master_addr=n1"]
+    with pytest.raises(LaunchError, match="needs a hostfile"):
+        build_deepspeed(spec(workers=8, nodes=2))
+
+
+def test_horovodrun_gloo_on_one_host() -> None:
+    argv, env = build_horovodrun(spec(workers=2))
+    assert argv == [
+        PY,
+        "-m",
+        "horovod.runner.launch",
+        "-np",
+        "2",
+        "--gloo",
+        "-H",
+        "localhost:2",
+        "--network-interface",
+        "lo",
+        PY,
+        *TRAIN,
+    ]
+    assert env == {}
+
+
+def test_horovodrun_mpi_hosts_and_hostfile() -> None:
+    argv, _ = build_horovodrun(spec(workers=4, nodes=2, hosts=("a", "b"), horovod_transport="mpi"))
+    assert argv[5:8] == ["--mpi", "-H", "a:2,b:2"]
+    assert "--network-interface" not in argv  # several hosts: not the loopback
+    argv, _ = build_horovodrun(spec(workers=4, nodes=2, hostfile="/hosts"))
+    assert argv[6:8] == ["--hostfile", "/hosts"]
+
+
+def test_horovodrun_elastic() -> None:
+    argv, _ = build_horovodrun(
+        spec(workers=2, elastic=True, max_workers=4, host_discovery_script="/d.sh")
+    )
+    i = argv.index("--min-np")
+    assert argv[i : i + 6] == ["--min-np", "2", "--max-np", "4", "--host-discovery-script", "/d.sh"]
+    assert "-H" not in argv
+    # Horovod Elastic hangs silently on one host unless bound to the loopback (INFRA.md).
+    assert argv[argv.index("--network-interface") + 1] == "lo"
+    with pytest.raises(LaunchError, match="host discovery script"):
+        build_horovodrun(spec(elastic=True))
+
+
+def test_mpirun_as_root_forwards_the_rendezvous() -> None:
+    argv, env = build_mpirun(spec(workers=3, run_as_root=True, forward_env=("WANDB_MODE",)))
+    assert argv == [
+        "mpirun",
+        "-np",
+        "3",
+        "--bind-to",
+        "none",
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "-x",
+        "MASTER_ADDR",
+        "-x",
+        "MASTER_PORT",
+        "-x",
+        "WANDB_MODE",
+        PY,
+        *TRAIN,
+    ]
+    assert env == {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+
+
+def test_mpirun_multi_node() -> None:
+    argv, _ = build_mpirun(spec(workers=8, nodes=2, hosts=("n1", "n2", "n3")))
+    assert "--allow-run-as-root" not in argv
+    assert argv[argv.index("--host") + 1] == "n1:4,n2:4"
+    assert argv[argv.index("--map-by") + 1] == "ppr:4:node"
+    argv, _ = build_mpirun(spec(workers=8, nodes=2, hostfile="/hf"))
+    assert argv[argv.index("--hostfile") + 1] == "/hf" and "--host" not in argv
+    with pytest.raises(LaunchError, match="launch.nodes=2 but only 1 host"):
+        build_mpirun(spec(workers=8, nodes=2, hosts=("n1",)))
+
+
+def test_srun_job_step() -> None:
+    argv, env = build_srun(spec(workers=4, nodes=2, master_addr="n01", master_port=29517))
+    assert argv == [
+        "srun",
+        "--ntasks=4",
+        "--nodes=2",
+        "--kill-on-bad-exit=1",
+        PY,
+        *TRAIN,
+    ]
+    assert env == {"MASTER_ADDR": "n01", "MASTER_PORT": "29517"}
+    argv, _ = build_srun(spec(workers=1, nodes=2, srun_mpi=True))
+    assert argv[:5] == ["srun", "--ntasks=1", "--nodes=1", "--kill-on-bad-exit=1", "--mpi=pmix"]
+
+
+def test_extra_arguments_go_before_the_worker_command() -> None:
+    argv, _ = build_srun(spec(extra=("--exclusive",)))
+    assert argv[argv.index("--exclusive") + 1] == PY
+
+
+def test_spec_checks_its_numbers() -> None:
+    with pytest.raises(LaunchError, match="at least 1 worker"):
+        spec(workers=0)
+    with pytest.raises(LaunchError, match="node rank 2 is outside"):
+        spec(nodes=2, node_rank=2)
+    with pytest.raises(LaunchError, match="elastic range 3:4 must contain the 2 workers"):
+        spec(elastic=True, min_workers=3, max_workers=4)
+    with pytest.raises(LaunchError, match="'slurm' is not a launcher"):
+        build_command("slurm", spec())
+
+
+# --------------------------------------------------------------------------------------------
+# The environment
+# --------------------------------------------------------------------------------------------
+
+
+def test_detect_launcher() -> None:
+    assert detect_launcher({"SLURM_JOB_ID": "12", "OMPI_COMM_WORLD_SIZE": "2"}) == "srun"
+    assert detect_launcher({"OMPI_MCA_plm": "rsh"}) == "mpirun"
+    assert detect_launcher({"HOME": "/root"}) == "torchrun"
+    assert detect_launcher({}, backend="horovod") == "horovodrun"
+
+
+def cfg_of(*overrides: str) -> Config:
+    return load_config(None, list(overrides))
+
+
+@pytest.mark.parametrize(
+    ("env", "max_workers", "device", "want"),
+    [
+        ({}, 8, "auto", 8),
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2"}, 8, "auto", 2),
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}, 8, "auto", 8),  # the config is lower
+        (
+            {"SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "4"},
+            16,
+            "auto",
+            8,
+        ),
+        (
+            {"SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "3", "SLURM_GPUS_PER_NODE": "a100:2"},
+            16,
+            "auto",
+            6,
+        ),
+        (
+            {"SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "3", "SLURM_GPUS_PER_NODE": "2"},
+            16,
+            "cpu",
+            16,
+        ),
+        ({"CUDA_VISIBLE_DEVICES": "0,1,2"}, 8, "auto", 3),
+        ({"CUDA_VISIBLE_DEVICES": "0,1,2"}, 8, "cpu", 8),  # CPU workers ignore GPUs
+        ({"CUDA_VISIBLE_DEVICES": ""}, 8, "auto", 8),  # no GPUs: CPU processes
+    ],
+)
+def test_worker_limit_from_env(
+    env: dict[str, str], max_workers: int, device: str, want: int
+) -> None:
+    cfg = cfg_of(f"growth.max_workers={max_workers}", f"run.device={device}")
+    assert max_workers_from_env(env, cfg) == want
+
+
+def test_worker_limit_counts_gpus_times_nodes_and_says_why() -> None:
+    cfg = cfg_of("growth.max_workers=64", "launch.nodes=2")
+    limit, reason = worker_limit({}, cfg, gpus_on_node=4)
+    assert limit == 8
+    assert "4 visible GPU(s) (/dev/nvidia*) × launch.nodes=2" in reason
+    assert worker_limit({}, cfg, gpus_on_node=0) == (64, "growth.max_workers=64")
+
+
+@pytest.mark.parametrize(
+    ("nodelist", "hosts"),
+    [
+        ("node[01-04,07]", ["node01", "node02", "node03", "node04", "node07"]),
+        ("a,b", ["a", "b"]),
+        ("gpu[8-10]", ["gpu8", "gpu9", "gpu10"]),
+        ("n[098-101]", ["n098", "n099", "n100", "n101"]),
+        ("x[1-2],login", ["x1", "x2", "login"]),
+        ("single", ["single"]),
+    ],
+)
+def test_nodelist_parsing(nodelist: str, hosts: list[str]) -> None:
+    assert slurm_hostnames(nodelist, use_scontrol=False) == hosts
+
+
+def test_nodelist_errors_name_the_list() -> None:
+    with pytest.raises(LaunchError, match=r"node\[1-"):
+        slurm_hostnames("node[1-", use_scontrol=False)
+
+
+def test_rendezvous_from_slurm() -> None:
+    env = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "gpu[03-04]",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_NODEID": "1",
+    }
+    rdzv = rendezvous_from_env(env, cfg_of(), use_scontrol=False)
+    assert (rdzv.master_addr, rdzv.master_port, rdzv.node_rank, rdzv.nodes) == (
+        "gpu03",
+        29500 + 242,  # launch.master_port + job id mod 1000: jobs sharing a node do not clash
+        1,
+        2,
+    )
+    assert rdzv.hosts == ("gpu03", "gpu04")
+    outside = rendezvous_from_env({}, cfg_of("launch.master_port=1234", "launch.nodes=3"))
+    assert (outside.master_addr, outside.master_port, outside.nodes) == ("127.0.0.1", 1234, 3)
+
+
+def test_secrets_are_redacted() -> None:
+    for name in ("WANDB_API_KEY", "HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "DB_PASSWORD", "wandb_api"):
+        assert redact(name, "hunter2") == "***"
+    assert redact("MASTER_ADDR", "10.0.0.1") == "10.0.0.1"
+    lines = describe_env_changes(
+        {"WANDB_API_KEY": "new-secret", "MY_TOKEN": "t0k", "MASTER_PORT": "29501", "A": "1"},
+        {"WANDB_API_KEY": "old-secret", "MASTER_PORT": "29500", "A": "1"},
+    )
+    text = "\n".join(lines)
+    assert "secret" not in text and "t0k" not in text
+    assert lines == [
+        "override WANDB_API_KEY: *** -> ***",
+        "set MY_TOKEN=***",
+        "override MASTER_PORT: 29500 -> 29501",
+        "keep A=1 (already set)",
+    ]
+
+
+def test_torchrun_root_cause_is_read_from_its_failure_report() -> None:
+    report = """
+    Failures:
+    [1]:
+      exitcode  : 75 (pid: 7940)
+    ------------------------------------------------------------
+    Root Cause (first observed failure):
+    [0]:
+      time      : 2026-11-21_16:27:51
+      rank      : 0 (local_rank: 0)
+      exitcode  : 65 (pid: 7939)
+    """
+    assert torchrun_root_cause(report) == 65
+    assert torchrun_root_cause("Traceback: boom") is None
+
+
+# --------------------------------------------------------------------------------------------
+# The controller's decisions, with a scripted executor
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Ending:
+    """How one scripted launch ends."""
+
+    code: int
+    need: int | None = None  # rank 0 writes resize.json asking for this many workers
+    signal: int | None = None
+    log: str = ""
+
+
+@dataclass
+class ScriptedExecutor:
+    """Plays the workers: each launch takes the next :class:`Ending` (no process starts)."""
+
+    run_dir: Path
+    script: list[Ending]
+    calls: list[tuple[list[str], dict[str, str], Path]] = field(default_factory=list)
+
+    def __call__(self, argv: list[str], env: dict[str, str], log_path: Path) -> Outcome:
+        self.calls.append((argv, env, log_path))
+        ending = self.script.pop(0)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text(ending.log)
+        if ending.need is not None:
+            resize = {"need_workers": ending.need, "have_workers": 1, "epoch": 1, "step": 52}
+            resize["checkpoint"] = str(self.run_dir / "ckpt-000000052.pt")
+            (self.run_dir / RESIZE_FILE).write_text(json.dumps(resize))
+        return Outcome(ending.code, ending.signal)
+
+    def workers(self) -> list[int]:
+        """The worker count of each launch, read back from torchrun's argv."""
+        out = []
+        for argv, _, _ in self.calls:
+            flag = next(a for a in argv if a.startswith("--nproc_per_node="))
+            out.append(int(flag.split("=")[1]))
+        return out
+
+
+GROWING = {  # 1 -> 2 -> 4 workers over 3 epochs (checked in test_dry_run_prints_each_span)
+    "run": {"epochs": 3},
+    "schedule": {"type": "multistep", "milestones": [1, 2], "gamma": 0.5},
+    "growth": {"base_batch": 32, "micro_batch": 32, "max_workers": 4},
+    "launch": {"launcher": "torchrun", "max_restarts": 2},
+}
+
+
+@pytest.fixture
+def growing(tmp_path: Path) -> tuple[Path, Path]:
+    """(config path, run dir) of the 1 -> 2 -> 4 worker config."""
+    run_dir = tmp_path / "run"
+    tree = {**GROWING, "run": {**GROWING["run"], "output_dir": str(run_dir)}}
+    return write_config(tmp_path / "grow.yaml", tree), run_dir
+
+
+def control(
+    config: Path, script: list[Ending], *overrides: str, env: dict[str, str] | None = None
+) -> tuple[int, ScriptedExecutor, list[str]]:
+    cfg = load_config(config, list(overrides))
+    executor = ScriptedExecutor(Path(cfg.run.resolved_output_dir), script)
+    lines: list[str] = []
+    code = run_controller(
+        str(config),
+        list(overrides),
+        cfg,
+        executor=executor,
+        env=env or {},
+        log=lines.append,
+        python=PY,
+        gpus_on_node=0,
+    )
+    return code, executor, lines
+
+
+def test_grows_wider_on_75_with_the_count_from_resize_json(growing: tuple[Path, Path]) -> None:
+    config, run_dir = growing
+    code, ex, lines = control(config, [Ending(75, need=2), Ending(75, need=4), Ending(0)])
+    assert code == 0
+    assert ex.workers() == [1, 2, 4]
+    resumes = [argv[-1] == "run.resume=true" for argv, _, _ in ex.calls]
+    assert resumes == [False, True, True]
+    # Each resize.json is kept with the launch logs, so the next launch starts without one.
+    assert not (run_dir / RESIZE_FILE).exists()
+    assert (
+        json.loads((run_dir / "launch" / "attempt-02.resize.json").read_text())["need_workers"] == 4
+    )
+    assert any("the plan needs 4 workers from epoch 1" in line for line in lines)
+
+
+def test_a_launcher_that_exits_1_with_resize_json_still_grows(growing: tuple[Path, Path]) -> None:
+    # torchrun and horovodrun exit 1 whatever their workers' status: resize.json is the word.
+    config, _ = growing
+    code, ex, _ = control(config, [Ending(1, need=2), Ending(0)])
+    assert (code, ex.workers()) == (0, [1, 2])
+
+
+def test_stops_when_the_workers_needed_are_above_the_limit(growing: tuple[Path, Path]) -> None:
+    config, _ = growing
+    code, ex, lines = control(config, [Ending(75, need=8)])
+    assert code == EXIT_NEED_WORKERS
+    assert len(ex.calls) == 1
+    text = "\n".join(lines)
+    assert "the plan needs 8 workers from epoch 1 (step 52), above the limit of 4" in text
+    assert "growth.max_workers=4" in text and "sbatch --ntasks=8" in text
+
+
+def test_restarts_a_crash_up_to_max_restarts_then_reports(growing: tuple[Path, Path]) -> None:
+    config, run_dir = growing
+    code, ex, lines = control(config, [Ending(75, need=2), Ending(139), Ending(3), Ending(3)])
+    assert code == 3
+    assert ex.workers() == [1, 2, 2, 2]  # restarts keep the width
+    assert all(argv[-1] == "run.resume=true" for argv, _, _ in ex.calls[1:])
+    text = "\n".join(lines)
+    assert "crashed (exit 3) and launch.max_restarts=2 restart(s) are used up" in text
+    for n, (workers, status) in enumerate([(1, 75), (2, 139), (2, 3), (2, 3)], start=1):
+        log = run_dir / "launch" / f"attempt-{n:02d}-{workers}w.log"
+        assert f"attempt {n}: {workers} worker(s), exit {status}" in text
+        assert str(log) in text and log.exists()
+
+
+def test_a_crash_then_success_finishes(growing: tuple[Path, Path]) -> None:
+    config, _ = growing
+    code, ex, lines = control(config, [Ending(1), Ending(0)])
+    assert (code, ex.workers()) == (0, [1, 1])
+    assert "restart 1 of 2" in "\n".join(lines)
+
+
+@pytest.mark.parametrize("status", [EXIT_USAGE, EXIT_NONFINITE])
+def test_usage_errors_and_nonfinite_losses_stop_at_once(
+    growing: tuple[Path, Path], status: int
+) -> None:
+    config, _ = growing
+    code, ex, lines = control(config, [Ending(status)])
+    assert code == status
+    assert len(ex.calls) == 1
+    assert "a retry would fail the same way" in "\n".join(lines)
+
+
+def test_torchrun_status_1_with_a_nonfinite_root_cause_stops_at_once(
+    growing: tuple[Path, Path],
+) -> None:
+    config, _ = growing
+    report = "Root Cause (first observed failure):\n[0]:\n  exitcode  : 65 (pid: 1)\n"
+    code, ex, _ = control(config, [Ending(1, log=report)])
+    assert (code, len(ex.calls)) == (EXIT_NONFINITE, 1)
+
+
+@pytest.mark.parametrize(
+    ("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGUSR1, 138)]
+)
+def test_a_signal_stops_without_relaunching(
+    growing: tuple[Path, Path], signum: int, status: int
+) -> None:
+    config, _ = growing
+    code, ex, lines = control(config, [Ending(75, need=2, signal=signum)])
+    assert (code, len(ex.calls)) == (status, 1)
+    assert f"stopped by {signal.Signals(signum).name}" in "\n".join(lines)
+
+
+def test_a_stale_resize_json_is_set_aside_before_the_first_launch(
+    growing: tuple[Path, Path],
+) -> None:
+    config, run_dir = growing
+    run_dir.mkdir()
+    (run_dir / RESIZE_FILE).write_text('{"need_workers": 4}')
+    code, ex, lines = control(config, [Ending(0)])
+    assert (code, ex.workers()) == (0, [1])
+    assert any("moved an old resize.json" in line for line in lines)
+
+
+def test_slurm_allocation_limits_and_replans(growing: tuple[Path, Path]) -> None:
+    config, _ = growing
+    env = {"SLURM_JOB_ID": "77", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "c[1-2]"}
+    code, ex, lines = control(
+        config, [Ending(75, need=2), Ending(0)], "launch.launcher=auto", env=env
+    )
+    assert code == 0
+    first, second = ex.calls[0][0], ex.calls[1][0]
+    assert first[:4] == ["srun", "--ntasks=1", "--nodes=1", "--kill-on-bad-exit=1"]
+    assert second[1] == "--ntasks=2"
+    # The allocation has 2 tasks, so the workers plan within 2 (the batch grows by accumulation).
+    assert "growth.max_workers=2" in first
+    assert ex.calls[0][1] == {"MASTER_ADDR": "c1", "MASTER_PORT": str(29500 + 77)}
+    assert any("growth.max_workers 4 -> 2: SLURM_NTASKS=2" in line for line in lines)
+
+
+def test_dry_run_prints_each_span_and_launches_nothing(growing: tuple[Path, Path]) -> None:
+    config, _ = growing
+    cfg = load_config(config, ["launch.launcher=mpirun"])
+    lines: list[str] = []
+
+    def no_launch(argv: list[str], env: dict[str, str], log: Path) -> Outcome:
+        raise AssertionError("a dry run launched something")
+
+    env = {"MASTER_PORT": "1"}
+    code = run_controller(
+        str(config),
+        ["launch.launcher=mpirun"],
+        cfg,
+        dry_run=True,
+        executor=no_launch,
+        env=env,
+        log=lines.append,
+        python=PY,
+        gpus_on_node=0,
+    )
+    assert code == 0
+    heads = [line for line in lines if line.startswith("launch ")]
+    assert heads == [
+        "launch 1: 1 worker(s), epochs 0-1",
+        "launch 2: 2 worker(s), epochs 1-2",
+        "launch 3: 4 worker(s), epochs 2-3",
+    ]
+    commands = [line for line in lines if line.startswith("  $ mpirun -np ")]
+    assert [c.split()[3] for c in commands] == ["1", "2", "4"]
+    assert commands[0].endswith(f"{config} launch.launcher=mpirun")
+    assert all(c.endswith("run.resume=true") for c in commands[1:])
+    assert "  env: override MASTER_PORT: 1 -> 29500" in lines
+
+
+def test_main_launch_dry_run_prints_to_stdout(
+    growing: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, _ = growing
+    assert main_launch(str(config), ["run.device=cpu"], dry_run=True) == 0  # GPUs: no limit
+    out = capsys.readouterr().out
+    assert out.count("-m torch.distributed.run --nproc_per_node=") == 3
+    assert "dry run: launcher torchrun, worker limit 4" in out
+
+
+def test_exit_statuses_match_the_trainers() -> None:
+    # launch.py repeats them to stay free of torch; the trainer is the source of truth.
+    trainer = pytest.importorskip("distgrow.trainer")
+    assert (EXIT_USAGE, EXIT_NONFINITE, EXIT_NEED_WORKERS, RESIZE_FILE) == (
+        trainer.EXIT_USAGE,
+        trainer.EXIT_NONFINITE,
+        trainer.EXIT_NEED_WORKERS,
+        trainer.RESIZE_FILE,
+    )
+
+
+def test_main_launch_reports_config_and_launch_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main_launch(str(tmp_path / "missing.yaml"), [], dry_run=True) == EXIT_USAGE
+    assert "config error" in capsys.readouterr().err
+    config = write_config(tmp_path / "c.yaml", {"growth": {"max_workers": 2}})
+    code = main_launch(str(config), ["launch.launcher=none", "backend.name=horovod"], True)
+    assert code == 0  # none: one worker, and horovod needs no launcher for one process
+    code = main_launch(str(config), ["launch.launcher=torchrun", "backend.name=horovod"], True)
+    assert code == EXIT_USAGE
+    assert "Fix: set launch.launcher=horovodrun" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# The real subprocess path: real launchers, a stand-in worker
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A clean launcher environment whose ``python -m distgrow`` is the stand-in worker."""
+    for name in list(os.environ):
+        if name.startswith(("SLURM_", "OMPI_", "PMI_")) or name in (
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+        ):
+            monkeypatch.delenv(name)
+    fake = make_fake_distgrow(tmp_path / "fake")
+    # `python -m` puts the working directory first on sys.path: away from the real package.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake), str(REPO_ROOT)]))
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    return tmp_path
+
+
+def real_config(tmp_path: Path, launcher: str, **launch: Any) -> tuple[Path, Path]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    run_dir = tmp_path / "run"
+    tree = {
+        "run": {"output_dir": str(run_dir), "device": "cpu"},  # GPUs would cap the workers
+        "growth": {"max_workers": 2},
+        "launch": {"launcher": launcher, "master_port": free_port(), **launch},
+    }
+    return write_config(tmp_path / f"{launcher}.yaml", tree), run_dir
+
+
+LAUNCHERS_HERE = [
+    "torchrun",
+    pytest.param(
+        "mpirun",
+        marks=pytest.mark.skipif(
+            shutil.which("mpirun") is None, reason="needs mpirun: apt-get install openmpi-bin"
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS_HERE)
+def test_real_launch_exits_75_then_relaunches_wider(
+    fake_env: Path, monkeypatch: pytest.MonkeyPatch, launcher: str
+) -> None:
+    config, run_dir = real_config(fake_env, launcher)
+    monkeypatch.setenv("FAKE_WORKER", "grow:2")
+    lines: list[str] = []
+    started = time.monotonic()
+    code = run_controller(str(config), [], load_config(config), log=lines.append)
+    assert code == 0, "\n".join(lines)
+    assert time.monotonic() - started < 60
+    calls = read_calls(run_dir)
+    seen = sorted((c["world"], c["rank"], c["resume"], c["launcher"]) for c in calls)
+    launcher_vars = "torchrun" if launcher == "torchrun" else "mpirun"
+    assert seen == [
+        (1, 0, False, launcher_vars),
+        (2, 0, True, launcher_vars),
+        (2, 1, True, launcher_vars),
+    ]
+    logs = sorted(p.name for p in (run_dir / "launch").glob("*.log"))
+    assert logs == ["attempt-01-1w.log", "attempt-02-2w.log"]
+    assert json.loads((run_dir / "launch" / "attempt-01.resize.json").read_text()) == {
+        "need_workers": 2,
+        "have_workers": 1,
+        "epoch": 1,
+        "step": 10,
+        "checkpoint": str(run_dir / "ckpt-000000010.pt"),
+    }
+
+
+def test_real_torchrun_nonfinite_stops_at_once_and_crash_is_retried(
+    fake_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, run_dir = real_config(fake_env, "torchrun", max_restarts=3)
+    monkeypatch.setenv("FAKE_WORKER", "exit:65")
+    lines: list[str] = []
+    assert run_controller(str(config), [], load_config(config), log=lines.append) == 65
+    assert len(read_calls(run_dir)) == 1  # torchrun exited 1; its report said 65: no retry
+
+    config, run_dir = real_config(fake_env / "crash", "torchrun", max_restarts=3)
+    monkeypatch.setenv("FAKE_WORKER", "crash:2")
+    assert run_controller(str(config), [], load_config(config), log=lines.append) == 0
+    assert [c["resume"] for c in read_calls(run_dir)] == [False, True, True]
+
+
+@pytest.mark.parametrize(
+    ("launcher", "signum", "status"),
+    [("none", signal.SIGTERM, 143), ("torchrun", signal.SIGUSR1, 138)],
+)
+def test_real_signal_is_forwarded_and_nothing_relaunches(
+    fake_env: Path, monkeypatch: pytest.MonkeyPatch, launcher: str, signum: int, status: int
+) -> None:
+    config, run_dir = real_config(fake_env, launcher)
+    monkeypatch.setenv("FAKE_WORKER", "sleep")
+    # The controller runs as its own process (`python -m distgrow launch`), as a user runs it.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distgrow", "launch", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (run_dir / "started-0").exists():
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "the worker did not start"
+            time.sleep(0.1)
+        proc.send_signal(signum)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        kill_process_tree(proc.pid)
+    assert proc.returncode == status, out
+    name = signal.Signals(signum).name
+    assert (run_dir / "signal-0").read_text() == name, out
+    assert f"stopped by {name}" in out
+    assert len(read_calls(run_dir)) == 1
