@@ -1,0 +1,46 @@
+# distgrow in a container, for cloud GPUs or a laptop. The image installs exactly what CI does:
+# scripts/bootstrap.sh (Debian packages, a venv at /opt/venv, the stack pinned in constraints.txt,
+# Horovod built with the C++17 fix by launchers/install_horovod.sh).
+#
+#   docker build -t distgrow .                                    # CPU build of torch
+#   docker build -t distgrow:cu130 \
+#     --build-arg TORCH_SPEC=torch==2.13.0 \
+#     --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu130 .   # CUDA build of torch
+#   docker run --rm --gpus all --shm-size=8g distgrow plan configs/cifar10_wrn16_4.yaml
+#   docker run --rm --gpus all --shm-size=8g -v $PWD/runs:/opt/distgrow/runs \
+#     distgrow train configs/fashion_mnist_mlp.yaml
+#
+# BASE may be any Debian bookworm image with Python 3.11 (an air-gapped build can import one
+# made with debootstrap and pass --build-arg BASE=...).
+ARG BASE=python:3.11-slim-bookworm
+FROM ${BASE}
+
+ARG TORCH_SPEC=""
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_EXTRA_INDEX_URL=${TORCH_INDEX} \
+    DISTGROW_VENV=/opt/venv \
+    DISTGROW_TORCH_SPEC=${TORCH_SPEC} \
+    DISTGROW_WHEEL_CACHE=/tmp/distgrow-wheels \
+    WANDB_MODE=offline \
+    OMPI_ALLOW_RUN_AS_ROOT=1 \
+    OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+
+WORKDIR /opt/distgrow
+COPY pyproject.toml constraints.txt README.md ./
+COPY scripts ./scripts
+COPY launchers ./launchers
+COPY distgrow ./distgrow
+COPY configs ./configs
+COPY slurm ./slurm
+
+# One layer: Debian packages, the venv, the pinned stack and Horovod; then drop the caches.
+RUN bash scripts/bootstrap.sh \
+    && rm -rf /var/lib/apt/lists/* /tmp/distgrow-wheels \
+    && /opt/venv/bin/distgrow --help >/dev/null
+
+ENV PATH=/opt/venv/bin:${PATH}
+ENTRYPOINT ["distgrow"]
+CMD ["--help"]
