@@ -20,7 +20,7 @@ pip_q() {
 }
 
 # --- Debian packages -------------------------------------------------------------------------
-APT_PACKAGES=(dataset-fashion-mnist)
+APT_PACKAGES=(dataset-fashion-mnist openmpi-bin)  # the real data set; mpirun for the launch tests
 if [[ "${DISTGROW_SKIP_APT:-0}" != 1 ]]; then
   missing=()
   for p in "${APT_PACKAGES[@]}"; do
