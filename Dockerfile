@@ -1,6 +1,5 @@
 # distgrow in a container, for cloud GPUs or a laptop. The image installs exactly what CI does:
-# scripts/bootstrap.sh (Debian packages, a venv at /opt/venv, the stack pinned in constraints.txt,
-# Horovod built with the C++17 fix by launchers/install_horovod.sh).
+# scripts/bootstrap.sh (Debian packages, a venv at /opt/venv, the stack pinned in constraints.txt).
 #
 #   docker build -t distgrow .                                    # CPU build of torch
 #   docker build -t distgrow:cu130 \
@@ -31,12 +30,11 @@ ENV DEBIAN_FRONTEND=noninteractive \
 WORKDIR /opt/distgrow
 COPY pyproject.toml constraints.txt README.md ./
 COPY scripts ./scripts
-COPY launchers ./launchers
 COPY distgrow ./distgrow
 COPY configs ./configs
 COPY slurm ./slurm
 
-# One layer: Debian packages, the venv, the pinned stack and Horovod; then drop the caches.
+# One layer: Debian packages, the venv and the pinned stack; then drop the caches.
 RUN bash scripts/bootstrap.sh \
     && rm -rf /var/lib/apt/lists/* /tmp/distgrow-wheels \
     && /opt/venv/bin/distgrow --help >/dev/null
