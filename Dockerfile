@@ -30,6 +30,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
 WORKDIR /opt/distgrow
 COPY pyproject.toml constraints.txt README.md ./
 COPY scripts ./scripts
+COPY launchers ./launchers
 COPY distgrow ./distgrow
 COPY configs ./configs
 COPY slurm ./slurm

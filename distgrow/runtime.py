@@ -9,9 +9,12 @@ torchrun,       ``RANK``                     ``WORLD_SIZE``        ``LOCAL_RANK`
 deepspeed
 mpirun (Open    ``OMPI_COMM_WORLD_RANK``     ``OMPI_COMM_WORLD_    ``OMPI_COMM_WORLD_LOCAL_
 MPI)                                         SIZE``                RANK``
+horovodrun      ``HOROVOD_RANK``             ``HOROVOD_SIZE``      ``HOROVOD_LOCAL_RANK``
+(Gloo)
 srun (SLURM)    ``SLURM_PROCID``             ``SLURM_NTASKS``      ``SLURM_LOCALID``
 MPICH, Intel    ``PMI_RANK``                 ``PMI_SIZE``          ``MPI_LOCALRANKID``
 MPI (PMI)
+other MPI       ``MPI.COMM_WORLD`` (mpi4py), when only ``PMIX_RANK`` says an MPI started us
 ==============  ===========================  ====================  ===========================
 
 :func:`detect_runtime` reads them (pure: it takes the environment as a mapping) into a
@@ -20,12 +23,20 @@ MPI (PMI)
 ``torch.distributed``'s ``env://`` rendezvous reads, logging every variable it sets or
 overwrites. Under SLURM the rendezvous host is the first node of the job's node list.
 
+The last row is the one place where distgrow asks MPI itself (mpi4py, imported only then): a
+process started by a PMIx-based MPI launcher whose variables distgrow does not know (MVAPICH,
+``prterun``, a wrapper that strips ``OMPI_*``) learns its rank, size, node-local rank (a
+shared-memory split of ``COMM_WORLD``) and rank 0's host from MPI. :func:`finalize_mpi` then
+ends MPI cleanly at exit (Open MPI's ``mpirun`` fails a job whose ranks called ``MPI_Init`` but
+not ``MPI_Finalize``).
+
 This module imports neither torch nor anything distributed.
 """
 
 from __future__ import annotations
 
 import re
+import socket
 import sys
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
@@ -53,7 +64,8 @@ class Runtime:
         master_addr: Rendezvous host of rank 0.
         master_port: Rendezvous port.
         launcher: Which variables were read: ``torchrun`` (also deepspeed's launcher),
-            ``mpirun``, ``srun``, ``pmi``, or ``none`` for a plain single process.
+            ``mpirun``, ``horovodrun`` (its Gloo mode; its MPI mode is ``mpirun``), ``srun``,
+            ``pmi``, or ``none`` for a plain single process.
     """
 
     rank: int
@@ -68,6 +80,54 @@ class Runtime:
     def is_distributed(self) -> bool:
         """True when more than one worker takes part."""
         return self.world_size > 1
+
+
+@dataclass(frozen=True)
+class MpiWorld:
+    """What MPI itself says about this process (:func:`probe_mpi`)."""
+
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    root_host: str
+
+
+def probe_mpi() -> MpiWorld:
+    """Ask MPI (mpi4py's ``COMM_WORLD``) for this process's place in the job.
+
+    Initialises MPI (a collective: every rank of the job must call it).
+
+    Raises:
+        RuntimeEnvError: mpi4py is not installed.
+    """
+    try:
+        from mpi4py import MPI
+    except ImportError as err:
+        raise RuntimeEnvError(
+            f"PMIX_RANK says an MPI launcher started this process, but mpi4py cannot be "
+            f"imported ({err}) to ask MPI for the ranks. Fix: pip install mpi4py, or launch "
+            "with mpirun (Open MPI), srun, torchrun or horovodrun."
+        ) from err
+    world = MPI.COMM_WORLD
+    node = world.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return MpiWorld(
+            rank=world.Get_rank(),
+            size=world.Get_size(),
+            local_rank=node.Get_rank(),
+            local_size=node.Get_size(),
+            root_host=world.bcast(socket.gethostname(), root=0),
+        )
+    finally:
+        node.Free()
+
+
+def finalize_mpi() -> None:
+    """``MPI_Finalize`` if this process initialised MPI through mpi4py (and nothing ended it)."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
 
 
 def _int(env: Mapping[str, str], name: str) -> int:
@@ -172,11 +232,14 @@ def detect_runtime(
     *,
     default_addr: str = DEFAULT_MASTER_ADDR,
     default_port: int = DEFAULT_MASTER_PORT,
+    mpi: Callable[[], MpiWorld] = probe_mpi,
 ) -> Runtime:
     """Read this worker's rank, world size and rendezvous from the launcher's variables.
 
     The first launcher whose variables are present wins, in the order torchrun/deepspeed
-    (``RANK`` + ``WORLD_SIZE``), Open MPI, SLURM, PMI; with none, a single process. An
+    (``RANK`` + ``WORLD_SIZE``), Open MPI, horovodrun's Gloo mode, SLURM, PMI; with none, a
+    single process. (horovodrun inside a SLURM allocation sees the allocation's ``SLURM_*`` of
+    the batch step, so its own variables come first.) An
     explicitly set ``MASTER_ADDR``/``MASTER_PORT`` is kept; otherwise SLURM's first node or
     ``default_addr``, and ``default_port``.
 
@@ -184,6 +247,9 @@ def detect_runtime(
         env: The environment (``os.environ`` or a plain dict in tests).
         default_addr: Rendezvous host when the environment names none.
         default_port: Rendezvous port when the environment names none.
+        mpi: Asked only when ``PMIX_RANK`` is the one launcher variable present
+            (:func:`probe_mpi`; tests pass a fake). Its ``root_host`` is the rendezvous host
+            unless ``MASTER_ADDR`` is set.
 
     Returns:
         The :class:`Runtime`.
@@ -204,6 +270,11 @@ def detect_runtime(
         rank, world = _int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_SIZE")
         local_rank = _first_int(env, "OMPI_COMM_WORLD_LOCAL_RANK") or 0
         local_world = _first_int(env, "OMPI_COMM_WORLD_LOCAL_SIZE")
+    elif env.get("HOROVOD_RANK") and env.get("HOROVOD_SIZE"):
+        launcher = "horovodrun"
+        rank, world = _int(env, "HOROVOD_RANK"), _int(env, "HOROVOD_SIZE")
+        local_rank = _first_int(env, "HOROVOD_LOCAL_RANK") or 0
+        local_world = _first_int(env, "HOROVOD_LOCAL_SIZE")
     elif env.get("SLURM_PROCID") and (env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")):
         launcher = "srun"
         rank = _int(env, "SLURM_PROCID")
@@ -224,6 +295,12 @@ def detect_runtime(
         rank, world = _int(env, "PMI_RANK"), _int(env, "PMI_SIZE")
         local_rank = _first_int(env, "MPI_LOCALRANKID") or 0
         local_world = _first_int(env, "MPI_LOCALNRANKS")
+    elif env.get("PMIX_RANK"):
+        launcher = "mpi"
+        found = mpi()
+        rank, world = found.rank, found.size
+        local_rank, local_world = found.local_rank, found.local_size
+        addr = found.root_host
     if world < 1 or not 0 <= rank < world:
         raise RuntimeEnvError(
             f"the {launcher} variables give rank {rank} in a world of {world}: the rank must be "

@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
 # Sets up everything distgrow's demo and tests need on a fresh Debian machine:
-# Debian packages (real data sets), a virtual environment in .venv, and the pinned Python stack.
+# Debian packages (real data sets; Open MPI, cmake and g++ for the backends), a virtual environment
+# in .venv, the pinned Python stack with the backends' packages (DeepSpeed, mpi4py, wandb),
+# Horovod (launchers/install_horovod.sh: built once, 4-6 min on 2 idle cores, then a cached
+# wheel), and DeepSpeed's JIT-compiled CPU collectives (built here once, 1-2 min on 2 idle cores,
+# so no test pays for it). A fresh machine takes ~8-10 min idle; a second run takes ~1 s.
 # Idempotent and quick on a second run: each step is skipped when its inputs have not changed.
 #
 #   bash scripts/bootstrap.sh            # everything
 #   DISTGROW_SKIP_APT=1 bash scripts/bootstrap.sh   # no Debian packages (not root, no apt)
+#   DISTGROW_SKIP_HOROVOD=1 bash scripts/bootstrap.sh   # no Horovod build (no compiler or MPI here)
+#   DISTGROW_MPI4PY_FROM_SOURCE=1 ...   # compile mpi4py against the local MPI (~6 min) instead of
+#                                       # PyPI's wheel (it loads the system's Open MPI/MPICH itself)
+# Horovod's wheel cache: DISTGROW_WHEEL_CACHE (default ~/.cache/distgrow/wheels). DeepSpeed's ops
+# go where torch puts JIT extensions: $TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${DISTGROW_VENV:-.venv}
@@ -15,12 +24,19 @@ log() { printf '[bootstrap] %s\n' "$*"; }
 pip_q() {
   local out rc=0
   out=$("$VENV/bin/pip" "$@" 2>&1) || rc=$?
-  grep -v "is ignored: it is neither a file nor a directory" <<<"$out" || true
+  [[ -z "$out" ]] || grep -v "is ignored: it is neither a file nor a directory" <<<"$out" || true
   return "$rc"
 }
 
 # --- Debian packages -------------------------------------------------------------------------
-APT_PACKAGES=(dataset-fashion-mnist openmpi-bin)  # the real data set; mpirun for the launch tests
+# Fashion-MNIST; Open MPI (mpirun, and the headers Horovod builds against); the tools that build
+# Horovod (cmake, make, g++) and DeepSpeed's JIT ops (g++, and a `ninja` on PATH for processes
+# that run .venv/bin/python without the venv on PATH, like `make test`).
+APT_PACKAGES=(dataset-fashion-mnist openmpi-bin libopenmpi-dev cmake make g++ ninja-build)
+# Python headers for those builds: a pyenv/python.org interpreter has them, Debian's needs python3-dev.
+"$PY" -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' ||
+  APT_PACKAGES+=(python3-dev)
 if [[ "${DISTGROW_SKIP_APT:-0}" != 1 ]]; then
   missing=()
   for p in "${APT_PACKAGES[@]}"; do
@@ -50,9 +66,47 @@ if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
   log "installing the pinned stack (constraints.txt) into $VENV"
   # torch first and alone, from the pinned CPU wheel, so nothing else can pull a CUDA build.
   pip_q install -q -c constraints.txt torch
-  pip_q install -q -c constraints.txt -e '.[dev]'
-  "$VENV/bin/python" -c "import distgrow, torch, yaml" # fail here, not later, if the install broke
+  # DS_BUILD_OPS=0: DeepSpeed compiles its ops when first used (JIT), not at install time.
+  mpi4py_src=()
+  [[ "${DISTGROW_MPI4PY_FROM_SOURCE:-0}" == 1 ]] && mpi4py_src=(--no-binary mpi4py)
+  DS_BUILD_OPS=0 pip_q install -q -c constraints.txt ${mpi4py_src[@]+"${mpi4py_src[@]}"} \
+    -e '.[dev,backends]'
+  # fail here, not later, if the install broke
+  "$VENV/bin/python" -c "import distgrow, torch, yaml, mpi4py, wandb, cffi, deepspeed" >/dev/null 2>&1 ||
+    "$VENV/bin/python" -c "import distgrow, torch, yaml, mpi4py, wandb, cffi, deepspeed"
   echo "$want" >"$stamp"
 else
   log "$VENV is up to date"
+fi
+
+# --- Horovod ---------------------------------------------------------------------------------
+# Built from its sdist with a C++17 fix; the script returns in ~0.5 s when the installed horovod
+# was built for this torch, and reuses its cached wheel for a new venv.
+if [[ "${DISTGROW_SKIP_HOROVOD:-0}" != 1 ]]; then
+  DISTGROW_VENV="$VENV" bash launchers/install_horovod.sh
+fi
+
+# --- DeepSpeed's CPU collectives -------------------------------------------------------------
+# deepspeed.init_distributed() on CPU JIT-compiles deepspeed_shm_comm (1-2 min on 2 cores) into
+# $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions/py<ver>_cpu); build it once here.
+ds_stamp="$VENV/.distgrow-ds-ops"
+ds_want="$want ${TORCH_EXTENSIONS_DIR:-default}"
+if [[ ! -f "$ds_stamp" || "$(head -n1 "$ds_stamp")" != "$ds_want" || ! -f "$(sed -n 2p "$ds_stamp")" ]]; then
+  log "building DeepSpeed's JIT op deepspeed_shm_comm (1-2 min, once)"
+  t0=$SECONDS
+  # the venv's ninja first; with SKIP_APT there may be no other
+  so=$(PATH="$(cd "$VENV/bin" && pwd):$PATH" "$VENV/bin/python" -c '
+import logging, sys
+logging.disable(logging.WARNING)  # "Setting accelerator to CPU", printed on every import
+from deepspeed.accelerator import get_accelerator
+builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+if builder is None:
+    sys.exit("this DeepSpeed accelerator has no ShareMemCommBuilder")
+print(builder.load(verbose=False).__file__)' 2>"$VENV/.distgrow-ds-ops.log" | tail -n1) || {
+    tail -n 30 "$VENV/.distgrow-ds-ops.log" >&2
+    log "building deepspeed_shm_comm failed (log: $VENV/.distgrow-ds-ops.log); is g++ installed?"
+    exit 1
+  }
+  printf '%s\n%s\n' "$ds_want" "$so" >"$ds_stamp"
+  log "deepspeed_shm_comm built in $((SECONDS - t0)) s: $so"
 fi

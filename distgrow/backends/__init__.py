@@ -1,47 +1,55 @@
 """Data-parallel engines behind one small :class:`~distgrow.backends.base.Backend` protocol.
 
-Only the modules in this package import ``torch.distributed`` (or, later, ``deepspeed`` and
-``horovod``); the trainer picks one by ``backend.name`` through :func:`make_backend` and never
-branches on it.
+Only the modules in this package import ``torch.distributed``, ``deepspeed`` or ``horovod``;
+the trainer picks one by ``backend.name`` through :func:`make_backend` and never branches on it.
+
+======================  ==============================  =====================================
+``backend.name``        module                          accumulation mechanics
+======================  ==============================  =====================================
+``torch``               :mod:`.torch_ddp`               DDP ``no_sync()``
+``deepspeed``           :mod:`.deepspeed_backend`       the engine's accumulation boundary
+``horovod``             :mod:`.horovod_backend`         ``backward_passes_per_step``
+======================  ==============================  =====================================
+
+The DeepSpeed and Horovod modules are imported only when chosen (they import their engines
+lazily too), so a machine without them runs the torch backend.
 """
 
 from __future__ import annotations
 
 from distgrow.backends.base import Backend, BackendError, ReduceOp
-from distgrow.config import BackendConfig, RunConfig
+from distgrow.config import Config
 from distgrow.runtime import Runtime
 
 __all__ = ["Backend", "BackendError", "ReduceOp", "make_backend"]
 
-# Backends the config accepts that this version does not ship yet.
-_LATER = {
-    "deepspeed": "the DeepSpeed backend",
-    "horovod": "the Horovod backend",
-}
 
-
-def make_backend(cfg: BackendConfig, runtime: Runtime, run: RunConfig) -> Backend:
-    """Start the backend named by ``cfg.name`` for this worker.
+def make_backend(cfg: Config, runtime: Runtime) -> Backend:
+    """Start the backend named by ``cfg.backend.name`` for this worker.
 
     Args:
-        cfg: The ``backend`` section.
+        cfg: The whole config (DeepSpeed builds its config from ``optim`` and ``growth`` too).
         runtime: This worker's rank and rendezvous (:func:`distgrow.runtime.detect_runtime`).
-        run: The ``run`` section (``run.device``).
 
     Returns:
-        A started backend (process group initialised when ``world_size > 1``).
+        A started backend (process group or Horovod initialised).
 
     Raises:
-        BackendError: an engine this version does not ship, or one that cannot start.
+        BackendError: an engine that is not installed or cannot start; the message says how
+            to fix it.
     """
-    if cfg.name == "torch":
-        # Imported here so that `distgrow plan` and the config never load torch.distributed.
+    name = cfg.backend.name
+    # Imported here so that `distgrow plan` and the config never load torch.distributed.
+    if name == "torch":
         from distgrow.backends.torch_ddp import TorchBackend
 
-        return TorchBackend(cfg, runtime, device=run.device)
-    if cfg.name in _LATER:
-        raise BackendError(
-            f"backend.name = {cfg.name!r}: {_LATER[cfg.name]} is not implemented yet in this "
-            "version of distgrow. Fix: use backend.name=torch (DDP over gloo or NCCL)."
-        )
-    raise BackendError(f"backend.name = {cfg.name!r} is unknown. Fix: use backend.name=torch.")
+        return TorchBackend(cfg.backend, runtime, device=cfg.run.device)
+    if name == "deepspeed":
+        from distgrow.backends.deepspeed_backend import DeepSpeedBackend
+
+        return DeepSpeedBackend(cfg, runtime)
+    if name == "horovod":
+        from distgrow.backends.horovod_backend import HorovodBackend
+
+        return HorovodBackend(cfg, runtime)
+    raise BackendError(f"backend.name = {name!r} is unknown. Fix: use torch, deepspeed or horovod.")

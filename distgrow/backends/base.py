@@ -8,7 +8,14 @@ engine boundary, Horovod's ``backward_passes_per_step``.
 
 Loss convention (every backend): the trainer scales each micro-batch's summed loss by
 ``world_size / samples_in_global_batch``, so that the backend's *mean over ranks* of the
-accumulated *sum over micro-steps* is exactly the mean over the global batch.
+accumulated *sum over micro-steps* is exactly the mean over the global batch. A backend must
+neither divide the loss by the accumulation count again (DeepSpeed does by default) nor average
+the micro-steps instead of summing them.
+
+State convention: :meth:`Backend.model_state_dict` and :meth:`Backend.optimizer_state_dict`
+return what a plain, unwrapped ``torch.optim`` optimizer over the unwrapped model would hold
+(engines that partition or wrap the optimizer consolidate it), so that a checkpoint loads at any
+world size and under any backend.
 """
 
 from __future__ import annotations
@@ -63,12 +70,26 @@ class Backend(Protocol):
         """
         ...
 
+    def begin_update(self, micro_batch: int, accum_steps: int) -> None:
+        """Called before the first micro-step of every update with that update's split.
+
+        Engines that count micro-steps themselves (DeepSpeed's batch settings, Horovod's
+        ``backward_passes_per_step``) adjust to it here, so a growth event changes the
+        accumulation exactly at an update boundary.
+
+        Args:
+            micro_batch: Samples per rank per micro-step of a full global batch.
+            accum_steps: Micro-steps in this update (the trainer runs exactly this many).
+        """
+        ...
+
     def micro_step(self, sync: bool) -> AbstractContextManager[None]:
         """Context around the forward and backward of one micro-batch.
 
         Args:
             sync: True on the last micro-step of an update (gradients are reduced across
-                ranks); False on the others, which must not communicate.
+                ranks); False on the others (which do not reduce gradients, except where the
+                engine partitions them, as ZeRO-2 does).
         """
         ...
 
@@ -102,6 +123,28 @@ class Backend(Protocol):
 
     def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load an unwrapped state (from any world size) into the model."""
+        ...
+
+    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The optimizer's full state as ``optimizer.state_dict()`` of an unwrapped optimizer.
+
+        A collective for engines that partition the optimizer: every rank must call it.
+        """
+        ...
+
+    def load_optimizer_state_dict(
+        self, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    ) -> None:
+        """Load a full optimizer state (from any world size and backend) on every rank."""
+        ...
+
+    def rejoin(self, exit_code: int) -> bool:
+        """After training stopped with ``exit_code``: did the job change membership in place?
+
+        True when the engine has re-formed the job with new workers (Horovod Elastic: workers
+        joined, the trainer stopped at an update boundary with a checkpoint) and this process
+        should resume from that checkpoint at the new world size; False to leave.
+        """
         ...
 
     def shutdown(self, exit_code: int) -> NoReturn:
