@@ -1,5 +1,5 @@
 # distgrow's tasks. Every target sets itself up first (scripts/bootstrap.sh is quick when done).
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo test lint format bench clean
 
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -12,8 +12,8 @@ demo: setup
 	bash scripts/demo.sh
 
 lint: setup
-	$(BIN)/ruff check distgrow tests
-	$(BIN)/ruff format --check distgrow tests
+	$(BIN)/ruff check distgrow tests benchmarks
+	$(BIN)/ruff format --check distgrow tests benchmarks
 	$(BIN)/mypy
 
 # What CI runs (.ci/run): lint, types, then every test tier that can run on this machine.
@@ -21,8 +21,12 @@ test: lint
 	$(BIN)/pytest
 
 format: setup
-	$(BIN)/ruff format distgrow tests
-	$(BIN)/ruff check --fix distgrow tests
+	$(BIN)/ruff format distgrow tests benchmarks
+	$(BIN)/ruff check --fix distgrow tests benchmarks
+
+# Real runs on this machine: resize latency of `distgrow launch` (docs/launch.md has the numbers).
+bench: setup
+	$(BIN)/python benchmarks/resize_latency.py --reps 3 --json runs/bench/resize_latency.json
 
 clean:
 	rm -rf runs/demo .pytest_cache .mypy_cache .ruff_cache

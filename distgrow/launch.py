@@ -19,10 +19,14 @@ The module has three layers, each testable alone:
   and ``resize.json``; an :data:`Executor` (by default :func:`run_subprocess`) runs one launch.
 
 Exit statuses the controller reads (the trainer's, see ``distgrow.trainer``): 0 done; 75 relaunch
-wider; 2 (usage/config) and 65 (non-finite loss) stop at once; anything else is a crash, retried
-from the newest checkpoint up to ``launch.max_restarts`` times. torchrun and horovodrun report a
-worker's failure as their own status 1; the controller still tells a resize (``resize.json`` was
-written) and, for torchrun, reads the root-cause exit status from torchrun's failure report.
+wider; 2 (usage/config) and 65 (non-finite loss) stop at once; 130/138/143 (the workers stopped
+on SIGINT/SIGUSR1/SIGTERM, after checkpointing) stop without a relaunch, and are not crashes;
+anything else is a crash, retried from the newest checkpoint up to ``launch.max_restarts`` times.
+torchrun and horovodrun report a worker's failure as their own status 1; the controller still
+tells a resize (``resize.json`` was written) and, for torchrun, reads the root-cause exit status
+from torchrun's failure report (or the signal that stopped torchrun itself).
+
+Elastic (``launch.elastic=true`` with torchrun, one machine): see :func:`run_elastic_group`.
 
 This module imports neither torch nor anything distributed.
 """
@@ -52,6 +56,7 @@ from typing import Any, Literal
 from distgrow.config import Config, ConfigError, load_config
 from distgrow.planner import Plan, make_plan
 from distgrow.runtime import RuntimeEnvError, expand_nodelist
+from distgrow.signals import exit_status, signal_from_status, signal_name
 
 # The trainer's exit statuses (distgrow.trainer defines them; that module imports torch, which
 # the controller has no use for, so they are repeated here and a test keeps the two equal).
@@ -123,6 +128,9 @@ class LaunchSpec:
         run_as_root: Add Open MPI's ``--allow-run-as-root`` (it refuses root otherwise).
         forward_env: Variable names mpirun must forward to remote ranks (``-x NAME``).
         extra: Further launcher arguments, placed just before the worker command.
+        rdzv_id: Elastic torchrun: the rendezvous id every agent of one job shares.
+        rdzv_last_call_s: Elastic torchrun: once the fewest agents have joined, how long the
+            rendezvous waits for more (torchrun's default, 30 s, when None).
     """
 
     workers: int
@@ -146,6 +154,8 @@ class LaunchSpec:
     run_as_root: bool = False
     forward_env: tuple[str, ...] = ()
     extra: tuple[str, ...] = ()
+    rdzv_id: str = "distgrow"
+    rdzv_last_call_s: int | None = None
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -236,7 +246,10 @@ def build_torchrun(spec: LaunchSpec) -> tuple[list[str], dict[str, str]]:
             f"--nnodes={min_nodes}:{max_nodes}",
             "--rdzv_backend=c10d",
             f"--rdzv_endpoint={spec.master_addr}:{spec.master_port}",
+            f"--rdzv_id={spec.rdzv_id}",
         ]
+        if spec.rdzv_last_call_s is not None:
+            argv.append(f"--rdzv_conf=last_call_timeout={spec.rdzv_last_call_s}")
     else:
         argv += [
             f"--nnodes={spec.nodes}",
@@ -693,6 +706,7 @@ def _tee(proc: subprocess.Popen[bytes], log: Any) -> None:
 
 
 _TORCHRUN_FAILURE = re.compile(r"exitcode\s*:\s*(-?\d+)")
+_TORCHRUN_SIGNALLED = re.compile(r"SignalException: Process \d+ got signal: (\d+)")
 
 
 def torchrun_root_cause(log_text: str) -> int | None:
@@ -706,6 +720,19 @@ def torchrun_root_cause(log_text: str) -> int | None:
         return None
     match = _TORCHRUN_FAILURE.search(after)
     return int(match.group(1)) if match else None
+
+
+def torchrun_stop_signal_status(log_text: str) -> int | None:
+    """``128 + N`` when torchrun itself ended on stop signal N ("SignalException ... got signal").
+
+    torchrun forwards the signal to its workers (which checkpoint and exit) and then exits 1
+    with that exception: the run was stopped, it did not crash.
+    """
+    found = _TORCHRUN_SIGNALLED.findall(log_text)
+    if not found:
+        return None
+    signum = int(found[-1])
+    return exit_status(signum) if signal_from_status(exit_status(signum)) else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -761,6 +788,44 @@ class _Context:
     python: str
     log: Callable[[str], None]
     history: list[Attempt] = field(default_factory=list)
+    gpu_ids: tuple[str, ...] = ()
+    """Elastic: the GPUs to hand out, one per torchrun agent (empty on the CPU)."""
+
+    @property
+    def elastic_agents(self) -> bool:
+        """True when the controller grows the job by adding torchrun agents (one worker each)."""
+        return self.cfg.launch.elastic and self.launcher == "torchrun"
+
+    def agent_spec(self, rdzv_id: str) -> LaunchSpec:
+        """One elastic torchrun agent on this machine: 1 worker, ``--nnodes=1:limit``.
+
+        Its worker always resumes (``run.resume=true``): torchrun restarts it at every
+        membership change, and a restarted worker must continue from the checkpoint.
+        """
+        return LaunchSpec(
+            workers=1,
+            config=self.config_path,
+            overrides=self.overrides,
+            resume=True,
+            python=self.python,
+            master_addr=self.rendezvous.master_addr,
+            master_port=self.rendezvous.master_port,
+            elastic=True,
+            min_workers=1,
+            max_workers=self.limit,
+            rdzv_id=rdzv_id,
+            rdzv_last_call_s=ELASTIC_LAST_CALL_S,
+            # An agent that notices a membership change after its peers sees its worker stop
+            # (the ranks agree on stopping) as a failure: allow one restart per possible
+            # growth on top of the crash restarts.
+            max_restarts=self.cfg.launch.max_restarts + self.limit - 1,
+        )
+
+    def agent_env(self, index: int) -> dict[str, str]:
+        """Agent ``index``'s own GPU: each agent's single worker has local rank 0."""
+        if not self.gpu_ids:
+            return {}
+        return {"CUDA_VISIBLE_DEVICES": self.gpu_ids[index % len(self.gpu_ids)]}
 
     def spec(self, workers: int, resume: bool) -> LaunchSpec:
         launch, rdzv = self.cfg.launch, self.rendezvous
@@ -815,6 +880,41 @@ def _set_aside(run_dir: Path, name: str) -> Path | None:
     return target
 
 
+def _last_record(run_dir: Path, key: str) -> dict[str, Any] | None:
+    """The newest record of ``metrics.jsonl`` that has ``key`` (read from the file's end)."""
+    for line in reversed(_log_tail(run_dir / "metrics.jsonl").splitlines()):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a cut first line, or one being written
+            continue
+        if isinstance(record, dict) and key in record:
+            return record
+    return None
+
+
+def recorded_stop_signal(run_dir: Path, since: float) -> int | None:
+    """The signal of a clean stop that rank 0 recorded (``stopped`` event) after ``since``.
+
+    The newest record of the run must be that event, written at or after ``since`` (a Unix
+    time: the launch's start), so an older stop is never taken for this launch's.
+    """
+    record = _last_record(run_dir, "kind")
+    if record is None or record.get("event") != "stopped":
+        return None
+    if float(record.get("time", 0.0)) < since:
+        return None
+    return signal_from_status(int(record.get("exit_code", 0)))
+
+
+def last_width(run_dir: Path) -> int | None:
+    """The worker count of the run's newest metrics record (``workers``), if any.
+
+    Read from the end of ``metrics.jsonl`` (its last 64 KiB), so a long run costs nothing.
+    """
+    record = _last_record(run_dir, "workers")
+    return int(record["workers"]) if record and isinstance(record["workers"], int) else None
+
+
 def _log_tail(path: Path, size: int = 65536) -> str:
     try:
         with open(path, "rb") as f:
@@ -825,15 +925,20 @@ def _log_tail(path: Path, size: int = 65536) -> str:
 
 
 def _worker_code(ctx: _Context, outcome: Outcome, log_path: Path) -> int:
-    """The workers' own exit status: the launcher's, or torchrun's root cause behind its 1."""
+    """The workers' own exit status: the launcher's, or torchrun's root cause behind its 1.
+
+    When torchrun itself was stopped by a signal (it forwards it to the workers, which
+    checkpoint, then it exits 1 with a ``SignalException``), the status is ``128 + signal``.
+    """
     code = outcome.returncode
     if ctx.launcher == "torchrun" and code == EXIT_FAILURE:
-        return torchrun_root_cause(_log_tail(log_path)) or code
+        tail = _log_tail(log_path)
+        return torchrun_root_cause(tail) or torchrun_stop_signal_status(tail) or code
     return code
 
 
 def _signal_exit(signum: int) -> int:
-    return 128 + signum
+    return exit_status(signum)
 
 
 def _report(ctx: _Context, headline: str, fix: str) -> None:
@@ -879,6 +984,30 @@ def _prepare(
         log(f"growth.max_workers {cfg.growth.max_workers} -> {limit}: {reason}")
         cfg = load_config(cfg_path, overrides)
     rdzv = rendezvous_from_env(env, cfg)
+    gpu_ids: tuple[str, ...] = ()
+    if cfg.launch.elastic and launcher not in ("torchrun", "horovodrun"):
+        log(
+            f"launch.elastic=true: {launcher} cannot add workers to a running job; the "
+            "controller grows it by relaunching"
+        )
+    if cfg.launch.elastic and launcher == "torchrun":
+        if rdzv.nodes > 1:
+            raise LaunchError(
+                f"launch.elastic=true grows a torchrun job by starting agents on this machine, "
+                f"but the job spans {rdzv.nodes} nodes. Fix: set launch.elastic=false (the "
+                "controller relaunches wider, on every node), or launch on one node."
+            )
+        if cfg.run.threads is None:
+            # Each agent runs one worker that believes it is alone on the machine.
+            cores = _cpu_cores()
+            overrides.append(f"run.threads={max(1, cores // limit)}")
+            log(
+                f"run.threads -> {max(1, cores // limit)}: {cores} core(s) shared by up to "
+                f"{limit} elastic worker(s)"
+            )
+            cfg = load_config(cfg_path, overrides)
+        if cfg.run.device != "cpu":
+            gpu_ids = _visible_gpu_ids(env, gpus_on_node)
     plan = make_plan(cfg, cfg.data.expected_train_size())
     ctx = _Context(
         cfg=cfg,
@@ -891,16 +1020,52 @@ def _prepare(
         run_dir=Path(cfg.run.resolved_output_dir).resolve(),
         python=python,
         log=log,
+        gpu_ids=gpu_ids,
     )
     return ctx, plan
+
+
+def _cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _visible_gpu_ids(env: Mapping[str, str], gpus_on_node: int | None) -> tuple[str, ...]:
+    """The GPU ids to hand out: ``CUDA_VISIBLE_DEVICES``'s, else ``0..gpus_on_node-1``."""
+    visible = count_cuda_visible_devices(env)
+    if visible is not None:
+        raw = env.get("CUDA_VISIBLE_DEVICES", "")
+        return tuple(i.strip() for i in raw.split(",") if i.strip())[:visible]
+    return tuple(str(i) for i in range(gpus_on_node or 0))
+
+
+def _holds_a_run(run_dir: Path) -> bool:
+    """True when ``run_dir`` already has a checkpoint, metrics or a summary."""
+    return any(run_dir.glob("ckpt-*.pt")) or any(
+        (run_dir / name).exists() for name in ("metrics.jsonl", "summary.json")
+    )
 
 
 def _dry_run(ctx: _Context, plan: Plan, env: Mapping[str, str]) -> int:
     spans = plan_spans(plan)
     ctx.log(
         f"dry run: launcher {ctx.launcher}, worker limit {ctx.limit} ({ctx.limit_reason}), "
-        f"{len(spans)} launch(es); run dir {ctx.run_dir}"
+        f"{1 if ctx.elastic_agents else len(spans)} launch(es); run dir {ctx.run_dir}"
     )
+    if ctx.elastic_agents:
+        argv, additions = build_command("torchrun", ctx.agent_spec(_rdzv_id(ctx, 1)))
+        counts = " -> ".join(str(span.workers) for span in spans)
+        ctx.log(
+            f"elastic: one torchrun agent (1 worker) per worker, {counts} agent(s); an agent is "
+            "added when the workers ask for more (resize.json), and torchrun restarts all workers "
+            "at the new size. Each agent runs:"
+        )
+        for line in describe_env_changes(additions, env):
+            ctx.log(f"  env: {line}")
+        ctx.log(f"  $ {format_command(argv)}")
+        return EXIT_OK
     for number, span in enumerate(spans, start=1):
         where = (
             f"rung {plan.phases[span.first_phase].rung}+ (when the plateaus come)"
@@ -914,6 +1079,173 @@ def _dry_run(ctx: _Context, plan: Plan, env: Mapping[str, str]) -> int:
             ctx.log(f"  env: {line}")
         ctx.log(f"  $ {format_command(argv)}")
     return EXIT_OK
+
+
+ELASTIC_LAST_CALL_S = 1
+"""Elastic: once one agent has joined a rendezvous round, how long it waits for more (s).
+
+Every growth pays it once (torchrun's default, 30 s, would dominate). Agents started together
+that join further apart make one round more: a restart more, the same result (measured: 2 s
+cost 1 s more per growth than 1 s, docs/launch.md)."""
+
+ELASTIC_GRACE_S = 30.0
+"""Elastic: how long agents may outlive the first agent that ended, before they are stopped."""
+
+
+def _rdzv_id(ctx: _Context, number: int) -> str:
+    """A rendezvous id of its own for each elastic launch (a restart starts a fresh one)."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", ctx.cfg.run.name)[:40]
+    return f"distgrow-{name}-{os.getpid()}-{number}"
+
+
+@dataclass
+class _Agent:
+    """One elastic torchrun agent and where its output goes."""
+
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    log: Any
+    reader: threading.Thread
+
+
+def run_elastic_group(
+    ctx: _Context, workers: int, number: int, env: Mapping[str, str]
+) -> tuple[Outcome, int, Path]:
+    """One elastic launch: torchrun agents on this machine that grow the job in place.
+
+    torchrun cannot change a running agent's ``--nproc_per_node``, but agents that join the
+    same c10d rendezvous (``--nnodes=1:LIMIT``) make a *membership change*: torchrun stops all
+    workers (SIGTERM: they checkpoint after the current update, see ``distgrow.signals``) and
+    restarts them at the new world size, resuming from that checkpoint. So the controller
+    starts ``workers`` agents of one worker each, and when rank 0 asks for more in an elastic
+    ``resize.json`` (it goes on training the same global batch on the workers it has until they
+    come, after ``launch.elastic_wait_s``), it starts the missing agents. Nothing is relaunched:
+    the running agents, their rendezvous and their workers' training go on until the new
+    agents have joined.
+
+    Signals (SIGTERM, SIGINT, SIGUSR1) are forwarded to every agent, as :func:`run_subprocess`
+    does for one launcher. Once an agent ends with 0 the run is complete; agents still waiting
+    to join are stopped after :data:`ELASTIC_GRACE_S`. After a failure the other agents' workers
+    lose their peers and end too (or are stopped after the same grace).
+
+    Args:
+        ctx: The controller's context (``ctx.elastic_agents`` is true).
+        workers: Agents (= workers) to start with.
+        number: The launch's number, for its logs (``attempt-NN-agent-K.log``).
+        env: The environment the env additions are described against.
+
+    Returns:
+        ``(outcome, agents started, log of the agent whose status is reported)``; the outcome's
+        return code is already the workers' status (torchrun's root cause behind its 1).
+    """
+    rdzv_id = _rdzv_id(ctx, number)
+    argv, additions = build_command("torchrun", ctx.agent_spec(rdzv_id))
+    log_dir = ctx.run_dir / "launch"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    ctx.log(
+        f"launch {number}: elastic, {workers} torchrun agent(s) of 1 worker, rendezvous "
+        f"{rdzv_id}; logs {log_dir}/attempt-{number:02d}-agent-*.log"
+    )
+    for line in describe_env_changes(additions, env):
+        ctx.log(f"  env: {line}")
+    ctx.log(f"  $ {format_command(argv)}")
+    agents: list[_Agent] = []
+    received: list[int] = []
+
+    def start(count: int) -> None:
+        for _ in range(count):
+            index = len(agents)
+            path = log_dir / f"attempt-{number:02d}-agent-{index}.log"
+            extra = ctx.agent_env(index)
+            if extra:
+                ctx.log(f"  agent {index}: " + ", ".join(describe_env_changes(extra, env)))
+            log = open(path, "ab")  # noqa: SIM115 - closed below, after its reader
+            proc = subprocess.Popen(
+                argv,
+                env={**os.environ, **additions, **extra},
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            reader = threading.Thread(target=_tee, args=(proc, log), daemon=True)
+            reader.start()
+            agents.append(_Agent(proc, path, log, reader))
+
+    def signal_all(signum: int) -> None:
+        for agent in agents:
+            if agent.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(agent.proc.pid, signum)
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        received.append(signum)
+        to_send: int = signal.SIGTERM if signum == signal.SIGINT else signum
+        if received.count(signal.SIGINT) > 1:
+            to_send = int(signal.SIGKILL)  # Ctrl-C twice: the user wants out now
+        signal_all(to_send)
+
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in FORWARDED_SIGNALS:
+            previous[sig] = signal.signal(sig, forward)
+    ended_at: float | None = None
+    stopping = 0  # 0: not yet; 1: SIGTERM sent to the agents left; 2: SIGKILL sent
+    try:
+        start(workers)
+        while True:
+            codes = [agent.proc.poll() for agent in agents]
+            if all(code is not None for code in codes):
+                break
+            if ended_at is None and any(code is not None for code in codes):
+                ended_at = time.monotonic()
+            if ended_at is not None and time.monotonic() - ended_at > ELASTIC_GRACE_S * (
+                stopping + 1
+            ):
+                stopping += 1
+                ctx.log(
+                    f"an agent ended {ELASTIC_GRACE_S * stopping:.0f} s ago; stopping the "
+                    f"{sum(code is None for code in codes)} still running"
+                )
+                signal_all(signal.SIGTERM if stopping == 1 else signal.SIGKILL)
+            resize = None if received or ended_at is not None else _read_resize(ctx.run_dir)
+            if resize is not None and resize.get("elastic"):
+                need = int(resize.get("need_workers", 0))
+                _set_aside(ctx.run_dir, f"attempt-{number:02d}-ask-{need}.resize.json")
+                if need > ctx.limit:
+                    ctx.log(
+                        f"the workers ask for {need} workers, above the limit of {ctx.limit} "
+                        f"({ctx.limit_reason}): they go on with accumulation"
+                    )
+                elif need > len(agents):
+                    ctx.log(
+                        f"the workers ask for {need} workers (epoch {resize.get('epoch')}, "
+                        f"step {resize.get('step')}): starting {need - len(agents)} more "
+                        "torchrun agent(s)"
+                    )
+                    start(need - len(agents))
+            time.sleep(0.1)
+    finally:
+        for number_, handler in previous.items():
+            signal.signal(number_, handler)
+        for agent in agents:
+            agent.reader.join(timeout=10)
+            agent.log.close()
+    forwarded = received[0] if received else None
+    if any(agent.proc.returncode == 0 for agent in agents):
+        return Outcome(EXIT_OK, forwarded), len(agents), agents[0].log_path
+    # The first agent whose workers failed on their own account (an agent we stopped reports
+    # only the signal): torchrun's root cause, else the agent's status.
+    reports = []
+    for agent in agents:
+        raw = agent.proc.returncode
+        raw = 128 - raw if raw < 0 else raw
+        tail = _log_tail(agent.log_path)
+        worker = torchrun_root_cause(tail) if raw == EXIT_FAILURE else None
+        stopped = torchrun_stop_signal_status(tail) if raw == EXIT_FAILURE else None
+        reports.append((worker if worker is not None else (stopped or raw), worker, agent))
+    chosen = next((r for r in reports if r[1] is not None), reports[0])
+    return Outcome(chosen[0], forwarded), len(agents), chosen[2].log_path
 
 
 def run_controller(
@@ -971,27 +1303,47 @@ def run_controller(
 
     first = plan.phases[0].workers if plan.phases else 1
     workers, resume, restarts = min(first, ctx.limit), ctx.cfg.run.resume, 0
+    last = last_width(ctx.run_dir) if resume else None
+    if last is not None and min(last, ctx.limit) > workers:
+        # A stopped (or requeued) run continues as wide as it was, not from the plan's start
+        # (which would only exit 75 at once and cost a launch).
+        workers = min(last, ctx.limit)
+        log(f"resuming a run that last trained on {last} worker(s): starting with {workers}")
+    if ctx.elastic_agents and not resume and _holds_a_run(ctx.run_dir):
+        raise LaunchError(
+            f"run directory {ctx.run_dir} already holds a run, and elastic workers always resume "
+            "(torchrun restarts them at each membership change). Fix: pass run.resume=true to "
+            "continue it, or choose another run.output_dir (or run.name)."
+        )
     stale = _set_aside(ctx.run_dir, f"stale-{int(time.time())}.resize.json")
     if stale:
         log(f"moved an old {RESIZE_FILE} (from an earlier launch) to {stale}")
     log(
         f"launcher {ctx.launcher}, worker limit {ctx.limit} ({ctx.limit_reason}), "
-        f"{len(plan_spans(plan))} planned launch(es), run dir {ctx.run_dir}"
+        f"{1 if ctx.elastic_agents else len(plan_spans(plan))} planned launch(es)"
+        f"{' (elastic)' if ctx.elastic_agents else ''}, run dir {ctx.run_dir}"
     )
     while True:
         number = len(ctx.history) + 1
-        spec = ctx.spec(workers, resume)
-        argv, additions = build_command(ctx.launcher, spec)
-        if spec.host_discovery_script:
-            _write_discovery_script(Path(spec.host_discovery_script), spec)
-        log_path = ctx.run_dir / "launch" / f"attempt-{number:02d}-{workers}w.log"
-        log(f"launch {number}: {workers} worker(s){' (resume)' if resume else ''}; log {log_path}")
-        for line in describe_env_changes(additions, env):
-            log(f"  env: {line}")
-        log(f"  $ {format_command(argv)}")
-        started = time.monotonic()
-        outcome = executor(argv, additions, log_path)
-        code = _worker_code(ctx, outcome, log_path)
+        started, started_wall = time.monotonic(), time.time()
+        if ctx.elastic_agents:
+            outcome, workers, log_path = run_elastic_group(ctx, workers, number, env)
+            code = outcome.returncode
+        else:
+            spec = ctx.spec(workers, resume)
+            argv, additions = build_command(ctx.launcher, spec)
+            if spec.host_discovery_script:
+                _write_discovery_script(Path(spec.host_discovery_script), spec)
+            log_path = ctx.run_dir / "launch" / f"attempt-{number:02d}-{workers}w.log"
+            log(
+                f"launch {number}: {workers} worker(s){' (resume)' if resume else ''}; "
+                f"log {log_path}"
+            )
+            for line in describe_env_changes(additions, env):
+                log(f"  env: {line}")
+            log(f"  $ {format_command(argv)}")
+            outcome = executor(argv, additions, log_path)
+            code = _worker_code(ctx, outcome, log_path)
         ctx.history.append(
             Attempt(number, workers, outcome.returncode, code, log_path, time.monotonic() - started)
         )
@@ -999,16 +1351,32 @@ def run_controller(
         if resize is not None:
             _set_aside(ctx.run_dir, f"attempt-{number:02d}.resize.json")
 
-        if outcome.signal is not None:
-            name = signal.Signals(outcome.signal).name
-            log(
-                f"stopped by {name}: forwarded to the workers, which checkpoint and exit; "
-                f"not relaunching. Resume with run.resume=true. Logs: {log_path}"
-            )
-            return _signal_exit(outcome.signal)
         if code == EXIT_OK:
+            # Also after a signal: the workers had finished the run when it came.
             log(f"done: {number} launch(es), {restarts} restart(s) after crashes")
             return EXIT_OK
+        if outcome.signal is not None:
+            log(
+                f"stopped by {signal_name(outcome.signal)}: forwarded to the workers, which "
+                f"checkpoint and exit; not relaunching. Resume with run.resume=true. "
+                f"Logs: {log_path}"
+            )
+            return _signal_exit(outcome.signal)
+        stopped_by = signal_from_status(code)
+        if stopped_by is None and not ctx.elastic_agents:
+            # mpirun, srun and others exit 1 (or their own status) after their workers stopped
+            # cleanly on a signal; rank 0's last record says so.
+            stopped_by = recorded_stop_signal(ctx.run_dir, since=started_wall)
+        if stopped_by is not None:
+            # A signal that reached the workers (or their launcher) without passing through
+            # this controller, e.g. SLURM signalling every process of the job: a request to
+            # stop, not a crash. The workers checkpointed (exit 128 + N) unless it killed them
+            # first (-N); either way the newest checkpoint is where a resume continues.
+            log(
+                f"the workers were stopped by {signal_name(stopped_by)} (exit {code}), not a "
+                f"crash: not relaunching. Resume with run.resume=true. Logs: {log_path}"
+            )
+            return _signal_exit(stopped_by)
         if code == EXIT_NEED_WORKERS or (
             resize is not None and code not in (EXIT_USAGE, EXIT_NONFINITE)
         ):
@@ -1072,12 +1440,42 @@ def run_controller(
 
 
 def _write_discovery_script(path: Path, spec: LaunchSpec) -> None:
-    """Horovod Elastic's host discovery: every host with its slots, one per line."""
+    """Horovod Elastic's host discovery: the slots the growth plan needs now.
+
+    The script starts with the launch's ``spec.workers`` slots and follows the workers: when
+    rank 0 asks for more in an elastic ``resize.json`` (``"elastic": true``, ``need_workers``;
+    see ``Trainer.elastic_interim``), it offers that many (at most the elastic maximum), so the
+    driver starts the new workers and the running ones re-form the job with them (see
+    ``distgrow.backends.horovod_backend``). The count never shrinks: it is kept in
+    ``horovod_slots`` next to the script, since a resumed run removes ``resize.json``. Slots
+    fill the hosts in order, ``ceil(max / nodes)`` per host.
+    """
     hosts = list(spec.hosts) or ["localhost"]
-    per_node = math.ceil(spec.elastic_range[1] / max(1, spec.nodes))
-    lines = "\n".join(f"echo {shlex.quote(f'{h}:{per_node}')}" for h in hosts[: spec.nodes])
+    most = spec.elastic_range[1]
+    per_node = math.ceil(most / max(1, spec.nodes))
+    state = path.parent / "horovod_slots"
+    resize = path.parent.parent / RESIZE_FILE
+    q = shlex.quote
+    script = f"""#!/bin/sh
+# Written by distgrow launch: Horovod Elastic host discovery (host:slots lines).
+slots={spec.workers}
+[ -s {q(str(state))} ] && slots=$(cat {q(str(state))})
+if [ -f {q(str(resize))} ] && grep -q '"elastic": *true' {q(str(resize))}; then
+  need=$(sed -nE 's/.*"need_workers": *([0-9]+).*/\\1/p' {q(str(resize))} | head -n 1)
+  if [ -n "$need" ] && [ "$need" -gt "$slots" ] && [ "$need" -le {most} ]; then slots=$need; fi
+fi
+echo "$slots" > {q(str(state))}
+left=$slots
+for host in {" ".join(q(h) for h in hosts[: spec.nodes])}; do
+  [ "$left" -le 0 ] && break
+  n=$left; [ "$n" -gt {per_node} ] && n={per_node}
+  echo "$host:$n"
+  left=$((left - n))
+done
+"""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"#!/bin/sh\n{lines}\n")
+    state.unlink(missing_ok=True)  # a new launch starts from its own worker count
+    path.write_text(script)
     path.chmod(0o755)
 
 

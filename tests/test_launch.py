@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO_ROOT, free_port, kill_process_tree, write_config
+from conftest import REPO_ROOT, clear_launcher_env, free_port, kill_process_tree, write_config
 from launch_fakes import make_fake_distgrow, read_calls
 
 from distgrow.config import Config, load_config
 from distgrow.launch import (
+    ELASTIC_LAST_CALL_S,
     EXIT_NEED_WORKERS,
     EXIT_NONFINITE,
     EXIT_USAGE,
@@ -32,6 +33,7 @@ from distgrow.launch import (
     LaunchError,
     LaunchSpec,
     Outcome,
+    _prepare,
     build_command,
     build_deepspeed,
     build_horovodrun,
@@ -48,6 +50,7 @@ from distgrow.launch import (
     run_controller,
     slurm_hostnames,
     torchrun_root_cause,
+    torchrun_stop_signal_status,
     worker_limit,
 )
 
@@ -111,6 +114,23 @@ def test_torchrun_elastic_uses_c10d_rendezvous_and_node_range() -> None:
     assert "--rdzv_endpoint=n1:29500" in argv
     assert not any(a.startswith(("--master_addr", "--node_rank")) for a in argv)
     assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+
+
+def test_torchrun_elastic_rendezvous_id_and_last_call() -> None:
+    argv, _ = build_torchrun(
+        spec(workers=1, elastic=True, max_workers=4, rdzv_id="distgrow-x-1", rdzv_last_call_s=2)
+    )
+    assert argv[argv.index("--nproc_per_node=1") + 1 :][:6] == [
+        "--nnodes=1:4",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=127.0.0.1:29500",
+        "--rdzv_id=distgrow-x-1",
+        "--rdzv_conf=last_call_timeout=2",
+        "--max_restarts=0",
+    ]
+    # torchrun's own default (30 s) unless asked.
+    argv, _ = build_torchrun(spec(workers=2, elastic=True, max_workers=4))
+    assert not any(a.startswith("--rdzv_conf") for a in argv)
 
 
 def test_torchrun_refuses_workers_that_do_not_divide_over_nodes() -> None:
@@ -657,20 +677,11 @@ def test_main_launch_reports_config_and_launch_errors(
 @pytest.fixture
 def fake_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A clean launcher environment whose ``python -m distgrow`` is the stand-in worker."""
-    for name in list(os.environ):
-        if name.startswith(("SLURM_", "OMPI_", "PMI_")) or name in (
-            "RANK",
-            "WORLD_SIZE",
-            "LOCAL_RANK",
-            "MASTER_ADDR",
-            "MASTER_PORT",
-        ):
-            monkeypatch.delenv(name)
+    clear_launcher_env(monkeypatch)
     fake = make_fake_distgrow(tmp_path / "fake")
     # `python -m` puts the working directory first on sys.path: away from the real package.
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake), str(REPO_ROOT)]))
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     return tmp_path
 
 
@@ -773,3 +784,196 @@ def test_real_signal_is_forwarded_and_nothing_relaunches(
     assert (run_dir / "signal-0").read_text() == name, out
     assert f"stopped by {name}" in out
     assert len(read_calls(run_dir)) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Stops by signal: not crashes
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("status", "name"), [(143, "SIGTERM"), (138, "SIGUSR1"), (130, "SIGINT")])
+def test_workers_stopped_by_a_signal_are_not_restarted(
+    growing: tuple[Path, Path], status: int, name: str
+) -> None:
+    # E.g. SLURM signalled the workers directly: they checkpointed and exited 128 + N.
+    config, _ = growing
+    code, ex, lines = control(config, [Ending(75, need=2), Ending(status)])
+    assert (code, ex.workers()) == (status, [1, 2])
+    text = "\n".join(lines)
+    assert f"the workers were stopped by {name} (exit {status}), not a crash" in text
+    assert "restart 1 of" not in text
+
+
+def test_torchrun_root_cause_minus_15_is_a_stop_and_a_kill_9_is_a_crash(
+    growing: tuple[Path, Path],
+) -> None:
+    config, _ = growing
+    killed_by_term = "Root Cause (first observed failure):\n[0]:\n  exitcode  : -15 (pid: 1)\n"
+    code, ex, _ = control(config, [Ending(1, log=killed_by_term)])
+    assert (code, len(ex.calls)) == (143, 1)
+    killed_by_kill = killed_by_term.replace("-15", "-9")
+    code, ex, lines = control(config, [Ending(1, log=killed_by_kill), Ending(0)])
+    assert (code, len(ex.calls)) == (0, 2)
+    assert "crashed (exit -9); restart 1 of 2" in "\n".join(lines)
+
+
+def test_torchrun_stopped_by_a_signal_itself_reports_it() -> None:
+    log = (
+        "Traceback (most recent call last):\n  ...\n"
+        "torch.distributed.elastic.multiprocessing.api.SignalException: Process 4613 got "
+        "signal: 10\n"
+    )
+    assert torchrun_stop_signal_status(log) == 138
+    assert torchrun_stop_signal_status(log.replace("signal: 10", "signal: 1")) is None  # HUP
+    assert torchrun_stop_signal_status("Traceback: boom") is None
+
+
+def test_torchrun_exit_1_after_a_signal_exception_is_a_stop(growing: tuple[Path, Path]) -> None:
+    config, _ = growing
+    log = "SignalException: Process 7 got signal: 15\n"
+    code, ex, _ = control(config, [Ending(1, log=log)])
+    assert (code, len(ex.calls)) == (143, 1)
+
+
+def test_a_run_that_finished_as_a_signal_came_is_done(growing: tuple[Path, Path]) -> None:
+    config, _ = growing
+    code, ex, lines = control(config, [Ending(75, need=2), Ending(0, signal=signal.SIGTERM)])
+    assert (code, ex.workers()) == (0, [1, 2])
+    assert "done: 2 launch(es)" in "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Elastic: torchrun agents on one machine
+# --------------------------------------------------------------------------------------------
+
+
+def _dry(config: Path, *overrides: str, env: dict[str, str] | None = None) -> list[str]:
+    lines: list[str] = []
+    code = run_controller(
+        str(config),
+        list(overrides),
+        load_config(config, list(overrides)),
+        dry_run=True,
+        env=env or {},
+        log=lines.append,
+        python=PY,
+        gpus_on_node=0,
+    )
+    assert code == 0
+    return lines
+
+
+def test_elastic_dry_run_prints_the_agent_command(growing: tuple[Path, Path]) -> None:
+    config, _ = growing
+    lines = _dry(config, "launch.elastic=true")
+    text = "\n".join(lines)
+    assert "elastic: one torchrun agent (1 worker) per worker, 1 -> 2 -> 4 agent(s)" in text
+    command = next(line for line in lines if line.startswith("  $ "))
+    argv = command[4:].split()
+    assert "--nproc_per_node=1" in argv and "--nnodes=1:4" in argv
+    assert f"--rdzv_conf=last_call_timeout={ELASTIC_LAST_CALL_S}" in argv
+    # One restart per possible growth (an agent may see its peers' stop as a failure), on top
+    # of launch.max_restarts=2.
+    assert "--max_restarts=5" in argv
+    assert argv[-1] == "run.resume=true"  # every (re)started worker resumes
+    # Each agent's worker sees itself alone: the cores are shared out by the controller.
+    cores = len(os.sched_getaffinity(0))
+    assert f"run.threads={max(1, cores // 4)}" in argv
+    assert "env: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in text
+
+
+def test_elastic_refuses_several_nodes_and_other_launchers_relaunch(
+    growing: tuple[Path, Path],
+) -> None:
+    config, _ = growing
+    with pytest.raises(LaunchError, match="spans 2 nodes"):
+        _dry(config, "launch.elastic=true", "launch.nodes=2")
+    lines = _dry(config, "launch.elastic=true", "launch.launcher=mpirun")
+    assert any("mpirun cannot add workers to a running job" in line for line in lines)
+    assert [line for line in lines if line.startswith("launch ")][-1].startswith("launch 3")
+
+
+def test_elastic_gives_each_agent_its_own_gpu(growing: tuple[Path, Path]) -> None:
+    config, _ = growing
+    overrides = ["launch.elastic=true", "run.device=cuda", "run.threads=2"]
+    env = {"CUDA_VISIBLE_DEVICES": "3,5"}
+    ctx, _ = _prepare(str(config), overrides, load_config(config, overrides), env, print, PY, None)
+    assert ctx.limit == 2  # two visible GPUs
+    assert [ctx.agent_env(k) for k in range(3)] == [
+        {"CUDA_VISIBLE_DEVICES": "3"},
+        {"CUDA_VISIBLE_DEVICES": "5"},
+        {"CUDA_VISIBLE_DEVICES": "3"},
+    ]
+    cuda = overrides[:2]
+    ctx, _ = _prepare(str(config), cuda, load_config(config, cuda), {}, print, PY, 2)
+    assert ctx.gpu_ids == ("0", "1")  # from /dev/nvidia*
+
+
+def test_elastic_never_resumes_a_finished_run_by_surprise(growing: tuple[Path, Path]) -> None:
+    config, run_dir = growing
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text("{}")
+    cfg = load_config(config, ["launch.elastic=true"])
+    with pytest.raises(LaunchError, match="already holds a run.*elastic workers always resume"):
+        run_controller(str(config), ["launch.elastic=true"], cfg, env={}, log=print, gpus_on_node=0)
+
+
+def test_a_resumed_run_starts_as_wide_as_it_last_trained(growing: tuple[Path, Path]) -> None:
+    # A run stopped (SIGUSR1, requeued) in its 4-worker phase: the requeued job starts 4
+    # workers at once instead of 1 that would exit 75 straight away.
+    config, run_dir = growing
+    run_dir.mkdir()
+    records = [
+        {"kind": "epoch", "epoch": 2, "workers": 2},
+        {"kind": "step", "epoch": 3, "workers": 4},
+        {"kind": "event", "event": "stopped", "workers": 4, "signal": "SIGUSR1"},
+    ]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"ki')
+    code, ex, lines = control(config, [Ending(0)], "run.resume=true")
+    assert (code, ex.workers()) == (0, [4])
+    assert "resuming a run that last trained on 4 worker(s): starting with 4" in "\n".join(lines)
+    # Not when the run is fresh, nor beyond the limit.
+    code, ex, _ = control(config, [Ending(75, need=2), Ending(0)])
+    assert ex.workers() == [1, 2]
+    code, ex, _ = control(config, [Ending(0)], "run.resume=true", "growth.max_workers=2")
+    assert ex.workers() == [2]
+
+
+@dataclass
+class StoppingExecutor(ScriptedExecutor):
+    """Like :class:`ScriptedExecutor`, and rank 0 records a clean stop by SIGTERM."""
+
+    stop_at: int = 1  # which launch records it
+
+    def __call__(self, argv: list[str], env: dict[str, str], log_path: Path) -> Outcome:
+        outcome = super().__call__(argv, env, log_path)
+        if len(self.calls) == self.stop_at:
+            record = {"kind": "event", "event": "stopped", "exit_code": 143, "time": time.time()}
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        return outcome
+
+
+def test_mpirun_exit_1_after_a_recorded_clean_stop_is_not_a_crash(
+    growing: tuple[Path, Path],
+) -> None:
+    # mpirun exits 1 when its ranks stopped on a forwarded SIGTERM (measured, Open MPI 4.1).
+    config, run_dir = growing
+    run_dir.mkdir()
+    old = {"kind": "event", "event": "stopped", "exit_code": 138, "time": time.time() - 3600}
+    (run_dir / "metrics.jsonl").write_text(json.dumps(old) + "\n")
+    for stop_at, expected in ((1, 143), (99, 1)):  # this launch's stop / only an old one
+        executor = StoppingExecutor(run_dir, [Ending(1), Ending(1)], stop_at=stop_at)
+        lines: list[str] = []
+        code = run_controller(
+            str(config),
+            ["launch.launcher=mpirun", "launch.max_restarts=1"],
+            load_config(config, ["launch.launcher=mpirun", "launch.max_restarts=1"]),
+            executor=executor,
+            env={},
+            log=lines.append,
+            python=PY,
+            gpus_on_node=0,
+        )
+        assert code == expected, "\n".join(lines)
+        assert len(executor.calls) == (1 if expected == 143 else 2)

@@ -12,69 +12,19 @@ requeue) without training.
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, write_config
+from conftest import REPO_ROOT, SLURM_SCRIPT, write_config
 from launch_fakes import make_fake_distgrow, read_calls
 
 pytestmark = pytest.mark.integration
 
-SCRIPT = REPO_ROOT / "slurm" / "local_cluster.sh"
+SCRIPT = SLURM_SCRIPT
 TEMPLATE = REPO_ROOT / "slurm" / "distgrow.sbatch"
-EXIT_UNAVAILABLE = 3  # local_cluster.sh: SLURM missing and not installable here
-
-
-def _port_pair() -> int:
-    """A port p with p and p + 1 free (slurmctld and slurmd)."""
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = int(a.getsockname()[1])
-            if port >= 65535:
-                continue
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no two consecutive free ports")
-
-
-@pytest.fixture(scope="session")
-def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A running cluster; yields the environment that reaches it (``SLURM_CONF``)."""
-    if shutil.which("bash") is None:
-        pytest.skip("needs bash to run slurm/local_cluster.sh")
-    directory = tmp_path_factory.mktemp("slurm")
-    env = {
-        **os.environ,
-        "DISTGROW_SLURM_DIR": str(directory),
-        "DISTGROW_SLURM_PORT": str(_port_pair()),
-        "DISTGROW_SLURM_CPUS": "4",  # 4 tasks on a 2-core machine (config_overrides)
-    }
-    started = time.monotonic()
-    proc = subprocess.run(
-        ["bash", str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=600
-    )
-    try:
-        if proc.returncode == EXIT_UNAVAILABLE:
-            pytest.skip(
-                "SLURM is not installed and cannot be installed here (needs root and apt-get): "
-                f"install the Debian packages slurm-wlm and munge. {proc.stderr.strip()}"
-            )
-        assert proc.returncode == 0, f"local_cluster.sh start failed:\n{proc.stderr}"
-        print(f"local SLURM up in {time.monotonic() - started:.1f} s")  # shown with -s
-        yield {**os.environ, "SLURM_CONF": str(directory / "slurm.conf")}
-    finally:
-        subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, timeout=120)
 
 
 def sbatch(
