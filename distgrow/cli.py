@@ -3,6 +3,9 @@
     distgrow plan CONFIG [key=value ...] [--json]
     distgrow config [CONFIG] [key=value ...]      the resolved config, or every key documented
     distgrow train CONFIG [key=value ...] [--resume]
+    distgrow compare CONFIG [key=value ...] [--variants LIST] [--out DIR]
+    distgrow report RUN_DIR [RUN_DIR ...] [--baseline RUN_DIR] [--out DIR]
+    distgrow sweep CONFIG [key=value ...] --batch-sizes LIST --lrs LIST [--out DIR]
 
 Errors in the config are printed as one line naming the key, the value and the fix, with exit
 status 2 (the same as a usage error), before anything runs.
@@ -18,6 +21,7 @@ from collections.abc import Sequence
 
 from distgrow.config import ConfigError, describe_fields, dump_config, load_config
 from distgrow.planner import Plan, make_plan
+from distgrow.report import ReportError
 
 EXIT_USAGE = 2
 
@@ -115,6 +119,10 @@ exit status:
   75  the plan needs more workers than the job has: a checkpoint and resize.json
       (need_workers, have_workers, epoch, step, checkpoint) are in the run directory;
       relaunch with need_workers workers and --resume
+  130 stopped by SIGINT, 138 by SIGUSR1 (SLURM's --signal=USR1@N), 143 by SIGTERM: the
+      workers finished the update in progress, agreed to stop after the same one, and
+      checkpointed that exact point; --resume (at any world size) continues with nothing
+      lost or repeated. A second Ctrl-C stops at once, without a checkpoint.
 """
 
 
@@ -138,9 +146,62 @@ deepspeed, horovodrun, mpirun, srun inside a SLURM allocation; auto picks from t
 environment) starts that many `distgrow train` workers. When they exit 75 (more workers
 needed) it relaunches wider from the checkpoint; a crash is retried from the last checkpoint up
 to launch.max_restarts times. SIGTERM, SIGINT and SIGUSR1 (SLURM pre-emption) are forwarded to
-the workers and never followed by a relaunch. Each attempt's output goes to
-<run dir>/launch/attempt-NN-<workers>w.log.
+the workers, which checkpoint and exit 128 + the signal's number; a stop by signal is never
+followed by a relaunch, and the controller exits with that status (138 requeues the SLURM
+template). Each attempt's output goes to <run dir>/launch/attempt-NN-<workers>w.log.
+With launch.elastic=true and torchrun, the job grows without a relaunch: torchrun agents of one
+worker each join a running rendezvous (logs attempt-NN-agent-K.log). See docs/launch.md.
 """
+
+
+_COMPARE_EPILOG = """\
+Each variant is a real `distgrow train` of CONFIG with the same overrides, data and seed:
+  decay_lr       the baseline: fixed batch, the LR decays
+  grow_batch     the batch grows instead (growth.mode=grow_batch)
+  hybrid         grow_batch with growth.max_global_batch set to the first grown batch, so the
+                 batch stops there and the LR takes the rest of the decay
+  grow_batch_lr  start with LR and batch x growth.lr_scale
+  grow_momentum  also raise the momentum to growth.momentum
+Runs go to OUT/runs/<variant>, their output to OUT/logs/<variant>.log; OUT/report.md,
+OUT/summary.json and the PNG plots compare them. Running again with the same --out reuses
+finished runs and resumes unfinished ones. OUT defaults to reports/<run.name>-<time>.
+"""
+
+_SWEEP_EPILOG = """\
+Each (batch, lr) pair is `distgrow train CONFIG ... growth.mode=decay_lr growth.base_batch=B
+optim.lr=LR` (the batch stays fixed; the config's LR schedule is kept: add
+schedule.type=constant for a constant LR, and run.epochs=N to keep it short). Writes
+OUT/sweep.png (final loss against batch size, one line per LR), OUT/sweep.md and
+OUT/sweep.json; a diverged run is shown as such. OUT defaults to reports/<run.name>-sweep-<time>.
+"""
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from distgrow import report
+
+    variants = report.parse_list(args.variants, str, "--variants")
+    report.compare(args.config, args.overrides, variants=variants, out_dir=args.out)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from distgrow import report
+
+    report.report(args.run_dirs, out_dir=args.out, baseline=args.baseline)
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from distgrow import report
+
+    report.sweep(
+        args.config,
+        args.overrides,
+        batch_sizes=report.parse_list(args.batch_sizes, int, "--batch-sizes"),
+        lrs=report.parse_list(args.lrs, float, "--lrs"),
+        out_dir=args.out,
+    )
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,6 +236,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.epilog = _LAUNCH_EPILOG
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.set_defaults(func=_cmd_launch)
+
+    p = verb("compare", "Train decay_lr, grow_batch and the hybrid side by side; write a report.")
+    p.add_argument(
+        "--variants",
+        default="decay_lr,grow_batch,hybrid",
+        help="comma-separated, from decay_lr, grow_batch, hybrid, grow_batch_lr, grow_momentum "
+        "(default: %(default)s)",
+    )
+    p.add_argument("--out", metavar="DIR", help="the report directory")
+    p.epilog = _COMPARE_EPILOG
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.set_defaults(func=_cmd_compare)
+
+    help_ = "Rebuild a report (report.md, PNG plots, summary.json) from finished runs."
+    p = sub.add_parser("report", help=help_, description=help_)
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run directories")
+    p.add_argument(
+        "--baseline",
+        metavar="RUN_DIR",
+        help="the decay_lr run to measure savings against (default: the one decay_lr run; "
+        "without one, savings are estimated from each run's throughput at B0)",
+    )
+    p.add_argument("--out", metavar="DIR", help="the report directory")
+    p.set_defaults(func=_cmd_report)
+
+    p = verb("sweep", "Final loss over a grid of batch sizes x learning rates (fixed batch).")
+    p.add_argument("--batch-sizes", required=True, metavar="LIST", help="e.g. 32,64,128")
+    p.add_argument("--lrs", required=True, metavar="LIST", help="e.g. 0.01,0.1")
+    p.add_argument("--out", metavar="DIR", help="the sweep directory")
+    p.epilog = _SWEEP_EPILOG
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.set_defaults(func=_cmd_sweep)
     return parser
 
 
@@ -186,6 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"distgrow: config error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except ReportError as err:
+        print(f"distgrow: error: {err}", file=sys.stderr)
+        return err.exit_code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -423,7 +423,17 @@ class LaunchConfig:
     launcher: Literal["auto", "none", "torchrun", "deepspeed", "horovodrun", "mpirun", "srun"] = _f(
         "auto", "Launcher; 'auto' picks from the environment (SLURM, MPI, torchrun)."
     )
-    elastic: bool = _f(False, "Grow the job in place (torchrun elastic, Horovod Elastic).")
+    elastic: bool = _f(
+        False,
+        "Grow without relaunching the launcher: torchrun agents join one rendezvous on this "
+        "machine (all workers restart at the new size); meanwhile the batch runs on the "
+        "workers there are. See docs/launch.md.",
+    )
+    elastic_wait_s: float = _f(
+        0.0,
+        "Elastic: seconds the workers wait at a growth point for the new workers to join "
+        "before going on with the same batch on fewer workers (0: never wait).",
+    )
     max_restarts: int = _f(3, "Relaunches after a crashed worker before giving up.")
     nodes: int = _f(1, "Nodes to spread workers over.")
     hostfile: str | None = _f(None, "Hostfile for deepspeed / horovodrun / mpirun.")
@@ -433,6 +443,8 @@ class LaunchConfig:
     def validate(self) -> None:
         if self.max_restarts < 0:
             raise _fail("launch.max_restarts", self.max_restarts, "must be >= 0", "e.g. 3")
+        if self.elastic_wait_s < 0:
+            raise _fail("launch.elastic_wait_s", self.elastic_wait_s, "must be >= 0", "e.g. 0")
         if self.nodes < 1:
             raise _fail("launch.nodes", self.nodes, "must be at least 1", "e.g. 1")
         if not 0 < self.master_port < 65536:

@@ -2,15 +2,18 @@
 
 Rank 0 logs through a :class:`JsonlLogger` (``metrics.jsonl`` in the run directory, one JSON
 object per line, flushed line by line and appended to on resume); the other ranks get a
-:class:`NullLogger`. More sinks (Weights & Biases, a later issue) join through
+:class:`NullLogger`. Weights & Biases (:mod:`distgrow.wandb_logger`) joins through
 :class:`MultiLogger` without the trainer knowing. This module never imports ``wandb``.
 
 Record kinds written by the trainer (field ``kind``):
 
-* ``step``: every ``logging.every_steps`` updates;
+* ``step``: every ``logging.every_steps`` updates (with ``samples_per_s`` and
+  ``samples_per_s_per_worker``);
 * ``epoch``: at each epoch end, with the validation metrics;
 * ``event``: ``event`` names it: ``start``, ``resume``, ``growth``, ``need_workers``,
-  ``nonfinite``, ``end``.
+  ``nonfinite``, ``end``. A ``growth`` (or ``resplit``) event carries ``finished_phase``, the
+  throughput and time of the phase it ends (:class:`distgrow.savings.PhaseStats`); ``end``
+  carries the summary, with every phase and the estimated savings.
 
 Non-finite floats are written as ``null`` (JSON has no NaN).
 """

@@ -24,6 +24,16 @@ Exit statuses (also in ``distgrow train --help``):
 * :data:`EXIT_NEED_WORKERS` (75): the plan needs more workers than the job has; a checkpoint and
   ``resize.json`` (``need_workers``, ``have_workers``, ``epoch``, ``step``, ``checkpoint``) are
   in the run directory. Relaunch with that many workers and ``--resume``.
+* 130, 138, 143 (``128 +`` SIGINT, SIGUSR1, SIGTERM): stopped by that signal. The workers
+  finished the update in progress, agreed on stopping after the same one, and checkpointed the
+  exact position (epoch, sample, update); ``--resume`` (at any world size) continues from there
+  with no sample repeated or skipped. See :mod:`distgrow.signals`.
+
+Elastic runs (``launch.elastic=true``, torchrun agents joining one rendezvous): when the plan
+needs more workers than the job has, rank 0 writes ``resize.json`` and training goes on with the
+same global batch on the workers there are (more accumulation, the same updates); when the new
+workers join, torchrun stops the old ones with SIGTERM (a checkpoint as above) and restarts all
+of them at the new world size.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ import time
 import traceback
 import typing
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +72,21 @@ from distgrow.data import (
     load_dataset,
     shard_global_batch,
 )
-from distgrow.metrics import JsonlLogger, Logger, NullLogger, ThroughputMeter, write_json
+from distgrow.metrics import (
+    JsonlLogger,
+    Logger,
+    MultiLogger,
+    NullLogger,
+    ThroughputMeter,
+    write_json,
+)
 from distgrow.models import build_model, uses_batch_norm
-from distgrow.planner import GrowthPolicy, Realisation, Setting, make_plan
+from distgrow.planner import GrowthPolicy, Plan, Realisation, Setting, make_plan
+from distgrow.progress import Progress, ProgressState
 from distgrow.runtime import Runtime, RuntimeEnvError, detect_runtime, export_environment
+from distgrow.savings import PhaseTracker, process_age_s, try_estimated_savings
+from distgrow.signals import StopSignals, exit_status, signal_name
+from distgrow.wandb_logger import open_wandb_logger
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -74,6 +95,9 @@ EXIT_NONFINITE = 65  # sysexits EX_DATAERR: the numbers went bad, not the progra
 EXIT_NEED_WORKERS = 75  # sysexits EX_TEMPFAIL: retry with more workers
 
 RESIZE_FILE = "resize.json"
+# Elastic: how long workers that cannot split the batch among themselves wait for the workers
+# they asked for before giving up (exit 75); torchrun's own rendezvous join timeout is 600 s.
+ELASTIC_JOIN_WAIT_S = 300.0
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
@@ -291,6 +315,15 @@ class Trainer:
         backend: A started backend (its rank and world size are this job's).
         data: The loaded data set.
         echo: Where rank 0 prints progress lines (``print`` by default).
+        started_at: ``time.perf_counter()`` when this process began working on the run (its
+            start, for ``distgrow train``); start-up lasts from there to the first update.
+            Default: now.
+        stop_signals: Installed by the caller (``run``): a signal it notes stops training
+            after the current update, with a checkpoint (see :meth:`stop_for_signal`).
+            Default: none installed, so signals keep their usual effect.
+        startup_marks: Wall-clock times (``time.time()``) of this process's start-up stages,
+            logged with the ``start``/``resume`` event (the resize-latency benchmark reads
+            them).
 
     Raises:
         ConfigError: the plan cannot be realised on this many workers.
@@ -303,7 +336,11 @@ class Trainer:
         backend: Backend,
         data: DataBundle,
         echo: Callable[[str], None] | None = None,
+        started_at: float | None = None,
+        stop_signals: StopSignals | None = None,
+        startup_marks: dict[str, float] | None = None,
     ) -> None:
+        self._started_at = time.perf_counter() if started_at is None else started_at
         self.cfg = cfg
         self.backend = backend
         self.data = data
@@ -343,7 +380,19 @@ class Trainer:
         self.last_train_loss: float | None = None
         self.prior_wall_s = 0.0  # from earlier processes of this run (resumes)
         self.prior_worker_s = 0.0
+        self.prior_startup_s = 0.0
+        self.startup_s = 0.0  # all processes' start-up, up to the first update
+        self.phases = PhaseTracker()  # throughput and time per batch realisation
+        self.progress: Progress | None = None  # rank 0's bar or periodic lines
+        # Phases in the plan as the tracker counts them (a change of realisation); plateau
+        # schedules cannot know theirs in advance.
+        self.planned_phases = None if self.plan.ladder else _count_realisations(self.plan)
         self._last_checkpoint: tuple[tuple[int, int, int], Path] | None = None
+        self.stop_signals = stop_signals or StopSignals()  # not installed: no stop by signal
+        self.startup_marks = startup_marks if startup_marks is not None else {}
+        self._asked_for_workers = 0  # elastic: the worker count resize.json last asked for
+        # Ranks that held a stop signal at the last update's all-reduce; None: not known.
+        self._stop_votes: int | None = None
         self._start_time = time.perf_counter()
         self._epoch_start = self._start_time
         self._meter = ThroughputMeter()
@@ -391,17 +440,25 @@ class Trainer:
             self.backend.barrier()
             return code
         finally:
+            if self.progress is not None:
+                self.progress.close()
             self.logger.close()
 
     def train_epoch(self) -> int:
         """Consume the rest of the current epoch, one global batch per update."""
         order = epoch_permutation(self.num_train, self.cfg.run.seed, self.epoch)
+        self._stop_votes = None  # validation ran since the last update: ask the ranks again
         while self.position < self.num_train:
             setting = self.next_setting()
+            signum = self.agreed_stop_signal()
+            if signum:
+                return self.stop_for_signal(signum)
             if setting.workers > self.world:
                 return self.stop_for_workers(setting)
             indices = order[self.position : self.position + setting.global_batch]
+            started = time.perf_counter()
             loss = self.train_step(indices, setting)
+            self.phases.record_update(int(indices.numel()), time.perf_counter() - started)
             if not math.isfinite(loss):
                 return self.stop_nonfinite(loss, setting)
             self.after_update(int(indices.numel()), loss, setting)
@@ -428,6 +485,7 @@ class Trainer:
         )
         scale = self.world / indices.numel()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.backend.begin_update(setting.micro_batch, setting.accum_steps)
         if self.bn_merger is not None:
             self.bn_merger.begin_update()
         for k, shard in enumerate(shards):
@@ -446,7 +504,12 @@ class Trainer:
                 self.bn_merger.after_micro_batch(k * setting.workers + self.rank)
         if self.bn_merger is not None:
             self.bn_merger.end_update(setting.workers * setting.accum_steps)
-        mean_loss = float(self.backend.all_reduce(total, "sum")) / self.world
+        # The loss and the number of ranks holding a stop signal, in one all-reduce: the
+        # stop check costs no collective of its own (see agreed_stop_signal).
+        vote = float(self.stop_signals.received is not None)
+        reduced = self.backend.all_reduce(torch.stack([total, total.new_tensor(vote)]), "sum")
+        mean_loss = float(reduced[0]) / self.world
+        self._stop_votes = round(float(reduced[1]))
         if math.isfinite(mean_loss):
             self.backend.step(self.optimizer, self.cfg.optim.grad_clip)
         else:
@@ -457,14 +520,35 @@ class Trainer:
         """The plan's setting for the next update; logs and checkpoints a change of split."""
         setting = self.policy.setting(self.epoch, self.position)
         if setting.workers > self.world:
-            return setting  # the caller stops for more workers
+            interim = self.elastic_interim(setting)
+            if interim is None:
+                return setting  # the caller stops for more workers
+            setting = interim
         new, old = setting.realisation, self.realisation
         self.realisation = new
+        finished = None
+        if self.phases.current is None or new != old:
+            finished = self.phases.begin(
+                global_batch=new.global_batch,
+                workers=new.workers,
+                micro_batch=new.micro_batch,
+                accum_steps=new.accum_steps,
+                lr=setting.lr,
+                momentum=setting.momentum,
+                start_epoch=self.epoch + self.position / self.num_train,
+                start_step=self.step,
+                world_size=self.world,
+            )
         if old is None or new == old:
             return setting
         kind = "growth" if new.global_batch != old.global_batch else "resplit"
         self.growth_events += kind == "growth"
-        self._log_event(kind, setting, previous=asdict(old))
+        self._log_event(
+            kind,
+            setting,
+            previous=asdict(old),
+            finished_phase=finished.to_dict() if finished is not None else None,
+        )
         self._say(
             f"epoch {self.epoch + 1}: {kind}: batch {old.global_batch} → {new.global_batch} "
             f"= {_split(new)}, lr {setting.lr:.4g}, momentum {setting.momentum:g}"
@@ -484,12 +568,25 @@ class Trainer:
         self._meter.add(samples)
         self._epoch_meter.add(samples)
         self.last_setting = setting
+        if self.progress is not None:
+            self.progress.update(
+                ProgressState(
+                    epoch=self.epoch + 1,
+                    samples_seen=self.samples_seen,
+                    step=self.step,
+                    phase=len(self.phases.phases),
+                    phases=self.planned_phases,
+                    global_batch=setting.global_batch,
+                    lr=setting.lr,
+                )
+            )
         if self.step % self.cfg.logging.every_steps:
             return
         train_loss = self._window_loss / self._window_samples
         self._window_loss, self._window_samples = 0.0, 0
         record = self._record("step", setting, train_loss=train_loss)
         record["samples_per_s"] = self._meter.rate()
+        record["samples_per_s_per_worker"] = record["samples_per_s"] / setting.workers
         self.logger.log(record)
         self._say(
             f"epoch {self.epoch + 1}/{self.cfg.run.epochs}  step {self.step:,}  batch "
@@ -560,8 +657,10 @@ class Trainer:
         }
 
     def finish(self) -> None:
-        """Write ``summary.json`` (rank 0)."""
+        """Write ``summary.json`` (rank 0), with per-phase throughput and estimated savings."""
+        self.phases.tick()
         wall, worker_s = self._clock()
+        train_s = self.phases.train_seconds()
         summary = {
             "status": "completed",
             "epochs": self.epoch,
@@ -583,7 +682,19 @@ class Trainer:
                 else None
             ),
             "distgrow_version": __version__,
+            # Wall-clock above is training only; start-up is counted apart.
+            "startup_s": self.startup_s,
+            "train_s": train_s,
+            "samples_per_s": self.samples_seen / train_s if train_s > 0 else None,
+            "worker_hours": worker_s / 3600,
+            "gpu_hours": worker_s / 3600 if self.device.type == "cuda" else None,
+            "device": self.device.type,
+            "base_batch": self.cfg.growth.base_batch,
+            "dataset_size": self.num_train,
+            "phases": self.phases.to_list(),
         }
+        # Measured savings need a baseline run: `distgrow compare` / `distgrow report`.
+        summary["savings"] = {"estimated": try_estimated_savings(summary)}
         if self.backend.is_main:
             write_json(self.run_dir / SUMMARY_FILE, summary)
         self.logger.log({"kind": "event", "event": "end", **summary})
@@ -595,9 +706,123 @@ class Trainer:
 
     # -- stopping ------------------------------------------------------------------------------
 
-    def stop_for_workers(self, setting: Setting) -> int:
-        """Checkpoint and write ``resize.json``: the plan needs more workers than the job has."""
-        path = self.save("need_workers")
+    def agreed_stop_signal(self) -> int:
+        """The stop signal any rank received (0: none), the same on every rank.
+
+        Every rank stops after the same update, even when the signal reached only some of
+        them. The last update's loss all-reduce also counted the ranks holding a signal: when
+        it counted none, the answer is 0 without a collective (a signal that came after it is
+        seen at the next update). Otherwise (a count above 0, or no update since: the start of
+        an epoch or of the run, an elastic wait) one scalar all-reduce (max) agrees on it.
+        """
+        votes, self._stop_votes = self._stop_votes, None
+        if votes == 0:
+            return 0
+        flag = torch.tensor(
+            float(self.stop_signals.received or 0), dtype=torch.float64, device=self.device
+        )
+        return int(self.backend.all_reduce(flag, "max"))
+
+    def _wait_for_stop(self, seconds: float) -> None:
+        """Idle until a stop signal (the restart that brings new workers) or ``seconds`` pass.
+
+        Every rank takes the same decision at each poll (one all-reduce), so all leave the
+        loop after the same number of collectives.
+        """
+        start = time.monotonic()
+        self._stop_votes = None  # what the ranks hold is asked again after the wait
+        while seconds > 0:
+            flags = torch.tensor(
+                [float(self.stop_signals.received or 0), time.monotonic() - start >= seconds],
+                dtype=torch.float64,
+                device=self.device,
+            )
+            if self.backend.all_reduce(flags, "max").any():
+                return
+            time.sleep(0.1)
+
+    def stop_for_signal(self, signum: int) -> int:
+        """Checkpoint at this update boundary and return ``128 + signum``.
+
+        Called between updates, so the checkpoint holds the exact (epoch, position, step): a
+        resume at any world size continues with the next global batch of the same epoch.
+        """
+        path = self.save("signal")
+        name, code = signal_name(signum), exit_status(signum)
+        self._log_event(
+            "stopped",
+            self.last_setting,  # its width: a resume by the controller starts as wide
+            signal=name,
+            exit_code=code,
+            position=self.position,
+            checkpoint=str(path),
+        )
+        if self.backend.is_main:
+            where = (
+                f"after update {self.step:,} (epoch {self.epoch + 1}, {self.position:,} of "
+                f"{self.num_train:,} samples in); checkpoint {path}"
+            )
+            if self.cfg.launch.elastic and self._asked_for_workers > self.world:
+                # The expected stop: torchrun restarts every worker when the ones asked joined.
+                then = (
+                    f"The {self._asked_for_workers} workers asked for are joining; torchrun "
+                    "restarts all of them from it"
+                )
+            else:
+                then = (
+                    "Resume with the same command and --resume (run.resume=true), on any "
+                    f"number of workers; exit status {code}"
+                )
+            print(f"distgrow: stopped by {name} {where}. {then}.", file=sys.stderr, flush=True)
+        return code
+
+    def elastic_interim(self, setting: Setting) -> Setting | None:
+        """``launch.elastic``: the planned global batch on the workers the job has, for now.
+
+        The plan wants ``setting.workers`` workers. Rank 0 asks for them in ``resize.json``
+        (once per count; the elastic controller starts them), the workers wait up to
+        ``launch.elastic_wait_s`` for them, then go on with the same global batch split over
+        this job's workers (more accumulation: the same updates). When the new workers join,
+        torchrun stops these with SIGTERM (see :meth:`stop_for_signal`) and restarts all.
+
+        Returns:
+            The interim setting; None when not elastic, or when the batch cannot be split
+            exactly over this job's workers and no worker joined within
+            :data:`ELASTIC_JOIN_WAIT_S` (the caller then stops for more workers, exit 75).
+        """
+        if not self.cfg.launch.elastic:
+            return None
+        here = replace(self.policy.limits, max_workers=self.world)
+        split = here.realise(setting.global_batch, self.world)
+        exact = split is not None and split.global_batch == setting.global_batch
+        if self._asked_for_workers != setting.workers:
+            self._asked_for_workers = setting.workers
+            self._ask_for_workers(setting, elastic=True)
+            wait = self.cfg.launch.elastic_wait_s if exact else ELASTIC_JOIN_WAIT_S
+            then = (
+                f"going on as {_split(split)} until they join"
+                if exact and split is not None
+                else f"the batch cannot be split over {self.world} worker(s) until they join"
+            )
+            self._say(
+                f"epoch {self.epoch + 1}: the plan needs {setting.workers} workers for a global "
+                f"batch of {setting.global_batch}; asked for them in {self.run_dir / RESIZE_FILE}"
+                + (f"; waiting up to {wait:g} s for them; " if wait > 0 else "; ")
+                + f"{then} (launch.elastic)"
+            )
+            self._wait_for_stop(wait)
+        if not exact or split is None:
+            return None
+        return replace(
+            setting,
+            workers=split.workers,
+            micro_batch=split.micro_batch,
+            accum_steps=split.accum_steps,
+        )
+
+    def _ask_for_workers(self, setting: Setting, **extra: Any) -> None:
+        """Write ``resize.json`` (rank 0) and log a ``need_workers`` event: where the run is,
+        how many workers the plan needs for ``setting`` and how many it has, plus ``extra``."""
         info = {
             "need_workers": setting.workers,
             "have_workers": self.world,
@@ -606,14 +831,23 @@ class Trainer:
             "step": self.step,
             "samples_seen": self.samples_seen,
             "global_batch": setting.global_batch,
-            "micro_batch": setting.micro_batch,
-            "accum_steps": setting.accum_steps,
-            "checkpoint": str(path),
-            "exit_code": EXIT_NEED_WORKERS,
+            **extra,
+            "time": time.time(),
         }
         if self.backend.is_main:
             write_json(self.run_dir / RESIZE_FILE, info)
         self._log_event("need_workers", setting, **info)
+
+    def stop_for_workers(self, setting: Setting) -> int:
+        """Checkpoint and write ``resize.json``: the plan needs more workers than the job has."""
+        path = self.save("need_workers")
+        self._ask_for_workers(
+            setting,
+            micro_batch=setting.micro_batch,
+            accum_steps=setting.accum_steps,
+            checkpoint=str(path),
+            exit_code=EXIT_NEED_WORKERS,
+        )
         self._say(
             f"epoch {self.epoch + 1}: the plan needs {setting.workers} workers for a global batch "
             f"of {setting.global_batch}, the job has {self.world}. Checkpoint {path}; wrote "
@@ -663,12 +897,27 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / RESIZE_FILE).unlink(missing_ok=True)  # it described the last exit
             (self.run_dir / CONFIG_FILE).write_text(dump_config(self.cfg))
-            self.logger = JsonlLogger(self.run_dir / METRICS_FILE)
+            if self.cfg.logging.progress != "off":
+                self.progress = Progress(
+                    self.cfg.logging.progress,
+                    total_samples=self.num_train * self.cfg.run.epochs,
+                    total_epochs=self.cfg.run.epochs,
+                )
+            wandb = open_wandb_logger(
+                self.cfg, self.run_dir, rank=self.rank, plan=self.plan.to_json(), echo=self._line
+            )
+            self.logger = MultiLogger([JsonlLogger(self.run_dir / METRICS_FILE), wandb])
         if kind == "resume":
             path, state = value
             self.load_state(state)
             self._last_checkpoint = ((self.epoch, self.position, self.step), Path(path))
-            self._log_event("resume", None, checkpoint=str(path), world_size=self.world)
+            self._log_event(
+                "resume",
+                None,
+                checkpoint=str(path),
+                world_size=self.world,
+                startup=self.startup_marks,
+            )
             self._say(
                 f"resuming from {path}: epoch {self.epoch + 1}, {self.position:,} samples in, "
                 f"{self.step:,} updates, on {self.world} worker(s)"
@@ -676,14 +925,16 @@ class Trainer:
         else:
             if self.cfg.run.resume:
                 self._say(f"no checkpoint in {self.run_dir}: starting a fresh run")
-            self._log_event("start", None, world_size=self.world)
+            self._log_event("start", None, world_size=self.world, startup=self.startup_marks)
         self._say(
             f"training {self.cfg.model.name} on {self.data.name} (N={self.num_train:,}) for "
             f"{self.cfg.run.epochs} epochs on {self.world} worker(s), {self.device}; "
             f"plan: {self.plan.total_updates or '?'} updates (decay_lr baseline: "
             f"{self.plan.baseline_total_updates or '?'}); run dir {self.run_dir}"
         )
+        self.startup_s = self.prior_startup_s + time.perf_counter() - self._started_at
         self._start_time = self._epoch_start = time.perf_counter()
+        self.phases.start()
         self._meter, self._epoch_meter = ThroughputMeter(), ThroughputMeter()
 
     def _inspect_run_dir(self) -> tuple[str, Any]:
@@ -716,7 +967,7 @@ class Trainer:
             "format_version": FORMAT_VERSION,
             "fingerprint": self.fingerprint,
             "model": self.backend.model_state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.backend.optimizer_state_dict(self.optimizer),
             "plan_state": self.policy.state_dict(),
             "epoch": self.epoch,
             "position": self.position,
@@ -732,6 +983,8 @@ class Trainer:
             "last_train_loss": self.last_train_loss,
             "wall_s": wall,
             "worker_seconds": worker_s,
+            "startup_s": self.startup_s,
+            "phases": self.phases.state_dict(),
             "reason": reason,
             "distgrow_version": __version__,
         }
@@ -743,7 +996,7 @@ class Trainer:
             TrainError: the checkpoint's global batch cannot be split over this job's workers.
         """
         self.backend.load_model_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.backend.load_optimizer_state_dict(self.optimizer, state["optimizer"])
         plan_state = dict(state["plan_state"])
         if int(state.get("world_size", self.world)) != self.world:
             # The sample order depends only on the global batch: split it anew for this job.
@@ -777,6 +1030,8 @@ class Trainer:
         self.last_train_loss = state.get("last_train_loss")
         self.prior_wall_s = float(state.get("wall_s", 0.0))
         self.prior_worker_s = float(state.get("worker_seconds", 0.0))
+        self.prior_startup_s = float(state.get("startup_s", 0.0))
+        self.phases.load_state_dict(state.get("phases") or {})
 
     def save(self, reason: str) -> Path:
         """Checkpoint now (rank 0 writes); a no-op returning the file if nothing moved since."""
@@ -784,10 +1039,10 @@ class Trainer:
         if self._last_checkpoint is not None and self._last_checkpoint[0] == key:
             return self._last_checkpoint[1]
         path = self.run_dir / f"ckpt-{self.step:09d}.pt"
+        # Every rank builds the state: engines that partition the optimizer (ZeRO) gather it.
+        state = self.state_dict(reason)
         if self.backend.is_main:
-            path = save_checkpoint(
-                self.run_dir, self.state_dict(reason), self.cfg.run.keep_checkpoints
-            )
+            path = save_checkpoint(self.run_dir, state, self.cfg.run.keep_checkpoints)
         self._last_checkpoint = (key, path)
         return path
 
@@ -815,6 +1070,7 @@ class Trainer:
             "val_loss": None,
             "val_acc": None,
             "wall_s": wall,
+            "time": time.time(),  # wall-clock (Unix seconds): lines up records across relaunches
         }
         record.update(metrics)
         return record
@@ -825,12 +1081,26 @@ class Trainer:
             record = {**self._record("event", setting), "event": event}
         else:
             record.update(epoch=self.epoch + 1, step=self.step, samples_seen=self.samples_seen)
+            record["time"] = time.time()
         record.update(extra)
         self.logger.log(record)
 
     def _say(self, line: str) -> None:
         if self.backend.is_main and self.cfg.logging.progress != "off":
-            self.echo(f"distgrow: {line}")
+            self._line(f"distgrow: {line}")
+
+    def _line(self, line: str) -> None:
+        """Print a line on rank 0's console, above the progress bar if one is shown."""
+        if self.progress is not None:
+            self.progress.write(line)
+        else:
+            self.echo(line)
+
+
+def _count_realisations(plan: Plan) -> int:
+    """Phases of a plan as the trainer counts them: a new one at each change of split."""
+    keys = [(p.global_batch, p.workers, p.micro_batch, p.accum_steps) for p in plan.phases]
+    return sum(1 for i, key in enumerate(keys) if i == 0 or key != keys[i - 1])
 
 
 def _split(r: Realisation) -> str:
@@ -871,6 +1141,13 @@ def run(cfg: Config) -> int:
     it raises ``SystemExit`` in a single process). Errors before the job is joined are printed
     and returned as :data:`EXIT_USAGE`.
     """
+    # Start-up counts from the birth of the process: imports, data, rendezvous, W&B.
+    started_at = time.perf_counter() - (process_age_s() or 0.0)
+    # From here a SIGTERM/SIGINT/SIGUSR1 stops training after the current update, with a
+    # checkpoint (during start-up: before the first update).
+    stop_signals = StopSignals()
+    stop_signals.install()
+    marks = {"process_start": time.time() - (process_age_s() or 0.0), "main": time.time()}
     prefix = "distgrow: error"
     try:
         runtime = detect_runtime(
@@ -883,7 +1160,9 @@ def run(cfg: Config) -> int:
         export_environment(runtime, os.environ)
         configure_threads(runtime, cfg.run.threads)
         data = load_data(cfg)
-        backend = make_backend(cfg.backend, runtime, cfg.run)
+        marks["data_loaded"] = time.time()
+        backend = make_backend(cfg, runtime)
+        marks["backend_ready"] = time.time()
     except (
         RuntimeEnvError,
         DatasetNotFoundError,
@@ -892,10 +1171,26 @@ def run(cfg: Config) -> int:
         ValueError,
     ) as err:
         print(f"{prefix}: {err}", file=sys.stderr, flush=True)
+        stop_signals.restore()
         return EXIT_USAGE
     code = EXIT_FAILURE
     try:
-        code = Trainer(cfg, backend, data).train()
+        trainer = Trainer(
+            cfg,
+            backend,
+            data,
+            started_at=started_at,
+            stop_signals=stop_signals,
+            startup_marks=marks,
+        )
+        marks["trainer_ready"] = time.time()  # model, optimizer (torch imports its compiler)
+        code = trainer.train()
+        while backend.rejoin(code):
+            # Horovod Elastic: workers joined; the trainer stopped with a checkpoint, and the
+            # job was re-formed in place. Resume from it at the new world size.
+            stop_signals.received = None
+            resumed = replace(cfg, run=replace(cfg.run, resume=True))
+            code = Trainer(resumed, backend, data, stop_signals=stop_signals).train()
     except (TrainError, CheckpointError, ConfigError, BackendError) as err:
         # Decided on rank 0 and broadcast, or the same on every rank: say it once.
         if backend.is_main:
@@ -904,4 +1199,5 @@ def run(cfg: Config) -> int:
     except Exception:
         traceback.print_exc()
         code = EXIT_FAILURE
+    stop_signals.restore()
     backend.shutdown(code)

@@ -4,6 +4,9 @@
   parameters (an MLP with dropout, and a CNN with ghost batch norm and its running statistics);
 * a resume at another world size (2 → 1 → 4 ranks) ends where an uninterrupted run does;
 * a job killed with SIGKILL mid-epoch resumes from its last checkpoint to the same parameters;
+* SIGTERM to one rank, or SIGUSR1 to a single process, stops training after the current update
+  with a checkpoint at that exact point (exit 143 / 138 on every rank), and a resume, at any
+  world size, ends where an uninterrupted run does with every epoch's samples counted once;
 * a plan that needs more workers exits 75 with ``resize.json``, and a relaunch with them
   finishes the run;
 * Fashion-MNIST, end to end, reaches an accuracy only a working trainer reaches.
@@ -12,17 +15,22 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from conftest import (
+    SYN_PLAN,
+    SYN_UPDATES,
+    assert_same_model,
     distgrow_job_run,
     distgrow_job_start,
     kill_process_tree,
+    rank_pids,
     write_config,
 )
 
@@ -34,25 +42,7 @@ pytestmark = pytest.mark.integration
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 REPO = Path(__file__).resolve().parent.parent
 
-# 1033 training samples (1291 - 258 held out): epoch 1 at batch 32 is 33 updates whose last
-# holds 9 samples (micro-batches 3, 3, 3 and an empty one), epochs 2-3 at batch 64 are 17 each.
-SYN: dict[str, Any] = {
-    # One intra-op thread everywhere: with 2 threads on 1 rank against 1 on each of 2, the CPU
-    # kernels round differently, and a small-batch network amplifies that past any tolerance.
-    "run": {"name": "syn", "epochs": 3, "seed": 3, "threads": 1},
-    "data": {"name": "synthetic_classification", "synthetic_samples": 1291},
-    "model": {"name": "mlp", "hidden": [32], "dropout": 0.1},
-    "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
-    "schedule": {"type": "multistep", "milestones": [1], "gamma": 0.5},
-    "growth": {
-        "base_batch": 32,
-        "micro_batch": 8,
-        "max_micro_batch": 8,
-        "max_dataset_fraction": None,
-    },
-    "logging": {"every_steps": 10},
-}
-SYN_UPDATES = 33 + 17 + 17
+SYN: dict[str, Any] = {**SYN_PLAN, "logging": {"every_steps": 10}}  # see conftest.SYN_PLAN
 
 # 300 Fashion-MNIST images through a CNN whose batch norms are ghost batch norms of 4: every
 # micro-batch of 8 holds two ghost batches; the partial batches leave empty micro-batches.
@@ -110,17 +100,6 @@ def splits(run_dir: Path) -> set[tuple[int, int, int]]:
         for r in read_jsonl(run_dir / "metrics.jsonl")
         if r["kind"] == "step"
     }
-
-
-def assert_same_model(
-    got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], exact: bool = False
-) -> None:
-    assert got.keys() == want.keys()
-    for name in want:
-        if exact or not want[name].is_floating_point():
-            assert torch.equal(got[name], want[name]), name
-        else:
-            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -300,3 +279,81 @@ def test_fashion_mnist_end_to_end(tmp_path: Path) -> None:
     assert summary["val_acc"] >= 0.80, out
     assert summary["total_updates"] == 94 + 19 == summary["planned_total_updates"]
     assert summary["growth_events"] == 1
+
+
+def _stop_with_signal_mid_epoch_two(
+    nproc: int, config: Path, run_dir: Path, log: Path, signum: int
+) -> tuple[int, str]:
+    """Start a job, and once it is into epoch 2 send ``signum`` to its last rank only."""
+    args = [str(config), f"run.output_dir={run_dir}", f"growth.max_workers={nproc}"]
+    with log.open("w") as output:
+        proc = distgrow_job_start(nproc, [*args, "logging.every_steps=1"], output)
+        try:
+
+            def into_epoch_two() -> bool:
+                record = _latest_step_record(run_dir / "metrics.jsonl")
+                return record is not None and record["epoch"] == 2 and record["step"] > 36
+
+            _wait_until(into_epoch_two, proc, log)
+            target = proc.pid if nproc == 1 else rank_pids(proc.pid)[nproc - 1]
+            os.kill(target, signum)
+            status = proc.wait(timeout=120)
+        finally:
+            kill_process_tree(proc.pid)
+    return status, log.read_text()
+
+
+def _epoch_ends(run_dir: Path) -> list[tuple[int, int]]:
+    return [
+        (r["epoch"], r["samples_seen"])
+        for r in read_jsonl(run_dir / "metrics.jsonl")
+        if r["kind"] == "epoch"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("nproc", "signum", "resume_on"),
+    [(2, signal.SIGTERM, 2), (1, signal.SIGUSR1, 2)],
+    ids=["sigterm-to-rank-1-of-2", "sigusr1-to-1-process-resumed-on-2"],
+)
+def test_a_stop_signal_checkpoints_the_exact_update_and_resumes(
+    syn_config: Path,
+    syn_reference: Path,
+    tmp_path: Path,
+    nproc: int,
+    signum: int,
+    resume_on: int,
+) -> None:
+    run_dir = tmp_path / "run"
+    status, out = _stop_with_signal_mid_epoch_two(
+        nproc, syn_config, run_dir, tmp_path / "stopped.log", signum
+    )
+    name, code = signal.Signals(signum).name, 128 + signum
+    if nproc == 1:
+        assert status == code, out
+    else:
+        # torchrun exits 1 whatever its workers did; its report names the workers' status. The
+        # signal reached rank 1 only: rank 0 stopped after the same update, with the same status.
+        assert status == 1, out
+        assert out.count(f"exitcode  : {code}") == nproc, out
+    assert f"stopped by {name} after update" in out, out
+
+    state = final_state(run_dir)
+    assert state["reason"] == "signal"
+    assert state["epoch"] == 1 and 0 < state["position"] < 1033  # mid epoch 2, between updates
+    assert state["samples_seen"] == 1033 + state["position"]
+    stopped = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("event") == "stopped"]
+    assert len(stopped) == 1
+    assert (stopped[0]["signal"], stopped[0]["exit_code"]) == (name, code)
+    assert (stopped[0]["step"], stopped[0]["position"]) == (state["step"], state["position"])
+    assert f"after update {state['step']:,} (epoch 2, {state['position']:,} of 1,033" in out
+
+    resumed = train_job(resume_on, syn_config, run_dir, "--resume")
+    step = int(state["step"])
+    assert f"resuming from {run_dir / f'ckpt-{step:09d}.pt'}" in resumed
+    assert _epoch_ends(run_dir) == [(1, 1033), (2, 2066), (3, 3099)]
+    got, want = final_state(run_dir), final_state(syn_reference)
+    assert got["step"] == SYN_UPDATES
+    # Same world size and order of operations as the reference: the very same bits; a process
+    # that started alone sums its micro-batches in another order: equal to rounding.
+    assert_same_model(got["model"], want["model"], exact=nproc == 2)

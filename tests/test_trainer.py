@@ -395,21 +395,17 @@ def test_cli_config_error_exits_2(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "optim.lr" in proc.stderr
 
 
-def test_the_torch_backend_meets_the_protocol_and_others_are_not_there_yet() -> None:
+def test_the_torch_backend_meets_the_protocol() -> None:
     cfg = load_config(None)
-    backend = make_backend(cfg.backend, SINGLE, cfg.run)
+    backend = make_backend(cfg, SINGLE)
     assert isinstance(backend, Backend) and backend.world_size == 1 and backend.is_main
     assert backend.device.type in ("cpu", "cuda")
-    for name in ("deepspeed", "horovod"):
-        other = load_config(None, [f"backend.name={name}"])
-        with pytest.raises(BackendError, match=rf"backend.name = '{name}'.*not implemented yet"):
-            make_backend(other.backend, SINGLE, other.run)
     fp16 = load_config(None, ["backend.precision=fp16"])
     with pytest.raises(BackendError, match="backend.precision"):
-        make_backend(fp16.backend, SINGLE, fp16.run)
+        make_backend(fp16, SINGLE)
     nccl = load_config(None, ["backend.dist_backend=nccl", "run.device=cpu"])
     with pytest.raises(BackendError, match="gloo"):
-        make_backend(nccl.backend, SINGLE, nccl.run)
+        make_backend(nccl, SINGLE)
 
 
 def test_a_model_that_does_not_fit_the_data_is_a_train_error(tmp_path: Path) -> None:

@@ -1,0 +1,521 @@
+"""Throughput per phase, and what a run saved against the ``decay_lr`` baseline.
+
+A *phase* is a stretch of training with one batch realisation (global batch, workers,
+micro-batch, accumulation steps). :class:`PhaseTracker` measures each phase as the trainer runs
+it: updates, samples, seconds spent inside updates (``train_s``: forward, backward, all-reduce,
+optimizer step, batch loading), wall-clock from its first update to the next phase's first
+update (``wall_s``: validation and checkpoints included) and worker-seconds. Start-up (process
+start, data loading, model building, rendezvous) is outside every phase and reported apart.
+
+Savings are always labelled with how they were obtained:
+
+* ``measured`` (:func:`measured_savings`): a ``decay_lr`` run of the same config was trained
+  (``distgrow compare`` runs it), and its ``summary.json`` is compared with the run's;
+* ``estimated`` (:func:`estimated_savings`): no baseline run exists; its training time is the
+  samples it would process divided by the throughput *this* run measured at the base batch B0
+  (the baseline trains at B0 throughout), plus this run's non-training time (validation,
+  checkpoints), assumed equal. Its update count is exact: it comes from the plan.
+  The ``method`` string written next to the numbers says this, with the figures used.
+
+Pure Python: no torch; no files except :func:`process_age_s`'s ``/proc``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+
+class SavingsError(ValueError):
+    """Savings cannot be computed from what is given; the message says why and what to do."""
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring phases
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PhaseStats:
+    """What one phase (one batch realisation) did and how long it took."""
+
+    index: int
+    """0-based position of the phase in the run."""
+    global_batch: int
+    workers: int
+    micro_batch: int
+    accum_steps: int
+    lr: float
+    """The learning rate at the phase's first update (a capped phase may decay it further)."""
+    momentum: float
+    start_epoch: float
+    """Epochs completed when the phase began (fractional: samples seen / N)."""
+    start_step: int
+    """Parameter updates before the phase's first update."""
+    world_size: int
+    """Processes the job held during the phase: all of them count in worker-seconds."""
+    updates: int = 0
+    samples: int = 0
+    train_s: float = 0.0
+    """Seconds inside updates (loading, forward, backward, all-reduce, step)."""
+    wall_s: float = 0.0
+    """Seconds from the phase's start to the next phase's start (validation included)."""
+    worker_seconds: float = 0.0
+
+    @property
+    def samples_per_s(self) -> float | None:
+        """Training throughput of the whole job in this phase (samples / ``train_s``)."""
+        return self.samples / self.train_s if self.train_s > 0 else None
+
+    @property
+    def samples_per_s_per_worker(self) -> float | None:
+        """Throughput per worker used by the phase's realisation."""
+        rate = self.samples_per_s
+        return None if rate is None else rate / self.workers
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stored fields plus the derived throughputs (what ``summary.json`` holds)."""
+        return {
+            **asdict(self),
+            "samples_per_s": self.samples_per_s,
+            "samples_per_s_per_worker": self.samples_per_s_per_worker,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PhaseStats:
+        """Rebuild from :meth:`to_dict` output (derived keys are ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+PHASE_MEASURES = (
+    "global_batch",
+    "workers",
+    "updates",
+    "samples",
+    "train_s",
+    "wall_s",
+    "samples_per_s",
+    "samples_per_s_per_worker",
+)
+"""What a phase is and measured, as the report's tables and the W&B summary show it."""
+PHASE_SPLIT = ("micro_batch", "accum_steps", "lr")
+"""The rest of a phase's setting (the report's per-phase table shows them too)."""
+
+
+class PhaseTracker:
+    """Splits a run's time into phases as the trainer runs them; survives resumes.
+
+    The trainer calls :meth:`start` when its clock starts (after start-up), :meth:`begin` when
+    the realisation changes (and before the first update), :meth:`record_update` after each
+    update with the seconds it took, and :meth:`tick` before reading the numbers (checkpoints,
+    the summary). Time between :meth:`start` and the first :meth:`begin` belongs to no phase.
+
+    Args:
+        clock: Seconds as a float (``time.perf_counter``; injectable for tests).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._clock = clock
+        self.phases: list[PhaseStats] = []
+        self._mark: float | None = None
+
+    @property
+    def current(self) -> PhaseStats | None:
+        """The phase in progress (None before the first :meth:`begin`)."""
+        return self.phases[-1] if self.phases else None
+
+    def start(self) -> None:
+        """Start counting wall-clock (at the end of start-up, and again after a resume)."""
+        self._mark = self._clock()
+
+    def tick(self) -> None:
+        """Add the wall-clock since the last tick to the current phase."""
+        now = self._clock()
+        if self._mark is not None and self.current is not None:
+            elapsed = now - self._mark
+            self.current.wall_s += elapsed
+            self.current.worker_seconds += elapsed * self.current.world_size
+        self._mark = now
+
+    def begin(
+        self,
+        *,
+        global_batch: int,
+        workers: int,
+        micro_batch: int,
+        accum_steps: int,
+        lr: float,
+        momentum: float,
+        start_epoch: float,
+        start_step: int,
+        world_size: int,
+    ) -> PhaseStats | None:
+        """Close the current phase and open a new one.
+
+        Returns:
+            The phase just closed (None at the first call).
+        """
+        self.tick()
+        finished = self.current
+        self.phases.append(
+            PhaseStats(
+                index=len(self.phases),
+                global_batch=global_batch,
+                workers=workers,
+                micro_batch=micro_batch,
+                accum_steps=accum_steps,
+                lr=lr,
+                momentum=momentum,
+                start_epoch=start_epoch,
+                start_step=start_step,
+                world_size=world_size,
+            )
+        )
+        return finished
+
+    def record_update(self, samples: int, seconds: float) -> None:
+        """Count one update of ``samples`` samples that took ``seconds``.
+
+        Raises:
+            RuntimeError: no phase was begun (a trainer bug, not user input).
+        """
+        phase = self.current
+        if phase is None:
+            raise RuntimeError("PhaseTracker.record_update() before begin(): call begin() first")
+        phase.updates += 1
+        phase.samples += samples
+        phase.train_s += seconds
+
+    def train_seconds(self) -> float:
+        """Seconds inside updates, over all phases."""
+        return sum(p.train_s for p in self.phases)
+
+    def to_list(self) -> list[dict[str, Any]]:
+        """All phases as dicts with their throughputs (call :meth:`tick` first)."""
+        return [p.to_dict() for p in self.phases]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data for a checkpoint (the clock mark is not saved: a resume restarts it)."""
+        return {"phases": [asdict(p) for p in self.phases]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the phases of a checkpoint; call :meth:`start` when the clock restarts."""
+        self.phases = [PhaseStats.from_dict(p) for p in state.get("phases", [])]
+        self._mark = None
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux ``/proc``; None elsewhere).
+
+    Start-up is measured from the process's birth, so the interpreter and torch imports count:
+    a relaunch pays them again, and the report shows it.
+    """
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            stat = f.read()
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+        # Field 22 (starttime, in clock ticks since boot) is the 20th after the command name,
+        # which is in parentheses and may hold spaces.
+        ticks = int(stat[stat.rindex(")") + 2 :].split()[19])
+        return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Savings
+# --------------------------------------------------------------------------------------------
+
+
+def _ratio(baseline: float | None, run: float | None) -> float | None:
+    """baseline / run, or None when either is missing or the run's value is not positive."""
+    if baseline is None or run is None or run <= 0:
+        return None
+    return baseline / run
+
+
+@dataclass(frozen=True)
+class Savings:
+    """A run against its ``decay_lr`` baseline; ``kind`` says whether the baseline was run.
+
+    Ratios are baseline / run: ``updates_ratio`` 2.2 reads "2.2× fewer updates",
+    ``wall_ratio`` 1.5 reads "1.5× faster".
+    """
+
+    kind: Literal["measured", "estimated"]
+    method: str
+    """How the baseline's numbers were obtained, with the figures used."""
+    run_updates: int
+    run_wall_s: float
+    run_worker_seconds: float
+    baseline_updates: int | None
+    baseline_wall_s: float | None
+    baseline_worker_seconds: float | None
+    metric: str | None = None
+    """``val_acc`` (classification) or ``val_loss``: the quality compared (measured only)."""
+    run_metric: float | None = None
+    baseline_metric: float | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    """The inputs of an estimate (reference batch, throughput, overhead, samples)."""
+
+    @property
+    def updates_ratio(self) -> float | None:
+        return _ratio(self.baseline_updates, self.run_updates)
+
+    @property
+    def wall_ratio(self) -> float | None:
+        return _ratio(self.baseline_wall_s, self.run_wall_s)
+
+    @property
+    def worker_seconds_ratio(self) -> float | None:
+        return _ratio(self.baseline_worker_seconds, self.run_worker_seconds)
+
+    @property
+    def wall_saved_s(self) -> float | None:
+        return None if self.baseline_wall_s is None else self.baseline_wall_s - self.run_wall_s
+
+    @property
+    def wall_saved_fraction(self) -> float | None:
+        if not self.baseline_wall_s:
+            return None
+        return 1.0 - self.run_wall_s / self.baseline_wall_s
+
+    @property
+    def worker_seconds_saved(self) -> float | None:
+        if self.baseline_worker_seconds is None:
+            return None
+        return self.baseline_worker_seconds - self.run_worker_seconds
+
+    @property
+    def metric_delta(self) -> float | None:
+        """run − baseline of :attr:`metric` (positive is better for accuracy, worse for loss)."""
+        if self.run_metric is None or self.baseline_metric is None:
+            return None
+        return self.run_metric - self.baseline_metric
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field and ratio, JSON-ready."""
+        out = asdict(self)
+        for name in (
+            "updates_ratio",
+            "wall_ratio",
+            "worker_seconds_ratio",
+            "wall_saved_s",
+            "wall_saved_fraction",
+            "worker_seconds_saved",
+            "metric_delta",
+        ):
+            out[name] = getattr(self, name)
+        return out
+
+
+def quality_metric(summary: Mapping[str, Any]) -> str:
+    """``val_acc`` when the run measured accuracy (classification), else ``val_loss``."""
+    return "val_acc" if summary.get("val_acc") is not None else "val_loss"
+
+
+def _need(summary: Mapping[str, Any], key: str, who: str) -> Any:
+    value = summary.get(key)
+    if value is None:
+        raise SavingsError(
+            f"{who} summary.json has no {key!r}. Fix: use a run finished by this version of "
+            "distgrow (its summary.json holds it)."
+        )
+    return value
+
+
+def measured_savings(
+    run: Mapping[str, Any], baseline: Mapping[str, Any], baseline_name: str = "the baseline"
+) -> Savings:
+    """Savings of ``run`` against a ``decay_lr`` run of the same config (both ``summary.json``).
+
+    Args:
+        run: The run's summary.
+        baseline: The baseline run's summary (``growth_mode`` must be ``decay_lr``).
+        baseline_name: How to name the baseline in the method string (its run directory).
+
+    Raises:
+        SavingsError: the baseline is not a finished ``decay_lr`` run over the same samples.
+    """
+    if baseline.get("growth_mode") != "decay_lr":
+        raise SavingsError(
+            f"{baseline_name} has growth_mode={baseline.get('growth_mode')!r}, but measured "
+            "savings compare against the decay_lr baseline. Fix: give a run trained with "
+            "growth.mode=decay_lr on the same config."
+        )
+    for who, summary in (("the run", run), (baseline_name, baseline)):
+        if summary.get("status") != "completed":
+            raise SavingsError(
+                f"{who} has status {summary.get('status')!r}, not 'completed': its totals are "
+                "partial. Fix: finish it with `distgrow train CONFIG --resume`."
+            )
+    if run.get("samples_seen") != baseline.get("samples_seen"):
+        raise SavingsError(
+            f"the run saw {run.get('samples_seen')} samples and {baseline_name} "
+            f"{baseline.get('samples_seen')}: they did not train on the same data for the same "
+            "epochs. Fix: compare runs of the same config (distgrow compare does this)."
+        )
+    metric = quality_metric(run)
+    return Savings(
+        kind="measured",
+        method=(
+            f"measured: {baseline_name}, trained with growth.mode=decay_lr on the same config, "
+            "data and seed; its summary.json is compared with this run's"
+        ),
+        run_updates=int(_need(run, "total_updates", "the run's")),
+        run_wall_s=float(_need(run, "wall_s", "the run's")),
+        run_worker_seconds=float(_need(run, "worker_seconds", "the run's")),
+        baseline_updates=int(_need(baseline, "total_updates", "the baseline's")),
+        baseline_wall_s=float(_need(baseline, "wall_s", "the baseline's")),
+        baseline_worker_seconds=float(_need(baseline, "worker_seconds", "the baseline's")),
+        metric=metric,
+        run_metric=run.get(metric),
+        baseline_metric=baseline.get(metric),
+    )
+
+
+def reference_throughput(
+    phases: Sequence[Mapping[str, Any]], base_batch: int
+) -> tuple[int, float, int, bool]:
+    """The measured throughput the baseline would run at: that of the phases at B0.
+
+    Falls back to the smallest batch the run used when it never trained at B0 (the
+    ``grow_batch_lr`` and ``grow_momentum`` variants start larger); a smaller batch is rarely
+    faster per sample, so the estimate then errs on the side of smaller savings.
+
+    Returns:
+        (batch measured, samples per second, world size during it, True if it is B0).
+
+    Raises:
+        SavingsError: no phase has measured time.
+    """
+    timed = [p for p in phases if p.get("train_s") and p.get("samples")]
+    if not timed:
+        raise SavingsError(
+            "no phase of the run has measured training time, so there is no throughput to "
+            "estimate the baseline from. Fix: train for at least one update."
+        )
+    at_b0 = [p for p in timed if p["global_batch"] == base_batch]
+    chosen = at_b0 or [
+        p for p in timed if p["global_batch"] == min(q["global_batch"] for q in timed)
+    ]
+    samples = sum(int(p["samples"]) for p in chosen)
+    seconds = sum(float(p["train_s"]) for p in chosen)
+    world = int(chosen[0].get("world_size") or chosen[0]["workers"])
+    return int(chosen[0]["global_batch"]), samples / seconds, world, bool(at_b0)
+
+
+def estimated_savings(summary: Mapping[str, Any]) -> Savings:
+    """Savings of a run against a baseline that was not run, from the run's own measurements.
+
+    Baseline updates: ``baseline_total_updates`` from the plan (exact). Baseline wall-clock:
+    ``samples_seen / throughput at B0`` (see :func:`reference_throughput`) plus the run's
+    non-training time (``wall_s − train_s``: validation and checkpoints, assumed the same).
+    Baseline worker-seconds: that wall-clock × the job's workers during the B0 phase.
+
+    Args:
+        summary: The run's ``summary.json`` (needs ``phases``, ``base_batch``, ``wall_s``,
+            ``total_updates``, ``samples_seen``, ``worker_seconds``).
+
+    Raises:
+        SavingsError: the run is the baseline itself, or the summary lacks the measurements.
+    """
+    if summary.get("growth_mode") == "decay_lr":
+        raise SavingsError(
+            "this run is the decay_lr baseline: there is nothing to save against itself"
+        )
+    phases = summary.get("phases")
+    if not phases:
+        raise SavingsError(
+            "summary.json has no per-phase throughput ('phases'). Fix: use a run finished by "
+            "this version of distgrow."
+        )
+    base_batch = int(_need(summary, "base_batch", "the run's"))
+    samples = int(_need(summary, "samples_seen", "the run's"))
+    wall = float(_need(summary, "wall_s", "the run's"))
+    train_s = sum(float(p.get("train_s") or 0.0) for p in phases)
+    overhead = max(0.0, wall - train_s)
+    batch, rate, world, exact = reference_throughput(phases, base_batch)
+    baseline_train_s = samples / rate
+    baseline_wall = baseline_train_s + overhead
+    where = (
+        f"measured at B0={base_batch} in this run's first phase(s)"
+        if exact
+        else (
+            f"measured at B={batch}, the smallest batch this run used (it never ran at "
+            f"B0={base_batch}; a smaller batch is rarely faster per sample, so the saving is "
+            "likely larger)"
+        )
+    )
+    baseline_updates = summary.get("baseline_total_updates")
+    method = (
+        f"estimated: baseline training time = {samples:,} samples ÷ {rate:,.0f} samples/s "
+        f"({where}, {world} worker(s)) = {baseline_train_s:,.1f} s, plus this run's "
+        f"non-training time (validation, checkpoints) {overhead:,.1f} s, assumed equal; "
+        f"worker-seconds = that × {world} worker(s); updates "
+        + (
+            f"{baseline_updates:,} counted from the decay_lr plan (exact)"
+            if baseline_updates is not None
+            else "unknown (plateau schedule: they depend on when the plateaus come)"
+        )
+    )
+    return Savings(
+        kind="estimated",
+        method=method,
+        run_updates=int(_need(summary, "total_updates", "the run's")),
+        run_wall_s=wall,
+        run_worker_seconds=float(_need(summary, "worker_seconds", "the run's")),
+        baseline_updates=None if baseline_updates is None else int(baseline_updates),
+        baseline_wall_s=baseline_wall,
+        baseline_worker_seconds=baseline_wall * world,
+        details={
+            "reference_batch": batch,
+            "reference_is_base_batch": exact,
+            "reference_samples_per_s": rate,
+            "reference_world_size": world,
+            "baseline_samples": samples,
+            "baseline_train_s": baseline_train_s,
+            "non_training_s": overhead,
+        },
+    )
+
+
+def try_estimated_savings(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`estimated_savings` as a dict, or ``{"kind": "estimated", "unavailable": why}``."""
+    try:
+        return estimated_savings(summary).to_dict()
+    except SavingsError as err:
+        return {"kind": "estimated", "unavailable": str(err)}
+
+
+# --------------------------------------------------------------------------------------------
+# Words
+# --------------------------------------------------------------------------------------------
+
+
+def format_ratio(ratio: float | None, better: str, worse: str) -> str:
+    """``2.17× fewer`` / ``0.91× (1.10× more)``; ``-`` when unknown."""
+    if ratio is None or not math.isfinite(ratio):
+        return "-"
+    if ratio >= 1.0:
+        return f"{ratio:.2f}× {better}"
+    return f"{ratio:.2f}× ({1 / ratio:.2f}× {worse})"
+
+
+def format_seconds(seconds: float | None) -> str:
+    """``42.1 s``, ``12 min 05 s``, ``3 h 04 min``; ``-`` when unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 120:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
