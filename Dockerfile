@@ -35,9 +35,21 @@ COPY distgrow ./distgrow
 COPY configs ./configs
 COPY slurm ./slurm
 
+# Wheels for an offline or faster build (docker/wheels/README.md): pip prefers them, and a
+# Horovod wheel there is installed instead of building Horovod from source. CA certificates in
+# docker/certs/ (a TLS-intercepting proxy's) are trusted by apt and pip during the build.
+COPY docker/wheels /opt/distgrow-wheels
+COPY docker/certs /usr/local/share/ca-certificates/distgrow
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # One layer: Debian packages, the venv and the pinned stack; then drop the caches.
-RUN bash scripts/bootstrap.sh \
-    && rm -rf /var/lib/apt/lists/* /tmp/distgrow-wheels \
+RUN if compgen -G '/usr/local/share/ca-certificates/distgrow/*.crt' >/dev/null; then \
+        update-ca-certificates >/dev/null && export PIP_CERT=/etc/ssl/certs/ca-certificates.crt; \
+    fi \
+    && PIP_FIND_LINKS=/opt/distgrow-wheels \
+    DISTGROW_HOROVOD_WHEEL="$(find /opt/distgrow-wheels -name 'horovod-*.whl' -print -quit)" \
+    bash scripts/bootstrap.sh \
+    && rm -rf /var/lib/apt/lists/* /tmp/distgrow-wheels /opt/distgrow-wheels \
     && /opt/venv/bin/distgrow --help >/dev/null
 
 ENV PATH=/opt/venv/bin:${PATH}

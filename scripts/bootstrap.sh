@@ -60,16 +60,24 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   log "creating $VENV"
   "$PY" -m venv "$VENV"
 fi
+# DISTGROW_TORCH_SPEC picks another torch build (the Dockerfile's CUDA image: torch==2.13.0 from
+# the cu130 index); everything else keeps its pin, from constraints.txt without its torch line.
+CONSTRAINTS=constraints.txt
+if [[ -n "${DISTGROW_TORCH_SPEC:-}" ]]; then
+  CONSTRAINTS="$VENV/constraints-own-torch.txt"
+  grep -v '^torch==' constraints.txt >"$CONSTRAINTS"
+fi
 stamp="$VENV/.distgrow-installed"
 want=$(cat constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+[[ -z "${DISTGROW_TORCH_SPEC:-}" ]] || want="$want $DISTGROW_TORCH_SPEC"
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
   log "installing the pinned stack (constraints.txt) into $VENV"
   # torch first and alone, from the pinned CPU wheel, so nothing else can pull a CUDA build.
-  pip_q install -q -c constraints.txt torch
+  pip_q install -q -c "$CONSTRAINTS" "${DISTGROW_TORCH_SPEC:-torch}"
   # DS_BUILD_OPS=0: DeepSpeed compiles its ops when first used (JIT), not at install time.
   mpi4py_src=()
   [[ "${DISTGROW_MPI4PY_FROM_SOURCE:-0}" == 1 ]] && mpi4py_src=(--no-binary mpi4py)
-  DS_BUILD_OPS=0 pip_q install -q -c constraints.txt ${mpi4py_src[@]+"${mpi4py_src[@]}"} \
+  DS_BUILD_OPS=0 pip_q install -q -c "$CONSTRAINTS" ${mpi4py_src[@]+"${mpi4py_src[@]}"} \
     -e '.[dev,backends]'
   # fail here, not later, if the install broke
   "$VENV/bin/python" -c "import distgrow, torch, yaml, mpi4py, wandb, cffi, deepspeed" >/dev/null 2>&1 ||
@@ -83,7 +91,7 @@ fi
 # Built from its sdist with a C++17 fix; the script returns in ~0.5 s when the installed horovod
 # was built for this torch, and reuses its cached wheel for a new venv.
 if [[ "${DISTGROW_SKIP_HOROVOD:-0}" != 1 ]]; then
-  DISTGROW_VENV="$VENV" bash launchers/install_horovod.sh
+  DISTGROW_VENV="$VENV" DISTGROW_CONSTRAINTS="$CONSTRAINTS" bash launchers/install_horovod.sh
 fi
 
 # --- DeepSpeed's CPU collectives -------------------------------------------------------------
