@@ -723,11 +723,14 @@ class Trainer:
         )
         return int(self.backend.all_reduce(flag, "max"))
 
-    def _wait_for_stop(self, seconds: float) -> None:
+    def _wait_for_stop(self, seconds: float) -> bool:
         """Idle until a stop signal (the restart that brings new workers) or ``seconds`` pass.
 
         Every rank takes the same decision at each poll (one all-reduce), so all leave the
         loop after the same number of collectives.
+
+        Returns:
+            True (on every rank) when a stop signal ended the wait.
         """
         start = time.monotonic()
         self._stop_votes = None  # what the ranks hold is asked again after the wait
@@ -737,9 +740,11 @@ class Trainer:
                 dtype=torch.float64,
                 device=self.device,
             )
-            if self.backend.all_reduce(flags, "max").any():
-                return
+            signalled, timed_out = self.backend.all_reduce(flags, "max").tolist()
+            if signalled or timed_out:
+                return bool(signalled)
             time.sleep(0.1)
+        return False
 
     def stop_for_signal(self, signum: int) -> int:
         """Checkpoint at this update boundary and return ``128 + signum``.
@@ -786,9 +791,10 @@ class Trainer:
         torchrun stops these with SIGTERM (see :meth:`stop_for_signal`) and restarts all.
 
         Returns:
-            The interim setting; None when not elastic, or when the batch cannot be split
-            exactly over this job's workers and no worker joined within
-            :data:`ELASTIC_JOIN_WAIT_S` (the caller then stops for more workers, exit 75).
+            The interim setting; None when not elastic, when a stop signal ended the wait (the
+            caller stops for it before any update), or when the batch cannot be split exactly
+            over this job's workers and no worker joined within :data:`ELASTIC_JOIN_WAIT_S`
+            (the caller then stops for more workers, exit 75).
         """
         if not self.cfg.launch.elastic:
             return None
@@ -810,7 +816,10 @@ class Trainer:
                 + (f"; waiting up to {wait:g} s for them; " if wait > 0 else "; ")
                 + f"{then} (launch.elastic)"
             )
-            self._wait_for_stop(wait)
+            if self._wait_for_stop(wait):
+                # The workers asked for joined (or the job is being stopped): no update runs
+                # at this width, so no growth is logged for it; train_epoch stops next.
+                return None
         if not exact or split is None:
             return None
         return replace(

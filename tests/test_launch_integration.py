@@ -284,6 +284,14 @@ def test_elastic_torchrun_grows_in_place_1_2_4(
     # growth points, where the workers were waiting for the new ones.
     stops = {(e["signal"], e["step"]) for e in events(run_dir) if e["event"] == "stopped"}
     assert stops == {("SIGTERM", 52), ("SIGTERM", 78)}, out
+    # Each growth is logged once, at the width it trained at: not also at the old width while
+    # the workers waited for the new ones.
+    growths = [
+        (e["step"], e["global_batch"], e["workers"])
+        for e in events(run_dir)
+        if e["event"] == "growth"
+    ]
+    assert growths == [(52, 64, 2), (78, 128, 4)], out
     # ... and said so: the expected restart, not a stop the user must resume by hand.
     said = (launch / "attempt-01-agent-0.log").read_text()
     assert "The 2 workers asked for are joining; torchrun restarts" in said, said
