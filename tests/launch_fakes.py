@@ -24,6 +24,7 @@ Behaviour, from ``FAKE_WORKER`` in the environment:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import distgrow
 
@@ -110,7 +111,7 @@ def make_fake_distgrow(root: Path) -> Path:
     return root
 
 
-def read_calls(run_dir: Path) -> list[dict[str, object]]:
+def read_calls(run_dir: Path) -> list[dict[str, Any]]:
     """What the fake workers recorded, in order."""
     import json
 

@@ -211,7 +211,7 @@ def test_horovod_and_deepspeed_train_two_ranks_in_the_image_to_the_same_paramete
     check = docker_run(docker_env, tmp_path, "--check-build", entrypoint="horovodrun")
     for framework in ("PyTorch", "Gloo", "MPI"):
         assert re.search(rf"\[X\] {framework}", check), check
-    runs = {
+    runs: dict[str, tuple[dict[str, Any], str]] = {
         "hvd": ({"name": "horovod"}, "horovodrun"),
         "ds": ({"name": "deepspeed", "zero_stage": 0}, "deepspeed"),
     }

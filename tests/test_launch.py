@@ -440,7 +440,12 @@ class ScriptedExecutor:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_path.write_text(ending.log)
         if ending.need is not None:
-            resize = {"need_workers": ending.need, "have_workers": 1, "epoch": 1, "step": 52}
+            resize: dict[str, Any] = {
+                "need_workers": ending.need,
+                "have_workers": 1,
+                "epoch": 1,
+                "step": 52,
+            }
             resize["checkpoint"] = str(self.run_dir / "ckpt-000000052.pt")
             (self.run_dir / RESIZE_FILE).write_text(json.dumps(resize))
         return Outcome(ending.code, ending.signal)
@@ -454,7 +459,8 @@ class ScriptedExecutor:
         return out
 
 
-GROWING = {  # 1 -> 2 -> 4 workers over 3 epochs (checked in test_dry_run_prints_each_span)
+# 1 -> 2 -> 4 workers over 3 epochs (checked in test_dry_run_prints_each_span)
+GROWING: dict[str, Any] = {
     "run": {"epochs": 3},
     "schedule": {"type": "multistep", "milestones": [1, 2], "gamma": 0.5},
     "growth": {"base_batch": 32, "micro_batch": 32, "max_workers": 4},

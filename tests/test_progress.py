@@ -108,7 +108,7 @@ def test_eta_follows_the_new_phase_after_a_growth() -> None:
     assert p.rate == pytest.approx(1000.0)
     seen = feed(p, clock, 60, batch=5000, seconds=1.0, start=seen, phase=2)  # 5× faster
     assert p.rate == pytest.approx(5000.0, rel=1e-3)
-    assert p.eta_s(seen) == pytest.approx((1_000_000 - seen) / p.rate)
+    assert p.rate is not None and p.eta_s(seen) == pytest.approx((1_000_000 - seen) / p.rate)
 
 
 def test_bar_redraws_in_place_within_the_width_and_keeps_messages_above() -> None:

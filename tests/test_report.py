@@ -72,7 +72,7 @@ def fake_run(
     per_epoch_s = wall_s / EPOCHS
     records: list[dict[str, Any]] = [{"kind": "event", "event": "start", "epoch": 1, "step": 0}]
     step = 0
-    phases = []
+    phases: list[dict[str, Any]] = []
     for epoch in range(EPOCHS):
         s = make_plan_setting(plan, epoch)
         if not phases or phases[-1]["global_batch"] != s["global_batch"]:

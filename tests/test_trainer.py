@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -105,7 +106,7 @@ def final_model(run_dir: Path) -> dict[str, torch.Tensor]:
     return found[1]["model"]
 
 
-def records(run_dir: Path, kind: str) -> list[dict[str, object]]:
+def records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
     return [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] == kind]
 
 
@@ -141,7 +142,7 @@ def test_a_partial_batch_with_empty_micro_batches_is_exact(tmp_path: Path) -> No
     with torch.no_grad():
         for p in reference.parameters():
             assert p.grad is not None
-            p -= setting.lr * p.grad
+            p.sub_(setting.lr * p.grad)
     assert loss == pytest.approx(ref_loss.item(), rel=1e-6)
     for (name, got), want in zip(
         trainer.model.named_parameters(), reference.parameters(), strict=True

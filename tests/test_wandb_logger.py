@@ -43,6 +43,12 @@ class FakeRun:
     def finish(self) -> None:
         self.finished += 1
 
+    def steps(self) -> list[int]:
+        """The step of every point logged; each must have one (W&B's own counter is not used)."""
+        steps = [step for _, step in self.logged]
+        assert None not in steps, steps
+        return [step for step in steps if step is not None]
+
 
 class FakeWandb(types.ModuleType):
     """Records every ``init``; the run it returns records ``log``, ``summary`` and ``finish``."""
@@ -121,7 +127,7 @@ def step_record(step: int, **extra: Any) -> dict[str, Any]:
     return record
 
 
-END = {
+END: dict[str, Any] = {
     "kind": "event",
     "event": "end",
     "status": "completed",
@@ -236,7 +242,7 @@ def test_logs_curves_at_the_global_step_and_the_summary_at_the_end(
     logger.close()
     logger.close()  # twice is harmless
     (run,) = fake_wandb.runs
-    steps = [s for _, s in run.logged]
+    steps = run.steps()
     assert steps == [20, 40, 47, 47, 60]
     assert steps == sorted(steps)
     first = run.logged[0][0]
@@ -433,7 +439,7 @@ def test_the_trainer_hands_wandb_one_run_through_the_seam(
     (run,) = fake_wandb.runs
     assert init["config"]["plan"]["total_updates"] == trainer.plan.total_updates == 20 + 10
     assert init["config"]["growth"]["base_batch"] == 40 and init["name"] == "syn"
-    steps = [step for _, step in run.logged]
+    steps = run.steps()
     assert steps == sorted(steps) and steps[-1] == trainer.step == 30
     keys = set().union(*(data for data, _ in run.logged))
     assert {
@@ -467,7 +473,7 @@ def test_the_trainer_hands_wandb_one_run_through_the_seam(
     fake_wandb.resumed_step = 30
     resumed = train("run.epochs=3", "run.resume=true")
     assert [i["id"] for i in fake_wandb.inits] == [init["id"]] * 2
-    steps = [step for _, step in fake_wandb.runs[1].logged]
+    steps = fake_wandb.runs[1].steps()
     assert steps == sorted(steps) and steps[0] >= 30 and steps[-1] == resumed.step == 40
     phases = json.loads((run_dir / "summary.json").read_text())["phases"]
     assert [p["updates"] for p in phases] == [20, 20]  # the second phase went on after resuming
