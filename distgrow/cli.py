@@ -20,10 +20,9 @@ import sys
 from collections.abc import Sequence
 
 from distgrow.config import ConfigError, describe_fields, dump_config, load_config
+from distgrow.exits import EXIT_USAGE
 from distgrow.planner import Plan, make_plan
 from distgrow.report import ReportError
-
-EXIT_USAGE = 2
 
 
 def _fmt_epoch(x: float) -> str:

@@ -54,18 +54,17 @@ from types import FrameType
 from typing import Any, Literal
 
 from distgrow.config import Config, ConfigError, load_config
+from distgrow.exits import (
+    EXIT_FAILURE,
+    EXIT_NEED_WORKERS,
+    EXIT_NONFINITE,
+    EXIT_OK,
+    EXIT_USAGE,
+    RESIZE_FILE,
+)
 from distgrow.planner import Plan, make_plan
 from distgrow.runtime import RuntimeEnvError, expand_nodelist
 from distgrow.signals import exit_status, signal_from_status, signal_name
-
-# The trainer's exit statuses (distgrow.trainer defines them; that module imports torch, which
-# the controller has no use for, so they are repeated here and a test keeps the two equal).
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_NONFINITE = 65
-EXIT_NEED_WORKERS = 75
-RESIZE_FILE = "resize.json"
 
 # What the controller exits with when a signal stopped the run: the shell's 128 + signal number,
 # so `sbatch`, CI and shells read it as "stopped by SIGTERM/SIGINT". SIGUSR1 is SLURM's

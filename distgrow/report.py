@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from distgrow.config import Config, ConfigError, config_from_dict, load_config
+from distgrow.exits import EXIT_NONFINITE
 from distgrow.planner import make_plan
 from distgrow.savings import (
     PHASE_MEASURES,
@@ -49,7 +50,6 @@ VARIANTS = ("decay_lr", "grow_batch", "hybrid", "grow_batch_lr", "grow_momentum"
 """What ``compare`` can train; ``hybrid`` is ``grow_batch`` with a cap that binds."""
 DEFAULT_VARIANTS = ("decay_lr", "grow_batch", "hybrid")
 
-EXIT_NONFINITE = 65  # distgrow train's status for a diverged run (trainer.EXIT_NONFINITE)
 
 PLOT_FILES = {
     "val_vs_epochs": "val_vs_epochs.png",

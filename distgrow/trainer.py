@@ -72,6 +72,14 @@ from distgrow.data import (
     load_dataset,
     shard_global_batch,
 )
+from distgrow.exits import (
+    EXIT_FAILURE,
+    EXIT_NEED_WORKERS,
+    EXIT_NONFINITE,
+    EXIT_OK,
+    EXIT_USAGE,
+    RESIZE_FILE,
+)
 from distgrow.metrics import (
     JsonlLogger,
     Logger,
@@ -88,13 +96,6 @@ from distgrow.savings import PhaseTracker, process_age_s, try_estimated_savings
 from distgrow.signals import StopSignals, exit_status, signal_name
 from distgrow.wandb_logger import open_wandb_logger
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_NONFINITE = 65  # sysexits EX_DATAERR: the numbers went bad, not the program
-EXIT_NEED_WORKERS = 75  # sysexits EX_TEMPFAIL: retry with more workers
-
-RESIZE_FILE = "resize.json"
 # Elastic: how long workers that cannot split the batch among themselves wait for the workers
 # they asked for before giving up (exit 75); torchrun's own rendezvous join timeout is 600 s.
 ELASTIC_JOIN_WAIT_S = 300.0

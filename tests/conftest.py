@@ -51,6 +51,19 @@ RENDEZVOUS_VARIABLES = (
 )
 
 
+# The launchers that start workers on this machine without a scheduler (bootstrap installs
+# Open MPI, so CI runs both).
+LOCAL_LAUNCHERS = [
+    "torchrun",
+    pytest.param(
+        "mpirun",
+        marks=pytest.mark.skipif(
+            shutil.which("mpirun") is None, reason="needs mpirun: apt-get install openmpi-bin"
+        ),
+    ),
+]
+
+
 def is_launcher_variable(name: str) -> bool:
     """True for a variable a launcher sets (see :data:`LAUNCHER_PREFIXES`)."""
     return name.startswith(LAUNCHER_PREFIXES) or name in RENDEZVOUS_VARIABLES

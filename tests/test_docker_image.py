@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from conftest import REPO_ROOT, SYN_PLAN, SYN_UPDATES, assert_same_model
+from conftest import REPO_ROOT, SYN_PLAN, SYN_UPDATES, assert_same_model, write_config
 
 from distgrow.checkpoint import load_latest
 from distgrow.config import load_config
@@ -200,7 +199,7 @@ def _syn_config(out: Path, name: str, backend: dict[str, Any], launcher: str) ->
         "launch": {"launcher": launcher, "max_restarts": 0},
         "logging": {"every_steps": 5, "progress": "lines"},
     }
-    (out / f"{name}.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    write_config(out / f"{name}.yaml", tree)
     return f"/out/{name}.yaml"
 
 

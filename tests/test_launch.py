@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,16 +19,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO_ROOT, clear_launcher_env, free_port, kill_process_tree, write_config
+from conftest import (
+    LOCAL_LAUNCHERS,
+    REPO_ROOT,
+    clear_launcher_env,
+    free_port,
+    kill_process_tree,
+    write_config,
+)
 from launch_fakes import make_fake_distgrow, read_calls
 
 from distgrow.config import Config, load_config
+from distgrow.exits import EXIT_NEED_WORKERS, EXIT_NONFINITE, EXIT_USAGE, RESIZE_FILE
 from distgrow.launch import (
     ELASTIC_LAST_CALL_S,
-    EXIT_NEED_WORKERS,
-    EXIT_NONFINITE,
-    EXIT_USAGE,
-    RESIZE_FILE,
     LaunchError,
     LaunchSpec,
     Outcome,
@@ -651,17 +654,6 @@ def test_main_launch_dry_run_prints_to_stdout(
     assert "dry run: launcher torchrun, worker limit 4" in out
 
 
-def test_exit_statuses_match_the_trainers() -> None:
-    # launch.py repeats them to stay free of torch; the trainer is the source of truth.
-    trainer = pytest.importorskip("distgrow.trainer")
-    assert (EXIT_USAGE, EXIT_NONFINITE, EXIT_NEED_WORKERS, RESIZE_FILE) == (
-        trainer.EXIT_USAGE,
-        trainer.EXIT_NONFINITE,
-        trainer.EXIT_NEED_WORKERS,
-        trainer.RESIZE_FILE,
-    )
-
-
 def test_main_launch_reports_config_and_launch_errors(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -702,18 +694,7 @@ def real_config(tmp_path: Path, launcher: str, **launch: Any) -> tuple[Path, Pat
     return write_config(tmp_path / f"{launcher}.yaml", tree), run_dir
 
 
-LAUNCHERS_HERE = [
-    "torchrun",
-    pytest.param(
-        "mpirun",
-        marks=pytest.mark.skipif(
-            shutil.which("mpirun") is None, reason="needs mpirun: apt-get install openmpi-bin"
-        ),
-    ),
-]
-
-
-@pytest.mark.parametrize("launcher", LAUNCHERS_HERE)
+@pytest.mark.parametrize("launcher", LOCAL_LAUNCHERS)
 def test_real_launch_exits_75_then_relaunches_wider(
     fake_env: Path, monkeypatch: pytest.MonkeyPatch, launcher: str
 ) -> None:

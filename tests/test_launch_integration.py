@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +28,9 @@ from typing import Any
 import pytest
 import torch
 from conftest import (
+    LOCAL_LAUNCHERS,
     REPO_ROOT,
+    assert_same_model,
     clear_launcher_env,
     communicate_or_fail,
     free_port,
@@ -133,9 +134,7 @@ def assert_same_training(run_dir: Path, reference: Path, config: Path) -> None:
     assert found is not None and expected is not None
     got, ref = found[1], expected[1]
     assert got["step"] == ref["step"] == done["total_updates"]
-    assert got["model"].keys() == ref["model"].keys()
-    for name, tensor in ref["model"].items():
-        torch.testing.assert_close(got["model"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_model(got["model"], ref["model"])
     # The optimizer's momentum buffers too: the next update would be the same.
     for key, state in ref["optimizer"]["state"].items():
         torch.testing.assert_close(
@@ -146,18 +145,7 @@ def assert_same_training(run_dir: Path, reference: Path, config: Path) -> None:
         )
 
 
-LAUNCHERS = [
-    "torchrun",
-    pytest.param(
-        "mpirun",
-        marks=pytest.mark.skipif(
-            shutil.which("mpirun") is None, reason="needs mpirun: apt-get install openmpi-bin"
-        ),
-    ),
-]
-
-
-@pytest.mark.parametrize("launcher", LAUNCHERS)
+@pytest.mark.parametrize("launcher", LOCAL_LAUNCHERS)
 def test_controller_grows_real_training_1_2_4(
     tmp_path: Path, clean_env: None, reference: Path, launcher: str
 ) -> None:

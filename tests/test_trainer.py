@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,19 +12,18 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import distgrow_job_argv
 
 from distgrow.backends import Backend, BackendError, make_backend
 from distgrow.backends.torch_ddp import TorchBackend
 from distgrow.checkpoint import list_checkpoints, load_latest
 from distgrow.config import Config, load_config
 from distgrow.data import epoch_permutation
+from distgrow.exits import EXIT_NEED_WORKERS, EXIT_NONFINITE, EXIT_OK
 from distgrow.metrics import read_jsonl
 from distgrow.planner import make_plan
 from distgrow.runtime import Runtime
 from distgrow.trainer import (
-    EXIT_NEED_WORKERS,
-    EXIT_NONFINITE,
-    EXIT_OK,
     Trainer,
     TrainError,
     build_optimizer,
@@ -358,41 +356,21 @@ def test_micro_batch_seed_depends_on_the_samples_only() -> None:
     assert all(0 <= s < 2**63 for s in seeds)
 
 
+def train_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``distgrow train`` on the Fashion-MNIST config, stdout and stderr kept apart."""
+    config = str(REPO / "configs" / "fashion_mnist_mlp.yaml")
+    argv = distgrow_job_argv(1, [config, *args])
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
 def test_cli_missing_data_set_exits_2(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "distgrow",
-            "train",
-            str(REPO / "configs" / "fashion_mnist_mlp.yaml"),
-            f"data.root={tmp_path / 'nowhere'}",
-            f"run.output_dir={tmp_path / 'run'}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
+    proc = train_cli(f"data.root={tmp_path / 'nowhere'}", f"run.output_dir={tmp_path / 'run'}")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "nowhere" in proc.stderr and not (tmp_path / "run").exists()
 
 
 def test_cli_config_error_exits_2(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "distgrow",
-            "train",
-            str(REPO / "configs" / "fashion_mnist_mlp.yaml"),
-            "optim.lr=-1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
+    proc = train_cli("optim.lr=-1")
     assert proc.returncode == 2 and "optim.lr" in proc.stderr
 
 

@@ -403,8 +403,9 @@ def test_the_trainer_hands_wandb_one_run_through_the_seam(
     import json
 
     from distgrow.backends.torch_ddp import TorchBackend
+    from distgrow.exits import EXIT_OK
     from distgrow.runtime import Runtime
-    from distgrow.trainer import EXIT_OK, Trainer, load_data
+    from distgrow.trainer import Trainer, load_data
 
     single = Runtime(0, 1, 0, 1, "127.0.0.1", 29500, "none")
     run_dir = tmp_path / "run"
