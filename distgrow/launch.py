@@ -63,7 +63,8 @@ from distgrow.exits import (
     RESIZE_FILE,
 )
 from distgrow.planner import Plan, make_plan
-from distgrow.runtime import RuntimeEnvError, expand_nodelist
+from distgrow.runtime import RuntimeEnvError, cpu_cores, expand_nodelist
+from distgrow.runtime import redact as runtime_redact
 from distgrow.signals import exit_status, signal_from_status, signal_name
 
 # What the controller exits with when a signal stopped the run: the shell's 128 + signal number,
@@ -81,9 +82,7 @@ LAUNCHERS: tuple[LauncherName, ...] = (
     "srun",
 )
 
-# Variable names that may hold credentials: their values never reach a log or the terminal.
-_SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "WANDB_API")
-REDACTED = "***"
+REDACTED = "***"  # what the controller shows for a credential's value
 
 
 class LaunchError(ValueError):
@@ -589,15 +588,9 @@ def rendezvous_from_env(
 # --------------------------------------------------------------------------------------------
 
 
-def is_secret(name: str) -> bool:
-    """True when a variable's name suggests a credential (KEY, TOKEN, SECRET, ...)."""
-    upper = name.upper()
-    return any(marker in upper for marker in _SECRET_MARKERS)
-
-
 def redact(name: str, value: str) -> str:
-    """``value``, or ``***`` when ``name`` looks like a credential."""
-    return REDACTED if is_secret(name) else value
+    """``value``, or ``***`` when ``name`` looks like a credential (:func:`runtime.is_secret`)."""
+    return runtime_redact(name, value, REDACTED)
 
 
 def describe_env_changes(additions: Mapping[str, str], current: Mapping[str, str]) -> list[str]:
@@ -998,7 +991,7 @@ def _prepare(
             )
         if cfg.run.threads is None:
             # Each agent runs one worker that believes it is alone on the machine.
-            cores = _cpu_cores()
+            cores = cpu_cores()
             overrides.append(f"run.threads={max(1, cores // limit)}")
             log(
                 f"run.threads -> {max(1, cores // limit)}: {cores} core(s) shared by up to "
@@ -1022,13 +1015,6 @@ def _prepare(
         gpu_ids=gpu_ids,
     )
     return ctx, plan
-
-
-def _cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _visible_gpu_ids(env: Mapping[str, str], gpus_on_node: int | None) -> tuple[str, ...]:

@@ -35,6 +35,7 @@ This module imports neither torch nor anything distributed.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import sys
@@ -44,8 +45,8 @@ from dataclasses import dataclass
 DEFAULT_MASTER_ADDR = "127.0.0.1"
 DEFAULT_MASTER_PORT = 29500
 
-# Variable names that may hold credentials: their values are never written to a log.
-_SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+# Variable names that may hold credentials: their values never reach a log or the terminal.
+_SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "WANDB_API")
 
 
 class RuntimeEnvError(ValueError):
@@ -338,10 +339,23 @@ def runtime_variables(rt: Runtime) -> dict[str, str]:
     }
 
 
-def redact(name: str, value: str) -> str:
-    """``value``, or ``<redacted>`` when ``name`` looks like it holds a credential."""
+def is_secret(name: str) -> bool:
+    """True when a variable's name suggests a credential (KEY, TOKEN, SECRET, ...)."""
     upper = name.upper()
-    return "<redacted>" if any(marker in upper for marker in _SECRET_MARKERS) else value
+    return any(marker in upper for marker in _SECRET_MARKERS)
+
+
+def redact(name: str, value: str, token: str = "<redacted>") -> str:
+    """``value``, or ``token`` when ``name`` looks like it holds a credential."""
+    return token if is_secret(name) else value
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity; all of them off Linux)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _log_stderr(message: str) -> None:

@@ -91,7 +91,13 @@ from distgrow.metrics import (
 from distgrow.models import build_model, uses_batch_norm
 from distgrow.planner import GrowthPolicy, Plan, Realisation, Setting, make_plan
 from distgrow.progress import Progress, ProgressState
-from distgrow.runtime import Runtime, RuntimeEnvError, detect_runtime, export_environment
+from distgrow.runtime import (
+    Runtime,
+    RuntimeEnvError,
+    cpu_cores,
+    detect_runtime,
+    export_environment,
+)
 from distgrow.savings import PhaseTracker, process_age_s, try_estimated_savings
 from distgrow.signals import StopSignals, exit_status, signal_name
 from distgrow.wandb_logger import open_wandb_logger
@@ -188,11 +194,7 @@ def configure_threads(runtime: Runtime, threads: int | None = None) -> int:
         The thread count set.
     """
     if threads is None:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:  # not on Linux
-            cores = os.cpu_count() or 1
-        threads = max(1, cores // runtime.local_world_size)
+        threads = max(1, cpu_cores() // runtime.local_world_size)
     torch.set_num_threads(threads)
     return threads
 
