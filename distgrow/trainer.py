@@ -245,29 +245,35 @@ class RunningStatsMerger:
 
     def _snapshot(self) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
         return [
-            (mean.detach().double().clone(), var.detach().double().clone(), int(count))
+            (
+                mean.detach().to(torch.float64, copy=True),
+                var.detach().to(torch.float64, copy=True),
+                int(count),
+            )
             for mean, var, count, _ in self.layers
         ]
 
     def begin_update(self) -> None:
         """Call before the first micro-batch of an update."""
-        self._start = self._snapshot()
+        self._start = self._before = self._snapshot()
         self._parts = []
 
-    def before_micro_batch(self) -> None:
-        """Call before each micro-batch's forward."""
-        self._before = self._snapshot()
-
     def after_micro_batch(self, chunk: int) -> None:
-        """Call after each micro-batch's forward; ``chunk`` is its index in the global batch."""
+        """Call after each micro-batch's forward; ``chunk`` is its index in the global batch.
+
+        Micro-batches follow each other with nothing else touching the statistics, so this
+        one's end is the next one's start.
+        """
+        after = self._snapshot()
         parts = []
         for (_, _, _, m), (mean0, var0, count0), (mean1, var1, count1) in zip(
-            self.layers, self._before, self._snapshot(), strict=True
+            self.layers, self._before, after, strict=True
         ):
             q = count1 - count0
             decay = (1.0 - m) ** q
             parts.append((q, mean1 - decay * mean0, var1 - decay * var0))
         self._parts.append((chunk, parts))
+        self._before = after
 
     def end_update(self, chunks: int) -> None:
         """Merge over ranks; ``chunks`` = workers × accum_steps of this update."""
@@ -492,8 +498,6 @@ class Trainer:
         if self.bn_merger is not None:
             self.bn_merger.begin_update()
         for k, shard in enumerate(shards):
-            if self.bn_merger is not None:
-                self.bn_merger.before_micro_batch()
             with self.backend.micro_step(sync=k == len(shards) - 1):
                 if shard.numel():
                     seed = micro_batch_seed(self.cfg.run.seed, self.epoch, int(shard[0]))

@@ -98,7 +98,6 @@ class HorovodBackend:
             torch.cuda.set_device(self._device)
         self._module: nn.Module | None = None
         self._optimizer: Any = None  # hvd.DistributedOptimizer around the trainer's optimizer
-        self._grad_clip = cfg.optim.grad_clip
 
     # -- identity ------------------------------------------------------------------------------
 
