@@ -200,7 +200,9 @@ class PhaseTracker:
         return [p.to_dict() for p in self.phases]
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain data for a checkpoint (the clock mark is not saved: a resume restarts it)."""
+        """Plain data for a checkpoint, up to now (the clock mark is not saved: a resume
+        restarts it)."""
+        self.tick()  # the time since the last tick belongs in the checkpoint too
         return {"phases": [asdict(p) for p in self.phases]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

@@ -91,6 +91,21 @@ def test_tracker_resumes_from_its_state_without_counting_the_downtime() -> None:
     assert phase.train_s == pytest.approx(5.0)
 
 
+def test_a_checkpoint_holds_the_phase_time_up_to_the_moment_it_is_taken() -> None:
+    clock = FakeClock()
+    tracker = PhaseTracker(clock)
+    tracker.start()
+    begin(tracker, 128)
+    clock.now += 100.0
+    tracker.record_update(128, 90.0)
+    state = tracker.state_dict()  # the trainer's checkpoint: no tick() of its own before it
+    assert state["phases"][0]["wall_s"] == pytest.approx(100.0)
+    assert state["phases"][0]["worker_seconds"] == pytest.approx(200.0)  # 2 workers
+    resumed = PhaseTracker(clock)
+    resumed.load_state_dict(state)
+    assert resumed.phases[0].wall_s == pytest.approx(100.0)
+
+
 def test_record_update_before_begin_is_a_bug() -> None:
     with pytest.raises(RuntimeError, match="before begin"):
         PhaseTracker().record_update(1, 1.0)
