@@ -24,17 +24,16 @@ quietly rewinds is worse than one that stops and says why).
 from __future__ import annotations
 
 import contextlib
-import os
 import pickle
 import re
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
 from distgrow.config import Config
+from distgrow.metrics import atomic_write
 
 FORMAT_VERSION = 1
 
@@ -114,44 +113,6 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some file systems do not open directories; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file, fsync, ``os.replace``)."""
-    _atomic_write(Path(path), lambda f: f.write(data))
-
-
-def _atomic_write(target: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write through ``write`` to a temporary file next to ``target``, then rename it over.
-
-    On any failure the temporary file is removed and ``target`` keeps its old content.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(target.parent)
-
-
 def save_checkpoint(directory: str | Path, state: Mapping[str, Any], keep: int) -> Path:
     """Write ``state`` as ``ckpt-<step>.pt`` atomically, then keep only the newest ``keep``.
 
@@ -176,7 +137,7 @@ def save_checkpoint(directory: str | Path, state: Mapping[str, Any], keep: int) 
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(folder, int(state["step"]))
-    _atomic_write(path, lambda f: torch.save(dict(state), f))
+    atomic_write(path, lambda f: torch.save(dict(state), f))
     for old in list_checkpoints(folder)[:-keep]:
         with contextlib.suppress(OSError):
             old.unlink()

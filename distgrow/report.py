@@ -33,6 +33,7 @@ import yaml
 
 from distgrow.config import Config, ConfigError, config_from_dict, load_config
 from distgrow.exits import EXIT_NONFINITE
+from distgrow.metrics import write_json
 from distgrow.planner import make_plan
 from distgrow.savings import (
     PHASE_MEASURES,
@@ -438,9 +439,7 @@ def build_report(
         "plots": plots,
         "notes": notes,
     }
-    (out / "summary.json").write_text(
-        json.dumps(_finite(summary), indent=2, allow_nan=False) + "\n", encoding="utf-8"
-    )
+    write_json(out / "summary.json", summary)
     (out / "report.md").write_text(render_markdown(summary), encoding="utf-8")
     return summary
 
@@ -452,17 +451,6 @@ def _title(runs: Sequence[RunData]) -> str:
         (i for i, (a, b) in enumerate(zip(first, last, strict=False)) if a != b), len(first)
     )
     return first[:size].rstrip("-_") or runs[0].label
-
-
-def _finite(value: Any) -> Any:
-    """JSON-safe: non-finite floats become None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _write_plots(runs: Sequence[RunData], out: Path, metric: str) -> dict[str, str]:
@@ -1035,9 +1023,7 @@ def write_sweep(
         "best": None if best is None else {k: best[k] for k in ("batch", "lr", "val_loss")},
         "plot": "sweep.png",
     }
-    (out / "sweep.json").write_text(
-        json.dumps(_finite(data), indent=2, allow_nan=False) + "\n", encoding="utf-8"
-    )
+    write_json(out / "sweep.json", data)
 
     def cell(r: Mapping[str, Any] | None, key: str) -> str:
         if r is None:

@@ -58,6 +58,7 @@ from distgrow.backends import Backend, BackendError, make_backend
 from distgrow.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
+    checkpoint_path,
     fingerprint,
     list_checkpoints,
     load_latest,
@@ -1054,7 +1055,7 @@ class Trainer:
         key = (self.epoch, self.position, self.step)
         if self._last_checkpoint is not None and self._last_checkpoint[0] == key:
             return self._last_checkpoint[1]
-        path = self.run_dir / f"ckpt-{self.step:09d}.pt"
+        path = checkpoint_path(self.run_dir, self.step)
         # Every rank builds the state: engines that partition the optimizer (ZeRO) gather it.
         state = self.state_dict(reason)
         if self.backend.is_main:
@@ -1158,12 +1159,13 @@ def run(cfg: Config) -> int:
     and returned as :data:`EXIT_USAGE`.
     """
     # Start-up counts from the birth of the process: imports, data, rendezvous, W&B.
-    started_at = time.perf_counter() - (process_age_s() or 0.0)
+    age = process_age_s() or 0.0
+    started_at = time.perf_counter() - age
     # From here a SIGTERM/SIGINT/SIGUSR1 stops training after the current update, with a
     # checkpoint (during start-up: before the first update).
     stop_signals = StopSignals()
     stop_signals.install()
-    marks = {"process_start": time.time() - (process_age_s() or 0.0), "main": time.time()}
+    marks = {"process_start": time.time() - age, "main": time.time()}
     prefix = "distgrow: error"
     try:
         runtime = detect_runtime(

@@ -10,11 +10,9 @@ from typing import Any
 import pytest
 import torch
 
-from distgrow import checkpoint as ckpt
 from distgrow.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
-    atomic_write_bytes,
     checkpoint_path,
     fingerprint,
     list_checkpoints,
@@ -23,6 +21,7 @@ from distgrow.checkpoint import (
     save_checkpoint,
 )
 from distgrow.config import load_config
+from distgrow.metrics import atomic_write_bytes
 
 FINGERPRINT = {"model": {"name": "mlp", "hidden": [8]}, "seed": 0, "optimizer": "sgd"}
 
@@ -96,7 +95,7 @@ def test_a_crash_before_the_rename_leaves_the_previous_checkpoint(
     def crash(src: str, dst: str) -> None:
         raise OSError("simulated crash between write and rename")
 
-    monkeypatch.setattr(ckpt.os, "replace", crash)
+    monkeypatch.setattr(os, "replace", crash)  # the atomic write renames with os.replace
     with pytest.raises(OSError, match="simulated crash"):
         save_checkpoint(tmp_path, make_state(2), keep=1)
     monkeypatch.undo()
