@@ -19,6 +19,7 @@ import math
 import sys
 from collections.abc import Sequence
 
+from distgrow import report
 from distgrow.config import ConfigError, describe_fields, dump_config, load_config
 from distgrow.exits import EXIT_USAGE
 from distgrow.planner import Plan, make_plan
@@ -176,23 +177,17 @@ OUT/sweep.json; a diverged run is shown as such. OUT defaults to reports/<run.na
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from distgrow import report
-
     variants = report.parse_list(args.variants, str, "--variants")
     report.compare(args.config, args.overrides, variants=variants, out_dir=args.out)
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from distgrow import report
-
     report.report(args.run_dirs, out_dir=args.out, baseline=args.baseline)
     return 0
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from distgrow import report
-
     report.sweep(
         args.config,
         args.overrides,
@@ -239,9 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("compare", "Train decay_lr, grow_batch and the hybrid side by side; write a report.")
     p.add_argument(
         "--variants",
-        default="decay_lr,grow_batch,hybrid",
-        help="comma-separated, from decay_lr, grow_batch, hybrid, grow_batch_lr, grow_momentum "
-        "(default: %(default)s)",
+        default=",".join(report.DEFAULT_VARIANTS),
+        help=f"comma-separated, from {', '.join(report.VARIANTS)} (default: %(default)s)",
     )
     p.add_argument("--out", metavar="DIR", help="the report directory")
     p.epilog = _COMPARE_EPILOG

@@ -47,7 +47,7 @@ import sys
 import threading
 import time
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
@@ -73,14 +73,6 @@ from distgrow.signals import exit_status, signal_from_status, signal_name
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 LauncherName = Literal["none", "torchrun", "deepspeed", "horovodrun", "mpirun", "srun"]
-LAUNCHERS: tuple[LauncherName, ...] = (
-    "none",
-    "torchrun",
-    "deepspeed",
-    "horovodrun",
-    "mpirun",
-    "srun",
-)
 
 REDACTED = "***"  # what the controller shows for a credential's value
 
@@ -607,6 +599,18 @@ def describe_env_changes(additions: Mapping[str, str], current: Mapping[str, str
     return lines
 
 
+def _log_command(
+    log: Callable[[str], None],
+    argv: Sequence[str],
+    additions: Mapping[str, str],
+    env: Mapping[str, str],
+) -> None:
+    """Log the environment a launch changes (redacted) and its command line."""
+    for line in describe_env_changes(additions, env):
+        log(f"  env: {line}")
+    log(f"  $ {format_command(argv)}")
+
+
 def format_command(argv: Iterable[str]) -> str:
     """A copy-pasteable command line for logs (never executed through a shell)."""
     return shlex.join(argv)
@@ -679,7 +683,7 @@ def run_subprocess(argv: list[str], env_additions: dict[str, str], log_path: Pat
         # A worker that outlives its launcher keeps the pipe open: do not wait on it forever.
         reader.join(timeout=10)
     if code < 0:
-        code = 128 - code  # as a shell reports a process killed by a signal
+        code = exit_status(-code)  # as a shell reports a process killed by a signal
     return Outcome(code, received[0] if received else None)
 
 
@@ -922,15 +926,24 @@ def _worker_code(ctx: _Context, outcome: Outcome, log_path: Path) -> int:
     When torchrun itself was stopped by a signal (it forwards it to the workers, which
     checkpoint, then it exits 1 with a ``SignalException``), the status is ``128 + signal``.
     """
-    code = outcome.returncode
-    if ctx.launcher == "torchrun" and code == EXIT_FAILURE:
-        tail = _log_tail(log_path)
-        return torchrun_root_cause(tail) or torchrun_stop_signal_status(tail) or code
-    return code
+    if ctx.launcher == "torchrun":
+        return _torchrun_status(outcome.returncode, log_path)[0]
+    return outcome.returncode
 
 
-def _signal_exit(signum: int) -> int:
-    return exit_status(signum)
+def _torchrun_status(raw: int, log_path: Path) -> tuple[int, int | None]:
+    """(The workers' status, torchrun's root cause) behind torchrun's exit status ``raw``.
+
+    torchrun exits 1 whatever its workers did; its log names the failed worker's status (the
+    root cause), or says torchrun was stopped by a signal (``128 + signal``).
+    """
+    if raw != EXIT_FAILURE:
+        return raw, None
+    tail = _log_tail(log_path)
+    cause = torchrun_root_cause(tail)
+    if cause is not None:
+        return cause, cause
+    return torchrun_stop_signal_status(tail) or raw, None
 
 
 def _report(ctx: _Context, headline: str, fix: str) -> None:
@@ -1047,9 +1060,7 @@ def _dry_run(ctx: _Context, plan: Plan, env: Mapping[str, str]) -> int:
             "added when the workers ask for more (resize.json), and torchrun restarts all workers "
             "at the new size. Each agent runs:"
         )
-        for line in describe_env_changes(additions, env):
-            ctx.log(f"  env: {line}")
-        ctx.log(f"  $ {format_command(argv)}")
+        _log_command(ctx.log, argv, additions, env)
         return EXIT_OK
     for number, span in enumerate(spans, start=1):
         where = (
@@ -1060,9 +1071,7 @@ def _dry_run(ctx: _Context, plan: Plan, env: Mapping[str, str]) -> int:
         resume = number > 1 or ctx.cfg.run.resume
         argv, additions = build_command(ctx.launcher, ctx.spec(span.workers, resume))
         ctx.log(f"launch {number}: {span.workers} worker(s), {where}")
-        for line in describe_env_changes(additions, env):
-            ctx.log(f"  env: {line}")
-        ctx.log(f"  $ {format_command(argv)}")
+        _log_command(ctx.log, argv, additions, env)
     return EXIT_OK
 
 
@@ -1131,9 +1140,7 @@ def run_elastic_group(
         f"launch {number}: elastic, {workers} torchrun agent(s) of 1 worker, rendezvous "
         f"{rdzv_id}; logs {log_dir}/attempt-{number:02d}-agent-*.log"
     )
-    for line in describe_env_changes(additions, env):
-        ctx.log(f"  env: {line}")
-    ctx.log(f"  $ {format_command(argv)}")
+    _log_command(ctx.log, argv, additions, env)
     agents: list[_Agent] = []
     received: list[int] = []
 
@@ -1224,11 +1231,8 @@ def run_elastic_group(
     reports = []
     for agent in agents:
         raw = agent.proc.returncode
-        raw = 128 - raw if raw < 0 else raw
-        tail = _log_tail(agent.log_path)
-        worker = torchrun_root_cause(tail) if raw == EXIT_FAILURE else None
-        stopped = torchrun_stop_signal_status(tail) if raw == EXIT_FAILURE else None
-        reports.append((worker if worker is not None else (stopped or raw), worker, agent))
+        status, cause = _torchrun_status(exit_status(-raw) if raw < 0 else raw, agent.log_path)
+        reports.append((status, cause, agent))
     chosen = next((r for r in reports if r[1] is not None), reports[0])
     return Outcome(chosen[0], forwarded), len(agents), chosen[2].log_path
 
@@ -1324,9 +1328,7 @@ def run_controller(
                 f"launch {number}: {workers} worker(s){' (resume)' if resume else ''}; "
                 f"log {log_path}"
             )
-            for line in describe_env_changes(additions, env):
-                log(f"  env: {line}")
-            log(f"  $ {format_command(argv)}")
+            _log_command(log, argv, additions, env)
             outcome = executor(argv, additions, log_path)
             code = _worker_code(ctx, outcome, log_path)
         ctx.history.append(
@@ -1346,7 +1348,7 @@ def run_controller(
                 f"checkpoint and exit; not relaunching. Resume with run.resume=true. "
                 f"Logs: {log_path}"
             )
-            return _signal_exit(outcome.signal)
+            return exit_status(outcome.signal)
         stopped_by = signal_from_status(code)
         if stopped_by is None and not ctx.elastic_agents:
             # mpirun, srun and others exit 1 (or their own status) after their workers stopped
@@ -1361,7 +1363,7 @@ def run_controller(
                 f"the workers were stopped by {signal_name(stopped_by)} (exit {code}), not a "
                 f"crash: not relaunching. Resume with run.resume=true. Logs: {log_path}"
             )
-            return _signal_exit(stopped_by)
+            return exit_status(stopped_by)
         if code == EXIT_NEED_WORKERS or (
             resize is not None and code not in (EXIT_USAGE, EXIT_NONFINITE)
         ):
