@@ -287,7 +287,7 @@ def detect_runtime(
         if per_node:
             local_world = _slurm_tasks_on_node(per_node, _first_int(env, "SLURM_NODEID") or 0)
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
-        if nodelist:
+        if nodelist and not env.get("MASTER_ADDR"):  # the node list only names the master
             hosts = expand_nodelist(nodelist)
             if hosts:
                 addr = hosts[0]

@@ -74,6 +74,12 @@ def test_slurm_keeps_an_explicit_master_addr() -> None:
         "MASTER_ADDR": "x",
     }
     assert detect_runtime(env).master_addr == "x"
+    # ... and then the node list is not needed: one distgrow cannot parse is no obstacle, as
+    # the error for it says (Fix: set MASTER_ADDR).
+    bad = {**env, "SLURM_JOB_NODELIST": "node[1-"}
+    assert detect_runtime(bad).master_addr == "x"
+    with pytest.raises(RuntimeEnvError, match="MASTER_ADDR"):
+        detect_runtime({k: v for k, v in bad.items() if k != "MASTER_ADDR"})
 
 
 def test_pmi_variables() -> None:
