@@ -105,6 +105,21 @@ PHASE_MEASURES = (
 """What a phase is and measured, as the report's tables and the W&B summary show it."""
 PHASE_SPLIT = ("micro_batch", "accum_steps", "lr")
 """The rest of a phase's setting (the report's per-phase table shows them too)."""
+SUMMARY_MEASURES = (
+    "status",
+    "epochs",
+    "total_updates",
+    "samples_seen",
+    "wall_s",
+    "startup_s",
+    "train_s",
+    "samples_per_s",
+    "worker_seconds",
+    "worker_hours",
+    "gpu_hours",
+    "world_size",
+)
+"""What a run's ``summary.json`` measured, as the report and the W&B summary carry it."""
 
 
 class PhaseTracker:

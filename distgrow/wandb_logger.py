@@ -41,7 +41,7 @@ from typing import Any, TypeGuard
 
 from distgrow.config import Config
 from distgrow.metrics import Logger, NullLogger
-from distgrow.savings import PHASE_MEASURES
+from distgrow.savings import PHASE_MEASURES, SUMMARY_MEASURES
 
 RUN_ID_FILE = "wandb_run_id.txt"
 
@@ -153,18 +153,7 @@ def _phase_metrics(phase: Mapping[str, Any]) -> dict[str, Any]:
 
 
 _SUMMARY_KEYS = (
-    "status",
-    "epochs",
-    "total_updates",
-    "samples_seen",
-    "wall_s",
-    "startup_s",
-    "train_s",
-    "samples_per_s",
-    "worker_seconds",
-    "worker_hours",
-    "gpu_hours",
-    "world_size",
+    *SUMMARY_MEASURES,
     "growth_events",
     "growth_mode",
     "device",
