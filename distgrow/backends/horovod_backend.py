@@ -12,9 +12,11 @@ micro-steps (Horovod sums them, INFRA.md), which is exactly the trainer's loss c
 :mod:`distgrow.backends.base`): the loss is not divided again. A growth event changes the count
 at an update boundary, so it is exact too.
 
-Parameters are broadcast from rank 0 at setup; the optimizer state after a resume. A fresh
-optimizer's (empty) state is not broadcast: ``hvd.broadcast_optimizer_state`` would initialise
-it with a dummy step, which moves the weights under weight decay and counts a step in Adam.
+Parameters are broadcast from rank 0 at setup. A resume needs no broadcast of its own: the
+trainer hands every rank the checkpoint rank 0 read (``broadcast_object``), so each loads the
+same model and optimizer state. (``hvd.broadcast_optimizer_state`` would also initialise an
+empty state with a dummy step, which moves the weights under weight decay and counts a step in
+Adam.)
 
 Horovod Elastic (``horovodrun --min-np/--max-np --host-discovery-script``, which ``distgrow
 launch`` builds for ``launch.elastic=true``): when the driver reports new slots, the backend
@@ -201,8 +203,7 @@ class HorovodBackend:
 
     def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         module = self._require_module()
-        module.load_state_dict(state)
-        self._hvd.broadcast_parameters(module.state_dict(), root_rank=0)
+        module.load_state_dict(state)  # the same state on every rank (Trainer.open_run)
 
     def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """The wrapper's state (it holds the momentum buffers, not the trainer's optimizer)."""
@@ -221,8 +222,6 @@ class HorovodBackend:
         for mine, loaded in zip(shared, wrapped.param_groups, strict=True):
             mine.update(loaded)
         wrapped.param_groups = shared
-        if wrapped.state:  # see the module docstring: never broadcast an empty state
-            self._hvd.broadcast_optimizer_state(wrapped, root_rank=0)
 
     # -- Horovod Elastic -----------------------------------------------------------------------
 
