@@ -1,5 +1,5 @@
-"""``distgrow train``'s exit statuses, and the file exit 75 leaves: one definition for the
-trainer, the launch controller, the report and the command line.
+"""``distgrow train``'s exit statuses: one definition for the trainer, the launch controller,
+the report and the command line (the file exit 75 leaves is :class:`distgrow.rundir.ResizeRequest`).
 
 This module imports nothing, so that the controller and the report stay free of torch.
 """
@@ -9,6 +9,3 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2  # config, data, run-directory or checkpoint problem: nothing trained
 EXIT_NONFINITE = 65  # sysexits EX_DATAERR: the numbers went bad, not the program
 EXIT_NEED_WORKERS = 75  # sysexits EX_TEMPFAIL: retry with more workers
-
-RESIZE_FILE = "resize.json"
-"""Written to the run directory with exit 75: how many workers the plan needs, and where."""

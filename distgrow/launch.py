@@ -60,8 +60,8 @@ from distgrow.exits import (
     EXIT_NONFINITE,
     EXIT_OK,
     EXIT_USAGE,
-    RESIZE_FILE,
 )
+from distgrow.rundir import RESIZE_FILE
 from distgrow.planner import Plan, make_plan
 from distgrow.runtime import RuntimeEnvError, cpu_cores, expand_nodelist
 from distgrow.runtime import redact as runtime_redact

@@ -17,22 +17,31 @@ Record kinds written by the trainer (field ``kind``):
 
 Non-finite floats are written as ``null`` (JSON has no NaN).
 
-:func:`atomic_write` (temporary file, fsync, rename) writes the JSON files here and the
-checkpoints (:mod:`distgrow.checkpoint`); this module imports no torch, so the report and the
-W&B logger can use it without loading torch.
+:mod:`distgrow.rundir` names the run directory's files and writes them atomically; this module
+imports no torch, so the report and the W&B logger can use it without loading torch.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
-import os
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO, Any, BinaryIO, Protocol, runtime_checkable
+from typing import IO, Any, Protocol, runtime_checkable
+
+from distgrow.rundir import atomic_write, atomic_write_bytes, read_jsonl, to_json, write_json
+
+__all__ = [
+    "JsonlLogger",
+    "Logger",
+    "MultiLogger",
+    "NullLogger",
+    "ThroughputMeter",
+    "atomic_write",
+    "atomic_write_bytes",
+    "read_jsonl",
+    "to_json",
+    "write_json",
+]
 
 
 @runtime_checkable
@@ -46,22 +55,6 @@ class Logger(Protocol):
     def close(self) -> None:
         """Flush and release whatever the logger holds."""
         ...
-
-
-def _plain(value: Any) -> Any:
-    """JSON-safe: non-finite floats become None; tuples become lists."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
-def to_json(record: dict[str, Any]) -> str:
-    """One record as a strict JSON line (no NaN/Infinity literals)."""
-    return json.dumps(_plain(record), allow_nan=False, sort_keys=False)
 
 
 class NullLogger:
@@ -112,57 +105,6 @@ class MultiLogger:
     def close(self) -> None:
         for logger in self.loggers:
             logger.close()
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some file systems do not open directories; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file, fsync, ``os.replace``)."""
-    atomic_write(Path(path), lambda f: f.write(data))
-
-
-def atomic_write(target: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write through ``write`` to a temporary file next to ``target``, then rename it over.
-
-    On any failure the temporary file is removed and ``target`` keeps its old content.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(target.parent)
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a ``metrics.jsonl`` file (for tests and reports)."""
-    with Path(path).open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def write_json(path: str | Path, obj: Mapping[str, Any]) -> None:
-    """Write ``obj`` as indented strict JSON, atomically (``summary.json``, ``resize.json``,
-    the reports' JSON)."""
-    text = json.dumps(_plain(obj), indent=2, allow_nan=False) + "\n"
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 class ThroughputMeter:

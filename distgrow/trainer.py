@@ -79,8 +79,8 @@ from distgrow.exits import (
     EXIT_NONFINITE,
     EXIT_OK,
     EXIT_USAGE,
-    RESIZE_FILE,
 )
+from distgrow.rundir import RESIZE_FILE
 from distgrow.metrics import (
     JsonlLogger,
     Logger,

@@ -30,7 +30,8 @@ from conftest import (
 from launch_fakes import make_fake_distgrow, read_calls
 
 from distgrow.config import Config, load_config
-from distgrow.exits import EXIT_NEED_WORKERS, EXIT_NONFINITE, EXIT_USAGE, RESIZE_FILE
+from distgrow.exits import EXIT_NEED_WORKERS, EXIT_NONFINITE, EXIT_USAGE
+from distgrow.rundir import RESIZE_FILE
 from distgrow.launch import (
     ELASTIC_LAST_CALL_S,
     LaunchError,

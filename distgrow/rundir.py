@@ -1,0 +1,390 @@
+"""The run directory: the one contract between the trainer, the launch controller, the report
+and the W&B logger. Pure: imports neither torch nor anything of distgrow's but :mod:`exits`.
+
+A run directory (``run.output_dir/run.name``) holds:
+
+=======================  ==========================================================  ==========
+file                     what                                                        written by
+=======================  ==========================================================  ==========
+``config.yaml``          the resolved config the run trains (relaunch, resume,        trainer
+                         ``compare`` and ``report`` rebuild everything from it)
+``metrics.jsonl``        one JSON record a line: ``kind`` step, epoch or event        trainer
+``summary.json``         :class:`Summary`, written once the run completed             trainer
+``resize.json``          :class:`ResizeRequest`: the workers the plan needs (exit    trainer
+                         75, or an elastic request while training goes on)
+``ckpt-<step:09d>.pt``   atomic, world-size-independent checkpoints                   trainer
+``wandb_run_id.txt``     the W&B run id, so relaunches continue one W&B run           W&B logger
+``launch/``              the controller's logs and the resize requests it consumed    controller
+=======================  ==========================================================  ==========
+
+Every name is spelled here and nowhere else; every JSON file is written with
+:func:`write_json` (temporary file, fsync, rename), so a crash leaves the old or the new file,
+never a torn one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+RESIZE_FILE = "resize.json"
+WANDB_RUN_ID_FILE = "wandb_run_id.txt"
+LAUNCH_DIR = "launch"
+CHECKPOINT_GLOB = "ckpt-*.pt"
+_CHECKPOINT_NAME = re.compile(r"^ckpt-(\d{9,})\.pt$")
+
+SUMMARY_VERSION = 1
+RESIZE_VERSION = 1
+
+
+class RunDirError(ValueError):
+    """A run-directory file is missing or unreadable; the message names the file and the fix."""
+
+
+# -- atomic writes ---------------------------------------------------------------------------
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some file systems do not open directories; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(target: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write through ``write`` to a temporary file next to ``target``, then rename it over.
+
+    On any failure the temporary file is removed and ``target`` keeps its old content.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(target.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file, fsync, ``os.replace``)."""
+    atomic_write(Path(path), lambda f: f.write(data))
+
+
+def plain(value: Any) -> Any:
+    """``value`` as strict JSON types: non-finite floats become None, tuples lists, dataclasses
+    dicts, numpy/torch scalars Python numbers (anything with ``.item()``)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return plain(dataclasses.asdict(value))
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if hasattr(value, "item") and callable(value.item):
+        return plain(value.item())
+    return value
+
+
+def to_json(record: Mapping[str, Any]) -> str:
+    """One strict-JSON line (what ``metrics.jsonl`` holds)."""
+    return json.dumps(plain(record), allow_nan=False)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` (a mapping or a dataclass) as indented strict JSON, atomically."""
+    text = json.dumps(plain(obj), indent=2, allow_nan=False) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    """A JSON object from ``path``.
+
+    Raises:
+        RunDirError: the file is missing, unreadable, not JSON or not an object.
+    """
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunDirError(f"{p} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunDirError(f"{p} is not readable JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise RunDirError(f"{p} holds {type(data).__name__}, not a JSON object")
+    return data
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a ``metrics.jsonl`` file; a line cut by a crash (the last) is skipped."""
+    out: list[dict[str, Any]] = []
+    with Path(path).open(encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                out.append(record)
+    return out
+
+
+# -- typed records ---------------------------------------------------------------------------
+
+R = TypeVar("R")
+
+
+def _from_mapping(cls: type[R], data: Mapping[str, Any], source: str) -> R:
+    """Build dataclass ``cls`` from ``data``: unknown keys go to ``extra`` (when the class has
+    it), a missing required key is a :class:`RunDirError` naming ``source``."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    known = {k: v for k, v in data.items() if k in names and k != "extra"}
+    if "extra" in names:
+        known["extra"] = {k: v for k, v in data.items() if k not in names}
+    try:
+        return cls(**known)
+    except TypeError as err:
+        raise RunDirError(
+            f"{source} is not a distgrow record of this version ({err}). Fix: use a run "
+            "written by this version of distgrow."
+        ) from None
+
+
+@dataclass(frozen=True)
+class ResizeRequest:
+    """``resize.json``: the workers the plan needs, and where the run stands.
+
+    Written by rank 0 with exit 75 (``checkpoint`` and ``exit_code`` set), or while training
+    goes on under ``launch.elastic`` (``elastic`` true: the controller starts the new workers).
+    """
+
+    need_workers: int
+    have_workers: int
+    epoch: int
+    position: int
+    step: int
+    samples_seen: int
+    global_batch: int
+    time: float
+    micro_batch: int | None = None
+    accum_steps: int | None = None
+    checkpoint: str | None = None
+    exit_code: int | None = None
+    elastic: bool = False
+    version: int = RESIZE_VERSION
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = RESIZE_FILE) -> ResizeRequest:
+        """Rebuild from the JSON object (unknown keys are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return _from_mapping(cls, {k: v for k, v in data.items() if k in names}, source)
+
+
+@dataclass
+class Summary:
+    """``summary.json``: what a completed run did, measured and saved.
+
+    ``extra`` holds what this version does not name (``val_*`` metrics of other tasks, keys of
+    a newer distgrow); :meth:`to_dict` writes it back at the top level.
+    """
+
+    status: str
+    epochs: int
+    total_updates: int
+    samples_seen: int
+    wall_s: float
+    worker_seconds: float
+    world_size: int
+    growth_mode: str
+    base_batch: int
+    dataset_size: int
+    train_loss: float | None = None
+    val_loss: float | None = None
+    val_acc: float | None = None
+    growth_events: int = 0
+    final_setting: dict[str, Any] | None = None
+    planned_total_updates: int | None = None
+    baseline_total_updates: int | None = None
+    update_ratio_vs_baseline: float | None = None
+    distgrow_version: str | None = None
+    startup_s: float | None = None
+    train_s: float | None = None
+    samples_per_s: float | None = None
+    worker_hours: float | None = None
+    gpu_hours: float | None = None
+    device: str | None = None
+    phases: list[dict[str, Any]] = field(default_factory=list)
+    savings: dict[str, Any] = field(default_factory=dict)
+    version: int = SUMMARY_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object (``extra`` merged at the top level)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {**out, **self.extra}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = SUMMARY_FILE) -> Summary:
+        """Rebuild from the JSON object; a file without ``version`` is version 0 (round 1)."""
+        return _from_mapping(cls, {"version": 0, **data}, source)
+
+
+# -- the directory ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The files of one run directory (nothing is created until written)."""
+
+    path: Path
+
+    def __init__(self, path: str | Path) -> None:
+        object.__setattr__(self, "path", Path(path))
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def summary(self) -> Path:
+        return self.path / SUMMARY_FILE
+
+    @property
+    def resize(self) -> Path:
+        return self.path / RESIZE_FILE
+
+    @property
+    def wandb_run_id(self) -> Path:
+        return self.path / WANDB_RUN_ID_FILE
+
+    @property
+    def launch_dir(self) -> Path:
+        return self.path / LAUNCH_DIR
+
+    # checkpoints
+
+    def checkpoint(self, step: int) -> Path:
+        """The file of the checkpoint after ``step`` updates."""
+        return self.path / f"ckpt-{step:09d}.pt"
+
+    def checkpoints(self) -> list[Path]:
+        """Checkpoints, oldest first (by step; temporary files are ignored)."""
+        if not self.path.is_dir():
+            return []
+        found = [
+            (int(m.group(1)), p) for p in self.path.iterdir() if (m := _CHECKPOINT_NAME.match(p.name))
+        ]
+        return [p for _, p in sorted(found)]
+
+    def latest_checkpoint(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def holds_a_run(self) -> bool:
+        """True when a run wrote here (a checkpoint, metrics or a summary)."""
+        return bool(self.checkpoints()) or self.metrics.exists() or self.summary.exists()
+
+    # metrics
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every record of ``metrics.jsonl`` ([] when there is none)."""
+        return read_jsonl(self.metrics) if self.metrics.is_file() else []
+
+    def tail_records(self, size: int = 65536) -> Iterator[dict[str, Any]]:
+        """The records in the last ``size`` bytes of ``metrics.jsonl``, newest first (a long
+        run costs nothing; a cut first line or one being written is skipped)."""
+        try:
+            with self.metrics.open("rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - size))
+                text = f.read().decode("utf-8", errors="replace")
+        except OSError:
+            return
+        for line in reversed(text.splitlines()):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                yield record
+
+    def last_record(self, key: str) -> dict[str, Any] | None:
+        """The newest record of ``metrics.jsonl`` that has ``key``."""
+        return next((r for r in self.tail_records() if key in r), None)
+
+    # resize.json
+
+    def read_resize(self) -> ResizeRequest | None:
+        """The resize request, or None when there is none or it cannot be read."""
+        if not self.resize.is_file():
+            return None
+        try:
+            return ResizeRequest.from_dict(read_json(self.resize), str(self.resize))
+        except RunDirError:
+            return None
+
+    def write_resize(self, request: ResizeRequest) -> None:
+        write_json(self.resize, request)
+
+    def clear_resize(self) -> None:
+        self.resize.unlink(missing_ok=True)
+
+    def set_aside_resize(self, name: str) -> Path | None:
+        """Move ``resize.json`` into ``launch/NAME`` so that the next launch starts without it."""
+        if not self.resize.exists():
+            return None
+        target = self.launch_dir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.resize, target)
+        return target
+
+    # summary.json
+
+    def read_summary(self) -> Summary:
+        """The run's summary.
+
+        Raises:
+            RunDirError: there is none (the run has not finished) or it cannot be read.
+        """
+        if not self.summary.is_file():
+            raise RunDirError(
+                f"{self.path} has no {SUMMARY_FILE}: the run has not finished (or is not a "
+                "distgrow run directory). Fix: finish it with `distgrow train CONFIG --resume`."
+            )
+        return Summary.from_dict(read_json(self.summary), str(self.summary))
+
+    def write_summary(self, summary: Summary) -> None:
+        write_json(self.summary, summary.to_dict())
