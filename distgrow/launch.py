@@ -61,8 +61,8 @@ from distgrow.exits import (
     EXIT_OK,
     EXIT_USAGE,
 )
-from distgrow.rundir import RESIZE_FILE
 from distgrow.planner import Plan, make_plan
+from distgrow.rundir import RESIZE_FILE
 from distgrow.runtime import RuntimeEnvError, cpu_cores, expand_nodelist
 from distgrow.runtime import redact as runtime_redact
 from distgrow.signals import exit_status, signal_from_status, signal_name

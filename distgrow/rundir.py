@@ -304,10 +304,8 @@ class RunDir:
         """Checkpoints, oldest first (by step; temporary files are ignored)."""
         if not self.path.is_dir():
             return []
-        found = [
-            (int(m.group(1)), p) for p in self.path.iterdir() if (m := _CHECKPOINT_NAME.match(p.name))
-        ]
-        return [p for _, p in sorted(found)]
+        names = ((p, _CHECKPOINT_NAME.match(p.name)) for p in self.path.iterdir())
+        return [p for _, p in sorted((int(m.group(1)), p) for p, m in names if m)]
 
     def latest_checkpoint(self) -> Path | None:
         found = self.checkpoints()

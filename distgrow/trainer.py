@@ -80,7 +80,6 @@ from distgrow.exits import (
     EXIT_OK,
     EXIT_USAGE,
 )
-from distgrow.rundir import RESIZE_FILE
 from distgrow.metrics import (
     JsonlLogger,
     Logger,
@@ -92,6 +91,7 @@ from distgrow.metrics import (
 from distgrow.models import build_model, uses_batch_norm
 from distgrow.planner import GrowthPolicy, Plan, Realisation, Setting, make_plan
 from distgrow.progress import Progress, ProgressState
+from distgrow.rundir import RESIZE_FILE
 from distgrow.runtime import (
     Runtime,
     RuntimeEnvError,

@@ -31,7 +31,6 @@ from launch_fakes import make_fake_distgrow, read_calls
 
 from distgrow.config import Config, load_config
 from distgrow.exits import EXIT_NEED_WORKERS, EXIT_NONFINITE, EXIT_USAGE
-from distgrow.rundir import RESIZE_FILE
 from distgrow.launch import (
     ELASTIC_LAST_CALL_S,
     LaunchError,
@@ -57,6 +56,7 @@ from distgrow.launch import (
     torchrun_stop_signal_status,
     worker_limit,
 )
+from distgrow.rundir import RESIZE_FILE
 
 PY = "/venv/bin/python"
 TRAIN = ["-m", "distgrow", "train", "cfg.yaml"]
