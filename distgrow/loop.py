@@ -482,9 +482,10 @@ class GrowthBatchSampler(Sampler[list[int]]):
         self.schedule = schedule
 
     def __iter__(self) -> Iterator[list[int]]:
-        for update in self.schedule.remaining():
-            for micro in update.micro_batches:
-                yield micro.indices.tolist()
+        # Read now, not at the first next(): a single-process loader asks for its first batch
+        # only after the loop has taken the epoch's first update from the schedule.
+        updates = self.schedule.remaining()
+        return (micro.indices.tolist() for update in updates for micro in update.micro_batches)
 
     def __len__(self) -> int:
         return sum(len(u.micro_batches) for u in self.schedule.remaining())
