@@ -61,7 +61,7 @@ import torch
 from torch.utils.data import Sampler
 from torch.utils.data.dataloader import default_collate
 
-from distgrow.config import Config, ConfigError
+from distgrow.config import Config
 from distgrow.data import epoch_permutation, shard_global_batch
 from distgrow.planner import GrowthPolicy, Setting
 
@@ -91,7 +91,7 @@ def _splitmix64(value: int) -> int:
     return z ^ (z >> 31)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: compare fields, not records
 class MicroBatch:
     """One micro-step of this rank within an update."""
 
@@ -105,7 +105,7 @@ class MicroBatch:
     """The last micro-step of the update: gradients are all-reduced now (else ``no_sync``)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: compare fields, not records
 class Update:
     """One parameter update: what to run and how, for this rank."""
 
@@ -258,7 +258,11 @@ class GrowthSchedule:
             yield update
 
     def __iter__(self) -> Iterator[Update]:
-        """Every update left, all epochs (for in-memory data and schedules without plateau)."""
+        """Every update left, over all epochs: ``for update in schedule``.
+
+        For in-memory data (a ``DataLoader`` is made once per epoch: use :meth:`epochs`). A
+        plateau schedule still needs :meth:`end_epoch` when ``update.last_in_epoch``.
+        """
         for _ in self.epochs():
             yield from self.updates()
 
@@ -527,7 +531,6 @@ def _empty_like(batch: Any) -> Any:
 
 
 __all__ = [
-    "ConfigError",
     "GrowthBatchSampler",
     "GrowthSchedule",
     "MicroBatch",

@@ -223,6 +223,18 @@ def test_plateau_schedule_needs_the_metric_and_grows_on_it() -> None:
     assert batches == [{32}, {32}, {64}]
 
 
+def test_flat_iteration_with_a_plateau_schedule() -> None:
+    plateau = {"schedule": {"type": "plateau", "patience": 0, "factor": 0.5, "monitor": "val_loss"}}
+    schedule = GrowthSchedule(config(1, **plateau), N)
+    batches: dict[int, set[int]] = {}
+    for update in schedule:
+        batches.setdefault(update.epoch, set()).add(update.global_batch)
+        if update.last_in_epoch:
+            schedule.end_epoch(float("nan"))  # a NaN never improves: a cut every epoch
+    assert batches == {0: {32}, 1: {64}, 2: {128}}
+    assert schedule.state_dict()["policy"]["rung"] == 3
+
+
 def test_a_plan_wider_than_the_job_keeps_its_batch_with_more_accumulation() -> None:
     cfg = config(4)  # the plan starts at 4 workers × 8 × 1; the job has 2
     narrow = [all_updates(s) for s in job(cfg, 2)]
