@@ -12,8 +12,8 @@ demo: setup
 	bash scripts/demo.sh
 
 lint: setup
-	$(BIN)/ruff check distgrow tests benchmarks
-	$(BIN)/ruff format --check distgrow tests benchmarks
+	$(BIN)/ruff check distgrow tests benchmarks examples
+	$(BIN)/ruff format --check distgrow tests benchmarks examples
 	$(BIN)/mypy
 
 # What CI runs (.ci/run): lint, types, then every test tier that can run on this machine.
@@ -21,8 +21,8 @@ test: lint
 	$(BIN)/pytest
 
 format: setup
-	$(BIN)/ruff format distgrow tests benchmarks
-	$(BIN)/ruff check --fix distgrow tests benchmarks
+	$(BIN)/ruff format distgrow tests benchmarks examples
+	$(BIN)/ruff check --fix distgrow tests benchmarks examples
 
 # Real runs on this machine: resize latency of `distgrow launch` (docs/launch.md has the numbers).
 bench: setup

@@ -29,7 +29,9 @@ __version__ = "0.1.0"
 __all__ = [
     "Config",
     "ConfigError",
+    "GrowthBatchSampler",
     "GrowthPolicy",
+    "GrowthSchedule",
     "Plan",
     "Setting",
     "__version__",
@@ -37,6 +39,18 @@ __all__ = [
     "load_config",
     "make_plan",
 ]
+
+
+# Growth inside your own loop (distgrow.loop) needs torch: imported on first use.
+_LOOP_NAMES = ("GrowthSchedule", "GrowthBatchSampler")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LOOP_NAMES:
+        from distgrow import loop
+
+        return getattr(loop, name)
+    raise AttributeError(f"module 'distgrow' has no attribute {name!r}")
 
 
 def convert(dataset_size: int, *, min_workers: int = 1, **sections: dict[str, Any]) -> GrowthPolicy:

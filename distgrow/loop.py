@@ -1,0 +1,541 @@
+"""Growth inside your own training loop: the schedule, update by update, and a batch sampler.
+
+For people who keep their loop. :class:`GrowthSchedule` says, before each parameter update,
+the global batch, its split (workers × micro-batch × accumulation steps), the learning rate
+and momentum, and which samples this rank reads in each micro-batch. It keeps distgrow's
+guarantees, so a loop that follows it computes the same updates as ``distgrow train``:
+
+* one permutation of the training set per epoch (:func:`~distgrow.data.epoch_permutation`),
+  consumed in order, so the global batches do not depend on how they are realised (1 × 4,
+  2 × 2 or 4 × 1 read the same samples in the same micro-batches);
+* a growth changes the batch at an update boundary: no sample is dropped or repeated;
+* :meth:`GrowthSchedule.state_dict` holds the exact position (epoch, sample, update), and
+  :meth:`GrowthSchedule.load_state_dict` continues from it at any world size, with the samples
+  that were left.
+
+Two ways to read the data, one mechanism:
+
+* in-memory tensors: index them with ``micro.indices`` of each :class:`MicroBatch`;
+* any map-style ``Dataset``: ``DataLoader(dataset, batch_sampler=GrowthBatchSampler(schedule),
+  collate_fn=MicroBatchCollate(dataset), num_workers=..., pin_memory=...)`` yields this rank's
+  micro-batches of the rest of the epoch in the order the schedule hands out its updates,
+  while worker processes prefetch them.
+
+The loop, with its own model, optimizer and DDP (see ``examples/own_loop/train_ddp.py``)::
+
+    schedule = GrowthSchedule(cfg, len(dataset), rank, world_size)
+    loader = DataLoader(dataset, batch_sampler=GrowthBatchSampler(schedule),
+                        collate_fn=MicroBatchCollate(dataset), num_workers=2)
+    for epoch in schedule.epochs():
+        batches = iter(loader)                   # this rank's micro-batches, rest of the epoch
+        for update in schedule.updates():        # the updates left in this epoch
+            for group in optimizer.param_groups:
+                group["lr"], group["momentum"] = update.lr, update.momentum
+            for micro in update.micro_batches:
+                x, y = next(batches)
+                with nullcontext() if micro.sync else ddp.no_sync():
+                    torch.manual_seed(micro.seed)   # dropout as distgrow draws it
+                    loss = F.cross_entropy(ddp(x), y, reduction="sum") * update.loss_scale
+                    loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        schedule.end_epoch(val_loss)             # plateau schedules decide here
+
+Exactness. The loss of a micro-batch is its *summed* per-sample loss × ``loss_scale``
+(``world_size / samples``): DDP averages gradients over ranks and accumulation adds them, so
+the gradient is exactly the global batch's mean, for the partial last batch of an epoch and its
+empty micro-batches too. Batch-norm running statistics are not merged across ranks here (each
+rank keeps its own, as plain DDP does); ``distgrow train`` merges them.
+
+This module imports no ``torch.distributed``: the rank and world size are given.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch.utils.data import Sampler
+from torch.utils.data.dataloader import default_collate
+
+from distgrow.config import Config
+from distgrow.data import epoch_permutation, shard_global_batch
+from distgrow.planner import GrowthPolicy, Setting
+
+STATE_VERSION = 1
+
+
+class ScheduleError(ValueError):
+    """The schedule cannot go on as asked; the message says why and how to fix it."""
+
+
+def micro_batch_seed(seed: int, epoch: int, first_index: int) -> int:
+    """The RNG seed of a micro-batch: a hash of (run seed, epoch, its first sample's index).
+
+    The same value as the seed ``distgrow train`` draws dropout from, so dropout masks depend
+    on which samples are processed, not on the rank, the world size or the accumulation step.
+    """
+    value = 0
+    for part in (seed, epoch, first_index):
+        value = _splitmix64(value ^ (part & 0xFFFFFFFFFFFFFFFF))
+    return value & 0x7FFFFFFFFFFFFFFF
+
+
+def _splitmix64(value: int) -> int:
+    z = (value + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
+
+
+@dataclass(frozen=True, eq=False)  # holds tensors: compare fields, not records
+class MicroBatch:
+    """One micro-step of this rank within an update."""
+
+    indices: torch.Tensor
+    """Sample indices (int64, in global order); empty for the tail of a partial batch."""
+    seed: int | None
+    """Seed ``torch.manual_seed`` with this before the forward (dropout); None when empty."""
+    chunk: int
+    """Its place in the global batch: ``accumulation step × workers + rank``."""
+    sync: bool
+    """The last micro-step of the update: gradients are all-reduced now (else ``no_sync``)."""
+
+
+@dataclass(frozen=True, eq=False)  # holds tensors: compare fields, not records
+class Update:
+    """One parameter update: what to run and how, for this rank."""
+
+    epoch: int
+    """The epoch (0-based) this update belongs to."""
+    position: int
+    """Samples of the epoch consumed before this update."""
+    step: int
+    """Updates done before this one (0 for the first of the run)."""
+    setting: Setting
+    """The plan's setting: batch, split, LR, momentum (as realised on this job's workers)."""
+    indices: torch.Tensor
+    """The whole global batch, in order (every rank holds the same)."""
+    micro_batches: tuple[MicroBatch, ...]
+    """This rank's ``accum_steps`` micro-batches, in accumulation order."""
+    loss_scale: float
+    """``world_size / samples``: multiply each micro-batch's *summed* loss by it; DDP's
+    average over ranks then gives the global batch's mean gradient."""
+    last_in_epoch: bool
+
+    @property
+    def samples(self) -> int:
+        """Samples in this global batch (``global_batch``, or fewer for an epoch's last)."""
+        return int(self.indices.numel())
+
+    @property
+    def global_batch(self) -> int:
+        return self.setting.global_batch
+
+    @property
+    def workers(self) -> int:
+        return self.setting.workers
+
+    @property
+    def micro_batch(self) -> int:
+        return self.setting.micro_batch
+
+    @property
+    def accum_steps(self) -> int:
+        return self.setting.accum_steps
+
+    @property
+    def lr(self) -> float:
+        return self.setting.lr
+
+    @property
+    def momentum(self) -> float:
+        return self.setting.momentum
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """An update of the epoch plan, with the policy's state right after its decision."""
+
+    update: Update
+    policy_state: dict[str, Any]
+
+
+class GrowthSchedule:
+    """distgrow's growth plan, handed out update by update to a loop of your own.
+
+    Iterate :meth:`epochs`, and within each :meth:`updates`; report each epoch's monitored
+    metric to :meth:`end_epoch` (plateau schedules need it). The sample order, the splits, the
+    learning rate and momentum, and the per-micro-batch dropout seeds are those of
+    ``distgrow train`` on the same config and world size.
+
+    Args:
+        cfg: The validated config (``distgrow.load_config``): ``run.epochs``, ``run.seed``,
+            ``optim``, ``schedule`` and ``growth`` are used.
+        dataset_size: N, the number of training samples.
+        rank: This process's rank, ``0 <= rank < world_size``.
+        world_size: The data-parallel workers of the job; the plan never uses fewer.
+
+    Raises:
+        ConfigError: The plan cannot be realised on ``world_size`` workers (the message names
+            the values and a fix).
+        ScheduleError: ``rank`` is out of range.
+    """
+
+    def __init__(self, cfg: Config, dataset_size: int, rank: int = 0, world_size: int = 1) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ScheduleError(
+                f"rank {rank} of world_size {world_size}: the rank must be in 0 .. "
+                f"world_size - 1 and world_size >= 1. Fix: pass the launcher's RANK and "
+                "WORLD_SIZE."
+            )
+        self.cfg = cfg
+        self.dataset_size = dataset_size
+        self.rank = rank
+        self.world_size = world_size
+        self.align = cfg.model.ghost_batch or 1
+        self.policy = GrowthPolicy(cfg, dataset_size, min_workers=world_size)
+        # Where training stands: counts the updates handed out (see state_dict).
+        self.epoch = 0
+        self.position = 0
+        self.step = 0
+        self.samples_seen = 0
+        self._policy_state = self.policy.state_dict()  # as of the last update handed out
+        self._reported = 0  # epochs whose metric end_epoch received
+        self._plan: list[_Planned] | None = None  # the rest of the current epoch
+        self._plan_epoch_no = -1
+        self._starts: dict[int, int] = {}  # first sample of each planned update → its index
+
+    @property
+    def done(self) -> bool:
+        """True once ``run.epochs`` epochs are handed out."""
+        return self.epoch >= self.cfg.run.epochs
+
+    # -- iteration ------------------------------------------------------------------------------
+
+    def epochs(self) -> Iterator[int]:
+        """The epochs left (0-based); after a mid-epoch resume, the one in progress first.
+
+        Raises:
+            ScheduleError: the body of the loop did not finish the epoch's :meth:`updates`,
+                or a plateau schedule went on to the next epoch without :meth:`end_epoch`
+                reporting the finished one's metric.
+        """
+        while not self.done:
+            self._check_reported()
+            epoch = self.epoch
+            yield epoch
+            if self.epoch == epoch:
+                raise ScheduleError(
+                    f"epoch {epoch + 1} is not finished ({self.position} of "
+                    f"{self.dataset_size} samples handed out): run all of schedule.updates() "
+                    "in the body of the epoch loop, or leave the loop to stop early."
+                )
+        self._check_reported()
+
+    def updates(self) -> Iterator[Update]:
+        """The updates left in the current epoch, in order.
+
+        Each is counted as done when it is handed out: :meth:`state_dict` taken after its
+        optimizer step resumes with the next one.
+        """
+        if self.done:
+            return
+        epoch = self.epoch
+        while self.epoch == epoch:
+            planned = self._planned_from(self.epoch, self.position)[0]
+            update = planned.update
+            self._policy_state = planned.policy_state
+            self.position += update.samples
+            self.samples_seen += update.samples
+            self.step += 1
+            if self.position >= self.dataset_size:
+                self.epoch += 1
+                self.position = 0
+            yield update
+
+    def __iter__(self) -> Iterator[Update]:
+        """Every update left, over all epochs: ``for update in schedule``.
+
+        For in-memory data (a ``DataLoader`` is made once per epoch: use :meth:`epochs`). A
+        plateau schedule still needs :meth:`end_epoch` when ``update.last_in_epoch``.
+        """
+        for _ in self.epochs():
+            yield from self.updates()
+
+    def end_epoch(self, metric: float | None = None) -> bool:
+        """Report the finished epoch's monitored metric (``schedule.monitor``).
+
+        Needed by plateau schedules (they grow here); ignored by the others.
+
+        Returns:
+            True when a plateau cut fired: the next epoch has a larger batch or a lower LR.
+
+        Raises:
+            ScheduleError: a plateau schedule and no metric, or no epoch finished yet.
+        """
+        if self.policy.trigger is None:
+            self._reported = self.epoch
+            return False
+        if metric is None:
+            raise ScheduleError(
+                f"schedule.type is plateau: end_epoch needs the epoch's "
+                f"{self.cfg.schedule.monitor}. Fix: call schedule.end_epoch(metric)."
+            )
+        if self._reported >= self.epoch or self.position:
+            raise ScheduleError(
+                f"end_epoch was called at epoch {self.epoch + 1}, {self.position} samples in, "
+                f"with {self._reported} epoch(s) already reported: call it once, after the "
+                "last update of each epoch."
+            )
+        self.policy.load_state_dict(self._policy_state)
+        fired = self.policy.end_epoch(float(metric))
+        self._policy_state = self.policy.state_dict()
+        self._reported = self.epoch
+        self._plan = None
+        return fired
+
+    def _check_reported(self) -> None:
+        if self.policy.trigger is not None and self.epoch > self._reported:
+            raise ScheduleError(
+                f"epoch {self.epoch} ended without a metric: a plateau schedule decides on it. "
+                "Fix: call schedule.end_epoch(metric) after each epoch's last update."
+            )
+
+    # -- the epoch plan -------------------------------------------------------------------------
+
+    def remaining(self) -> list[Update]:
+        """The updates left in the current epoch, without handing any out (for the sampler)."""
+        if self.done:
+            return []
+        return [p.update for p in self._planned_from(self.epoch, self.position)]
+
+    def _planned_from(self, epoch: int, position: int) -> list[_Planned]:
+        """The plan of ``epoch`` from sample ``position`` on, computed once per epoch.
+
+        The policy is asked for each update in order, exactly as ``distgrow train`` asks it,
+        and its state after each answer is kept: the sampler may read ahead while
+        :meth:`state_dict` still describes the updates handed out.
+        """
+        if self._plan is None or self._plan_epoch_no != epoch or position not in self._starts:
+            self.policy.load_state_dict(self._policy_state)
+            self._plan = self._plan_epoch(epoch, position)
+            self._plan_epoch_no = epoch
+            self._starts = {p.update.position: i for i, p in enumerate(self._plan)}
+        return self._plan[self._starts[position] :]
+
+    def _plan_epoch(self, epoch: int, position: int) -> list[_Planned]:
+        order = epoch_permutation(self.dataset_size, self.cfg.run.seed, epoch)
+        plan: list[_Planned] = []
+        step = self.step
+        while position < self.dataset_size:
+            setting = self._on_this_job(self.policy.setting(epoch, position))
+            indices = order[position : position + setting.global_batch]
+            end = position + int(indices.numel())
+            update = Update(
+                epoch=epoch,
+                position=position,
+                step=step,
+                setting=setting,
+                indices=indices,
+                micro_batches=self._micro_batches(indices, setting, epoch),
+                loss_scale=self.world_size / int(indices.numel()),
+                last_in_epoch=end >= self.dataset_size,
+            )
+            plan.append(_Planned(update, self.policy.state_dict()))
+            position, step = end, step + 1
+        return plan
+
+    def _on_this_job(self, setting: Setting) -> Setting:
+        """The setting split over this job's workers when the plan wants more of them.
+
+        The global batch, LR and momentum stay; the split takes more accumulation (what
+        ``distgrow train`` does while elastic workers join): the same updates, more slowly.
+        """
+        if setting.workers <= self.world_size:
+            return setting
+        here = replace(self.policy.limits, max_workers=self.world_size)
+        split = here.realise(setting.global_batch, self.world_size)
+        if split is None or split.global_batch != setting.global_batch:
+            raise ScheduleError(
+                f"the plan wants {setting.workers} workers for a global batch of "
+                f"{setting.global_batch}, which cannot be split exactly over this job's "
+                f"{self.world_size} within growth.max_micro_batch and growth.max_accum_steps. "
+                f"Fix: launch {setting.workers} workers and load_state_dict(), or raise "
+                "growth.max_accum_steps."
+            )
+        return replace(
+            setting,
+            workers=split.workers,
+            micro_batch=split.micro_batch,
+            accum_steps=split.accum_steps,
+        )
+
+    def _micro_batches(
+        self, indices: torch.Tensor, setting: Setting, epoch: int
+    ) -> tuple[MicroBatch, ...]:
+        shards = shard_global_batch(
+            indices,
+            workers=setting.workers,
+            micro_batch=setting.micro_batch,
+            accum_steps=setting.accum_steps,
+            rank=self.rank,
+            align=self.align,
+        )
+        last = len(shards) - 1
+        return tuple(
+            MicroBatch(
+                indices=shard,
+                seed=micro_batch_seed(self.cfg.run.seed, epoch, int(shard[0]))
+                if shard.numel()
+                else None,
+                chunk=k * setting.workers + self.rank,
+                sync=k == last,
+            )
+            for k, shard in enumerate(shards)
+        )
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training stands after the last update handed out (plain types only).
+
+        Take it after that update's optimizer step (and, at the end of an epoch, after
+        :meth:`end_epoch`); it is the same on every rank.
+        """
+        return {
+            "version": STATE_VERSION,
+            "dataset_size": self.dataset_size,
+            "world_size": self.world_size,
+            "epoch": self.epoch,
+            "position": self.position,
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "reported": self._reported,
+            "policy": self._policy_state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`, taken at this or any other world size.
+
+        The next update is the one that followed in the saved run: same epoch, same first
+        sample, same global batch, split anew over this job's workers.
+
+        Raises:
+            ScheduleError: another data-set size, or a global batch this job cannot split.
+        """
+        if int(state["dataset_size"]) != self.dataset_size:
+            raise ScheduleError(
+                f"the state is of a data set of {state['dataset_size']} samples, this "
+                f"schedule's has {self.dataset_size}: a resume needs the same training set."
+            )
+        policy = dict(state["policy"])
+        if int(state["world_size"]) != self.world_size:
+            # The sample order depends only on the global batch: split it anew for this job.
+            current = dict(policy["current"])
+            batch = int(current["global_batch"])
+            split = self.policy.limits.realise(batch)
+            if split is None:
+                raise ScheduleError(
+                    f"the saved global batch ({batch}) cannot be split over {self.world_size} "
+                    f"workers in micro-batches that are multiples of {self.align}. Fix: resume "
+                    f"on {state['world_size']} workers, or on a number of workers that "
+                    f"divides {batch // self.align}."
+                )
+            if split.global_batch != batch:
+                warnings.warn(
+                    f"the saved global batch {batch} cannot be realised on {self.world_size} "
+                    f"workers; continuing with {split.global_batch}",
+                    stacklevel=2,
+                )
+            current.update(
+                global_batch=split.global_batch,
+                workers=split.workers,
+                micro_batch=split.micro_batch,
+                accum_steps=split.accum_steps,
+            )
+            policy["current"] = current
+        self.policy.load_state_dict(policy)
+        self._policy_state = self.policy.state_dict()
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+        self.step = int(state["step"])
+        self.samples_seen = int(state["samples_seen"])
+        self._reported = int(state["reported"])
+        self._plan = None
+
+
+class GrowthBatchSampler(Sampler[list[int]]):
+    """This rank's micro-batches for ``DataLoader(dataset, batch_sampler=...)``.
+
+    Each ``iter()`` yields, as lists of indices, the micro-batches of the updates the schedule
+    has not handed out yet in the current epoch, in the order :meth:`GrowthSchedule.updates`
+    hands them out (``accum_steps`` lists per update, some empty at the end of an epoch: use
+    :class:`MicroBatchCollate`). Make the iterator once per epoch, before the epoch's first
+    update: the loader's workers then prefetch while the loop trains, and a growth inside the
+    epoch changes the size of the lists without dropping or repeating a sample.
+
+    Args:
+        schedule: The schedule the loop follows (the same object).
+    """
+
+    def __init__(self, schedule: GrowthSchedule) -> None:
+        self.schedule = schedule
+
+    def __iter__(self) -> Iterator[list[int]]:
+        # Read now, not at the first next(): a single-process loader asks for its first batch
+        # only after the loop has taken the epoch's first update from the schedule.
+        updates = self.schedule.remaining()
+        return (micro.indices.tolist() for update in updates for micro in update.micro_batches)
+
+    def __len__(self) -> int:
+        return sum(len(u.micro_batches) for u in self.schedule.remaining())
+
+
+class MicroBatchCollate:
+    """``collate_fn`` that also turns an empty micro-batch into empty tensors.
+
+    The last, partial batch of an epoch can leave a rank a micro-step with no sample; it still
+    runs forward and backward (zero gradients) so that it joins the gradient all-reduce.
+    ``default_collate`` cannot collate nothing, so an empty list is collated from the first
+    sample of the data set and cut to length 0 (same dtypes and sample shapes).
+
+    Args:
+        dataset: The map-style data set the loader reads.
+        collate: The collate function for non-empty micro-batches.
+    """
+
+    def __init__(self, dataset: Any, collate: Callable[[list[Any]], Any] = default_collate) -> None:
+        self.dataset = dataset
+        self.collate = collate
+
+    def __call__(self, samples: list[Any]) -> Any:
+        if samples:
+            return self.collate(samples)
+        return _empty_like(self.collate([self.dataset[0]]))
+
+
+def _empty_like(batch: Any) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch[:0]
+    if isinstance(batch, dict):
+        return {key: _empty_like(value) for key, value in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
+        return type(batch)(*(_empty_like(value) for value in batch))
+    if isinstance(batch, Sequence) and not isinstance(batch, str):
+        return type(batch)(_empty_like(value) for value in batch)  # type: ignore[call-arg]
+    return batch
+
+
+__all__ = [
+    "GrowthBatchSampler",
+    "GrowthSchedule",
+    "MicroBatch",
+    "MicroBatchCollate",
+    "ScheduleError",
+    "Update",
+    "micro_batch_seed",
+]
