@@ -437,7 +437,7 @@ def test_parse_list_names_the_bad_item() -> None:
 
 
 def test_compare_stops_at_a_failed_run_and_names_its_log(
-    tmp_path: Path, config_writer: Any
+    tmp_path: Path, config_writer: Any, capfd: pytest.CaptureFixture[str]
 ) -> None:
     fake_python = tmp_path / "python"
     fake_python.write_text("#!/bin/sh\necho 'loss is nan, stopping'\nexit 3\n")
@@ -449,7 +449,9 @@ def test_compare_stops_at_a_failed_run_and_names_its_log(
         compare(config, out_dir=out, echo=lines.append, python=str(fake_python))
     assert err.value.exit_code == 1
     assert (out / "logs" / "decay_lr.log").read_text() == "loss is nan, stopping\n"
-    assert "[decay_lr] loss is nan, stopping" in lines
+    # The training's output goes to the terminal as it comes (launch.run_subprocess's tee).
+    assert "loss is nan, stopping\n" in capfd.readouterr().out
+    assert any(line.startswith("[decay_lr] $ distgrow train") for line in lines)
     assert not (out / "runs" / "grow_batch").exists()  # nothing ran after the failure
 
 
@@ -586,7 +588,9 @@ if lr == 0.5:
 out = pathlib.Path(args["run.output_dir"]); out.mkdir(parents=True)
 loss = batch / 100 + lr
 (out / "summary.json").write_text(json.dumps({"status": "completed", "train_loss": loss,
-    "val_loss": loss + 0.1, "val_acc": None, "total_updates": 1000 // batch, "wall_s": 1.0}))
+    "val_loss": loss + 0.1, "val_acc": None, "total_updates": 1000 // batch, "wall_s": 1.0,
+    "epochs": 1, "samples_seen": 1000, "worker_seconds": 1.0, "world_size": 1,
+    "growth_mode": "decay_lr", "base_batch": batch, "dataset_size": 1000}))
 """
 
 
