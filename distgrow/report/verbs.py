@@ -148,40 +148,42 @@ def config_mismatch(run_dir: RunDir, expected: Config) -> list[str]:
 
 
 def check_reuse(
-    runs: Sequence[tuple[str, RunDir, Config]], *, force: bool, verb: str, echo: Echo
-) -> list[str]:
-    """Refuse (or, with ``force``, delete) run directories trained with another config.
+    runs: Sequence[tuple[str, RunDir, Config]], *, force: bool, verb: str
+) -> dict[str, list[str]]:
+    """Refuse run directories trained with another config, unless ``force``.
 
     Without this, a finished run would be reused and its numbers labelled with the new
     command. Every directory is checked before anything trains.
 
     Args:
         runs: (name, run directory, the config this command would train there).
-        force: Delete the mismatching directories so that they are trained again.
+        force: Let them be trained again (:func:`discard` deletes each just before).
         verb: ``compare`` or ``sweep``, for the message.
-        echo: Where the lines about deleted runs go.
 
     Returns:
-        The names of the runs deleted (``force``).
+        The runs trained with another config (only with ``force``): name → differences.
 
     Raises:
         ReportError: some directory holds a run of another config and ``force`` is false.
     """
-    found = [(name, rd, diffs) for name, rd, cfg in runs if (diffs := config_mismatch(rd, cfg))]
-    if not found:
-        return []
-    if force:
-        for name, rd, diffs in found:
-            echo(f"[{name}] {rd} was trained with another config ({'; '.join(diffs)}): --force, "
-                 "deleting it to train it again")  # fmt: skip
-            shutil.rmtree(rd.path)
-        return [name for name, _, _ in found]
-    what = " ".join(f"{name} in {rd}: {'; '.join(diffs)}." for name, rd, diffs in found)
+    found = {name: (rd, diffs) for name, rd, cfg in runs if (diffs := config_mismatch(rd, cfg))}
+    if force or not found:
+        return {name: diffs for name, (_, diffs) in found.items()}
+    what = " ".join(f"{name} in {rd}: {'; '.join(diffs)}." for name, (rd, diffs) in found.items())
     raise ReportError(
         f"{len(found)} run(s) there were trained with another config, and reusing them would "
         f"label their numbers with this command. {what} Fix: choose another --out, or rerun "
         f"`distgrow {verb}` with --force to delete and retrain them."
     )
+
+
+def discard(run_dir: RunDir, log: Path, diffs: Sequence[str], prefix: str, echo: Echo) -> None:
+    """Delete a run of another config and its log, just before it is trained again (so a
+    training that fails first leaves the runs after it as they were)."""
+    echo(f"{prefix} {run_dir} was trained with another config ({'; '.join(diffs)}): --force, "
+         "deleting it and its log to train it again")  # fmt: skip
+    shutil.rmtree(run_dir.path)
+    log.unlink(missing_ok=True)
 
 
 def _child_env() -> dict[str, str]:
@@ -291,13 +293,13 @@ def compare(
         except ConfigError as err:
             raise ConfigError(f"variant {variant} ({' '.join(extra)}): {err}") from err
         resolved.append((variant, run_dir, variant_cfg))
-    retrain = check_reuse(resolved, force=force, verb="compare", echo=echo)
+    stale = check_reuse(resolved, force=force, verb="compare")
     out.mkdir(parents=True, exist_ok=True)
     echo(f"distgrow compare: {', '.join(variants)} on {config}; report in {out}")
     for variant, run_dir, _ in resolved:
         log = out / "logs" / f"{variant}.log"
-        if variant in retrain:
-            log.unlink(missing_ok=True)  # the log of a deleted run would describe another run
+        if variant in stale:
+            discard(run_dir, log, stale[variant], f"[{variant}]", echo)
         outcome = train_process(
             config, run_overrides[variant], run_dir, log, prefix=f"[{variant}]", echo=echo,
             python=python,
@@ -419,15 +421,15 @@ def sweep(
         except ConfigError as err:
             raise ConfigError(f"sweep point batch {b}, lr {lr:g}: {err}") from err
         resolved.append((name, run_dir, pair_cfg))
-    retrain = check_reuse(resolved, force=force, verb="sweep", echo=echo)
+    stale = check_reuse(resolved, force=force, verb="sweep")
     out.mkdir(parents=True, exist_ok=True)
     echo(f"distgrow sweep: {len(pairs)} runs ({len(batch_sizes)} batch sizes × {len(lrs)} LRs)")
     results = []
     failed = []
     for (b, lr), (name, run_dir, _) in zip(pairs, resolved, strict=True):
         log = out / "logs" / f"{name}.log"
-        if name in retrain:
-            log.unlink(missing_ok=True)
+        if name in stale:
+            discard(run_dir, log, stale[name], f"[{name}]", echo)
         outcome = train_process(
             config, pair_overrides[(b, lr)], run_dir, log, prefix=f"[{name}]", echo=echo,
             python=python,
