@@ -19,7 +19,7 @@ from distgrow.report.runs import (
     schedule_path,
     validation_points,
 )
-from distgrow.rundir import write_json
+from distgrow.rundir import SUMMARY_FILE, write_json
 from distgrow.savings import (
     PHASE_MEASURES,
     PHASE_SPLIT,
@@ -373,7 +373,7 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
         lines.append(f"### {row['label']}")
         lines.append("")
         if not row["phases"]:
-            lines += ["No per-phase measurements in this run's summary.json.", ""]
+            lines += [f"No per-phase measurements in this run's {SUMMARY_FILE}.", ""]
             continue
         lines += _table(
             [

@@ -180,8 +180,8 @@ def check_reuse(
 def discard(run_dir: RunDir, log: Path, diffs: Sequence[str], prefix: str, echo: Echo) -> None:
     """Delete a run of another config and its log, just before it is trained again (so a
     training that fails first leaves the runs after it as they were)."""
-    echo(f"{prefix} {run_dir} was trained with another config ({'; '.join(diffs)}): --force, "
-         "deleting it and its log to train it again")  # fmt: skip
+    why = "; ".join(diffs)
+    echo(f"{prefix} {run_dir} was trained with another config ({why}): --force, deleting it")
     shutil.rmtree(run_dir.path)
     log.unlink(missing_ok=True)
 
