@@ -631,7 +631,10 @@ TINY = [
 
 @pytest.mark.integration
 def test_compare_trains_three_variants_and_reports_them(
-    tmp_path: Path, config_writer: Any, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    config_writer: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.chdir(tmp_path)
     config = config_writer(yaml.safe_load(dump_config(load_config(None, TINY))))
@@ -661,7 +664,10 @@ def test_compare_trains_three_variants_and_reports_them(
         image = read_png(out / file)
         assert all(mask(image, c).sum() > 50 for c in (BLUE, RED, GREEN)), file
     assert any("report written to" in line for line in lines)
-    assert any(line.startswith("[grow_batch] distgrow: done") for line in lines)
+    # Each training's output went to the terminal and to its log as it came.
+    done = "distgrow: done: 70 updates, 3,840 samples"
+    assert done in (out / "logs" / "grow_batch.log").read_text()
+    assert done in capfd.readouterr().out
     # Run again into the same folder: the finished runs are reused, nothing is retrained.
     again: list[str] = []
     compare(config, out_dir=out, echo=again.append)
