@@ -3,9 +3,9 @@
     distgrow plan CONFIG [key=value ...] [--json]
     distgrow config [CONFIG] [key=value ...]      the resolved config, or every key documented
     distgrow train CONFIG [key=value ...] [--resume]
-    distgrow compare CONFIG [key=value ...] [--variants LIST] [--out DIR]
+    distgrow compare CONFIG [key=value ...] [--variants LIST] [--out DIR] [--force]
     distgrow report RUN_DIR [RUN_DIR ...] [--baseline RUN_DIR] [--out DIR]
-    distgrow sweep CONFIG [key=value ...] --batch-sizes LIST --lrs LIST [--out DIR]
+    distgrow sweep CONFIG [key=value ...] --batch-sizes LIST --lrs LIST [--out DIR] [--force]
 
 Errors in the config are printed as one line naming the key, the value and the fix, with exit
 status 2 (the same as a usage error), before anything runs.
@@ -163,9 +163,12 @@ Each variant is a real `distgrow train` of CONFIG with the same overrides, data 
   grow_batch_lr  start with LR and batch x growth.lr_scale
   grow_momentum  also raise the momentum to growth.momentum
 Runs go to OUT/runs/<variant>, their output to OUT/logs/<variant>.log; OUT/report.md,
-OUT/summary.json and the PNG plots compare them. Running again with the same --out reuses
-finished runs and resumes unfinished ones. OUT defaults to reports/<run.name>-<time>.
+OUT/summary.json and the PNG plots compare them. Running again with the same --out and the
+same config reuses finished runs and resumes unfinished ones; runs of another config are
+refused (or, with --force, retrained). OUT defaults to reports/<run.name>-<time>.
 """
+
+_FORCE_HELP = "retrain the runs in OUT/runs that were trained with another config (deletes them)"
 
 _SWEEP_EPILOG = """\
 Each (batch, lr) pair is `distgrow train CONFIG ... growth.mode=decay_lr growth.base_batch=B
@@ -178,7 +181,9 @@ OUT/sweep.json; a diverged run is shown as such. OUT defaults to reports/<run.na
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     variants = report.parse_list(args.variants, str, "--variants")
-    report.compare(args.config, args.overrides, variants=variants, out_dir=args.out)
+    report.compare(
+        args.config, args.overrides, variants=variants, out_dir=args.out, force=args.force
+    )
     return 0
 
 
@@ -194,6 +199,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         batch_sizes=report.parse_list(args.batch_sizes, int, "--batch-sizes"),
         lrs=report.parse_list(args.lrs, float, "--lrs"),
         out_dir=args.out,
+        force=args.force,
     )
     return 0
 
@@ -238,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated, from {', '.join(report.VARIANTS)} (default: %(default)s)",
     )
     p.add_argument("--out", metavar="DIR", help="the report directory")
+    p.add_argument("--force", action="store_true", help=_FORCE_HELP)
     p.epilog = _COMPARE_EPILOG
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.set_defaults(func=_cmd_compare)
@@ -258,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", required=True, metavar="LIST", help="e.g. 32,64,128")
     p.add_argument("--lrs", required=True, metavar="LIST", help="e.g. 0.01,0.1")
     p.add_argument("--out", metavar="DIR", help="the sweep directory")
+    p.add_argument("--force", action="store_true", help=_FORCE_HELP)
     p.epilog = _SWEEP_EPILOG
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.set_defaults(func=_cmd_sweep)

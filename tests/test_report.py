@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import signal
 import stat
 import sys
 from pathlib import Path
@@ -17,12 +19,14 @@ import yaml
 
 from distgrow import plots
 from distgrow.config import dump_config, load_config
+from distgrow.launch import Outcome
 from distgrow.planner import make_plan
 from distgrow.report import (
     PLOT_FILES,
     ReportError,
     build_report,
     compare,
+    config_mismatch,
     hybrid_cap,
     load_run,
     parse_list,
@@ -31,8 +35,10 @@ from distgrow.report import (
     schedule_path,
     sweep,
     variant_overrides,
+    verbs,
     write_sweep,
 )
+from distgrow.rundir import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
 N = 10_000
@@ -437,7 +443,7 @@ def test_parse_list_names_the_bad_item() -> None:
 
 
 def test_compare_stops_at_a_failed_run_and_names_its_log(
-    tmp_path: Path, config_writer: Any
+    tmp_path: Path, config_writer: Any, capfd: pytest.CaptureFixture[str]
 ) -> None:
     fake_python = tmp_path / "python"
     fake_python.write_text("#!/bin/sh\necho 'loss is nan, stopping'\nexit 3\n")
@@ -449,7 +455,9 @@ def test_compare_stops_at_a_failed_run_and_names_its_log(
         compare(config, out_dir=out, echo=lines.append, python=str(fake_python))
     assert err.value.exit_code == 1
     assert (out / "logs" / "decay_lr.log").read_text() == "loss is nan, stopping\n"
-    assert "[decay_lr] loss is nan, stopping" in lines
+    # The training's output goes to the terminal as it comes (launch.run_subprocess's tee).
+    assert "loss is nan, stopping\n" in capfd.readouterr().out
+    assert any(line.startswith("[decay_lr] $ distgrow train") for line in lines)
     assert not (out / "runs" / "grow_batch").exists()  # nothing ran after the failure
 
 
@@ -466,6 +474,115 @@ def test_compare_checks_every_variant_before_running(tmp_path: Path, config_writ
             python="/nonexistent",
         )
     assert not (tmp_path / "x").exists()
+
+
+def finished_compare(out: Path, config: Path) -> None:
+    """OUT/runs/<variant> as ``distgrow compare CONFIG --out OUT`` leaves them (made up)."""
+    cfg = load_config(config)
+    for variant, wall_s, acc in (
+        ("decay_lr", 60.0, 0.90),
+        ("grow_batch", 30.0, 0.905),
+        ("hybrid", 40.0, 0.895),
+    ):
+        run_dir = out / "runs" / variant
+        overrides = [f"run.name=toy-{variant}", f"run.output_dir={run_dir}"]
+        overrides += variant_overrides(cfg, variant, N)
+        fake_run(out / "runs", variant, overrides, wall_s=wall_s, final_acc=acc)
+
+
+class FakeExecutor:
+    """Stands in for launch.run_subprocess: records the commands, ends each as told."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        self.outcome = outcome
+        self.argvs: list[list[str]] = []
+
+    def __call__(self, argv: list[str], env: dict[str, str], log_path: Path) -> Outcome:
+        self.argvs.append(argv)
+        assert env["PYTHONPATH"].split(os.pathsep)[0] == str(REPO)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("a") as log:
+            log.write(f"ran {argv[-1]}\n")
+        return self.outcome
+
+
+def test_compare_reuses_a_run_only_if_its_config_is_the_same(
+    tmp_path: Path,
+    config_writer: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from distgrow.cli import main
+
+    config = config_writer(yaml.safe_load(dump_config(load_config(None, BASE))))
+    out = tmp_path / "cmp"
+    finished_compare(out, config)
+    executor = FakeExecutor(Outcome(3))
+    monkeypatch.setattr(verbs, "run_subprocess", executor)
+    # The same command again: the three finished runs are reused, nothing trains.
+    lines: list[str] = []
+    compare(config, out_dir=out, echo=lines.append)
+    assert executor.argvs == []
+    assert sum("already finished" in line for line in lines) == 3
+    rows = json.loads((out / "summary.json").read_text())["runs"]
+    assert [r["val_acc"] for r in rows] == [0.90, 0.905, 0.895]
+    # Another LR: reusing the runs would label their numbers with this command. Refused before
+    # anything runs, naming the difference of each run; the runs are left as they were.
+    before = (out / "runs" / "grow_batch" / "summary.json").read_text()
+    with pytest.raises(ReportError, match=r"3 run\(s\) there were trained with another") as err:
+        compare(config, ["optim.lr=0.05"], out_dir=out, echo=lines.append)
+    assert err.value.exit_code == 2
+    message = str(err.value)
+    assert message.count("optim.lr (0.1 there, 0.05 now)") == 3
+    assert f"hybrid in {out / 'runs' / 'hybrid'}: optim.lr" in message
+    assert "--force" in message
+    assert executor.argvs == []
+    assert (out / "runs" / "grow_batch" / "summary.json").read_text() == before
+    # The verb says it in one line, exit 2.
+    assert main(["compare", str(config), "optim.lr=0.05", "--out", str(out)]) == 2
+    err_text = capsys.readouterr().err
+    assert "optim.lr (0.1 there, 0.05 now)" in err_text and "Traceback" not in err_text
+    # --force deletes the run and trains it afresh with the new config (here it fails at once,
+    # so the old run is gone and nothing after it ran).
+    assert main(["compare", str(config), "optim.lr=0.05", "--out", str(out), "--force"]) == 1
+    assert len(executor.argvs) == 1
+    argv = executor.argvs[0]
+    assert "optim.lr=0.05" in argv and "growth.mode=decay_lr" in argv
+    assert "--resume" not in argv
+    assert not (out / "runs" / "decay_lr").exists()
+    assert (out / "logs" / "decay_lr.log").read_text() == f"ran {argv[-1]}\n"
+    assert (out / "runs" / "grow_batch" / "summary.json").is_file()  # not reached yet
+
+
+def test_a_changed_config_is_named_for_unfinished_runs_too(tmp_path: Path) -> None:
+    cfg = load_config(None, BASE)
+    run_dir = RunDir(tmp_path / "run")
+    run_dir.path.mkdir()
+    assert config_mismatch(run_dir, cfg) == []  # no run there yet
+    run_dir.checkpoint(40).write_bytes(b"")  # an unfinished run: resumed only if it matches
+    assert config_mismatch(run_dir, cfg) == [
+        "it has no readable config.yaml, so its config cannot be checked"
+    ]
+    run_dir.config.write_text(dump_config(load_config(None, [*BASE, "run.resume=true"])))
+    assert config_mismatch(run_dir, load_config(None, [*BASE, "run.output_dir=elsewhere"])) == []
+    assert config_mismatch(run_dir, load_config(None, [*BASE, "run.epochs=7", "run.seed=1"])) == [
+        "run.epochs (6 there, 7 now)",
+        "run.seed (0 there, 1 now)",
+    ]
+
+
+def test_compare_stops_when_a_signal_stopped_a_training(
+    tmp_path: Path, config_writer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = config_writer(yaml.safe_load(dump_config(load_config(None, BASE))))
+    out = tmp_path / "cmp"
+    executor = FakeExecutor(Outcome(130, signal.SIGINT))
+    monkeypatch.setattr(verbs, "run_subprocess", executor)
+    with pytest.raises(ReportError, match="decay_lr run was stopped by SIGINT") as err:
+        compare(config, out_dir=out, echo=lambda _: None)
+    assert err.value.exit_code == 130
+    assert "resumes from its last checkpoint" in str(err.value)
+    assert len(executor.argvs) == 1  # grow_batch and hybrid never started
 
 
 # --- sweep ---------------------------------------------------------------------------------
@@ -514,7 +631,10 @@ TINY = [
 
 @pytest.mark.integration
 def test_compare_trains_three_variants_and_reports_them(
-    tmp_path: Path, config_writer: Any, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    config_writer: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.chdir(tmp_path)
     config = config_writer(yaml.safe_load(dump_config(load_config(None, TINY))))
@@ -544,7 +664,10 @@ def test_compare_trains_three_variants_and_reports_them(
         image = read_png(out / file)
         assert all(mask(image, c).sum() > 50 for c in (BLUE, RED, GREEN)), file
     assert any("report written to" in line for line in lines)
-    assert any(line.startswith("[grow_batch] distgrow: done") for line in lines)
+    # Each training's output went to the terminal and to its log as it came.
+    done = "distgrow: done: 70 updates, 3,840 samples"
+    assert done in (out / "logs" / "grow_batch.log").read_text()
+    assert done in capfd.readouterr().out
     # Run again into the same folder: the finished runs are reused, nothing is retrained.
     again: list[str] = []
     compare(config, out_dir=out, echo=again.append)
@@ -586,7 +709,9 @@ if lr == 0.5:
 out = pathlib.Path(args["run.output_dir"]); out.mkdir(parents=True)
 loss = batch / 100 + lr
 (out / "summary.json").write_text(json.dumps({"status": "completed", "train_loss": loss,
-    "val_loss": loss + 0.1, "val_acc": None, "total_updates": 1000 // batch, "wall_s": 1.0}))
+    "val_loss": loss + 0.1, "val_acc": None, "total_updates": 1000 // batch, "wall_s": 1.0,
+    "epochs": 1, "samples_seen": 1000, "worker_seconds": 1.0, "world_size": 1,
+    "growth_mode": "decay_lr", "base_batch": batch, "dataset_size": 1000}))
 """
 
 

@@ -1,0 +1,86 @@
+"""``distgrow compare``, ``distgrow report`` and ``distgrow sweep``: runs side by side.
+
+* :func:`compare` trains the ``decay_lr`` baseline, ``grow_batch`` and the ``hybrid`` (a batch
+  cap that forces the fall-back to LR decay), optionally ``grow_batch_lr`` and
+  ``grow_momentum``, each as a real ``distgrow train`` process on the same config, data and
+  seed, then calls :func:`build_report`.
+* :func:`build_report` turns finished run directories into a report directory: ``report.md``
+  (final quality, updates, wall-clock, start-up, worker-seconds, ratios against the baseline,
+  savings labelled *measured* or *estimated* with their method, per-phase throughput), PNG
+  plots, and ``summary.json`` with the same numbers.
+* :func:`sweep` trains a grid of batch sizes × learning rates at a fixed batch (``decay_lr``)
+  and writes the final losses as ``sweep.png``, ``sweep.md`` and ``sweep.json``.
+
+The layers, each importing only the one above it:
+
+* :mod:`~distgrow.report.runs`: finished run directories, read through
+  :mod:`distgrow.rundir` (the typed :class:`~distgrow.rundir.Summary`), their curves, and
+  how two configs differ.
+* :mod:`~distgrow.report.render`: ``report.md``, ``summary.json``, the plots, the sweep files.
+* :mod:`~distgrow.report.verbs`: the verbs, which run the trainings as child processes
+  (:func:`distgrow.launch.run_subprocess`) and reuse a run only if its config is the same.
+
+Nothing here imports torch or matplotlib at import time; runs are separate processes.
+"""
+
+from distgrow.report.render import (
+    PLOT_FILES,
+    REPORT_FILE,
+    build_report,
+    render_markdown,
+    run_curve,
+    throughput_drift,
+    write_sweep,
+)
+from distgrow.report.runs import (
+    ReportError,
+    RunData,
+    config_differences,
+    load_run,
+    schedule_path,
+    validation_points,
+)
+from distgrow.report.verbs import (
+    DEFAULT_VARIANTS,
+    VARIANTS,
+    check_reuse,
+    compare,
+    config_mismatch,
+    default_report_dir,
+    discard,
+    hybrid_cap,
+    parse_list,
+    report,
+    sweep,
+    train_process,
+    variant_overrides,
+)
+
+__all__ = [
+    "DEFAULT_VARIANTS",
+    "PLOT_FILES",
+    "REPORT_FILE",
+    "VARIANTS",
+    "ReportError",
+    "RunData",
+    "build_report",
+    "check_reuse",
+    "compare",
+    "config_differences",
+    "config_mismatch",
+    "default_report_dir",
+    "discard",
+    "hybrid_cap",
+    "load_run",
+    "parse_list",
+    "render_markdown",
+    "report",
+    "run_curve",
+    "schedule_path",
+    "sweep",
+    "throughput_drift",
+    "train_process",
+    "validation_points",
+    "variant_overrides",
+    "write_sweep",
+]

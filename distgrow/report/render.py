@@ -1,0 +1,491 @@
+"""The report of finished runs: ``report.md`` (tables), ``summary.json`` (the same numbers),
+the PNG plots (drawn by :mod:`distgrow.plots`), and the sweep's ``sweep.md``/``sweep.json``.
+
+Takes :class:`~distgrow.report.runs.RunData`; runs nothing, imports matplotlib only to draw.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from distgrow.report.runs import (
+    ReportError,
+    RunData,
+    config_differences,
+    schedule_path,
+    validation_points,
+)
+from distgrow.rundir import SUMMARY_FILE, write_json
+from distgrow.savings import (
+    PHASE_MEASURES,
+    PHASE_SPLIT,
+    SUMMARY_MEASURES,
+    SavingsError,
+    format_ratio,
+    format_seconds,
+    measured_savings,
+    quality_metric,
+    reference_throughput,
+    try_estimated_savings,
+)
+
+REPORT_FILE = "report.md"
+REPORT_SUMMARY_FILE = "summary.json"
+"""The report directory's numbers (not a run's ``summary.json``: the same name, another file)."""
+SWEEP_FILES = {"json": "sweep.json", "markdown": "sweep.md", "plot": "sweep.png"}
+
+PLOT_FILES = {
+    "val_vs_epochs": "val_vs_epochs.png",
+    "val_vs_updates": "val_vs_updates.png",
+    "val_vs_wall": "val_vs_wall.png",
+    "schedules": "schedules.png",
+}
+
+
+def run_curve(run: RunData, metric: str, colour: str | None = None) -> Any:
+    """The :class:`distgrow.plots.Curve` of a run."""
+    from distgrow.plots import Curve
+
+    points = validation_points(run, metric)
+    xs, batch, lr = schedule_path(run)
+    return Curve(
+        label=run.label,
+        epochs=[float(r["epoch"]) for r in points],
+        updates=[int(r["step"]) for r in points],
+        wall_s=[float(r["wall_s"]) for r in points],
+        metric=[float(r[metric]) for r in points],
+        schedule_epochs=xs,
+        batch=batch,
+        lr=lr,
+        colour=colour,
+    )
+
+
+def _colours(runs: Sequence[RunData]) -> list[str]:
+    """A colour per run: its label's if it names a variant, else its growth mode's if no
+    other run has that mode, else a spare one."""
+    from distgrow.plots import COLOURS, colour_for
+
+    modes = [r.growth_mode for r in runs]
+    out = []
+    for i, run in enumerate(runs):
+        if run.label in COLOURS:
+            out.append(COLOURS[run.label])
+        elif modes.count(run.growth_mode) == 1 and run.growth_mode in COLOURS:
+            out.append(COLOURS[run.growth_mode])
+        else:
+            out.append(colour_for(run.label, i))
+    return out
+
+
+def _run_numbers(run: RunData) -> dict[str, Any]:
+    s = run.summary
+    cap = run.config.get("growth", {}).get("max_global_batch")
+    return {
+        "label": run.label,
+        "run_dir": str(run.path),
+        "growth_mode": run.growth_mode,
+        "max_global_batch": cap,
+        "val_acc": s.val_acc,
+        "val_loss": s.val_loss,
+        "train_loss": s.train_loss,
+        **{key: getattr(s, key) for key in SUMMARY_MEASURES},
+        "final_batch": (s.final_setting or {}).get("global_batch"),
+        "phases": [
+            {key: p.get(key) for key in ("index", "start_epoch", *PHASE_SPLIT, *PHASE_MEASURES)}
+            for p in s.phases
+        ],
+    }
+
+
+def throughput_drift(run: RunData, base: RunData, tolerance: float = 0.2) -> str | None:
+    """A warning when the two runs measured different throughputs at the same batch B0.
+
+    Both trained at B0 first with the same code, so a gap means the machine changed (other
+    jobs, clocks, another node): the measured wall-clock ratio then mixes that in, while the
+    estimate compares the run with its own B0 phase.
+    """
+    b0 = run.summary.base_batch
+    if not isinstance(b0, int):
+        return None
+    try:
+        batch, rate_r, _, exact_r = reference_throughput(run.summary.phases, b0)
+        _, rate_b, _, exact_b = reference_throughput(base.summary.phases, b0)
+    except SavingsError:
+        return None
+    if not (exact_r and exact_b) or abs(rate_r / rate_b - 1.0) <= tolerance:
+        return None
+    return (
+        f"at the same batch B0={batch} it trained at {rate_r:,.0f} samples/s and the baseline "
+        f"at {rate_b:,.0f} samples/s ({rate_r / rate_b - 1:+.0%}): the machine was not equally "
+        "loaded, so the measured wall-clock ratio mixes that in; the estimated one compares the "
+        "run with its own B0 phase."
+    )
+
+
+def _pick_baseline(runs: Sequence[RunData], baseline: str | None) -> RunData | None:
+    if baseline is not None:
+        for run in runs:
+            if baseline in (run.label, str(run.path)) or Path(baseline) == run.path:
+                return run
+        raise ReportError(
+            f"the baseline {baseline!r} is none of the runs given "
+            f"({', '.join(r.label for r in runs)}). Fix: name one of them."
+        )
+    found = [r for r in runs if r.growth_mode == "decay_lr"]
+    if len(found) > 1:
+        raise ReportError(
+            f"{len(found)} runs are decay_lr baselines ({', '.join(str(r.path) for r in found)}). "
+            "Fix: choose one with --baseline RUN_DIR."
+        )
+    return found[0] if found else None
+
+
+def build_report(
+    runs: Sequence[RunData],
+    out_dir: str | Path,
+    *,
+    baseline: str | None = None,
+    title: str | None = None,
+    command: str | None = None,
+    notes: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Write ``report.md``, the PNG plots and ``summary.json`` for finished runs.
+
+    Args:
+        runs: The runs, in the order of the table (labels must differ).
+        out_dir: The report directory (created).
+        baseline: Label or directory of the ``decay_lr`` run to measure against; by default
+            the one run whose ``growth_mode`` is ``decay_lr``. Without one, savings are
+            *estimated* from each run's own throughput at B0.
+        title: The report's heading (default: the runs' ``run.name``).
+        command: The command that produced the runs, shown in the report.
+        notes: Extra lines for the report.
+
+    Returns:
+        What ``summary.json`` holds.
+
+    Raises:
+        ReportError: no runs, duplicate labels, or an ambiguous baseline.
+    """
+    if not runs:
+        raise ReportError("no runs to report. Fix: give at least one finished run directory.")
+    labels = [r.label for r in runs]
+    if len(set(labels)) != len(labels):
+        raise ReportError(f"two runs share a label ({labels}). Fix: give distinct directories.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = _pick_baseline(runs, baseline)
+    # The savings arithmetic (distgrow.savings, shared with the trainer) reads the summary's
+    # JSON object; the report reads the typed fields.
+    as_json = {id(r): r.summary.to_dict() for r in runs}
+    quality = {quality_metric(as_json[id(r)]) for r in runs}
+    metric = "val_acc" if quality == {"val_acc"} else "val_loss"
+    notes = list(notes)
+
+    rows = []
+    for run in runs:
+        row = _run_numbers(run)
+        row["is_baseline"] = run is base
+        row["measured"] = None
+        if base is not None and run is not base:
+            try:
+                row["measured"] = measured_savings(
+                    as_json[id(run)], as_json[id(base)], f"the {base.label} run in {base.path}"
+                ).to_dict()
+            except SavingsError as err:
+                row["measured_unavailable"] = str(err)
+                notes.append(f"{run.label}: no measured savings: {err}")
+            drift = throughput_drift(run, base)
+            if drift:
+                row["throughput_drift"] = drift
+                notes.append(f"{run.label}: {drift}")
+            diffs = config_differences(run.config, base.config)
+            if diffs:
+                row["config_differences"] = diffs
+                notes.append(
+                    f"{run.label} differs from the baseline in more than the growth settings: "
+                    + "; ".join(diffs)
+                )
+        row["estimated"] = None if run is base else try_estimated_savings(as_json[id(run)])
+        rows.append(row)
+
+    plots = _write_plots(runs, out, metric)
+    summary = {
+        "title": title or report_title(runs),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": command,
+        "metric": metric,
+        "baseline": None if base is None else base.label,
+        "savings_kind": "measured" if base is not None else "estimated",
+        "runs": rows,
+        "plots": plots,
+        "notes": notes,
+    }
+    write_json(out / REPORT_SUMMARY_FILE, summary)
+    (out / REPORT_FILE).write_text(render_markdown(summary), encoding="utf-8")
+    return summary
+
+
+def report_title(runs: Sequence[RunData]) -> str:
+    names = sorted({str(r.config.get("run", {}).get("name") or r.label) for r in runs})
+    first, last = names[0], names[-1]  # the common prefix of a sorted list is theirs
+    size = next(
+        (i for i, (a, b) in enumerate(zip(first, last, strict=False)) if a != b), len(first)
+    )
+    return first[:size].rstrip("-_") or runs[0].label
+
+
+def _write_plots(runs: Sequence[RunData], out: Path, metric: str) -> dict[str, str]:
+    from distgrow import plots
+
+    curves = [run_curve(r, metric, c) for r, c in zip(runs, _colours(runs), strict=True)]
+    plots.plot_metric(curves, "epochs", metric, out / PLOT_FILES["val_vs_epochs"])
+    plots.plot_metric(curves, "updates", metric, out / PLOT_FILES["val_vs_updates"])
+    plots.plot_metric(curves, "wall_s", metric, out / PLOT_FILES["val_vs_wall"])
+    plots.plot_schedules(curves, out / PLOT_FILES["schedules"])
+    return dict(PLOT_FILES)
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------------------------
+
+
+def _num(value: Any, fmt: str = ",.0f") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return format(value, fmt)
+
+
+def _metric_text(metric: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2%}" if metric == "val_acc" else f"{value:.4f}"
+
+
+def _delta_text(metric: str, delta: float | None) -> str:
+    if delta is None:
+        return "-"
+    return f"{delta * 100:+.2f} pp" if metric == "val_acc" else f"{delta:+.4f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def render_markdown(summary: Mapping[str, Any]) -> str:
+    """``report.md`` from the report's summary (the numbers are exactly those of the JSON)."""
+    metric = summary["metric"]
+    metric_name = "val acc" if metric == "val_acc" else "val loss"
+    rows = summary["runs"]
+    base = summary["baseline"]
+    lines = [f"# distgrow report: {summary['title']}", ""]
+    if summary.get("command"):
+        lines += [f"Command: `{summary['command']}`", ""]
+    if base is not None:
+        lines += [
+            f"Baseline: **{base}** (growth.mode=decay_lr, same config, data and seed). "
+            "Savings against it are **measured**: both runs were trained.",
+            "",
+        ]
+    else:
+        lines += [
+            "No decay_lr baseline run was given: savings are **estimated** from each run's own "
+            "throughput at the base batch (method written next to each number).",
+            "",
+        ]
+    header = [
+        "run",
+        "growth.mode",
+        f"final {metric_name}",
+        "updates",
+        "wall-clock",
+        "start-up",
+        "worker-s",
+        "updates vs baseline",
+        "wall-clock vs baseline",
+        "worker-s vs baseline",
+        f"Δ {metric_name}",
+    ]
+    table = []
+    for row in rows:
+        m = row["measured"] if row["measured"] else None
+        if row["is_baseline"]:
+            vs = ["1.00× (baseline)"] * 3 + ["-"]
+        elif m:
+            vs = [
+                format_ratio(m["updates_ratio"], "fewer", "more"),
+                format_ratio(m["wall_ratio"], "faster", "slower"),
+                format_ratio(m["worker_seconds_ratio"], "less", "more"),
+                _delta_text(metric, m["metric_delta"]),
+            ]
+        else:
+            vs = ["-"] * 4
+        mode = row["growth_mode"] + (
+            f" (cap {row['max_global_batch']})" if row.get("max_global_batch") else ""
+        )
+        table.append(
+            [
+                row["label"],
+                mode,
+                _metric_text(metric, row.get(metric)),
+                _num(row["total_updates"]),
+                format_seconds(row["wall_s"]),
+                format_seconds(row["startup_s"]),
+                _num(row["worker_seconds"], ",.1f"),
+                *vs,
+            ]
+        )
+    lines += _table(header, table)
+    lines += [
+        "",
+        "Wall-clock is training time from the first update to the end (validation and "
+        "checkpoints included), start-up excluded and shown apart. Worker-seconds = wall-clock × "
+        "the job's workers (GPU-seconds on GPUs). Ratios are baseline ÷ run.",
+        "",
+        "## Savings",
+        "",
+    ]
+    for row in rows:
+        if row["is_baseline"]:
+            continue
+        lines.append(f"### {row['label']}")
+        lines.append("")
+        if row["measured"]:
+            lines.append(_savings_line(row["measured"], metric))
+        elif row.get("measured_unavailable"):
+            lines.append(f"- measured: not available: {row['measured_unavailable']}")
+        est = row["estimated"] or {}
+        if est.get("unavailable"):
+            lines.append(f"- estimated: not available: {est['unavailable']}")
+        elif est:
+            lines.append(_savings_line(est, metric))
+        lines.append("")
+    lines += ["## Throughput per phase", ""]
+    for row in rows:
+        lines.append(f"### {row['label']}")
+        lines.append("")
+        if not row["phases"]:
+            lines += [f"No per-phase measurements in this run's {SUMMARY_FILE}.", ""]
+            continue
+        lines += _table(
+            [
+                "phase",
+                "from epoch",
+                "batch",
+                "workers × micro × accum",
+                "lr",
+                "updates",
+                "train s",
+                "wall s",
+                "samples/s",
+                "samples/s/worker",
+            ],
+            [
+                [
+                    str(int(p["index"] or 0) + 1),
+                    _num(p["start_epoch"], ".2f"),
+                    _num(p["global_batch"]),
+                    f"{p['workers']} × {p['micro_batch']} × {p['accum_steps']}",
+                    _num(p["lr"], ".4g"),
+                    _num(p["updates"]),
+                    _num(p["train_s"], ",.1f"),
+                    _num(p["wall_s"], ",.1f"),
+                    _num(p["samples_per_s"]),
+                    _num(p["samples_per_s_per_worker"]),
+                ]
+                for p in row["phases"]
+            ],
+        )
+        lines.append("")
+    plots = summary.get("plots") or {}
+    if plots:
+        lines += ["## Plots", ""]
+        captions = {
+            "val_vs_epochs": f"{metric_name} against epochs",
+            "val_vs_updates": f"{metric_name} against parameter updates",
+            "val_vs_wall": f"{metric_name} against wall-clock",
+            "schedules": "global batch and learning rate against epochs",
+        }
+        for key, file in plots.items():
+            lines += [f"![{captions.get(key, key)}]({file})", ""]
+    if summary.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in summary["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def _savings_line(s: Mapping[str, Any], metric: str) -> str:
+    words = [
+        f"{format_ratio(s['updates_ratio'], 'fewer', 'more')} updates "
+        f"({_num(s['baseline_updates'])} → {_num(s['run_updates'])})",
+        f"{format_ratio(s['wall_ratio'], 'faster', 'slower')} "
+        f"({format_seconds(s['baseline_wall_s'])} → {format_seconds(s['run_wall_s'])}, "
+        f"{format_seconds(s['wall_saved_s'])} saved)",
+        f"worker-seconds {format_ratio(s['worker_seconds_ratio'], 'less', 'more')} "
+        f"({_num(s['baseline_worker_seconds'], ',.1f')} → {_num(s['run_worker_seconds'], ',.1f')})",
+    ]
+    if s.get("metric_delta") is not None:
+        words.append(f"Δ {metric.replace('_', ' ')} {_delta_text(metric, s['metric_delta'])}")
+    method = str(s["method"]).removeprefix(f"{s['kind']}: ")
+    return f"- **{s['kind']}**: " + "; ".join(words) + f". Method: {method}."
+
+
+def write_sweep(
+    results: Sequence[Mapping[str, Any]],
+    batch_sizes: Sequence[int],
+    lrs: Sequence[float],
+    out: Path,
+    *,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """``sweep.json``, ``sweep.md`` and ``sweep.png`` from the sweep's result rows."""
+    from distgrow import plots
+
+    final = {(int(r["batch"]), float(r["lr"])): r for r in results}
+    plots.plot_sweep(final, batch_sizes, lrs, out / SWEEP_FILES["plot"])
+    finite = [r for r in results if isinstance(r.get("val_loss"), int | float)]
+    best = min(finite, key=lambda r: r["val_loss"]) if finite else None
+    data = {
+        "command": command,
+        "batch_sizes": list(batch_sizes),
+        "lrs": list(lrs),
+        "results": [dict(r) for r in results],
+        "best": None if best is None else {k: best[k] for k in ("batch", "lr", "val_loss")},
+        "plot": SWEEP_FILES["plot"],
+    }
+    write_json(out / SWEEP_FILES["json"], data)
+
+    def cell(r: Mapping[str, Any] | None, key: str) -> str:
+        if r is None:
+            return "-"
+        if r.get("status") != "completed":
+            return str(r.get("status"))
+        return _num(r.get(key), ".4f")
+
+    lines = ["# distgrow sweep: final loss by batch size × learning rate", ""]
+    if command:
+        lines += [f"Command: `{command}`", ""]
+    for key, name in (("val_loss", "final validation loss"), ("train_loss", "final train loss")):
+        lines += [f"## {name}", ""]
+        lines += _table(
+            ["batch \\ lr", *(f"{lr:g}" for lr in lrs)],
+            [[str(b), *(cell(final.get((b, lr)), key) for lr in lrs)] for b in batch_sizes],
+        )
+        lines.append("")
+    if best is not None:
+        lines += [
+            f"Lowest validation loss: {best['val_loss']:.4f} at batch {best['batch']}, "
+            f"lr {best['lr']:g}.",
+            "",
+        ]
+    caption = "final loss against batch size, one line per learning rate"
+    lines += [f"![{caption}]({SWEEP_FILES['plot']})", ""]
+    (out / SWEEP_FILES["markdown"]).write_text("\n".join(lines), encoding="utf-8")
+    return data

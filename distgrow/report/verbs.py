@@ -1,0 +1,469 @@
+"""``distgrow compare``, ``distgrow report`` and ``distgrow sweep``: the verbs that train runs
+side by side (each a real ``distgrow train`` process, run by :func:`distgrow.launch.run_subprocess`)
+and hand the finished run directories to :func:`~distgrow.report.render.build_report`.
+
+A run directory under ``OUT/runs/`` is reused (finished) or resumed (unfinished) only when the
+config it was trained with equals the one this command resolves; anything else is refused,
+naming the difference, unless ``force`` retrains it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distgrow.config import Config, ConfigError, config_from_dict, dump_config, load_config
+from distgrow.exits import EXIT_NONFINITE
+from distgrow.launch import Outcome, run_subprocess
+from distgrow.planner import make_plan
+from distgrow.report.render import REPORT_FILE, SWEEP_FILES, build_report, report_title, write_sweep
+from distgrow.report.runs import ReportError, differences, load_run, read_config, read_summary
+from distgrow.rundir import CONFIG_FILE, RunDir
+from distgrow.signals import exit_status, signal_name
+
+VARIANTS = ("decay_lr", "grow_batch", "hybrid", "grow_batch_lr", "grow_momentum")
+"""What ``compare`` can train; ``hybrid`` is ``grow_batch`` with a cap that binds."""
+DEFAULT_VARIANTS = ("decay_lr", "grow_batch", "hybrid")
+
+
+Echo = Callable[[str], None]
+
+
+def default_report_dir(name: str, kind: str = "") -> Path:
+    """``reports/<name>[-<kind>]-<YYYYmmdd-HHMMSS>`` under the current directory."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("reports") / "-".join(part for part in (name, kind, stamp) if part)
+
+
+def hybrid_cap(cfg: Config, dataset_size: int) -> int:
+    """A ``growth.max_global_batch`` that makes ``grow_batch`` fall back to LR decay.
+
+    The first grown batch of the uncapped plan when the plan grows at least twice (the paper's
+    hybrid: 128 → 640, then the LR); with a single growth, a cap between the two batches.
+
+    Raises:
+        ReportError: the plan never grows (a constant schedule), so there is no hybrid.
+    """
+    from dataclasses import replace
+
+    grow = replace(cfg, growth=replace(cfg.growth, mode="grow_batch"))
+    plan = make_plan(grow, dataset_size)
+    batches = sorted({p.global_batch for p in plan.phases})
+    if len(batches) < 2:
+        raise ReportError(
+            f"the grow_batch plan of this config never grows the batch (it stays at "
+            f"{batches[0] if batches else '?'}), so a hybrid cannot be formed. Fix: use a "
+            "decaying schedule, or leave hybrid out of --variants."
+        )
+    candidates = [batches[1]] if len(batches) >= 3 else []
+    candidates.append((batches[0] + batches[1]) // 2)
+    for cap in candidates:
+        capped = replace(grow, growth=replace(grow.growth, max_global_batch=cap))
+        if any(p.capped for p in make_plan(capped, dataset_size).phases):
+            return cap
+    raise ReportError(
+        f"no cap between {batches[0]} and {batches[1]} forces the fall-back to LR decay for "
+        "this config. Fix: leave hybrid out of --variants."
+    )
+
+
+def variant_overrides(cfg: Config, variant: str, dataset_size: int) -> list[str]:
+    """The dotted overrides that turn the base config into ``variant``.
+
+    Raises:
+        ReportError: an unknown variant, or a hybrid the plan cannot form.
+    """
+    if variant not in VARIANTS:
+        raise ReportError(
+            f"unknown variant {variant!r}. Fix: use some of {', '.join(VARIANTS)} "
+            "(comma-separated)."
+        )
+    if variant == "hybrid":
+        return [
+            "growth.mode=grow_batch",
+            f"growth.max_global_batch={hybrid_cap(cfg, dataset_size)}",
+        ]
+    return [f"growth.mode={variant}"]
+
+
+def parse_list(text: str, kind: Callable[[str], Any], what: str) -> list[Any]:
+    """``"32,64,128"`` → ``[32, 64, 128]``; errors name the bad item.
+
+    Raises:
+        ReportError: an empty list or an item that does not parse.
+    """
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise ReportError(f"{what} is empty. Fix: give a comma-separated list, e.g. 32,64,128.")
+    out = []
+    for item in items:
+        try:
+            out.append(kind(item))
+        except ValueError:
+            raise ReportError(
+                f"{what}: {item!r} is not a {kind.__name__}. Fix: e.g. 32,64,128 or 0.01,0.1."
+            ) from None
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Running a training
+# --------------------------------------------------------------------------------------------
+
+_NOT_THE_CONFIG = ("run.output_dir", "run.resume")
+"""Keys a reused run may differ in: the folder is the same one by construction (spelled from
+another working directory, perhaps), and a resumed run records ``run.resume=true``."""
+
+
+def _tree(cfg: Config) -> dict[str, Any]:
+    """The config as its ``config.yaml`` holds it (YAML types: lists, not tuples)."""
+    loaded = yaml.safe_load(dump_config(cfg))
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def config_mismatch(run_dir: RunDir, expected: Config) -> list[str]:
+    """How the config a run directory was trained with differs from ``expected`` ([] when
+    they are equal, or when the directory holds no run yet)."""
+    if not run_dir.holds_a_run():
+        return []
+    stored = read_config(run_dir)
+    if not stored:
+        return [f"it has no readable {CONFIG_FILE}, so its config cannot be checked"]
+    try:
+        trained = config_from_dict(stored, source=str(run_dir.config))
+    except ConfigError as err:
+        return [f"its {CONFIG_FILE} does not load ({err})"]
+    return differences(
+        _tree(trained), _tree(expected), ignore=_NOT_THE_CONFIG, names=("there", "now")
+    )
+
+
+def check_reuse(
+    runs: Sequence[tuple[str, RunDir, Config]], *, force: bool, verb: str
+) -> dict[str, list[str]]:
+    """Refuse run directories trained with another config, unless ``force``.
+
+    Without this, a finished run would be reused and its numbers labelled with the new
+    command. Every directory is checked before anything trains.
+
+    Args:
+        runs: (name, run directory, the config this command would train there).
+        force: Let them be trained again (:func:`discard` deletes each just before).
+        verb: ``compare`` or ``sweep``, for the message.
+
+    Returns:
+        The runs trained with another config (only with ``force``): name → differences.
+
+    Raises:
+        ReportError: some directory holds a run of another config and ``force`` is false.
+    """
+    found = {name: (rd, diffs) for name, rd, cfg in runs if (diffs := config_mismatch(rd, cfg))}
+    if force or not found:
+        return {name: diffs for name, (_, diffs) in found.items()}
+    what = " ".join(f"{name} in {rd}: {'; '.join(diffs)}." for name, (rd, diffs) in found.items())
+    raise ReportError(
+        f"{len(found)} run(s) there were trained with another config, and reusing them would "
+        f"label their numbers with this command. {what} Fix: choose another --out, or rerun "
+        f"`distgrow {verb}` with --force to delete and retrain them."
+    )
+
+
+def discard(run_dir: RunDir, log: Path, diffs: Sequence[str], prefix: str, echo: Echo) -> None:
+    """Delete a run of another config and its log, just before it is trained again (so a
+    training that fails first leaves the runs after it as they were)."""
+    why = "; ".join(diffs)
+    echo(f"{prefix} {run_dir} was trained with another config ({why}): --force, deleting it")
+    shutil.rmtree(run_dir.path)
+    log.unlink(missing_ok=True)
+
+
+def _child_env() -> dict[str, str]:
+    """What a training process adds to this environment: this distgrow importable first."""
+    root = str(Path(__file__).resolve().parents[2])
+    current = os.environ.get("PYTHONPATH")
+    return {"PYTHONPATH": root + (os.pathsep + current if current else "")}
+
+
+def train_process(
+    config: str | Path,
+    overrides: Sequence[str],
+    run_dir: RunDir,
+    log_path: Path,
+    *,
+    prefix: str,
+    echo: Echo,
+    python: str = sys.executable,
+) -> Outcome:
+    """Run ``distgrow train CONFIG OVERRIDES run.output_dir=RUN_DIR`` to its end.
+
+    The output goes to the terminal and to ``log_path`` (:func:`distgrow.launch.run_subprocess`,
+    which also forwards Ctrl-C, SIGTERM and SIGUSR1 so that the training checkpoints). A run
+    directory with checkpoints but no summary is resumed; one with a summary is not rerun
+    (:func:`check_reuse` has made sure that it was trained with this config).
+
+    Returns:
+        How the process ended (status 0 also when the run had already finished).
+    """
+    if run_dir.summary.is_file():
+        echo(f"{prefix} already finished in {run_dir}: reusing it")
+        return Outcome(0)
+    argv = [python, "-m", "distgrow", "train", str(config), *overrides]
+    argv.append(f"run.output_dir={run_dir}")
+    if run_dir.checkpoints():
+        argv.append("--resume")
+        echo(f"{prefix} resuming the unfinished run in {run_dir}")
+    echo(f"{prefix} $ distgrow {shlex.join(argv[3:])}")
+    return run_subprocess(argv, _child_env(), log_path)
+
+
+def _stopped(outcome: Outcome, what: str, log: Path, out: Path) -> ReportError:
+    """The error of a training that a forwarded signal stopped: rerunning resumes it."""
+    assert outcome.signal is not None
+    return ReportError(
+        f"{what} was stopped by {signal_name(outcome.signal)} (exit status {outcome.returncode}); "
+        f"its output is in {log}. Rerun the same command with --out {out}: finished runs are "
+        "reused, this one resumes from its last checkpoint.",
+        exit_code=exit_status(outcome.signal),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The verbs
+# --------------------------------------------------------------------------------------------
+
+
+def compare(
+    config: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    variants: Sequence[str] = DEFAULT_VARIANTS,
+    out_dir: str | Path | None = None,
+    force: bool = False,
+    echo: Echo = print,
+    python: str = sys.executable,
+) -> Path:
+    """Train each variant on the same config, data and seed, then write the report.
+
+    Args:
+        config: The YAML config.
+        overrides: Dotted overrides applied to every variant.
+        variants: Some of :data:`VARIANTS`, in table order.
+        out_dir: The report directory (default :func:`default_report_dir`); runs go to
+            ``OUT/runs/<variant>``, their output to ``OUT/logs/<variant>.log``. Running again
+            with the same directory and config reuses finished runs and resumes unfinished ones.
+        force: Retrain the runs in ``OUT/runs`` that were trained with another config (they
+            are deleted first); without it such a directory is refused.
+        echo: Where progress lines go (the trainings' own output goes to the terminal).
+        python: The interpreter that runs ``-m distgrow train``.
+
+    Returns:
+        The report directory.
+
+    Raises:
+        ConfigError: the config or a variant's config is invalid (before anything runs).
+        ReportError: a bad variant list, runs of another config in ``OUT`` (without
+            ``force``), or a training that failed (exit_code 1) or was stopped by a signal.
+    """
+    cfg = load_config(config, overrides)
+    if not variants:
+        raise ReportError(f"no variants given. Fix: e.g. --variants {','.join(DEFAULT_VARIANTS)}.")
+    if len(set(variants)) != len(variants):
+        raise ReportError(f"--variants lists one twice ({','.join(variants)}). Fix: once each.")
+    n = cfg.data.expected_train_size()
+    plan_overrides = {v: variant_overrides(cfg, v, n) for v in variants}
+    out = Path(out_dir) if out_dir is not None else default_report_dir(cfg.run.name)
+    run_overrides: dict[str, list[str]] = {}
+    resolved: list[tuple[str, RunDir, Config]] = []
+    for variant, extra in plan_overrides.items():  # every variant is valid before any runs
+        run_overrides[variant] = [*overrides, *extra, f"run.name={cfg.run.name}-{variant}"]
+        run_dir = RunDir(out / "runs" / variant)
+        try:
+            variant_cfg = load_config(
+                config, [*run_overrides[variant], f"run.output_dir={run_dir}"]
+            )
+        except ConfigError as err:
+            raise ConfigError(f"variant {variant} ({' '.join(extra)}): {err}") from err
+        resolved.append((variant, run_dir, variant_cfg))
+    stale = check_reuse(resolved, force=force, verb="compare")
+    out.mkdir(parents=True, exist_ok=True)
+    echo(f"distgrow compare: {', '.join(variants)} on {config}; report in {out}")
+    for variant, run_dir, _ in resolved:
+        log = out / "logs" / f"{variant}.log"
+        if variant in stale:
+            discard(run_dir, log, stale[variant], f"[{variant}]", echo)
+        outcome = train_process(
+            config, run_overrides[variant], run_dir, log, prefix=f"[{variant}]", echo=echo,
+            python=python,
+        )  # fmt: skip
+        if outcome.signal is not None:
+            raise _stopped(outcome, f"the {variant} run", log, out)
+        if outcome.returncode != 0:
+            raise ReportError(
+                f"the {variant} run failed with exit status {outcome.returncode}; its output "
+                f"is in {log}. Fix the cause, then rerun the same command with --out {out}: "
+                "finished runs are reused, this one resumes.",
+                exit_code=1,
+            )
+    runs = [load_run(rd.path, v) for v, rd, _ in resolved]
+    command = shlex.join(
+        ["distgrow", "compare", str(config), *overrides, "--variants", ",".join(variants)]
+    )
+    notes = []
+    if "hybrid" in variants:
+        cap = plan_overrides["hybrid"][1].split("=", 1)[1]
+        notes.append(
+            f"hybrid = grow_batch with growth.max_global_batch={cap}: the batch stops there and "
+            "the learning rate carries the rest of the decay"
+        )
+    build_report(runs, out, title=cfg.run.name, command=command, notes=notes)
+    echo(f"distgrow compare: report written to {out / REPORT_FILE}")
+    return out
+
+
+def report(
+    run_dirs: Sequence[str | Path],
+    *,
+    out_dir: str | Path | None = None,
+    baseline: str | None = None,
+    echo: Echo = print,
+) -> Path:
+    """Rebuild a report from finished run directories (``distgrow report``).
+
+    Raises:
+        ReportError: a directory is not a finished run, or the baseline is ambiguous.
+    """
+    paths = [Path(p) for p in run_dirs]
+    names = [p.resolve().name for p in paths]
+    # Two runs named alike (two "grow_batch" folders of different reports) get their parent's
+    # name in front so that the table and the legends tell them apart.
+    labels = [
+        n if names.count(n) == 1 else f"{p.resolve().parent.name}/{n}"
+        for p, n in zip(paths, names, strict=True)
+    ]
+    runs = [load_run(p, label) for p, label in zip(paths, labels, strict=True)]
+    base_label = None
+    if baseline is not None:
+        wanted = Path(baseline).resolve()
+        match = [r.label for r in runs if r.path.resolve() == wanted]
+        base_label = match[0] if match else baseline
+    out = Path(out_dir) if out_dir is not None else default_report_dir(report_title(runs), "report")
+    command = shlex.join(["distgrow", "report", *map(str, run_dirs)])
+    build_report(runs, out, baseline=base_label, command=command)
+    echo(f"distgrow report: written to {out / REPORT_FILE}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Sweep: batch size × learning rate
+# --------------------------------------------------------------------------------------------
+
+
+def _sweep_name(batch: int, lr: float) -> str:
+    return "b{}_lr{}".format(batch, re.sub(r"[^0-9a-zA-Z.-]", "_", f"{lr:g}"))
+
+
+def sweep(
+    config: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    batch_sizes: Sequence[int],
+    lrs: Sequence[float],
+    out_dir: str | Path | None = None,
+    force: bool = False,
+    echo: Echo = print,
+    python: str = sys.executable,
+) -> Path:
+    """Train every (batch size, LR) pair at a fixed batch and plot the final losses.
+
+    Each run is ``distgrow train CONFIG OVERRIDES growth.mode=decay_lr growth.base_batch=B
+    optim.lr=LR growth.max_global_batch=null`` (the config's schedule is kept: add
+    ``schedule.type=constant`` for seed 003's constant-LR question, and ``run.epochs=...`` to
+    keep it short). A run whose loss diverges is recorded as diverged, not as a failure.
+    Runs in ``OUT/runs`` are reused as :func:`compare` reuses them (same config only; ``force``
+    retrains the others).
+
+    Returns:
+        The sweep directory (``sweep.png``, ``sweep.md``, ``sweep.json``, ``runs/``, ``logs/``).
+
+    Raises:
+        ConfigError: a pair's config is invalid (checked for all before anything runs).
+        ReportError: empty grids, runs of another config in ``OUT`` (without ``force``), runs
+            that failed for another reason than divergence, or a signal that stopped one.
+    """
+    if not batch_sizes or not lrs:
+        raise ReportError("the sweep needs --batch-sizes and --lrs. Fix: e.g. 32,64 and 0.01,0.1.")
+    cfg = load_config(config, overrides)
+    pairs = [(b, lr) for b in batch_sizes for lr in lrs]
+    out = Path(out_dir) if out_dir is not None else default_report_dir(cfg.run.name, "sweep")
+    pair_overrides: dict[tuple[int, float], list[str]] = {}
+    resolved: list[tuple[str, RunDir, Config]] = []
+    for b, lr in pairs:
+        name = _sweep_name(b, lr)
+        extra = [
+            "growth.mode=decay_lr",
+            f"growth.base_batch={b}",
+            f"optim.lr={lr!r}",
+            "growth.max_global_batch=null",
+        ]
+        pair_overrides[(b, lr)] = [*overrides, *extra, f"run.name={cfg.run.name}-{name}"]
+        run_dir = RunDir(out / "runs" / name)
+        try:
+            pair_cfg = load_config(config, [*pair_overrides[(b, lr)], f"run.output_dir={run_dir}"])
+        except ConfigError as err:
+            raise ConfigError(f"sweep point batch {b}, lr {lr:g}: {err}") from err
+        resolved.append((name, run_dir, pair_cfg))
+    stale = check_reuse(resolved, force=force, verb="sweep")
+    out.mkdir(parents=True, exist_ok=True)
+    echo(f"distgrow sweep: {len(pairs)} runs ({len(batch_sizes)} batch sizes × {len(lrs)} LRs)")
+    results = []
+    failed = []
+    for (b, lr), (name, run_dir, _) in zip(pairs, resolved, strict=True):
+        log = out / "logs" / f"{name}.log"
+        if name in stale:
+            discard(run_dir, log, stale[name], f"[{name}]", echo)
+        outcome = train_process(
+            config, pair_overrides[(b, lr)], run_dir, log, prefix=f"[{name}]", echo=echo,
+            python=python,
+        )  # fmt: skip
+        if outcome.signal is not None:
+            raise _stopped(outcome, f"the sweep run {name}", log, out)
+        code = outcome.returncode
+        row: dict[str, Any] = {"batch": b, "lr": lr, "run_dir": str(run_dir), "exit_code": code}
+        if code == 0:
+            s = read_summary(run_dir)
+            row.update(
+                status="completed",
+                train_loss=s.train_loss,
+                val_loss=s.val_loss,
+                val_acc=s.val_acc,
+                total_updates=s.total_updates,
+                wall_s=s.wall_s,
+            )
+        elif code == EXIT_NONFINITE:
+            row.update(status="diverged", train_loss=None, val_loss=None, val_acc=None)
+        else:
+            row.update(status="failed", train_loss=None, val_loss=None, val_acc=None)
+            failed.append(f"batch {b}, lr {lr:g} (exit {code}, log {log})")
+        results.append(row)
+    write_sweep(results, batch_sizes, lrs, out, command=shlex.join(
+        ["distgrow", "sweep", str(config), *overrides,
+         "--batch-sizes", ",".join(map(str, batch_sizes)),
+         "--lrs", ",".join(f"{lr:g}" for lr in lrs)]
+    ))  # fmt: skip
+    echo(f"distgrow sweep: written to {out / SWEEP_FILES['markdown']}")
+    if failed:
+        raise ReportError(
+            f"{len(failed)} sweep run(s) failed: {'; '.join(failed)}. The sweep files show the "
+            f"others. Fix the cause and rerun with --out {out}: finished runs are reused.",
+            exit_code=1,
+        )
+    return out
