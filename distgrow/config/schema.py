@@ -58,7 +58,7 @@ Str = Annotated[str, Strict()]
 Bool = Annotated[bool, Strict()]
 
 # extra="forbid": an unknown key is an error; allow_inf_nan=False: every float is finite.
-_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, defer_build=True)
 
 # Counts that drive loops (the plan simulates every epoch; the realisation tries every worker
 # count): a bound far above any real run keeps a typo like 1e21 from hanging `distgrow plan`.
