@@ -211,6 +211,9 @@ def test_sections_stay_dataclasses() -> None:
     assert "base_batch" in {f.name for f in dataclasses.fields(cfg.growth)}
     with pytest.raises(ValueError, match="finite"):  # replace re-checks the types
         dataclasses.replace(cfg.optim, lr=math.nan)
+    with pytest.raises(ValueError, match="finite"):  # and so does an assignment
+        cfg.optim.lr = math.inf
+    assert cfg.optim.lr == 0.1
 
 
 # -- every number finite and in range ---------------------------------------------------------

@@ -57,8 +57,12 @@ Float = Annotated[float, Strict(), BeforeValidator(_numeric_string)]
 Str = Annotated[str, Strict()]
 Bool = Annotated[bool, Strict()]
 
-# extra="forbid": an unknown key is an error; allow_inf_nan=False: every float is finite.
-_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, defer_build=True)
+# extra="forbid": an unknown key is an error; allow_inf_nan=False: every float is finite, and
+# validate_assignment keeps it so after construction (no NaN slips past a later `x < 0`).
+# defer_build: the validators are built at the first load, not at import.
+_STRICT = ConfigDict(
+    extra="forbid", allow_inf_nan=False, validate_assignment=True, defer_build=True
+)
 
 # Counts that drive loops (the plan simulates every epoch; the realisation tries every worker
 # count): a bound far above any real run keeps a typo like 1e21 from hanging `distgrow plan`.
