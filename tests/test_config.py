@@ -92,6 +92,13 @@ def test_unknown_section(tmp_path: Path) -> None:
         load_config(write(tmp_path, "optimizer:\n  lr: 0.1\n"))
 
 
+def test_keys_that_are_not_names(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^unknown key 'run.1' in .*valid keys here are name,"):
+        load_config(write(tmp_path, "run:\n  1: 2\n"))
+    with pytest.raises(ConfigError, match=r"^unknown key 'True' in .*valid keys here are run,"):
+        load_config(write(tmp_path, "yes: 2\n"))
+
+
 def test_unknown_key_in_override_names_the_command_line() -> None:
     with pytest.raises(ConfigError, match="'growth.max_batch' in the command-line overrides"):
         load_config(None, ["growth.max_batch=3"])

@@ -100,7 +100,12 @@ def _explain(err: Mapping[str, Any], source: str) -> ConfigError:
     """One of pydantic's errors as the line a user can act on."""
     key, tp, section = _locate(tuple(err["loc"]))
     kind, value = err["type"], err.get("input")
-    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+    if kind == "invalid_key":  # a key YAML read as a number or a bool: not a setting's name
+        parent, parent_tp, _ = _locate(tuple(err["loc"])[:-1])
+        leaf = str(value)
+        key = f"{parent}.{leaf}" if parent else leaf
+        section = _strip(parent_tp) if _is_section(_strip(parent_tp)) else Config
+    if kind in ("unexpected_keyword_argument", "extra_forbidden", "invalid_key"):
         names = list(_fields(section or Config))
         leaf = key.rsplit(".", 1)[-1]
         near = difflib.get_close_matches(leaf, names, n=3, cutoff=0.5)
