@@ -2,6 +2,7 @@
 
     distgrow plan CONFIG [key=value ...] [--json]
     distgrow config [CONFIG] [key=value ...]      the resolved config, or every key documented
+    distgrow config --schema                      the JSON Schema of config files, for editors
     distgrow train CONFIG [key=value ...] [--resume]
     distgrow compare CONFIG [key=value ...] [--variants LIST] [--out DIR] [--force]
     distgrow report RUN_DIR [RUN_DIR ...] [--baseline RUN_DIR] [--out DIR]
@@ -20,7 +21,7 @@ import sys
 from collections.abc import Sequence
 
 from distgrow import report
-from distgrow.config import ConfigError, describe_fields, dump_config, load_config
+from distgrow.config import ConfigError, describe_fields, dump_config, json_schema, load_config
 from distgrow.exits import EXIT_USAGE
 from distgrow.planner import Plan, make_plan
 from distgrow.report import ReportError
@@ -92,6 +93,14 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
+    if args.schema:
+        if args.config is not None or args.overrides:
+            raise ConfigError(
+                "--schema describes every config, not one: it takes no CONFIG or overrides. "
+                "Fix: run `distgrow config --schema` alone."
+            )
+        print(json.dumps(json_schema(), indent=2, ensure_ascii=False))
+        return 0
     if args.config is None and not args.overrides:
         for key, tp, default, doc in describe_fields():
             print(f"{key} ({tp}, default {default!r}): {doc}")
@@ -221,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_plan)
     p = verb("config", "Print the resolved config, or every setting with its documentation.")
+    p.add_argument(
+        "--schema",
+        action="store_true",
+        help="print the JSON Schema of config files (for editors: save it and point the YAML "
+        "language server at it to complete and check configs)",
+    )
     p.set_defaults(func=_cmd_config)
     p = verb("train", "Train a config: the growth plan, realised on torch.distributed.")
     p.add_argument(

@@ -80,6 +80,62 @@ def test_config_verb(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0 and "lr: 0.2" in out
 
 
+def test_config_schema_is_json_for_editors(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_main(capsys, "config", "--schema")
+    assert code == 0
+    schema = json.loads(out)
+    assert schema["title"] == "distgrow config"
+    assert set(schema["properties"]) == {
+        "run", "data", "model", "optim", "schedule", "growth", "backend", "launch", "logging"
+    }  # fmt: skip
+    optim = schema["$defs"]["OptimConfig"]["properties"]
+    assert optim["lr"]["type"] == "number" and optim["lr"]["default"] == 0.1
+    code, out, err = run_main(capsys, "config", CIFAR, "--schema")
+    assert code == 2 and out == "" and "takes no CONFIG" in err
+
+
+def _one_line_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str], expected: str) -> None:
+    code, out, err = run_main(capsys, *argv)
+    assert code == 2, err
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("distgrow: config error: "), err
+    assert re.search(expected, err), err
+    assert "Traceback" not in err
+
+
+BAD_NUMBERS = [
+    (["optim.lr=nan"], r"optim.lr = nan in the command-line overrides: must be a finite number"),
+    (["growth.lr_scale=-inf"], r"growth.lr_scale = -inf .*finite"),
+    (["schedule.milestones=[60, inf]"], r"schedule.milestones\[1\] = inf .*finite"),
+    (["run.epochs=1000000000000000000000"], r"run.epochs = 10{21} .*64 bits"),
+    (["run.epochs=1000000"], r"run.epochs = 1000000: must be at most 100,000"),
+    (["optim.eps=0"], r"optim.eps = 0.0: must be positive"),
+    (["run.name=.."], r"run.name = '..': must be a plain folder name"),
+    (["run.name=/tmp/x"], r"run.name = '/tmp/x': must be a plain folder name"),
+    (["run.output_dir=."], r"run.output_dir = '.': is the current directory"),
+]
+
+
+@pytest.mark.parametrize("verb", ["plan", "config", "train"])
+@pytest.mark.parametrize(("overrides", "expected"), BAD_NUMBERS)
+def test_bad_values_exit_2_in_one_line_from_every_verb(
+    capsys: pytest.CaptureFixture[str], verb: str, overrides: list[str], expected: str
+) -> None:
+    _one_line_exit_2(capsys, [verb, CIFAR, *overrides], expected)
+
+
+@pytest.mark.parametrize("verb", ["plan", "config", "train"])
+def test_empty_and_non_utf8_files_exit_2_in_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, verb: str
+) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing set\n")
+    _one_line_exit_2(capsys, [verb, str(empty)], r"holds no settings.*would train the defaults")
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes(b"run:\n  name: caf\xe9\n")
+    _one_line_exit_2(capsys, [verb, str(latin)], r"is not UTF-8 text.*Fix: save the file as UTF-8")
+
+
 def test_python_dash_m_runs_the_same_command() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "distgrow", "plan", CIFAR, "growth.max_global_batch=640", "--json"],

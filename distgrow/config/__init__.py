@@ -1,0 +1,68 @@
+"""The typed config tree, its loader and the data-set size catalogue.
+
+* :mod:`distgrow.config.schema`: the sections (pydantic dataclasses), their documentation and
+  their range checks;
+* :mod:`distgrow.config.loader`: YAML + dotted overrides -> a checked :class:`Config`, the key
+  listing of ``distgrow config`` and the JSON Schema of ``distgrow config --schema``;
+* :mod:`distgrow.config.datasets`: training-set sizes known without loading the data.
+
+Everything is importable from here (``from distgrow.config import Config, load_config``).
+This package imports neither torch nor anything distributed: ``distgrow plan`` and the planner
+work from it alone.
+"""
+
+from distgrow.config.datasets import OFFICIAL_TRAIN, SPLIT_TOTAL, held_out
+from distgrow.config.loader import (
+    config_from_dict,
+    describe_fields,
+    dump_config,
+    json_schema,
+    load_config,
+    parse_overrides,
+)
+from distgrow.config.schema import (
+    NOT_DECAYS,
+    BackendConfig,
+    Config,
+    ConfigError,
+    DataConfig,
+    GrowthConfig,
+    GrowthMode,
+    LaunchConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimConfig,
+    OptimName,
+    RunConfig,
+    ScheduleConfig,
+    ScheduleType,
+    WandbConfig,
+)
+
+__all__ = [
+    "NOT_DECAYS",
+    "OFFICIAL_TRAIN",
+    "SPLIT_TOTAL",
+    "BackendConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "GrowthConfig",
+    "GrowthMode",
+    "LaunchConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "OptimName",
+    "RunConfig",
+    "ScheduleConfig",
+    "ScheduleType",
+    "WandbConfig",
+    "config_from_dict",
+    "describe_fields",
+    "dump_config",
+    "held_out",
+    "json_schema",
+    "load_config",
+    "parse_overrides",
+]

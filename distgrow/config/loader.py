@@ -1,0 +1,317 @@
+"""Loading: a YAML file plus dotted ``key=value`` overrides become a checked :class:`Config`.
+
+pydantic does the type checking (see :mod:`distgrow.config.schema`); this module reads the
+file, parses the overrides, merges them, and turns the first of pydantic's errors into one
+line naming the key, the value, where it was written and the fix. Loading checks three things
+before anything runs, each failure a :class:`ConfigError`:
+
+1. keys: an unknown key is an error naming the key, the file (or the command line) and the
+   closest valid keys;
+2. types: values are checked against the field's annotation (``int``, ``float``, ``bool``,
+   ``str``, ``Literal[...]``, ``X | None``, ``list[...]``, nested sections), and every float
+   is finite;
+3. values: ranges and cross-field rules in each section's ``validate``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import TypeAdapter, ValidationError
+
+from distgrow.config.schema import NOT_DECAYS, Config, ConfigError
+
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
+@functools.cache
+def _adapter() -> TypeAdapter[Config]:
+    # Built once, on first use: `distgrow plan` pays for it only when it loads a config.
+    return TypeAdapter(Config)
+
+
+def _strip(tp: Any) -> Any:
+    """The type under ``Annotated[...]`` (pydantic's metadata is not the user's business)."""
+    while get_origin(tp) is typing.Annotated:
+        tp = get_args(tp)[0]
+    return tp
+
+
+def _fields(cls: Any) -> dict[str, Any]:
+    """Field name -> pydantic's FieldInfo of a config section, in declaration order."""
+    return typing.cast(dict[str, Any], cls.__pydantic_fields__)
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _type_name(tp: Any) -> str:
+    tp = _strip(tp)
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if origin is list:
+        return f"list[{_type_name(get_args(tp)[0])}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _locate(loc: tuple[int | str, ...]) -> tuple[str, Any, Any]:
+    """(dotted key, annotation at the key, the section holding it) for a pydantic error loc.
+
+    Union members add tags to the loc (``'int'``, ``'none'``); only field names and list
+    indices name the user's key, so the rest is skipped.
+    """
+    key, tp, section = "", Any, None
+    current: Any = Config
+    for part in loc:
+        bare = _strip(current)
+        if get_origin(bare) in (Union, types.UnionType):
+            # Optional sections or lists: follow the member that can hold the next part.
+            members = [m for m in get_args(bare) if m is not type(None)]
+            bare = _strip(members[0]) if len(members) == 1 else bare
+        if isinstance(part, int) and get_origin(bare) is list:
+            key, current = f"{key}[{part}]", get_args(bare)[0]
+        elif isinstance(part, str) and _is_section(bare):
+            section = bare
+            key = f"{key}.{part}" if key else part
+            info = _fields(bare).get(part)
+            if info is None:  # an unknown key: nothing below it
+                return key, Any, section
+            current = info.annotation
+        # anything else is a union tag: the key stays as it is
+    tp = current
+    return key, tp, section
+
+
+def _explain(err: Mapping[str, Any], source: str) -> ConfigError:
+    """One of pydantic's errors as the line a user can act on."""
+    key, tp, section = _locate(tuple(err["loc"]))
+    kind, value = err["type"], err.get("input")
+    if kind == "invalid_key":  # a key YAML read as a number or a bool: not a setting's name
+        parent, parent_tp, _ = _locate(tuple(err["loc"])[:-1])
+        leaf = str(value)
+        key = f"{parent}.{leaf}" if parent else leaf
+        section = _strip(parent_tp) if _is_section(_strip(parent_tp)) else Config
+    if kind in ("unexpected_keyword_argument", "extra_forbidden", "invalid_key"):
+        names = list(_fields(section or Config))
+        leaf = key.rsplit(".", 1)[-1]
+        near = difflib.get_close_matches(leaf, names, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(near)}? " if near else ""
+        return ConfigError(
+            f"unknown key '{key}' in {source}. Fix: {hint}valid keys here are {', '.join(names)}."
+        )
+    if kind in ("dataclass_type", "dataclass_args_type"):
+        return ConfigError(
+            f"{key} in {source} must be a section (a mapping of keys), got {value!r}. "
+            f"Fix: write it as '{key}: {{...}}' or use dotted keys like {key}.<name>=..."
+        )
+    if kind == "literal_error":
+        choices_of = _strip(tp)
+        if get_origin(choices_of) in (Union, types.UnionType):
+            choices_of = next(a for a in get_args(choices_of) if get_origin(a) is Literal)
+        words = get_args(choices_of)
+        near = difflib.get_close_matches(str(value), [str(a) for a in words], n=1, cutoff=0.5)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        return ConfigError(
+            f"{key} = {value!r} in {source} is not one of {', '.join(map(repr, words))}. "
+            f"Fix: {hint}use one of them."
+        )
+    if kind == "finite_number":
+        return ConfigError(
+            f"{key} = {value!r} in {source}: must be a finite number (not nan or inf). "
+            "Fix: give a finite value."
+        )
+    if kind in ("greater_than_equal", "less_than_equal"):
+        return ConfigError(
+            f"{key} = {value!r} in {source}: must fit in 64 bits (|value| < 2^63). "
+            "Fix: give a realistic count."
+        )
+    if key == "" or tp is Any:  # keys that are not strings, and the like
+        return ConfigError(
+            f"{key or 'the config'} in {source}: {err['msg']}. "
+            "Fix: see `distgrow config` for every key."
+        )
+    # A wrong type. An optional value that is not null failed as its non-null type: name that.
+    shown = _strip(tp)
+    if value is not None and get_origin(shown) in (Union, types.UnionType):
+        members = [a for a in get_args(shown) if a is not type(None)]
+        shown = members[0] if len(members) == 1 else shown
+    name = _type_name(shown)
+    return ConfigError(
+        f"{key} = {value!r} in {source}: expected {name}, got {type(value).__name__}. "
+        f"Fix: give a value of type {name}."
+    )
+
+
+def _build(data: Mapping[str, Any], source: str) -> Config:
+    try:
+        return _adapter().validate_python(data)
+    except ValidationError as err:
+        raise _explain(err.errors()[0], source) from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: what is wrong and where (its own message spans several)."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        return f"{err.problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(err).split())
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
+    """Turn ``["growth.base_batch=256", "optim.lr=0.05"]`` into a nested dict.
+
+    Values are parsed as YAML, so ``640`` is an int, ``null`` is None, ``[60, 120]`` a list and
+    ``true`` a bool; quote a string that would parse otherwise (``run.name='"0.1"'``).
+    """
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(
+                f"override {item!r} has no '='. Fix: write overrides as dotted.key=value, "
+                "e.g. growth.max_global_batch=640."
+            )
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} has an empty key. Fix: e.g. optim.lr=0.1.")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)}). "
+                "Fix: quote it, e.g. run.name='\"a: b\"'."
+            ) from None
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"override {item!r} conflicts with an earlier override of {part}."
+                )
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_from_dict(
+    data: Mapping[str, Any], overrides: Iterable[str] = (), source: str = "the config"
+) -> Config:
+    """Build and validate a :class:`Config` from a nested mapping plus dotted overrides."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            f"{source} must be a YAML mapping of sections, got {type(data).__name__}."
+        )
+    over = parse_overrides(overrides)
+    merged = _merge(dict(data), over)
+    sched = merged.get("schedule")
+    kind = sched.get("type") if isinstance(sched, Mapping) else None
+    if isinstance(kind, str) and kind.lower() in NOT_DECAYS:
+        raise ConfigError(
+            f"schedule.type = {kind!r} in {source} is not a decay and cannot be converted: "
+            f"{NOT_DECAYS[kind.lower()]}. Fix: use a decaying schedule (step, multistep, "
+            "exponential, time_based, cosine, plateau); run a warm-up or cycle with "
+            "growth.mode=decay_lr outside distgrow."
+        )
+    # Check the overrides on their own first, so an error names the command line, not the file.
+    if over:
+        _build(over, "the command-line overrides")
+    cfg = _build(merged, source)
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Load a YAML config file (or the defaults when ``path`` is None) and apply overrides.
+
+    Raises:
+        ConfigError: a missing, unreadable, non-UTF-8 or empty file, invalid YAML, an unknown
+            key, a wrong type or an impossible value; the message names the key, the value
+            and the fix.
+    """
+    if path is None:
+        return config_from_dict({}, overrides, "the defaults")
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist. Fix: see configs/ for examples.")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{p} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}). "
+            "Fix: save the file as UTF-8."
+        ) from None
+    except OSError as err:
+        raise ConfigError(
+            f"{p} cannot be read ({err.strerror}). Fix: check its permissions."
+        ) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(
+            f"{p} is not valid YAML: {_yaml_problem(err)}. Fix: correct the file there."
+        ) from None
+    if data is None:
+        # An empty file would silently train the defaults: almost never what was meant.
+        raise ConfigError(
+            f"{p} holds no settings (it is empty or only comments): it would train the "
+            "defaults. Fix: write the settings (see configs/ for examples)."
+        )
+    return config_from_dict(data, overrides, str(p))
+
+
+def describe_fields(cls: Any = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, doc) for every setting, for docs and ``distgrow config --help``."""
+    rows: list[tuple[str, str, Any, str]] = []
+    instance = cls()
+    for name, info in _fields(cls).items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = _strip(info.annotation)
+        if _is_section(tp):
+            rows.extend(describe_fields(tp, key))
+        else:
+            rows.append((key, _type_name(tp), getattr(instance, name), info.description or ""))
+    return rows
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of a config file, for editors that complete and check YAML.
+
+    Every key carries its type, default and documentation; unknown keys are refused
+    (``additionalProperties: false``), as the loader refuses them.
+    """
+    schema = _adapter().json_schema()
+    schema.update(
+        title="distgrow config",
+        description="A distgrow YAML config: one section per concern (see `distgrow config`).",
+    )
+    return {"$schema": JSON_SCHEMA_DIALECT, **schema}
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (secrets never live in the config; keys come from env)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,638 @@
+"""The typed config tree: one pydantic dataclass per section, a documented field per setting.
+
+Every setting lives here once, with its default and its documentation (the field's
+``description``, which also lands in the JSON Schema of ``distgrow config --schema``). The
+sections are pydantic dataclasses, so attribute access, ``dataclasses.replace`` and
+``dataclasses.asdict`` work as on plain dataclasses, and constructing one checks its types:
+
+* scalars are strict (``"3"`` is not an int, ``1`` is not a bool), except that an integral
+  float is an int (``10.0``) and a numeric string is a float (YAML 1.1 reads ``6e-4`` as one);
+* every float is finite: ``nan``, ``inf`` and ``-inf`` are refused wherever they are written;
+* a choice (``Literal``) written as a YAML 1.1 boolean (``off``) maps back to the word typed.
+
+Ranges and cross-field rules live in each section's ``validate`` (run by the loader, see
+:mod:`distgrow.config.loader`, which also turns pydantic's errors into one line naming the key,
+the value and the fix). This module imports neither torch nor anything distributed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import posixpath
+from pathlib import PureWindowsPath
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+from pydantic import BeforeValidator, ConfigDict, Field, Strict, ValidationInfo, field_validator
+from pydantic.dataclasses import dataclass
+
+from distgrow.config.datasets import OFFICIAL_TRAIN, SPLIT_TOTAL, held_out
+
+
+class ConfigError(ValueError):
+    """A config key, type or value that cannot be used; the message says how to fix it."""
+
+
+def _integral_float(value: Any) -> Any:
+    # YAML writes 1e3 and 10.0 as floats; a whole number is what the user meant for a count.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _numeric_string(value: Any) -> Any:
+    # YAML 1.1 reads 6e-4 (no dot) as a string; a number is what the user meant.
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+# Every int fits in 64 bits (torch's int64): 10**21 is refused as a type error, not met mid-run.
+# (The validator comes last: it runs first, and the bounds stay in the JSON Schema.)
+Int = Annotated[int, Strict(), Field(ge=-(2**63), le=2**63 - 1), BeforeValidator(_integral_float)]
+Float = Annotated[float, Strict(), BeforeValidator(_numeric_string)]
+Str = Annotated[str, Strict()]
+Bool = Annotated[bool, Strict()]
+
+# extra="forbid": an unknown key is an error; allow_inf_nan=False: every float is finite, and
+# validate_assignment keeps it so after construction (no NaN slips past a later `x < 0`).
+# defer_build: the validators are built at the first load, not at import.
+_STRICT = ConfigDict(
+    extra="forbid", allow_inf_nan=False, validate_assignment=True, defer_build=True
+)
+
+# Counts that drive loops (the plan simulates every epoch; the realisation tries every worker
+# count): a bound far above any real run keeps a typo like 1e21 from hanging `distgrow plan`.
+MAX_EPOCHS = 100_000
+MAX_WORKERS = 100_000
+MIN_STEP_SIZE = 1e-6
+MAX_LR_SCALE = 1_000
+# Synthetic data is generated in memory: beyond this it would not fit (samples × features).
+MAX_SYNTHETIC_VALUES = 2_000_000_000
+
+
+def _f(default: Any, doc: str) -> Any:
+    """A field with a default and its documentation (lists get a fresh copy)."""
+    if isinstance(default, list):
+        return Field(default_factory=lambda: list(default), description=doc)
+    return Field(default, description=doc)
+
+
+def _section(cls: Any, doc: str) -> Any:
+    """A nested section field, built from its own defaults."""
+    return Field(default_factory=cls, description=doc)
+
+
+def _fail(key: str, value: Any, problem: str, fix: str) -> ConfigError:
+    return ConfigError(f"{key} = {value!r}: {problem}. Fix: {fix}.")
+
+
+def _is_plain_name(name: str) -> bool:
+    """A name that is one folder inside another: not blank, ``.``, ``..`` or a path."""
+    return (
+        name.strip() not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and not PureWindowsPath(name).drive  # C:run would leave the folder on Windows
+    )
+
+
+@dataclass(config=_STRICT)
+class _Section:
+    """What every section shares: YAML 1.1 booleans map back to the words of a choice."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _yaml_words(cls, value: Any, info: ValidationInfo) -> Any:
+        if not isinstance(value, bool) or info.field_name is None:
+            return value
+        tp = cls.__pydantic_fields__[info.field_name].annotation  # type: ignore[attr-defined]
+        if get_origin(tp) is not Literal:
+            return value
+        # YAML 1.1 reads off/on/no/yes as booleans: map back to the choice the user typed.
+        words = ("off", "no", "false") if value is False else ("on", "yes", "true")
+        return next((w for w in words if w in get_args(tp)), value)
+
+
+ScheduleType = Literal[
+    "constant", "step", "multistep", "exponential", "time_based", "cosine", "plateau"
+]
+GrowthMode = Literal["decay_lr", "grow_batch", "grow_batch_lr", "grow_momentum"]
+OptimName = Literal["sgd", "adam", "adamw", "rmsprop"]
+
+# Schedules that are not decays: named so that the error can say why they are refused.
+NOT_DECAYS = {
+    "cyclic": "a cyclic LR rises again, and a batch cannot shrink back without breaking the plan",
+    "cycliclr": "a cyclic LR rises again, and a batch cannot shrink back without breaking the plan",
+    "onecycle": "one-cycle warms the LR up before decaying it; a batch cannot start large",
+    "one_cycle": "one-cycle warms the LR up before decaying it; a batch cannot start large",
+    "warmup": "a warm-up raises the LR; the batch-growth conversion only replaces decays",
+    "linear_warmup": "a warm-up raises the LR; the batch-growth conversion only replaces decays",
+    "cosine_warm_restarts": "warm restarts raise the LR again; only monotone decays convert",
+}
+
+
+@dataclass(config=_STRICT)
+class RunConfig(_Section):
+    """What to run and where its results go."""
+
+    name: Str = _f("run", "Run name; used for the W&B run and as the default output folder.")
+    epochs: Int = _f(10, "Training epochs (full passes over the training set).")
+    seed: Int = _f(0, "Seed for weights, data order (one permutation per epoch) and dropout.")
+    output_dir: Str = _f(
+        "runs/{name}", "Run directory for checkpoints and metrics; '{name}' expands to run.name."
+    )
+    resume: Bool = _f(False, "Continue from the newest checkpoint in output_dir.")
+    device: Literal["auto", "cpu", "cuda"] = _f(
+        "auto", "Where to train: 'auto' uses CUDA when present, else the CPU."
+    )
+    keep_checkpoints: Int = _f(3, "How many checkpoints to keep (the newest ones).")
+    threads: Int | None = _f(
+        None,
+        "Intra-op CPU threads per worker (null: the node's cores / its workers). The float "
+        "results of some kernels depend on it: pin it to compare runs bit for bit.",
+    )
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise _fail("run.epochs", self.epochs, "must be at least 1", "set run.epochs=1 or more")
+        if self.epochs > MAX_EPOCHS:
+            raise _fail(
+                "run.epochs",
+                self.epochs,
+                f"must be at most {MAX_EPOCHS:,} (the plan simulates every epoch)",
+                f"set run.epochs={MAX_EPOCHS} or fewer",
+            )
+        if self.keep_checkpoints < 1:
+            raise _fail(
+                "run.keep_checkpoints",
+                self.keep_checkpoints,
+                "must keep at least one checkpoint",
+                "set run.keep_checkpoints=1 or more",
+            )
+        if self.threads is not None and not 1 <= self.threads <= 65_536:
+            raise _fail(
+                "run.threads", self.threads, "must be between 1 and 65,536", "e.g. 1, or null"
+            )
+        # torch.manual_seed takes a 64-bit value; beyond that it would raise mid-run.
+        if not -(2**63) <= self.seed < 2**63:
+            raise _fail("run.seed", self.seed, "must fit in 64 bits", "e.g. 0")
+        if not _is_plain_name(self.name):
+            raise _fail(
+                "run.name",
+                self.name,
+                "must be a plain folder name (not empty, '.', '..', a path or with '/' or '\\')",
+                "e.g. run.name=cifar",
+            )
+        # The run directory is the run's own: never the folder the user works in, or above it.
+        if posixpath.normpath(self.resolved_output_dir.strip() or ".") in (".", "..", "/"):
+            raise _fail(
+                "run.output_dir",
+                self.output_dir,
+                "is the current directory: a run would mix its checkpoints with your files",
+                "use runs/{name}, or a folder of its own",
+            )
+
+    @property
+    def resolved_output_dir(self) -> str:
+        """``output_dir`` with ``{name}`` expanded."""
+        return self.output_dir.replace("{name}", self.name)
+
+
+@dataclass(config=_STRICT)
+class DataConfig(_Section):
+    """The training data (loaders in ``distgrow.data``)."""
+
+    name: Str = _f(
+        "synthetic_classification",
+        "Data set: fashion_mnist, mnist, cifar10, covtype, ionosphere, digits, breast_cancer, "
+        "wine, iris, synthetic_classification, synthetic_regression.",
+    )
+    root: Str | None = _f(None, "Where the files are; null uses the data set's default place.")
+    val_fraction: Float = _f(0.2, "Held-out fraction for data sets without an official test split.")
+    download: Bool = _f(False, "Allow downloading (covtype through scikit-learn); off offline.")
+    augment: Bool = _f(False, "Random crop and flip for image data (deterministic per sample).")
+    limit_train: Int | None = _f(None, "Use only the first k training samples (quick runs).")
+    limit_val: Int | None = _f(None, "Use only the first k validation samples.")
+    synthetic_samples: Int = _f(2048, "Samples in the synthetic data sets (train + val).")
+    synthetic_features: Int = _f(20, "Features in the synthetic data sets.")
+    size: Int | None = _f(
+        None,
+        "Training-set size N for `distgrow plan` when the data set is not at hand; training "
+        "always uses the real size.",
+    )
+
+    def expected_train_size(self) -> int:
+        """N for planning without loading: ``size`` if set, else the data set's known size.
+
+        Must agree with ``distgrow.data`` (a test loads each set and compares).
+        """
+        if self.size is not None:
+            return self.size
+        total = OFFICIAL_TRAIN.get(self.name)
+        if total is None:
+            n_all = SPLIT_TOTAL.get(self.name)
+            if n_all is None and self.name.startswith("synthetic"):
+                n_all = self.synthetic_samples
+            if n_all is None:
+                raise ConfigError(
+                    f"data.name = {self.name!r}: its size is not known without loading it. "
+                    "Fix: set data.size=N (the number of training samples)."
+                )
+            total = n_all - held_out(n_all, self.val_fraction)
+        return min(total, self.limit_train) if self.limit_train else total
+
+    def validate(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise _fail("data.val_fraction", self.val_fraction, "must be in (0, 1)", "e.g. 0.2")
+        for key in ("limit_train", "limit_val", "size"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise _fail(f"data.{key}", value, "must be positive or null", "remove it or use 1+")
+        if self.synthetic_samples < 2:
+            raise _fail(
+                "data.synthetic_samples", self.synthetic_samples, "too small", "use 2 or more"
+            )
+        if self.synthetic_features < 1:
+            raise _fail(
+                "data.synthetic_features", self.synthetic_features, "too small", "use 1 or more"
+            )
+        values = self.synthetic_samples * self.synthetic_features
+        if values > MAX_SYNTHETIC_VALUES:
+            raise _fail(
+                "data.synthetic_samples",
+                self.synthetic_samples,
+                f"× data.synthetic_features ({self.synthetic_features}) = {values:,} values "
+                f"would not fit in memory (at most {MAX_SYNTHETIC_VALUES:,})",
+                "use fewer samples or features",
+            )
+
+
+@dataclass(config=_STRICT)
+class ModelConfig(_Section):
+    """The network (``distgrow.models``)."""
+
+    name: Str = _f("mlp", "Model: mlp, bottleneck_mlp, cnn, wrn, resnet18, resnet34, resnet50.")
+    hidden: list[Int] = _f([512, 512], "Hidden layer sizes of the plain mlp.")
+    dropout: Float = _f(0.0, "Dropout probability (0 = none).")
+    depth: Int = _f(16, "Wide ResNet depth (6n+4).")
+    width: Int = _f(4, "Wide ResNet widening factor.")
+    ghost_batch: Int | None = _f(
+        None,
+        "Ghost batch norm size: BN statistics per fixed-size chunk, so they do not depend on how "
+        "the global batch is split. Micro-batches are kept multiples of it.",
+    )
+
+    def validate(self) -> None:
+        if any(h < 1 for h in self.hidden):
+            raise _fail("model.hidden", self.hidden, "sizes must be positive", "e.g. [512, 512]")
+        if not 0.0 <= self.dropout < 1.0:
+            raise _fail("model.dropout", self.dropout, "must be in [0, 1)", "e.g. 0.25")
+        if self.ghost_batch is not None and self.ghost_batch < 1:
+            raise _fail("model.ghost_batch", self.ghost_batch, "must be positive", "e.g. 128")
+
+
+@dataclass(config=_STRICT)
+class OptimConfig(_Section):
+    """The optimizer. ``lr`` and ``momentum`` are the values at the start of training."""
+
+    name: OptimName = _f("sgd", "Optimizer: sgd, adam, adamw, rmsprop.")
+    lr: Float = _f(0.1, "Initial learning rate ε (lr0).")
+    momentum: Float = _f(0.0, "Momentum m for sgd and rmsprop; enters the noise scale as 1/(1-m).")
+    nesterov: Bool = _f(False, "Nesterov momentum (sgd; needs momentum > 0).")
+    weight_decay: Float = _f(0.0, "Weight decay (L2 for sgd/adam/rmsprop, decoupled for adamw).")
+    betas: list[Float] = _f([0.9, 0.999], "Adam/AdamW betas.")
+    eps: Float = _f(1e-8, "Adam/AdamW/RMSprop epsilon.")
+    grad_clip: Float | None = _f(None, "Clip the global gradient norm to this value (null: off).")
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise _fail("optim.lr", self.lr, "must be positive", "e.g. optim.lr=0.1")
+        if not 0.0 <= self.momentum < 1.0:
+            raise _fail("optim.momentum", self.momentum, "must be in [0, 1)", "e.g. 0.9")
+        if self.momentum and self.name in ("adam", "adamw"):
+            raise _fail(
+                "optim.momentum",
+                self.momentum,
+                f"{self.name} has no momentum setting (it uses betas)",
+                "set optim.momentum=0 and use optim.betas",
+            )
+        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+            raise _fail(
+                "optim.nesterov",
+                self.nesterov,
+                "Nesterov needs optim.name=sgd and optim.momentum > 0",
+                "set optim.momentum=0.9 or optim.nesterov=false",
+            )
+        if self.weight_decay < 0:
+            raise _fail("optim.weight_decay", self.weight_decay, "must be >= 0", "e.g. 5e-4")
+        if not self.eps > 0:
+            raise _fail("optim.eps", self.eps, "must be positive", "e.g. 1e-8")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise _fail("optim.betas", self.betas, "must be two numbers in [0, 1)", "[0.9, 0.999]")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise _fail("optim.grad_clip", self.grad_clip, "must be positive", "e.g. 1.0 or null")
+
+
+@dataclass(config=_STRICT)
+class ScheduleConfig(_Section):
+    """The learning-rate schedule the user would run; distgrow converts it (see planner)."""
+
+    type: ScheduleType = _f(
+        "constant",
+        "constant (nothing to convert), step, multistep, exponential, time_based "
+        "(lr0/(1+decay·t)), cosine, plateau.",
+    )
+    interval: Literal["epoch", "step"] = _f(
+        "epoch",
+        "Time unit t of the schedule: 'epoch', or 'step' = the baseline's updates at base_batch "
+        "(samples seen / growth.base_batch), so growth runs follow the same path per sample.",
+    )
+    step_size: Float = _f(30, "step: decay every step_size units of t.")
+    milestones: list[Float] = _f([], "multistep: the values of t where the LR is cut.")
+    gamma: Float = _f(0.1, "step/multistep/exponential: the multiplier per decay (< 1).")
+    decay: Float = _f(0.0, "time_based: lr = lr0 / (1 + decay·t) (Keras' SGD decay).")
+    t_max: Float | None = _f(None, "cosine: length of the half cosine in units of t (null: all).")
+    eta_min: Float = _f(0.0, "cosine: the final learning rate.")
+    factor: Float = _f(0.1, "plateau: multiplier at each plateau (ReduceLROnPlateau factor).")
+    patience: Int = _f(10, "plateau: epochs without improvement before a cut.")
+    threshold: Float = _f(1e-4, "plateau: minimum change that counts as an improvement.")
+    threshold_mode: Literal["rel", "abs"] = _f("rel", "plateau: threshold relative or absolute.")
+    cooldown: Int = _f(0, "plateau: epochs to wait after a cut before counting again.")
+    min_lr: Float = _f(0.0, "plateau: the LR never goes below this.")
+    plateau_eps: Float = _f(1e-8, "plateau: cuts smaller than this are ignored (torch's eps).")
+    mode: Literal["min", "max"] = _f("min", "plateau: whether the monitored metric should fall.")
+    monitor: Literal["val_loss", "val_acc", "train_loss"] = _f(
+        "val_loss", "plateau: the metric watched at each epoch end."
+    )
+
+    def validate(self, run: RunConfig) -> None:
+        if self.type == "step" and self.step_size <= 0:
+            raise _fail("schedule.step_size", self.step_size, "must be positive", "e.g. 30")
+        if self.type == "step" and self.step_size < MIN_STEP_SIZE:
+            # t / step_size counts the decays: it must stay a number the schedule can floor.
+            raise _fail(
+                "schedule.step_size",
+                self.step_size,
+                f"must be at least {MIN_STEP_SIZE:g} (a decay every step_size units of t)",
+                "e.g. 30",
+            )
+        if self.type in ("step", "multistep", "exponential") and not 0.0 < self.gamma < 1.0:
+            raise _fail(
+                "schedule.gamma",
+                self.gamma,
+                "must be in (0, 1): only decays convert into batch growth",
+                "e.g. schedule.gamma=0.2 (a cut by 5)",
+            )
+        if self.type == "multistep":
+            ms = self.milestones
+            if not ms:
+                raise _fail(
+                    "schedule.milestones", ms, "multistep needs milestones", "e.g. [60, 120, 160]"
+                )
+            if any(b <= a for a, b in itertools.pairwise(ms)) or ms[0] <= 0:
+                raise _fail(
+                    "schedule.milestones",
+                    ms,
+                    "must be positive and strictly increasing",
+                    "e.g. [60, 120, 160]",
+                )
+        if self.type == "time_based" and self.decay < 0:
+            raise _fail("schedule.decay", self.decay, "must be >= 0", "e.g. lr0/epochs = 0.002")
+        if self.type == "cosine":
+            if self.t_max is not None and self.t_max <= 0:
+                raise _fail("schedule.t_max", self.t_max, "must be positive", "or null for all")
+            if self.eta_min < 0:
+                raise _fail("schedule.eta_min", self.eta_min, "must be >= 0", "e.g. 0")
+        if self.type == "plateau":
+            if not 0.0 < self.factor < 1.0:
+                raise _fail("schedule.factor", self.factor, "must be in (0, 1)", "e.g. 0.2")
+            if self.patience < 0:
+                raise _fail("schedule.patience", self.patience, "must be >= 0", "e.g. 3")
+            if self.cooldown < 0:
+                raise _fail("schedule.cooldown", self.cooldown, "must be >= 0", "e.g. 0")
+            if self.min_lr < 0:
+                raise _fail("schedule.min_lr", self.min_lr, "must be >= 0", "e.g. 0")
+            if self.threshold < 0:
+                raise _fail("schedule.threshold", self.threshold, "must be >= 0", "e.g. 1e-4")
+
+
+@dataclass(config=_STRICT)
+class GrowthConfig(_Section):
+    """How the LR schedule becomes a batch schedule, and the limits that stop the batch."""
+
+    mode: GrowthMode = _f(
+        "grow_batch",
+        "decay_lr: the plain baseline (fixed batch, LR decays); grow_batch: the batch grows "
+        "instead, LR takes the rest at the caps (hybrid); grow_batch_lr: also start with LR and "
+        "batch × lr_scale; grow_momentum: also raise momentum to growth.momentum.",
+    )
+    base_batch: Int = _f(128, "B0: the global batch of the baseline run.")
+    max_global_batch: Int | None = _f(None, "Hard cap on the global batch (null: none).")
+    max_dataset_fraction: Float | None = _f(
+        0.1, "Cap the batch at this fraction of N (the paper's N/10 rule; null: off)."
+    )
+    max_workers: Int = _f(1, "Most data-parallel workers the job may use.")
+    micro_batch: Int | None = _f(
+        None, "Per-device batch that keeps one device busy (null: base_batch)."
+    )
+    max_micro_batch: Int | None = _f(
+        None, "Largest per-device batch that fits in memory (null: no limit)."
+    )
+    max_accum_steps: Int | None = _f(
+        None, "Most gradient-accumulation steps per update (null: no limit)."
+    )
+    lr_scale: Float = _f(5.0, "grow_batch_lr / grow_momentum: initial LR and batch × this.")
+    momentum: Float = _f(0.98, "grow_momentum: the raised momentum.")
+
+    def validate(self, optim: OptimConfig) -> None:
+        b0 = self.base_batch
+        if b0 < 1:
+            raise _fail("growth.base_batch", b0, "must be positive", "e.g. 128")
+        if self.max_global_batch is not None and self.max_global_batch < b0:
+            raise _fail(
+                "growth.max_global_batch",
+                self.max_global_batch,
+                f"is below growth.base_batch ({b0})",
+                f"use {b0} or more, or null for no cap",
+            )
+        f = self.max_dataset_fraction
+        if f is not None and not 0.0 < f <= 1.0:
+            raise _fail("growth.max_dataset_fraction", f, "must be in (0, 1]", "0.1 or null")
+        if self.max_workers < 1:
+            raise _fail("growth.max_workers", self.max_workers, "must be at least 1", "e.g. 8")
+        if self.max_workers > MAX_WORKERS:
+            raise _fail(
+                "growth.max_workers", self.max_workers, f"must be at most {MAX_WORKERS:,}", "e.g. 8"
+            )
+        for key in ("micro_batch", "max_micro_batch", "max_accum_steps"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise _fail(f"growth.{key}", value, "must be positive or null", "e.g. 64 or null")
+        if (
+            self.micro_batch is not None
+            and self.max_micro_batch is not None
+            and self.micro_batch > self.max_micro_batch
+        ):
+            raise _fail(
+                "growth.micro_batch",
+                self.micro_batch,
+                f"exceeds growth.max_micro_batch ({self.max_micro_batch})",
+                f"use at most {self.max_micro_batch}",
+            )
+        if not self.lr_scale > 0:
+            raise _fail("growth.lr_scale", self.lr_scale, "must be positive", "e.g. 5")
+        if self.lr_scale > MAX_LR_SCALE:
+            # It multiplies the LR and the batch: beyond this neither is a number to train with.
+            raise _fail(
+                "growth.lr_scale", self.lr_scale, f"must be at most {MAX_LR_SCALE:,}", "e.g. 5"
+            )
+        if self.mode in ("grow_batch_lr", "grow_momentum") and self.lr_scale < 1.0:
+            raise _fail("growth.lr_scale", self.lr_scale, "must be >= 1", "e.g. 5")
+        if self.mode == "grow_momentum":
+            if optim.name not in ("sgd", "rmsprop") or optim.momentum == 0:
+                raise _fail(
+                    "growth.mode",
+                    self.mode,
+                    "the momentum variant needs an optimizer with momentum",
+                    "set optim.name=sgd and optim.momentum=0.9, or another growth.mode",
+                )
+            if not optim.momentum < self.momentum < 1.0:
+                raise _fail(
+                    "growth.momentum",
+                    self.momentum,
+                    f"must lie between optim.momentum ({optim.momentum}) and 1",
+                    "e.g. 0.98",
+                )
+
+
+@dataclass(config=_STRICT)
+class BackendConfig(_Section):
+    """The data-parallel engine the trainer talks to (``distgrow.backends``)."""
+
+    name: Literal["torch", "deepspeed", "horovod"] = _f("torch", "torch, deepspeed or horovod.")
+    dist_backend: Literal["auto", "gloo", "nccl"] = _f(
+        "auto", "torch.distributed process-group backend: auto = NCCL on CUDA, gloo on CPU."
+    )
+    zero_stage: Int = _f(0, "DeepSpeed ZeRO stage (0, 1 or 2).")
+    precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", "Training precision.")
+    deepspeed_config: Str | None = _f(None, "A DeepSpeed JSON to merge in (conflicts reported).")
+
+    def validate(self) -> None:
+        if self.zero_stage not in (0, 1, 2):
+            raise _fail("backend.zero_stage", self.zero_stage, "supported: 0, 1, 2", "use 0-2")
+
+
+@dataclass(config=_STRICT)
+class LaunchConfig(_Section):
+    """How `distgrow launch` starts workers."""
+
+    launcher: Literal["auto", "none", "torchrun", "deepspeed", "horovodrun", "mpirun", "srun"] = _f(
+        "auto", "Launcher; 'auto' picks from the environment (SLURM, MPI, torchrun)."
+    )
+    elastic: Bool = _f(
+        False,
+        "Grow without relaunching the launcher: torchrun agents join one rendezvous on this "
+        "machine (all workers restart at the new size); meanwhile the batch runs on the "
+        "workers there are. See docs/launch.md.",
+    )
+    elastic_wait_s: Float = _f(
+        0.0,
+        "Elastic: seconds the workers wait at a growth point for the new workers to join "
+        "before going on with the same batch on fewer workers (0: never wait).",
+    )
+    max_restarts: Int = _f(3, "Relaunches after a crashed worker before giving up.")
+    nodes: Int = _f(1, "Nodes to spread workers over.")
+    hostfile: Str | None = _f(None, "Hostfile for deepspeed / horovodrun / mpirun.")
+    master_addr: Str = _f("127.0.0.1", "Rendezvous address (derived from SLURM when there).")
+    master_port: Int = _f(29500, "Rendezvous port.")
+
+    def validate(self) -> None:
+        if self.max_restarts < 0:
+            raise _fail("launch.max_restarts", self.max_restarts, "must be >= 0", "e.g. 3")
+        if self.elastic_wait_s < 0:
+            raise _fail("launch.elastic_wait_s", self.elastic_wait_s, "must be >= 0", "e.g. 0")
+        if self.nodes < 1:
+            raise _fail("launch.nodes", self.nodes, "must be at least 1", "e.g. 1")
+        if self.nodes > MAX_WORKERS:
+            raise _fail("launch.nodes", self.nodes, f"must be at most {MAX_WORKERS:,}", "e.g. 1")
+        if not 0 < self.master_port < 65536:
+            raise _fail("launch.master_port", self.master_port, "not a port", "e.g. 29500")
+
+
+@dataclass(config=_STRICT)
+class WandbConfig(_Section):
+    """Weights & Biases logging (rank 0 only)."""
+
+    mode: Literal["offline", "online", "disabled"] = _f(
+        "offline", "offline writes a run to sync later with `wandb sync`; disabled logs nothing."
+    )
+    project: Str = _f("distgrow", "W&B project.")
+    entity: Str | None = _f(None, "W&B entity (team or user).")
+    tags: list[Str] = _f([], "W&B tags.")
+
+
+@dataclass(config=_STRICT)
+class LoggingConfig(_Section):
+    """Metrics, progress and W&B."""
+
+    every_steps: Int = _f(50, "Log a metrics line every this many parameter updates.")
+    progress: Literal["auto", "bar", "lines", "off"] = _f(
+        "auto", "Progress display: a bar on a terminal, plain lines otherwise (auto)."
+    )
+    wandb: WandbConfig = _section(WandbConfig, "Weights & Biases settings.")
+
+    def validate(self) -> None:
+        if self.every_steps < 1:
+            raise _fail("logging.every_steps", self.every_steps, "must be positive", "e.g. 50")
+
+
+@dataclass(config=_STRICT)
+class Config(_Section):
+    """The whole run: one section per concern."""
+
+    run: RunConfig = _section(RunConfig, "Run settings.")
+    data: DataConfig = _section(DataConfig, "Data settings.")
+    model: ModelConfig = _section(ModelConfig, "Model settings.")
+    optim: OptimConfig = _section(OptimConfig, "Optimizer.")
+    schedule: ScheduleConfig = _section(ScheduleConfig, "The LR schedule to convert.")
+    growth: GrowthConfig = _section(GrowthConfig, "Batch growth and its limits.")
+    backend: BackendConfig = _section(BackendConfig, "Engine.")
+    launch: LaunchConfig = _section(LaunchConfig, "Launching.")
+    logging: LoggingConfig = _section(LoggingConfig, "Logging.")
+
+    def validate(self) -> None:
+        """Check every section and the rules that span sections."""
+        self.run.validate()
+        self.data.validate()
+        self.model.validate()
+        self.optim.validate()
+        self.schedule.validate(self.run)
+        self.growth.validate(self.optim)
+        self.backend.validate()
+        self.launch.validate()
+        self.logging.validate()
+        if self.schedule.type == "cosine" and self.schedule.eta_min > self.optim.lr:
+            raise _fail(
+                "schedule.eta_min",
+                self.schedule.eta_min,
+                f"is above optim.lr ({self.optim.lr}): a cosine from lr0 to eta_min must decay",
+                "set schedule.eta_min below optim.lr",
+            )
+        g = self.model.ghost_batch
+        if g is not None:
+            micro = self.growth.micro_batch or self.growth.base_batch
+            if micro % g:
+                raise _fail(
+                    "growth.micro_batch",
+                    micro,
+                    f"must be a multiple of model.ghost_batch ({g}) so every ghost batch is whole",
+                    f"use {max(g, micro // g * g)} or {(micro // g + 1) * g}",
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain nested dict (what ``config.yaml`` in a run directory holds)."""
+        return dataclasses.asdict(self)
