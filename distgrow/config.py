@@ -115,6 +115,8 @@ _SPLIT_TOTAL = {
     "wine": 178,
     "iris": 150,
 }
+# Every data.name distgrow can load (distgrow.data.DATASETS; a test keeps the two equal).
+DATA_NAMES = (*_OFFICIAL_TRAIN, *_SPLIT_TOTAL, "synthetic_classification", "synthetic_regression")
 
 
 def held_out(n_total: int, val_fraction: float) -> int:
@@ -166,6 +168,15 @@ class DataConfig:
         return min(total, self.limit_train) if self.limit_train else total
 
     def validate(self) -> None:
+        if self.name.strip().lower().replace("-", "_") not in DATA_NAMES:
+            near = difflib.get_close_matches(self.name.lower(), DATA_NAMES, n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(near)}? " if near else ""
+            raise _fail(
+                "data.name",
+                self.name,
+                "unknown data set",
+                f"{hint}use one of {', '.join(DATA_NAMES)}",
+            )
         if not 0.0 < self.val_fraction < 1.0:
             raise _fail("data.val_fraction", self.val_fraction, "must be in (0, 1)", "e.g. 0.2")
         for key in ("limit_train", "limit_val", "size"):
