@@ -7,7 +7,10 @@ import gzip
 import math
 import os
 import pickle
+import re
 import struct
+import subprocess
+import sys
 import urllib.error
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ from distgrow.data import (
     DataBundle,
     DatasetFormatError,
     DatasetNotFoundError,
+    UnsafePickleError,
     epoch_permutation,
     load_dataset,
     shard_global_batch,
@@ -412,6 +416,107 @@ def test_cifar10_bad_shape(tmp_path: Path) -> None:
     (tmp_path / "test_batch").write_bytes(pickle.dumps(content, protocol=2))
     with pytest.raises(DatasetFormatError, match=r"\(N, 3072\), got uint8 \(2, 100\)"):
         load("cifar10", root=str(tmp_path))
+
+
+# Bad CIFAR-10 files: each is a DatasetFormatError naming the file, on one line, and nothing
+# in the file runs. (mutate the written data_batch_2, expected message)
+_ABSURD = 2**50  # bytes declared: far more than any machine can allocate
+
+
+def _forbidden_global(path: Path) -> None:
+    payload = {b"data": _Evil(path.parent / "pwned"), b"labels": [0]}
+    path.write_bytes(pickle.dumps(payload, protocol=2))
+
+
+def _object_dtype(path: Path) -> None:
+    payload = {b"data": np.array([1, "a"], dtype=object), b"labels": [0]}
+    path.write_bytes(pickle.dumps(payload, protocol=2))
+
+
+def _truncated(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _absurd_bytes(path: Path) -> None:
+    # PROTO 4, BINBYTES8 of 2**50 bytes, then 3 bytes: the C unpickler would allocate first.
+    path.write_bytes(b"\x80\x04\x8e" + _ABSURD.to_bytes(8, "little") + b"abc")
+
+
+def _absurd_frame(path: Path) -> None:
+    # PROTO 4, FRAME of 2**50 bytes, EMPTY_DICT, MEMOIZE, STOP.
+    path.write_bytes(b"\x80\x04\x95" + _ABSURD.to_bytes(8, "little") + b"}\x94.")
+
+
+def _absurd_array(path: Path) -> None:
+    # numpy's _reconstruct(ndarray, (2**50,), b"b"): numpy would allocate the array at once.
+    path.write_bytes(
+        b"\x80\x02cnumpy.core.multiarray\n_reconstruct\nq\x00cnumpy\nndarray\nq\x01"
+        + b"\x8a\x07"
+        + _ABSURD.to_bytes(7, "little")
+        + b"\x85C\x01b\x87R."
+    )
+
+
+def _label_bomb(path: Path) -> None:
+    # 200 kB on disk; np.asarray would make it 10**8 numbers.
+    payload = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [list(range(1000))] * 100_000}
+    path.write_bytes(pickle.dumps(payload, protocol=2))
+
+
+BAD_CIFAR = {
+    "forbidden_global": (_forbidden_global, r"refusing to load global (posix|os|nt)\.system"),
+    "object_dtype": (_object_dtype, r"refusing to unpickle an object-dtype array"),
+    "truncated": (_truncated, r"truncated or corrupt pickle"),
+    "absurd_bytes": (_absurd_bytes, rf"expected {_ABSURD} bytes in a bytes8, but only 3 remain"),
+    "absurd_frame": (_absurd_frame, rf"declares a frame of {_ABSURD} bytes .* file has 14 bytes"),
+    "absurd_array": (_absurd_array, rf"array of shape \({_ABSURD},\) .* whole file \(73 bytes\)"),
+    "label_bomb": (_label_bomb, r"b'labels' must be a list of integers, found a list in it"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CIFAR))
+def test_bad_cifar10_files_are_format_errors(tmp_path: Path, case: str) -> None:
+    write_cifar(tmp_path)
+    path = tmp_path / "data_batch_2"
+    mutate, message = BAD_CIFAR[case]
+    mutate(path)
+    with pytest.raises(DatasetFormatError, match=message) as info:
+        load("cifar10", root=str(tmp_path))
+    assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+    assert not (tmp_path / "pwned").exists()
+    # What refuses a global or an object array is still an UnpicklingError as before.
+    unsafe = case in ("forbidden_global", "object_dtype")
+    assert isinstance(info.value, UnsafePickleError) == unsafe
+    assert isinstance(info.value, pickle.UnpicklingError) == unsafe
+
+
+@pytest.mark.parametrize("case", ["forbidden_global", "absurd_bytes", "truncated"])
+def test_cli_bad_cifar10_file_exits_2_with_one_line(tmp_path: Path, case: str) -> None:
+    write_cifar(tmp_path / "cifar")
+    path = tmp_path / "cifar" / "data_batch_2"
+    mutate, message = BAD_CIFAR[case]
+    mutate(path)
+    config = str(Path(__file__).resolve().parent.parent / "configs" / "cifar10_wrn16_4.yaml")
+    argv = [sys.executable, "-m", "distgrow", "train", config, f"data.root={path.parent}",
+            f"run.output_dir={tmp_path / 'run'}"]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert re.match(rf"distgrow: error: {re.escape(str(path))}: .*{message}", lines[0])
+    assert not (path.parent / "pwned").exists() and not (tmp_path / "run").exists()
+
+
+def test_covtype_npz_of_objects_or_a_broken_zip_is_a_format_error(tmp_path: Path) -> None:
+    features, labels = covtype_table(n=4)
+    np.savez(tmp_path / "objects.npz", X=features.astype(object), y=labels)
+    with pytest.raises(DatasetFormatError, match=r"objects\.npz: not a readable NPZ.*pickle"):
+        load("covtype", root=str(tmp_path / "objects.npz"))
+    np.savez(tmp_path / "broken.npz", X=features, y=labels)
+    raw = (tmp_path / "broken.npz").read_bytes()
+    (tmp_path / "broken.npz").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DatasetFormatError, match=r"broken\.npz: not a readable NPZ"):
+        load("covtype", root=str(tmp_path / "broken.npz"))
 
 
 def _reference_crop_flip(image: np.ndarray, dy: int, dx: int, flip: bool, pad: int) -> np.ndarray:

@@ -46,9 +46,13 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DatasetFormatError(
             f"{path}: b'data' must be a numpy array (uint8, N × 3072), got {type(data).__name__}."
         )
-    if not isinstance(labels, np.ndarray) and not (
-        isinstance(labels, list) and all(isinstance(v, int | np.integer) for v in labels)
-    ):
+    if isinstance(labels, list):
+        odd = next((v for v in labels if not isinstance(v, int | np.integer)), None)
+        if odd is not None:
+            raise DatasetFormatError(
+                f"{path}: b'labels' must be a list of integers, found a {type(odd).__name__} in it."
+            )
+    elif not isinstance(labels, np.ndarray):
         raise DatasetFormatError(
             f"{path}: b'labels' must be a list of integers, got {type(labels).__name__}."
         )
