@@ -819,6 +819,20 @@ def test_config_knows_the_same_names_as_the_readers() -> None:
     DataConfig(name="Fashion-MNIST").validate()  # spelt as load_dataset reads it
 
 
+def test_plan_names_a_misspelled_data_set(capsys: pytest.CaptureFixture[str]) -> None:
+    from distgrow import cli
+
+    config = str(Path(__file__).resolve().parent.parent / "configs" / "cifar10_wrn16_4.yaml")
+    for extra in ([], ["data.size=1000"]):  # a given size does not hide the misspelling
+        code = cli.main(["plan", config, "data.name=cifar", *extra])
+        out, err = capsys.readouterr()
+        assert code == 2 and out == "", out
+        assert err == (
+            "distgrow: config error: data.name = 'cifar': unknown data set. Fix: did you mean "
+            f"cifar10? use one of {', '.join(DATASETS)}.\n"
+        )
+
+
 @pytest.mark.parametrize(
     ("name", "near"),
     [("cifar", "did you mean cifar10\\?"), ("fashion-mnst", "did you mean fashion_mnist"),
