@@ -457,6 +457,18 @@ def _absurd_array(path: Path) -> None:
     )
 
 
+class _FlaggedDtype:
+    """Pickles as uint8 whose state sets the object flags (numpy would crash using it)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (np.dtype, ("u1", False, True), (3, "|", None, None, None, -1, -1, 63))
+
+
+def _dtype_flags(path: Path) -> None:
+    payload = {b"data": _FlaggedDtype(), b"labels": [0]}
+    path.write_bytes(pickle.dumps(payload, protocol=2))
+
+
 def _label_bomb(path: Path) -> None:
     # 200 kB on disk; np.asarray would make it 10**8 numbers.
     payload = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [list(range(1000))] * 100_000}
@@ -466,8 +478,15 @@ def _label_bomb(path: Path) -> None:
 BAD_CIFAR = {
     "forbidden_global": (_forbidden_global, r"refusing to load global (posix|os|nt)\.system"),
     "object_dtype": (_object_dtype, r"refusing to unpickle an object-dtype array"),
+    "dtype_flags": (
+        _dtype_flags,
+        r"refusing the dtype state \(3, '\|', None, None, None, -1, -1, 63\)",
+    ),
     "truncated": (_truncated, r"truncated or corrupt pickle"),
-    "absurd_bytes": (_absurd_bytes, rf"expected {_ABSURD} bytes in a bytes8, but only 3 remain"),
+    "absurd_bytes": (
+        _absurd_bytes,
+        rf"BINBYTES8 at byte 2 declares {_ABSURD} bytes but only 3 remain",
+    ),
     "absurd_frame": (_absurd_frame, rf"declares a frame of {_ABSURD} bytes .* file has 14 bytes"),
     "absurd_array": (_absurd_array, rf"array of shape \({_ABSURD},\) .* whole file \(73 bytes\)"),
     "label_bomb": (_label_bomb, r"b'labels' must be a list of integers, found a list in it"),
@@ -485,9 +504,46 @@ def test_bad_cifar10_files_are_format_errors(tmp_path: Path, case: str) -> None:
     assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
     assert not (tmp_path / "pwned").exists()
     # What refuses a global or an object array is still an UnpicklingError as before.
-    unsafe = case in ("forbidden_global", "object_dtype")
+    unsafe = case in ("forbidden_global", "object_dtype", "dtype_flags")
     assert isinstance(info.value, UnsafePickleError) == unsafe
     assert isinstance(info.value, pickle.UnpicklingError) == unsafe
+
+
+def _small_batch(protocol: int) -> bytes:
+    # Small rows (not 3072 wide): the truncation test cuts the file at every byte.
+    rows = np.arange(2 * 24, dtype=np.uint8).reshape(2, 24)
+    return pickle.dumps({b"data": rows, b"labels": [3, 7], b"name": "b"}, protocol=protocol)
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+def test_restricted_load_reads_every_protocol_and_refuses_every_truncation(
+    tmp_path: Path, protocol: int
+) -> None:
+    raw = _small_batch(protocol)
+    path = tmp_path / "batch"
+    path.write_bytes(raw)
+    content = restricted_load(path)
+    assert content[b"labels"] == [3, 7] and content[b"data"].sum() == sum(range(48))
+    for cut in range(len(raw)):
+        path.write_bytes(raw[:cut])
+        with pytest.raises(DatasetFormatError, match=f"^{re.escape(str(path))}: "):
+            restricted_load(path)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([2, 4, 5]), st.data())
+def test_restricted_load_of_a_corrupt_file_loads_or_is_a_format_error(
+    tmp_path_factory: pytest.TempPathFactory, protocol: int, draw: st.DataObject
+) -> None:
+    raw = bytearray(_small_batch(protocol))
+    for _ in range(draw.draw(st.integers(1, 3))):
+        raw[draw.draw(st.integers(0, len(raw) - 1))] = draw.draw(st.integers(0, 255))
+    path = tmp_path_factory.mktemp("corrupt") / "batch"
+    path.write_bytes(bytes(raw))
+    try:
+        restricted_load(path)
+    except DatasetFormatError as err:  # anything else fails the test
+        assert str(err).startswith(f"{path}: ") and "\n" not in str(err)
 
 
 @pytest.mark.parametrize("case", ["forbidden_global", "absurd_bytes", "truncated"])

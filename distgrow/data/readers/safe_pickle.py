@@ -3,9 +3,9 @@
 A pickle can import and call any function while it loads. The data files read here (CIFAR-10's
 python batches) only need numpy's array reconstruction, so :func:`restricted_load` resolves
 those few globals and refuses every other one before it is imported, let alone called. It also
-refuses object-dtype arrays (they could carry anything), and a file that declares more bytes
-than it holds (an absurd size or a truncated file) is a :class:`DatasetFormatError` before
-anything is allocated for it.
+refuses object-dtype arrays (they could carry anything) and dtype states that would crash
+numpy, and a file that declares more bytes than it holds (an absurd size or a truncated file)
+is a :class:`DatasetFormatError` before anything is allocated for it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pickle
 import pickletools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -85,37 +85,121 @@ def _nbytes(shape: Any, dtype: Any) -> int:
     return math.prod(max(d, 0) for d in dims) * max(itemsize, 1)
 
 
+# Opcode byte -> (name, how its argument's length is given) from pickletools' table: a fixed
+# byte count (>= 0) or one of pickletools' markers (up to a newline, or a count in the
+# leading 1, 4 or 8 bytes).
+_OPCODES = {op.code.encode("latin1")[0]: op for op in pickletools.opcodes}
+_COUNT_BYTES = {
+    pickletools.TAKEN_FROM_ARGUMENT1: (1, False),
+    pickletools.TAKEN_FROM_ARGUMENT4: (4, True),
+    pickletools.TAKEN_FROM_ARGUMENT4U: (4, False),
+    pickletools.TAKEN_FROM_ARGUMENT8U: (8, False),
+}
+
+
 def _check_declared_sizes(raw: bytes, source: str) -> None:
     """Walk the opcodes once: every length the pickle declares must fit in the file.
 
-    The C unpickler allocates a counted ``bytes`` (or a protocol-4 frame) before it reads it,
-    so a 20-byte file that declares 2**50 bytes would be a ``MemoryError``. ``pickletools``
-    reads each argument from the buffer instead, and runs out of bytes instead of memory.
+    Python's C unpickler allocates a counted ``bytes`` before it reads it, so a 20-byte file
+    that declares 2**50 bytes is a ``MemoryError`` there; checked here first, it is a message
+    that says which count at which byte. The walk reads the counts and skips the payloads
+    (``pickletools.genops`` would decode every string: seconds for a CIFAR-10 batch).
+
+    Raises:
+        DatasetFormatError: A count runs past the end, an opcode is unknown, or STOP is
+            missing (a truncated file).
     """
-    try:
-        for opcode, arg, pos in pickletools.genops(io.BytesIO(raw)):
-            if opcode.name == "FRAME" and isinstance(arg, int) and arg > len(raw) - (pos or 0):
-                raise DatasetFormatError(
-                    f"{source}: declares a frame of {arg} bytes at byte {pos} but the file has "
-                    f"{len(raw)} bytes (an absurd size or a truncated file); download it again."
-                )
-    except DatasetFormatError:
-        raise
-    except (ValueError, EOFError) as exc:
-        # e.g. "expected 1125899906842624 bytes in a bytes8, but only 3 remain" or
-        # "pickle exhausted before seeing STOP".
-        raise DatasetFormatError(
-            f"{source}: truncated or corrupt pickle ({exc}); download the file again."
-        ) from exc
+    size = len(raw)
+    pos = 0
+
+    def fail(problem: str) -> DatasetFormatError:
+        return DatasetFormatError(
+            f"{source}: truncated or corrupt pickle ({problem}); download the file again."
+        )
+
+    while pos < size:
+        op = _OPCODES.get(raw[pos])
+        if op is None:
+            raise fail(f"unknown opcode {raw[pos]:#04x} at byte {pos}")
+        start, pos = pos, pos + 1
+        if op.name == "STOP":
+            return
+        arg = op.arg
+        if arg is None:
+            continue
+        if arg.n == pickletools.UP_TO_NEWLINE:
+            for _ in range(2 if arg.name.endswith("_pair") else 1):
+                end = raw.find(b"\n", pos)
+                if end < 0:
+                    raise fail(f"{op.name} at byte {start} has no end of line")
+                pos = end + 1
+            continue
+        if arg.n >= 0:
+            count_bytes, signed, fixed = arg.n, False, True
+        else:
+            count_bytes, signed = _COUNT_BYTES[arg.n]
+            fixed = False
+        if pos + count_bytes > size:
+            raise fail(f"{op.name} at byte {start} runs past the end")
+        if fixed:
+            if op.name == "FRAME":
+                declared = int.from_bytes(raw[pos : pos + 8], "little")
+                if declared > size - pos - 8:
+                    raise fail(
+                        f"declares a frame of {declared} bytes at byte {start} but the file "
+                        f"has {size} bytes"
+                    )
+            pos += count_bytes
+            continue
+        declared = int.from_bytes(raw[pos : pos + count_bytes], "little", signed=signed)
+        pos += count_bytes
+        if declared < 0 or declared > size - pos:
+            raise fail(
+                f"{op.name} at byte {start} declares {declared} bytes but only {size - pos} remain"
+            )
+        pos += declared
+    raise fail("it ends before its STOP opcode")
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+def _check_dtype_state(dtype: np.dtype[Any], state: Any) -> None:
+    """Refuse a dtype state other than the one a plain numeric dtype pickles with.
+
+    ``dtype.__setstate__`` trusts its flags: a file that sets the object flags on ``uint8``
+    crashes numpy (a segmentation fault, not an exception). Only the byte order may differ
+    from what a fresh dtype of the same kind would pickle.
+    """
+    fresh = dtype.__reduce__()[2]
+    if (
+        not isinstance(state, tuple)
+        or len(state) != len(fresh)
+        or state[0] != fresh[0]
+        or state[1] not in ("<", ">", "|", "=", b"<", b">", b"|", b"=")
+        or state[2:] != fresh[2:]
+    ):
+        shown = repr(state)[:200]
+        raise UnsafePickleError(
+            f"refusing the dtype state {shown} for {dtype}; only a plain numeric "
+            "dtype's state (its byte order) is allowed."
+        )
+
+
+_BUILD: Callable[[Any], None] = pickle._Unpickler.dispatch[pickle.BUILD[0]]
+
+
+# The pure-Python unpickler, not the C one: only it lets BUILD (an object's __setstate__
+# with state from the file) be checked before it runs.
+class _RestrictedUnpickler(pickle._Unpickler):
     """An unpickler that resolves only the few globals numpy arrays need.
 
     Any other global raises :class:`UnsafePickleError` before it is imported. An array
     may not be declared larger than the file (``limit`` bytes): numpy's pickles always start
-    from an empty array and fill it from bytes that are in the file.
+    from an empty array and fill it from bytes that are in the file. BUILD applies state
+    only to arrays and to dtypes whose state is a plain numeric dtype's.
     """
+
+    # Neither is in typeshed: the unpickler's working stack and its opcode table.
+    stack: list[Any]
+    dispatch: ClassVar[dict[int, Callable[[Any], None]]] = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, raw: bytes, source: str, hint: str) -> None:
         super().__init__(io.BytesIO(raw), encoding="bytes")
@@ -144,11 +228,29 @@ class _RestrictedUnpickler(pickle.Unpickler):
             )
         return _reconstruct_function()(subtype, shape, dtype)
 
+    def load_build(self) -> None:
+        """BUILD: the object below the state on the stack gets ``__setstate__(state)``."""
+        if len(self.stack) < 2:
+            raise pickle.UnpicklingError("BUILD with an empty stack")
+        state, inst = self.stack[-1], self.stack[-2]
+        if isinstance(inst, np.dtype):
+            _check_dtype_state(inst, state)
+        elif type(inst) is not np.ndarray:
+            raise UnsafePickleError(
+                f"refusing to set the state of a {type(inst).__name__}; only numpy arrays "
+                "and dtypes are built from state."
+            )
+        _BUILD(self)
+
+    dispatch[pickle.BUILD[0]] = load_build
+
     def find_class(self, module: str, name: str) -> Any:
         factory = self.allowed.get((module, name))
         if factory is None:
+            # The names come from the file: escaped, so that they stay on one line.
+            spelled = f"{module}.{name}".encode("unicode_escape").decode("ascii")
             raise UnsafePickleError(
-                f"refusing to load global {module}.{name}: only numpy array reconstruction "
+                f"refusing to load global {spelled}: only numpy array reconstruction "
                 f"is allowed in {self.hint}."
             )
         return factory()
@@ -183,7 +285,9 @@ def restricted_load(path: Path, hint: str = "this data file") -> Any:
     except Exception as exc:
         # Whatever a malformed stream makes the unpickler or numpy raise (EOFError,
         # UnpicklingError, TypeError from a bad REDUCE, numpy's ValueError for a state that
-        # does not fit, ...), it is the file that is wrong, not the program.
+        # does not fit, ...), it is the file that is wrong, not the program. Some of those
+        # messages span lines; the error is one.
+        reason = " ".join(str(exc).split())
         raise DatasetFormatError(
-            f"{source}: not a readable pickle ({type(exc).__name__}: {exc})."
+            f"{source}: not a readable pickle ({type(exc).__name__}: {reason})."
         ) from exc
