@@ -1135,19 +1135,7 @@ def _print_flush(line: str) -> None:
 
 def load_data(cfg: Config) -> DataBundle:
     """The data set of ``cfg.data``, split with ``run.seed``."""
-    d = cfg.data
-    return load_dataset(
-        d.name,
-        root=d.root,
-        val_fraction=d.val_fraction,
-        seed=cfg.run.seed,
-        download=d.download,
-        augment=d.augment,
-        limit_train=d.limit_train,
-        limit_val=d.limit_val,
-        synthetic_samples=d.synthetic_samples,
-        synthetic_features=d.synthetic_features,
-    )
+    return load_dataset(cfg.data, seed=cfg.run.seed)
 
 
 def run(cfg: Config) -> int:

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from distgrow.config import (
     Config,
     ConfigError,
+    DataConfig,
     config_from_dict,
     describe_fields,
     dump_config,
@@ -193,8 +194,12 @@ def test_expected_train_size() -> None:
     cov = load_config(None, [*base, "data.name=covtype", "data.val_fraction=0.25"])
     assert cov.data.expected_train_size() == 435_759
     assert load_config(None, [*base, "data.size=1234"]).data.expected_train_size() == 1234
+    # An unknown name is refused when the config is read (plan and train alike); a
+    # DataConfig built by hand still says how to size a set it cannot size.
+    with pytest.raises(ConfigError, match=r"data\.name = 'mystery': unknown data set"):
+        load_config(None, [*base, "data.name=mystery"])
     with pytest.raises(ConfigError, match="set data.size"):
-        load_config(None, [*base, "data.name=mystery"]).data.expected_train_size()
+        DataConfig(name="mystery").expected_train_size()
 
 
 def test_yaml_booleans_map_back_to_literal_words() -> None:

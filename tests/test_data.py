@@ -7,7 +7,10 @@ import gzip
 import math
 import os
 import pickle
+import re
 import struct
+import subprocess
+import sys
 import urllib.error
 from pathlib import Path
 from typing import Any
@@ -19,17 +22,30 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distgrow import data
+from distgrow.config import DATA_NAMES, ConfigError, DataConfig
 from distgrow.data import (
     DATASETS,
     ArrayDataset,
+    DataBundle,
     DatasetFormatError,
     DatasetNotFoundError,
+    UnsafePickleError,
     epoch_permutation,
     load_dataset,
     shard_global_batch,
+    splits,
+    transforms,
 )
+from distgrow.data.readers import idx
+from distgrow.data.readers.safe_pickle import restricted_load
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def load(name: str, *, seed: int = 0, **fields: Any) -> DataBundle:
+    """``load_dataset`` of the data section ``data.name=name`` plus ``fields``."""
+    return load_dataset(DataConfig(name=name, **fields), seed=seed)
+
 
 _IDX_TYPE = {
     np.dtype(np.uint8): 0x08,
@@ -137,7 +153,7 @@ def expected_tabular(
     features: np.ndarray, labels: np.ndarray, val_fraction: float, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """What a tabular bundle must hold: seeded split, standardised with train stats."""
-    train_idx, val_idx = data._seeded_split(len(features), val_fraction, seed)
+    train_idx, val_idx = splits.seeded_split(len(features), val_fraction, seed)
     train = features[train_idx.numpy()]
     mean, std = train.mean(0), train.std(0)
     std = np.where(std > 0, std, 1.0)
@@ -161,7 +177,7 @@ def test_read_idx_all_types(tmp_path: Path, dtype: Any, gz: bool) -> None:
     if np.dtype(dtype) == np.uint8:
         array = np.arange(24, dtype=np.uint8).reshape(2, 3, 4) * 10
     path = write_idx(tmp_path / "a-idx3", array, gz)
-    out = data._read_idx(path)
+    out = idx.read_idx(path)
     assert out.shape == (2, 3, 4)
     assert out.dtype.isnative
     np.testing.assert_array_equal(out, array)
@@ -171,13 +187,13 @@ def test_read_idx_is_big_endian(tmp_path: Path) -> None:
     # 0x0102 big-endian is 258; a little-endian reader would see 513.
     path = tmp_path / "x"
     path.write_bytes(bytes([0, 0, 0x0B, 1, 0, 0, 0, 2, 0x01, 0x02, 0xFF, 0xFE]))
-    np.testing.assert_array_equal(data._read_idx(path), [258, -2])
+    np.testing.assert_array_equal(idx.read_idx(path), [258, -2])
 
 
 @pytest.mark.parametrize("gz", [False, True])
 def test_mnist_from_idx_files(tmp_path: Path, gz: bool) -> None:
     arrays = write_mnist(tmp_path, gz)
-    bundle = load_dataset("mnist", root=str(tmp_path))
+    bundle = load("mnist", root=str(tmp_path))
     assert bundle.name == "mnist" and bundle.task == "classification"
     assert bundle.num_classes == 10 and bundle.input_shape == (1, 28, 28)
     assert bundle.train.x.dtype == torch.uint8 and bundle.train.x.shape == (12, 1, 28, 28)
@@ -204,7 +220,7 @@ def test_mnist_torchvision_layout_and_dot_names(tmp_path: Path) -> None:
     raw = tmp_path / "MNIST" / "raw"
     arrays = write_mnist(raw, gz=False)
     (raw / "train-images-idx3-ubyte").rename(raw / "train-images.idx3-ubyte")
-    bundle = load_dataset("mnist", root=str(tmp_path))
+    bundle = load("mnist", root=str(tmp_path))
     np.testing.assert_array_equal(bundle.train.x[:, 0].numpy(), arrays["train-images-idx3-ubyte"])
 
 
@@ -213,7 +229,7 @@ def test_idx_truncated_raw(tmp_path: Path) -> None:
     path = tmp_path / "train-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(DatasetFormatError, match=r"9408 data bytes.*holds 9398.*truncated"):
-        load_dataset("mnist", root=str(tmp_path))
+        load("mnist", root=str(tmp_path))
 
 
 def test_idx_truncated_gzip(tmp_path: Path) -> None:
@@ -221,33 +237,33 @@ def test_idx_truncated_gzip(tmp_path: Path) -> None:
     path = tmp_path / "train-images-idx3-ubyte.gz"
     path.write_bytes(path.read_bytes()[:-40])
     with pytest.raises(DatasetFormatError, match="truncated gzip"):
-        load_dataset("mnist", root=str(tmp_path))
+        load("mnist", root=str(tmp_path))
 
 
 def test_idx_bad_magic(tmp_path: Path) -> None:
     path = tmp_path / "bad"
     path.write_bytes(b"\x01\x02\x08\x01" + b"\x00" * 8)
     with pytest.raises(DatasetFormatError, match="bad IDX magic 01020801"):
-        data._read_idx(path)
+        idx.read_idx(path)
 
 
 def test_idx_count_mismatch(tmp_path: Path) -> None:
     write_mnist(tmp_path, gz=False)
     write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(11, np.uint8), gz=False)
     with pytest.raises(DatasetFormatError, match=r"12 images.*11 labels"):
-        load_dataset("mnist", root=str(tmp_path))
+        load("mnist", root=str(tmp_path))
 
 
 def test_idx_label_out_of_range(tmp_path: Path) -> None:
     write_mnist(tmp_path, gz=False)
     write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([0, 1, 2, 3, 12], np.uint8), False)
     with pytest.raises(DatasetFormatError, match=r"labels must be 0\.\.9, found 0\.\.12"):
-        load_dataset("mnist", root=str(tmp_path))
+        load("mnist", root=str(tmp_path))
 
 
 def test_mnist_missing_names_path_and_site(tmp_path: Path) -> None:
     with pytest.raises(DatasetNotFoundError) as info:
-        load_dataset("mnist", root=str(tmp_path))
+        load("mnist", root=str(tmp_path))
     message = str(info.value)
     assert str(tmp_path) in message and "MNIST site" in message and "data.root" in message
     assert isinstance(info.value, FileNotFoundError)
@@ -257,22 +273,22 @@ def test_mnist_incomplete_folder_is_not_found(tmp_path: Path) -> None:
     write_mnist(tmp_path, gz=True)
     (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(DatasetNotFoundError, match="t10k-labels-idx1-ubyte"):
-        load_dataset("mnist", root=str(tmp_path))
+        load("mnist", root=str(tmp_path))
 
 
 def test_fashion_mnist_missing_names_debian_package(tmp_path: Path) -> None:
     with pytest.raises(DatasetNotFoundError, match="dataset-fashion-mnist") as info:
-        load_dataset("fashion_mnist", root=str(tmp_path / "nowhere"))
+        load("fashion_mnist", root=str(tmp_path / "nowhere"))
     assert str(tmp_path / "nowhere") in str(info.value)
 
 
 def test_mnist_augment_shifts_without_flip(tmp_path: Path) -> None:
     write_mnist(tmp_path, gz=False)
-    bundle = load_dataset("mnist", root=str(tmp_path), augment=True, seed=5)
+    bundle = load("mnist", root=str(tmp_path), augment=True, seed=5)
     transform = bundle.train.transform
-    assert isinstance(transform, data._Compose)
+    assert isinstance(transform, transforms.Compose)
     crop = transform.transforms[0]
-    assert isinstance(crop, data._RandomCropFlip) and crop.padding == 2 and not crop.flip
+    assert isinstance(crop, transforms.RandomCropFlip) and crop.padding == 2 and not crop.flip
 
 
 # ----------------------------------------------------------------------------- real Fashion-MNIST
@@ -285,7 +301,7 @@ FASHION_ROOT = Path(data.FASHION_MNIST_DEFAULT_ROOT)
     reason=f"{FASHION_ROOT} absent: install the Debian package dataset-fashion-mnist",
 )
 def test_real_fashion_mnist() -> None:
-    bundle = load_dataset("fashion_mnist")
+    bundle = load("fashion_mnist")
     assert (len(bundle.train), len(bundle.val)) == (60000, 10000)
     assert bundle.num_classes == 10 and bundle.input_shape == (1, 28, 28)
     assert bundle.train.x.dtype == torch.uint8 and bundle.train.x.shape == (60000, 1, 28, 28)
@@ -295,13 +311,13 @@ def test_real_fashion_mnist() -> None:
     assert torch.bincount(bundle.val.y).tolist() == [1000] * 10
     assert int(bundle.train.y[0]) == 9
     normalize = bundle.val.transform
-    assert isinstance(normalize, data._NormalizeImages)
+    assert isinstance(normalize, transforms.NormalizeImages)
     assert float(normalize.mean) == pytest.approx(0.2860, abs=1e-4)
     assert float(normalize.std) == pytest.approx(0.3530, abs=1e-4)
     x, y = bundle.train.batch(torch.arange(0, 60000, 7))
     assert x.dtype == torch.float32 and y.dtype == torch.int64
     assert abs(float(x.mean())) < 0.02 and abs(float(x.std()) - 1) < 0.02
-    limited = load_dataset("fashion_mnist", limit_train=100, limit_val=50)
+    limited = load("fashion_mnist", limit_train=100, limit_val=50)
     assert (len(limited.train), len(limited.val)) == (100, 50)
     assert torch.equal(limited.train.x, bundle.train.x[:100])
 
@@ -314,7 +330,7 @@ def test_cifar10_loads_pickle_batches(tmp_path: Path, protocol: int) -> None:
     train_rows, train_labels, test_rows, test_labels = write_cifar(
         tmp_path / "cifar-10-batches-py", protocol=protocol
     )
-    bundle = load_dataset("cifar10", root=str(tmp_path))
+    bundle = load("cifar10", root=str(tmp_path))
     assert bundle.input_shape == (3, 32, 32) and bundle.num_classes == 10
     assert bundle.train.x.dtype == torch.uint8 and bundle.train.x.shape == (20, 3, 32, 32)
     assert bundle.val.x.shape == (6, 3, 32, 32)
@@ -333,7 +349,7 @@ def test_cifar10_loads_pickle_batches(tmp_path: Path, protocol: int) -> None:
 
 def test_cifar10_root_may_be_the_batches_folder(tmp_path: Path) -> None:
     _, train_labels, _, _ = write_cifar(tmp_path)
-    bundle = load_dataset("cifar10", root=str(tmp_path))
+    bundle = load("cifar10", root=str(tmp_path))
     assert bundle.train.y.tolist() == train_labels.tolist()
 
 
@@ -341,9 +357,9 @@ def test_cifar10_missing(tmp_path: Path) -> None:
     write_cifar(tmp_path)
     (tmp_path / "data_batch_3").unlink()
     with pytest.raises(DatasetNotFoundError, match=r"cifar-10-python\.tar\.gz"):
-        load_dataset("cifar10", root=str(tmp_path))
+        load("cifar10", root=str(tmp_path))
     with pytest.raises(DatasetNotFoundError, match=r"data\.root is not set"):
-        load_dataset("cifar10")
+        load("cifar10")
 
 
 class _Evil:
@@ -368,7 +384,7 @@ def test_cifar10_refuses_malicious_pickle(tmp_path: Path) -> None:
     with (tmp_path / "data_batch_2").open("wb") as handle:
         pickle.dump(payload, handle, protocol=2)
     with pytest.raises(pickle.UnpicklingError, match=r"refusing.*(posix|os|nt)\.system"):
-        load_dataset("cifar10", root=str(tmp_path))
+        load("cifar10", root=str(tmp_path))
     assert not marker.exists()
 
 
@@ -383,7 +399,7 @@ def test_restricted_unpickler_refuses_other_globals(tmp_path: Path, payload: Any
     path = tmp_path / "p"
     path.write_bytes(pickle.dumps({b"data": payload}, protocol=2))
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
-        data._restricted_load(path)
+        restricted_load(path)
 
 
 def test_restricted_unpickler_refuses_non_latin1_codec(tmp_path: Path) -> None:
@@ -391,7 +407,7 @@ def test_restricted_unpickler_refuses_non_latin1_codec(tmp_path: Path) -> None:
     # GLOBAL _codecs.encode, then ("x", "zlib_codec"), REDUCE, STOP.
     path.write_bytes(b"c_codecs\nencode\n(X\x01\x00\x00\x00xX\n\x00\x00\x00zlib_codectR.")
     with pytest.raises(pickle.UnpicklingError, match="zlib_codec"):
-        data._restricted_load(path)
+        restricted_load(path)
 
 
 def test_cifar10_bad_shape(tmp_path: Path) -> None:
@@ -399,7 +415,164 @@ def test_cifar10_bad_shape(tmp_path: Path) -> None:
     content = {b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}
     (tmp_path / "test_batch").write_bytes(pickle.dumps(content, protocol=2))
     with pytest.raises(DatasetFormatError, match=r"\(N, 3072\), got uint8 \(2, 100\)"):
-        load_dataset("cifar10", root=str(tmp_path))
+        load("cifar10", root=str(tmp_path))
+
+
+# Bad CIFAR-10 files: each is a DatasetFormatError naming the file, on one line, and nothing
+# in the file runs. (mutate the written data_batch_2, expected message)
+_ABSURD = 2**50  # bytes declared: far more than any machine can allocate
+
+
+def _forbidden_global(path: Path) -> None:
+    payload = {b"data": _Evil(path.parent / "pwned"), b"labels": [0]}
+    path.write_bytes(pickle.dumps(payload, protocol=2))
+
+
+def _object_dtype(path: Path) -> None:
+    payload = {b"data": np.array([1, "a"], dtype=object), b"labels": [0]}
+    path.write_bytes(pickle.dumps(payload, protocol=2))
+
+
+def _truncated(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _absurd_bytes(path: Path) -> None:
+    # PROTO 4, BINBYTES8 of 2**50 bytes, then 3 bytes: the C unpickler would allocate first.
+    path.write_bytes(b"\x80\x04\x8e" + _ABSURD.to_bytes(8, "little") + b"abc")
+
+
+def _absurd_frame(path: Path) -> None:
+    # PROTO 4, FRAME of 2**50 bytes, EMPTY_DICT, MEMOIZE, STOP.
+    path.write_bytes(b"\x80\x04\x95" + _ABSURD.to_bytes(8, "little") + b"}\x94.")
+
+
+def _absurd_array(path: Path) -> None:
+    # numpy's _reconstruct(ndarray, (2**50,), b"b"): numpy would allocate the array at once.
+    path.write_bytes(
+        b"\x80\x02cnumpy.core.multiarray\n_reconstruct\nq\x00cnumpy\nndarray\nq\x01"
+        + b"\x8a\x07"
+        + _ABSURD.to_bytes(7, "little")
+        + b"\x85C\x01b\x87R."
+    )
+
+
+class _FlaggedDtype:
+    """Pickles as uint8 whose state sets the object flags (numpy would crash using it)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (np.dtype, ("u1", False, True), (3, "|", None, None, None, -1, -1, 63))
+
+
+def _dtype_flags(path: Path) -> None:
+    payload = {b"data": _FlaggedDtype(), b"labels": [0]}
+    path.write_bytes(pickle.dumps(payload, protocol=2))
+
+
+def _label_bomb(path: Path) -> None:
+    # 200 kB on disk; np.asarray would make it 10**8 numbers.
+    payload = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [list(range(1000))] * 100_000}
+    path.write_bytes(pickle.dumps(payload, protocol=2))
+
+
+BAD_CIFAR = {
+    "forbidden_global": (_forbidden_global, r"refusing to load global (posix|os|nt)\.system"),
+    "object_dtype": (_object_dtype, r"refusing to unpickle an object-dtype array"),
+    "dtype_flags": (
+        _dtype_flags,
+        r"refusing the dtype state \(3, '\|', None, None, None, -1, -1, 63\)",
+    ),
+    "truncated": (_truncated, r"truncated or corrupt pickle"),
+    "absurd_bytes": (
+        _absurd_bytes,
+        rf"BINBYTES8 at byte 2 declares {_ABSURD} bytes but only 3 remain",
+    ),
+    "absurd_frame": (_absurd_frame, rf"declares a frame of {_ABSURD} bytes .* file has 14 bytes"),
+    "absurd_array": (_absurd_array, rf"array of shape \({_ABSURD},\) .* whole file \(73 bytes\)"),
+    "label_bomb": (_label_bomb, r"b'labels' must be a list of integers, found a list in it"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CIFAR))
+def test_bad_cifar10_files_are_format_errors(tmp_path: Path, case: str) -> None:
+    write_cifar(tmp_path)
+    path = tmp_path / "data_batch_2"
+    mutate, message = BAD_CIFAR[case]
+    mutate(path)
+    with pytest.raises(DatasetFormatError, match=message) as info:
+        load("cifar10", root=str(tmp_path))
+    assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+    assert not (tmp_path / "pwned").exists()
+    # What refuses a global or an object array is still an UnpicklingError as before.
+    unsafe = case in ("forbidden_global", "object_dtype", "dtype_flags")
+    assert isinstance(info.value, UnsafePickleError) == unsafe
+    assert isinstance(info.value, pickle.UnpicklingError) == unsafe
+
+
+def _small_batch(protocol: int) -> bytes:
+    # Small rows (not 3072 wide): the truncation test cuts the file at every byte.
+    rows = np.arange(2 * 24, dtype=np.uint8).reshape(2, 24)
+    return pickle.dumps({b"data": rows, b"labels": [3, 7], b"name": "b"}, protocol=protocol)
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+def test_restricted_load_reads_every_protocol_and_refuses_every_truncation(
+    tmp_path: Path, protocol: int
+) -> None:
+    raw = _small_batch(protocol)
+    path = tmp_path / "batch"
+    path.write_bytes(raw)
+    content = restricted_load(path)
+    assert content[b"labels"] == [3, 7] and content[b"data"].sum() == sum(range(48))
+    for cut in range(len(raw)):
+        path.write_bytes(raw[:cut])
+        with pytest.raises(DatasetFormatError, match=f"^{re.escape(str(path))}: "):
+            restricted_load(path)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([2, 4, 5]), st.data())
+def test_restricted_load_of_a_corrupt_file_loads_or_is_a_format_error(
+    tmp_path_factory: pytest.TempPathFactory, protocol: int, draw: st.DataObject
+) -> None:
+    raw = bytearray(_small_batch(protocol))
+    for _ in range(draw.draw(st.integers(1, 3))):
+        raw[draw.draw(st.integers(0, len(raw) - 1))] = draw.draw(st.integers(0, 255))
+    path = tmp_path_factory.mktemp("corrupt") / "batch"
+    path.write_bytes(bytes(raw))
+    try:
+        restricted_load(path)
+    except DatasetFormatError as err:  # anything else fails the test
+        assert str(err).startswith(f"{path}: ") and "\n" not in str(err)
+
+
+@pytest.mark.parametrize("case", ["forbidden_global", "absurd_bytes", "truncated"])
+def test_cli_bad_cifar10_file_exits_2_with_one_line(tmp_path: Path, case: str) -> None:
+    write_cifar(tmp_path / "cifar")
+    path = tmp_path / "cifar" / "data_batch_2"
+    mutate, message = BAD_CIFAR[case]
+    mutate(path)
+    config = str(Path(__file__).resolve().parent.parent / "configs" / "cifar10_wrn16_4.yaml")
+    argv = [sys.executable, "-m", "distgrow", "train", config, f"data.root={path.parent}",
+            f"run.output_dir={tmp_path / 'run'}"]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert re.match(rf"distgrow: error: {re.escape(str(path))}: .*{message}", lines[0])
+    assert not (path.parent / "pwned").exists() and not (tmp_path / "run").exists()
+
+
+def test_covtype_npz_of_objects_or_a_broken_zip_is_a_format_error(tmp_path: Path) -> None:
+    features, labels = covtype_table(n=4)
+    np.savez(tmp_path / "objects.npz", X=features.astype(object), y=labels)
+    with pytest.raises(DatasetFormatError, match=r"objects\.npz: not a readable NPZ.*pickle"):
+        load("covtype", root=str(tmp_path / "objects.npz"))
+    np.savez(tmp_path / "broken.npz", X=features, y=labels)
+    raw = (tmp_path / "broken.npz").read_bytes()
+    (tmp_path / "broken.npz").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DatasetFormatError, match=r"broken\.npz: not a readable NPZ"):
+        load("covtype", root=str(tmp_path / "broken.npz"))
 
 
 def _reference_crop_flip(image: np.ndarray, dy: int, dx: int, flip: bool, pad: int) -> np.ndarray:
@@ -412,8 +585,8 @@ def _reference_crop_flip(image: np.ndarray, dy: int, dx: int, flip: bool, pad: i
 
 def test_cifar10_augmentation(tmp_path: Path) -> None:
     write_cifar(tmp_path)
-    bundle = load_dataset("cifar10", root=str(tmp_path), augment=True, seed=3)
-    plain = load_dataset("cifar10", root=str(tmp_path), augment=False, seed=3)
+    bundle = load("cifar10", root=str(tmp_path), augment=True, seed=3)
+    plain = load("cifar10", root=str(tmp_path), augment=False, seed=3)
     ds = bundle.train
     everything = torch.arange(len(ds))
 
@@ -433,11 +606,11 @@ def test_cifar10_augmentation(tmp_path: Path) -> None:
     # Another epoch or seed augments differently (20 random images: all equal by chance
     # has probability 162**-20).
     assert not torch.equal(ds.batch(everything, epoch=3)[0], x_all)
-    other_seed = load_dataset("cifar10", root=str(tmp_path), augment=True, seed=4)
+    other_seed = load("cifar10", root=str(tmp_path), augment=True, seed=4)
     assert not torch.equal(other_seed.train.batch(everything, epoch=2)[0], x_all)
 
     # Each image equals pad-4 / crop / flip of the stored pixels, then normalisation.
-    dy, dx, flip = data._crop_flip_params(3, 2, everything, 4)
+    dy, dx, flip = transforms.crop_flip_params(3, 2, everything, 4)
     normalize = plain.train.transform
     assert normalize is not None
     for k in range(len(ds)):
@@ -455,7 +628,7 @@ def test_cifar10_augmentation(tmp_path: Path) -> None:
 
 
 def test_crop_flip_params_cover_range() -> None:
-    dy, dx, flip = data._crop_flip_params(0, 0, torch.arange(20000), 4)
+    dy, dx, flip = transforms.crop_flip_params(0, 0, torch.arange(20000), 4)
     assert sorted(set(dy.tolist())) == list(range(9))
     assert sorted(set(dx.tolist())) == list(range(9))
     assert 0.47 < float(flip.float().mean()) < 0.53
@@ -473,7 +646,7 @@ def test_crop_flip_params_cover_range() -> None:
 def test_covtype_csv(tmp_path: Path, filename: str, header: bool) -> None:
     path = tmp_path / filename
     features, labels = write_covtype_csv(path, header=header)
-    bundle = load_dataset("covtype", root=str(path), seed=7, val_fraction=0.25)
+    bundle = load("covtype", root=str(path), seed=7, val_fraction=0.25)
     assert bundle.num_classes == 7 and bundle.input_shape == (54,)
     assert (len(bundle.train), len(bundle.val)) == (30, 10)
     tx, ty, vx, vy = expected_tabular(features, labels - 1, 0.25, 7)
@@ -490,8 +663,8 @@ def test_covtype_csv(tmp_path: Path, filename: str, header: bool) -> None:
 def test_covtype_npz_and_directory(tmp_path: Path) -> None:
     features, labels = covtype_table(n=21, seed=3)
     np.savez(tmp_path / "covtype.npz", X=features, y=labels.astype(np.int32))
-    from_file = load_dataset("covtype", root=str(tmp_path / "covtype.npz"), seed=1)
-    from_dir = load_dataset("covtype", root=str(tmp_path), seed=1)
+    from_file = load("covtype", root=str(tmp_path / "covtype.npz"), seed=1)
+    from_dir = load("covtype", root=str(tmp_path), seed=1)
     tx, ty, vx, vy = expected_tabular(features, labels - 1, 0.2, 1)
     for bundle in (from_file, from_dir):
         torch.testing.assert_close(bundle.train.x, tx)
@@ -503,29 +676,29 @@ def test_covtype_bad_files(tmp_path: Path) -> None:
     features, labels = covtype_table(n=10)
     np.savez(tmp_path / "zero.npz", X=features, y=labels - 1)
     with pytest.raises(DatasetFormatError, match=r"1\.\.7.*found 0\.\.6.*add 1"):
-        load_dataset("covtype", root=str(tmp_path / "zero.npz"))
+        load("covtype", root=str(tmp_path / "zero.npz"))
     np.savez(tmp_path / "keys.npz", features=features, y=labels)
     with pytest.raises(DatasetFormatError, match=r"missing \['X'\]"):
-        load_dataset("covtype", root=str(tmp_path / "keys.npz"))
+        load("covtype", root=str(tmp_path / "keys.npz"))
     (tmp_path / "short.csv").write_text("1,2,3\n4,5,6\n")
     with pytest.raises(DatasetFormatError, match="3 columns per line, expected 55"):
-        load_dataset("covtype", root=str(tmp_path / "short.csv"))
+        load("covtype", root=str(tmp_path / "short.csv"))
     (tmp_path / "covtype.txt").write_text("x")
     with pytest.raises(ValueError, match="not one of"):
-        load_dataset("covtype", root=str(tmp_path / "covtype.txt"))
+        load("covtype", root=str(tmp_path / "covtype.txt"))
 
 
 def test_covtype_missing_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # An empty data_home and download=False: scikit-learn stops before any network access.
     with pytest.raises(DatasetNotFoundError, match=r"data\.download=true") as info:
-        load_dataset("covtype", root=str(tmp_path))
+        load("covtype", root=str(tmp_path))
     assert "covertype" in str(info.value) and "data.root" in str(info.value)
     with pytest.raises(DatasetNotFoundError, match="does not exist"):
-        load_dataset("covtype", root=str(tmp_path / "missing.csv"))
+        load("covtype", root=str(tmp_path / "missing.csv"))
     # Default root: scikit-learn's cache (pointed at tmp so nothing is created in $HOME).
     monkeypatch.setenv("SCIKIT_LEARN_DATA", str(tmp_path / "sk"))
     with pytest.raises(DatasetNotFoundError, match=r"data\.download"):
-        load_dataset("covtype")
+        load("covtype")
 
 
 def test_covtype_download_flag_and_network_error(
@@ -541,7 +714,7 @@ def test_covtype_download_flag_and_network_error(
 
     monkeypatch.setattr(sklearn.datasets, "fetch_covtype", no_network)
     with pytest.raises(DatasetNotFoundError, match="no network"):
-        load_dataset("covtype", root=str(tmp_path), download=True)
+        load("covtype", root=str(tmp_path), download=True)
     assert seen["download_if_missing"] is True and seen["data_home"] == str(tmp_path)
 
     features, labels = covtype_table(n=15)
@@ -550,7 +723,7 @@ def test_covtype_download_flag_and_network_error(
         return features, labels.astype(np.int32)
 
     monkeypatch.setattr(sklearn.datasets, "fetch_covtype", cached)
-    bundle = load_dataset("covtype", root=str(tmp_path))
+    bundle = load("covtype", root=str(tmp_path))
     assert len(bundle.train) + len(bundle.val) == 15
     assert sorted(torch.cat([bundle.train.y, bundle.val.y]).tolist()) == sorted(
         (labels - 1).tolist()
@@ -576,7 +749,7 @@ def write_ionosphere(path: Path, n: int = 12) -> tuple[np.ndarray, np.ndarray]:
 def test_ionosphere(tmp_path: Path) -> None:
     features, labels = write_ionosphere(tmp_path / "ionosphere.data")
     for root in (tmp_path, tmp_path / "ionosphere.data"):
-        bundle = load_dataset("ionosphere", root=str(root), val_fraction=0.25, seed=2)
+        bundle = load("ionosphere", root=str(root), val_fraction=0.25, seed=2)
         assert bundle.num_classes == 2 and bundle.input_shape == (34,)
         assert (len(bundle.train), len(bundle.val)) == (9, 3)
         tx, ty, vx, vy = expected_tabular(features, labels, 0.25, 2)
@@ -588,12 +761,12 @@ def test_ionosphere(tmp_path: Path) -> None:
 
 def test_ionosphere_errors(tmp_path: Path) -> None:
     with pytest.raises(DatasetNotFoundError, match=r"ionosphere\.data"):
-        load_dataset("ionosphere", root=str(tmp_path))
+        load("ionosphere", root=str(tmp_path))
     with pytest.raises(DatasetNotFoundError, match=r"data\.root is not set"):
-        load_dataset("ionosphere")
+        load("ionosphere")
     (tmp_path / "ionosphere.data").write_text(",".join(["0"] * 34) + ",x\n")
     with pytest.raises(DatasetFormatError, match=r"line 1: label 'x'"):
-        load_dataset("ionosphere", root=str(tmp_path))
+        load("ionosphere", root=str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- sklearn sets
@@ -609,7 +782,7 @@ def test_ionosphere_errors(tmp_path: Path) -> None:
     ],
 )
 def test_sklearn_sets(name: str, total: int, features: int, classes: int) -> None:
-    bundle = load_dataset(name, seed=1)
+    bundle = load(name, seed=1)
     assert len(bundle.train) + len(bundle.val) == total
     assert len(bundle.val) == round(total * 0.2)
     assert bundle.input_shape == (features,) and bundle.num_classes == classes
@@ -619,29 +792,23 @@ def test_sklearn_sets(name: str, total: int, features: int, classes: int) -> Non
     std = bundle.train.x.std(0, unbiased=False)
     assert bundle.train.x.mean(0).abs().max() < 1e-4
     assert torch.all(((std - 1).abs() < 1e-4) | (std < 1e-6))
-    assert not torch.equal(load_dataset(name, seed=2).train.y, bundle.train.y)
+    assert not torch.equal(load(name, seed=2).train.y, bundle.train.y)
 
 
 # ----------------------------------------------------------------------------- synthetic
 
 
 def test_synthetic_classification() -> None:
-    bundle = load_dataset(
-        "synthetic_classification", synthetic_samples=1000, synthetic_features=8, seed=3
-    )
+    bundle = load("synthetic_classification", synthetic_samples=1000, synthetic_features=8, seed=3)
     assert (
         bundle.num_classes == 10 and bundle.input_shape == (8,) and bundle.task == "classification"
     )
     assert (len(bundle.train), len(bundle.val)) == (800, 200)
     labels = torch.cat([bundle.train.y, bundle.val.y])
     assert torch.bincount(labels).tolist() == [100] * 10
-    same = load_dataset(
-        "synthetic_classification", synthetic_samples=1000, synthetic_features=8, seed=3
-    )
+    same = load("synthetic_classification", synthetic_samples=1000, synthetic_features=8, seed=3)
     assert torch.equal(same.train.x, bundle.train.x) and torch.equal(same.val.y, bundle.val.y)
-    other = load_dataset(
-        "synthetic_classification", synthetic_samples=1000, synthetic_features=8, seed=4
-    )
+    other = load("synthetic_classification", synthetic_samples=1000, synthetic_features=8, seed=4)
     assert not torch.equal(other.train.x, bundle.train.x)
     # Learnable: nearest class mean of the training split classifies validation well.
     means = torch.stack([bundle.train.x[bundle.train.y == c].mean(0) for c in range(10)])
@@ -650,7 +817,7 @@ def test_synthetic_classification() -> None:
 
 
 def test_synthetic_regression() -> None:
-    bundle = load_dataset("synthetic_regression", synthetic_samples=600, synthetic_features=5)
+    bundle = load("synthetic_regression", synthetic_samples=600, synthetic_features=5)
     assert bundle.num_classes == 0 and bundle.task == "regression"
     assert bundle.train.y.dtype == torch.float32 and bundle.train.y.shape == (480,)
     # A linear teacher plus noise of std 0.1: least squares explains nearly all variance.
@@ -665,34 +832,71 @@ def test_synthetic_regression() -> None:
 
 
 def test_limits_keep_first_samples_after_split() -> None:
-    full = load_dataset("digits", seed=5)
-    small = load_dataset("digits", seed=5, limit_train=10, limit_val=3)
+    full = load("digits", seed=5)
+    small = load("digits", seed=5, limit_train=10, limit_val=3)
     assert (len(small.train), len(small.val)) == (10, 3)
     assert torch.equal(small.train.x, full.train.x[:10])
     assert torch.equal(small.val.y, full.val.y[:3])
-    assert len(load_dataset("iris", limit_train=10_000).train) == 120
+    assert len(load("iris", limit_train=10_000).train) == 120
 
 
 def test_split_is_disjoint_and_seeded() -> None:
-    train, val = data._seeded_split(100, 0.3, seed=9)
+    train, val = splits.seeded_split(100, 0.3, seed=9)
     assert len(val) == 30 and sorted(torch.cat([train, val]).tolist()) == list(range(100))
-    again = data._seeded_split(100, 0.3, seed=9)
+    again = splits.seeded_split(100, 0.3, seed=9)
     assert torch.equal(train, again[0]) and torch.equal(val, again[1])
-    assert not torch.equal(val, data._seeded_split(100, 0.3, seed=10)[1])
+    assert not torch.equal(val, splits.seeded_split(100, 0.3, seed=10)[1])
 
 
 def test_load_dataset_argument_errors() -> None:
     with pytest.raises(ValueError, match=r"unknown data set 'imagenet'.*fashion_mnist.*iris"):
-        load_dataset("imagenet")
-    for bad in (0.0, 1.0, -0.1):
-        with pytest.raises(ValueError, match=r"val_fraction = .* must be in \(0, 1\)"):
-            load_dataset("iris", val_fraction=bad)
-    with pytest.raises(ValueError, match="limit_train = 0 must be >= 1"):
-        load_dataset("iris", limit_train=0)
+        load("imagenet")
+    with pytest.raises(ValueError, match=r"unknown data set 'cifar'; did you mean cifar10\?"):
+        load("cifar")
     with pytest.raises(ValueError, match="no augmentation is defined for 'iris'"):
-        load_dataset("iris", augment=True)
-    assert load_dataset("Breast-Cancer").name == "breast_cancer"
+        load("iris", augment=True)
+    assert load("Breast-Cancer").name == "breast_cancer"
     assert set(DATASETS) >= {"fashion_mnist", "covtype", "synthetic_regression"}
+
+
+def test_ranges_are_checked_once_by_the_config() -> None:
+    # load_dataset takes the data section whole and validated; the ranges live in DataConfig.
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(ConfigError, match=r"data\.val_fraction = .* must be in \(0, 1\)"):
+            DataConfig(name="iris", val_fraction=bad).validate()
+    with pytest.raises(ConfigError, match=r"data\.limit_train = 0: must be positive"):
+        DataConfig(name="iris", limit_train=0).validate()
+
+
+def test_config_knows_the_same_names_as_the_readers() -> None:
+    assert DATA_NAMES == DATASETS
+    for name in DATASETS:
+        DataConfig(name=name).validate()
+    DataConfig(name="Fashion-MNIST").validate()  # spelt as load_dataset reads it
+
+
+def test_plan_names_a_misspelled_data_set(capsys: pytest.CaptureFixture[str]) -> None:
+    from distgrow import cli
+
+    config = str(Path(__file__).resolve().parent.parent / "configs" / "cifar10_wrn16_4.yaml")
+    for extra in ([], ["data.size=1000"]):  # a given size does not hide the misspelling
+        code = cli.main(["plan", config, "data.name=cifar", *extra])
+        out, err = capsys.readouterr()
+        assert code == 2 and out == "", out
+        assert err == (
+            "distgrow: config error: data.name = 'cifar': unknown data set. Fix: did you mean "
+            f"cifar10? use one of {', '.join(DATASETS)}.\n"
+        )
+
+
+@pytest.mark.parametrize(
+    ("name", "near"),
+    [("cifar", "did you mean cifar10\\?"), ("fashion-mnst", "did you mean fashion_mnist"),
+     ("imagenet", "Fix: use one of fashion_mnist, mnist")],
+)  # fmt: skip
+def test_a_misspelled_name_is_a_config_error(name: str, near: str) -> None:
+    with pytest.raises(ConfigError, match=rf"data\.name = '{name}': unknown data set\. .*{near}"):
+        DataConfig(name=name).validate()
 
 
 def test_array_dataset() -> None:
@@ -838,8 +1042,6 @@ def test_shard_same_chunks_for_any_split_of_workers_and_accumulation(
 )  # fmt: skip
 def test_planner_size_table_matches_the_loader(name: str, val_fraction: float) -> None:
     """`distgrow plan` sizes N without loading: it must agree with what training loads."""
-    from distgrow.config import DataConfig
-
-    bundle = load_dataset(name, val_fraction=val_fraction, synthetic_samples=999)
+    bundle = load(name, val_fraction=val_fraction, synthetic_samples=999)
     cfg = DataConfig(name=name, val_fraction=val_fraction, synthetic_samples=999)
     assert cfg.expected_train_size() == len(bundle.train)

@@ -11,7 +11,7 @@ This package imports neither torch nor anything distributed: ``distgrow plan`` a
 work from it alone.
 """
 
-from distgrow.config.datasets import OFFICIAL_TRAIN, SPLIT_TOTAL, held_out
+from distgrow.config.datasets import DATA_NAMES, OFFICIAL_TRAIN, SPLIT_TOTAL, held_out
 from distgrow.config.loader import (
     config_from_dict,
     describe_fields,
@@ -40,6 +40,7 @@ from distgrow.config.schema import (
 )
 
 __all__ = [
+    "DATA_NAMES",
     "NOT_DECAYS",
     "OFFICIAL_TRAIN",
     "SPLIT_TOTAL",

@@ -17,6 +17,8 @@ SPLIT_TOTAL = {
     "wine": 178,
     "iris": 150,
 }
+# Every data.name distgrow can load (distgrow.data.DATASETS; a test keeps the two equal).
+DATA_NAMES = (*OFFICIAL_TRAIN, *SPLIT_TOTAL, "synthetic_classification", "synthetic_regression")
 
 
 def held_out(n_total: int, val_fraction: float) -> int:

@@ -18,6 +18,7 @@ the value and the fix). This module imports neither torch nor anything distribut
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import itertools
 import posixpath
 from pathlib import PureWindowsPath
@@ -26,7 +27,7 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 from pydantic import BeforeValidator, ConfigDict, Field, Strict, ValidationInfo, field_validator
 from pydantic.dataclasses import dataclass
 
-from distgrow.config.datasets import OFFICIAL_TRAIN, SPLIT_TOTAL, held_out
+from distgrow.config.datasets import DATA_NAMES, OFFICIAL_TRAIN, SPLIT_TOTAL, held_out
 
 
 class ConfigError(ValueError):
@@ -246,6 +247,15 @@ class DataConfig(_Section):
         return min(total, self.limit_train) if self.limit_train else total
 
     def validate(self) -> None:
+        if self.name.strip().lower().replace("-", "_") not in DATA_NAMES:
+            near = difflib.get_close_matches(self.name.lower(), DATA_NAMES, n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(near)}? " if near else ""
+            raise _fail(
+                "data.name",
+                self.name,
+                "unknown data set",
+                f"{hint}use one of {', '.join(DATA_NAMES)}",
+            )
         if not 0.0 < self.val_fraction < 1.0:
             raise _fail("data.val_fraction", self.val_fraction, "must be in (0, 1)", "e.g. 0.2")
         for key in ("limit_train", "limit_val", "size"):

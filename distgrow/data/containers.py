@@ -1,0 +1,137 @@
+"""What the readers hand over and the trainer batches from: the data errors, the in-memory
+data set and the bundle of its splits."""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+__all__ = [
+    "ArrayDataset",
+    "BatchTransform",
+    "DataBundle",
+    "DatasetFormatError",
+    "DatasetNotFoundError",
+    "UnsafePickleError",
+]
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The files of a data set are not where they were looked for.
+
+    The message names every path looked at and how to get the data (Debian package, URL to
+    download by hand, or ``data.download=true`` for covtype).
+    """
+
+
+class DatasetFormatError(ValueError):
+    """A data file exists but is not in the expected format (truncated, wrong shape, ...).
+
+    The message names the file, what was expected and what was found.
+    """
+
+
+class UnsafePickleError(DatasetFormatError, pickle.UnpicklingError):
+    """A pickled data file asks for something other than plain numeric numpy arrays.
+
+    Refused before anything it names is imported or called. It is a
+    :class:`DatasetFormatError` (a data problem: ``distgrow train`` exits 2 with one line)
+    and still an ``UnpicklingError`` for callers that catch the pickle family.
+    """
+
+
+class BatchTransform(Protocol):
+    """A per-batch transform of the stored features.
+
+    It receives the stored rows, the sample indices they came from and the epoch, so that any
+    randomness can be a pure function of ``(seed, epoch, index)``.
+    """
+
+    def __call__(self, x: torch.Tensor, indices: torch.Tensor, epoch: int) -> torch.Tensor:
+        """Transform the rows ``x`` of samples ``indices`` in ``epoch``."""
+        ...
+
+
+@dataclass
+class ArrayDataset:
+    """Samples held as two tensors, batched by indexing.
+
+    Attributes:
+        x: Features, first dimension = sample. Images stay ``uint8`` ``(N, C, H, W)`` to save
+            memory; ``transform`` turns them into normalised ``float32``.
+        y: ``int64`` class labels ``(N,)``, or ``float32`` regression targets ``(N,)`` /
+            ``(N, k)``.
+        transform: Applied to each batch of ``x`` (see :class:`BatchTransform`); ``None``
+            returns the stored rows as they are.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    transform: BatchTransform | None = None
+
+    def __post_init__(self) -> None:
+        if self.x.shape[0] != self.y.shape[0]:
+            raise ValueError(
+                f"ArrayDataset: x has {self.x.shape[0]} samples but y has {self.y.shape[0]}; "
+                "they must match (one label per sample)."
+            )
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def batch(self, indices: torch.Tensor, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The features and labels of some samples, transformed.
+
+        Any random augmentation is a pure function of (seed, epoch, sample index), so the same
+        sample in the same epoch is augmented identically however the batch is split across
+        ranks or micro-batches (``batch([i, j])`` equals ``batch([i])`` stacked on
+        ``batch([j])``).
+
+        Args:
+            indices: 1-D integer tensor of sample indices (may be empty: an empty trailing
+                micro-batch of a partial global batch gives empty ``x`` and ``y``).
+            epoch: The epoch, which seeds the augmentation.
+
+        Returns:
+            ``(x, y)`` for these samples, in the order of ``indices``.
+
+        Raises:
+            ValueError: ``indices`` is not a 1-D integer tensor.
+        """
+        if indices.dim() != 1 or indices.is_floating_point() or indices.is_complex():
+            raise ValueError(
+                f"indices must be a 1-D integer tensor, got dtype {indices.dtype} and shape "
+                f"{tuple(indices.shape)}; pass e.g. torch.tensor([0, 5, 7])."
+            )
+        idx = indices.to(device=self.x.device, dtype=torch.long)
+        # Negative indices count from the end; make them absolute so that sample n-1 is
+        # augmented the same way whether it is asked for as n-1 or as -1.
+        idx = torch.where(idx < 0, idx + len(self), idx)
+        x = self.x[idx]
+        if self.transform is not None:
+            x = self.transform(x, idx, epoch)
+        return x, self.y[idx.to(self.y.device)]
+
+
+@dataclass
+class DataBundle:
+    """A data set ready for training: its splits and what a model needs to know about it.
+
+    Attributes:
+        name: Canonical name (one of :data:`distgrow.data.DATASETS`).
+        train: Training split (augmented if requested).
+        val: Validation split (the official test set where one exists); never augmented.
+        input_shape: Per-sample shape the model sees, e.g. ``(1, 28, 28)`` or ``(54,)``.
+        num_classes: Number of classes; 0 for regression.
+        task: ``"classification"`` or ``"regression"``.
+    """
+
+    name: str
+    train: ArrayDataset
+    val: ArrayDataset
+    input_shape: tuple[int, ...]
+    num_classes: int
+    task: str

@@ -1,0 +1,33 @@
+"""The file readers, one module per format, and the table of data-set names they serve.
+
+Each reader is ``read(name, cfg, seed)`` and returns what it read, unsplit and unnormalised:
+:class:`~distgrow.data.splits.ImageSplits` (images with their official test split) or a
+:class:`~distgrow.data.splits.Table` (split later with ``data.val_fraction``). A new format is
+a new module here and a line in :data:`READERS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from distgrow.config import DataConfig
+from distgrow.data.readers import cifar, covtype, idx, ionosphere, sklearn_sets, synthetic
+from distgrow.data.splits import ImageSplits, Table
+
+__all__ = ["DATASETS", "READERS", "Reader"]
+
+Reader = Callable[[str, DataConfig, int], ImageSplits | Table]
+
+# Canonical name -> reader; the order is the order the names are listed in messages.
+READERS: dict[str, Reader] = {
+    "fashion_mnist": idx.read,
+    "mnist": idx.read,
+    "cifar10": cifar.read,
+    "covtype": covtype.read,
+    "ionosphere": ionosphere.read,
+    **dict.fromkeys(sklearn_sets.NAMES, sklearn_sets.read),
+    "synthetic_classification": synthetic.read,
+    "synthetic_regression": synthetic.read,
+}
+
+DATASETS: tuple[str, ...] = tuple(READERS)
