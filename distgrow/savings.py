@@ -29,6 +29,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from distgrow.planner import Split, flatten_split
+
 
 class SavingsError(ValueError):
     """Savings cannot be computed from what is given; the message says why and what to do."""
@@ -45,10 +47,7 @@ class PhaseStats:
 
     index: int
     """0-based position of the phase in the run."""
-    global_batch: int
-    workers: int
-    micro_batch: int
-    accum_steps: int
+    split: Split
     lr: float
     """The learning rate at the phase's first update (a capped phase may decay it further)."""
     momentum: float
@@ -75,12 +74,13 @@ class PhaseStats:
     def samples_per_s_per_worker(self) -> float | None:
         """Throughput per worker used by the phase's realisation."""
         rate = self.samples_per_s
-        return None if rate is None else rate / self.workers
+        return None if rate is None else rate / self.split.workers
 
     def to_dict(self) -> dict[str, Any]:
-        """The stored fields plus the derived throughputs (what ``summary.json`` holds)."""
+        """The stored fields (the split flat) plus the derived throughputs (what
+        ``summary.json`` holds)."""
         return {
-            **asdict(self),
+            **flatten_split(asdict(self)),
             "samples_per_s": self.samples_per_s,
             "samples_per_s_per_worker": self.samples_per_s_per_worker,
         }
@@ -88,8 +88,8 @@ class PhaseStats:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PhaseStats:
         """Rebuild from :meth:`to_dict` output (derived keys are ignored)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        names = {f.name for f in fields(cls)} - {"split"}
+        return cls(split=Split.from_flat(data), **{k: v for k, v in data.items() if k in names})
 
 
 PHASE_MEASURES = (
@@ -160,10 +160,7 @@ class PhaseTracker:
     def begin(
         self,
         *,
-        global_batch: int,
-        workers: int,
-        micro_batch: int,
-        accum_steps: int,
+        split: Split,
         lr: float,
         momentum: float,
         start_epoch: float,
@@ -180,10 +177,7 @@ class PhaseTracker:
         self.phases.append(
             PhaseStats(
                 index=len(self.phases),
-                global_batch=global_batch,
-                workers=workers,
-                micro_batch=micro_batch,
-                accum_steps=accum_steps,
+                split=split,
                 lr=lr,
                 momentum=momentum,
                 start_epoch=start_epoch,
@@ -218,7 +212,7 @@ class PhaseTracker:
         """Plain data for a checkpoint, up to now (the clock mark is not saved: a resume
         restarts it)."""
         self.tick()  # the time since the last tick belongs in the checkpoint too
-        return {"phases": [asdict(p) for p in self.phases]}
+        return {"phases": [flatten_split(asdict(p)) for p in self.phases]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue the phases of a checkpoint; call :meth:`start` when the clock restarts."""

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from distgrow.planner import Split
 from distgrow.savings import (
     PhaseStats,
     PhaseTracker,
@@ -29,10 +30,7 @@ class FakeClock:
 
 def begin(tracker: PhaseTracker, batch: int, *, step: int = 0, world: int = 2) -> object:
     return tracker.begin(
-        global_batch=batch,
-        workers=world,
-        micro_batch=batch // world,
-        accum_steps=1,
+        split=Split(batch, world, batch // world, 1),
         lr=0.1,
         momentum=0.9,
         start_epoch=step / 10,
@@ -114,10 +112,7 @@ def test_record_update_before_begin_is_a_bug() -> None:
 def phase(batch: int, samples: int, train_s: float, *, world: int = 1) -> dict[str, object]:
     return PhaseStats(
         index=0,
-        global_batch=batch,
-        workers=world,
-        micro_batch=batch,
-        accum_steps=1,
+        split=Split(batch, world, batch, 1),
         lr=0.1,
         momentum=0.9,
         start_epoch=0.0,

@@ -23,11 +23,11 @@ from distgrow.exits import EXIT_NEED_WORKERS, EXIT_NONFINITE, EXIT_OK
 from distgrow.metrics import read_jsonl
 from distgrow.planner import make_plan
 from distgrow.runtime import Runtime
+from distgrow.startup import load_data
 from distgrow.trainer import (
     Trainer,
     TrainError,
     build_optimizer,
-    load_data,
     micro_batch_seed,
 )
 
@@ -117,7 +117,7 @@ def test_accumulation_equals_one_large_micro_batch(tmp_path: Path) -> None:
     splits_a = {(r["micro_batch"], r["accum_steps"]) for r in records(tmp_path / "accum", "step")}
     splits_b = {(r["micro_batch"], r["accum_steps"]) for r in records(tmp_path / "large", "step")}
     assert splits_a == {(8, 4), (8, 8)} and splits_b == {(32, 1), (64, 1)}
-    assert a.step == b.step == 33 + 17
+    assert a.state.step == b.state.step == 33 + 17
     for name, value in a.model.state_dict().items():
         torch.testing.assert_close(value, b.model.state_dict()[name], rtol=1e-5, atol=1e-6)
     torch.manual_seed(0)
@@ -220,7 +220,7 @@ def test_nonfinite_loss_stops_with_65_and_keeps_the_checkpoint(
     assert "training loss is" in err and "optim.lr" in err and "optim.grad_clip" in err
     assert "ckpt-000000033.pt" in err
     last = read_jsonl(run_dir / "metrics.jsonl")[-1]
-    assert last["event"] == "nonfinite" and last["step"] == trainer.step > 33
+    assert last["event"] == "nonfinite" and last["step"] == trainer.state.step > 33
 
 
 def test_refuses_to_overwrite_a_run(tmp_path: Path) -> None:
@@ -246,7 +246,7 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     assert train(syn_config(straight_dir, dropout, "run.epochs=3"))[0] == EXIT_OK
     assert train(syn_config(split_dir, dropout, "run.epochs=1"))[0] == EXIT_OK
     code, resumed = train(syn_config(split_dir, dropout, "run.epochs=3", "run.resume=true"))
-    assert code == EXIT_OK and resumed.step == 33 + 17 + 17
+    assert code == EXIT_OK and resumed.state.step == 33 + 17 + 17
     want, got = final_model(straight_dir), final_model(split_dir)
     assert all(torch.equal(want[k], got[k]) for k in want)
     summary = json.loads((split_dir / "summary.json").read_text())
@@ -270,7 +270,7 @@ def test_resume_from_a_mid_epoch_growth_checkpoint(tmp_path: Path) -> None:
     state = load_latest(resumed)
     assert state is not None and (state[1]["epoch"], state[1]["position"]) == (1, 224)
     code, trainer = train(syn_config(resumed, *extra, "run.resume=true"))
-    assert code == EXIT_OK and trainer.step == 53
+    assert code == EXIT_OK and trainer.state.step == 53
     want, got = final_model(straight), final_model(resumed)
     assert all(torch.equal(want[k], got[k]) for k in want)
     # The epoch's mean train loss spans the resume: it was carried in the checkpoint.
@@ -285,11 +285,16 @@ def test_metrics_summary_and_config(tmp_path: Path) -> None:
     code, trainer = train(cfg)
     assert code == EXIT_OK
     plan = make_plan(cfg, N_TRAIN)
-    assert trainer.step == plan.total_updates == sum(p.updates for p in plan.phases) == 33 + 17 + 9
+    assert (
+        trainer.state.step
+        == plan.total_updates
+        == sum(p.updates for p in plan.phases)
+        == 33 + 17 + 9
+    )
 
     steps = records(run_dir, "step")
     assert steps and all(set(r) >= STEP_FIELDS for r in steps)
-    assert [r["step"] for r in steps] == list(range(5, trainer.step + 1, 5))
+    assert [r["step"] for r in steps] == list(range(5, trainer.state.step + 1, 5))
     assert all(r["val_loss"] is None and r["train_loss"] > 0 for r in steps)
     epochs = records(run_dir, "epoch")
     assert [r["epoch"] for r in epochs] == [1, 2, 3]
