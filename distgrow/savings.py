@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from distgrow.planner import Split, flatten_split
+from distgrow.rundir import SUMMARY_FILE
 
 
 class SavingsError(ValueError):
@@ -335,8 +336,8 @@ def _need(summary: Mapping[str, Any], key: str, who: str) -> Any:
     value = summary.get(key)
     if value is None:
         raise SavingsError(
-            f"{who} summary.json has no {key!r}. Fix: use a run finished by this version of "
-            "distgrow (its summary.json holds it)."
+            f"{who} {SUMMARY_FILE} has no {key!r}. Fix: use a run finished by this version "
+            f"of distgrow (its {SUMMARY_FILE} holds it)."
         )
     return value
 
@@ -377,7 +378,7 @@ def measured_savings(
         kind="measured",
         method=(
             f"measured: {baseline_name}, trained with growth.mode=decay_lr on the same config, "
-            "data and seed; its summary.json is compared with this run's"
+            f"data and seed; its {SUMMARY_FILE} is compared with this run's"
         ),
         run_updates=int(_need(run, "total_updates", "the run's")),
         run_wall_s=float(_need(run, "wall_s", "the run's")),
@@ -444,8 +445,8 @@ def estimated_savings(summary: Mapping[str, Any]) -> Savings:
     phases = summary.get("phases")
     if not phases:
         raise SavingsError(
-            "summary.json has no per-phase throughput ('phases'). Fix: use a run finished by "
-            "this version of distgrow."
+            f"{SUMMARY_FILE} has no per-phase throughput ('phases'). Fix: use a run finished "
+            "by this version of distgrow."
         )
     base_batch = int(_need(summary, "base_batch", "the run's"))
     samples = int(_need(summary, "samples_seen", "the run's"))

@@ -13,7 +13,7 @@ so the gradient is exactly the global batch's mean gradient, for partial batches
 micro-batches too. Dropout is reseeded per micro-batch from ``(run.seed, epoch, first sample
 index)`` and the sample order is one permutation per epoch, so 1 worker × 4 accumulation steps,
 2 × 2 and 4 × 1 compute the same updates. Batch-norm running statistics from several workers are
-merged as one worker would have accumulated them (:class:`RunningStatsMerger`).
+merged as one worker would have accumulated them (:class:`~distgrow.bn_merge.RunningStatsMerger`).
 
 Exit statuses (also in ``distgrow train --help``):
 
@@ -165,9 +165,10 @@ class Trainer:
         started_at: ``time.perf_counter()`` when this process began working on the run (its
             start, for ``distgrow train``); start-up lasts from there to the first update.
             Default: now.
-        stop_signals: Installed by the caller (``run``): a signal it notes stops training
-            after the current update, with a checkpoint (see :meth:`stop_for_signal`).
-            Default: none installed, so signals keep their usual effect.
+        stop_signals: Installed by the caller (:func:`distgrow.startup.run`): a signal it notes
+            stops training after the current update, with a checkpoint (see
+            :meth:`stop_for_signal`). Default: none installed, so signals keep their usual
+            effect.
         startup_marks: Wall-clock times (``time.time()``) of this process's start-up stages,
             logged with the ``start``/``resume`` event (the resize-latency benchmark reads
             them).

@@ -102,6 +102,12 @@ def test_a_checkpoint_holds_the_phase_time_up_to_the_moment_it_is_taken() -> Non
     resumed = PhaseTracker(clock)
     resumed.load_state_dict(state)
     assert resumed.phases[0].wall_s == pytest.approx(100.0)
+    # The checkpoint keeps the flat keys of format 1, and the split comes back as one record.
+    assert list(state["phases"][0])[:6] == [
+        "index", "global_batch", "workers", "micro_batch", "accum_steps", "lr"
+    ]  # fmt: skip
+    assert resumed.phases == tracker.phases
+    assert resumed.phases[0].split == Split(128, 2, 64, 1)
 
 
 def test_record_update_before_begin_is_a_bug() -> None:

@@ -21,9 +21,11 @@ from distgrow.config import Config, load_config
 from distgrow.data import epoch_permutation
 from distgrow.exits import EXIT_NEED_WORKERS, EXIT_NONFINITE, EXIT_OK
 from distgrow.metrics import read_jsonl
-from distgrow.planner import make_plan
+from distgrow.planner import Split, make_plan
+from distgrow.rundir import ResizeRequest, RunDir, Summary
 from distgrow.runtime import Runtime
 from distgrow.startup import load_data
+from distgrow.state import TrainState
 from distgrow.trainer import (
     Trainer,
     TrainError,
@@ -51,6 +53,36 @@ STEP_FIELDS = {
     "val_acc",
     "wall_s",
     "samples_per_s",
+}
+
+SUMMARY_KEYS = {
+    "status",
+    "epochs",
+    "total_updates",
+    "samples_seen",
+    "train_loss",
+    "val_loss",
+    "val_acc",
+    "wall_s",
+    "worker_seconds",
+    "world_size",
+    "growth_events",
+    "final_setting",
+    "growth_mode",
+    "planned_total_updates",
+    "baseline_total_updates",
+    "update_ratio_vs_baseline",
+    "distgrow_version",
+    "startup_s",
+    "train_s",
+    "samples_per_s",
+    "worker_hours",
+    "gpu_hours",
+    "device",
+    "base_batch",
+    "dataset_size",
+    "phases",
+    "savings",
 }
 
 
@@ -311,6 +343,19 @@ def test_metrics_summary_and_config(tmp_path: Path) -> None:
     assert summary["worker_seconds"] == pytest.approx(summary["wall_s"])
     assert summary["growth_events"] == 2
     assert load_config(run_dir / "config.yaml") == cfg
+    # The typed record writes the keys summary.json always had, plus its version.
+    assert set(summary) == SUMMARY_KEYS | {"version"} and summary["version"] == 1
+    assert summary["final_setting"] == {
+        "global_batch": 128,
+        "workers": 1,
+        "micro_batch": 8,
+        "accum_steps": 16,
+    }
+    assert [list(p)[:5] for p in summary["phases"]] == [
+        ["index", "global_batch", "workers", "micro_batch", "accum_steps"]
+    ] * 3
+    assert [p["global_batch"] for p in summary["phases"]] == [32, 64, 128]
+    assert Summary.from_dict(summary).to_dict() == summary
 
 
 def test_plateau_growth_is_decided_at_epoch_end(tmp_path: Path) -> None:
@@ -344,6 +389,39 @@ def test_need_workers_checkpoints_and_exits_75(tmp_path: Path) -> None:
     assert found is not None and str(found[0]) == info["checkpoint"]
     # The epoch-end checkpoint at the same step serves: a resume re-derives the 2-worker split.
     assert (found[1]["step"], found[1]["epoch"], found[1]["position"]) == (33, 1, 0)
+    # resize.json is rundir's typed record; the need_workers event says what it set, no nulls.
+    assert RunDir(run_dir).read_resize() == ResizeRequest.from_dict(info)
+    assert (info["version"], info["exit_code"], info["micro_batch"]) == (1, EXIT_NEED_WORKERS, 32)
+    event = [r for r in records(run_dir, "event") if r["event"] == "need_workers"][-1]
+    assert event["checkpoint"] == info["checkpoint"] and event["exit_code"] == EXIT_NEED_WORKERS
+    assert "version" not in event and "elastic" not in event
+
+
+def test_train_state_reads_and_writes_the_format_1_checkpoint_keys() -> None:
+    written = {
+        "epoch": 2,
+        "position": 96,
+        "step": 71,
+        "samples_seen": 2162,
+        "realisation": {"global_batch": 64, "workers": 2, "micro_batch": 32, "accum_steps": 1},
+        "epoch_loss_sum": 12.5,
+        "epoch_samples": 96,
+        "growth_events": 1,
+        "last_val": {"val_loss": 0.25, "val_acc": 0.875},
+        "last_train_loss": 0.3,
+        "wall_s": 40.0,
+        "worker_seconds": 80.0,
+        "startup_s": 3,
+    }
+    state = TrainState()
+    state.load_state_dict({**written, "model": {}, "rng": None})  # other components' keys
+    assert state.realisation == Split(64, 2, 32, 1)
+    assert (state.epoch, state.position, state.step, state.growth_events) == (2, 96, 71, 1)
+    assert isinstance(state.startup_s, float) and state.startup_s == 3.0
+    assert state.state_dict() == {**written, "startup_s": 3.0}
+    # A key an older checkpoint lacks keeps its default.
+    state.load_state_dict({"epoch": 1, "position": 0, "step": 9, "samples_seen": 288})
+    assert state == TrainState(epoch=1, step=9, samples_seen=288)
 
 
 def test_regression_reports_no_accuracy(tmp_path: Path) -> None:
