@@ -40,17 +40,21 @@ class Agreement:
         self.device = device
         # Ranks that held a stop signal at the last update's loss all-reduce; None: not known.
         self._votes: int | None = None
+        self.checkpoint_agreed = False
+        """Some rank wanted a checkpoint at the last update's loss all-reduce (so all do)."""
 
     def forget(self) -> None:
         """Collectives ran since the last update (validation, a wait): ask the ranks again."""
         self._votes = None
 
-    def mean_loss(self, loss_sum: torch.Tensor) -> float:
+    def mean_loss(self, loss_sum: torch.Tensor, wants_checkpoint: bool = False) -> float:
         """The update's mean loss over ranks, from this rank's ``loss_sum``: the update's one
-        all-reduce, which also counts the ranks holding a stop signal."""
-        vote = float(self.signals.received is not None)
-        reduced = self.backend.all_reduce(torch.stack([loss_sum, loss_sum.new_tensor(vote)]), "sum")
+        all-reduce, which also counts the ranks holding a stop signal and those that want a
+        checkpoint (a clock that ran out: :attr:`checkpoint_agreed`)."""
+        votes = loss_sum.new_tensor([float(self.signals.received is not None), wants_checkpoint])
+        reduced = self.backend.all_reduce(torch.cat([loss_sum.reshape(1), votes]), "sum")
         self._votes = round(float(reduced[1]))
+        self.checkpoint_agreed = float(reduced[2]) > 0
         return float(reduced[0]) / self.backend.world_size
 
     def stop_signal(self) -> int:

@@ -228,7 +228,7 @@ class Trainer:
         self.startup_marks = startup_marks if startup_marks is not None else {}
         self._asked_for_workers = 0  # elastic: the worker count resize.json last asked for
         self._start_time = time.perf_counter()
-        self._epoch_start = self._start_time
+        self._epoch_start = self._saved_at = self._start_time
         self._meter = ThroughputMeter()
         self._epoch_meter = ThroughputMeter()
         self._window_loss = 0.0
@@ -296,6 +296,8 @@ class Trainer:
             if not math.isfinite(loss):
                 return self.stop_nonfinite(loss, setting)
             self.after_update(int(indices.numel()), loss, setting)
+            if self.checkpoint_due():
+                self.save("interval")
         return EXIT_OK
 
     def train_step(self, indices: torch.Tensor, setting: Setting) -> float:
@@ -336,7 +338,10 @@ class Trainer:
                 self.bn_merger.after_micro_batch(k * setting.workers + self.rank)
         if self.bn_merger is not None:
             self.bn_merger.end_update(setting.workers * setting.accum_steps)
-        mean_loss = self.agreement.mean_loss(total)  # also counts the ranks told to stop
+        # One all-reduce: the loss, the ranks told to stop, those whose checkpoint clock ran out.
+        mean_loss = self.agreement.mean_loss(
+            total, wants_checkpoint=self._checkpoint_clock_ran_out()
+        )
         if math.isfinite(mean_loss):
             self.backend.step(self.optimizer, self.cfg.optim.grad_clip)
         else:
@@ -344,7 +349,12 @@ class Trainer:
         return mean_loss
 
     def next_setting(self) -> Setting:
-        """The plan's setting for the next update; logs and checkpoints a change of split."""
+        """The plan's setting for the next update; logs a change of split.
+
+        A change of batch needs no checkpoint: the plan replays it on a resume. The world size
+        changes only across processes, and every way out of one checkpoints (see
+        :meth:`checkpoint_due` for the rest).
+        """
         setting = self.policy.setting(self.state.epoch, self.state.position)
         if setting.workers > self.world:
             interim = self.elastic_interim(setting)
@@ -377,8 +387,21 @@ class Trainer:
             f"epoch {self.state.epoch + 1}: {kind}: batch {old.global_batch} → {new.global_batch} "
             f"= {new}, lr {setting.lr:.4g}, momentum {setting.momentum:g}"
         )
-        self.save(kind)
         return setting
+
+    def checkpoint_due(self) -> bool:
+        """After an update: ``run.checkpoint_every_steps`` updates, or ``run.checkpoint_every_s``
+        seconds on any rank's clock, since the last checkpoint (the same answer on every rank).
+
+        The other checkpoints: at each epoch's end, before a stop for more workers, at a stop
+        signal, and so at the end of the run.
+        """
+        every = self.cfg.run.checkpoint_every_steps
+        return bool(every and self.state.step % every == 0) or self.agreement.checkpoint_agreed
+
+    def _checkpoint_clock_ran_out(self) -> bool:
+        every_s = self.cfg.run.checkpoint_every_s
+        return every_s is not None and time.perf_counter() - self._saved_at >= every_s
 
     def after_update(self, samples: int, loss: float, setting: Setting) -> None:
         """Advance the counters; log a step record every ``logging.every_steps`` updates."""
@@ -735,7 +758,7 @@ class Trainer:
             f"{self.plan.baseline_total_updates or '?'}); run dir {self.run_dir}"
         )
         self.startup_s = self.state.startup_s + time.perf_counter() - self._started_at
-        self._start_time = self._epoch_start = time.perf_counter()
+        self._start_time = self._epoch_start = self._saved_at = time.perf_counter()
         self.phases.start()
         self._meter, self._epoch_meter = ThroughputMeter(), ThroughputMeter()
 
@@ -825,6 +848,7 @@ class Trainer:
         if self.backend.is_main:
             path = save_checkpoint(self.run_dir.path, state, self.cfg.run.keep_checkpoints)
         self._last_checkpoint = (key, path)
+        self._saved_at = time.perf_counter()
         return path
 
     # -- helpers -------------------------------------------------------------------------------

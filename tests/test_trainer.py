@@ -17,7 +17,7 @@ from conftest import distgrow_job_argv
 from distgrow.backends import Backend, BackendError, make_backend
 from distgrow.backends.torch_ddp import TorchBackend
 from distgrow.checkpoint import list_checkpoints, load_latest
-from distgrow.config import Config, load_config
+from distgrow.config import Config, ConfigError, load_config
 from distgrow.data import epoch_permutation
 from distgrow.exits import EXIT_NEED_WORKERS, EXIT_NONFINITE, EXIT_OK
 from distgrow.metrics import read_jsonl
@@ -287,28 +287,71 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     assert events.count("resume") == 1
 
 
-def test_resume_from_a_mid_epoch_growth_checkpoint(tmp_path: Path) -> None:
+def test_resume_from_a_mid_epoch_checkpoint_before_a_growth(tmp_path: Path) -> None:
     # interval=step: the cut at baseline update 40 is 7 updates (224 samples) into epoch 2,
-    # where the growth checkpoint is written; the rest of the epoch is 13 updates of 64.
+    # right after the interval checkpoint of update 40; the rest of the epoch is 13 updates of
+    # 64. The resume replays the growth from the plan.
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    extra = ["schedule.interval=step", "schedule.milestones=[40]", "run.keep_checkpoints=5"]
+    extra = [
+        "schedule.interval=step",
+        "schedule.milestones=[40]",
+        "run.keep_checkpoints=5",
+        "run.checkpoint_every_steps=20",
+    ]
     assert train(syn_config(straight, *extra))[0] == EXIT_OK
     growth = [r for r in records(straight, "event") if r["event"] == "growth"]
     assert len(growth) == 1 and growth[0]["step"] == 40
     names = [p.name for p in list_checkpoints(straight)]
-    assert names == ["ckpt-000000033.pt", "ckpt-000000040.pt", "ckpt-000000053.pt"]
+    assert names == [f"ckpt-{s:09d}.pt" for s in (20, 33, 40, 53)]
     resumed.mkdir()
     (resumed / "ckpt-000000040.pt").write_bytes((straight / "ckpt-000000040.pt").read_bytes())
     state = load_latest(resumed)
     assert state is not None and (state[1]["epoch"], state[1]["position"]) == (1, 224)
     code, trainer = train(syn_config(resumed, *extra, "run.resume=true"))
     assert code == EXIT_OK and trainer.state.step == 53
+    assert [r["step"] for r in records(resumed, "event") if r["event"] == "growth"] == [40]
     want, got = final_model(straight), final_model(resumed)
     assert all(torch.equal(want[k], got[k]) for k in want)
     # The epoch's mean train loss spans the resume: it was carried in the checkpoint.
     assert records(resumed, "epoch")[-1]["train_loss"] == pytest.approx(
         records(straight, "epoch")[-1]["train_loss"], rel=1e-12
     )
+
+
+def test_a_change_of_batch_needs_no_checkpoint(tmp_path: Path) -> None:
+    # A growth 7 updates into epoch 2: checkpoints only at the epoch ends (the last is the end).
+    run_dir = tmp_path / "run"
+    extra = ["schedule.interval=step", "schedule.milestones=[40]", "run.keep_checkpoints=10"]
+    assert train(syn_config(run_dir, *extra))[0] == EXIT_OK
+    assert [r["step"] for r in records(run_dir, "event") if r["event"] == "growth"] == [40]
+    names = [p.name for p in list_checkpoints(run_dir)]
+    assert names == ["ckpt-000000033.pt", "ckpt-000000053.pt"]
+
+
+def test_checkpoints_at_an_interval_of_seconds(tmp_path: Path) -> None:
+    # A clock that has always run out: a checkpoint after every update, agreed by the ranks.
+    run_dir = tmp_path / "run"
+    cfg = syn_config(
+        run_dir, "run.epochs=1", "run.keep_checkpoints=50", "run.checkpoint_every_s=1e-9"
+    )
+    assert train(cfg)[0] == EXIT_OK
+    names = [p.name for p in list_checkpoints(run_dir)]
+    assert names == [f"ckpt-{s:09d}.pt" for s in range(1, 34)]
+    newest = load_latest(run_dir)
+    assert newest is not None and newest[1]["reason"] == "epoch"  # the same step: one file
+    assert torch.load(run_dir / names[0], weights_only=True)["reason"] == "interval"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("run.checkpoint_every_steps=0", r"run.checkpoint_every_steps = 0: must be at least 1"),
+        ("run.checkpoint_every_s=0", r"run.checkpoint_every_s = 0.0: must be above 0"),
+    ],
+)
+def test_checkpoint_intervals_are_checked(tmp_path: Path, override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        syn_config(tmp_path, override)
 
 
 def test_metrics_summary_and_config(tmp_path: Path) -> None:
