@@ -4,8 +4,12 @@
 epoch's permutation into global batches, ``train_step()`` runs one update as ``accum_steps``
 micro-batches on this rank. Before each update the :class:`~distgrow.planner.GrowthPolicy`
 says which setting to use; when the batch or its split changes the trainer logs a growth event
-and checkpoints; when the plan needs more workers than the job has, it checkpoints and exits
-with :data:`EXIT_NEED_WORKERS`.
+(no checkpoint: a resume replays the plan); when the plan needs more workers than the job has,
+it checkpoints and exits with :data:`EXIT_NEED_WORKERS`. Checkpoints: at each epoch's end, at
+``run.checkpoint_every_steps`` / ``run.checkpoint_every_s``, at a stop (signal, more workers).
+
+Around the loop: :mod:`distgrow.startup` starts the process; :class:`~distgrow.state.TrainState`
+holds the counters; :class:`~distgrow.agreement.Agreement` answers "stop now?" once per update.
 
 Exactness. A micro-batch's loss is its summed per-sample loss × ``world_size / n`` (``n`` the
 samples in the global batch); the backend averages over ranks and accumulates over micro-steps,
@@ -296,8 +300,8 @@ class Trainer:
             if not math.isfinite(loss):
                 return self.stop_nonfinite(loss, setting)
             self.after_update(int(indices.numel()), loss, setting)
-            if self.checkpoint_due():
-                self.save("interval")
+            if self.checkpoint_due() and self.state.position < self.num_train:
+                self.save("interval")  # (the epoch's end checkpoints anyway)
         return EXIT_OK
 
     def train_step(self, indices: torch.Tensor, setting: Setting) -> float:
