@@ -1,14 +1,15 @@
 """Atomic, world-size-independent checkpoints, loaded without running pickled code.
 
 A checkpoint is one ``torch.save`` dict of plain types and tensors, written by rank 0 as
-``ckpt-<step:09d>.pt`` in the run directory:
+:meth:`RunDir.checkpoint(step) <distgrow.rundir.RunDir.checkpoint>` in the run directory:
 
 ``format_version``, ``fingerprint`` (what must match to resume: model, data, seed, optimizer),
 ``model`` (the unwrapped state dict, CPU tensors), ``optimizer`` (its state dict: replicated
 under DDP, so valid at any world size), ``plan_state`` (the growth policy), ``epoch`` and
 ``position`` (where the next update starts: samples already consumed in that epoch), ``step``
-(updates so far), ``samples_seen``, ``rng`` (torch's CPU RNG state), plus the trainer's
-bookkeeping (``wall_s``, ``worker_seconds``, ...).
+(updates so far), ``samples_seen``, ``rng`` (torch's CPU RNG state), plus the rest of the
+trainer's counters (:class:`distgrow.state.TrainState`: ``wall_s``, ``worker_seconds``, ...)
+and the phase tracker's ``phases``.
 
 Writes go to a temporary file in the same directory, are fsync'ed and renamed over the final
 name (``os.replace``), so a crash at any moment leaves either the old or the new file, never a
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import pickle
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from distgrow.config import Config
-from distgrow.metrics import atomic_write
+from distgrow.rundir import RunDir, atomic_write
 
 FORMAT_VERSION = 1
 
@@ -50,25 +50,19 @@ REQUIRED_KEYS = (
     "rng",
 )
 
-_NAME = re.compile(r"^ckpt-(\d{9,})\.pt$")
-
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message names the file, the problem and the fix."""
 
 
 def checkpoint_path(directory: str | Path, step: int) -> Path:
-    """The file name of the checkpoint after ``step`` updates."""
-    return Path(directory) / f"ckpt-{step:09d}.pt"
+    """The file of the checkpoint after ``step`` updates (see :meth:`RunDir.checkpoint`)."""
+    return RunDir(directory).checkpoint(step)
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:
-    """Checkpoints in ``directory``, oldest first (by step; temporary files are ignored)."""
-    folder = Path(directory)
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
-    return [p for _, p in sorted(found)]
+    """Checkpoints in ``directory``, oldest first (see :meth:`RunDir.checkpoints`)."""
+    return RunDir(directory).checkpoints()
 
 
 def fingerprint(cfg: Config, dataset_size: int) -> dict[str, Any]:
@@ -114,7 +108,7 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def save_checkpoint(directory: str | Path, state: Mapping[str, Any], keep: int) -> Path:
-    """Write ``state`` as ``ckpt-<step>.pt`` atomically, then keep only the newest ``keep``.
+    """Write ``state`` as the checkpoint of its step, atomically; keep the newest ``keep``.
 
     Args:
         directory: The run directory (created if needed).
@@ -134,11 +128,11 @@ def save_checkpoint(directory: str | Path, state: Mapping[str, Any], keep: int) 
         raise ValueError(f"checkpoint state lacks {', '.join(missing)}; a bug in the trainer.")
     if keep < 1:
         raise ValueError(f"keep = {keep}: at least the newest checkpoint must be kept.")
-    folder = Path(directory)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = checkpoint_path(folder, int(state["step"]))
+    run_dir = RunDir(directory)
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    path = run_dir.checkpoint(int(state["step"]))
     atomic_write(path, lambda f: torch.save(dict(state), f))
-    for old in list_checkpoints(folder)[:-keep]:
+    for old in run_dir.checkpoints()[:-keep]:
         with contextlib.suppress(OSError):
             old.unlink()
     return path
@@ -148,7 +142,7 @@ def load_checkpoint(path: str | Path, expected: Mapping[str, Any] | None = None)
     """Load and check one checkpoint, without executing any pickled code.
 
     Args:
-        path: The ``ckpt-*.pt`` file.
+        path: A checkpoint file.
         expected: The fingerprint of the resuming config (:func:`fingerprint`); None skips
             the comparison.
 
@@ -218,10 +212,10 @@ def load_latest(
         CheckpointError: the newest checkpoint is unusable (see :func:`load_checkpoint`); older
             ones are not tried, so a run never silently rewinds.
     """
-    found = list_checkpoints(directory)
-    if not found:
+    newest = RunDir(directory).latest_checkpoint()
+    if newest is None:
         return None
-    return found[-1], load_checkpoint(found[-1], expected)
+    return newest, load_checkpoint(newest, expected)
 
 
 def _first_line(err: BaseException) -> str:

@@ -137,10 +137,10 @@ exit status:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     # Imported here: planning and config printing never load torch.
-    from distgrow import trainer
+    from distgrow import startup
 
     overrides = list(args.overrides) + (["run.resume=true"] if args.resume else [])
-    return trainer.run(load_config(args.config, overrides))
+    return startup.run(load_config(args.config, overrides))
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:

@@ -367,12 +367,7 @@ class GrowthSchedule:
                 f"Fix: launch {setting.workers} workers and load_state_dict(), or raise "
                 "growth.max_accum_steps."
             )
-        return replace(
-            setting,
-            workers=split.workers,
-            micro_batch=split.micro_batch,
-            accum_steps=split.accum_steps,
-        )
+        return replace(setting, split=split)
 
     def _micro_batches(
         self, indices: torch.Tensor, setting: Setting, epoch: int

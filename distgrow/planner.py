@@ -24,6 +24,7 @@ Pure Python: no torch import.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -40,13 +41,50 @@ ACCUM_WINDOW = 32
 
 
 @dataclass(frozen=True)
-class Realisation:
-    """One way to run a global batch: ``workers × micro_batch × accum_steps == global_batch``."""
+class Split:
+    """One way to run a global batch: ``workers × micro_batch × accum_steps == global_batch``.
+
+    The one record of a batch split: the plan's settings and phases, the trainer's phases and
+    its metrics records hold it, and two splits are the same when the records are equal. In
+    JSON (``metrics.jsonl``, ``summary.json``, ``distgrow plan --json``) its four fields are
+    written flat, beside the record's other keys.
+    """
 
     global_batch: int
     workers: int
     micro_batch: int
     accum_steps: int
+
+    def __str__(self) -> str:
+        return f"{self.workers}×{self.micro_batch}×{self.accum_steps}"
+
+    @classmethod
+    def from_flat(cls, record: Mapping[str, Any]) -> Split:
+        """The split whose four fields are keys of ``record`` (a JSON record, a checkpoint)."""
+        return cls(*(int(record[name]) for name in SPLIT_FIELDS))
+
+
+Realisation = Split
+"""The realiser's name for a split (:meth:`Limits.realise` returns one)."""
+
+SPLIT_FIELDS = ("global_batch", "workers", "micro_batch", "accum_steps")
+"""A split's keys, as JSON records write them flat."""
+
+
+def preferred_micro_batch(growth: GrowthConfig) -> int:
+    """The per-device batch workers are added at: ``growth.micro_batch``, else the base batch."""
+    return growth.micro_batch or growth.base_batch
+
+
+def flatten_split(record: Mapping[str, Any]) -> dict[str, Any]:
+    """``record`` (a dataclass as a dict) with its ``split`` dict written flat in its place."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        if key == "split":
+            out.update(value)
+        else:
+            out[key] = value
+    return out
 
 
 @dataclass(frozen=True)
@@ -86,7 +124,7 @@ class Limits:
         return cls(
             cap=cap,
             max_workers=growth.max_workers,
-            micro_batch=growth.micro_batch or growth.base_batch,
+            micro_batch=preferred_micro_batch(growth),
             max_micro_batch=growth.max_micro_batch,
             max_accum_steps=growth.max_accum_steps,
             multiple=model.ghost_batch or 1,
@@ -146,10 +184,7 @@ class Limits:
 class Setting:
     """What one parameter update uses: the batch, how it is split, the LR and momentum."""
 
-    global_batch: int
-    workers: int
-    micro_batch: int
-    accum_steps: int
+    split: Split
     lr: float
     momentum: float
     ratio: float
@@ -162,8 +197,24 @@ class Setting:
     """The ideal batch is above a cap: the LR carries the rest of the decay (the hybrid)."""
 
     @property
-    def realisation(self) -> Realisation:
-        return Realisation(self.global_batch, self.workers, self.micro_batch, self.accum_steps)
+    def realisation(self) -> Split:
+        return self.split
+
+    @property
+    def global_batch(self) -> int:
+        return self.split.global_batch
+
+    @property
+    def workers(self) -> int:
+        return self.split.workers
+
+    @property
+    def micro_batch(self) -> int:
+        return self.split.micro_batch
+
+    @property
+    def accum_steps(self) -> int:
+        return self.split.accum_steps
 
 
 def _effective_start(cfg: Config) -> tuple[int, float]:
@@ -263,10 +314,7 @@ class GrowthPolicy:
                 self._current = cand
         b = self._current
         return Setting(
-            global_batch=b.global_batch,
-            workers=b.workers,
-            micro_batch=b.micro_batch,
-            accum_steps=b.accum_steps,
+            split=b,
             lr=self.lr_per_sample * r * b.global_batch,
             momentum=self.momentum,
             ratio=r,
@@ -297,7 +345,7 @@ class GrowthPolicy:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rung = int(state["rung"])
-        self._current = Realisation(**state["current"])
+        self._current = Split(**state["current"])
         if self.trigger is not None and state.get("trigger") is not None:
             self.trigger.load_state_dict(state["trigger"])
 
@@ -313,10 +361,7 @@ class Phase:
 
     start_epoch: float
     end_epoch: float
-    global_batch: int
-    workers: int
-    micro_batch: int
-    accum_steps: int
+    split: Split
     lr: float
     lr_end: float
     momentum: float
@@ -327,6 +372,22 @@ class Phase:
     capped: bool
     """True when the batch could not follow the schedule (the LR carries part of the decay)."""
     rung: int = 0
+
+    @property
+    def global_batch(self) -> int:
+        return self.split.global_batch
+
+    @property
+    def workers(self) -> int:
+        return self.split.workers
+
+    @property
+    def micro_batch(self) -> int:
+        return self.split.micro_batch
+
+    @property
+    def accum_steps(self) -> int:
+        return self.split.accum_steps
 
 
 @dataclass
@@ -356,6 +417,7 @@ class Plan:
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict; the ladder's rungs have no epochs (null)."""
         out = asdict(self)
+        out["phases"] = [flatten_split(phase) for phase in out["phases"]]
         for phase in out["phases"]:
             for key in ("start_epoch", "end_epoch"):
                 if isinstance(phase[key], float) and math.isnan(phase[key]):
@@ -382,8 +444,7 @@ def _simulate(policy: GrowthPolicy, epochs: int) -> tuple[list[Phase], int]:
             start = epoch + position / n
             last = phases[-1] if phases else None
             same = last is not None and (
-                (last.global_batch, last.workers, last.micro_batch, last.accum_steps)
-                == (s.global_batch, s.workers, s.micro_batch, s.accum_steps)
+                last.split == s.split
                 and (continuous or math.isclose(last.lr_end, s.lr, rel_tol=1e-12))
             )
             if last is not None and same:
@@ -395,10 +456,7 @@ def _simulate(policy: GrowthPolicy, epochs: int) -> tuple[list[Phase], int]:
                     Phase(
                         start_epoch=start,
                         end_epoch=start,
-                        global_batch=s.global_batch,
-                        workers=s.workers,
-                        micro_batch=s.micro_batch,
-                        accum_steps=s.accum_steps,
+                        split=s.split,
                         lr=s.lr,
                         lr_end=s.lr,
                         momentum=s.momentum,
@@ -429,10 +487,7 @@ def _ladder(policy: GrowthPolicy, max_rungs: int = 12) -> list[Phase]:
             Phase(
                 start_epoch=math.nan,
                 end_epoch=math.nan,
-                global_batch=s.global_batch,
-                workers=s.workers,
-                micro_batch=s.micro_batch,
-                accum_steps=s.accum_steps,
+                split=s.split,
                 lr=s.lr,
                 lr_end=s.lr,
                 momentum=s.momentum,

@@ -29,6 +29,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from distgrow.planner import Split, flatten_split
+from distgrow.rundir import SUMMARY_FILE
+
 
 class SavingsError(ValueError):
     """Savings cannot be computed from what is given; the message says why and what to do."""
@@ -45,10 +48,7 @@ class PhaseStats:
 
     index: int
     """0-based position of the phase in the run."""
-    global_batch: int
-    workers: int
-    micro_batch: int
-    accum_steps: int
+    split: Split
     lr: float
     """The learning rate at the phase's first update (a capped phase may decay it further)."""
     momentum: float
@@ -75,12 +75,13 @@ class PhaseStats:
     def samples_per_s_per_worker(self) -> float | None:
         """Throughput per worker used by the phase's realisation."""
         rate = self.samples_per_s
-        return None if rate is None else rate / self.workers
+        return None if rate is None else rate / self.split.workers
 
     def to_dict(self) -> dict[str, Any]:
-        """The stored fields plus the derived throughputs (what ``summary.json`` holds)."""
+        """The stored fields (the split flat) plus the derived throughputs (what
+        ``summary.json`` holds)."""
         return {
-            **asdict(self),
+            **flatten_split(asdict(self)),
             "samples_per_s": self.samples_per_s,
             "samples_per_s_per_worker": self.samples_per_s_per_worker,
         }
@@ -88,8 +89,8 @@ class PhaseStats:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PhaseStats:
         """Rebuild from :meth:`to_dict` output (derived keys are ignored)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        names = {f.name for f in fields(cls)} - {"split"}
+        return cls(split=Split.from_flat(data), **{k: v for k, v in data.items() if k in names})
 
 
 PHASE_MEASURES = (
@@ -160,10 +161,7 @@ class PhaseTracker:
     def begin(
         self,
         *,
-        global_batch: int,
-        workers: int,
-        micro_batch: int,
-        accum_steps: int,
+        split: Split,
         lr: float,
         momentum: float,
         start_epoch: float,
@@ -180,10 +178,7 @@ class PhaseTracker:
         self.phases.append(
             PhaseStats(
                 index=len(self.phases),
-                global_batch=global_batch,
-                workers=workers,
-                micro_batch=micro_batch,
-                accum_steps=accum_steps,
+                split=split,
                 lr=lr,
                 momentum=momentum,
                 start_epoch=start_epoch,
@@ -218,7 +213,7 @@ class PhaseTracker:
         """Plain data for a checkpoint, up to now (the clock mark is not saved: a resume
         restarts it)."""
         self.tick()  # the time since the last tick belongs in the checkpoint too
-        return {"phases": [asdict(p) for p in self.phases]}
+        return {"phases": [flatten_split(asdict(p)) for p in self.phases]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue the phases of a checkpoint; call :meth:`start` when the clock restarts."""
@@ -341,8 +336,8 @@ def _need(summary: Mapping[str, Any], key: str, who: str) -> Any:
     value = summary.get(key)
     if value is None:
         raise SavingsError(
-            f"{who} summary.json has no {key!r}. Fix: use a run finished by this version of "
-            "distgrow (its summary.json holds it)."
+            f"{who} {SUMMARY_FILE} has no {key!r}. Fix: use a run finished by this version "
+            f"of distgrow (its {SUMMARY_FILE} holds it)."
         )
     return value
 
@@ -383,7 +378,7 @@ def measured_savings(
         kind="measured",
         method=(
             f"measured: {baseline_name}, trained with growth.mode=decay_lr on the same config, "
-            "data and seed; its summary.json is compared with this run's"
+            f"data and seed; its {SUMMARY_FILE} is compared with this run's"
         ),
         run_updates=int(_need(run, "total_updates", "the run's")),
         run_wall_s=float(_need(run, "wall_s", "the run's")),
@@ -450,8 +445,8 @@ def estimated_savings(summary: Mapping[str, Any]) -> Savings:
     phases = summary.get("phases")
     if not phases:
         raise SavingsError(
-            "summary.json has no per-phase throughput ('phases'). Fix: use a run finished by "
-            "this version of distgrow."
+            f"{SUMMARY_FILE} has no per-phase throughput ('phases'). Fix: use a run finished "
+            "by this version of distgrow."
         )
     base_batch = int(_need(summary, "base_batch", "the run's"))
     samples = int(_need(summary, "samples_seen", "the run's"))

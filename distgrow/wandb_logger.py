@@ -41,9 +41,11 @@ from typing import Any, TypeGuard
 
 from distgrow.config import Config
 from distgrow.metrics import Logger, NullLogger
+from distgrow.rundir import METRICS_FILE, SUMMARY_FILE, WANDB_RUN_ID_FILE, RunDir
 from distgrow.savings import PHASE_MEASURES, SUMMARY_MEASURES
 
-RUN_ID_FILE = "wandb_run_id.txt"
+RUN_ID_FILE = WANDB_RUN_ID_FILE
+"""The run id's file in the run directory (named by :mod:`distgrow.rundir`)."""
 
 _INSTALL_FIX = (
     "Fix: pip install 'distgrow[wandb]' (or pip install wandb), or set "
@@ -66,7 +68,7 @@ def read_or_create_run_id(run_dir: Path) -> str:
     Raises:
         ValueError: the file holds something that is not a W&B run id.
     """
-    path = run_dir / RUN_ID_FILE
+    path = RunDir(run_dir).wandb_run_id
     if path.exists():
         run_id = path.read_text(encoding="utf-8").strip()
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id):
@@ -276,8 +278,8 @@ def open_wandb_logger(
         why = "WANDB_MODE=disabled in the environment" if env_off else "logging.wandb.mode=disabled"
         notice_once(
             "disabled",
-            f"distgrow: W&B logging is off ({why}); metrics.jsonl and summary.json are written "
-            "as always.",
+            f"distgrow: W&B logging is off ({why}); {METRICS_FILE} and {SUMMARY_FILE} are "
+            "written as always.",
             echo,
         )
         return NullLogger()

@@ -11,7 +11,16 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from distgrow.config import Config, ConfigError, load_config
-from distgrow.planner import ACCUM_WINDOW, GrowthPolicy, Limits, Realisation, make_plan
+from distgrow.planner import (
+    ACCUM_WINDOW,
+    SPLIT_FIELDS,
+    GrowthPolicy,
+    Limits,
+    Realisation,
+    Split,
+    make_plan,
+    preferred_micro_batch,
+)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 CIFAR = CONFIGS / "cifar10_wrn16_4.yaml"
@@ -41,6 +50,28 @@ def test_paper_increase_batch_caps_off() -> None:
         assert p.workers * p.micro_batch * p.accum_steps == p.global_batch
         assert p.micro_batch % 128 == 0  # whole ghost batches
         assert p.workers <= 8 and p.micro_batch <= 1024
+
+
+def test_phases_hold_one_split_and_plan_json_writes_it_flat() -> None:
+    plan = make_plan(cifar("growth.max_dataset_fraction=null"), 50_000)
+    assert [p.split.global_batch for p in plan.phases] == [128, 640, 3200, 16000]
+    # A new phase at each change of split (the LR is constant): neighbours differ as records.
+    assert all(a.split != b.split for a, b in zip(plan.phases, plan.phases[1:], strict=False))
+    rows = plan.to_json()["phases"]
+    # `distgrow plan --json` keeps its flat keys, in their old place after the epochs.
+    assert list(rows[0])[:6] == ["start_epoch", "end_epoch", *SPLIT_FIELDS]
+    assert all("split" not in row for row in rows)
+    assert [Split.from_flat(row) for row in rows] == [p.split for p in plan.phases]
+    assert str(plan.phases[0].split) == f"{plan.phases[0].workers}×128×1"
+
+
+def test_preferred_micro_batch_is_micro_batch_else_base_batch() -> None:
+    assert preferred_micro_batch(cifar("growth.micro_batch=256").growth) == 256
+    assert preferred_micro_batch(cifar("growth.micro_batch=null").growth) == 128
+    assert (
+        Limits.from_config(cifar("growth.micro_batch=null").growth, cifar().model, 1000).micro_batch
+        == 128
+    )
 
 
 def test_paper_hybrid_memory_cap_640() -> None:

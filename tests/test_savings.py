@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from distgrow.planner import Split
 from distgrow.savings import (
     PhaseStats,
     PhaseTracker,
@@ -29,10 +30,7 @@ class FakeClock:
 
 def begin(tracker: PhaseTracker, batch: int, *, step: int = 0, world: int = 2) -> object:
     return tracker.begin(
-        global_batch=batch,
-        workers=world,
-        micro_batch=batch // world,
-        accum_steps=1,
+        split=Split(batch, world, batch // world, 1),
         lr=0.1,
         momentum=0.9,
         start_epoch=step / 10,
@@ -104,6 +102,12 @@ def test_a_checkpoint_holds_the_phase_time_up_to_the_moment_it_is_taken() -> Non
     resumed = PhaseTracker(clock)
     resumed.load_state_dict(state)
     assert resumed.phases[0].wall_s == pytest.approx(100.0)
+    # The checkpoint keeps the flat keys of format 1, and the split comes back as one record.
+    assert list(state["phases"][0])[:6] == [
+        "index", "global_batch", "workers", "micro_batch", "accum_steps", "lr"
+    ]  # fmt: skip
+    assert resumed.phases == tracker.phases
+    assert resumed.phases[0].split == Split(128, 2, 64, 1)
 
 
 def test_record_update_before_begin_is_a_bug() -> None:
@@ -114,10 +118,7 @@ def test_record_update_before_begin_is_a_bug() -> None:
 def phase(batch: int, samples: int, train_s: float, *, world: int = 1) -> dict[str, object]:
     return PhaseStats(
         index=0,
-        global_batch=batch,
-        workers=world,
-        micro_batch=batch,
-        accum_steps=1,
+        split=Split(batch, world, batch, 1),
         lr=0.1,
         momentum=0.9,
         start_epoch=0.0,

@@ -17,17 +17,19 @@ from conftest import distgrow_job_argv
 from distgrow.backends import Backend, BackendError, make_backend
 from distgrow.backends.torch_ddp import TorchBackend
 from distgrow.checkpoint import list_checkpoints, load_latest
-from distgrow.config import Config, load_config
+from distgrow.config import Config, ConfigError, load_config
 from distgrow.data import epoch_permutation
 from distgrow.exits import EXIT_NEED_WORKERS, EXIT_NONFINITE, EXIT_OK
 from distgrow.metrics import read_jsonl
-from distgrow.planner import make_plan
+from distgrow.planner import Split, make_plan
+from distgrow.rundir import ResizeRequest, RunDir, Summary
 from distgrow.runtime import Runtime
+from distgrow.startup import load_data
+from distgrow.state import TrainState
 from distgrow.trainer import (
     Trainer,
     TrainError,
     build_optimizer,
-    load_data,
     micro_batch_seed,
 )
 
@@ -51,6 +53,36 @@ STEP_FIELDS = {
     "val_acc",
     "wall_s",
     "samples_per_s",
+}
+
+SUMMARY_KEYS = {
+    "status",
+    "epochs",
+    "total_updates",
+    "samples_seen",
+    "train_loss",
+    "val_loss",
+    "val_acc",
+    "wall_s",
+    "worker_seconds",
+    "world_size",
+    "growth_events",
+    "final_setting",
+    "growth_mode",
+    "planned_total_updates",
+    "baseline_total_updates",
+    "update_ratio_vs_baseline",
+    "distgrow_version",
+    "startup_s",
+    "train_s",
+    "samples_per_s",
+    "worker_hours",
+    "gpu_hours",
+    "device",
+    "base_batch",
+    "dataset_size",
+    "phases",
+    "savings",
 }
 
 
@@ -117,7 +149,7 @@ def test_accumulation_equals_one_large_micro_batch(tmp_path: Path) -> None:
     splits_a = {(r["micro_batch"], r["accum_steps"]) for r in records(tmp_path / "accum", "step")}
     splits_b = {(r["micro_batch"], r["accum_steps"]) for r in records(tmp_path / "large", "step")}
     assert splits_a == {(8, 4), (8, 8)} and splits_b == {(32, 1), (64, 1)}
-    assert a.step == b.step == 33 + 17
+    assert a.state.step == b.state.step == 33 + 17
     for name, value in a.model.state_dict().items():
         torch.testing.assert_close(value, b.model.state_dict()[name], rtol=1e-5, atol=1e-6)
     torch.manual_seed(0)
@@ -220,7 +252,7 @@ def test_nonfinite_loss_stops_with_65_and_keeps_the_checkpoint(
     assert "training loss is" in err and "optim.lr" in err and "optim.grad_clip" in err
     assert "ckpt-000000033.pt" in err
     last = read_jsonl(run_dir / "metrics.jsonl")[-1]
-    assert last["event"] == "nonfinite" and last["step"] == trainer.step > 33
+    assert last["event"] == "nonfinite" and last["step"] == trainer.state.step > 33
 
 
 def test_refuses_to_overwrite_a_run(tmp_path: Path) -> None:
@@ -246,7 +278,7 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     assert train(syn_config(straight_dir, dropout, "run.epochs=3"))[0] == EXIT_OK
     assert train(syn_config(split_dir, dropout, "run.epochs=1"))[0] == EXIT_OK
     code, resumed = train(syn_config(split_dir, dropout, "run.epochs=3", "run.resume=true"))
-    assert code == EXIT_OK and resumed.step == 33 + 17 + 17
+    assert code == EXIT_OK and resumed.state.step == 33 + 17 + 17
     want, got = final_model(straight_dir), final_model(split_dir)
     assert all(torch.equal(want[k], got[k]) for k in want)
     summary = json.loads((split_dir / "summary.json").read_text())
@@ -255,22 +287,29 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     assert events.count("resume") == 1
 
 
-def test_resume_from_a_mid_epoch_growth_checkpoint(tmp_path: Path) -> None:
+def test_resume_from_a_mid_epoch_checkpoint_before_a_growth(tmp_path: Path) -> None:
     # interval=step: the cut at baseline update 40 is 7 updates (224 samples) into epoch 2,
-    # where the growth checkpoint is written; the rest of the epoch is 13 updates of 64.
+    # right after the interval checkpoint of update 40; the rest of the epoch is 13 updates of
+    # 64. The resume replays the growth from the plan.
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    extra = ["schedule.interval=step", "schedule.milestones=[40]", "run.keep_checkpoints=5"]
+    extra = [
+        "schedule.interval=step",
+        "schedule.milestones=[40]",
+        "run.keep_checkpoints=5",
+        "run.checkpoint_every_steps=20",
+    ]
     assert train(syn_config(straight, *extra))[0] == EXIT_OK
     growth = [r for r in records(straight, "event") if r["event"] == "growth"]
     assert len(growth) == 1 and growth[0]["step"] == 40
     names = [p.name for p in list_checkpoints(straight)]
-    assert names == ["ckpt-000000033.pt", "ckpt-000000040.pt", "ckpt-000000053.pt"]
+    assert names == [f"ckpt-{s:09d}.pt" for s in (20, 33, 40, 53)]
     resumed.mkdir()
     (resumed / "ckpt-000000040.pt").write_bytes((straight / "ckpt-000000040.pt").read_bytes())
     state = load_latest(resumed)
     assert state is not None and (state[1]["epoch"], state[1]["position"]) == (1, 224)
     code, trainer = train(syn_config(resumed, *extra, "run.resume=true"))
-    assert code == EXIT_OK and trainer.step == 53
+    assert code == EXIT_OK and trainer.state.step == 53
+    assert [r["step"] for r in records(resumed, "event") if r["event"] == "growth"] == [40]
     want, got = final_model(straight), final_model(resumed)
     assert all(torch.equal(want[k], got[k]) for k in want)
     # The epoch's mean train loss spans the resume: it was carried in the checkpoint.
@@ -279,17 +318,58 @@ def test_resume_from_a_mid_epoch_growth_checkpoint(tmp_path: Path) -> None:
     )
 
 
+def test_a_change_of_batch_needs_no_checkpoint(tmp_path: Path) -> None:
+    # A growth 7 updates into epoch 2: checkpoints only at the epoch ends (the last is the end).
+    run_dir = tmp_path / "run"
+    extra = ["schedule.interval=step", "schedule.milestones=[40]", "run.keep_checkpoints=10"]
+    assert train(syn_config(run_dir, *extra))[0] == EXIT_OK
+    assert [r["step"] for r in records(run_dir, "event") if r["event"] == "growth"] == [40]
+    names = [p.name for p in list_checkpoints(run_dir)]
+    assert names == ["ckpt-000000033.pt", "ckpt-000000053.pt"]
+
+
+def test_checkpoints_at_an_interval_of_seconds(tmp_path: Path) -> None:
+    # A clock that has always run out: a checkpoint after every update, agreed by the ranks.
+    run_dir = tmp_path / "run"
+    cfg = syn_config(
+        run_dir, "run.epochs=1", "run.keep_checkpoints=50", "run.checkpoint_every_s=1e-9"
+    )
+    assert train(cfg)[0] == EXIT_OK
+    names = [p.name for p in list_checkpoints(run_dir)]
+    assert names == [f"ckpt-{s:09d}.pt" for s in range(1, 34)]
+    newest = load_latest(run_dir)
+    assert newest is not None and newest[1]["reason"] == "epoch"  # the same step: one file
+    assert torch.load(run_dir / names[0], weights_only=True)["reason"] == "interval"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("run.checkpoint_every_steps=0", r"run.checkpoint_every_steps = 0: must be at least 1"),
+        ("run.checkpoint_every_s=0", r"run.checkpoint_every_s = 0.0: must be above 0"),
+    ],
+)
+def test_checkpoint_intervals_are_checked(tmp_path: Path, override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        syn_config(tmp_path, override)
+
+
 def test_metrics_summary_and_config(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     cfg = syn_config(run_dir, "schedule.milestones=[1, 2]", "run.epochs=3")
     code, trainer = train(cfg)
     assert code == EXIT_OK
     plan = make_plan(cfg, N_TRAIN)
-    assert trainer.step == plan.total_updates == sum(p.updates for p in plan.phases) == 33 + 17 + 9
+    assert (
+        trainer.state.step
+        == plan.total_updates
+        == sum(p.updates for p in plan.phases)
+        == 33 + 17 + 9
+    )
 
     steps = records(run_dir, "step")
     assert steps and all(set(r) >= STEP_FIELDS for r in steps)
-    assert [r["step"] for r in steps] == list(range(5, trainer.step + 1, 5))
+    assert [r["step"] for r in steps] == list(range(5, trainer.state.step + 1, 5))
     assert all(r["val_loss"] is None and r["train_loss"] > 0 for r in steps)
     epochs = records(run_dir, "epoch")
     assert [r["epoch"] for r in epochs] == [1, 2, 3]
@@ -306,6 +386,19 @@ def test_metrics_summary_and_config(tmp_path: Path) -> None:
     assert summary["worker_seconds"] == pytest.approx(summary["wall_s"])
     assert summary["growth_events"] == 2
     assert load_config(run_dir / "config.yaml") == cfg
+    # The typed record writes the keys summary.json always had, plus its version.
+    assert set(summary) == SUMMARY_KEYS | {"version"} and summary["version"] == 1
+    assert summary["final_setting"] == {
+        "global_batch": 128,
+        "workers": 1,
+        "micro_batch": 8,
+        "accum_steps": 16,
+    }
+    assert [list(p)[:5] for p in summary["phases"]] == [
+        ["index", "global_batch", "workers", "micro_batch", "accum_steps"]
+    ] * 3
+    assert [p["global_batch"] for p in summary["phases"]] == [32, 64, 128]
+    assert Summary.from_dict(summary).to_dict() == summary
 
 
 def test_plateau_growth_is_decided_at_epoch_end(tmp_path: Path) -> None:
@@ -339,6 +432,39 @@ def test_need_workers_checkpoints_and_exits_75(tmp_path: Path) -> None:
     assert found is not None and str(found[0]) == info["checkpoint"]
     # The epoch-end checkpoint at the same step serves: a resume re-derives the 2-worker split.
     assert (found[1]["step"], found[1]["epoch"], found[1]["position"]) == (33, 1, 0)
+    # resize.json is rundir's typed record; the need_workers event says what it set, no nulls.
+    assert RunDir(run_dir).read_resize() == ResizeRequest.from_dict(info)
+    assert (info["version"], info["exit_code"], info["micro_batch"]) == (1, EXIT_NEED_WORKERS, 32)
+    event = [r for r in records(run_dir, "event") if r["event"] == "need_workers"][-1]
+    assert event["checkpoint"] == info["checkpoint"] and event["exit_code"] == EXIT_NEED_WORKERS
+    assert "version" not in event and "elastic" not in event
+
+
+def test_train_state_reads_and_writes_the_format_1_checkpoint_keys() -> None:
+    written = {
+        "epoch": 2,
+        "position": 96,
+        "step": 71,
+        "samples_seen": 2162,
+        "realisation": {"global_batch": 64, "workers": 2, "micro_batch": 32, "accum_steps": 1},
+        "epoch_loss_sum": 12.5,
+        "epoch_samples": 96,
+        "growth_events": 1,
+        "last_val": {"val_loss": 0.25, "val_acc": 0.875},
+        "last_train_loss": 0.3,
+        "wall_s": 40.0,
+        "worker_seconds": 80.0,
+        "startup_s": 3,
+    }
+    state = TrainState()
+    state.load_state_dict({**written, "model": {}, "rng": None})  # other components' keys
+    assert state.realisation == Split(64, 2, 32, 1)
+    assert (state.epoch, state.position, state.step, state.growth_events) == (2, 96, 71, 1)
+    assert isinstance(state.startup_s, float) and state.startup_s == 3.0
+    assert state.state_dict() == {**written, "startup_s": 3.0}
+    # A key an older checkpoint lacks keeps its default.
+    state.load_state_dict({"epoch": 1, "position": 0, "step": 9, "samples_seen": 288})
+    assert state == TrainState(epoch=1, step=9, samples_seen=288)
 
 
 def test_regression_reports_no_accuracy(tmp_path: Path) -> None:

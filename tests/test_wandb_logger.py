@@ -405,7 +405,8 @@ def test_the_trainer_hands_wandb_one_run_through_the_seam(
     from distgrow.backends.torch_ddp import TorchBackend
     from distgrow.exits import EXIT_OK
     from distgrow.runtime import Runtime
-    from distgrow.trainer import Trainer, load_data
+    from distgrow.startup import load_data
+    from distgrow.trainer import Trainer
 
     single = Runtime(0, 1, 0, 1, "127.0.0.1", 29500, "none")
     run_dir = tmp_path / "run"
@@ -441,7 +442,7 @@ def test_the_trainer_hands_wandb_one_run_through_the_seam(
     assert init["config"]["plan"]["total_updates"] == trainer.plan.total_updates == 20 + 10
     assert init["config"]["growth"]["base_batch"] == 40 and init["name"] == "syn"
     steps = run.steps()
-    assert steps == sorted(steps) and steps[-1] == trainer.step == 30
+    assert steps == sorted(steps) and steps[-1] == trainer.state.step == 30
     keys = set().union(*(data for data, _ in run.logged))
     assert {
         "train/loss",
@@ -475,6 +476,6 @@ def test_the_trainer_hands_wandb_one_run_through_the_seam(
     resumed = train("run.epochs=3", "run.resume=true")
     assert [i["id"] for i in fake_wandb.inits] == [init["id"]] * 2
     steps = fake_wandb.runs[1].steps()
-    assert steps == sorted(steps) and steps[0] >= 30 and steps[-1] == resumed.step == 40
+    assert steps == sorted(steps) and steps[0] >= 30 and steps[-1] == resumed.state.step == 40
     phases = json.loads((run_dir / "summary.json").read_text())["phases"]
     assert [p["updates"] for p in phases] == [20, 20]  # the second phase went on after resuming

@@ -151,6 +151,14 @@ class RunConfig(_Section):
         "auto", "Where to train: 'auto' uses CUDA when present, else the CPU."
     )
     keep_checkpoints: Int = _f(3, "How many checkpoints to keep (the newest ones).")
+    checkpoint_every_steps: Int | None = _f(
+        None,
+        "Also checkpoint every this many updates (null: only at epoch ends, when the job must "
+        "change its world size, at stop signals and at the end). A change of batch needs none.",
+    )
+    checkpoint_every_s: Float | None = _f(
+        None, "Also checkpoint when this many seconds passed since the last one (null: never)."
+    )
     threads: Int | None = _f(
         None,
         "Intra-op CPU threads per worker (null: the node's cores / its workers). The float "
@@ -173,6 +181,20 @@ class RunConfig(_Section):
                 self.keep_checkpoints,
                 "must keep at least one checkpoint",
                 "set run.keep_checkpoints=1 or more",
+            )
+        if self.checkpoint_every_steps is not None and self.checkpoint_every_steps < 1:
+            raise _fail(
+                "run.checkpoint_every_steps",
+                self.checkpoint_every_steps,
+                "must be at least 1",
+                "e.g. 500, or null",
+            )
+        if self.checkpoint_every_s is not None and not self.checkpoint_every_s > 0:
+            raise _fail(
+                "run.checkpoint_every_s",
+                self.checkpoint_every_s,
+                "must be above 0",
+                "e.g. 600, or null",
             )
         if self.threads is not None and not 1 <= self.threads <= 65_536:
             raise _fail(

@@ -28,10 +28,7 @@ rank, world = dist.get_rank(), dist.get_world_size()
 
 # Your data: any map-style Dataset. Here, the training split `distgrow train` reads for this
 # config, so that the tests can compare the two loops.
-d = cfg.data
-train = load_dataset(
-    d.name, val_fraction=d.val_fraction, seed=cfg.run.seed, synthetic_samples=d.synthetic_samples
-).train
+train = load_dataset(cfg.data, seed=cfg.run.seed).train
 dataset = TensorDataset(train.x, train.y)
 # Your model: here the config's MLP, seeded as distgrow seeds it (the same initial weights).
 torch.manual_seed(cfg.run.seed)
