@@ -210,7 +210,9 @@ class GrowthPolicy:
         self.schedule: DecaySchedule | None = (
             None if self.is_plateau else build_schedule(cfg.schedule, cfg.optim.lr, horizon)
         )
-        self.trigger = PlateauTrigger.from_config(cfg.schedule) if self.is_plateau else None
+        self.trigger = (
+            PlateauTrigger.from_config(cfg.schedule, cfg.optim.lr) if self.is_plateau else None
+        )
         self.rung = 0
         start = self.limits.realise(min(self.start_batch, self.limits.cap))
         derived = cfg.growth.mode in ("grow_batch_lr", "grow_momentum")  # may round, LR absorbs
@@ -280,7 +282,11 @@ class GrowthPolicy:
         return self._settle(self.ratio(epoch, position))
 
     def end_epoch(self, metric: float) -> bool:
-        """Report an epoch's monitored metric; True when a plateau cut fired (growth or LR)."""
+        """Report an epoch's monitored metric; True when a plateau cut fired (growth or LR).
+
+        A cut fires exactly where ``ReduceLROnPlateau`` changes the LR: not once ``min_lr`` or
+        ``eps`` blocks it, so ``rung`` counts only cuts that move the noise scale.
+        """
         if self.trigger is None:
             return False
         if self.trigger.step(metric):
@@ -300,6 +306,9 @@ class GrowthPolicy:
         self._current = Realisation(**state["current"])
         if self.trigger is not None and state.get("trigger") is not None:
             self.trigger.load_state_dict(state["trigger"])
+            if "lr" not in state["trigger"]:
+                # A state saved before the trigger tracked the LR: every rung was a real cut.
+                self.trigger.lr = self.cfg.optim.lr * self.ratio(0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,6 +393,9 @@ def _simulate(policy: GrowthPolicy, epochs: int) -> tuple[list[Phase], int]:
             same = last is not None and (
                 (last.global_batch, last.workers, last.micro_batch, last.accum_steps)
                 == (s.global_batch, s.workers, s.micro_batch, s.accum_steps)
+                # a phase is capped in all its updates or in none: a continuous decay that
+                # reaches the cap inside a split starts a new (capped) phase there
+                and last.capped == s.capped
                 and (continuous or math.isclose(last.lr_end, s.lr, rel_tol=1e-12))
             )
             if last is not None and same:
