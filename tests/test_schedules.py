@@ -165,6 +165,8 @@ def test_plateau_trigger_fires_exactly_where_torch_cuts(
     assert ended == expected_cuts
     torch.testing.assert_close(lrs, expected_lrs, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(policy_lrs, expected_lrs, rtol=1e-12, atol=1e-15)
+    after = plateau_ratio_after(len(fired), factor=factor, lr0=lr0, min_lr=min_lr, eps=eps)
+    torch.testing.assert_close([lr0 * after], expected_lrs[-1:], rtol=1e-12, atol=1e-15)
     if growth == "decay_lr":
         got = [policy.setting(0).lr]
         torch.testing.assert_close(got, expected_lrs[-1:], rtol=1e-12, atol=1e-15)
