@@ -256,8 +256,10 @@ class GrowthPolicy:
     # -- decisions ----------------------------------------------------------------------------
 
     def _settle(self, r: float) -> Setting:
-        ideal = self.start_batch / r if r > 0 else math.inf
-        target = self.limits.cap if math.isinf(ideal) else math.floor(ideal * (1 + _FLOAT_SLACK))
+        ideal = self.start_batch / r if r > 0 else math.inf  # may also overflow to inf
+        # The cap binds when B* (rounded down, as it would be realised) is above it.
+        binds = math.isinf(ideal) or math.floor(ideal * (1 + _FLOAT_SLACK)) > self.limits.cap
+        target = self.limits.cap if binds else math.floor(ideal * (1 + _FLOAT_SLACK))
         if self.grows:
             cand = self.limits.realise(target, self._current.workers)
             # The batch never shrinks (a rounding can land below the current size).
@@ -274,7 +276,7 @@ class GrowthPolicy:
             ratio=r,
             ideal_batch=ideal,
             rung=self.rung,
-            capped=self.grows and target > self.limits.cap,
+            capped=self.grows and binds,
         )
 
     def setting(self, epoch: int, position: int = 0) -> Setting:

@@ -377,3 +377,69 @@ def test_phase_counts_for_step_interval_cover_all_samples() -> None:
     # 1/(1 + 0.002 t) at the last update, t = 449.x baseline steps: B* ≈ 28 · 1.9
     assert batches[-1] == math.floor(28 * (1 + 0.002 * plan.phases[-1].start_epoch * 9) + 1e-9)
     assert list(itertools.pairwise(batches)) == [(b, b + 1) for b in batches[:-1]]
+
+
+# ---------------------------------------------------------------------------------------------
+# The cap, update by update
+# ---------------------------------------------------------------------------------------------
+
+
+def update_flags(policy: GrowthPolicy, epochs: int) -> list[tuple[bool, int]]:
+    """(does the cap bind, global batch) for every update of the run, by walking the policy."""
+    n, per_step = policy.dataset_size, policy.cfg.schedule.interval == "step"
+    flags = []
+    for epoch in range(epochs):
+        position = 0
+        while position < n:
+            s = policy.setting(epoch, position)
+            # the cap binds when the whole batch B* would be above it (B* rounds down first)
+            ideal = s.ideal_batch
+            binds = math.isinf(ideal) or math.floor(ideal * (1 + 1e-9)) > policy.limits.cap
+            steps = 1 if per_step else math.ceil(n / s.global_batch)
+            flags += [(binds, s.global_batch)] * steps
+            position += s.global_batch if per_step else n
+    return flags
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    sched=schedules,
+    interval=st.sampled_from(["epoch", "step"]),
+    n=st.integers(100, 2000),
+    b0=st.sampled_from([4, 8, 16]),
+    cap=st.integers(17, 120),
+)
+def test_plan_marks_exactly_the_updates_where_the_cap_binds(
+    sched: list[str], interval: str, n: int, b0: int, cap: int
+) -> None:
+    cfg = load_config(None, [
+        *sched, f"schedule.interval={interval}", "run.epochs=10", "optim.lr=0.1",
+        f"growth.base_batch={b0}", "growth.max_dataset_fraction=null",
+        f"growth.max_global_batch={cap}",
+    ])  # fmt: skip
+    expected = update_flags(GrowthPolicy(cfg, n), 10)
+    plan = make_plan(cfg, n)
+    got = [(p.capped, p.global_batch) for p in plan.phases for _ in range(p.updates)]
+    assert got == expected
+    for p in plan.phases:
+        if p.capped:  # the LR carries the rest: it ends below lr0 · B/B0
+            assert p.lr_end <= 0.1 * p.global_batch / b0 * (1 + 1e-12)
+
+
+def test_time_based_reaching_the_cap_is_flagged() -> None:
+    """The issue's reproduction: ionosphere, per-step time-based decay, cap 40."""
+    from distgrow.cli import format_plan
+
+    cfg = load_config(CONFIGS / "ionosphere_time_based.yaml", ["growth.max_global_batch=40"])
+    plan = make_plan(cfg, 235)
+    capped = [p for p in plan.phases if p.capped]
+    assert len(capped) == 1 and capped[0] is plan.phases[-1]
+    # B* = 28 (1 + 0.002 t) reaches 41 at t = 232.14 baseline updates (9 per epoch): the first
+    # capped update is the first at t >= 232.14; the one before it is the last uncapped one
+    epoch = math.floor(capped[0].start_epoch)
+    t = epoch * 9 + round((capped[0].start_epoch - epoch) * 235) / 28
+    assert 232.14 <= t < 232.14 + 40 / 28
+    assert plan.phases[-2].global_batch == 40 and not plan.phases[-2].capped
+    assert capped[0].lr_end < capped[0].lr < 0.1
+    table = format_plan(plan)
+    assert "40*" in table and "* batch capped" in table
