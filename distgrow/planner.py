@@ -38,6 +38,11 @@ ACCUM_WINDOW = 32
 """Accumulation counts tried beyond the fewest that fit: more steps are smaller micro-batches
 (less efficient), so the realiser only looks a little further for an exact split."""
 
+NEAR_IDEAL = 0.05
+"""How far below the target a realisation may stay at the previous phase's worker count: beyond
+this the worker count may change (fall) to a split that comes closer, so the LR is not cut by
+the rounding of a coarse split (the noise identity holds either way)."""
+
 
 @dataclass(frozen=True)
 class Realisation:
@@ -94,23 +99,37 @@ class Limits:
         )
 
     def realise(self, target: int, floor_workers: int = 1) -> Realisation | None:
-        """The largest realisable global batch ``<= target`` (and ``<= cap``), or None.
+        """The realisation of ``target`` (clipped to ``cap``): its largest split, or None.
 
-        Realisable: ``workers × micro_batch × accum_steps`` with ``floor_workers <= workers <=
+        Realisable: ``workers × micro_batch × accum_steps`` with ``min_workers <= workers <=
         max_workers``, micro-batches multiples of ``multiple`` and at most ``max_micro_batch``,
         and accumulation only when the target exceeds what all workers hold at their memory
         limit in one pass (then at most ``ACCUM_WINDOW`` steps more than the fewest that
-        reach the target). Among splits of the largest size: fewest accumulation steps, then
-        the fewest workers that keep the micro-batch at or under the preferred ``micro_batch``
-        (else the most workers).
+        reach the target). The search keeps ``workers >= floor_workers`` (the previous
+        phase's count) unless that leaves the batch more than ``NEAR_IDEAL`` below the target:
+        then it takes the largest split at any worker count (ghost batches over many workers
+        make coarse steps: 8 workers × 32 reach only multiples of 256). Among splits of the
+        largest size: fewest accumulation steps, then the fewest workers that keep the
+        micro-batch at or under the preferred ``micro_batch`` (else the most workers).
 
         Args:
             target: the wanted global batch (already an integer).
-            floor_workers: workers never drop below this (the previous phase's count).
+            floor_workers: the workers of the previous phase; kept unless too coarse.
         """
         target = min(target, self.cap)
+        floor = max(floor_workers, self.min_workers)
+        best = self._largest(target, floor)
+        if floor > self.min_workers and (
+            best is None or best.global_batch < (1.0 - NEAR_IDEAL) * target
+        ):
+            wider = self._largest(target, self.min_workers)
+            if wider is not None and (best is None or wider.global_batch > best.global_batch):
+                best = wider
+        return best
+
+    def _largest(self, target: int, w_lo: int) -> Realisation | None:
+        """The largest split of at most ``target`` with ``w_lo <= workers`` (see realise)."""
         u = self.multiple
-        w_lo = max(floor_workers, self.min_workers)
         top_micro = None if self.max_micro_batch is None else self.max_micro_batch // u * u
         if top_micro == 0 or target < w_lo * u:
             return None
@@ -338,6 +357,9 @@ class Phase:
     capped: bool
     """True when the batch could not follow the schedule (the LR carries part of the decay)."""
     rung: int = 0
+    batch_to_ideal: float = 1.0
+    """``B / B*`` at the phase's farthest update (1.0: the batch carries the whole decay; the
+    LR is ``lr0 · B / B*`` there)."""
 
 
 @dataclass
@@ -375,6 +397,11 @@ class Plan:
         return out
 
 
+def _batch_to_ideal(s: Setting) -> float:
+    """``B / B*`` of one update, at most 1 (0 when B* is unbounded)."""
+    return min(1.0, s.global_batch / s.ideal_batch)
+
+
 def _simulate(policy: GrowthPolicy, epochs: int) -> tuple[list[Phase], int]:
     n = policy.dataset_size
     per_epoch = policy.cfg.schedule.interval == "epoch"
@@ -400,10 +427,12 @@ def _simulate(policy: GrowthPolicy, epochs: int) -> tuple[list[Phase], int]:
                 and last.capped == s.capped
                 and (continuous or math.isclose(last.lr_end, s.lr, rel_tol=1e-12))
             )
+            share = _batch_to_ideal(s)
             if last is not None and same:
                 last.updates += steps
                 last.samples += samples
                 last.lr_end = s.lr
+                last.batch_to_ideal = min(last.batch_to_ideal, share)
             else:
                 phases.append(
                     Phase(
@@ -420,6 +449,7 @@ def _simulate(policy: GrowthPolicy, epochs: int) -> tuple[list[Phase], int]:
                         updates=steps,
                         samples=samples,
                         capped=s.capped,
+                        batch_to_ideal=share,
                     )
                 )
             phases[-1].end_epoch = epoch + (position + samples) / n
@@ -455,6 +485,7 @@ def _ladder(policy: GrowthPolicy, max_rungs: int = 12) -> list[Phase]:
                 samples=n,
                 capped=capped,
                 rung=rung,
+                batch_to_ideal=_batch_to_ideal(s),
             )
         )
         capped_rows += capped

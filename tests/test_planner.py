@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,14 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from distgrow.config import Config, ConfigError, load_config
-from distgrow.planner import ACCUM_WINDOW, GrowthPolicy, Limits, Realisation, make_plan
+from distgrow.planner import (
+    ACCUM_WINDOW,
+    NEAR_IDEAL,
+    GrowthPolicy,
+    Limits,
+    Realisation,
+    make_plan,
+)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 CIFAR = CONFIGS / "cifar10_wrn16_4.yaml"
@@ -140,13 +148,21 @@ def test_realise_is_largest_exact_split(
         max_accum_steps=max_accum, multiple=multiple,
     )  # fmt: skip
     got = lim.realise(target, floor_workers)
-    expected = brute_force(lim, target, floor_workers)
+    expected = kept = brute_force(lim, target, floor_workers)
+    # the previous worker count is kept unless it leaves the batch over NEAR_IDEAL below target
+    coarse = floor_workers > 1 and kept < (1 - NEAR_IDEAL) * target
+    if coarse:
+        expected = max(kept, brute_force(lim, target, 1))
     if expected == 0:
         assert got is None
         return
     assert got is not None
     assert got.workers * got.micro_batch * got.accum_steps == got.global_batch
-    assert floor_workers <= got.workers <= max_workers
+    assert (floor_workers if got.global_batch == kept else 1) <= got.workers <= max_workers
+    assert got.workers >= floor_workers or coarse
+    # within NEAR_IDEAL of the target whenever some allowed split is
+    if brute_force(lim, target, 1) >= (1 - NEAR_IDEAL) * target:
+        assert got.global_batch >= (1 - NEAR_IDEAL) * target
     assert got.micro_batch % multiple == 0
     assert max_micro is None or got.micro_batch <= max_micro
     assert max_accum is None or got.accum_steps <= max_accum
@@ -276,8 +292,14 @@ def test_noise_limits_monotonicity_and_counts(
             assert max_accum is None or s.accum_steps <= max_accum
             if s.accum_steps > 1:
                 assert max_micro is not None and s.global_batch > max_workers * max_micro
-            # the batch and the workers never shrink; the LR never exceeds its start
-            assert s.global_batch >= prev_batch and s.workers >= prev_workers
+            # the batch never shrinks; the workers only when the previous count would leave
+            # the batch more than NEAR_IDEAL below B* (ghost batches over many workers)
+            assert s.global_batch >= prev_batch
+            if s.workers < prev_workers:
+                target = min(math.floor(s.ideal_batch * (1 + 1e-9)), lim.cap)
+                kept = replace(lim, min_workers=prev_workers).realise(target)
+                assert kept is None or kept.global_batch < (1 - NEAR_IDEAL) * target
+            # the LR never exceeds its start
             assert s.lr <= policy.lr_per_sample * policy.start_batch * (1 + 1e-9)
             if mode == "decay_lr":
                 assert s.global_batch == policy.start_batch or policy.start_batch > lim.cap
