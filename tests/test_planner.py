@@ -242,6 +242,7 @@ schedules = st.one_of(
     fraction=st.one_of(st.none(), st.sampled_from([0.1, 0.25, 0.5])),
     momentum=st.sampled_from([0.0, 0.9]),
     mode=st.sampled_from(["grow_batch", "decay_lr", "grow_batch_lr"]),
+    ghost=st.sampled_from(["null", "null", "2", "4"]),
 )
 def test_noise_limits_monotonicity_and_counts(
     sched: list[str],
@@ -255,6 +256,7 @@ def test_noise_limits_monotonicity_and_counts(
     fraction: float | None,
     momentum: float,
     mode: str,
+    ghost: str,
 ) -> None:
     epochs = 12
     assume(max_global is None or max_global >= b0)
@@ -267,6 +269,7 @@ def test_noise_limits_monotonicity_and_counts(
         f"growth.max_accum_steps={'null' if max_accum is None else max_accum}",
         f"growth.max_global_batch={'null' if max_global is None else max_global}",
         f"growth.max_dataset_fraction={'null' if fraction is None else fraction}",
+        f"model.ghost_batch={ghost}",
     ]  # fmt: skip
     cfg = load_config(None, overrides)
     try:
@@ -290,6 +293,7 @@ def test_noise_limits_monotonicity_and_counts(
             assert s.workers <= max_workers
             assert max_micro is None or s.micro_batch <= max_micro
             assert max_accum is None or s.accum_steps <= max_accum
+            assert s.micro_batch % lim.multiple == 0
             if s.accum_steps > 1:
                 assert max_micro is not None and s.global_batch > max_workers * max_micro
             # the batch never shrinks; the workers only when the previous count would leave
@@ -465,3 +469,34 @@ def test_time_based_reaching_the_cap_is_flagged() -> None:
     assert capped[0].lr_end < capped[0].lr < 0.1
     table = format_plan(plan)
     assert "40*" in table and "* batch capped" in table
+
+
+def test_coarse_splits_keep_the_lr_near_lr0() -> None:
+    """The issue's case: 8 workers, micro-batches in ghost batches of 32, per-step time-based.
+
+    With the workers held at 8, B* = 511.97 was realised as 256 (the LR at 0.5·lr0); a split
+    at another worker count reaches 480, the largest multiple of 32 below B*.
+    """
+    cfg = cifar("schedule.type=time_based", "schedule.decay=0.0001", "schedule.interval=step",
+                "model.ghost_batch=32", "growth.micro_batch=32",
+                "growth.max_dataset_fraction=null")  # fmt: skip
+    policy = GrowthPolicy(cfg, 50_000)
+    # B* = 128 (1 + 1e-4 t) = 511.97 at t = 29_998.4 baseline updates (391 per epoch)
+    t = (511.97 / 128 - 1) / 1e-4
+    epoch = int(t // 391)
+    position = round((t - epoch * 391) * 128)
+    plan = make_plan(cfg, 50_000)
+    at = [p for p in plan.phases if p.start_epoch <= epoch + position / 50_000 < p.end_epoch]
+    assert at[0].global_batch == 480 and not at[0].capped
+    for p in plan.phases:
+        # at most NEAR_IDEAL below B* at the workers kept, else one ghost batch (B ≥ B* − 32);
+        # 1/B more because B* is rounded down to a whole target first
+        bound = min(1 - NEAR_IDEAL, p.global_batch / (p.global_batch + 32))
+        assert p.batch_to_ideal >= bound - 1 / p.global_batch, p
+        assert p.lr_end >= 0.1 * p.batch_to_ideal * (1 - 1e-9)
+    assert min(p.lr_end for p in plan.phases) > 0.08  # the old plan fell to 0.05 (= 0.5·lr0)
+    # ε(t)/B(t) = lr0·r(t)/B0 at every update, whatever the split
+    for epoch in range(0, 200, 7):
+        for position in (0, 24_960):
+            s = policy.setting(epoch, position)
+            assert s.lr / s.global_batch == pytest.approx(0.1 * s.ratio / 128, rel=1e-12)
