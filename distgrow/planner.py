@@ -9,10 +9,11 @@ ratio ``r(t)``, distgrow keeps ``g(t) = g0 · r(t)`` but moves the decay into th
 * learning rate ``ε(t) = g0 · r(t) · B(t) · (1 − m)``, which is ``lr0`` while the batch keeps up
   and takes exactly the residual once it is capped or rounded (the hybrid).
 
-Realisation rules: workers first (up to ``max_workers``, never fewer than before), each at the
-preferred ``micro_batch``; then a larger micro-batch (up to ``max_micro_batch``); accumulation
-only once both are at their limits. The split is exact; where none exists for ``B*`` the batch
-is rounded down and the LR absorbs the difference.
+Realisation rules: workers first (up to ``max_workers``, never fewer than before unless that
+count leaves the batch more than ``NEAR_IDEAL`` below ``B*``), each at the preferred
+``micro_batch``; then a larger micro-batch (up to ``max_micro_batch``); accumulation only once
+both are at their limits. The split is exact; where none exists for ``B*`` the batch is rounded
+down and the LR absorbs the difference.
 
 :class:`GrowthPolicy` is the stateful object a training loop asks "what now?" (it replays
 exactly after ``load_state_dict``); :func:`make_plan` drives the same policy through a whole run
