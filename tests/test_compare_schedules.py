@@ -133,7 +133,7 @@ def test_compare_runs_three_real_variants(
     for variant, row in rows.items():
         vcfg = variant_config(overrides, variant)
         if cfg.schedule.type == "plateau":
-            expected = plateau_updates(vcfg)
+            expected: int | None = plateau_updates(vcfg)
         else:
             expected = make_plan(vcfg, n).total_updates
         assert row["total_updates"] == expected, variant
