@@ -48,8 +48,8 @@ def format_plan(plan: Plan) -> str:
     """A readable table of the plan's phases and the totals against the baseline."""
     first = "rung" if plan.ladder else "epochs"
     updates = "updates/epoch" if plan.ladder else "updates"
-    header = [first, "batch", "vs B*", "workers", "micro", "accum", "lr", "momentum", "noise"]
-    header.append(updates)
+    header = [first, "batch", "workers", "micro", "accum", "lr", "momentum", "noise", updates]
+    header.append("vs B*")
     rows = []
     for p in plan.phases:
         where = (
@@ -59,7 +59,6 @@ def format_plan(plan: Plan) -> str:
             [
                 where,
                 f"{p.global_batch}" + ("*" if p.capped else ""),
-                _fmt_gap(p.batch_to_ideal),
                 str(p.workers),
                 str(p.micro_batch),
                 str(p.accum_steps),
@@ -67,6 +66,7 @@ def format_plan(plan: Plan) -> str:
                 f"{p.momentum:g}",
                 f"{p.noise:.4g}",
                 f"{p.updates:,}",
+                _fmt_gap(p.batch_to_ideal),
             ]
         )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]

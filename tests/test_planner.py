@@ -469,6 +469,11 @@ def test_time_based_reaching_the_cap_is_flagged() -> None:
     assert capped[0].lr_end < capped[0].lr < 0.1
     table = format_plan(plan)
     assert "40*" in table and "* batch capped" in table
+    # vs B*: B/B* at the phase's last update, where the LR is lr0 · B/B*
+    assert capped[0].batch_to_ideal == pytest.approx(capped[0].lr_end / 0.1)
+    last_row = next(line for line in table.splitlines() if "40*" in line)
+    assert last_row.split()[-1] == f"-{1 - capped[0].lr_end / 0.1:.1%}" == "-24.7%"
+    assert table.splitlines()[2].split()[-1] == "-3.3%"  # 28 until B* reaches 29: 28/28.96
 
 
 def test_coarse_splits_keep_the_lr_near_lr0() -> None:
