@@ -39,11 +39,18 @@ def _fmt_lr(lr: float, lr_end: float) -> str:
     return f"{lr:.4g}→{lr_end:.4g}"
 
 
+def _fmt_gap(batch_to_ideal: float) -> str:
+    """How far below B* a phase's batch falls: ``0%`` when it carries the whole decay."""
+    gap = 1.0 - batch_to_ideal
+    return "0%" if gap < 5e-4 else f"-{gap:.1%}"
+
+
 def format_plan(plan: Plan) -> str:
     """A readable table of the plan's phases and the totals against the baseline."""
     first = "rung" if plan.ladder else "epochs"
     updates = "updates/epoch" if plan.ladder else "updates"
     header = [first, "batch", "workers", "micro", "accum", "lr", "momentum", "noise", updates]
+    header.append("vs B*")
     rows = []
     for p in plan.phases:
         where = (
@@ -60,6 +67,7 @@ def format_plan(plan: Plan) -> str:
                 f"{p.momentum:g}",
                 f"{p.noise:.4g}",
                 f"{p.updates:,}",
+                _fmt_gap(p.batch_to_ideal),
             ]
         )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -71,6 +79,10 @@ def format_plan(plan: Plan) -> str:
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     if any(p.capped for p in plan.phases):
         lines.append("* batch capped: the learning rate carries the rest of the decay (hybrid)")
+    lines.append(
+        "vs B*: the batch against the ideal B* = B0/r(t) at the phase's farthest update (the LR "
+        "is lr0 · B/B* there)"
+    )
     if plan.total_updates is not None and plan.baseline_total_updates is not None:
         ratio = plan.update_ratio or math.nan
         lines.append(

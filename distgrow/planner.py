@@ -9,10 +9,11 @@ ratio ``r(t)``, distgrow keeps ``g(t) = g0 · r(t)`` but moves the decay into th
 * learning rate ``ε(t) = g0 · r(t) · B(t) · (1 − m)``, which is ``lr0`` while the batch keeps up
   and takes exactly the residual once it is capped or rounded (the hybrid).
 
-Realisation rules: workers first (up to ``max_workers``, never fewer than before), each at the
-preferred ``micro_batch``; then a larger micro-batch (up to ``max_micro_batch``); accumulation
-only once both are at their limits. The split is exact; where none exists for ``B*`` the batch
-is rounded down and the LR absorbs the difference.
+Realisation rules: workers first (up to ``max_workers``, never fewer than before unless that
+count leaves the batch more than ``NEAR_IDEAL`` below ``B*``), each at the preferred
+``micro_batch``; then a larger micro-batch (up to ``max_micro_batch``); accumulation only once
+both are at their limits. The split is exact; where none exists for ``B*`` the batch is rounded
+down and the LR absorbs the difference.
 
 :class:`GrowthPolicy` is the stateful object a training loop asks "what now?" (it replays
 exactly after ``load_state_dict``); :func:`make_plan` drives the same policy through a whole run
@@ -38,6 +39,11 @@ _FLOAT_SLACK = 1e-9
 ACCUM_WINDOW = 32
 """Accumulation counts tried beyond the fewest that fit: more steps are smaller micro-batches
 (less efficient), so the realiser only looks a little further for an exact split."""
+
+NEAR_IDEAL = 0.05
+"""How far below the target a realisation may stay at the previous phase's worker count: beyond
+this the worker count may change (fall) to a split that comes closer, so the LR is not cut by
+the rounding of a coarse split (the noise identity holds either way)."""
 
 
 @dataclass(frozen=True)
@@ -132,23 +138,37 @@ class Limits:
         )
 
     def realise(self, target: int, floor_workers: int = 1) -> Realisation | None:
-        """The largest realisable global batch ``<= target`` (and ``<= cap``), or None.
+        """The realisation of ``target`` (clipped to ``cap``): its largest split, or None.
 
-        Realisable: ``workers × micro_batch × accum_steps`` with ``floor_workers <= workers <=
+        Realisable: ``workers × micro_batch × accum_steps`` with ``min_workers <= workers <=
         max_workers``, micro-batches multiples of ``multiple`` and at most ``max_micro_batch``,
         and accumulation only when the target exceeds what all workers hold at their memory
         limit in one pass (then at most ``ACCUM_WINDOW`` steps more than the fewest that
-        reach the target). Among splits of the largest size: fewest accumulation steps, then
-        the fewest workers that keep the micro-batch at or under the preferred ``micro_batch``
-        (else the most workers).
+        reach the target). The search keeps ``workers >= floor_workers`` (the previous
+        phase's count) unless that leaves the batch more than ``NEAR_IDEAL`` below the target:
+        then it takes the largest split at any worker count (ghost batches over many workers
+        make coarse steps: 8 workers × 32 reach only multiples of 256). Among splits of the
+        largest size: fewest accumulation steps, then the fewest workers that keep the
+        micro-batch at or under the preferred ``micro_batch`` (else the most workers).
 
         Args:
             target: the wanted global batch (already an integer).
-            floor_workers: workers never drop below this (the previous phase's count).
+            floor_workers: the workers of the previous phase; kept unless too coarse.
         """
         target = min(target, self.cap)
+        floor = max(floor_workers, self.min_workers)
+        best = self._largest(target, floor)
+        if floor > self.min_workers and (
+            best is None or best.global_batch < (1.0 - NEAR_IDEAL) * target
+        ):
+            wider = self._largest(target, self.min_workers)
+            if wider is not None and (best is None or wider.global_batch > best.global_batch):
+                best = wider
+        return best
+
+    def _largest(self, target: int, w_lo: int) -> Realisation | None:
+        """The largest split of at most ``target`` with ``w_lo <= workers`` (see realise)."""
         u = self.multiple
-        w_lo = max(floor_workers, self.min_workers)
         top_micro = None if self.max_micro_batch is None else self.max_micro_batch // u * u
         if top_micro == 0 or target < w_lo * u:
             return None
@@ -261,7 +281,9 @@ class GrowthPolicy:
         self.schedule: DecaySchedule | None = (
             None if self.is_plateau else build_schedule(cfg.schedule, cfg.optim.lr, horizon)
         )
-        self.trigger = PlateauTrigger.from_config(cfg.schedule) if self.is_plateau else None
+        self.trigger = (
+            PlateauTrigger.from_config(cfg.schedule, cfg.optim.lr) if self.is_plateau else None
+        )
         self.rung = 0
         start = self.limits.realise(min(self.start_batch, self.limits.cap))
         derived = cfg.growth.mode in ("grow_batch_lr", "grow_momentum")  # may round, LR absorbs
@@ -305,8 +327,10 @@ class GrowthPolicy:
     # -- decisions ----------------------------------------------------------------------------
 
     def _settle(self, r: float) -> Setting:
-        ideal = self.start_batch / r if r > 0 else math.inf
-        target = self.limits.cap if math.isinf(ideal) else math.floor(ideal * (1 + _FLOAT_SLACK))
+        ideal = self.start_batch / r if r > 0 else math.inf  # may also overflow to inf
+        # The cap binds when B* (rounded down, as it would be realised) is above it.
+        binds = math.isinf(ideal) or math.floor(ideal * (1 + _FLOAT_SLACK)) > self.limits.cap
+        target = self.limits.cap if binds else math.floor(ideal * (1 + _FLOAT_SLACK))
         if self.grows:
             cand = self.limits.realise(target, self._current.workers)
             # The batch never shrinks (a rounding can land below the current size).
@@ -320,7 +344,7 @@ class GrowthPolicy:
             ratio=r,
             ideal_batch=ideal,
             rung=self.rung,
-            capped=self.grows and target > self.limits.cap,
+            capped=self.grows and binds,
         )
 
     def setting(self, epoch: int, position: int = 0) -> Setting:
@@ -328,7 +352,11 @@ class GrowthPolicy:
         return self._settle(self.ratio(epoch, position))
 
     def end_epoch(self, metric: float) -> bool:
-        """Report an epoch's monitored metric; True when a plateau cut fired (growth or LR)."""
+        """Report an epoch's monitored metric; True when a plateau cut fired (growth or LR).
+
+        A cut fires exactly where ``ReduceLROnPlateau`` changes the LR: not once ``min_lr`` or
+        ``eps`` blocks it, so ``rung`` counts only cuts that move the noise scale.
+        """
         if self.trigger is None:
             return False
         if self.trigger.step(metric):
@@ -348,6 +376,9 @@ class GrowthPolicy:
         self._current = Split(**state["current"])
         if self.trigger is not None and state.get("trigger") is not None:
             self.trigger.load_state_dict(state["trigger"])
+            if "lr" not in state["trigger"]:
+                # A state saved before the trigger tracked the LR: every rung was a real cut.
+                self.trigger.lr = self.cfg.optim.lr * self.ratio(0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,6 +403,9 @@ class Phase:
     capped: bool
     """True when the batch could not follow the schedule (the LR carries part of the decay)."""
     rung: int = 0
+    batch_to_ideal: float = 1.0
+    """``B / B*`` at the phase's farthest update (1.0: the batch carries the whole decay; the
+    LR is ``lr0 · B / B*`` there)."""
 
     @property
     def global_batch(self) -> int:
@@ -426,6 +460,11 @@ class Plan:
         return out
 
 
+def _batch_to_ideal(s: Setting) -> float:
+    """``B / B*`` of one update, at most 1 (0 when B* is unbounded)."""
+    return min(1.0, s.global_batch / s.ideal_batch)
+
+
 def _simulate(policy: GrowthPolicy, epochs: int) -> tuple[list[Phase], int]:
     n = policy.dataset_size
     per_epoch = policy.cfg.schedule.interval == "epoch"
@@ -445,12 +484,17 @@ def _simulate(policy: GrowthPolicy, epochs: int) -> tuple[list[Phase], int]:
             last = phases[-1] if phases else None
             same = last is not None and (
                 last.split == s.split
+                # a phase is capped in all its updates or in none: a continuous decay that
+                # reaches the cap inside a split starts a new (capped) phase there
+                and last.capped == s.capped
                 and (continuous or math.isclose(last.lr_end, s.lr, rel_tol=1e-12))
             )
+            share = _batch_to_ideal(s)
             if last is not None and same:
                 last.updates += steps
                 last.samples += samples
                 last.lr_end = s.lr
+                last.batch_to_ideal = min(last.batch_to_ideal, share)
             else:
                 phases.append(
                     Phase(
@@ -464,6 +508,7 @@ def _simulate(policy: GrowthPolicy, epochs: int) -> tuple[list[Phase], int]:
                         updates=steps,
                         samples=samples,
                         capped=s.capped,
+                        batch_to_ideal=share,
                     )
                 )
             phases[-1].end_epoch = epoch + (position + samples) / n
@@ -496,6 +541,7 @@ def _ladder(policy: GrowthPolicy, max_rungs: int = 12) -> list[Phase]:
                 samples=n,
                 capped=capped,
                 rung=rung,
+                batch_to_ideal=_batch_to_ideal(s),
             )
         )
         capped_rows += capped

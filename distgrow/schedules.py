@@ -6,7 +6,8 @@ updates (samples seen / base batch) for ``interval: step``.
 
 Plateau schedules are not a function of time: :class:`PlateauTrigger` watches the validation
 metric and fires at exactly the epochs where ``torch.optim.lr_scheduler.ReduceLROnPlateau``
-would cut the LR (tested differentially against torch).
+changes the LR, also once ``min_lr`` or ``eps`` stops the cuts (tested differentially against
+torch).
 
 Pure Python: no torch import.
 """
@@ -14,7 +15,7 @@ Pure Python: no torch import.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from distgrow.config import ScheduleConfig
@@ -131,10 +132,15 @@ def build_schedule(cfg: ScheduleConfig, lr0: float, horizon: float) -> DecaySche
 class PlateauTrigger:
     """Decides, from one metric value per epoch, when a plateau cut is due.
 
-    Replicates ``torch.optim.lr_scheduler.ReduceLROnPlateau.step`` exactly (same ``patience``,
-    ``threshold``, ``threshold_mode``, ``cooldown``, ``mode``; NaN never counts as improvement).
-    The LR-side rules (``factor``, ``min_lr``, ``eps``) are applied by :meth:`ratio_after`, which
-    the planner uses to tell a cut that still changes the noise scale from one that does not.
+    Replicates ``torch.optim.lr_scheduler.ReduceLROnPlateau.step`` exactly, LR side included:
+    ``patience``, ``threshold``, ``threshold_mode``, ``cooldown`` and ``mode`` decide when a
+    reduction is attempted (NaN never counts as improvement), and ``factor``, ``min_lr`` and
+    ``eps`` decide whether it changes the LR. :meth:`step` answers True only for a cut that
+    changes the LR, so once ``min_lr`` (or ``eps``) blocks the cut it answers False, as torch
+    leaves the LR alone; the cooldown still restarts after a blocked attempt, as in torch.
+
+    ``lr`` is the LR the trigger tracks: ``lr0`` from :meth:`from_config`; built directly it
+    starts at 1.0, so ``lr`` is then the ratio ``r`` and ``min_lr``/``eps`` are relative to lr0.
     """
 
     mode: str = "min"
@@ -142,22 +148,33 @@ class PlateauTrigger:
     threshold: float = 1e-4
     threshold_mode: str = "rel"
     cooldown: int = 0
-    best: float = math.inf
+    factor: float = 0.1
+    min_lr: float = 0.0
+    eps: float = 1e-8
+    lr: float = 1.0
+    best: float = field(init=False)
+    """The best metric so far; starts at the worst value for ``mode`` (as torch's ``_reset``)."""
     num_bad_epochs: int = 0
     cooldown_counter: int = 0
     last_epoch: int = 0
 
+    def __post_init__(self) -> None:
+        self.best = math.inf if self.mode == "min" else -math.inf
+
     @classmethod
-    def from_config(cls, cfg: ScheduleConfig) -> PlateauTrigger:
-        trigger = cls(
+    def from_config(cls, cfg: ScheduleConfig, lr0: float) -> PlateauTrigger:
+        """The trigger of a plateau ``cfg`` for a run whose LR starts at ``lr0``."""
+        return cls(
             mode=cfg.mode,
             patience=cfg.patience,
             threshold=cfg.threshold,
             threshold_mode=cfg.threshold_mode,
             cooldown=cfg.cooldown,
+            factor=cfg.factor,
+            min_lr=cfg.min_lr,
+            eps=cfg.plateau_eps,
+            lr=lr0,
         )
-        trigger.best = math.inf if cfg.mode == "min" else -math.inf
-        return trigger
 
     def _is_better(self, current: float) -> bool:
         if self.mode == "min" and self.threshold_mode == "rel":
@@ -169,7 +186,7 @@ class PlateauTrigger:
         return current > self.best + self.threshold
 
     def step(self, metric: float) -> bool:
-        """Feed one epoch's metric; True when a cut (or its batch growth) is due now."""
+        """Feed one epoch's metric; True when torch would change the LR now (a cut is due)."""
         current = float(metric)
         self.last_epoch += 1
         if self._is_better(current):
@@ -181,9 +198,13 @@ class PlateauTrigger:
             self.cooldown_counter -= 1
             self.num_bad_epochs = 0  # torch ignores bad epochs during cooldown
         if self.num_bad_epochs > self.patience:
+            # torch's _reduce_lr, then the cooldown and the reset, whether or not the LR moved
             self.cooldown_counter = self.cooldown
             self.num_bad_epochs = 0
-            return True
+            new = max(self.lr * self.factor, self.min_lr)
+            if self.lr - new > self.eps:
+                self.lr = new
+                return True
         return False
 
     def state_dict(self) -> dict[str, Any]:

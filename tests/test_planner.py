@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from distgrow.config import Config, ConfigError, load_config
 from distgrow.planner import (
     ACCUM_WINDOW,
+    NEAR_IDEAL,
     SPLIT_FIELDS,
     GrowthPolicy,
     Limits,
@@ -171,13 +173,21 @@ def test_realise_is_largest_exact_split(
         max_accum_steps=max_accum, multiple=multiple,
     )  # fmt: skip
     got = lim.realise(target, floor_workers)
-    expected = brute_force(lim, target, floor_workers)
+    expected = kept = brute_force(lim, target, floor_workers)
+    # the previous worker count is kept unless it leaves the batch over NEAR_IDEAL below target
+    coarse = floor_workers > 1 and kept < (1 - NEAR_IDEAL) * target
+    if coarse:
+        expected = max(kept, brute_force(lim, target, 1))
     if expected == 0:
         assert got is None
         return
     assert got is not None
     assert got.workers * got.micro_batch * got.accum_steps == got.global_batch
-    assert floor_workers <= got.workers <= max_workers
+    assert (floor_workers if got.global_batch == kept else 1) <= got.workers <= max_workers
+    assert got.workers >= floor_workers or coarse
+    # within NEAR_IDEAL of the target whenever some allowed split is
+    if brute_force(lim, target, 1) >= (1 - NEAR_IDEAL) * target:
+        assert got.global_batch >= (1 - NEAR_IDEAL) * target
     assert got.micro_batch % multiple == 0
     assert max_micro is None or got.micro_batch <= max_micro
     assert max_accum is None or got.accum_steps <= max_accum
@@ -257,6 +267,7 @@ schedules = st.one_of(
     fraction=st.one_of(st.none(), st.sampled_from([0.1, 0.25, 0.5])),
     momentum=st.sampled_from([0.0, 0.9]),
     mode=st.sampled_from(["grow_batch", "decay_lr", "grow_batch_lr"]),
+    ghost=st.sampled_from(["null", "null", "2", "4"]),
 )
 def test_noise_limits_monotonicity_and_counts(
     sched: list[str],
@@ -270,6 +281,7 @@ def test_noise_limits_monotonicity_and_counts(
     fraction: float | None,
     momentum: float,
     mode: str,
+    ghost: str,
 ) -> None:
     epochs = 12
     assume(max_global is None or max_global >= b0)
@@ -282,6 +294,7 @@ def test_noise_limits_monotonicity_and_counts(
         f"growth.max_accum_steps={'null' if max_accum is None else max_accum}",
         f"growth.max_global_batch={'null' if max_global is None else max_global}",
         f"growth.max_dataset_fraction={'null' if fraction is None else fraction}",
+        f"model.ghost_batch={ghost}",
     ]  # fmt: skip
     cfg = load_config(None, overrides)
     try:
@@ -305,10 +318,17 @@ def test_noise_limits_monotonicity_and_counts(
             assert s.workers <= max_workers
             assert max_micro is None or s.micro_batch <= max_micro
             assert max_accum is None or s.accum_steps <= max_accum
+            assert s.micro_batch % lim.multiple == 0
             if s.accum_steps > 1:
                 assert max_micro is not None and s.global_batch > max_workers * max_micro
-            # the batch and the workers never shrink; the LR never exceeds its start
-            assert s.global_batch >= prev_batch and s.workers >= prev_workers
+            # the batch never shrinks; the workers only when the previous count would leave
+            # the batch more than NEAR_IDEAL below B* (ghost batches over many workers)
+            assert s.global_batch >= prev_batch
+            if s.workers < prev_workers:
+                target = min(math.floor(s.ideal_batch * (1 + 1e-9)), lim.cap)
+                kept = replace(lim, min_workers=prev_workers).realise(target)
+                assert kept is None or kept.global_batch < (1 - NEAR_IDEAL) * target
+            # the LR never exceeds its start
             assert s.lr <= policy.lr_per_sample * policy.start_batch * (1 + 1e-9)
             if mode == "decay_lr":
                 assert s.global_batch == policy.start_batch or policy.start_batch > lim.cap
@@ -408,3 +428,105 @@ def test_phase_counts_for_step_interval_cover_all_samples() -> None:
     # 1/(1 + 0.002 t) at the last update, t = 449.x baseline steps: B* ≈ 28 · 1.9
     assert batches[-1] == math.floor(28 * (1 + 0.002 * plan.phases[-1].start_epoch * 9) + 1e-9)
     assert list(itertools.pairwise(batches)) == [(b, b + 1) for b in batches[:-1]]
+
+
+# ---------------------------------------------------------------------------------------------
+# The cap, update by update
+# ---------------------------------------------------------------------------------------------
+
+
+def update_flags(policy: GrowthPolicy, epochs: int) -> list[tuple[bool, int]]:
+    """(does the cap bind, global batch) for every update of the run, by walking the policy."""
+    n, per_step = policy.dataset_size, policy.cfg.schedule.interval == "step"
+    flags = []
+    for epoch in range(epochs):
+        position = 0
+        while position < n:
+            s = policy.setting(epoch, position)
+            # the cap binds when the whole batch B* would be above it (B* rounds down first)
+            ideal = s.ideal_batch
+            binds = math.isinf(ideal) or math.floor(ideal * (1 + 1e-9)) > policy.limits.cap
+            steps = 1 if per_step else math.ceil(n / s.global_batch)
+            flags += [(binds, s.global_batch)] * steps
+            position += s.global_batch if per_step else n
+    return flags
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    sched=schedules,
+    interval=st.sampled_from(["epoch", "step"]),
+    n=st.integers(100, 2000),
+    b0=st.sampled_from([4, 8, 16]),
+    cap=st.integers(17, 120),
+)
+def test_plan_marks_exactly_the_updates_where_the_cap_binds(
+    sched: list[str], interval: str, n: int, b0: int, cap: int
+) -> None:
+    cfg = load_config(None, [
+        *sched, f"schedule.interval={interval}", "run.epochs=10", "optim.lr=0.1",
+        f"growth.base_batch={b0}", "growth.max_dataset_fraction=null",
+        f"growth.max_global_batch={cap}",
+    ])  # fmt: skip
+    expected = update_flags(GrowthPolicy(cfg, n), 10)
+    plan = make_plan(cfg, n)
+    got = [(p.capped, p.global_batch) for p in plan.phases for _ in range(p.updates)]
+    assert got == expected
+    for p in plan.phases:
+        if p.capped:  # the LR carries the rest: it ends below lr0 · B/B0
+            assert p.lr_end <= 0.1 * p.global_batch / b0 * (1 + 1e-12)
+
+
+def test_time_based_reaching_the_cap_is_flagged() -> None:
+    """The issue's reproduction: ionosphere, per-step time-based decay, cap 40."""
+    from distgrow.cli import format_plan
+
+    cfg = load_config(CONFIGS / "ionosphere_time_based.yaml", ["growth.max_global_batch=40"])
+    plan = make_plan(cfg, 235)
+    capped = [p for p in plan.phases if p.capped]
+    assert len(capped) == 1 and capped[0] is plan.phases[-1]
+    # B* = 28 (1 + 0.002 t) reaches 41 at t = 232.14 baseline updates (9 per epoch): the first
+    # capped update is the first at t >= 232.14; the one before it is the last uncapped one
+    epoch = math.floor(capped[0].start_epoch)
+    t = epoch * 9 + round((capped[0].start_epoch - epoch) * 235) / 28
+    assert 232.14 <= t < 232.14 + 40 / 28
+    assert plan.phases[-2].global_batch == 40 and not plan.phases[-2].capped
+    assert capped[0].lr_end < capped[0].lr < 0.1
+    table = format_plan(plan)
+    assert "40*" in table and "* batch capped" in table
+    # vs B*: B/B* at the phase's last update, where the LR is lr0 · B/B*
+    assert capped[0].batch_to_ideal == pytest.approx(capped[0].lr_end / 0.1)
+    last_row = next(line for line in table.splitlines() if "40*" in line)
+    assert last_row.split()[-1] == f"-{1 - capped[0].lr_end / 0.1:.1%}" == "-24.7%"
+    assert table.splitlines()[2].split()[-1] == "-3.3%"  # 28 until B* reaches 29: 28/28.96
+
+
+def test_coarse_splits_keep_the_lr_near_lr0() -> None:
+    """The issue's case: 8 workers, micro-batches in ghost batches of 32, per-step time-based.
+
+    With the workers held at 8, B* = 511.97 was realised as 256 (the LR at 0.5·lr0); a split
+    at another worker count reaches 480, the largest multiple of 32 below B*.
+    """
+    cfg = cifar("schedule.type=time_based", "schedule.decay=0.0001", "schedule.interval=step",
+                "model.ghost_batch=32", "growth.micro_batch=32",
+                "growth.max_dataset_fraction=null")  # fmt: skip
+    policy = GrowthPolicy(cfg, 50_000)
+    # B* = 128 (1 + 1e-4 t) = 511.97 at t = 29_998.4 baseline updates (391 per epoch)
+    t = (511.97 / 128 - 1) / 1e-4
+    epoch = int(t // 391)
+    position = round((t - epoch * 391) * 128)
+    plan = make_plan(cfg, 50_000)
+    at = [p for p in plan.phases if p.start_epoch <= epoch + position / 50_000 < p.end_epoch]
+    assert at[0].global_batch == 480 and not at[0].capped
+    for p in plan.phases:
+        # at most NEAR_IDEAL below B* at the workers kept, else one ghost batch (B ≥ B* − 32);
+        # 1/B more because B* is rounded down to a whole target first
+        bound = min(1 - NEAR_IDEAL, p.global_batch / (p.global_batch + 32))
+        assert p.batch_to_ideal >= bound - 1 / p.global_batch, p
+        assert p.lr_end >= 0.1 * p.batch_to_ideal * (1 - 1e-9)
+    assert min(p.lr_end for p in plan.phases) > 0.08  # the old plan fell to 0.05 (= 0.5·lr0)
+    # ε(t)/B(t) = lr0·r(t)/B0 at every update, whatever the split
+    for epoch in range(0, 200, 7):
+        for position in (0, 24_960):
+            s = policy.setting(epoch, position)
+            assert s.lr / s.global_batch == pytest.approx(0.1 * s.ratio / 128, rel=1e-12)

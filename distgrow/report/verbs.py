@@ -9,6 +9,7 @@ naming the difference, unless ``force`` retrains it.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -47,13 +48,18 @@ def default_report_dir(name: str, kind: str = "") -> Path:
 def hybrid_cap(cfg: Config, dataset_size: int) -> int:
     """A ``growth.max_global_batch`` that makes ``grow_batch`` fall back to LR decay.
 
-    The first grown batch of the uncapped plan when the plan grows at least twice (the paper's
-    hybrid: 128 → 640, then the LR); with a single growth, a cap between the two batches.
+    Piecewise schedules: the first grown batch of the uncapped plan when the plan grows at
+    least twice (the paper's hybrid: 128 → 640, then the LR); with a single growth, a cap
+    between the two batches. Continuous schedules (exponential, time-based, cosine), whose
+    batch grows a little at many updates: the grown batch nearest the geometric middle of the
+    uncapped path, so the batch carries about half the decay (in log scale) and the LR the rest.
 
     Raises:
         ReportError: the plan never grows (a constant schedule), so there is no hybrid.
     """
     from dataclasses import replace
+
+    from distgrow.planner import GrowthPolicy
 
     grow = replace(cfg, growth=replace(cfg.growth, mode="grow_batch"))
     plan = make_plan(grow, dataset_size)
@@ -64,7 +70,13 @@ def hybrid_cap(cfg: Config, dataset_size: int) -> int:
             f"{batches[0] if batches else '?'}), so a hybrid cannot be formed. Fix: use a "
             "decaying schedule, or leave hybrid out of --variants."
         )
-    candidates = [batches[1]] if len(batches) >= 3 else []
+    schedule = GrowthPolicy(grow, dataset_size).schedule
+    candidates = []
+    if schedule is not None and schedule.continuous and len(batches) >= 3:
+        middle = math.sqrt(batches[0] * batches[-1])
+        candidates.append(min(batches[1:-1], key=lambda b: abs(math.log(b / middle))))
+    elif len(batches) >= 3:
+        candidates.append(batches[1])
     candidates.append((batches[0] + batches[1]) // 2)
     for cap in candidates:
         capped = replace(grow, growth=replace(grow.growth, max_global_batch=cap))
