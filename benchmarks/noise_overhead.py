@@ -6,6 +6,7 @@ alike:
 
 =========  =================================================================================
 plain      DDP without a communication hook.
+torch-hook torch's own Python ``allreduce_hook``: what any Python hook costs, norms or not.
 hook       the noise hook (:mod:`distgrow.backends.noise_hook`): two squared norms per bucket.
 hook+ar    the hook and the per-update all-reduce of the local norms (3 float64), read on the
            host, and one :class:`distgrow.noise.NoiseScaleEstimator` update: everything a
@@ -16,7 +17,8 @@ Usage::
 
     PYTHONPATH=. .venv/bin/python benchmarks/noise_overhead.py --steps 60 --blocks 5
 
-It prints the median update time of each mode and the overheads in per cent of ``plain``.
+It prints each mode's median update time (wall clock, and rank 0's process CPU time, which a
+loaded machine distorts less) and the overheads in per cent of ``plain``.
 """
 
 from __future__ import annotations
@@ -35,12 +37,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
 from distgrow.backends.noise_hook import NoiseHookState, all_reduce_local_norm, register
 from distgrow.noise import NoiseScaleEstimator
 
-MODES = ("plain", "hook", "hook+ar")
+MODES = ("plain", "torch-hook", "hook", "hook+ar")
 WORLD = 2
 
 
@@ -55,6 +58,7 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
         inputs = torch.randn(args.accum, micro, args.features, generator=gen)
         labels = torch.randint(10, (args.accum, micro), generator=gen)
         times: dict[str, list[float]] = {mode: [] for mode in MODES}
+        cpu: dict[str, list[float]] = {mode: [] for mode in MODES}
         for _ in range(args.blocks):
             for mode in MODES:
                 torch.manual_seed(0)
@@ -65,12 +69,14 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
                     width = hidden
                 ddp = DistributedDataParallel(nn.Sequential(*layers, nn.Linear(width, 10)))
                 state, estimator = NoiseHookState(), NoiseScaleEstimator()
-                if mode != "plain":
+                if mode == "torch-hook":
+                    ddp.register_comm_hook(None, allreduce_hook)
+                elif mode != "plain":
                     register(ddp, state)
                 optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
                 for step in range(args.steps + 2):
                     dist.barrier()
-                    started = time.perf_counter()
+                    started, cpu_started = time.perf_counter(), time.process_time()
                     state.reset()
                     for k in range(args.accum):
                         sync = k == args.accum - 1
@@ -91,8 +97,9 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
                     optimizer.zero_grad()
                     if step >= 2:  # the first updates build DDP's buckets
                         times[mode].append(time.perf_counter() - started)
+                        cpu[mode].append(time.process_time() - cpu_started)
         if rank == 0:
-            torch.save(times, Path(out) / "times.pt")
+            torch.save((times, cpu), Path(out) / "times.pt")
     finally:
         dist.destroy_process_group()
 
@@ -117,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         mp.start_processes(
             _worker, args=(port, args, out), nprocs=WORLD, join=True, start_method="spawn"
         )
-        times: dict[str, list[float]] = torch.load(Path(out) / "times.pt")
+        times, cpu = torch.load(Path(out) / "times.pt")
     medians = {mode: statistics.median(values) for mode, values in times.items()}
+    cpu_medians = {mode: statistics.median(values) for mode, values in cpu.items()}
     params = sum(
         a * b + b for a, b in zip([args.features, *args.hidden], [*args.hidden, 10], strict=True)
     )
@@ -129,7 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     for mode in MODES:
         overhead = 100 * (medians[mode] / medians["plain"] - 1)
-        print(f"  {mode:8s} median {1000 * medians[mode]:8.2f} ms/update  {overhead:+6.2f} %")
+        cpu_overhead = 100 * (cpu_medians[mode] / cpu_medians["plain"] - 1)
+        print(
+            f"  {mode:10s} median wall {1000 * medians[mode]:8.2f} ms/update {overhead:+7.2f} %"
+            f"   rank-0 CPU {1000 * cpu_medians[mode]:8.2f} ms {cpu_overhead:+7.2f} %"
+        )
     return 0
 
 
