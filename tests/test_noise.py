@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import free_port
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -36,7 +37,6 @@ from distgrow.noise import (
     unbiased_estimates,
     unpack_local_norms,
 )
-from tests.conftest import free_port
 
 Z = 4.0
 
