@@ -1,0 +1,134 @@
+"""DDP's gradient all-reduce, with the squared norms the noise scale needs taken on the way.
+
+Gray et al. (NeurIPS 2024, arXiv 2411.00999): a communication hook sees each gradient bucket
+before the averaging all-reduce (this rank's local gradient) and after it (the global mean), so
+both squared norms of :mod:`distgrow.noise` cost two reductions over memory the all-reduce
+reads anyway, and no extra collective per bucket. The local norms are averaged over ranks with
+one small all-reduce per update (:func:`all_reduce_local_norm`, or ``Backend.all_reduce`` of
+:func:`distgrow.noise.pack_local_norm`).
+
+The hook averages exactly as DDP does without a hook: multiply by ``1/world_size``, then sum
+(DDP's reducer multiplies while copying into the bucket; ``allreduce_hook`` divides instead,
+which rounds differently at world sizes that are not powers of two). Parameters after a step
+are therefore bit-identical with and without it.
+
+Only under ``no_sync`` accumulation does the hook see the *whole* update's local gradient: it
+runs at the synchronising micro-step, on the gradients summed over all micro-steps, so the
+small batch is micro-batch × accumulation steps per rank.
+"""
+
+# No ``from __future__ import annotations``: DDP checks the hook's annotations at registration
+# and refuses ``bucket: "dist.GradBucket"`` as a string.
+import threading
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from distgrow.noise import pack_local_norm, unpack_local_norms
+
+__all__ = ["NoiseHookState", "all_reduce_local_norm", "noise_allreduce_hook", "register"]
+
+
+class NoiseHookState:
+    """Per-bucket squared norms of one update, filled by :func:`noise_allreduce_hook`.
+
+    Args:
+        process_group: The group DDP reduces over (None: the default group).
+    """
+
+    def __init__(self, process_group: dist.ProcessGroup | None = None) -> None:
+        self.process_group = process_group
+        # Buckets' futures complete on other threads (gloo's, NCCL's callback thread).
+        self._lock = threading.Lock()
+        self._local: list[torch.Tensor] = []
+        self._global: list[torch.Tensor] = []
+        self.buckets = 0
+
+    def reset(self) -> None:
+        """Forget the last update (call before the synchronising micro-step)."""
+        with self._lock:
+            self._local, self._global, self.buckets = [], [], 0
+
+    def _add(self, local: torch.Tensor | None, reduced: torch.Tensor | None) -> None:
+        with self._lock:
+            if local is not None:
+                self._local.append(local)
+                self.buckets += 1
+            if reduced is not None:
+                self._global.append(reduced)
+
+    def local_sq_norm(self) -> torch.Tensor:
+        """``|g_r|²``: this rank's accumulated gradient before the all-reduce (as DDP saw it)."""
+        with self._lock:
+            return torch.stack(self._local).sum() if self._local else torch.zeros(())
+
+    def global_sq_norm(self) -> torch.Tensor:
+        """``|G_B|²``: the averaged gradient after the all-reduce (the same on every rank).
+
+        Read after the backward of the synchronising micro-step returned (DDP waits for every
+        bucket's future before that).
+        """
+        with self._lock:
+            if len(self._global) != self.buckets:
+                raise RuntimeError(
+                    f"noise hook: {len(self._global)} of {self.buckets} buckets reduced; read "
+                    "the norms after the synchronising backward has returned."
+                )
+            return torch.stack(self._global).sum() if self._global else torch.zeros(())
+
+
+def _sq(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(tensor, dtype=torch.float32).square()
+
+
+def noise_allreduce_hook(
+    state: NoiseHookState, bucket: dist.GradBucket
+) -> torch.futures.Future[torch.Tensor]:
+    """Average a bucket over ranks as DDP does, recording its squared norm before and after."""
+    group = state.process_group if state.process_group is not None else dist.group.WORLD
+    buffer = bucket.buffer()
+    # Queued before the in-place scaling on the same stream, so it reads the local gradient.
+    local = _sq(buffer)
+    state._add(local, None)
+    buffer.mul_(1.0 / dist.get_world_size(group))
+    work = dist.all_reduce(buffer, group=group, async_op=True)
+
+    def finish(fut: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:
+        reduced = fut.value()[0]
+        state._add(None, _sq(reduced))
+        return reduced
+
+    return work.get_future().then(finish)
+
+
+def register(model: DistributedDataParallel, state: NoiseHookState) -> None:
+    """Install the hook on a DDP model (once, before the first backward)."""
+    model.register_comm_hook(state, noise_allreduce_hook)
+
+
+def all_reduce_local_norm(
+    state: NoiseHookState, local_samples: int, global_samples: int, device: torch.device
+) -> tuple[float, float] | None:
+    """``(|G_b|², b)`` over all ranks: one all-reduce of three numbers (a collective).
+
+    Args:
+        state: The hook's state after the synchronising backward.
+        local_samples: Samples this rank accumulated in the update (0 for an empty share).
+        global_samples: Samples in the update over all ranks.
+        device: The backend's device (where the collective runs).
+
+    Returns:
+        The mean over non-empty ranks of their per-sample mean gradients' squared norms, and
+        the harmonic mean of their sample counts; None when fewer than two ranks had samples.
+    """
+    group = state.process_group if state.process_group is not None else dist.group.WORLD
+    packed = pack_local_norm(
+        state.local_sq_norm(),
+        local_samples,
+        dist.get_world_size(group),
+        global_samples,
+        device=device,
+    )
+    dist.all_reduce(packed, group=group)
+    return unpack_local_norms(packed)
