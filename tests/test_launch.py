@@ -31,7 +31,7 @@ from launch_fakes import make_fake_distgrow, read_calls
 
 from distgrow.config import Config, load_config
 from distgrow.exits import EXIT_NEED_WORKERS, EXIT_NONFINITE, EXIT_USAGE
-from distgrow.rundir import RESIZE_FILE
+from distgrow.rundir import RESIZE_FILE, ResizeRequest, RunDir
 from distgrow.launch import (
     ELASTIC_LAST_CALL_S,
     LaunchError,
@@ -444,14 +444,20 @@ class ScriptedExecutor:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_path.write_text(ending.log)
         if ending.need is not None:
-            resize: dict[str, Any] = {
-                "need_workers": ending.need,
-                "have_workers": 1,
-                "epoch": 1,
-                "step": 52,
-            }
-            resize["checkpoint"] = str(self.run_dir / "ckpt-000000052.pt")
-            (self.run_dir / RESIZE_FILE).write_text(json.dumps(resize))
+            RunDir(self.run_dir).write_resize(
+                ResizeRequest(
+                    need_workers=ending.need,
+                    have_workers=1,
+                    epoch=1,
+                    position=0,
+                    step=52,
+                    samples_seen=1664,
+                    global_batch=32,
+                    time=time.time(),
+                    checkpoint=str(self.run_dir / "ckpt-000000052.pt"),
+                    exit_code=75,
+                )
+            )
         return Outcome(ending.code, ending.signal)
 
     def workers(self) -> list[int]:
@@ -716,13 +722,16 @@ def test_real_launch_exits_75_then_relaunches_wider(
     ]
     logs = sorted(p.name for p in (run_dir / "launch").glob("*.log"))
     assert logs == ["attempt-01-1w.log", "attempt-02-2w.log"]
-    assert json.loads((run_dir / "launch" / "attempt-01.resize.json").read_text()) == {
-        "need_workers": 2,
-        "have_workers": 1,
-        "epoch": 1,
-        "step": 10,
-        "checkpoint": str(run_dir / "ckpt-000000010.pt"),
-    }
+    asked = ResizeRequest.from_dict(
+        json.loads((run_dir / "launch" / "attempt-01.resize.json").read_text())
+    )
+    assert (asked.need_workers, asked.have_workers, asked.epoch, asked.step, asked.checkpoint) == (
+        2,
+        1,
+        1,
+        10,
+        str(run_dir / "ckpt-000000010.pt"),
+    )
 
 
 def test_real_torchrun_nonfinite_stops_at_once_and_crash_is_retried(

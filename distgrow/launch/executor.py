@@ -1,0 +1,256 @@
+"""Running a launch: the one place that starts a process, tees its output and forwards signals.
+
+:func:`run_subprocess` runs one launcher (the controller's relaunches, ``compare``'s training
+runs); the elastic agents start several :class:`Process` es under one :func:`forwarding_signals`.
+Also here: reading what a launcher's exit status hides (torchrun exits 1 whatever its workers
+did; its log keeps the root cause).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import typing
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from distgrow.exits import EXIT_FAILURE
+from distgrow.signals import exit_status, signal_from_status
+
+# What the controller exits with when a signal stopped the run: the shell's 128 + signal number,
+# so `sbatch`, CI and shells read it as "stopped by SIGTERM/SIGINT". SIGUSR1 is SLURM's
+# pre-emption warning (`--signal=B:USR1@120`): 138 tells the batch script to requeue the job.
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+STOP_GRACE_S = 30.0
+"""How long a child left running by an error in the parent may take to stop before SIGKILL."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one launch ended.
+
+    Attributes:
+        returncode: The launcher's exit status (128 + N when signal N killed it).
+        signal: A signal the controller received and forwarded while it ran, if any.
+    """
+
+    returncode: int
+    signal: int | None = None
+
+
+Executor = Callable[[list[str], dict[str, str], Path], Outcome]
+"""Runs ``argv`` with ``os.environ`` plus the env additions, writing its output to the log
+path; returns the :class:`Outcome`. Tests pass a fake one to check the controller's decisions."""
+
+
+class Process:
+    """A child in its own session (process group) whose output goes to a log and the terminal.
+
+    Args:
+        argv: The command.
+        env: Its whole environment.
+        log_path: Appended with everything the child prints (stdout and stderr).
+        echo: Receives each line of output (without its newline) instead of the terminal.
+    """
+
+    def __init__(
+        self,
+        argv: list[str],
+        env: Mapping[str, str],
+        log_path: Path,
+        echo: Callable[[str], None] | None = None,
+    ) -> None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in close(), after its reader
+        try:
+            self.proc = subprocess.Popen(
+                argv,
+                env=dict(env),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except BaseException:
+            self._log.close()
+            raise
+        self._reader = threading.Thread(target=self._tee, args=(echo,), daemon=True)
+        self._reader.start()
+
+    def poll(self) -> int | None:
+        """The exit status once the child ended (negative: killed by that signal), else None."""
+        return self.proc.poll()
+
+    def send(self, signum: int) -> None:
+        """Send ``signum`` to the child's whole process group, if it still runs."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):  # already gone: nothing to stop
+                os.killpg(self.proc.pid, signum)
+
+    def close(self) -> None:
+        """Stop a child left running (an error in the parent), then close the log."""
+        if self.proc.poll() is None:
+            self.send(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                self.send(signal.SIGKILL)
+                self.proc.wait()
+        # A worker that outlives its launcher keeps the pipe open: do not wait on it forever.
+        self._reader.join(timeout=10)
+        self._log.close()
+
+    def _tee(self, echo: Callable[[str], None] | None) -> None:
+        stream = typing.cast(io.BufferedReader, self.proc.stdout)
+        out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
+        pending = b""
+        # read1 returns what is there now, so progress lines show up as they are printed.
+        while chunk := stream.read1(65536):
+            self._log.write(chunk)
+            self._log.flush()
+            if echo is not None:
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    echo(line.decode(errors="replace").rstrip("\r"))
+            elif out is not None:
+                out.write(chunk)
+                out.flush()
+            else:  # a replaced sys.stdout (pytest's capture, a notebook) takes text
+                sys.stdout.write(chunk.decode(errors="replace"))
+        if echo is not None and pending:
+            echo(pending.decode(errors="replace").rstrip("\r"))
+
+
+@contextlib.contextmanager
+def forwarding_signals(send: Callable[[int], None]) -> Iterator[list[int]]:
+    """Forward SIGTERM, SIGINT and SIGUSR1 through ``send`` while the block runs.
+
+    The children run in their own sessions, so a Ctrl-C in the terminal reaches only this
+    process, which forwards it once: the workers then checkpoint and exit. SIGINT is forwarded
+    as SIGTERM, which every launcher relays to its workers (srun answers a lone SIGINT with a
+    status report). SIGTERM and SIGUSR1 (SLURM's time-limit and pre-emption warnings) are
+    forwarded as they are; a second Ctrl-C sends SIGKILL.
+
+    Yields:
+        The signals received so far (in order), filled while the block runs. Outside the main
+        thread no handler can be installed and the list stays empty.
+    """
+    received: list[int] = []
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        received.append(signum)
+        to_send: int = signal.SIGTERM if signum == signal.SIGINT else signum
+        if received.count(signal.SIGINT) > 1:
+            to_send = int(signal.SIGKILL)  # Ctrl-C twice: the user wants out now
+        send(to_send)
+
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in FORWARDED_SIGNALS:
+            previous[sig] = signal.signal(sig, forward)
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def run_subprocess(
+    argv: list[str],
+    env_additions: dict[str, str],
+    log_path: Path,
+    *,
+    echo: Callable[[str], None] | None = None,
+    base_env: Mapping[str, str] | None = None,
+) -> Outcome:
+    """The real executor: run ``argv`` to its end, tee its output, forward stop signals.
+
+    Args:
+        argv: The command.
+        env_additions: Set on top of ``base_env``.
+        log_path: Appended with the command's output.
+        echo: Receives each output line instead of the terminal (e.g. with a prefix).
+        base_env: The environment to start from (``os.environ`` by default).
+
+    Returns:
+        The :class:`Outcome`; a child killed by signal N reports ``128 + N``, as a shell does.
+    """
+    process = Process(argv, {**(base_env or os.environ), **env_additions}, log_path, echo)
+    try:
+        with forwarding_signals(process.send) as received:
+            code = process.proc.wait()
+    finally:
+        process.close()
+    if code < 0:
+        code = exit_status(-code)
+    return Outcome(code, received[0] if received else None)
+
+
+# --------------------------------------------------------------------------------------------
+# What a launcher's status hides
+# --------------------------------------------------------------------------------------------
+
+_TORCHRUN_FAILURE = re.compile(r"exitcode\s*:\s*(-?\d+)")
+_TORCHRUN_SIGNALLED = re.compile(r"SignalException: Process \d+ got signal: (\d+)")
+
+
+def log_tail(path: Path, size: int = 65536) -> str:
+    """The last ``size`` bytes of a launch log ("" when it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - size))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def torchrun_root_cause(log_text: str) -> int | None:
+    """The worker exit status in torchrun's failure report ("Root Cause ... exitcode : N").
+
+    torchrun exits 1 whatever its workers' statuses were; its report is the only place the
+    worker's own status (65, 2, a crash) survives.
+    """
+    _, found, after = log_text.rpartition("Root Cause")
+    if not found:
+        return None
+    match = _TORCHRUN_FAILURE.search(after)
+    return int(match.group(1)) if match else None
+
+
+def torchrun_stop_signal_status(log_text: str) -> int | None:
+    """``128 + N`` when torchrun itself ended on stop signal N ("SignalException ... got signal").
+
+    torchrun forwards the signal to its workers (which checkpoint and exit) and then exits 1
+    with that exception: the run was stopped, it did not crash.
+    """
+    found = _TORCHRUN_SIGNALLED.findall(log_text)
+    if not found:
+        return None
+    signum = int(found[-1])
+    return exit_status(signum) if signal_from_status(exit_status(signum)) else None
+
+
+def torchrun_status(raw: int, log_path: Path) -> tuple[int, int | None]:
+    """(The workers' status, torchrun's root cause) behind torchrun's exit status ``raw``.
+
+    torchrun exits 1 whatever its workers did; its log names the failed worker's status (the
+    root cause), or says torchrun was stopped by a signal (``128 + signal``).
+    """
+    if raw != EXIT_FAILURE:
+        return raw, None
+    tail = log_tail(log_path)
+    cause = torchrun_root_cause(tail)
+    if cause is not None:
+        return cause, cause
+    return torchrun_stop_signal_status(tail) or raw, None
