@@ -1193,3 +1193,25 @@ def test_run_subprocess_tees_lines_to_echo_and_the_log(tmp_path: Path) -> None:
     assert sorted(log.read_text().split()) == ["one", "three", "two"]
     killed = run_subprocess([sys.executable, "-c", "import os; os.kill(os.getpid(), 15)"], {}, log)
     assert killed.returncode == 143  # as a shell reports a process killed by SIGTERM
+
+
+def test_a_corrupt_checkpoint_gets_the_checkpoint_message_not_the_nonfinite_one(
+    growing: tuple[Path, Path],
+) -> None:
+    config, run_dir = growing
+    said = (
+        f"checkpoint {run_dir}/ckpt-000000052.pt cannot be read (UnpicklingError: invalid load "
+        "key). It was left untouched. Fix: move it out of the run directory to resume from the "
+        "previous checkpoint, or set run.output_dir to a new directory to start over."
+    )
+    # What torchrun leaves in the log: the worker's error, then its own report (status 1).
+    log = (
+        f"distgrow: error: {said}\nRoot Cause (first observed failure):\n  exitcode  : 2 (pid: 1)\n"
+    )
+    code, ex, lines = control(config, [Ending(1, log=log)])
+    text = "\n".join(lines)
+    assert (code, len(ex.calls)) == (EXIT_USAGE, 1)
+    assert f"checkpoint problem; a retry would fail the same way): {said}" in text
+    assert "non-finite" not in text and "optim.lr" not in text
+    code, _, lines = control(config, [Ending(65)])
+    assert "(a non-finite loss)" in "\n".join(lines) and "lower optim.lr" in "\n".join(lines)

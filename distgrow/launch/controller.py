@@ -20,7 +20,14 @@ from distgrow.exits import EXIT_FAILURE, EXIT_NEED_WORKERS, EXIT_NONFINITE, EXIT
 from distgrow.launch.builders import LaunchError, build_command
 from distgrow.launch.elastic import run_elastic_group, write_discovery_script
 from distgrow.launch.environment import local_gpu_count, log_command
-from distgrow.launch.executor import Executor, Outcome, run_subprocess, torchrun_status
+from distgrow.launch.executor import (
+    Executor,
+    Outcome,
+    log_tail,
+    run_subprocess,
+    torchrun_status,
+    worker_error,
+)
 from distgrow.launch.job import Job, prepare
 from distgrow.planner import Plan
 from distgrow.rundir import RESIZE_FILE, ResizeRequest, RunDir
@@ -79,6 +86,7 @@ class AttemptEnd:
         restarts: Restarts after crashes so far in the run.
         log: The launch's log.
         resize_path: Where ``resize.json`` is read (for the messages).
+        error: The last error a worker printed (``distgrow: error: ...``), if any.
     """
 
     number: int
@@ -90,6 +98,7 @@ class AttemptEnd:
     restarts: int = 0
     log: Path = Path("attempt.log")
     resize_path: Path = Path(RESIZE_FILE)
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -161,15 +170,23 @@ def decide(end: AttemptEnd, limit: int, limit_reason: str, max_restarts: int) ->
         resize is not None and code not in (EXIT_USAGE, EXIT_NONFINITE)
     ):
         return _grow(end, limit, limit_reason)
-    if code in (EXIT_USAGE, EXIT_NONFINITE):
-        what = "a config or usage error" if code == EXIT_USAGE else "a non-finite loss"
+    if code == EXIT_USAGE:
+        # A config, data, run-directory or checkpoint problem: the worker's own line says which.
+        said = f": {end.error}" if end.error else ""
         return Decision(
             "stop",
             code,
-            message=f"the workers stopped with exit {code} ({what}); a retry would fail the "
-            "same way",
-            fix="read the error in the log; for a non-finite loss, lower optim.lr or set "
-            "optim.grad_clip, then resume with run.resume=true",
+            message=f"the workers stopped with exit {code} (a config, data, run-directory or "
+            f"checkpoint problem; a retry would fail the same way){said}",
+            fix=f"do what the workers' error says (log {log}), then run again",
+        )
+    if code == EXIT_NONFINITE:
+        return Decision(
+            "stop",
+            code,
+            message=f"the workers stopped with exit {code} (a non-finite loss); a retry would "
+            "fail the same way",
+            fix="lower optim.lr or set optim.grad_clip, then resume with run.resume=true",
         )
     if end.restarts + 1 > max_restarts:
         return Decision(
@@ -409,6 +426,7 @@ def run_controller(
             restarts,
             log_path,
             job.run.resize,
+            worker_error(log_tail(log_path)) if code == EXIT_USAGE else None,
         )
         decision = decide(end, job.limit, job.limit_reason, job.cfg.launch.max_restarts)
         if decision.action == "relaunch":

@@ -215,6 +215,16 @@ def log_tail(path: Path, size: int = 65536) -> str:
         return ""
 
 
+_WORKER_ERROR = re.compile(r"^distgrow(?:\[rank \d+\])?: error: (.+)$", re.MULTILINE)
+
+
+def worker_error(log_text: str) -> str | None:
+    """The last error a worker reported (``distgrow: error: ...``, the line that names the
+    value or file and the fix), without its prefix; None when there is none."""
+    found = _WORKER_ERROR.findall(log_text)
+    return found[-1].strip() if found else None
+
+
 def torchrun_root_cause(log_text: str) -> int | None:
     """The worker exit status in torchrun's failure report ("Root Cause ... exitcode : N").
 
