@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -756,6 +757,25 @@ def test_real_torchrun_nonfinite_stops_at_once_and_crash_is_retried(
     assert [c["resume"] for c in read_calls(run_dir)] == [False, True, True]
 
 
+def test_real_torchrun_on_a_port_in_use_names_launch_master_port(
+    fake_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config, run_dir = real_config(fake_env, "torchrun", master_port=port, max_restarts=3)
+        monkeypatch.setenv("FAKE_WORKER", "exit:0")
+        lines: list[str] = []
+        code = run_controller(str(config), [], load_config(config), log=lines.append)
+    text = "\n".join(lines)
+    assert code == EXIT_USAGE, text
+    assert f"the rendezvous port {port} is already in use" in text
+    assert f"set launch.master_port to a free port (e.g. launch.master_port={port + 1}" in text
+    assert "crashed" not in text  # not retried as a crash: no worker ever started
+    assert read_calls(run_dir) == []
+
+
 @pytest.mark.parametrize(
     ("launcher", "signum", "status"),
     [("none", signal.SIGTERM, 143), ("torchrun", signal.SIGUSR1, 138)],
@@ -1021,6 +1041,7 @@ DECISIONS: list[tuple[dict[str, Any], tuple[str, int, int, bool]]] = [
     ({"code": 75, "resize": ask(2), "workers": 2}, ("stop", 1, 0, False)),  # nothing to change
     ({"code": 65, "resize": ask(2)}, ("stop", 65, 0, False)),  # a non-finite loss wins
     ({"code": 2}, ("stop", 2, 0, False)),
+    ({"code": 1, "port_in_use": 29500}, ("stop", 2, 0, False)),  # not a crash to retry
     ({"code": 3, "workers": 2}, ("relaunch", 0, 2, True)),  # a crash: restart as wide
     ({"code": 3, "restarts": 1}, ("relaunch", 0, 1, True)),
     ({"code": 3, "restarts": 2}, ("stop", 3, 0, False)),  # launch.max_restarts=2 used up

@@ -23,6 +23,7 @@ from distgrow.launch.environment import local_gpu_count, log_command
 from distgrow.launch.executor import (
     Executor,
     Outcome,
+    address_in_use,
     log_tail,
     run_subprocess,
     torchrun_status,
@@ -87,6 +88,7 @@ class AttemptEnd:
         log: The launch's log.
         resize_path: Where ``resize.json`` is read (for the messages).
         error: The last error a worker printed (``distgrow: error: ...``), if any.
+        port_in_use: The rendezvous port, when the log says it was already in use.
     """
 
     number: int
@@ -99,6 +101,7 @@ class AttemptEnd:
     log: Path = Path("attempt.log")
     resize_path: Path = Path(RESIZE_FILE)
     error: str | None = None
+    port_in_use: int | None = None
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,16 @@ def decide(end: AttemptEnd, limit: int, limit_reason: str, max_restarts: int) ->
         resize is not None and code not in (EXIT_USAGE, EXIT_NONFINITE)
     ):
         return _grow(end, limit, limit_reason)
+    if end.port_in_use is not None:
+        port = end.port_in_use
+        return Decision(
+            "stop",
+            EXIT_USAGE,
+            message=f"the rendezvous port {port} is already in use (exit {code}): another job, "
+            "or a run still ending, holds it; a retry would fail the same way",
+            fix=f"set launch.master_port to a free port (e.g. launch.master_port={port + 1}; "
+            "in SLURM the job id mod 1000 is added to it), or wait for the other job to end",
+        )
     if code == EXIT_USAGE:
         # A config, data, run-directory or checkpoint problem: the worker's own line says which.
         said = f": {end.error}" if end.error else ""
@@ -416,6 +429,7 @@ def run_controller(
         # mpirun, srun and others exit 1 (or their own status) after their workers stopped
         # cleanly on a signal; rank 0's last record says so.
         recorded = None if job.elastic_agents else recorded_stop_signal(job.run_dir, started_wall)
+        tail = log_tail(log_path)
         end = AttemptEnd(
             number,
             workers,
@@ -426,7 +440,8 @@ def run_controller(
             restarts,
             log_path,
             job.run.resize,
-            worker_error(log_tail(log_path)) if code == EXIT_USAGE else None,
+            worker_error(tail) if code == EXIT_USAGE else None,
+            job.rendezvous.master_port if code != EXIT_OK and address_in_use(tail) else None,
         )
         decision = decide(end, job.limit, job.limit_reason, job.cfg.launch.max_restarts)
         if decision.action == "relaunch":

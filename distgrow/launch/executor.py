@@ -225,6 +225,12 @@ def worker_error(log_text: str) -> str | None:
     return found[-1].strip() if found else None
 
 
+def address_in_use(log_text: str) -> bool:
+    """True when the launch failed to listen on its rendezvous port (``EADDRINUSE``): torchrun's
+    store, or ``torch.distributed``'s in a worker, found the port taken."""
+    return "EADDRINUSE" in log_text or "ddress already in use" in log_text
+
+
 def torchrun_root_cause(log_text: str) -> int | None:
     """The worker exit status in torchrun's failure report ("Root Cause ... exitcode : N").
 
