@@ -39,6 +39,7 @@ from distgrow.launch import (
     LaunchError,
     LaunchSpec,
     Outcome,
+    PlannedExitFilter,
     _prepare,
     build_command,
     build_deepspeed,
@@ -1236,3 +1237,79 @@ def test_a_corrupt_checkpoint_gets_the_checkpoint_message_not_the_nonfinite_one(
     assert "non-finite" not in text and "optim.lr" not in text
     code, _, lines = control(config, [Ending(65)])
     assert "(a non-finite loss)" in "\n".join(lines) and "lower optim.lr" in "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# A planned growth (exit 75) under torchrun shows no failure report in the terminal
+# --------------------------------------------------------------------------------------------
+
+TORCHRUN_REPORT = """\
+E1129 00:51:35.105000 21785 torch/distributed/elastic/multiprocessing/api.py:1002] failed \
+(exitcode: {code}) local_rank: 0 (pid: 22015) of binary: /venv/bin/python
+Traceback (most recent call last):
+  File "<frozen runpy>", line 198, in _run_module_as_main
+  File "/venv/lib/python3.11/site-packages/torch/distributed/launcher/api.py", line 383, in x
+    raise ChildFailedError(
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError: 
+============================================================
+distgrow FAILED
+------------------------------------------------------------
+Failures:
+  <NO_OTHER_FAILURES>
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  rank      : 0 (local_rank: 0)
+  exitcode  : {code} (pid: 22015) 
+  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html
+============================================================
+"""  # noqa: W291 - torchrun's own trailing spaces
+
+WORKER_CRASH = """\
+Traceback (most recent call last):
+  File "train.py", line 3, in <module>
+    1 / 0
+ZeroDivisionError: division by zero
+"""
+
+
+def _through_filter(text: str, size: int) -> str:
+    shown = PlannedExitFilter()
+    out = [shown.feed(text[i : i + size]) for i in range(0, len(text), size)]
+    return "".join(out) + shown.close()
+
+
+@pytest.mark.parametrize("size", [1, 7, 100000])
+def test_the_terminal_hides_torchruns_report_of_a_planned_exit_only(size: int) -> None:
+    before = "distgrow: epoch 2: the plan needs 2 workers\n"
+    planned = _through_filter(before + TORCHRUN_REPORT.format(code=75) + "after\n", size)
+    assert planned == (
+        before + "torchrun: the workers exited 75 to grow the job (torchrun's failure report "
+        "is in the log)\nafter\n"
+    )
+    crash = before + WORKER_CRASH + TORCHRUN_REPORT.format(code=1)
+    assert _through_filter(crash, size) == crash  # a real failure shows whole
+    bar = "\r\x1b[Kepoch 1 [===   ]\r\x1b[Kepoch 1 [====  ]\n"
+    assert _through_filter(bar, size) == bar
+
+
+def test_a_progress_line_shows_before_its_newline() -> None:
+    shown = PlannedExitFilter()
+    assert shown.feed("\r\x1b[Kepoch 1 [==") == "\r\x1b[Kepoch 1 [=="
+    assert shown.feed("Trac") == "Trac"  # the rest of a line already shown, not a traceback
+    assert shown.feed("\nTrac") == "\n"  # a line that may start a traceback waits
+    assert shown.feed("ing on\n") == "Tracing on\n"
+
+
+def test_real_torchrun_growth_prints_no_failure_report(
+    fake_env: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    config, run_dir = real_config(fake_env, "torchrun")
+    monkeypatch.setenv("FAKE_WORKER", "grow:2")
+    lines: list[str] = []
+    assert run_controller(str(config), [], load_config(config), log=lines.append) == 0
+    out = capfd.readouterr().out
+    assert "the workers exited 75 to grow the job" in out
+    assert "ChildFailedError" not in out and "FAILED" not in out and "exitcode: 75" not in out
+    log = (run_dir / "launch" / "attempt-01-1w.log").read_text()
+    assert "ChildFailedError" in log and "exitcode  : 75" in log  # the log keeps it all

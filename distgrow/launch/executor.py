@@ -8,6 +8,7 @@ did; its log keeps the root cause).
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import io
 import os
@@ -21,9 +22,9 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Literal
 
-from distgrow.exits import EXIT_FAILURE
+from distgrow.exits import EXIT_FAILURE, EXIT_NEED_WORKERS
 from distgrow.signals import exit_status, signal_from_status
 
 # What the controller exits with when a signal stopped the run: the shell's 128 + signal number,
@@ -51,6 +52,95 @@ class Outcome:
 Executor = Callable[[list[str], dict[str, str], Path], Outcome]
 """Runs ``argv`` with ``os.environ`` plus the env additions, writing its output to the log
 path; returns the :class:`Outcome`. Tests pass a fake one to check the controller's decisions."""
+
+
+_TRACEBACK = "Traceback (most recent call last):"
+_CHILD_FAILED = "torch.distributed.elastic.multiprocessing.errors.ChildFailedError"
+_AGENT_FAILED_75 = re.compile(rf"\] failed \(exitcode: {EXIT_NEED_WORKERS}\) local_rank")
+_REPORT_MAX_LINES = 500  # more than any report torchrun writes: past it, show what was held
+
+
+def _may_be_hidden(start: str) -> bool:
+    """True when a line that starts with ``start`` may be one the filter hides: a traceback's
+    first line, or an error line of torchrun's agent (``E1129 00:51:35 ...``)."""
+    return _TRACEBACK.startswith(start) or re.match(r"E\d*(?: |$)", start) is not None
+
+
+class PlannedExitFilter:
+    """What the terminal shows of a launcher's output: all of it, except torchrun's failure
+    report when the workers exited 75 on purpose (the plan needs more of them).
+
+    torchrun treats any non-zero worker status as a failure: its agent logs "failed (exitcode:
+    75)" and it ends with a ``ChildFailedError`` traceback and a "FAILED" table. For a planned
+    growth that is noise in the terminal; the log file keeps it (the controller reads the root
+    cause there). A traceback is held until its exception line: any other one is shown as it
+    was (a worker's crash stays visible), torchrun's report until its closing rule, then
+    replaced by one line when its root cause is 75 and shown whole otherwise; the agent's
+    "failed (exitcode: 75)" line is dropped. Partial lines (a progress bar redrawn with
+    ``\\r``) pass at once, unless they may start a line that is hidden.
+    """
+
+    def __init__(self) -> None:
+        self._held: list[str] = []
+        self._state: Literal["pass", "traceback", "report"] = "pass"
+        self._rules = 0
+        self._partial = ""  # the start of a line that may become a traceback's first
+        self._mid_line = False  # the start of the current line was already shown
+
+    def feed(self, text: str) -> str:
+        """The part of ``text`` (the child's next output) to show now."""
+        *lines, last = (self._partial + text).split("\n")
+        self._partial = ""
+        out = []
+        for line in lines:
+            if self._mid_line:  # the rest of a line already shown in part
+                self._mid_line = False
+                out.append(line + "\n")
+            else:
+                out.append(self._line(line))
+        if last:
+            if self._state == "pass" and (self._mid_line or not _may_be_hidden(last)):
+                out.append(last)
+                self._mid_line = True
+            else:
+                self._partial = last
+        return "".join(out)
+
+    def close(self) -> str:
+        """What is still held, at the end of the output."""
+        held, self._partial = self._release() + self._partial, ""
+        return held
+
+    def _line(self, line: str) -> str:
+        if self._state == "pass":
+            if line == _TRACEBACK:
+                self._state, self._held = "traceback", [line]
+                return ""
+            return "" if _AGENT_FAILED_75.search(line) else line + "\n"
+        self._held.append(line)
+        if self._state == "traceback":
+            if line[:1] in (" ", "\t"):  # a frame of the traceback
+                return ""
+            if line.startswith(_CHILD_FAILED):
+                self._state, self._rules = "report", 0
+                return ""
+            return self._release()
+        if line and set(line.strip()) == {"="}:
+            self._rules += 1
+        if self._rules >= 2:  # the report's closing rule
+            if torchrun_root_cause("\n".join(self._held)) == EXIT_NEED_WORKERS:
+                self._held, self._state = [], "pass"
+                return (
+                    f"torchrun: the workers exited {EXIT_NEED_WORKERS} to grow the job "
+                    "(torchrun's failure report is in the log)\n"
+                )
+            return self._release()
+        return self._release() if len(self._held) > _REPORT_MAX_LINES else ""
+
+    def _release(self) -> str:
+        held = "".join(line + "\n" for line in self._held)
+        self._held, self._state = [], "pass"
+        return held
 
 
 class Process:
@@ -113,23 +203,38 @@ class Process:
 
     def _tee(self, echo: Callable[[str], None] | None) -> None:
         stream = typing.cast(io.BufferedReader, self.proc.stdout)
-        out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
-        pending = b""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        shown = PlannedExitFilter()
+        pending = ""
         # read1 returns what is there now, so progress lines show up as they are printed.
         while chunk := stream.read1(65536):
-            self._log.write(chunk)
+            self._log.write(chunk)  # the log keeps everything, as the child wrote it
             self._log.flush()
-            if echo is not None:
-                *lines, pending = (pending + chunk).split(b"\n")
-                for line in lines:
-                    echo(line.decode(errors="replace").rstrip("\r"))
-            elif out is not None:
-                out.write(chunk)
-                out.flush()
-            else:  # a replaced sys.stdout (pytest's capture, a notebook) takes text
-                sys.stdout.write(chunk.decode(errors="replace"))
-        if echo is not None and pending:
-            echo(pending.decode(errors="replace").rstrip("\r"))
+            text = shown.feed(decoder.decode(chunk))
+            if echo is None:
+                _show(text)
+                continue
+            *lines, pending = (pending + text).split("\n")
+            for line in lines:
+                echo(line.rstrip("\r"))
+        rest = shown.feed(decoder.decode(b"", final=True)) + shown.close()
+        if echo is None:
+            _show(rest)
+        else:
+            for line in (pending + rest).split("\n"):
+                if line:
+                    echo(line.rstrip("\r"))
+
+
+def _show(text: str) -> None:
+    """Write ``text`` to the terminal now."""
+    if not text:
+        return
+    if hasattr(sys.stdout, "buffer"):
+        sys.stdout.buffer.write(text.encode(errors="replace"))
+        sys.stdout.buffer.flush()
+    else:  # a replaced sys.stdout (pytest's capture, a notebook) takes text
+        sys.stdout.write(text)
 
 
 @contextlib.contextmanager
