@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 from distgrow.config import load_config
+from distgrow.rundir import ResizeRequest, RunDir
 from distgrow.runtime import detect_runtime
 
 verb, args = sys.argv[1], sys.argv[2:]
@@ -74,11 +75,11 @@ if mode == "grow":
     need = int(value)
     if rt.world_size < need:
         if rt.rank == 0:
-            resize = {"need_workers": need, "have_workers": rt.world_size, "epoch": 1,
-                      "step": 10, "checkpoint": str(run / "ckpt-000000010.pt")}
-            tmp = run / "resize.json.tmp"
-            tmp.write_text(json.dumps(resize))
-            os.replace(tmp, run / "resize.json")
+            RunDir(run).write_resize(ResizeRequest(
+                need_workers=need, have_workers=rt.world_size, epoch=1, position=320, step=10,
+                samples_seen=320, global_batch=32, time=time.time(),
+                checkpoint=str(run / "ckpt-000000010.pt"), exit_code=75,
+            ))
         sys.exit(75)
     sys.exit(0)
 if mode == "exit":

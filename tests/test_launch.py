@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -29,13 +31,15 @@ from conftest import (
 )
 from launch_fakes import make_fake_distgrow, read_calls
 
-from distgrow.config import Config, load_config
+from distgrow.config import Config, ConfigError, load_config
 from distgrow.exits import EXIT_NEED_WORKERS, EXIT_NONFINITE, EXIT_USAGE
 from distgrow.launch import (
     ELASTIC_LAST_CALL_S,
+    AttemptEnd,
     LaunchError,
     LaunchSpec,
     Outcome,
+    PlannedExitFilter,
     _prepare,
     build_command,
     build_deepspeed,
@@ -44,19 +48,24 @@ from distgrow.launch import (
     build_none,
     build_srun,
     build_torchrun,
+    decide,
     describe_env_changes,
     detect_launcher,
     main_launch,
     max_workers_from_env,
     redact,
+    remote_shell_args,
     rendezvous_from_env,
     run_controller,
+    run_subprocess,
     slurm_hostnames,
     torchrun_root_cause,
     torchrun_stop_signal_status,
+    with_updates,
     worker_limit,
+    write_discovery_script,
 )
-from distgrow.rundir import RESIZE_FILE
+from distgrow.rundir import RESIZE_FILE, ResizeRequest, RunDir
 
 PY = "/venv/bin/python"
 TRAIN = ["-m", "distgrow", "train", "cfg.yaml"]
@@ -444,14 +453,20 @@ class ScriptedExecutor:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_path.write_text(ending.log)
         if ending.need is not None:
-            resize: dict[str, Any] = {
-                "need_workers": ending.need,
-                "have_workers": 1,
-                "epoch": 1,
-                "step": 52,
-            }
-            resize["checkpoint"] = str(self.run_dir / "ckpt-000000052.pt")
-            (self.run_dir / RESIZE_FILE).write_text(json.dumps(resize))
+            RunDir(self.run_dir).write_resize(
+                ResizeRequest(
+                    need_workers=ending.need,
+                    have_workers=1,
+                    epoch=1,
+                    position=0,
+                    step=52,
+                    samples_seen=1664,
+                    global_batch=32,
+                    time=time.time(),
+                    checkpoint=str(self.run_dir / "ckpt-000000052.pt"),
+                    exit_code=75,
+                )
+            )
         return Outcome(ending.code, ending.signal)
 
     def workers(self) -> list[int]:
@@ -716,13 +731,16 @@ def test_real_launch_exits_75_then_relaunches_wider(
     ]
     logs = sorted(p.name for p in (run_dir / "launch").glob("*.log"))
     assert logs == ["attempt-01-1w.log", "attempt-02-2w.log"]
-    assert json.loads((run_dir / "launch" / "attempt-01.resize.json").read_text()) == {
-        "need_workers": 2,
-        "have_workers": 1,
-        "epoch": 1,
-        "step": 10,
-        "checkpoint": str(run_dir / "ckpt-000000010.pt"),
-    }
+    asked = ResizeRequest.from_dict(
+        json.loads((run_dir / "launch" / "attempt-01.resize.json").read_text())
+    )
+    assert (asked.need_workers, asked.have_workers, asked.epoch, asked.step, asked.checkpoint) == (
+        2,
+        1,
+        1,
+        10,
+        str(run_dir / "ckpt-000000010.pt"),
+    )
 
 
 def test_real_torchrun_nonfinite_stops_at_once_and_crash_is_retried(
@@ -738,6 +756,25 @@ def test_real_torchrun_nonfinite_stops_at_once_and_crash_is_retried(
     monkeypatch.setenv("FAKE_WORKER", "crash:2")
     assert run_controller(str(config), [], load_config(config), log=lines.append) == 0
     assert [c["resume"] for c in read_calls(run_dir)] == [False, True, True]
+
+
+def test_real_torchrun_on_a_port_in_use_names_launch_master_port(
+    fake_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config, run_dir = real_config(fake_env, "torchrun", master_port=port, max_restarts=3)
+        monkeypatch.setenv("FAKE_WORKER", "exit:0")
+        lines: list[str] = []
+        code = run_controller(str(config), [], load_config(config), log=lines.append)
+    text = "\n".join(lines)
+    assert code == EXIT_USAGE, text
+    assert f"the rendezvous port {port} is already in use" in text
+    assert f"set launch.master_port to a free port (e.g. launch.master_port={port + 1}" in text
+    assert "crashed" not in text  # not retried as a crash: no worker ever started
+    assert read_calls(run_dir) == []
 
 
 @pytest.mark.parametrize(
@@ -965,3 +1002,314 @@ def test_mpirun_exit_1_after_a_recorded_clean_stop_is_not_a_crash(
         )
         assert code == expected, "\n".join(lines)
         assert len(executor.calls) == (1 if expected == 143 else 2)
+
+
+# --------------------------------------------------------------------------------------------
+# The decision after a launch: a table
+# --------------------------------------------------------------------------------------------
+
+
+def ask(need: int) -> ResizeRequest:
+    """A resize request for ``need`` workers, as rank 0 writes it with exit 75."""
+    return ResizeRequest(
+        need_workers=need,
+        have_workers=1,
+        epoch=2,
+        position=0,
+        step=52,
+        samples_seen=1664,
+        global_batch=64,
+        time=0.0,
+        checkpoint="/run/ckpt-000000052.pt",
+        exit_code=75,
+    )
+
+
+TERM, USR1 = int(signal.SIGTERM), int(signal.SIGUSR1)
+
+# (how the launch ended, (action, status, workers, restart))
+DECISIONS: list[tuple[dict[str, Any], tuple[str, int, int, bool]]] = [
+    ({"code": 0}, ("done", 0, 0, False)),
+    ({"code": 0, "signal": TERM}, ("done", 0, 0, False)),  # finished as the signal came
+    ({"code": 1, "signal": TERM}, ("stop", 143, 0, False)),  # forwarded by the controller
+    ({"code": 138}, ("stop", 138, 0, False)),  # the workers checkpointed on SLURM's USR1
+    ({"code": -TERM}, ("stop", 143, 0, False)),  # killed by SIGTERM before checkpointing
+    ({"code": 1, "recorded_stop": USR1}, ("stop", 138, 0, False)),  # mpirun's 1 after a stop
+    ({"code": 75, "resize": ask(2)}, ("relaunch", 0, 2, False)),
+    ({"code": 1, "resize": ask(4)}, ("relaunch", 0, 4, False)),  # torchrun's 1 hides the 75
+    ({"code": 75}, ("stop", 1, 0, False)),  # no readable resize.json
+    ({"code": 75, "resize": ask(8)}, ("stop", 75, 0, False)),  # above the limit of 4
+    ({"code": 75, "resize": ask(2), "workers": 2}, ("stop", 1, 0, False)),  # nothing to change
+    ({"code": 65, "resize": ask(2)}, ("stop", 65, 0, False)),  # a non-finite loss wins
+    ({"code": 2}, ("stop", 2, 0, False)),
+    ({"code": 1, "port_in_use": 29500}, ("stop", 2, 0, False)),  # not a crash to retry
+    ({"code": 3, "workers": 2}, ("relaunch", 0, 2, True)),  # a crash: restart as wide
+    ({"code": 3, "restarts": 1}, ("relaunch", 0, 1, True)),
+    ({"code": 3, "restarts": 2}, ("stop", 3, 0, False)),  # launch.max_restarts=2 used up
+    ({"code": -9, "restarts": 2}, ("stop", 1, 0, False)),  # SIGKILL is a crash, not a stop
+]
+
+
+@pytest.mark.parametrize(("ended", "expected"), DECISIONS)
+def test_decide(ended: dict[str, Any], expected: tuple[str, int, int, bool]) -> None:
+    end = AttemptEnd(**({"number": 1, "workers": 1} | ended))
+    decision = decide(end, limit=4, limit_reason="growth.max_workers=4", max_restarts=2)
+    assert (decision.action, decision.status, decision.workers, decision.restart) == expected
+    assert decision.message
+    # A stop the user must act on lists the attempts and says how to fix it.
+    reported = decision.action == "stop" and decision.status not in (143, 138)
+    assert bool(decision.fix) == reported
+
+
+def test_decide_says_why_it_grows_or_stops() -> None:
+    grow = decide(AttemptEnd(1, 1, 75, resize=ask(2)), 4, "SLURM_NTASKS=4", 0)
+    assert grow.message == (
+        "the plan needs 2 workers from epoch 2: relaunching wider from /run/ckpt-000000052.pt"
+    )
+    above = decide(AttemptEnd(1, 1, 75, resize=ask(8)), 4, "SLURM_NTASKS=4", 0)
+    assert "needs 8 workers from epoch 2 (step 52), above the limit of 4 (SLURM_NTASKS=4)" in (
+        above.message
+    )
+    assert "sbatch --ntasks=8" in above.fix
+
+
+# --------------------------------------------------------------------------------------------
+# No remote shell runs a config value (DeepSpeed's pdsh runner on several nodes)
+# --------------------------------------------------------------------------------------------
+
+HOSTILE = [
+    "logging.wandb.project=$(touch pwned) x",
+    "data.root=/d;touch pwned",
+    "data.root=/d`touch pwned`",
+    "run.name=a  b   c",
+    "data.root=/data/[ab]*",
+    'run.name="quoted" \\back \\\\two `tick` $HOME ${HOME}',
+    "run.name=it's",
+    "run.name=tab\there",
+    "run.name=new\nline",
+    "run.name=",
+    "run.name=!x && exit 3 | >out <in",
+]
+
+
+def _pdsh_user_args(args: list[str]) -> list[str]:
+    """What DeepSpeed's PDSHRunner.parse_user_args does to the user arguments (0.x): wrap an
+    argument holding a space in double quotes, escaping only ``"``."""
+    return ['"{}"'.format(a.replace('"', '\\"')) if " " in a else a for a in args]
+
+
+def _remote_shell_parse(line: str, cwd: Path) -> list[str]:
+    """The argv a POSIX shell on the remote node makes of ``line``."""
+    out = subprocess.run(
+        ["sh", "-c", "printf '%s\\0' " + line], cwd=cwd, capture_output=True, check=True
+    ).stdout.decode()
+    return out.split("\0")[:-1]
+
+
+def _deepspeed_user_args(argv: list[str]) -> list[str]:
+    """The worker arguments after ``--module distgrow`` in a deepspeed argv."""
+    return argv[argv.index("--module") + 2 :]
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_deepspeed_multi_node_quotes_every_worker_argument(value: str, tmp_path: Path) -> None:
+    config = "/my configs/c [1].yaml"
+    argv, _ = build_deepspeed(
+        spec(workers=4, nodes=2, hostfile="/h", config=config, overrides=(value,), resume=True)
+    )
+    line = " ".join(_pdsh_user_args(_deepspeed_user_args(argv)))
+    assert _remote_shell_parse(line, tmp_path) == ["train", config, value, "run.resume=true"]
+    assert not (tmp_path / "pwned").exists()
+    # One node starts no shell: the arguments stay as they are.
+    local, _ = build_deepspeed(spec(workers=2, config=config, overrides=(value,)))
+    assert _deepspeed_user_args(local) == ["train", config, value]
+
+
+def test_remote_shell_args_survive_deepspeeds_own_pdsh_runner(tmp_path: Path) -> None:
+    runner = pytest.importorskip("deepspeed.launcher.multinode_runner")
+    argv, _ = build_deepspeed(spec(workers=4, nodes=2, hostfile="/h", overrides=tuple(HOSTILE)))
+    holder = SimpleNamespace(args=SimpleNamespace(user_args=_deepspeed_user_args(argv)))
+    processed = runner.PDSHRunner.parse_user_args(holder)
+    line = " ".join(processed)
+    assert _remote_shell_parse(line, tmp_path) == ["train", "cfg.yaml", *HOSTILE]
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_remote_shell_args_quote_what_a_shell_would_expand() -> None:
+    assert remote_shell_args(["a", "data.root=/d;id", "x=$(id) y"]) == [
+        "a",
+        "'data.root=/d;id'",
+        "x=\\$(id) y",
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Horovod Elastic's host discovery
+# --------------------------------------------------------------------------------------------
+
+
+def test_horovod_discovery_script_follows_elastic_requests_and_never_shrinks(
+    tmp_path: Path,
+) -> None:
+    run = RunDir(tmp_path / "run")
+    script = run.launch_dir / "discover_hosts"
+    write_discovery_script(
+        script, spec(workers=2, nodes=2, hosts=("n1", "n2", "n3"), elastic=True, max_workers=6)
+    )
+    text = script.read_text()
+    assert text.startswith(f"#!{PY}\n") and "sed" not in text and "grep" not in text
+    script.write_text(text.replace(PY, sys.executable, 1))  # PY is a made-up path
+
+    def offered() -> list[str]:
+        return subprocess.run(
+            [str(script)], capture_output=True, text=True, check=True
+        ).stdout.split()
+
+    assert offered() == ["n1:2"]
+    run.write_resize(replace(ask(5), elastic=True))
+    assert offered() == ["n1:3", "n2:2"]  # ceil(6 / 2) slots a host, hosts in order
+    run.write_resize(replace(ask(9), elastic=True))
+    assert offered() == ["n1:3", "n2:2"]  # above the elastic maximum: not offered
+    run.write_resize(replace(ask(3), elastic=True))
+    assert offered() == ["n1:3", "n2:2"]  # never shrinks
+    run.clear_resize()
+    assert offered() == ["n1:3", "n2:2"]  # a resumed run removed resize.json
+    run.write_resize(ask(6))  # exit 75's request is the controller's, not Horovod's
+    assert offered() == ["n1:3", "n2:2"]
+
+
+# --------------------------------------------------------------------------------------------
+# The config, changed as a typed object; the one process runner
+# --------------------------------------------------------------------------------------------
+
+
+def test_with_updates_changes_one_field_and_validates(tmp_path: Path) -> None:
+    cfg = load_config(write_config(tmp_path / "c.yaml", GROWING))
+    changed = with_updates(cfg, "growth", max_workers=2)
+    assert changed.growth.max_workers == 2 and cfg.growth.max_workers == 4
+    assert changed.growth.base_batch == cfg.growth.base_batch and changed.run == cfg.run
+    with pytest.raises(ConfigError, match="growth.max_workers"):
+        with_updates(cfg, "growth", max_workers=0)
+
+
+def test_prepare_hands_the_workers_the_changes_it_made(growing: tuple[Path, Path]) -> None:
+    config, _ = growing
+    env = {"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n1"}
+    given = ["optim.lr=0.2"]
+    job, plan = _prepare(str(config), given, load_config(config, given), env, print, PY, 0)
+    assert job.overrides == ("optim.lr=0.2", "growth.max_workers=2")
+    assert job.cfg.growth.max_workers == 2
+    assert load_config(config, list(job.overrides)) == job.cfg  # the workers' config is the job's
+    assert max(p.workers for p in plan.phases) == 2
+
+
+def test_run_subprocess_tees_lines_to_echo_and_the_log(tmp_path: Path) -> None:
+    log = tmp_path / "logs" / "child.log"
+    lines: list[str] = []
+    code = "import sys; print('one'); print('two', file=sys.stderr); sys.stdout.write('three')"
+    outcome = run_subprocess(
+        [sys.executable, "-c", code + "; sys.exit(7)"], {}, log, echo=lines.append
+    )
+    assert outcome == Outcome(7, None)
+    assert sorted(lines) == ["one", "three", "two"]
+    assert sorted(log.read_text().split()) == ["one", "three", "two"]
+    killed = run_subprocess([sys.executable, "-c", "import os; os.kill(os.getpid(), 15)"], {}, log)
+    assert killed.returncode == 143  # as a shell reports a process killed by SIGTERM
+
+
+def test_a_corrupt_checkpoint_gets_the_checkpoint_message_not_the_nonfinite_one(
+    growing: tuple[Path, Path],
+) -> None:
+    config, run_dir = growing
+    said = (
+        f"checkpoint {run_dir}/ckpt-000000052.pt cannot be read (UnpicklingError: invalid load "
+        "key). It was left untouched. Fix: move it out of the run directory to resume from the "
+        "previous checkpoint, or set run.output_dir to a new directory to start over."
+    )
+    # What torchrun leaves in the log: the worker's error, then its own report (status 1).
+    log = (
+        f"distgrow: error: {said}\nRoot Cause (first observed failure):\n  exitcode  : 2 (pid: 1)\n"
+    )
+    code, ex, lines = control(config, [Ending(1, log=log)])
+    text = "\n".join(lines)
+    assert (code, len(ex.calls)) == (EXIT_USAGE, 1)
+    assert f"checkpoint problem; a retry would fail the same way): {said}" in text
+    assert "non-finite" not in text and "optim.lr" not in text
+    code, _, lines = control(config, [Ending(65)])
+    assert "(a non-finite loss)" in "\n".join(lines) and "lower optim.lr" in "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# A planned growth (exit 75) under torchrun shows no failure report in the terminal
+# --------------------------------------------------------------------------------------------
+
+TORCHRUN_REPORT = """\
+E1129 00:51:35.105000 21785 torch/distributed/elastic/multiprocessing/api.py:1002] failed \
+(exitcode: {code}) local_rank: 0 (pid: 22015) of binary: /venv/bin/python
+Traceback (most recent call last):
+  File "<frozen runpy>", line 198, in _run_module_as_main
+  File "/venv/lib/python3.11/site-packages/torch/distributed/launcher/api.py", line 383, in x
+    raise ChildFailedError(
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError: 
+============================================================
+distgrow FAILED
+------------------------------------------------------------
+Failures:
+  <NO_OTHER_FAILURES>
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  rank      : 0 (local_rank: 0)
+  exitcode  : {code} (pid: 22015) 
+  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html
+============================================================
+"""  # noqa: W291 - torchrun's own trailing spaces
+
+WORKER_CRASH = """\
+Traceback (most recent call last):
+  File "train.py", line 3, in <module>
+    1 / 0
+ZeroDivisionError: division by zero
+"""
+
+
+def _through_filter(text: str, size: int) -> str:
+    shown = PlannedExitFilter()
+    out = [shown.feed(text[i : i + size]) for i in range(0, len(text), size)]
+    return "".join(out) + shown.close()
+
+
+@pytest.mark.parametrize("size", [1, 7, 100000])
+def test_the_terminal_hides_torchruns_report_of_a_planned_exit_only(size: int) -> None:
+    before = "distgrow: epoch 2: the plan needs 2 workers\n"
+    planned = _through_filter(before + TORCHRUN_REPORT.format(code=75) + "after\n", size)
+    assert planned == (
+        before + "torchrun: the workers exited 75 to grow the job (torchrun's failure report "
+        "is in the log)\nafter\n"
+    )
+    crash = before + WORKER_CRASH + TORCHRUN_REPORT.format(code=1)
+    assert _through_filter(crash, size) == crash  # a real failure shows whole
+    bar = "\r\x1b[Kepoch 1 [===   ]\r\x1b[Kepoch 1 [====  ]\n"
+    assert _through_filter(bar, size) == bar
+
+
+def test_a_progress_line_shows_before_its_newline() -> None:
+    shown = PlannedExitFilter()
+    assert shown.feed("\r\x1b[Kepoch 1 [==") == "\r\x1b[Kepoch 1 [=="
+    assert shown.feed("Trac") == "Trac"  # the rest of a line already shown, not a traceback
+    assert shown.feed("\nTrac") == "\n"  # a line that may start a traceback waits
+    assert shown.feed("ing on\n") == "Tracing on\n"
+
+
+def test_real_torchrun_growth_prints_no_failure_report(
+    fake_env: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    config, run_dir = real_config(fake_env, "torchrun")
+    monkeypatch.setenv("FAKE_WORKER", "grow:2")
+    lines: list[str] = []
+    assert run_controller(str(config), [], load_config(config), log=lines.append) == 0
+    out = capfd.readouterr().out
+    assert "the workers exited 75 to grow the job" in out
+    assert "ChildFailedError" not in out and "FAILED" not in out and "exitcode: 75" not in out
+    log = (run_dir / "launch" / "attempt-01-1w.log").read_text()
+    assert "ChildFailedError" in log and "exitcode  : 75" in log  # the log keeps it all

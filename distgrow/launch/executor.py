@@ -1,0 +1,377 @@
+"""Running a launch: the one place that starts a process, tees its output and forwards signals.
+
+:func:`run_subprocess` runs one launcher (the controller's relaunches, ``compare``'s training
+runs); the elastic agents start several :class:`Process` es under one :func:`forwarding_signals`.
+Also here: reading what a launcher's exit status hides (torchrun exits 1 whatever its workers
+did; its log keeps the root cause).
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import typing
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any, Literal
+
+from distgrow.exits import EXIT_FAILURE, EXIT_NEED_WORKERS
+from distgrow.signals import exit_status, signal_from_status
+
+# What the controller exits with when a signal stopped the run: the shell's 128 + signal number,
+# so `sbatch`, CI and shells read it as "stopped by SIGTERM/SIGINT". SIGUSR1 is SLURM's
+# pre-emption warning (`--signal=B:USR1@120`): 138 tells the batch script to requeue the job.
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+STOP_GRACE_S = 30.0
+"""How long a child left running by an error in the parent may take to stop before SIGKILL."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one launch ended.
+
+    Attributes:
+        returncode: The launcher's exit status (128 + N when signal N killed it).
+        signal: A signal the controller received and forwarded while it ran, if any.
+    """
+
+    returncode: int
+    signal: int | None = None
+
+
+Executor = Callable[[list[str], dict[str, str], Path], Outcome]
+"""Runs ``argv`` with ``os.environ`` plus the env additions, writing its output to the log
+path; returns the :class:`Outcome`. Tests pass a fake one to check the controller's decisions."""
+
+
+_TRACEBACK = "Traceback (most recent call last):"
+_CHILD_FAILED = "torch.distributed.elastic.multiprocessing.errors.ChildFailedError"
+_AGENT_FAILED_75 = re.compile(rf"\] failed \(exitcode: {EXIT_NEED_WORKERS}\) local_rank")
+_REPORT_MAX_LINES = 500  # more than any report torchrun writes: past it, show what was held
+
+
+def _may_be_hidden(start: str) -> bool:
+    """True when a line that starts with ``start`` may be one the filter hides: a traceback's
+    first line, or an error line of torchrun's agent (``E1129 00:51:35 ...``)."""
+    return _TRACEBACK.startswith(start) or re.match(r"E\d*(?: |$)", start) is not None
+
+
+class PlannedExitFilter:
+    """What the terminal shows of a launcher's output: all of it, except torchrun's failure
+    report when the workers exited 75 on purpose (the plan needs more of them).
+
+    torchrun treats any non-zero worker status as a failure: its agent logs "failed (exitcode:
+    75)" and it ends with a ``ChildFailedError`` traceback and a "FAILED" table. For a planned
+    growth that is noise in the terminal; the log file keeps it (the controller reads the root
+    cause there). A traceback is held until its exception line: any other one is shown as it
+    was (a worker's crash stays visible), torchrun's report until its closing rule, then
+    replaced by one line when its root cause is 75 and shown whole otherwise; the agent's
+    "failed (exitcode: 75)" line is dropped. Partial lines (a progress bar redrawn with
+    ``\\r``) pass at once, unless they may start a line that is hidden.
+    """
+
+    def __init__(self) -> None:
+        self._held: list[str] = []
+        self._state: Literal["pass", "traceback", "report"] = "pass"
+        self._rules = 0
+        self._partial = ""  # the start of a line that may become a traceback's first
+        self._mid_line = False  # the start of the current line was already shown
+
+    def feed(self, text: str) -> str:
+        """The part of ``text`` (the child's next output) to show now."""
+        *lines, last = (self._partial + text).split("\n")
+        self._partial = ""
+        out = []
+        for line in lines:
+            if self._mid_line:  # the rest of a line already shown in part
+                self._mid_line = False
+                out.append(line + "\n")
+            else:
+                out.append(self._line(line))
+        if last:
+            if self._state == "pass" and (self._mid_line or not _may_be_hidden(last)):
+                out.append(last)
+                self._mid_line = True
+            else:
+                self._partial = last
+        return "".join(out)
+
+    def close(self) -> str:
+        """What is still held, at the end of the output."""
+        held, self._partial = self._release() + self._partial, ""
+        return held
+
+    def _line(self, line: str) -> str:
+        if self._state == "pass":
+            if line == _TRACEBACK:
+                self._state, self._held = "traceback", [line]
+                return ""
+            return "" if _AGENT_FAILED_75.search(line) else line + "\n"
+        self._held.append(line)
+        if self._state == "traceback":
+            if line[:1] in (" ", "\t"):  # a frame of the traceback
+                return ""
+            if line.startswith(_CHILD_FAILED):
+                self._state, self._rules = "report", 0
+                return ""
+            return self._release()
+        if line and set(line.strip()) == {"="}:
+            self._rules += 1
+        if self._rules >= 2:  # the report's closing rule
+            if torchrun_root_cause("\n".join(self._held)) == EXIT_NEED_WORKERS:
+                self._held, self._state = [], "pass"
+                return (
+                    f"torchrun: the workers exited {EXIT_NEED_WORKERS} to grow the job "
+                    "(torchrun's failure report is in the log)\n"
+                )
+            return self._release()
+        return self._release() if len(self._held) > _REPORT_MAX_LINES else ""
+
+    def _release(self) -> str:
+        held = "".join(line + "\n" for line in self._held)
+        self._held, self._state = [], "pass"
+        return held
+
+
+class Process:
+    """A child in its own session (process group) whose output goes to a log and the terminal.
+
+    Args:
+        argv: The command.
+        env: Its whole environment.
+        log_path: Appended with everything the child prints (stdout and stderr).
+        echo: Receives each line of output (without its newline) instead of the terminal.
+    """
+
+    def __init__(
+        self,
+        argv: list[str],
+        env: Mapping[str, str],
+        log_path: Path,
+        echo: Callable[[str], None] | None = None,
+    ) -> None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in close(), after its reader
+        try:
+            self.proc = subprocess.Popen(
+                argv,
+                env=dict(env),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except BaseException:
+            self._log.close()
+            raise
+        self._reader = threading.Thread(target=self._tee, args=(echo,), daemon=True)
+        self._reader.start()
+
+    def poll(self) -> int | None:
+        """The exit status once the child ended (negative: killed by that signal), else None."""
+        return self.proc.poll()
+
+    def send(self, signum: int) -> None:
+        """Send ``signum`` to the child's whole process group, if it still runs."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):  # already gone: nothing to stop
+                os.killpg(self.proc.pid, signum)
+
+    def close(self) -> None:
+        """Stop a child left running (an error in the parent), then close the log."""
+        if self.proc.poll() is None:
+            self.send(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                self.send(signal.SIGKILL)
+                self.proc.wait()
+        # A worker that outlives its launcher keeps the pipe open: do not wait on it forever.
+        self._reader.join(timeout=10)
+        self._log.close()
+
+    def _tee(self, echo: Callable[[str], None] | None) -> None:
+        stream = typing.cast(io.BufferedReader, self.proc.stdout)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        shown = PlannedExitFilter()
+        pending = ""
+        # read1 returns what is there now, so progress lines show up as they are printed.
+        while chunk := stream.read1(65536):
+            self._log.write(chunk)  # the log keeps everything, as the child wrote it
+            self._log.flush()
+            text = shown.feed(decoder.decode(chunk))
+            if echo is None:
+                _show(text)
+                continue
+            *lines, pending = (pending + text).split("\n")
+            for line in lines:
+                echo(line.rstrip("\r"))
+        rest = shown.feed(decoder.decode(b"", final=True)) + shown.close()
+        if echo is None:
+            _show(rest)
+        else:
+            for line in (pending + rest).split("\n"):
+                if line:
+                    echo(line.rstrip("\r"))
+
+
+def _show(text: str) -> None:
+    """Write ``text`` to the terminal now."""
+    if not text:
+        return
+    if hasattr(sys.stdout, "buffer"):
+        sys.stdout.buffer.write(text.encode(errors="replace"))
+        sys.stdout.buffer.flush()
+    else:  # a replaced sys.stdout (pytest's capture, a notebook) takes text
+        sys.stdout.write(text)
+
+
+@contextlib.contextmanager
+def forwarding_signals(send: Callable[[int], None]) -> Iterator[list[int]]:
+    """Forward SIGTERM, SIGINT and SIGUSR1 through ``send`` while the block runs.
+
+    The children run in their own sessions, so a Ctrl-C in the terminal reaches only this
+    process, which forwards it once: the workers then checkpoint and exit. SIGINT is forwarded
+    as SIGTERM, which every launcher relays to its workers (srun answers a lone SIGINT with a
+    status report). SIGTERM and SIGUSR1 (SLURM's time-limit and pre-emption warnings) are
+    forwarded as they are; a second Ctrl-C sends SIGKILL.
+
+    Yields:
+        The signals received so far (in order), filled while the block runs. Outside the main
+        thread no handler can be installed and the list stays empty.
+    """
+    received: list[int] = []
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        received.append(signum)
+        to_send: int = signal.SIGTERM if signum == signal.SIGINT else signum
+        if received.count(signal.SIGINT) > 1:
+            to_send = int(signal.SIGKILL)  # Ctrl-C twice: the user wants out now
+        send(to_send)
+
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in FORWARDED_SIGNALS:
+            previous[sig] = signal.signal(sig, forward)
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def run_subprocess(
+    argv: list[str],
+    env_additions: dict[str, str],
+    log_path: Path,
+    *,
+    echo: Callable[[str], None] | None = None,
+    base_env: Mapping[str, str] | None = None,
+) -> Outcome:
+    """The real executor: run ``argv`` to its end, tee its output, forward stop signals.
+
+    Args:
+        argv: The command.
+        env_additions: Set on top of ``base_env``.
+        log_path: Appended with the command's output.
+        echo: Receives each output line instead of the terminal (e.g. with a prefix).
+        base_env: The environment to start from (``os.environ`` by default).
+
+    Returns:
+        The :class:`Outcome`; a child killed by signal N reports ``128 + N``, as a shell does.
+    """
+    process = Process(argv, {**(base_env or os.environ), **env_additions}, log_path, echo)
+    try:
+        with forwarding_signals(process.send) as received:
+            code = process.proc.wait()
+    finally:
+        process.close()
+    if code < 0:
+        code = exit_status(-code)
+    return Outcome(code, received[0] if received else None)
+
+
+# --------------------------------------------------------------------------------------------
+# What a launcher's status hides
+# --------------------------------------------------------------------------------------------
+
+_TORCHRUN_FAILURE = re.compile(r"exitcode\s*:\s*(-?\d+)")
+_TORCHRUN_SIGNALLED = re.compile(r"SignalException: Process \d+ got signal: (\d+)")
+
+
+def log_tail(path: Path, size: int = 65536) -> str:
+    """The last ``size`` bytes of a launch log ("" when it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - size))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+_WORKER_ERROR = re.compile(r"^distgrow(?:\[rank \d+\])?: error: (.+)$", re.MULTILINE)
+
+
+def worker_error(log_text: str) -> str | None:
+    """The last error a worker reported (``distgrow: error: ...``, the line that names the
+    value or file and the fix), without its prefix; None when there is none."""
+    found = _WORKER_ERROR.findall(log_text)
+    return found[-1].strip() if found else None
+
+
+def address_in_use(log_text: str) -> bool:
+    """True when the launch failed to listen on its rendezvous port (``EADDRINUSE``): torchrun's
+    store, or ``torch.distributed``'s in a worker, found the port taken."""
+    return "EADDRINUSE" in log_text or "ddress already in use" in log_text
+
+
+def torchrun_root_cause(log_text: str) -> int | None:
+    """The worker exit status in torchrun's failure report ("Root Cause ... exitcode : N").
+
+    torchrun exits 1 whatever its workers' statuses were; its report is the only place the
+    worker's own status (65, 2, a crash) survives.
+    """
+    _, found, after = log_text.rpartition("Root Cause")
+    if not found:
+        return None
+    match = _TORCHRUN_FAILURE.search(after)
+    return int(match.group(1)) if match else None
+
+
+def torchrun_stop_signal_status(log_text: str) -> int | None:
+    """``128 + N`` when torchrun itself ended on stop signal N ("SignalException ... got signal").
+
+    torchrun forwards the signal to its workers (which checkpoint and exit) and then exits 1
+    with that exception: the run was stopped, it did not crash.
+    """
+    found = _TORCHRUN_SIGNALLED.findall(log_text)
+    if not found:
+        return None
+    signum = int(found[-1])
+    return exit_status(signum) if signal_from_status(exit_status(signum)) else None
+
+
+def torchrun_status(raw: int, log_path: Path) -> tuple[int, int | None]:
+    """(The workers' status, torchrun's root cause) behind torchrun's exit status ``raw``.
+
+    torchrun exits 1 whatever its workers did; its log names the failed worker's status (the
+    root cause), or says torchrun was stopped by a signal (``128 + signal``).
+    """
+    if raw != EXIT_FAILURE:
+        return raw, None
+    tail = log_tail(log_path)
+    cause = torchrun_root_cause(tail)
+    if cause is not None:
+        return cause, cause
+    return torchrun_stop_signal_status(tail) or raw, None
