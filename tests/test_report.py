@@ -10,6 +10,7 @@ import re
 import signal
 import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -443,7 +444,7 @@ def test_parse_list_names_the_bad_item() -> None:
 
 
 def test_compare_stops_at_a_failed_run_and_names_its_log(
-    tmp_path: Path, config_writer: Any, capfd: pytest.CaptureFixture[str]
+    tmp_path: Path, config_writer: Any
 ) -> None:
     fake_python = tmp_path / "python"
     fake_python.write_text("#!/bin/sh\necho 'loss is nan, stopping'\nexit 3\n")
@@ -456,7 +457,7 @@ def test_compare_stops_at_a_failed_run_and_names_its_log(
     assert err.value.exit_code == 1
     assert (out / "logs" / "decay_lr.log").read_text() == "loss is nan, stopping\n"
     # The training's output goes to the terminal as it comes (launch.run_subprocess's tee).
-    assert "loss is nan, stopping\n" in capfd.readouterr().out
+    assert "[decay_lr] loss is nan, stopping" in lines
     assert any(line.startswith("[decay_lr] $ distgrow train") for line in lines)
     assert not (out / "runs" / "grow_batch").exists()  # nothing ran after the failure
 
@@ -497,7 +498,13 @@ class FakeExecutor:
         self.outcome = outcome
         self.argvs: list[list[str]] = []
 
-    def __call__(self, argv: list[str], env: dict[str, str], log_path: Path) -> Outcome:
+    def __call__(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        echo: Callable[[str], None] | None = None,
+    ) -> Outcome:
         self.argvs.append(argv)
         assert env["PYTHONPATH"].split(os.pathsep)[0] == str(REPO)
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -634,7 +641,6 @@ def test_compare_trains_three_variants_and_reports_them(
     tmp_path: Path,
     config_writer: Any,
     monkeypatch: pytest.MonkeyPatch,
-    capfd: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.chdir(tmp_path)
     config = config_writer(yaml.safe_load(dump_config(load_config(None, TINY))))
@@ -664,10 +670,10 @@ def test_compare_trains_three_variants_and_reports_them(
         image = read_png(out / file)
         assert all(mask(image, c).sum() > 50 for c in (BLUE, RED, GREEN)), file
     assert any("report written to" in line for line in lines)
-    # Each training's output went to the terminal and to its log as it came.
+    # Each training's output went to the terminal (behind its variant) and to its log.
     done = "distgrow: done: 70 updates, 3,840 samples"
     assert done in (out / "logs" / "grow_batch.log").read_text()
-    assert done in capfd.readouterr().out
+    assert any(line.startswith(f"[grow_batch] {done}") for line in lines)
     # Run again into the same folder: the finished runs are reused, nothing is retrained.
     again: list[str] = []
     compare(config, out_dir=out, echo=again.append)

@@ -217,8 +217,9 @@ def train_process(
 ) -> Outcome:
     """Run ``distgrow train CONFIG OVERRIDES run.output_dir=RUN_DIR`` to its end.
 
-    The output goes to the terminal and to ``log_path`` (:func:`distgrow.launch.run_subprocess`,
-    which also forwards Ctrl-C, SIGTERM and SIGUSR1 so that the training checkpoints). A run
+    The output goes to ``echo``, each line behind ``prefix``, and to ``log_path``
+    (:func:`distgrow.launch.run_subprocess`, which also forwards Ctrl-C, SIGTERM and SIGUSR1 so
+    that the training checkpoints). A run
     directory with checkpoints but no summary is resumed; one with a summary is not rerun
     (:func:`check_reuse` has made sure that it was trained with this config).
 
@@ -234,7 +235,7 @@ def train_process(
         argv.append("--resume")
         echo(f"{prefix} resuming the unfinished run in {run_dir}")
     echo(f"{prefix} $ distgrow {shlex.join(argv[3:])}")
-    return run_subprocess(argv, _child_env(), log_path)
+    return run_subprocess(argv, _child_env(), log_path, echo=lambda line: echo(f"{prefix} {line}"))
 
 
 def _stopped(outcome: Outcome, what: str, log: Path, out: Path) -> ReportError:
