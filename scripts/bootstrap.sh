@@ -73,7 +73,13 @@ want=$(cat constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
   log "installing the pinned stack (constraints.txt) into $VENV"
   # torch first and alone, from the pinned CPU wheel, so nothing else can pull a CUDA build.
-  pip_q install -q -c "$CONSTRAINTS" "${DISTGROW_TORCH_SPEC:-torch}"
+  # Which index serves it is pip's configuration (pip.conf, PIP_* variables), never this script's.
+  pip_q install -q -c "$CONSTRAINTS" "${DISTGROW_TORCH_SPEC:-torch}" || {
+    log "pip found no ${DISTGROW_TORCH_SPEC:-$(grep '^torch==' "$CONSTRAINTS")} on the indexes it knows:"
+    log "add the index that serves it to pip's configuration (pip.conf, PIP_EXTRA_INDEX_URL;"
+    log "the Docker build: --build-arg TORCH_INDEX=...) or put its wheel in PIP_FIND_LINKS"
+    exit 1
+  }
   # DS_BUILD_OPS=0: DeepSpeed compiles its ops when first used (JIT), not at install time.
   mpi4py_src=()
   [[ "${DISTGROW_MPI4PY_FROM_SOURCE:-0}" == 1 ]] && mpi4py_src=(--no-binary mpi4py)

@@ -12,12 +12,13 @@
 #
 # Exit status 3: no engine answers and none can be installed here (needs root and apt-get).
 # Environment: DISTGROW_DOCKER_DIR (data root, socket and logs; default /var/tmp/distgrow-docker),
-# DISTGROW_DOCKER_BASE (the base image's tag), DISTGROW_DEBIAN_MIRROR (for debootstrap).
+# DISTGROW_DOCKER_BASE (the base image's tag), DISTGROW_DEBIAN_MIRROR (the archive debootstrap
+# uses; default: the first Debian archive in this machine's own apt sources).
 set -euo pipefail
 DIR=${DISTGROW_DOCKER_DIR:-/var/tmp/distgrow-docker}
 SOCK="unix://$DIR/docker.sock"
 BASE_IMAGE=${DISTGROW_DOCKER_BASE:-distgrow-base:bookworm}
-MIRROR=${DISTGROW_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+MIRROR=${DISTGROW_DEBIAN_MIRROR:-}
 UNAVAILABLE=3
 
 log() { printf '[docker_engine] %s\n' "$*" >&2; }
@@ -71,6 +72,20 @@ start() {
   exit 1
 }
 
+# The first archive this machine's apt fetches from (deb822 .sources or one-line .list files),
+# leaving out the security archive, which debootstrap cannot bootstrap from.
+apt_mirror() {
+  local f
+  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+    [[ -f "$f" ]] || continue
+    if [[ "$f" == *.sources ]]; then
+      awk '/^[[:space:]]*URIs:/ { for (i = 2; i <= NF; i++) print $i }' "$f"
+    else
+      awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i !~ /^\[/ && $i !~ /\]$/) { print $i; break } }' "$f"
+    fi
+  done | grep -v -e '-security' | head -n1
+}
+
 base() {
   export DOCKER_HOST=${DOCKER_HOST:-$SOCK}
   if docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
@@ -78,6 +93,11 @@ base() {
     return
   fi
   command -v debootstrap >/dev/null || { need_root_apt debootstrap; apt_install debootstrap; }
+  [[ -n "$MIRROR" ]] || MIRROR=$(apt_mirror)
+  if [[ -z "$MIRROR" ]]; then
+    log "no Debian archive in this machine's apt sources: set DISTGROW_DEBIAN_MIRROR=<archive URL>"
+    exit 1
+  fi
   mkdir -p "$DIR"
   local root t0=$SECONDS
   root=$(mktemp -d "$DIR/rootfs.XXXXXX")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from conftest import (
     SYN_PLAN,
     SYN_UPDATES,
@@ -34,7 +35,7 @@ from conftest import (
     write_config,
 )
 
-from distgrow.checkpoint import list_checkpoints, load_latest
+from distgrow.checkpoint import list_checkpoints, load_checkpoint, load_latest
 from distgrow.metrics import read_jsonl
 
 pytestmark = pytest.mark.integration
@@ -48,7 +49,7 @@ SYN: dict[str, Any] = {**SYN_PLAN, "logging": {"every_steps": 10}}  # see confte
 # micro-batch of 8 holds two ghost batches; the partial batches leave empty micro-batches.
 # lr 0.01: at 0.05 this network is chaotic early on (max-pool near-ties): even 1 × 16 × 2
 # against 1 × 8 × 4 in one process, the same sums in another order, drift apart by 1e-2 in 15
-# updates; at 0.01 they stay within 2e-7, so the comparison tests the trainer, not the chaos.
+# updates. At 0.01 it is calmer, but not calm enough for a rounding tolerance: see FLIP_FRACTION.
 GHOST: dict[str, Any] = {
     "run": {"name": "ghost", "epochs": 2, "seed": 1, "threads": 1},
     "data": {"name": "fashion_mnist", "limit_train": 300, "limit_val": 100},
@@ -63,6 +64,46 @@ GHOST: dict[str, Any] = {
     },
     "logging": {"every_steps": 5},
 }
+
+# How far the ghost-BN realisations may end apart, as a fraction of how far each tensor moved
+# in the last epoch. Every micro-batch's gradient is bit for bit the same in 1 × 8 × 4, 2 × 8 × 2
+# and 4 × 8 × 1 (same samples, parameters, kernels and dropout seeds); only the order of their
+# sum differs (accumulation in one process, gloo's all-reduce across ranks), so one update
+# agrees to float32 rounding. This CNN's ReLU gates and max-pool choices turn a rounding
+# difference into a different gradient wherever a value lies within an ulp of the boundary, and
+# where that happens depends on the CPU's kernels. Measured with these 15 updates (issue #11):
+# 4e-5 of the movement when nothing flips; when something does, up to 1.2e-2 under
+# ATEN_CPU_CAPABILITY=avx2 (2 ranks) and 1.7e-2 under ONEDNN_MAX_CPU_ISA=SSE41 (4 ranks: 9.6e-5
+# in features.0.weight, as on the AMD EPYC of the issue). A wrong loss scale of 1.25 ends 0.74
+# of the movement away; a lost micro-batch takes a quarter of every update's gradient.
+FLIP_FRACTION = 0.05
+
+
+def assert_same_training(
+    got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], before: dict[str, torch.Tensor]
+) -> None:
+    """``got`` ends where ``want`` does, up to FLIP_FRACTION of ``want``'s last movement.
+
+    Args:
+        got: The state dict of another realisation.
+        want: The single worker's final state dict.
+        before: The single worker's state dict one epoch earlier.
+    """
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        if not value.is_floating_point():
+            assert torch.equal(got[name], value), name
+            continue
+        moved = float((value - before[name]).abs().max())
+        assert moved > 0, f"{name} did not move in the last epoch: nothing to compare"
+        # 1e-6 absolute: the rounding floor for a tensor that barely moved (as assert_same_model).
+        allowed = FLIP_FRACTION * moved + 1e-6
+        off = float((got[name] - value).abs().max())
+        assert off <= allowed, (
+            f"{name}: {off:.3g} from the single worker, more than {FLIP_FRACTION} of the "
+            f"{moved:.3g} it moved in the last epoch"
+        )
+
 
 needs_fashion = pytest.mark.skipif(
     not FASHION.is_dir(),
@@ -145,9 +186,11 @@ def test_ghost_batch_norm_is_interchangeable(
     assert splits(run_dir) == {(nproc, 8, accum), (nproc, 8, 2 * accum)}
     want, got = final_state(single), final_state(run_dir)
     assert got["step"] == want["step"] == 10 + 5
+    first_epoch = load_checkpoint(list_checkpoints(single)[-2])
+    assert first_epoch["step"] == 10
     # Parameters and the running statistics: merged across ranks as one worker accumulates them.
     assert any(".running_var" in name for name in want["model"])
-    assert_same_model(got["model"], want["model"])
+    assert_same_training(got["model"], want["model"], first_epoch["model"])
 
 
 @pytest.fixture(scope="module")

@@ -131,9 +131,7 @@ def image(docker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
             "build",
             "--build-arg",
             f"BASE={BASE}",
-            # The CPU index is not reachable from here; torch comes from docker/wheels.
-            "--build-arg",
-            "TORCH_INDEX=https://pypi.org/simple",
+            # No index named: torch comes from docker/wheels, the rest from pip's own default.
             "-t",
             IMAGE,
             str(ctx),

@@ -39,8 +39,19 @@ def test_copied_paths_exist_and_install_goes_through_bootstrap() -> None:
     assert sources, "the Dockerfile copies the project"
     for src in sources:
         assert (ROOT / src).exists(), f"Dockerfile copies {src}, which is not in the repo"
-    assert "bash scripts/bootstrap.sh" in text
+    assert re.search(r"^RUN bash /opt/distgrow-build.sh", text, re.M)
+    assert "bash scripts/bootstrap.sh" in (ROOT / "docker" / "build.sh").read_text()
     assert re.search(r"^ARG BASE=", text, re.M), "BASE must be substitutable (offline builds)"
+
+
+def test_no_index_or_mirror_has_a_default() -> None:
+    """Indexes and mirrors are the builder's to pass: their build arguments have no value."""
+    args = dict(
+        (m[1], m[2]) for m in re.finditer(r"^ARG (\w+)(?:=(.*))?$", DOCKERFILE.read_text(), re.M)
+    )
+    for name in ("TORCH_INDEX", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "DEBIAN_MIRROR"):
+        assert name in args and args[name] is None, f"ARG {name} must have no default"
+    assert not any(v and "://" in v for v in args.values()), args
 
 
 def test_every_script_bootstrap_runs_is_copied_into_the_image() -> None:
