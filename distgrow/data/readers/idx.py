@@ -27,9 +27,7 @@ FASHION_MNIST_DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 MNIST_DEFAULT_ROOT = "/usr/share/datasets/mnist"
 
 _FASHION_MNIST_URL = "https://github.com/zalandoresearch/fashion-mnist (folder data/fashion)"
-_MNIST_URLS = (
-    "http://yann.lecun.com/exdb/mnist/"
-)
+_MNIST_URLS = "http://yann.lecun.com/exdb/mnist/"
 
 # IDX type byte -> big-endian numpy dtype (http://yann.lecun.com/exdb/mnist/, "THE IDX FILE
 # FORMAT").
