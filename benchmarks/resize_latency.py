@@ -13,7 +13,7 @@ launcher start         rank 0 asked for workers (``need_workers`` event: the res
                        old job's exit, the controller's relaunch and the launcher's own start
                        (relaunch), or the new torchrun agent's start, the rendezvous and the
                        restart of the workers (elastic).
-interpreter + imports  process birth -> ``distgrow.trainer.run`` entered (Python, torch).
+interpreter + imports  process birth -> ``distgrow.startup.run`` entered (Python, torch).
 data load              -> data set loaded.
 process-group init     -> ``torch.distributed`` process group joined (gloo rendezvous).
 model + optimizer      -> model built and wrapped (DDP), optimizer made: torch 2.13 imports its
