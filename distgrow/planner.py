@@ -200,8 +200,30 @@ class Limits:
         return best
 
 
+class _SplitView:
+    """The four numbers of a record's ``split``, read as the record's own (flat) attributes."""
+
+    split: Split
+
+    @property
+    def global_batch(self) -> int:
+        return self.split.global_batch
+
+    @property
+    def workers(self) -> int:
+        return self.split.workers
+
+    @property
+    def micro_batch(self) -> int:
+        return self.split.micro_batch
+
+    @property
+    def accum_steps(self) -> int:
+        return self.split.accum_steps
+
+
 @dataclass(frozen=True)
-class Setting:
+class Setting(_SplitView):
     """What one parameter update uses: the batch, how it is split, the LR and momentum."""
 
     split: Split
@@ -219,22 +241,6 @@ class Setting:
     @property
     def realisation(self) -> Split:
         return self.split
-
-    @property
-    def global_batch(self) -> int:
-        return self.split.global_batch
-
-    @property
-    def workers(self) -> int:
-        return self.split.workers
-
-    @property
-    def micro_batch(self) -> int:
-        return self.split.micro_batch
-
-    @property
-    def accum_steps(self) -> int:
-        return self.split.accum_steps
 
 
 def _effective_start(cfg: Config) -> tuple[int, float]:
@@ -387,7 +393,7 @@ class GrowthPolicy:
 
 
 @dataclass
-class Phase:
+class Phase(_SplitView):
     """A span of training with one batch realisation (and, for piecewise schedules, one LR)."""
 
     start_epoch: float
@@ -406,22 +412,6 @@ class Phase:
     batch_to_ideal: float = 1.0
     """``B / B*`` at the phase's farthest update (1.0: the batch carries the whole decay; the
     LR is ``lr0 · B / B*`` there)."""
-
-    @property
-    def global_batch(self) -> int:
-        return self.split.global_batch
-
-    @property
-    def workers(self) -> int:
-        return self.split.workers
-
-    @property
-    def micro_batch(self) -> int:
-        return self.split.micro_batch
-
-    @property
-    def accum_steps(self) -> int:
-        return self.split.accum_steps
 
 
 @dataclass

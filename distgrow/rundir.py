@@ -380,7 +380,8 @@ class RunDir:
         if not self.summary.is_file():
             raise RunDirError(
                 f"{self.path} has no {SUMMARY_FILE}: the run has not finished (or is not a "
-                "distgrow run directory). Fix: finish it with `distgrow train CONFIG --resume`."
+                "distgrow run directory). Fix: finish it with `distgrow train CONFIG "
+                "run.output_dir=... --resume`."
             )
         return Summary.from_dict(read_json(self.summary), str(self.summary))
 

@@ -14,7 +14,7 @@ import yaml
 
 from distgrow.config import ConfigError, config_from_dict
 from distgrow.planner import make_plan
-from distgrow.rundir import SUMMARY_FILE, RunDir, RunDirError, Summary
+from distgrow.rundir import RunDir, RunDirError, Summary
 
 
 class ReportError(RuntimeError):
@@ -80,16 +80,10 @@ def read_summary(run_dir: RunDir) -> Summary:
     Raises:
         ReportError: there is none (the run has not finished) or it cannot be read.
     """
-    if not run_dir.summary.is_file():
-        raise ReportError(
-            f"{run_dir} has no {SUMMARY_FILE}: the run has not finished (or is not a distgrow "
-            "run). Fix: finish it with `distgrow train CONFIG run.output_dir=... --resume`, "
-            "or leave it out of the report."
-        )
     try:
         return run_dir.read_summary()
     except RunDirError as err:
-        raise ReportError(str(err)) from None
+        raise ReportError(f"{err} Or leave it out of the report.") from None
 
 
 def read_config(run_dir: RunDir) -> dict[str, Any]:
