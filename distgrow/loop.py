@@ -62,7 +62,7 @@ from torch.utils.data import Sampler
 from torch.utils.data.dataloader import default_collate
 
 from distgrow.config import Config
-from distgrow.data import epoch_permutation, shard_global_batch
+from distgrow.data import epoch_permutation, micro_batch_seed, shard_global_batch
 from distgrow.planner import GrowthPolicy, Setting
 
 STATE_VERSION = 1
@@ -70,25 +70,6 @@ STATE_VERSION = 1
 
 class ScheduleError(ValueError):
     """The schedule cannot go on as asked; the message says why and how to fix it."""
-
-
-def micro_batch_seed(seed: int, epoch: int, first_index: int) -> int:
-    """The RNG seed of a micro-batch: a hash of (run seed, epoch, its first sample's index).
-
-    The same value as the seed ``distgrow train`` draws dropout from, so dropout masks depend
-    on which samples are processed, not on the rank, the world size or the accumulation step.
-    """
-    value = 0
-    for part in (seed, epoch, first_index):
-        value = _splitmix64(value ^ (part & 0xFFFFFFFFFFFFFFFF))
-    return value & 0x7FFFFFFFFFFFFFFF
-
-
-def _splitmix64(value: int) -> int:
-    z = (value + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return z ^ (z >> 31)
 
 
 @dataclass(frozen=True, eq=False)  # holds tensors: compare fields, not records

@@ -69,8 +69,8 @@ from distgrow.config import Config, OptimConfig, dump_config
 from distgrow.data import (
     DataBundle,
     epoch_permutation,
+    micro_batch_seed,
     shard_global_batch,
-    splitmix64,
 )
 from distgrow.exits import EXIT_NEED_WORKERS, EXIT_NONFINITE, EXIT_OK
 from distgrow.metrics import JsonlLogger, Logger, MultiLogger, NullLogger, ThroughputMeter
@@ -139,18 +139,6 @@ def loss_sum(outputs: torch.Tensor, targets: torch.Tensor, num_classes: int) -> 
         outputs = outputs.reshape(targets.shape)
     squared = (outputs - targets) ** 2
     return squared.flatten(1).mean(1).sum() if squared.dim() > 1 else squared.sum()
-
-
-def micro_batch_seed(seed: int, epoch: int, first_index: int) -> int:
-    """The RNG seed of a micro-batch: a hash of (run seed, epoch, its first sample's index).
-
-    Dropout masks then depend on which samples are processed, not on the rank, the world size
-    or the accumulation step that processes them.
-    """
-    value = 0
-    for part in (seed, epoch, first_index):
-        value = splitmix64(value ^ (part & 0xFFFFFFFFFFFFFFFF))
-    return value & 0x7FFFFFFFFFFFFFFF
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,7 +37,6 @@ from distgrow.loop import (
     MicroBatchCollate,
     ScheduleError,
     Update,
-    micro_batch_seed,
 )
 from distgrow.planner import GrowthPolicy
 
@@ -145,12 +144,6 @@ def test_partial_last_batch_leaves_empty_micro_batches_that_still_sync() -> None
         (3, 0, True, True),
     }
     assert last[0].loss_scale == 2 / 9
-
-
-def test_micro_batch_seed_is_the_trainers() -> None:
-    trainer = pytest.importorskip("distgrow.trainer")
-    for args in [(3, 0, 0), (3, 2, 1032), (-1, 7, 5), (2**63, 1, 2**40)]:
-        assert micro_batch_seed(*args) == trainer.micro_batch_seed(*args)
 
 
 # --------------------------------------------------------------------------------------------

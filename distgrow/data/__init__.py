@@ -35,7 +35,12 @@ from distgrow.data.containers import (
     UnsafePickleError,
 )
 from distgrow.data.load import canonical_name, load_dataset
-from distgrow.data.order import epoch_permutation, shard_global_batch, splitmix64
+from distgrow.data.order import (
+    epoch_permutation,
+    micro_batch_seed,
+    shard_global_batch,
+    splitmix64,
+)
 from distgrow.data.readers import DATASETS
 from distgrow.data.readers.idx import FASHION_MNIST_DEFAULT_ROOT, MNIST_DEFAULT_ROOT
 from distgrow.data.readers.synthetic import SYNTHETIC_CLASSES
@@ -54,6 +59,7 @@ __all__ = [
     "canonical_name",
     "epoch_permutation",
     "load_dataset",
+    "micro_batch_seed",
     "shard_global_batch",
     "splitmix64",
 ]

@@ -163,3 +163,16 @@ def shard_global_batch(
     # For a full batch this gives c == micro_batch exactly, so one rule serves both cases.
     size = math.ceil(math.ceil(n / chunks) / align) * align
     return [indices[k * size : (k + 1) * size] for k in range(rank, chunks, workers)]
+
+
+def micro_batch_seed(seed: int, epoch: int, first_index: int) -> int:
+    """The RNG seed of a micro-batch: a hash of (run seed, epoch, its first sample's index).
+
+    Dropout masks then depend on which samples are processed, not on the rank, the world size
+    or the accumulation step that processes them (the trainer and :mod:`distgrow.loop` both
+    seed each micro-batch with it).
+    """
+    value = 0
+    for part in (seed, epoch, first_index):
+        value = splitmix64(value ^ (part & 0xFFFFFFFFFFFFFFFF))
+    return value & 0x7FFFFFFFFFFFFFFF
