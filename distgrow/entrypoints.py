@@ -148,20 +148,20 @@ def _import_file(key: str, value: str, path: Path) -> ModuleType:
 def _import_module(key: str, value: str, dotted: str) -> ModuleType:
     try:
         return importlib.import_module(dotted)
-    except ModuleNotFoundError as exc:
-        missing = exc.name or dotted
-        raise EntryPointError(
-            f"{key} = {value!r}: no module named {missing!r}. Fix: install it, put its folder on "
-            "PYTHONPATH, or name the file instead ('path/to/file.py:function')."
-        ) from exc
     except Exception as exc:
-        top = dotted.split(".")[0]
-        if top == "torchvision":
-            # Its wheels are built for one torch: a CPU torch cannot load a CUDA torchvision.
+        missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
+        if dotted.split(".")[0] == "torchvision" and missing in (None, "torchvision"):
+            # Optional: absent, or its wheel was built for another torch (a CUDA torchvision
+            # does not load with a CPU torch).
             raise EntryPointError(
-                f"{key} = {value!r}: torchvision is installed but not importable here "
-                f"({_brief(exc)}). Fix: install the torchvision built for your torch "
-                f"({_torch_version()}), or use a built-in model (e.g. model.name=wrn)."
+                f"{key} = {value!r}: torchvision is not importable here ({_brief(exc)}). "
+                f"Fix: install the torchvision built for your torch ({_torch_version()}), or "
+                "use a built-in model (e.g. model.name=wrn)."
+            ) from exc
+        if missing is not None:
+            raise EntryPointError(
+                f"{key} = {value!r}: no module named {missing!r}. Fix: install it, put its "
+                "folder on PYTHONPATH, or name the file instead ('path/to/file.py:function')."
             ) from exc
         raise EntryPointError(
             f"{key} = {value!r}: importing {dotted!r} failed ({_brief(exc)}). "

@@ -98,11 +98,11 @@ def predicts_one(outputs, targets):
     return (outputs.argmax(1) == 1).float()
 
 
-def not_a_model():
+def not_a_model(**kwargs):
     return 3
 
 
-def not_datasets():
+def not_datasets(**kwargs):
     return 5
 
 
@@ -114,7 +114,7 @@ class Words(Dataset):
         return "text", "label"
 
 
-def words():
+def words(**kwargs):
     return Words(), Words()
 
 
@@ -354,29 +354,52 @@ def test_a_collate_function_returned_with_the_data_is_used(user_dir: Path, tmp_p
         ("model.name=user.py:NOT_CALLABLE", r"found int .*expected a function"),
         ("model.kwargs={depth: 3}", r"model.name = .*make_model.*failed \(TypeError"),
         ("data.name=user.py:not_datasets", r"data.name = .*returned builtins.int, expected \("),
-        ("data.name=user.py:words", r"data.name = .*collate into \(list, list\)"),
+        ("data.name=user.py:words", r"data.name = .*collate into \(tuple, tuple\)"),
         ("loss.name=user.py:mean_ce", r"loss.name = .*mean_ce.*batch mean"),
         ("loss.metric=user.py:missing", r"loss.metric = .*has no attribute"),
         ("model.name=torchvision.models:resnet50", r"torchvision"),
     ],
 )
 def test_each_mistake_is_one_line_exit_2_and_writes_nothing(
-    user_dir: Path, tmp_path: Path, override: str, expected: str
+    user_dir: Path,
+    tmp_path: Path,
+    override: str,
+    expected: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    from distgrow.cli import main
+
     if "torchvision" in override and _torchvision_imports():
         pytest.skip("torchvision imports here: the entry point builds (see test_models)")
     run_dir = tmp_path / "run"
     # Overrides are relative to the working directory: run from the user's folder.
-    proc = train_cli(
-        [str(user_dir / "config.yaml"), override, f"run.output_dir={run_dir}"], user_dir
-    )
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
+    monkeypatch.chdir(user_dir)
+    argv = ["train", str(user_dir / "config.yaml"), override, f"run.output_dir={run_dir}"]
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # the backend's shutdown ends a started process this way
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
     assert lines[0].startswith("distgrow: error: ")
     assert re.search(expected, lines[0]), lines[0]
     if "torchvision" in override:
         assert "not importable" in lines[0] and "Fix: install the torchvision" in lines[0]
+    assert not run_dir.exists()
+
+
+def test_a_mistake_in_a_real_process_is_one_line_and_exit_2(user_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = train_cli(
+        [str(user_dir / "config.yaml"), "loss.name=user.py:mean_ce", f"run.output_dir={run_dir}"],
+        user_dir,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "batch mean" in lines[0], proc.stderr
     assert not run_dir.exists()
 
 
