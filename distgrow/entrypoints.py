@@ -150,7 +150,9 @@ def _import_module(key: str, value: str, dotted: str) -> ModuleType:
         return importlib.import_module(dotted)
     except Exception as exc:
         missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
-        if dotted.split(".")[0] == "torchvision" and missing in (None, "torchvision"):
+        if dotted.split(".")[0] == "torchvision" and (missing or "torchvision").startswith(
+            "torchvision"
+        ):
             # Optional: absent, or its wheel was built for another torch (a CUDA torchvision
             # does not load with a CPU torch).
             raise EntryPointError(

@@ -208,7 +208,7 @@ def test_compare_runs_on_own_code(user_dir: Path, tmp_path: Path) -> None:
         echo=lines.append,
     )
     rows = json.loads((out / "summary.json").read_text())["runs"]
-    assert [r["variant"] for r in rows] == ["decay_lr", "grow_batch"]
+    assert [r["is_baseline"] for r in rows] == [True, False]  # decay_lr, then grow_batch
     updates = {}
     for variant in ("decay_lr", "grow_batch"):
         summary = json.loads((out / "runs" / variant / "summary.json").read_text())
