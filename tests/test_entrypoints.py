@@ -376,6 +376,7 @@ def test_each_mistake_is_one_line_exit_2_and_writes_nothing(
     # Overrides are relative to the working directory: run from the user's folder.
     monkeypatch.chdir(user_dir)
     argv = ["train", str(user_dir / "config.yaml"), override, f"run.output_dir={run_dir}"]
+    code: int | str | None
     try:
         code = main(argv)
     except SystemExit as exit_:  # the backend's shutdown ends a started process this way
