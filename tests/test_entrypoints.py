@@ -282,12 +282,15 @@ def test_a_per_sample_user_loss_trains_like_the_builtin(user_dir: Path, tmp_path
         extra = ["loss.kwargs={reduction: sum}"] if name == "class" else []
         trainer = make_trainer(
             f"run.output_dir={tmp_path / name}",
+            # 100 = 6 × 16 + 4: the last update of epoch 1 has an empty micro-batch.
+            "data.kwargs={n_train: 100}",
             f"loss.name={user_dir / loss if name == 'user' else loss}",
             *extra,
             "loss.metric=auto",
             config=config,
         )
         assert trainer.train() == 0
+        assert trainer.state.step == 7 + 4  # batch 16 (6 + a partial), then 32 (3 + a partial)
         found = load_latest(tmp_path / name)
         assert found is not None
         finals.append(found[1]["model"])
