@@ -194,8 +194,8 @@ class Objective:
         mean, a wrong shape or a call that fails, each with one line naming its key.
 
         The user's losses and metrics are called on all samples together and one by one: their
-        sum must equal the sum of the parts. Runs in eval mode without gradients, so no RNG is
-        drawn and nothing is learnt.
+        sum must equal the sum of the parts. Runs in eval mode without gradients and restores
+        torch's CPU RNG, so nothing is learnt and the run's random numbers do not move.
 
         Args:
             model: The model (its mode is restored afterwards).
@@ -208,6 +208,8 @@ class Objective:
         """
         was_training = model.training
         model.eval()
+        # A forward that draws random numbers even in eval mode must not move the run's RNG.
+        rng = torch.get_rng_state()
         try:
             with torch.no_grad():
                 try:
@@ -239,6 +241,7 @@ class Objective:
                         _check_sum(fn, outputs, y)
         finally:
             model.train(was_training)
+            torch.set_rng_state(rng)
 
 
 def _brief(exc: BaseException) -> str:
