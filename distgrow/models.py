@@ -5,6 +5,10 @@ are computed over fixed-size ghost batches, so they do not change when the globa
 nor with how it is realised (workers × micro-batch × accumulation). `GhostBatchNorm` is that
 layer; every batch norm in `wrn` (and in `cnn` when asked) is one.
 
+Your own network: `model.name: "package.module:function"` or `"path/to/file.py:function"`
+(`build_entry_model`), called with `model.kwargs`; it must return an `nn.Module`. torchvision's
+constructors work that way where torchvision imports (`"torchvision.models:resnet50"`).
+
 All weights are drawn from torch's global RNG, so `torch.manual_seed(s)` before `build_model`
 fixes the initial model. This module never imports `torch.distributed`.
 """
@@ -12,15 +16,19 @@ fixes the initial model. This module never imports `torch.distributed`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distgrow.entrypoints import call_entry_point
+
 __all__ = [
     "MODELS",
     "GhostBatchNorm",
+    "build_entry_model",
     "build_model",
     "count_parameters",
     "uses_batch_norm",
@@ -264,6 +272,31 @@ def build_model(
             ghost_batch=_DEFAULT_WRN_GHOST_BATCH if ghost_batch is None else ghost_batch,
         )
     return _build_torchvision_resnet(name, channels, num_outputs, dropout, ghost_batch)
+
+
+def build_entry_model(name: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    """The user's model: the function ``name`` ("module:function" / "file.py:function") called
+    with ``kwargs``, initialised from torch's global RNG like the built-in ones.
+
+    Args:
+        name: ``model.name``, an entry point.
+        kwargs: ``model.kwargs``.
+
+    Returns:
+        What the function returned, checked to be an ``nn.Module``, in training mode.
+
+    Raises:
+        EntryPointError: A missing module, file or attribute, a failing call, or a return
+            value that is not an ``nn.Module``; one line naming ``model.name``.
+    """
+    model = call_entry_point(
+        "model.name",
+        name,
+        kwargs,
+        "a torch.nn.Module",
+        lambda value: isinstance(value, nn.Module),
+    )
+    return model.train()
 
 
 # ---------------------------------------------------------------------------- argument checks

@@ -51,7 +51,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from distgrow import __version__
@@ -72,9 +71,11 @@ from distgrow.data import (
     micro_batch_seed,
     shard_global_batch,
 )
+from distgrow.entrypoints import EntryPointError, is_entry_point
 from distgrow.exits import EXIT_NEED_WORKERS, EXIT_NONFINITE, EXIT_OK
+from distgrow.losses import build_objective, loss_sum
 from distgrow.metrics import JsonlLogger, Logger, MultiLogger, NullLogger, ThroughputMeter
-from distgrow.models import build_model, uses_batch_norm
+from distgrow.models import build_entry_model, build_model, uses_batch_norm
 from distgrow.planner import GrowthPolicy, Plan, Setting, make_plan
 from distgrow.progress import Progress, ProgressState
 from distgrow.rundir import ResizeRequest, RunDir, Summary
@@ -125,20 +126,6 @@ def build_optimizer(cfg: OptimConfig, params: Any) -> torch.optim.Optimizer:
     return torch.optim.RMSprop(
         params, lr=cfg.lr, momentum=cfg.momentum, eps=cfg.eps, weight_decay=cfg.weight_decay
     )
-
-
-def loss_sum(outputs: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """The sum over samples of each sample's loss (cross-entropy, or MSE for regression).
-
-    A sum, not a mean, so that the trainer can divide by the global batch's size: an empty
-    micro-batch gives 0 with gradients of 0 for every parameter.
-    """
-    if num_classes > 0:
-        return F.cross_entropy(outputs, targets, reduction="sum")
-    if outputs.numel() == targets.numel():
-        outputs = outputs.reshape(targets.shape)
-    squared = (outputs - targets) ** 2
-    return squared.flatten(1).mean(1).sum() if squared.dim() > 1 else squared.sum()
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,6 +183,12 @@ class Trainer:
         self.plan = make_plan(cfg, self.num_train, min_workers=self.world)
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         self.model = self._build_model().to(self.device)
+        try:  # the loss contract is checked on a few samples before anything is written
+            self.objective = build_objective(cfg.loss, data.num_classes)
+            x, y = data.train.batch(torch.arange(min(8, self.num_train)))
+            self.objective.check(self.model, x.to(self.device), y.to(self.device), cfg.model.name)
+        except ValueError as err:
+            raise TrainError(str(err)) from err
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters())
         self.train_model = backend.setup(self.model, self.optimizer)
         self.bn_merger = (
@@ -228,6 +221,11 @@ class Trainer:
 
     def _build_model(self) -> nn.Module:
         m, d = self.cfg.model, self.data
+        if is_entry_point(m.name):
+            try:
+                return build_entry_model(m.name, m.kwargs)
+            except EntryPointError as err:
+                raise TrainError(str(err)) from err
         if d.num_classes > 0:
             outputs = d.num_classes
         else:
@@ -323,7 +321,7 @@ class Trainer:
                     torch.manual_seed(seed)
                 x, y = self.data.train.batch(shard, self.state.epoch)
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                loss = loss_sum(self.train_model(x), y, self.data.num_classes) * scale
+                loss = self.objective.loss_sum(self.train_model(x), y) * scale
                 self.backend.backward(loss)
             total += loss.detach()
             if self.bn_merger is not None:
@@ -484,17 +482,17 @@ class Trainer:
                 x, y = val.batch(idx, 0)
                 x, y = x.to(self.device), y.to(self.device)
                 out = self.model(x)
-                sums[c, 0] = loss_sum(out, y, self.data.num_classes).double()
-                if self.data.num_classes > 0:
-                    sums[c, 1] = (out.argmax(1) == y).sum().double()
+                sums[c, 0] = self.objective.loss_sum(out, y).double()
+                if self.objective.metric_sum is not None:
+                    sums[c, 1] = self.objective.metric_sum(out, y).double()
         finally:
             self.model.train()
         self.backend.all_reduce(sums, "sum")
         totals = sums.sum(0)
-        return {
-            "val_loss": float(totals[0]) / n,
-            "val_acc": float(totals[1]) / n if self.data.num_classes > 0 else None,
-        }
+        metric = float(totals[1]) / n if self.objective.metric_sum is not None else None
+        result: dict[str, float | None] = {"val_loss": float(totals[0]) / n, "val_acc": None}
+        result[self.objective.metric_key] = metric  # val_acc, or a user metric's val_metric
+        return result
 
     def finish(self) -> None:
         """Write ``summary.json`` (rank 0), with per-phase throughput and estimated savings."""

@@ -6,15 +6,18 @@ import copy
 import importlib.util
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distgrow.entrypoints import EntryPointError
 from distgrow.models import (
     MODELS,
     GhostBatchNorm,
+    build_entry_model,
     build_model,
     count_parameters,
     uses_batch_norm,
@@ -383,3 +386,64 @@ def test_resnet_wiring_with_a_stand_in_torchvision(monkeypatch: pytest.MonkeyPat
     assert "norm_layer" not in calls[-1]
     assert isinstance(model.bn1, nn.BatchNorm2d)
     assert isinstance(model.conv1, nn.Conv2d) and model.conv1.in_channels == 3
+
+
+# ------------------------------------------------------------------------ entry points
+
+
+def test_an_entry_point_model_is_built_from_its_kwargs(tmp_path: Path) -> None:
+    (tmp_path / "nets.py").write_text(
+        "from torch import nn\n"
+        "def tiny(width, out=2):\n"
+        "    return nn.Sequential(nn.Linear(3, width), nn.ReLU(), nn.Linear(width, out))\n"
+    )
+    name = f"{tmp_path / 'nets.py'}:tiny"
+    torch.manual_seed(5)
+    model = build_entry_model(name, {"width": 7, "out": 4})
+    assert model.training and count_parameters(model) == 3 * 7 + 7 + 7 * 4 + 4
+    torch.manual_seed(5)
+    again = build_entry_model(name, {"width": 7, "out": 4})
+    for a, b in zip(model.parameters(), again.parameters(), strict=True):
+        assert torch.equal(a, b)  # drawn from torch's global RNG, like the built-ins
+    with pytest.raises(EntryPointError, match=r"model.name = .*failed \(TypeError"):
+        build_entry_model(name, {"depth": 3})
+
+
+@pytest.mark.skipif(
+    not HAS_TORCHVISION, reason="torchvision is not installed: the error is tested below"
+)
+def test_a_torchvision_entry_point_builds_where_torchvision_imports() -> None:
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        with pytest.raises(EntryPointError, match="torchvision is not importable here"):
+            build_entry_model("torchvision.models:resnet18", {"num_classes": 6})
+        return
+    model = build_entry_model("torchvision.models:resnet18", {"num_classes": 6})
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 6)
+
+
+def test_a_torchvision_entry_point_says_how_to_get_torchvision(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A torchvision whose import fails the way a CUDA build does with CPU torch.
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import raises ModuleNotFoundError
+    with pytest.raises(EntryPointError) as info:
+        build_entry_model("torchvision.models:resnet50", {"num_classes": 10})
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("model.name = 'torchvision.models:resnet50': torchvision is not")
+    assert f"install the torchvision built for your torch (torch {torch.__version__})" in message
+
+
+def test_a_torchvision_entry_point_goes_through_the_same_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = types.ModuleType("torchvision")
+    fake_models = types.ModuleType("torchvision.models")
+    fake_models.resnet50 = lambda num_classes: nn.Linear(2, num_classes)  # type: ignore[attr-defined]
+    fake.models = fake_models  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torchvision", fake)
+    monkeypatch.setitem(sys.modules, "torchvision.models", fake_models)
+    model = build_entry_model("torchvision.models:resnet50", {"num_classes": 10})
+    assert isinstance(model, nn.Linear) and model.out_features == 10

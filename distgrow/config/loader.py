@@ -28,6 +28,10 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from distgrow.config.schema import NOT_DECAYS, Config, ConfigError
+from distgrow.entrypoints import EntryPointError, absolute_entry_point
+
+# Keys that may name user code; a relative .py path in them is made absolute at load time.
+ENTRY_POINT_KEYS = (("model", "name"), ("data", "name"), ("loss", "name"), ("loss", "metric"))
 
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
@@ -218,10 +222,41 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _absolute_entry_points(
+    data: dict[str, Any], over: Mapping[str, Any], base_dir: Path | None
+) -> dict[str, Any]:
+    """``data`` with relative ``file.py:function`` paths made absolute.
+
+    A value from the file is relative to the file's folder (``base_dir``), one from the
+    command line to the working directory: each where its writer stood. The run's
+    ``config.yaml`` then finds the file from anywhere (relaunch, resume, compare).
+    """
+    for section, key in ENTRY_POINT_KEYS:
+        node = data.get(section)
+        if not isinstance(node, Mapping) or not isinstance(node.get(key), str):
+            continue  # a wrong type is reported by the type check
+        from_cli = isinstance(over.get(section), Mapping) and key in over[section]
+        base = Path.cwd() if from_cli or base_dir is None else base_dir
+        try:
+            absolute = absolute_entry_point(f"{section}.{key}", node[key], base)
+        except EntryPointError as err:
+            raise ConfigError(str(err)) from None
+        data[section] = {**node, key: absolute}
+    return data
+
+
 def config_from_dict(
-    data: Mapping[str, Any], overrides: Iterable[str] = (), source: str = "the config"
+    data: Mapping[str, Any],
+    overrides: Iterable[str] = (),
+    source: str = "the config",
+    base_dir: Path | None = None,
 ) -> Config:
-    """Build and validate a :class:`Config` from a nested mapping plus dotted overrides."""
+    """Build and validate a :class:`Config` from a nested mapping plus dotted overrides.
+
+    ``base_dir`` is the folder relative ``file.py:function`` entry points in ``data`` are
+    taken from (the config file's); those in ``overrides`` are relative to the working
+    directory, as is everything when ``base_dir`` is None.
+    """
     if not isinstance(data, Mapping):
         raise ConfigError(
             f"{source} must be a YAML mapping of sections, got {type(data).__name__}."
@@ -240,7 +275,7 @@ def config_from_dict(
     # Check the overrides on their own first, so an error names the command line, not the file.
     if over:
         _build(over, "the command-line overrides")
-    cfg = _build(merged, source)
+    cfg = _build(_absolute_entry_points(merged, over, base_dir), source)
     cfg.validate()
     return cfg
 
@@ -281,7 +316,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
             f"{p} holds no settings (it is empty or only comments): it would train the "
             "defaults. Fix: write the settings (see configs/ for examples)."
         )
-    return config_from_dict(data, overrides, str(p))
+    return config_from_dict(data, overrides, str(p), base_dir=p.resolve().parent)
 
 
 def describe_fields(cls: Any = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:

@@ -28,6 +28,7 @@ from pydantic import BeforeValidator, ConfigDict, Field, Strict, ValidationInfo,
 from pydantic.dataclasses import dataclass
 
 from distgrow.config.datasets import DATA_NAMES, OFFICIAL_TRAIN, SPLIT_TOTAL, held_out
+from distgrow.entrypoints import EntryPointError, is_entry_point, parse_entry_point
 
 
 class ConfigError(ValueError):
@@ -77,8 +78,8 @@ MAX_SYNTHETIC_VALUES = 2_000_000_000
 
 def _f(default: Any, doc: str) -> Any:
     """A field with a default and its documentation (lists get a fresh copy)."""
-    if isinstance(default, list):
-        return Field(default_factory=lambda: list(default), description=doc)
+    if isinstance(default, list | dict):
+        return Field(default_factory=lambda: type(default)(default), description=doc)
     return Field(default, description=doc)
 
 
@@ -89,6 +90,14 @@ def _section(cls: Any, doc: str) -> Any:
 
 def _fail(key: str, value: Any, problem: str, fix: str) -> ConfigError:
     return ConfigError(f"{key} = {value!r}: {problem}. Fix: {fix}.")
+
+
+def _check_entry_point(key: str, value: str) -> None:
+    """The form of an entry point (nothing is imported here: that happens at training)."""
+    try:
+        parse_entry_point(key, value)
+    except EntryPointError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _is_plain_name(name: str) -> bool:
@@ -232,8 +241,11 @@ class DataConfig(_Section):
     name: Str = _f(
         "synthetic_classification",
         "Data set: fashion_mnist, mnist, cifar10, covtype, ionosphere, digits, breast_cancer, "
-        "wine, iris, synthetic_classification, synthetic_regression.",
+        "wine, iris, synthetic_classification, synthetic_regression; or your own function "
+        "returning (train, val) torch Datasets: 'package.module:function' or "
+        "'path/to/file.py:function' (see docs/own_code.md).",
     )
+    kwargs: dict[Str, Any] = _f({}, "Keyword arguments of a data.name entry point.")
     root: Str | None = _f(None, "Where the files are; null uses the data set's default place.")
     val_fraction: Float = _f(0.2, "Held-out fraction for data sets without an official test split.")
     download: Bool = _f(False, "Allow downloading (covtype through scikit-learn); off offline.")
@@ -269,7 +281,23 @@ class DataConfig(_Section):
         return min(total, self.limit_train) if self.limit_train else total
 
     def validate(self) -> None:
-        if self.name.strip().lower().replace("-", "_") not in DATA_NAMES:
+        if is_entry_point(self.name):
+            _check_entry_point("data.name", self.name)
+            if self.augment:
+                raise _fail(
+                    "data.augment",
+                    self.augment,
+                    "applies only to the built-in image sets, not a data.name entry point",
+                    "set data.augment=false and augment inside your Dataset",
+                )
+        elif self.kwargs:
+            raise _fail(
+                "data.kwargs",
+                self.kwargs,
+                f"applies only to an entry point, not the built-in {self.name!r}",
+                "remove it, or set data.name='module:function'",
+            )
+        elif self.name.strip().lower().replace("-", "_") not in DATA_NAMES:
             near = difflib.get_close_matches(self.name.lower(), DATA_NAMES, n=3, cutoff=0.6)
             hint = f"did you mean {' or '.join(near)}? " if near else ""
             raise _fail(
@@ -307,7 +335,15 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     """The network (``distgrow.models``)."""
 
-    name: Str = _f("mlp", "Model: mlp, bottleneck_mlp, cnn, wrn, resnet18, resnet34, resnet50.")
+    name: Str = _f(
+        "mlp",
+        "Model: mlp, bottleneck_mlp, cnn, wrn, resnet18, resnet34, resnet50; or your own function "
+        "returning an nn.Module: 'package.module:function' or 'path/to/file.py:function', "
+        "called with model.kwargs (e.g. 'torchvision.models:resnet50'; see docs/own_code.md).",
+    )
+    kwargs: dict[Str, Any] = _f(
+        {}, "Keyword arguments of a model.name entry point (the built-in models take none)."
+    )
     hidden: list[Int] = _f([512, 512], "Hidden layer sizes of the plain mlp.")
     dropout: Float = _f(0.0, "Dropout probability (0 = none).")
     depth: Int = _f(16, "Wide ResNet depth (6n+4).")
@@ -319,12 +355,67 @@ class ModelConfig(_Section):
     )
 
     def validate(self) -> None:
+        if is_entry_point(self.name):
+            _check_entry_point("model.name", self.name)
+        elif self.kwargs:
+            raise _fail(
+                "model.kwargs",
+                self.kwargs,
+                f"applies only to an entry point, not the built-in {self.name!r}",
+                "remove it, or set model.name='module:function'",
+            )
         if any(h < 1 for h in self.hidden):
             raise _fail("model.hidden", self.hidden, "sizes must be positive", "e.g. [512, 512]")
         if not 0.0 <= self.dropout < 1.0:
             raise _fail("model.dropout", self.dropout, "must be in [0, 1)", "e.g. 0.25")
         if self.ghost_batch is not None and self.ghost_batch < 1:
             raise _fail("model.ghost_batch", self.ghost_batch, "must be positive", "e.g. 128")
+
+
+LOSS_NAMES = ("auto", "cross_entropy", "mse", "l1", "smooth_l1", "bce_with_logits", "nll")
+METRIC_NAMES = ("auto", "accuracy", "loss")
+
+
+@dataclass(config=_STRICT)
+class LossConfig(_Section):
+    """The training loss and the validation metric (``distgrow.losses``)."""
+
+    name: Str = _f(
+        "auto",
+        "auto (cross_entropy for classes, mse otherwise), cross_entropy, mse, l1, smooth_l1, "
+        "bce_with_logits, nll; or your own 'module:function' / 'file.py:function' (or a class "
+        "such as 'torch.nn:HuberLoss', built with loss.kwargs) returning per-sample losses "
+        "(shape [n]) or their sum, never a batch mean (see docs/own_code.md).",
+    )
+    kwargs: dict[Str, Any] = _f(
+        {}, "Keyword arguments: passed to the loss function at each call, or to its class once."
+    )
+    metric: Str = _f(
+        "auto",
+        "Validation metric: auto (accuracy for classification, none beyond the loss otherwise), "
+        "accuracy, loss; or 'module:function' returning per-sample scores (shape [n]) or their "
+        "sum, logged as val_metric (the mean over the validation set).",
+    )
+
+    def validate(self) -> None:
+        if is_entry_point(self.name):
+            _check_entry_point("loss.name", self.name)
+        elif self.name not in LOSS_NAMES:
+            raise _fail(
+                "loss.name",
+                self.name,
+                "unknown loss",
+                f"use one of {', '.join(LOSS_NAMES)}, or 'module:function'",
+            )
+        if is_entry_point(self.metric):
+            _check_entry_point("loss.metric", self.metric)
+        elif self.metric not in METRIC_NAMES:
+            raise _fail(
+                "loss.metric",
+                self.metric,
+                "unknown metric",
+                f"use one of {', '.join(METRIC_NAMES)}, or 'module:function'",
+            )
 
 
 @dataclass(config=_STRICT)
@@ -629,6 +720,7 @@ class Config(_Section):
     run: RunConfig = _section(RunConfig, "Run settings.")
     data: DataConfig = _section(DataConfig, "Data settings.")
     model: ModelConfig = _section(ModelConfig, "Model settings.")
+    loss: LossConfig = _section(LossConfig, "Loss and validation metric.")
     optim: OptimConfig = _section(OptimConfig, "Optimizer.")
     schedule: ScheduleConfig = _section(ScheduleConfig, "The LR schedule to convert.")
     growth: GrowthConfig = _section(GrowthConfig, "Batch growth and its limits.")
@@ -641,6 +733,7 @@ class Config(_Section):
         self.run.validate()
         self.data.validate()
         self.model.validate()
+        self.loss.validate()
         self.optim.validate()
         self.schedule.validate(self.run)
         self.growth.validate(self.optim)

@@ -6,9 +6,11 @@ import difflib
 
 from distgrow.config import DataConfig
 from distgrow.data.containers import DataBundle
+from distgrow.data.entry import entry_bundle
 from distgrow.data.readers import DATASETS, READERS
 from distgrow.data.splits import ImageSplits, image_bundle, tabular_bundle
 from distgrow.data.transforms import AUGMENTATION
+from distgrow.entrypoints import is_entry_point
 
 __all__ = ["canonical_name", "load_dataset"]
 
@@ -60,6 +62,8 @@ def load_dataset(cfg: DataConfig, *, seed: int = 0) -> DataBundle:
         DatasetFormatError: A file is there but malformed, truncated or unsafe
             (:class:`UnsafePickleError`).
     """
+    if is_entry_point(cfg.name):
+        return entry_bundle(cfg, seed=seed)  # the user's own Datasets (docs/own_code.md)
     key = canonical_name(cfg.name)
     if cfg.augment and key not in AUGMENTATION:
         raise ValueError(
