@@ -329,7 +329,7 @@ def test_noise_limits_monotonicity_and_counts(
                 kept = replace(lim, min_workers=prev_workers).realise(target)
                 assert kept is None or kept.global_batch < (1 - NEAR_IDEAL) * target
             # the LR never exceeds its start
-            assert s.lr <= policy.lr_per_sample * policy.start_batch * (1 + 1e-9)
+            assert s.lr <= policy.lr_unit * policy.start_batch**policy.exponent * (1 + 1e-9)
             if mode == "decay_lr":
                 assert s.global_batch == policy.start_batch or policy.start_batch > lim.cap
                 assert s.lr == pytest.approx(0.1 * r)
