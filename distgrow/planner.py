@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, NoReturn
 
 from distgrow.config import Config, ConfigError, GrowthConfig, ModelConfig, load_config
 from distgrow.schedules import PlateauTrigger, Schedule, build_user_schedule, plateau_ratio_after
@@ -307,17 +307,10 @@ class GrowthPolicy:
         start = self.limits.realise(min(self.start_batch, self.limits.cap))
         derived = cfg.growth.mode in ("grow_batch_lr", "grow_momentum")  # may round, LR absorbs
         if start is None or (start.global_batch != self.start_batch and not derived):
-            unit = self.limits.min_workers * self.limits.multiple
-            lo, hi = self.start_batch // unit * unit, (self.start_batch // unit + 1) * unit
-            choices = f"{lo} or {hi}" if lo else str(hi)
-            raise ConfigError(
-                f"growth.base_batch ({self.start_batch}) cannot be split exactly over "
-                f"{self.limits.min_workers} workers in micro-batches that are multiples of "
-                f"{self.limits.multiple} (model.ghost_batch) within growth.max_micro_batch="
-                f"{self.limits.max_micro_batch} and growth.max_accum_steps="
-                f"{self.limits.max_accum_steps}. Fix: use growth.base_batch={choices}, or "
-                "raise the limits."
-            )
+            self._refuse_base_batch(self.start_batch)
+        base = self.limits.realise(self.base_batch)
+        if base is None or base.global_batch != self.base_batch:
+            self._refuse_base_batch(self.base_batch)  # the baseline of a derived mode runs B0
         self._start = start
         self._current = start
         self.rampup = cfg.growth.rampup_sizes()
@@ -335,6 +328,23 @@ class GrowthPolicy:
                 )
         if self.rampup:
             self._current = self._rampup_split(self.rampup[0])
+
+    def _refuse_base_batch(self, batch: int) -> NoReturn:
+        lim = self.limits
+        unit = lim.min_workers * lim.multiple
+        lo, hi = batch // unit * unit, (batch // unit + 1) * unit
+        choices = f"{lo} or {hi}" if lo else str(hi)
+        fix = (
+            "raise the limits"
+            if lo == batch
+            else f"use growth.base_batch={choices}, or raise the limits"
+        )
+        raise ConfigError(
+            f"growth.base_batch ({batch}) cannot be split exactly over {lim.min_workers} workers "
+            f"in micro-batches that are multiples of {lim.multiple} (model.ghost_batch) within "
+            f"growth.max_micro_batch={lim.max_micro_batch} and growth.max_accum_steps="
+            f"{lim.max_accum_steps}. Fix: {fix}."
+        )
 
     # -- time ---------------------------------------------------------------------------------
 

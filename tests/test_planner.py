@@ -780,6 +780,7 @@ def test_adam_adjustments_follow_the_batch() -> None:
     for epoch in (0, 70, 130, 170, 199):
         s = policy.setting(epoch)
         k = s.global_batch / 128
+        assert s.beta2 is not None and s.weight_decay is not None
         assert s.beta2 == pytest.approx(0.95**k)  # half-life in samples: ln 2 / -ln β₂ · B
         half_life = math.log(0.5) / math.log(s.beta2) * s.global_batch
         assert half_life == pytest.approx(math.log(0.5) / math.log(0.95) * 128)
