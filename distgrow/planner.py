@@ -763,6 +763,11 @@ ADJUSTMENT_NOTES = {
 }
 
 
+def _amount(x: float) -> str:
+    """``x`` for a note: whole numbers with thousands separators (2,000,000 tokens)."""
+    return f"{x:,.0f}" if float(x).is_integer() else f"{x:,.6g}"
+
+
 def _schedule_notes(cfg: Config, policy: GrowthPolicy) -> list[str]:
     """What the plan says about the warm-ups and a decay to zero."""
     s, g = cfg.schedule, cfg.growth
@@ -770,8 +775,8 @@ def _schedule_notes(cfg: Config, policy: GrowthPolicy) -> list[str]:
     notes = []
     if s.warmup:
         notes.append(
-            f"LR warm-up ({s.warmup_shape}) over the first {s.warmup:g} {unit}: it stays an LR "
-            f"warm-up at the base batch (not converted); the {s.type} decay after it is"
+            f"LR warm-up ({s.warmup_shape}) over the first {_amount(s.warmup)} {unit}: it stays "
+            f"an LR warm-up at the base batch (not converted); the {s.type} decay after it is"
         )
     if policy.rampup:
         notes.append(
@@ -784,7 +789,7 @@ def _schedule_notes(cfg: Config, policy: GrowthPolicy) -> list[str]:
     floored = s.type in ("cosine", "linear", "wsd") and s.eta_min == 0
     if floored and end <= horizon and cfg.growth.mode != "decay_lr":
         notes.append(
-            f"the {s.type} decay reaches 0 at t = {end:g} {unit}: B* = B0/r(t) is unbounded "
+            f"the {s.type} decay reaches 0 at t = {_amount(end)} {unit}: B* = B0/r(t) is unbounded "
             "there, so the cap takes over before it and the LR carries the decay to 0"
         )
     return notes
