@@ -789,3 +789,18 @@ def test_adam_adjustments_follow_the_batch() -> None:
         assert s.weight_decay == pytest.approx(0.1 * math.sqrt(k))  # sqrt rule: λ0·√(B/B0)
     off = GrowthPolicy(cifar("optim.name=adamw", "optim.momentum=0"), 50_000).setting(130)
     assert off.beta2 is None and off.weight_decay is None
+
+
+def test_plateau_ladder_under_the_sqrt_rule() -> None:
+    """Each plateau cut ×0.2: the batch ×5 and the LR ×√0.2 while under N/10, then the hybrid."""
+    cfg = load_config(CONFIGS / "covtype_bottleneck.yaml", ["growth.rule=sqrt",
+                                                            "schedule.warmup=3"])  # fmt: skip
+    plan = make_plan(cfg, 435_759)
+    assert plan.rule == "sqrt"
+    assert [p.global_batch for p in plan.phases][:5] == [256, 1280, 6400, 32000, 43575]
+    for k, p in enumerate(plan.phases):
+        assert p.noise == pytest.approx(0.2**k)  # rows are after the warm-up: r = d
+        assert p.lr / math.sqrt(p.global_batch) == pytest.approx(6e-4 * 0.2**k / 16)
+    assert [p.lr for p in plan.phases][:4] == pytest.approx(
+        [6e-4 * 0.2 ** (k / 2) for k in range(4)]
+    )
