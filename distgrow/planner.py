@@ -40,7 +40,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, NoReturn
 
-from distgrow.config import Config, ConfigError, GrowthConfig, ModelConfig, load_config
+from distgrow.config import FLOORED, Config, ConfigError, GrowthConfig, ModelConfig, load_config
 from distgrow.schedules import PlateauTrigger, Schedule, build_user_schedule, plateau_ratio_after
 
 # B0 / r(t) computed in floating point can land a hair below an integer (128 / 0.2**3 =
@@ -786,7 +786,7 @@ def _schedule_notes(cfg: Config, policy: GrowthPolicy) -> list[str]:
         )
     horizon = policy.time(cfg.run.epochs)
     end = s.warmup + (s.t_max if s.t_max is not None else horizon - s.warmup)
-    floored = s.type in ("cosine", "linear", "wsd") and s.eta_min == 0
+    floored = s.type in FLOORED and s.eta_min == 0
     if floored and end <= horizon and cfg.growth.mode != "decay_lr":
         notes.append(
             f"the {s.type} decay reaches 0 at t = {_amount(end)} {unit}: B* = B0/r(t) is unbounded "

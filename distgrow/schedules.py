@@ -31,7 +31,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from distgrow.config import ConfigError, ScheduleConfig
+from distgrow.config import FLOORED, ConfigError, ScheduleConfig
 
 
 class DecaySchedule(Protocol):
@@ -236,7 +236,7 @@ def build_user_schedule(cfg: ScheduleConfig, lr0: float, horizon: float) -> Sche
     :class:`Constant`, and only its warm-up is a function of time.
     """
     rest = horizon - cfg.warmup
-    if rest <= 0 and cfg.type in ("cosine", "linear", "wsd") and cfg.t_max is None:
+    if rest <= 0 and cfg.type in FLOORED and cfg.t_max is None:
         raise ConfigError(
             f"schedule.warmup ({cfg.warmup:g}) is not shorter than training ({horizon:g} units "
             f"of t): a {cfg.type} decay after it has no time. Fix: shorten schedule.warmup or "
@@ -250,9 +250,10 @@ def build_schedule(cfg: ScheduleConfig, lr0: float, horizon: float) -> DecaySche
     """The decay of ``cfg`` alone (no warm-up); ``horizon`` is its length in ``t``.
 
     Raises:
-        ValueError: for ``plateau`` (use :class:`PlateauTrigger`), or a floor above lr0.
+        ConfigError: a floor (``eta_min``) above lr0.
+        ValueError: for ``plateau`` (use :class:`PlateauTrigger`).
     """
-    if cfg.type in ("cosine", "linear", "wsd") and cfg.eta_min > lr0:
+    if cfg.type in FLOORED and cfg.eta_min > lr0:
         raise ConfigError(
             f"schedule.eta_min ({cfg.eta_min}) is above optim.lr ({lr0}): a {cfg.type} from lr0 "
             "down to eta_min must decay. Fix: set schedule.eta_min below optim.lr."

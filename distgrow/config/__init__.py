@@ -21,6 +21,7 @@ from distgrow.config.loader import (
     parse_overrides,
 )
 from distgrow.config.schema import (
+    FLOORED,
     NOT_DECAYS,
     BackendConfig,
     Config,
@@ -42,6 +43,7 @@ from distgrow.config.schema import (
 
 __all__ = [
     "DATA_NAMES",
+    "FLOORED",
     "NOT_DECAYS",
     "OFFICIAL_TRAIN",
     "SPLIT_TOTAL",
