@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from distgrow import report
 from distgrow.config import ConfigError, describe_fields, dump_config, json_schema, load_config
 from distgrow.exits import EXIT_USAGE
-from distgrow.planner import Plan, make_plan
+from distgrow.planner import ADJUSTMENT_NOTES, RULE_IDENTITIES, Plan, make_plan
 from distgrow.report import ReportError
 
 
@@ -56,6 +56,7 @@ def format_plan(plan: Plan) -> str:
         where = (
             str(p.rung) if plan.ladder else f"{_fmt_epoch(p.start_epoch)}–{_fmt_epoch(p.end_epoch)}"
         )
+        where += " w" * p.warmup + " r" * p.rampup
         rows.append(
             [
                 where,
@@ -73,15 +74,16 @@ def format_plan(plan: Plan) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = [
         f"plan: growth.mode={plan.mode}, schedule={plan.schedule}, N={plan.dataset_size:,}, "
-        f"epochs={plan.epochs}, B0={plan.base_batch}",
+        f"epochs={plan.epochs}, B0={plan.base_batch}, rule={plan.rule}",
         "  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)),
     ]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     if any(p.capped for p in plan.phases):
         lines.append("* batch capped: the learning rate carries the rest of the decay (hybrid)")
+    there = "lr0 · B/B*" if plan.rule == "linear" else "lr0 · √(r · B/B*)"
     lines.append(
         "vs B*: the batch against the ideal B* = B0/r(t) at the phase's farthest update (the LR "
-        "is lr0 · B/B* there)"
+        f"is {there} there)"
     )
     if plan.total_updates is not None and plan.baseline_total_updates is not None:
         ratio = plan.update_ratio or math.nan
@@ -90,6 +92,12 @@ def format_plan(plan: Plan) -> str:
             f"{plan.baseline_total_updates:,}   ratio: {ratio:.2f}× fewer "
             f"({1 - plan.total_updates / plan.baseline_total_updates:.1%} saved)"
         )
+    if any(p.warmup for p in plan.phases):
+        lines.append("w LR warm-up: the LR rises at the base batch (not converted)")
+    if any(p.rampup for p in plan.phases):
+        lines.append("r batch warm-up: the batch ramps to B0 at the LR of B0")
+    lines.append(f"rule {plan.rule}: {RULE_IDENTITIES[plan.rule]}")
+    lines += [f"adjustment: {name}: {ADJUSTMENT_NOTES[name]}" for name in plan.adjustments]
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
 

@@ -1,13 +1,24 @@
-"""Turning an LR schedule into a batch schedule with the same SGD noise-scale path.
+"""Turning an LR schedule into a batch schedule with the same noise-scale path.
 
-The noise scale is ``g = ε / (B (1 − m))`` (METHOD.md §1). For a user schedule with decay
-ratio ``r(t)``, distgrow keeps ``g(t) = g0 · r(t)`` but moves the decay into the batch:
+For a user schedule with decay ``d(t)`` (after any warm-up, see :mod:`distgrow.schedules`),
+distgrow moves the decay into the batch:
 
-* ideal batch ``B*(t) = B0 / r(t)``;
+* ideal batch ``B*(t) = B0 / d(t)``;
 * realised batch ``B(t)``: the largest size ``workers × micro_batch × accum_steps`` not above
   ``B*(t)`` or any cap (``max_global_batch``, ``max_dataset_fraction · N``, the hardware);
-* learning rate ``ε(t) = g0 · r(t) · B(t) · (1 − m)``, which is ``lr0`` while the batch keeps up
-  and takes exactly the residual once it is capped or rounded (the hybrid).
+* learning rate, by ``growth.rule`` (``p`` its exponent), with ``r(t) = w(t) · d(t)``:
+  ``ε(t) = lr0 · r(t) · (B(t)/B0)^p · (1 − m)/(1 − m0)``, which keeps, at every update,
+
+  - ``linear`` (p = 1, Smith et al. 2018; SGD): ``ε/(B(1 − m)) = lr0·r(t)/(B0(1 − m0))``, the
+    SGD noise scale; ``ε = lr0`` while the batch keeps up;
+  - ``sqrt`` (p = 1/2, Malladi et al. 2022, Seesaw 2025; adaptive updates):
+    ``ε/√B = lr0·r(t)/√B0``; ``ε = lr0·√d(t)`` while the batch keeps up.
+
+  Where the batch is capped or rounded below ``B*`` the LR takes exactly the rest (the hybrid),
+  under either rule. A decay to 0 asks for ``B* = ∞``: the cap takes over and the LR goes to 0.
+* the LR warm-up ``w(t)`` is never converted: the batch stays at B0 and the LR rises;
+* a batch warm-up (``growth.rampup_*``, Megatron's ``--rampup-batch-size``) runs first, at the
+  LR of the base batch, and is the one span where the identity is not kept, by choice.
 
 Realisation rules: workers first (up to ``max_workers``, never fewer than before unless that
 count leaves the batch more than ``NEAR_IDEAL`` below ``B*``), each at the preferred
@@ -27,10 +38,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, NoReturn
 
-from distgrow.config import Config, ConfigError, GrowthConfig, ModelConfig, load_config
-from distgrow.schedules import DecaySchedule, PlateauTrigger, build_schedule, plateau_ratio_after
+from distgrow.config import FLOORED, Config, ConfigError, GrowthConfig, ModelConfig, load_config
+from distgrow.schedules import PlateauTrigger, Schedule, build_user_schedule, plateau_ratio_after
 
 # B0 / r(t) computed in floating point can land a hair below an integer (128 / 0.2**3 =
 # 15999.999999999996); this relative slack keeps exact decays exact.
@@ -237,6 +248,14 @@ class Setting(_SplitView):
     """Plateau schedules: how many plateau cuts have fired."""
     capped: bool = False
     """The ideal batch is above a cap: the LR carries the rest of the decay (the hybrid)."""
+    warmup: bool = False
+    """Inside the LR warm-up: the LR rises at the base batch (not converted)."""
+    rampup: bool = False
+    """Inside the batch warm-up: the batch ramps to B0 at the LR of B0."""
+    beta2: float | None = None
+    """Adam's β₂ for this update (``growth.beta2_half_life``); None: as configured."""
+    weight_decay: float | None = None
+    """The weight decay for this update (``growth.weight_decay_timescale``); None: as configured."""
 
     @property
     def realisation(self) -> Split:
@@ -275,17 +294,17 @@ class GrowthPolicy:
         self.base_batch = cfg.growth.base_batch
         self.steps_per_epoch0 = math.ceil(dataset_size / self.base_batch)
         self.start_batch, self.momentum = _effective_start(cfg)
-        # g0 · (1 − m) folded into one constant: lr = lr_per_sample · r · B.
-        # The noise scale of the user's baseline: lr0 / (B0 (1 − m0)).
-        self.noise0 = cfg.optim.lr / (self.base_batch * (1.0 - cfg.optim.momentum))
-        self.lr_per_sample = self.noise0 * (1.0 - self.momentum)
+        self.rule = cfg.growth.resolved_rule(cfg.optim.name)
+        self.exponent = 1.0 if self.rule == "linear" else 0.5
+        # lr = lr_unit · r · B^p. The quantity kept is the baseline's lr0 / (B0^p (1 − m0)):
+        # the SGD noise scale for the linear rule, ε/√B for the square-root rule.
+        self.noise0 = cfg.optim.lr / (self.base_batch**self.exponent * (1.0 - cfg.optim.momentum))
+        self.lr_unit = self.noise0 * (1.0 - self.momentum)
         self.grows = cfg.growth.mode != "decay_lr"
         self.is_plateau = cfg.schedule.type == "plateau"
-        horizon = cfg.run.epochs * (
-            1 if cfg.schedule.interval == "epoch" else self.steps_per_epoch0
-        )
-        self.schedule: DecaySchedule | None = (
-            None if self.is_plateau else build_schedule(cfg.schedule, cfg.optim.lr, horizon)
+        self.seq_len = cfg.data.seq_len or 1
+        self.schedule: Schedule = build_user_schedule(
+            cfg.schedule, cfg.optim.lr, self.time(cfg.run.epochs)
         )
         self.trigger = (
             PlateauTrigger.from_config(cfg.schedule, cfg.optim.lr) if self.is_plateau else None
@@ -294,68 +313,171 @@ class GrowthPolicy:
         start = self.limits.realise(min(self.start_batch, self.limits.cap))
         derived = cfg.growth.mode in ("grow_batch_lr", "grow_momentum")  # may round, LR absorbs
         if start is None or (start.global_batch != self.start_batch and not derived):
-            unit = self.limits.min_workers * self.limits.multiple
-            lo, hi = self.start_batch // unit * unit, (self.start_batch // unit + 1) * unit
-            choices = f"{lo} or {hi}" if lo else str(hi)
-            raise ConfigError(
-                f"growth.base_batch ({self.start_batch}) cannot be split exactly over "
-                f"{self.limits.min_workers} workers in micro-batches that are multiples of "
-                f"{self.limits.multiple} (model.ghost_batch) within growth.max_micro_batch="
-                f"{self.limits.max_micro_batch} and growth.max_accum_steps="
-                f"{self.limits.max_accum_steps}. Fix: use growth.base_batch={choices}, or "
-                "raise the limits."
-            )
+            self._refuse_base_batch(self.start_batch)
+        base = self.limits.realise(self.base_batch)
+        if base is None or base.global_batch != self.base_batch:
+            self._refuse_base_batch(self.base_batch)  # the baseline of a derived mode runs B0
         self._start = start
         self._current = start
+        self.rampup = cfg.growth.rampup_sizes()
+        self.rampup_samples = cfg.growth.rampup_samples if self.rampup else 0
+        for size in self.rampup:
+            split = self.limits.realise(size)
+            if split is None or split.global_batch != size:
+                raise ConfigError(
+                    f"the batch warm-up's batch {size} (growth.rampup_start_batch="
+                    f"{cfg.growth.rampup_start_batch}, growth.rampup_increment="
+                    f"{cfg.growth.rampup_increment}) cannot be split exactly over "
+                    f"{self.limits.min_workers} workers in micro-batches that are multiples of "
+                    f"{self.limits.multiple}. Fix: use sizes that are multiples of "
+                    f"{self.limits.min_workers * self.limits.multiple}."
+                )
+        if self.rampup:
+            self._current = self._rampup_split(self.rampup[0])
+
+    def _refuse_base_batch(self, batch: int) -> NoReturn:
+        lim = self.limits
+        unit = lim.min_workers * lim.multiple
+        lo, hi = batch // unit * unit, (batch // unit + 1) * unit
+        choices = f"{lo} or {hi}" if lo else str(hi)
+        fix = (
+            "raise the limits"
+            if lo == batch
+            else f"use growth.base_batch={choices}, or raise the limits"
+        )
+        raise ConfigError(
+            f"growth.base_batch ({batch}) cannot be split exactly over {lim.min_workers} workers "
+            f"in micro-batches that are multiples of {lim.multiple} (model.ghost_batch) within "
+            f"growth.max_micro_batch={lim.max_micro_batch} and growth.max_accum_steps="
+            f"{lim.max_accum_steps}. Fix: {fix}."
+        )
 
     # -- time ---------------------------------------------------------------------------------
 
     def time(self, epoch: int, position: int = 0) -> float:
-        """The schedule's t at sample ``position`` of ``epoch`` (epochs, or baseline updates)."""
-        if self.cfg.schedule.interval == "epoch":
+        """The schedule's t at sample ``position`` of ``epoch``, in ``schedule.interval``.
+
+        epochs; baseline updates (``step``); samples seen; or tokens seen (samples × seq_len).
+        Counted in data, t is the same at a given sample however the batch is realised.
+        """
+        interval = self.cfg.schedule.interval
+        if interval == "epoch":
             return float(epoch)
-        return epoch * self.steps_per_epoch0 + position / self.base_batch
+        if interval == "step":
+            return epoch * self.steps_per_epoch0 + position / self.base_batch
+        seen = epoch * self.dataset_size + position
+        return float(seen * self.seq_len if interval == "tokens" else seen)
+
+    def warmup_factor(self, epoch: int, position: int = 0) -> float:
+        """w(t): the LR warm-up's multiplier (1 after it); never converted into batch."""
+        return self.schedule.warmup_factor(self.time(epoch, position))
+
+    def decay_ratio(self, epoch: int, position: int = 0) -> float:
+        """d(t): the decay after the warm-up (what the batch carries)."""
+        if self.is_plateau:
+            return self._plateau_ratio()
+        return self.schedule.decay_ratio(self.time(epoch, position))
+
+    def _plateau_ratio(self) -> float:
+        s = self.cfg.schedule
+        return plateau_ratio_after(
+            self.rung, factor=s.factor, lr0=self.cfg.optim.lr, min_lr=s.min_lr, eps=s.plateau_eps
+        )
 
     def ratio(self, epoch: int, position: int = 0) -> float:
-        """r(t): the user's LR relative to lr0 at this point of training."""
-        if self.is_plateau:
-            s = self.cfg.schedule
-            return plateau_ratio_after(
-                self.rung,
-                factor=s.factor,
-                lr0=self.cfg.optim.lr,
-                min_lr=s.min_lr,
-                eps=s.plateau_eps,
-            )
-        assert self.schedule is not None
-        return self.schedule.ratio(self.time(epoch, position))
+        """r(t) = w(t) · d(t): the user's LR relative to lr0 at this point of training."""
+        return self.warmup_factor(epoch, position) * self.decay_ratio(epoch, position)
 
     # -- decisions ----------------------------------------------------------------------------
 
-    def _settle(self, r: float) -> Setting:
-        ideal = self.start_batch / r if r > 0 else math.inf  # may also overflow to inf
+    def _lr(self, r: float, batch: int) -> float:
+        """``lr_unit · r · B^p``: the LR that keeps the rule's quantity on the schedule."""
+        return self.lr_unit * r * batch**self.exponent
+
+    def _adjust(self, setting: Setting) -> Setting:
+        """The optional Adam adjustments for ``setting``'s batch (both off by default)."""
+        g, optim = self.cfg.growth, self.cfg.optim
+        b, b0 = setting.global_batch, self.base_batch
+        beta2 = optim.betas[1] ** (b / b0) if g.beta2_half_life else None
+        wd = None
+        if g.weight_decay_timescale:
+            # AdamW shrinks weights by ε·λ per update: per sample ε·λ/B, the baseline's
+            # lr0·r·λ0/B0 at the same t (Wang & Aitchison 2024's timescale, kept in samples).
+            baseline = optim.lr * setting.ratio * b / b0
+            wd = (
+                optim.weight_decay * baseline / setting.lr
+                if setting.lr > 0
+                else optim.weight_decay * (b / b0) ** (1.0 - self.exponent)
+            )
+        if beta2 is None and wd is None:
+            return setting
+        return replace(setting, beta2=beta2, weight_decay=wd)
+
+    def _settle(self, decay: float, warm: float = 1.0) -> Setting:
+        ideal = self.start_batch / decay if decay > 0 else math.inf  # may also overflow to inf
         # The cap binds when B* (rounded down, as it would be realised) is above it.
         binds = math.isinf(ideal) or math.floor(ideal * (1 + _FLOAT_SLACK)) > self.limits.cap
         target = self.limits.cap if binds else math.floor(ideal * (1 + _FLOAT_SLACK))
+        if self._current.global_batch < self._start.global_batch:
+            self._current = self._start  # the batch warm-up is over
         if self.grows:
             cand = self.limits.realise(target, self._current.workers)
             # The batch never shrinks (a rounding can land below the current size).
             if cand is not None and cand.global_batch > self._current.global_batch:
                 self._current = cand
         b = self._current
-        return Setting(
-            split=b,
-            lr=self.lr_per_sample * r * b.global_batch,
-            momentum=self.momentum,
-            ratio=r,
-            ideal_batch=ideal,
-            rung=self.rung,
-            capped=self.grows and binds,
+        r = warm * decay
+        return self._adjust(
+            Setting(
+                split=b,
+                lr=self._lr(r, b.global_batch),
+                momentum=self.momentum,
+                ratio=r,
+                ideal_batch=ideal,
+                rung=self.rung,
+                capped=self.grows and binds,
+                warmup=warm < 1.0,
+            )
         )
+
+    def _rampup_split(self, size: int) -> Split:
+        split = self.limits.realise(size, self._current.workers)
+        if split is None or split.global_batch != size:
+            split = self.limits.realise(size)  # exact at some worker count (checked at start)
+        assert split is not None
+        return split
+
+    def rampup_batch(self, epoch: int, position: int = 0) -> int | None:
+        """The batch warm-up's batch at this point (Megatron's rule), or None once it is over.
+
+        ``rampup_samples`` are shared equally among the ramp's sizes: the k-th size runs from
+        ``k · S / K`` samples on, in integers (no float drift at the boundaries).
+        """
+        seen = epoch * self.dataset_size + position
+        if seen >= self.rampup_samples:
+            return None
+        return self.rampup[seen * len(self.rampup) // self.rampup_samples]
 
     def setting(self, epoch: int, position: int = 0) -> Setting:
         """The setting for the update that starts at sample ``position`` of ``epoch``."""
-        return self._settle(self.ratio(epoch, position))
+        warm, decay = self.warmup_factor(epoch, position), self.decay_ratio(epoch, position)
+        size = self.rampup_batch(epoch, position) if self.rampup else None
+        if size is None:
+            return self._settle(decay, warm)
+        self._current = self._rampup_split(size)
+        r = warm * decay
+        return self._adjust(
+            Setting(
+                split=self._current,
+                lr=self._lr(r, self.start_batch),  # the LR of B0: the ramp adds noise, by choice
+                momentum=self.momentum,
+                ratio=r,
+                ideal_batch=float(size),
+                rung=self.rung,
+                warmup=warm < 1.0,
+                rampup=True,
+            )
+        )
 
     def end_epoch(self, metric: float) -> bool:
         """Report an epoch's monitored metric; True when a plateau cut fired (growth or LR).
@@ -384,7 +506,7 @@ class GrowthPolicy:
             self.trigger.load_state_dict(state["trigger"])
             if "lr" not in state["trigger"]:
                 # A state saved before the trigger tracked the LR: every rung was a real cut.
-                self.trigger.lr = self.cfg.optim.lr * self.ratio(0)
+                self.trigger.lr = self.cfg.optim.lr * self.decay_ratio(0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,6 +534,10 @@ class Phase(_SplitView):
     batch_to_ideal: float = 1.0
     """``B / B*`` at the phase's farthest update (1.0: the batch carries the whole decay; the
     LR is ``lr0 · B / B*`` there)."""
+    warmup: bool = False
+    """The phase is (part of) the LR warm-up: the LR rises at the base batch."""
+    rampup: bool = False
+    """The phase is a step of the batch warm-up (at the LR of the base batch)."""
 
 
 @dataclass
@@ -430,6 +556,13 @@ class Plan:
     ladder: bool = False
     """True for plateau schedules: phases are rungs (successive cuts), not epoch ranges."""
     notes: list[str] = field(default_factory=list)
+    rule: str = "linear"
+    """``growth.rule`` as resolved for the optimizer: linear (ε/B kept) or sqrt (ε/√B kept)."""
+    adjustments: list[str] = field(default_factory=list)
+    """The optional Adam adjustments switched on (``beta2_half_life``, ``weight_decay_timescale``).
+    """
+    cap_from_epoch: float | None = None
+    """Where the cap first binds (the hybrid takes over), in epochs; None if it never does."""
 
     @property
     def update_ratio(self) -> float | None:
@@ -458,16 +591,17 @@ def _batch_to_ideal(s: Setting) -> float:
 def _simulate(policy: GrowthPolicy, epochs: int) -> tuple[list[Phase], int]:
     n = policy.dataset_size
     per_epoch = policy.cfg.schedule.interval == "epoch"
-    continuous = policy.schedule is not None and policy.schedule.continuous
+    continuous = policy.schedule.continuous
     phases: list[Phase] = []
     total = 0
     for epoch in range(epochs):
         position = 0
         while position < n:
             s = policy.setting(epoch, position)
-            if per_epoch:
-                steps = math.ceil(n / s.global_batch)  # the whole epoch, in one go
-                samples = n
+            if per_epoch and not s.rampup:
+                # the rest of the epoch in one go (t is the epoch: nothing changes within it)
+                steps = math.ceil((n - position) / s.global_batch)
+                samples = n - position
             else:
                 steps, samples = 1, min(s.global_batch, n - position)
             start = epoch + position / n
@@ -477,7 +611,9 @@ def _simulate(policy: GrowthPolicy, epochs: int) -> tuple[list[Phase], int]:
                 # a phase is capped in all its updates or in none: a continuous decay that
                 # reaches the cap inside a split starts a new (capped) phase there
                 and last.capped == s.capped
-                and (continuous or math.isclose(last.lr_end, s.lr, rel_tol=1e-12))
+                and last.warmup == s.warmup
+                and last.rampup == s.rampup
+                and (continuous or s.warmup or math.isclose(last.lr_end, s.lr, rel_tol=1e-12))
             )
             share = _batch_to_ideal(s)
             if last is not None and same:
@@ -499,6 +635,8 @@ def _simulate(policy: GrowthPolicy, epochs: int) -> tuple[list[Phase], int]:
                         samples=samples,
                         capped=s.capped,
                         batch_to_ideal=share,
+                        warmup=s.warmup,
+                        rampup=s.rampup,
                     )
                 )
             phases[-1].end_epoch = epoch + (position + samples) / n
@@ -514,7 +652,7 @@ def _ladder(policy: GrowthPolicy, max_rungs: int = 12) -> list[Phase]:
     capped_rows = 0
     for rung in range(max_rungs):
         policy.rung = rung
-        s = policy.setting(0)
+        s = policy._settle(policy.decay_ratio(0))  # a rung's setting after any warm-up
         if rows and math.isclose(s.ratio, rows[-1].noise, rel_tol=1e-12):
             break  # min_lr reached: further plateaus change nothing
         capped = s.capped
@@ -563,11 +701,22 @@ def make_plan(cfg: Config, dataset_size: int, min_workers: int = 1) -> Plan:
         _, baseline = _simulate(
             GrowthPolicy(baseline_cfg, dataset_size, min_workers), cfg.run.epochs
         )
-    if any(p.capped for p in phases) and cfg.growth.mode != "decay_lr":
+    notes += _schedule_notes(cfg, policy)
+    cap_from = next((p.start_epoch for p in phases if p.capped), None)
+    if cap_from is not None and cfg.growth.mode != "decay_lr":
+        where = "" if plan_is_ladder(cfg) else f" from epoch {cap_from:.4g}"
         notes.append(
-            f"the batch is capped at {policy.limits.cap} (hybrid): the LR carries the rest of the "
-            "decay from there"
+            f"the batch is capped at {policy.limits.cap}{where} (hybrid): the LR carries the rest "
+            "of the decay from there"
         )
+    adjustments = [
+        name
+        for name, on in (
+            ("beta2_half_life", cfg.growth.beta2_half_life),
+            ("weight_decay_timescale", cfg.growth.weight_decay_timescale),
+        )
+        if on
+    ]
     return Plan(
         mode=cfg.growth.mode,
         schedule=cfg.schedule.type,
@@ -578,9 +727,62 @@ def make_plan(cfg: Config, dataset_size: int, min_workers: int = 1) -> Plan:
         total_updates=total,
         baseline_total_updates=baseline,
         total_samples=dataset_size * cfg.run.epochs,
-        ladder=cfg.schedule.type == "plateau",
+        ladder=plan_is_ladder(cfg),
         notes=notes,
+        rule=policy.rule,
+        adjustments=adjustments,
+        cap_from_epoch=None if plan_is_ladder(cfg) else cap_from,
     )
+
+
+def plan_is_ladder(cfg: Config) -> bool:
+    """Plateau schedules plan as a ladder of rungs, not as epoch ranges."""
+    return cfg.schedule.type == "plateau"
+
+
+RULE_IDENTITIES = {
+    "linear": "ε/B = lr0·r(t)/B0 kept (SGD noise scale; LR fixed, batch × 1/α)",
+    "sqrt": "ε/√B = lr0·r(t)/√B0 kept (adaptive updates; LR × √α, batch × 1/α)",
+}
+"""What each ``growth.rule`` keeps at every update (α: the schedule's factor at a cut)."""
+
+ADJUSTMENT_NOTES = {
+    "beta2_half_life": "β₂ = β₂0^(B/B0): its half-life stays constant in samples",
+    "weight_decay_timescale": "weight decay λ so that ε·λ/B is the baseline's: the decay's "
+    "timescale stays constant in samples",
+}
+
+
+def _amount(x: float) -> str:
+    """``x`` for a note: whole numbers with thousands separators (2,000,000 tokens)."""
+    return f"{x:,.0f}" if float(x).is_integer() else f"{x:,.6g}"
+
+
+def _schedule_notes(cfg: Config, policy: GrowthPolicy) -> list[str]:
+    """What the plan says about the warm-ups and a decay to zero."""
+    s, g = cfg.schedule, cfg.growth
+    unit = {"epoch": "epochs", "step": "baseline updates"}.get(s.interval, s.interval)
+    notes = []
+    if s.warmup:
+        notes.append(
+            f"LR warm-up ({s.warmup_shape}) over the first {_amount(s.warmup)} {unit}: it stays "
+            f"an LR warm-up at the base batch (not converted); the {s.type} decay after it is"
+        )
+    if policy.rampup:
+        notes.append(
+            f"batch warm-up: {policy.rampup[0]} → {g.base_batch} in steps of "
+            f"{g.rampup_increment or g.base_batch - policy.rampup[0]} over the first "
+            f"{g.rampup_samples:,} samples, at the LR of the base batch (no conversion there)"
+        )
+    horizon = policy.time(cfg.run.epochs)
+    end = s.warmup + (s.t_max if s.t_max is not None else horizon - s.warmup)
+    floored = s.type in FLOORED and s.eta_min == 0
+    if floored and end <= horizon and cfg.growth.mode != "decay_lr":
+        notes.append(
+            f"the {s.type} decay reaches 0 at t = {_amount(end)} {unit}: B* = B0/r(t) is unbounded "
+            "there, so the cap takes over before it and the LR carries the decay to 0"
+        )
+    return notes
 
 
 def plan_from_file(path: str, overrides: list[str] | None = None) -> Plan:

@@ -1,8 +1,21 @@
 """The user's learning-rate schedules, as the decay ratio ``r(t) = lr(t) / lr0``.
 
 A schedule here is what the user would have run with a fixed batch. The planner turns each cut
-of ``r`` into batch growth. Time ``t`` is in the schedule's interval: epochs, or the baseline's
-updates (samples seen / base batch) for ``interval: step``.
+of ``r`` into batch growth. Time ``t`` is in the schedule's interval: epochs, the baseline's
+updates (samples seen / base batch) for ``interval: step``, samples, or tokens.
+
+A schedule has two parts, and the planner treats them differently:
+
+* the **warm-up** (:class:`Warmup`, ``schedule.warmup`` units of t, linear or exponential):
+  an LR multiplier ``w(t)`` that rises to 1. It is not a decay, so it is never converted: it
+  stays an LR warm-up at the base batch;
+* the **decay** (every :class:`DecaySchedule`): ``d(t)`` starts at 1 and never rises. Its clock
+  starts when the warm-up ends (as torch's ``SequentialLR`` and the warm-up schedules of
+  transformers do), and it is what the planner turns into batch growth.
+
+The user's LR is ``lr0 · r(t)`` with ``r(t) = w(t) · d(t − warmup)``: :class:`Schedule`.
+Decays that reach zero (cosine, linear or wsd to ``eta_min = 0``) ask for an unbounded batch:
+the planner's cap takes over there and the LR carries the rest.
 
 Plateau schedules are not a function of time: :class:`PlateauTrigger` watches the validation
 metric and fires at exactly the epochs where ``torch.optim.lr_scheduler.ReduceLROnPlateau``
@@ -18,7 +31,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from distgrow.config import ScheduleConfig
+from distgrow.config import FLOORED, ConfigError, ScheduleConfig
 
 
 class DecaySchedule(Protocol):
@@ -102,12 +115,159 @@ class Cosine:
         return self.floor + (1.0 - self.floor) * (1.0 + math.cos(math.pi * t / self.t_max)) / 2.0
 
 
-def build_schedule(cfg: ScheduleConfig, lr0: float, horizon: float) -> DecaySchedule:
-    """The time-based schedule for ``cfg``; ``horizon`` is the length of training in ``t``.
+@dataclass(frozen=True)
+class Linear:
+    """``1 − (1 − floor) · t / t_max``, flat at ``floor`` after ``t_max`` (torch ``LinearLR``
+    with ``start_factor=1``, ``end_factor=floor``; transformers' linear decay to 0)."""
+
+    t_max: float
+    floor: float  # eta_min / lr0
+    continuous: bool = True
+
+    def ratio(self, t: float) -> float:
+        return 1.0 - (1.0 - self.floor) * min(t, self.t_max) / self.t_max
+
+
+@dataclass(frozen=True)
+class InverseSqrt:
+    """``1 / sqrt(1 + t / timescale)`` (transformers' ``get_inverse_sqrt_schedule``; with
+    ``timescale`` = the warm-up length it is fairseq's ``inverse_sqrt``, ``sqrt(W / step)``)."""
+
+    timescale: float
+    continuous: bool = True
+
+    def ratio(self, t: float) -> float:
+        return 1.0 / math.sqrt(1.0 + t / self.timescale)
+
+
+@dataclass(frozen=True)
+class WarmupStableDecay:
+    """WSD: 1 until ``t_max − decay_length``, then down to ``floor`` at ``t_max`` in the shape
+    ``linear``, ``cosine`` or ``sqrt`` (``1 − sqrt(progress)``, Hägele et al. 2024); the
+    warm-up before it is :class:`Warmup`'s."""
+
+    t_max: float
+    decay_length: float
+    shape: str
+    floor: float  # eta_min / lr0
+    continuous: bool = True
+
+    def ratio(self, t: float) -> float:
+        start = self.t_max - self.decay_length
+        if t <= start:
+            return 1.0
+        x = min(1.0, (t - start) / self.decay_length)
+        if self.shape == "cosine":
+            left = (1.0 + math.cos(math.pi * x)) / 2.0
+        elif self.shape == "sqrt":
+            left = 1.0 - math.sqrt(x)
+        else:
+            left = 1.0 - x
+        return self.floor + (1.0 - self.floor) * left
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """The LR warm-up ``w(t)``: from ``start`` to 1 over ``length`` units of t, then 1.
+
+    ``linear``: ``start + (1 − start) · t / length`` (torch ``LinearLR``'s ramp);
+    ``exponential``: ``start ** (1 − t / length)`` (the same factor every unit of t).
+    """
+
+    length: float
+    start: float = 0.0
+    shape: str = "linear"
+
+    def factor(self, t: float) -> float:
+        if t >= self.length:
+            return 1.0
+        x = max(t, 0.0) / self.length
+        if self.shape == "exponential":
+            return float(self.start ** (1.0 - x))
+        return self.start + (1.0 - self.start) * x
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The user's whole LR schedule: ``r(t) = w(t) · d(t − warmup)``.
+
+    ``warmup_factor`` is the part the planner never converts (LR only, at the base batch);
+    ``decay_ratio`` is the part it turns into batch growth.
+    """
+
+    decay: DecaySchedule
+    warmup: Warmup | None = None
+
+    @property
+    def continuous(self) -> bool:
+        return self.decay.continuous
+
+    @property
+    def warmup_length(self) -> float:
+        return self.warmup.length if self.warmup is not None else 0.0
+
+    def warmup_factor(self, t: float) -> float:
+        """``w(t)``: the LR warm-up's multiplier (1 once it is over)."""
+        return self.warmup.factor(t) if self.warmup is not None else 1.0
+
+    def decay_ratio(self, t: float) -> float:
+        """``d(t − warmup)``: the decay, on a clock that starts when the warm-up ends."""
+        return self.decay.ratio(max(0.0, t - self.warmup_length))
+
+    def ratio(self, t: float) -> float:
+        """``lr(t) / lr0``, warm-up included."""
+        return self.warmup_factor(t) * self.decay_ratio(t)
+
+
+def build_warmup(cfg: ScheduleConfig) -> Warmup | None:
+    """The LR warm-up of ``cfg``, or None without one."""
+    if cfg.warmup <= 0:
+        return None
+    return Warmup(cfg.warmup, cfg.warmup_start, cfg.warmup_shape)
+
+
+def build_user_schedule(cfg: ScheduleConfig, lr0: float, horizon: float) -> Schedule:
+    """The whole time-based schedule of ``cfg`` (warm-up, then decay) over ``horizon`` units of t.
 
     Raises:
-        ValueError: for ``plateau`` (use :class:`PlateauTrigger`), or a cosine floor above lr0.
+        ConfigError: the warm-up leaves no time for the decay, or a floor above lr0.
+
+    A plateau schedule's decay is metric-triggered (:class:`PlateauTrigger`): here it is
+    :class:`Constant`, and only its warm-up is a function of time.
     """
+    rest = horizon - cfg.warmup
+    if rest <= 0 and cfg.type in FLOORED and cfg.t_max is None:
+        raise ConfigError(
+            f"schedule.warmup ({cfg.warmup:g}) is not shorter than training ({horizon:g} units "
+            f"of t): a {cfg.type} decay after it has no time. Fix: shorten schedule.warmup or "
+            "set schedule.t_max."
+        )
+    decay = Constant() if cfg.type == "plateau" else build_schedule(cfg, lr0, max(rest, 0.0))
+    return Schedule(decay, build_warmup(cfg))
+
+
+def build_schedule(cfg: ScheduleConfig, lr0: float, horizon: float) -> DecaySchedule:
+    """The decay of ``cfg`` alone (no warm-up); ``horizon`` is its length in ``t``.
+
+    Raises:
+        ConfigError: a floor (``eta_min``) above lr0.
+        ValueError: for ``plateau`` (use :class:`PlateauTrigger`).
+    """
+    if cfg.type in FLOORED and cfg.eta_min > lr0:
+        raise ConfigError(
+            f"schedule.eta_min ({cfg.eta_min}) is above optim.lr ({lr0}): a {cfg.type} from lr0 "
+            "down to eta_min must decay. Fix: set schedule.eta_min below optim.lr."
+        )
+    t_max = cfg.t_max if cfg.t_max is not None else horizon
+    if cfg.type == "linear":
+        return Linear(t_max, cfg.eta_min / lr0)
+    if cfg.type == "inverse_sqrt":
+        timescale = cfg.timescale or cfg.warmup or 1.0
+        return InverseSqrt(timescale)
+    if cfg.type == "wsd":
+        assert cfg.decay_length is not None  # ScheduleConfig.validate
+        return WarmupStableDecay(t_max, min(cfg.decay_length, t_max), cfg.decay_shape,
+                                 cfg.eta_min / lr0)  # fmt: skip
     if cfg.type == "constant":
         return Constant()
     if cfg.type == "step":
@@ -119,12 +279,7 @@ def build_schedule(cfg: ScheduleConfig, lr0: float, horizon: float) -> DecaySche
     if cfg.type == "time_based":
         return TimeBased(cfg.decay)
     if cfg.type == "cosine":
-        if cfg.eta_min > lr0:
-            raise ValueError(
-                f"schedule.eta_min ({cfg.eta_min}) is above optim.lr ({lr0}): a cosine from lr0 "
-                "down to eta_min must decay. Fix: set schedule.eta_min below optim.lr."
-            )
-        return Cosine(cfg.t_max if cfg.t_max is not None else horizon, cfg.eta_min / lr0)
+        return Cosine(t_max, cfg.eta_min / lr0)
     raise ValueError(f"schedule.type={cfg.type!r} is metric-triggered: use PlateauTrigger")
 
 

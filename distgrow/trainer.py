@@ -301,6 +301,10 @@ class Trainer:
             group["lr"] = setting.lr
             if self.cfg.optim.name in ("sgd", "rmsprop"):
                 group["momentum"] = setting.momentum
+            if setting.beta2 is not None:  # growth.beta2_half_life
+                group["betas"] = (group["betas"][0], setting.beta2)
+            if setting.weight_decay is not None:  # growth.weight_decay_timescale
+                group["weight_decay"] = setting.weight_decay
         shards = shard_global_batch(
             indices,
             workers=setting.workers,

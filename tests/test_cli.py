@@ -186,3 +186,22 @@ def test_launch_dry_run_prints_one_command_per_worker_span(
     assert len(commands) == 2
     assert "--nproc_per_node=1" in commands[0] and "run.resume=true" not in commands[0]
     assert "--nproc_per_node=4" in commands[1] and "run.resume=true" in commands[1]
+
+
+def test_plan_shows_the_rule_the_warmup_and_where_the_cap_takes_over(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    overrides = ["optim.name=adam", "optim.momentum=0", "schedule.type=cosine",
+                 "schedule.warmup=5", "growth.max_global_batch=1024",
+                 "growth.beta2_half_life=true"]  # fmt: skip
+    code, out, _ = run_main(capsys, "plan", CIFAR, *overrides)
+    assert code == 0
+    assert out.splitlines()[0].endswith("B0=128, rule=sqrt")
+    assert re.search(r"^\s*0–5 w\s+128\s", out, re.M)  # the warm-up row, at B0
+    assert "rule sqrt: ε/√B = lr0·r(t)/√B0 kept" in out
+    assert "adjustment: beta2_half_life: β₂ = β₂0^(B/B0)" in out
+    assert re.search(r"capped at 1024 from epoch \d+ \(hybrid\)", out)
+    code, out, _ = run_main(capsys, "plan", CIFAR, "schedule.type=cosine", "--json")
+    data = json.loads(out)
+    assert data["rule"] == "linear" and data["adjustments"] == []
+    assert data["phases"][0]["warmup"] is False and data["phases"][0]["rampup"] is False

@@ -6,6 +6,7 @@ import itertools
 import math
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import assume, given, settings
@@ -251,6 +252,23 @@ schedules = st.one_of(
     ),
     st.just(["schedule.type=cosine", "schedule.eta_min=0.001"]),
     st.just(["schedule.type=constant"]),
+    st.builds(
+        lambda floor: ["schedule.type=linear", f"schedule.eta_min={floor}"],
+        st.sampled_from([0.0, 0.01]),
+    ),
+    st.builds(
+        lambda tau: ["schedule.type=inverse_sqrt", f"schedule.timescale={tau}"],
+        st.sampled_from([0.5, 2, 5]),
+    ),
+    st.builds(
+        lambda length, shape: [
+            "schedule.type=wsd",
+            f"schedule.decay_length={length}",
+            f"schedule.decay_shape={shape}",
+        ],
+        st.sampled_from([1, 3]),
+        st.sampled_from(["linear", "cosine", "sqrt"]),
+    ),
 )
 
 
@@ -329,7 +347,7 @@ def test_noise_limits_monotonicity_and_counts(
                 kept = replace(lim, min_workers=prev_workers).realise(target)
                 assert kept is None or kept.global_batch < (1 - NEAR_IDEAL) * target
             # the LR never exceeds its start
-            assert s.lr <= policy.lr_per_sample * policy.start_batch * (1 + 1e-9)
+            assert s.lr <= policy.lr_unit * policy.start_batch**policy.exponent * (1 + 1e-9)
             if mode == "decay_lr":
                 assert s.global_batch == policy.start_batch or policy.start_batch > lim.cap
                 assert s.lr == pytest.approx(0.1 * r)
@@ -530,3 +548,259 @@ def test_coarse_splits_keep_the_lr_near_lr0() -> None:
         for position in (0, 24_960):
             s = policy.setting(epoch, position)
             assert s.lr / s.global_batch == pytest.approx(0.1 * s.ratio / 128, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# The rule (linear / sqrt), warm-ups, decays to zero, samples and tokens
+# ---------------------------------------------------------------------------------------------
+
+
+def walk(policy: GrowthPolicy, epochs: int) -> list[tuple[int, int, Any]]:
+    """(epoch, position, setting) of every update of the run, update by update."""
+    out = []
+    for epoch in range(epochs):
+        position = 0
+        while position < policy.dataset_size:
+            s = policy.setting(epoch, position)
+            out.append((epoch, position, s))
+            position += s.global_batch
+    return out
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    sched=schedules,
+    rule=st.sampled_from(["linear", "sqrt"]),
+    optim=st.sampled_from(["sgd", "adam", "adamw", "rmsprop"]),
+    interval=st.sampled_from(["epoch", "step", "samples"]),
+    warmup=st.sampled_from([0, 1, 2]),
+    cap=st.sampled_from([None, 40, 100]),
+    n=st.integers(100, 1500),
+    b0=st.sampled_from([4, 8]),
+    max_workers=st.integers(1, 4),
+)
+def test_each_rule_keeps_its_identity_at_every_update(
+    sched: list[str], rule: str, optim: str, interval: str, warmup: int, cap: int | None,
+    n: int, b0: int, max_workers: int,
+) -> None:  # fmt: skip
+    """ε/B^p = lr0·r(t)/B0^p at every update, warm-up and hybrid included (p = 1 or 1/2)."""
+    # t in samples: warm-up and wsd lengths scaled to stay within the run
+    scale = {"epoch": 1, "step": math.ceil(n / b0), "samples": n}[interval]
+    sched = [
+        f"schedule.decay_length={float(x.split('=')[1]) * scale}"
+        if x.startswith("schedule.decay_length")
+        else x
+        for x in sched
+    ]
+    cfg = load_config(None, [
+        *sched, f"schedule.interval={interval}", "run.epochs=6", "optim.lr=0.1",
+        f"optim.name={optim}", f"growth.rule={rule}", f"schedule.warmup={warmup * scale}",
+        f"growth.base_batch={b0}", f"growth.max_workers={max_workers}",
+        "growth.max_dataset_fraction=null",
+        f"growth.max_global_batch={'null' if cap is None else cap}",
+    ])  # fmt: skip
+    policy = GrowthPolicy(cfg, n)
+    p = 1.0 if rule == "linear" else 0.5
+    prev = 0
+    for epoch, position, s in walk(policy, 6):
+        r = policy.ratio(epoch, position)
+        assert s.ratio == pytest.approx(r, rel=1e-12)
+        assert s.lr / s.global_batch**p == pytest.approx(0.1 * r / b0**p, rel=1e-9, abs=1e-15)
+        assert s.global_batch >= prev
+        prev = s.global_batch
+        if s.warmup:  # the warm-up is never converted: the batch stays at B0
+            assert policy.time(epoch, position) < warmup * scale
+            assert s.global_batch == b0 and not s.capped
+        if s.capped:
+            assert s.ideal_batch > policy.limits.cap
+        elif s.global_batch == s.ideal_batch:  # the batch carries the whole decay
+            warm, decay = policy.warmup_factor(epoch, position), policy.decay_ratio(epoch, position)
+            assert s.lr == pytest.approx(0.1 * warm * decay ** (1 - p))
+
+
+def test_sqrt_rule_multiplies_the_lr_by_the_root_of_each_cut() -> None:
+    """Seesaw: where the schedule cuts the LR by α, sqrt cuts it by √α and grows B by 1/α."""
+    cfg = cifar("optim.name=adam", "optim.momentum=0", "schedule.gamma=0.25",
+                "growth.max_dataset_fraction=null", "growth.max_global_batch=2048")  # fmt: skip
+    plan = make_plan(cfg, 50_000)
+    assert plan.rule == "sqrt"  # auto, for adam
+    assert [p.global_batch for p in plan.phases] == [128, 512, 2048, 2048]
+    # ×0.25 cuts: LR 0.1 → 0.05 → 0.025 while B keeps up (√0.25 = 0.5 each), then the cap:
+    # r = 0.25³ at B = 2048 = B0·16: ε = 0.1 · r · √16 = 0.00625
+    assert [p.lr for p in plan.phases] == pytest.approx([0.1, 0.05, 0.025, 0.00625])
+    assert [p.capped for p in plan.phases] == [False, False, False, True]
+    for p in plan.phases:
+        assert p.lr / math.sqrt(p.global_batch) == pytest.approx(0.1 * p.noise / math.sqrt(128))
+    linear = make_plan(replace(cfg, growth=replace(cfg.growth, rule="linear")), 50_000)
+    assert linear.rule == "linear"
+    assert [p.lr for p in linear.phases] == pytest.approx([0.1, 0.1, 0.1, 0.025])
+
+
+def test_auto_rule_is_linear_for_sgd_and_sqrt_for_adaptive_updates() -> None:
+    for name, rule in (("sgd", "linear"), ("adam", "sqrt"), ("adamw", "sqrt"),
+                       ("rmsprop", "sqrt")):  # fmt: skip
+        cfg = load_config(None, [f"optim.name={name}"])
+        assert cfg.growth.resolved_rule(name) == rule
+        assert GrowthPolicy(cfg, 1000).rule == rule
+    assert load_config(None, ["optim.name=adam", "growth.rule=linear"]).growth.rule == "linear"
+
+
+def test_hybrid_fallback_is_the_same_under_both_rules() -> None:
+    """Capped at 640, the batch stops at the same place; the LR takes the rest by its rule."""
+    for rule, p in (("linear", 1.0), ("sqrt", 0.5)):
+        plan = make_plan(cifar("growth.max_global_batch=640", f"growth.rule={rule}"), 50_000)
+        assert [q.global_batch for q in plan.phases] == [128, 640, 640, 640]
+        assert [q.capped for q in plan.phases] == [False, False, True, True]
+        for q in plan.phases:
+            assert q.lr / q.global_batch**p == pytest.approx(0.1 * q.noise / 128**p)
+        assert plan.cap_from_epoch == 120
+        assert any("capped at 640 from epoch 120 (hybrid)" in note for note in plan.notes)
+
+
+def test_lr_warmup_stays_at_the_base_batch_then_the_decay_converts() -> None:
+    cfg = cifar("schedule.type=cosine", "schedule.warmup=5", "schedule.warmup_start=0.1",
+                "growth.max_dataset_fraction=null", "model.ghost_batch=null",
+                "growth.micro_batch=16", "growth.max_workers=1")  # fmt: skip
+    policy = GrowthPolicy(cfg, 50_000)
+    for epoch in range(5):
+        s = policy.setting(epoch)
+        assert s.warmup and s.global_batch == 128 and not s.capped
+        assert s.lr == pytest.approx(0.1 * (0.1 + 0.9 * epoch / 5))
+    after = policy.setting(5)
+    assert not after.warmup and after.global_batch == 128 and after.lr == pytest.approx(0.1)
+    # the cosine's clock starts at the warm-up's end, over the 195 epochs left
+    d = (1 + math.cos(math.pi * 60 / 195)) / 2
+    s = policy.setting(65)
+    assert s.ratio == pytest.approx(d) and s.global_batch == math.floor(128 / d)
+    plan = make_plan(cfg, 50_000)
+    assert plan.phases[0].warmup and (plan.phases[0].start_epoch, plan.phases[0].end_epoch) == (
+        0,
+        5,
+    )
+    assert not any(p.warmup for p in plan.phases[1:])
+    assert any("LR warm-up (linear) over the first 5 epochs" in note for note in plan.notes)
+
+
+def test_decays_to_zero_are_capped_and_the_plan_says_where() -> None:
+    """cosine, linear and wsd to 0: B* is unbounded, the cap takes over, the LR goes to 0."""
+    from distgrow.cli import format_plan
+
+    for sched in (["schedule.type=cosine"], ["schedule.type=linear"],
+                  ["schedule.type=wsd", "schedule.decay_length=40"]):  # fmt: skip
+        cfg = cifar(*sched, "schedule.eta_min=0", "schedule.warmup=2",
+                    "growth.max_dataset_fraction=null", "growth.max_global_batch=1024")  # fmt: skip
+        plan = make_plan(cfg, 50_000)
+        last = plan.phases[-1]
+        assert last.capped and last.global_batch == 1024
+        # at the last epoch (t = 199): r is the schedule's, the LR the hybrid's
+        policy = GrowthPolicy(cfg, 50_000)
+        r = policy.ratio(199)
+        assert 0 < r < 128 / 1024 and last.lr_end == pytest.approx(0.1 * r * 1024 / 128)
+        assert policy.ratio(200) == 0 and policy.setting(200).capped  # t = end: B* = ∞
+        assert plan.cap_from_epoch == next(p.start_epoch for p in plan.phases if p.capped)
+        table = format_plan(plan)
+        assert f"capped at 1024 from epoch {plan.cap_from_epoch:.4g} (hybrid)" in table
+        assert "reaches 0 at t = 200 epochs" in table
+
+
+def megatron_rampup_batch(consumed: int, start: int, inc: int, samples: int, final: int) -> int:
+    """Megatron-LM's RampupBatchsizeNumMicroBatchesCalculator.update, in plain integers."""
+    if consumed >= samples:
+        return final
+    per_increment = samples / ((final - start) // inc)
+    return start + int(consumed / per_increment) * inc
+
+
+@pytest.mark.parametrize("mode", ["grow_batch", "decay_lr"])
+def test_batch_warmup_is_realised_exactly_on_its_own_and_with_growth(mode: str) -> None:
+    cfg = cifar(f"growth.mode={mode}", "model.ghost_batch=16", "growth.micro_batch=16",
+                "growth.rampup_start_batch=32", "growth.rampup_increment=16",
+                "growth.rampup_samples=60000", "growth.max_dataset_fraction=null")  # fmt: skip
+    policy = GrowthPolicy(cfg, 50_000)
+    seen_sizes = []
+    for epoch, position, s in walk(policy, 3):
+        consumed = epoch * 50_000 + position
+        assert s.global_batch == megatron_rampup_batch(consumed, 32, 16, 60_000, 128)
+        assert s.rampup == (consumed < 60_000)
+        assert s.lr == pytest.approx(0.1)  # the LR of B0 throughout (epoch < 60: r = 1)
+        seen_sizes.append(s.global_batch)
+    assert sorted(set(seen_sizes)) == [32, 48, 64, 80, 96, 112, 128]
+    plan = make_plan(cfg, 50_000)
+    ramp = [p for p in plan.phases if p.rampup]
+    assert [p.global_batch for p in ramp] == [32, 48, 64, 80, 96, 112]
+    assert sum(p.samples for p in ramp) >= 60_000
+    later = [p.global_batch for p in plan.phases if not p.rampup]
+    # growth after the ramp; or the plain baseline: B0, the LR cut at each milestone
+    assert later == ([128, 640, 3200, 16000] if mode == "grow_batch" else [128] * 4)
+    assert any("batch warm-up: 32 → 128 in steps of 16" in note for note in plan.notes)
+
+
+def test_batch_warmup_sizes_must_split_exactly() -> None:
+    cfg = cifar("growth.rampup_start_batch=32", "growth.rampup_samples=1000")
+    with pytest.raises(ConfigError, match="batch warm-up's batch 32 .*multiples of 128"):
+        GrowthPolicy(cfg, 50_000)  # ghost batches of 128
+
+
+def test_intervals_in_samples_and_tokens_follow_the_same_path() -> None:
+    """t counted in data: the same r at every sample, however the batch is realised."""
+    n, b0 = 12_800, 128
+    steps = cifar("schedule.type=multistep", "schedule.milestones=[300, 500]",
+                  "schedule.interval=step", "run.epochs=8",
+                  "growth.max_dataset_fraction=null")  # fmt: skip
+    samples = cifar("schedule.type=multistep", f"schedule.milestones=[{300 * b0}, {500 * b0}]",
+                    "schedule.interval=samples", "run.epochs=8",
+                    "growth.max_dataset_fraction=null")  # fmt: skip
+    tokens = cifar("schedule.type=multistep",
+                   f"schedule.milestones=[{300 * b0 * 512}, {500 * b0 * 512}]",
+                   "schedule.interval=tokens", "data.seq_len=512", "run.epochs=8",
+                   "growth.max_dataset_fraction=null")  # fmt: skip
+    plans = [make_plan(c, n) for c in (steps, samples, tokens)]
+    rows = [[(p.start_epoch, p.end_epoch, p.split, p.lr) for p in plan.phases] for plan in plans]
+    assert rows[0] == rows[1] == rows[2]
+    assert [p.global_batch for p in plans[1].phases] == [128, 640, 3200]
+    # other realisations (workers, ghost batches, micro-batches) keep r(t) per sample
+    other = replace(samples, growth=replace(samples.growth, max_workers=2, micro_batch=256),
+                    model=replace(samples.model, ghost_batch=64))  # fmt: skip
+    a, b = GrowthPolicy(samples, n), GrowthPolicy(other, n)
+    for epoch, position in itertools.product(range(8), (0, 640, 6400, 12_672)):
+        assert a.ratio(epoch, position) == b.ratio(epoch, position)
+        assert a.time(epoch, position) == epoch * n + position
+    tok = GrowthPolicy(tokens, n)
+    assert tok.time(3, 640) == (3 * n + 640) * 512
+
+
+def test_adam_adjustments_follow_the_batch() -> None:
+    cfg = cifar("optim.name=adamw", "optim.momentum=0", "optim.weight_decay=0.1",
+                "optim.betas=[0.9, 0.95]", "growth.beta2_half_life=true",
+                "growth.weight_decay_timescale=true", "growth.max_dataset_fraction=null",
+                "growth.max_global_batch=3200")  # fmt: skip
+    plan = make_plan(cfg, 50_000)
+    assert plan.adjustments == ["beta2_half_life", "weight_decay_timescale"]
+    policy = GrowthPolicy(cfg, 50_000)
+    for epoch in (0, 70, 130, 170, 199):
+        s = policy.setting(epoch)
+        k = s.global_batch / 128
+        assert s.beta2 is not None and s.weight_decay is not None
+        assert s.beta2 == pytest.approx(0.95**k)  # half-life in samples: ln 2 / -ln β₂ · B
+        half_life = math.log(0.5) / math.log(s.beta2) * s.global_batch
+        assert half_life == pytest.approx(math.log(0.5) / math.log(0.95) * 128)
+        # AdamW's per-sample shrink ε·λ/B equals the baseline's lr0·r·λ0/B0
+        assert s.lr * s.weight_decay / s.global_batch == pytest.approx(0.1 * s.ratio * 0.1 / 128)
+        assert s.weight_decay == pytest.approx(0.1 * math.sqrt(k))  # sqrt rule: λ0·√(B/B0)
+    off = GrowthPolicy(cifar("optim.name=adamw", "optim.momentum=0"), 50_000).setting(130)
+    assert off.beta2 is None and off.weight_decay is None
+
+
+def test_plateau_ladder_under_the_sqrt_rule() -> None:
+    """Each plateau cut ×0.2: the batch ×5 and the LR ×√0.2 while under N/10, then the hybrid."""
+    cfg = load_config(CONFIGS / "covtype_bottleneck.yaml", ["growth.rule=sqrt",
+                                                            "schedule.warmup=3"])  # fmt: skip
+    plan = make_plan(cfg, 435_759)
+    assert plan.rule == "sqrt"
+    assert [p.global_batch for p in plan.phases][:5] == [256, 1280, 6400, 32000, 43575]
+    for k, p in enumerate(plan.phases):
+        assert p.noise == pytest.approx(0.2**k)  # rows are after the warm-up: r = d
+        assert p.lr / math.sqrt(p.global_batch) == pytest.approx(6e-4 * 0.2**k / 16)
+    assert [p.lr for p in plan.phases][:4] == pytest.approx(
+        [6e-4 * 0.2 ** (k / 2) for k in range(4)]
+    )

@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 
 from distgrow.config import ScheduleConfig, load_config
 from distgrow.planner import GrowthPolicy
-from distgrow.schedules import PlateauTrigger, build_schedule, plateau_ratio_after
+from distgrow.schedules import (
+    PlateauTrigger,
+    Warmup,
+    build_schedule,
+    build_user_schedule,
+    plateau_ratio_after,
+)
 
 LR0 = 0.1
 
@@ -47,6 +53,27 @@ def torch_lrs(make: object, epochs: int) -> list[float]:
         (
             ScheduleConfig(type="cosine", t_max=40, eta_min=0.001),
             lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=40, eta_min=0.001),
+        ),
+        (
+            ScheduleConfig(type="cosine", t_max=30, eta_min=0.0),  # to zero, then flat there
+            lambda o: torch.optim.lr_scheduler.SequentialLR(
+                o,
+                [
+                    torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=30),
+                    torch.optim.lr_scheduler.ConstantLR(o, factor=1e-300, total_iters=10**9),
+                ],
+                milestones=[30],
+            ),
+        ),
+        (
+            ScheduleConfig(type="linear", t_max=25, eta_min=0.002),
+            lambda o: torch.optim.lr_scheduler.LinearLR(
+                o, start_factor=1.0, end_factor=0.02, total_iters=25
+            ),
+        ),
+        (
+            ScheduleConfig(type="linear", t_max=40),  # to zero at the end
+            lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: max(0.0, 1 - s / 40)),
         ),
     ],
 )
@@ -213,3 +240,141 @@ def test_plateau_trigger_state_round_trips() -> None:
     fresh = PlateauTrigger.from_config(cfg, LR0)
     assert [fresh.step(m) for m in seq] == [False, False, False, False, True, False, False, False,
                                            True, False]  # fmt: skip
+
+
+def test_warmup_then_cosine_matches_torch_sequential_lr() -> None:
+    """LinearLR warm-up for 5, then CosineAnnealingLR on its own clock (torch's SequentialLR)."""
+    cfg = ScheduleConfig(type="cosine", warmup=5, warmup_start=0.1, t_max=30, eta_min=0.001)
+    sched = build_user_schedule(cfg, LR0, horizon=35)
+    ours = [LR0 * sched.ratio(t) for t in range(35)]
+
+    def make(o: torch.optim.Optimizer) -> object:
+        warm = torch.optim.lr_scheduler.LinearLR(o, start_factor=0.1, total_iters=5)
+        cos = torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=30, eta_min=0.001)
+        return torch.optim.lr_scheduler.SequentialLR(o, [warm, cos], milestones=[5])
+
+    torch.testing.assert_close(ours, torch_lrs(make, 35), rtol=1e-9, atol=1e-12)
+    # the planner's split: the warm-up is the LR-only part, the decay the converted part
+    assert [sched.warmup_factor(t) for t in (0, 2.5, 5, 9)] == pytest.approx([0.1, 0.55, 1, 1])
+    assert sched.decay_ratio(3) == 1.0 and sched.decay_ratio(5 + 30) == pytest.approx(0.01)
+
+
+def test_inverse_sqrt_after_warmup_is_fairseqs() -> None:
+    """fairseq's inverse_sqrt: lr0·step/W during the warm-up, then lr0·sqrt(W/step)."""
+    w = 8
+    cfg = ScheduleConfig(type="inverse_sqrt", warmup=w)
+    sched = build_user_schedule(cfg, LR0, horizon=100)
+    ours = [LR0 * sched.ratio(t) for t in range(100)]
+    fairseq = lambda s: s / w if s < w else math.sqrt(w / s)  # noqa: E731
+    expected = torch_lrs(lambda o: torch.optim.lr_scheduler.LambdaLR(o, fairseq), 100)
+    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-12)
+    # with its own timescale: transformers' get_inverse_sqrt_schedule, 1/sqrt((t + τ - W)/τ)
+    own = build_user_schedule(ScheduleConfig(type="inverse_sqrt", warmup=4, timescale=10), LR0, 50)
+    assert own.ratio(24) == pytest.approx(1 / math.sqrt((24 + 10 - 4) / 10))
+
+
+def test_wsd_is_flat_then_decays_in_its_shape() -> None:
+    for shape, mid in (("linear", 0.5), ("cosine", 0.5), ("sqrt", 1 - math.sqrt(0.5))):
+        cfg = ScheduleConfig(type="wsd", decay_length=20, decay_shape=shape)  # type: ignore[arg-type]
+        s = build_schedule(cfg, LR0, horizon=100)
+        assert s.ratio(0) == s.ratio(80) == 1.0
+        assert s.ratio(90) == pytest.approx(mid)
+        assert s.ratio(100) == 0.0 and s.ratio(150) == 0.0
+    s = build_schedule(ScheduleConfig(type="wsd", decay_length=10, eta_min=0.01), LR0, 50)
+    assert s.ratio(45) == pytest.approx(0.1 + 0.9 * 0.5) and s.ratio(50) == pytest.approx(0.1)
+    quarter = build_schedule(ScheduleConfig(type="wsd", decay_length=20, decay_shape="cosine"),
+                             LR0, 100)  # fmt: skip
+    assert quarter.ratio(85) == pytest.approx((1 + math.cos(math.pi / 4)) / 2)
+
+
+def test_exponential_warmup_is_geometric() -> None:
+    warm = Warmup(length=4, start=0.01, shape="exponential")
+    values = [warm.factor(t) for t in range(6)]
+    assert values[0] == pytest.approx(0.01) and values[4:] == [1.0, 1.0]
+    steps = [b / a for a, b in itertools.pairwise(values[:5])]
+    assert steps == pytest.approx([100 ** (1 / 4)] * 4)  # the same factor every unit of t
+
+
+every_type = st.one_of(
+    st.builds(lambda s, g: ScheduleConfig(type="step", step_size=s, gamma=g),
+              st.floats(0.5, 20), st.floats(0.05, 0.95)),
+    st.builds(lambda g: ScheduleConfig(type="exponential", gamma=g), st.floats(0.5, 0.999)),
+    st.builds(lambda d: ScheduleConfig(type="time_based", decay=d), st.floats(0, 2)),
+    st.builds(lambda f: ScheduleConfig(type="cosine", eta_min=f), st.sampled_from([0, 0.01])),
+    st.builds(lambda f: ScheduleConfig(type="linear", eta_min=f), st.sampled_from([0, 0.01])),
+    st.builds(lambda tau: ScheduleConfig(type="inverse_sqrt", timescale=tau), st.floats(0.1, 50)),
+    st.builds(lambda d, shape: ScheduleConfig(type="wsd", decay_length=d, decay_shape=shape),
+              st.floats(1, 30), st.sampled_from(["linear", "cosine", "sqrt"])),
+    st.just(ScheduleConfig(type="constant")),
+)  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    cfg=every_type,
+    warmup=st.sampled_from([0.0, 3.0, 7.5]),
+    shape=st.sampled_from(["linear", "exponential"]),
+    start=st.sampled_from([0.0, 0.05, 0.5]),
+)
+def test_every_type_warms_up_then_only_decays(
+    cfg: ScheduleConfig, warmup: float, shape: str, start: float
+) -> None:
+    """w(t) rises to 1 by the warm-up's end and stays; d(t) starts at 1 and never rises."""
+    if shape == "exponential" and start == 0.0:
+        start = 0.05
+    cfg = ScheduleConfig(**{**cfg.__dict__, "warmup": warmup, "warmup_shape": shape,
+                            "warmup_start": start})  # fmt: skip
+    sched = build_user_schedule(cfg, LR0, horizon=40)
+    ts = [t / 4 for t in range(0, 200)]
+    warm = [sched.warmup_factor(t) for t in ts]
+    decay = [sched.decay_ratio(t) for t in ts]
+    assert all(b >= a - 1e-15 for a, b in itertools.pairwise(warm))
+    assert all(b <= a + 1e-15 for a, b in itertools.pairwise(decay))
+    assert all(w == 1.0 for t, w in zip(ts, warm, strict=True) if t >= warmup)
+    assert all(d == 1.0 for t, d in zip(ts, decay, strict=True) if t <= warmup)
+    assert all(0.0 <= d <= 1.0 for d in decay)
+    assert warm[0] == pytest.approx(start if warmup else 1.0)
+    for t in ts:
+        assert sched.ratio(t) == sched.warmup_factor(t) * sched.decay_ratio(t)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "make"),
+    [
+        (
+            ["schedule.type=cosine", "schedule.eta_min=0.0005"],
+            lambda o, T: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=T, eta_min=0.0005),
+        ),
+        (
+            ["schedule.type=linear"],
+            lambda o, T: torch.optim.lr_scheduler.LinearLR(o, 1.0, 1e-12, total_iters=T),
+        ),
+        (
+            ["schedule.type=inverse_sqrt", "schedule.timescale=7"],
+            lambda o, T: torch.optim.lr_scheduler.LambdaLR(o, lambda s: (7 / (7 + s)) ** 0.5),
+        ),
+        (
+            ["schedule.type=cosine", "schedule.warmup=12", "schedule.warmup_start=0.25"],
+            lambda o, T: torch.optim.lr_scheduler.SequentialLR(
+                o,
+                [
+                    torch.optim.lr_scheduler.LinearLR(o, start_factor=0.25, total_iters=12),
+                    torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=T - 12),
+                ],
+                milestones=[12],
+            ),
+        ),
+    ],
+)
+def test_decay_lr_baseline_follows_torchs_scheduler_update_by_update(
+    overrides: list[str], make: object
+) -> None:
+    """The decay_lr path (interval=step, B0 fixed) gives torch's LR at every update."""
+    n, b0, epochs = 640, 32, 4  # 20 updates per epoch, 80 in all
+    cfg = load_config(None, [*overrides, "schedule.interval=step", f"run.epochs={epochs}",
+                             f"optim.lr={LR0}", "growth.mode=decay_lr",
+                             f"growth.base_batch={b0}"])  # fmt: skip
+    policy = GrowthPolicy(cfg, n)
+    ours = [policy.setting(e, k * b0).lr for e in range(epochs) for k in range(n // b0)]
+    expected = torch_lrs(lambda o: make(o, 80), 80)  # type: ignore[operator]
+    torch.testing.assert_close(ours, expected, rtol=1e-7, atol=1e-12)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -516,3 +517,18 @@ def test_the_torch_backend_meets_the_protocol() -> None:
 def test_a_model_that_does_not_fit_the_data_is_a_train_error(tmp_path: Path) -> None:
     with pytest.raises(TrainError, match=r"model.name = 'cnn'.*synthetic_classification"):
         make_trainer(syn_config(tmp_path / "run", "model.name=cnn"))
+
+
+def test_adam_adjustments_reach_the_optimizer(tmp_path: Path) -> None:
+    """growth.beta2_half_life / weight_decay_timescale set β₂ and λ of each update's groups."""
+    trainer = make_trainer(syn_config(
+        tmp_path / "run", "optim.name=adamw", "optim.momentum=0", "optim.weight_decay=0.01",
+        "growth.beta2_half_life=true", "growth.weight_decay_timescale=true",
+    ))  # fmt: skip
+    setting = trainer.policy.setting(1, 0)  # after the cut: B = 64 = 2 · B0 (sqrt rule)
+    assert setting.global_batch == 64
+    trainer.train_step(epoch_permutation(N_TRAIN, 0, 1)[:64], setting)
+    group = trainer.optimizer.param_groups[0]
+    assert group["betas"] == (0.9, pytest.approx(0.999**2))
+    assert group["weight_decay"] == pytest.approx(0.01 * math.sqrt(2))
+    assert group["lr"] == pytest.approx(0.05 * math.sqrt(0.5))  # lr0 · √α

@@ -21,6 +21,7 @@ from distgrow.config.loader import (
     parse_overrides,
 )
 from distgrow.config.schema import (
+    FLOORED,
     NOT_DECAYS,
     BackendConfig,
     Config,
@@ -28,6 +29,7 @@ from distgrow.config.schema import (
     DataConfig,
     GrowthConfig,
     GrowthMode,
+    GrowthRule,
     LaunchConfig,
     LoggingConfig,
     LossConfig,
@@ -42,6 +44,7 @@ from distgrow.config.schema import (
 
 __all__ = [
     "DATA_NAMES",
+    "FLOORED",
     "NOT_DECAYS",
     "OFFICIAL_TRAIN",
     "SPLIT_TOTAL",
@@ -51,6 +54,7 @@ __all__ = [
     "DataConfig",
     "GrowthConfig",
     "GrowthMode",
+    "GrowthRule",
     "LaunchConfig",
     "LoggingConfig",
     "LossConfig",

@@ -269,8 +269,8 @@ def config_from_dict(
         raise ConfigError(
             f"schedule.type = {kind!r} in {source} is not a decay and cannot be converted: "
             f"{NOT_DECAYS[kind.lower()]}. Fix: use a decaying schedule (step, multistep, "
-            "exponential, time_based, cosine, plateau); run a warm-up or cycle with "
-            "growth.mode=decay_lr outside distgrow."
+            "exponential, time_based, cosine, linear, inverse_sqrt, wsd, plateau), with "
+            "schedule.warmup for a warm-up; run a cycle outside distgrow."
         )
     # Check the overrides on their own first, so an error names the command line, not the file.
     if over:

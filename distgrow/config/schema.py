@@ -128,9 +128,21 @@ class _Section:
 
 
 ScheduleType = Literal[
-    "constant", "step", "multistep", "exponential", "time_based", "cosine", "plateau"
+    "constant",
+    "step",
+    "multistep",
+    "exponential",
+    "time_based",
+    "cosine",
+    "linear",
+    "inverse_sqrt",
+    "wsd",
+    "plateau",
 ]
 GrowthMode = Literal["decay_lr", "grow_batch", "grow_batch_lr", "grow_momentum"]
+GrowthRule = Literal["auto", "linear", "sqrt"]
+# Schedules whose decay may reach zero: B* = B0/r(t) is then unbounded and the cap takes over.
+FLOORED = ("cosine", "linear", "wsd")
 OptimName = Literal["sgd", "adam", "adamw", "rmsprop"]
 
 # Schedules that are not decays: named so that the error can say why they are refused.
@@ -139,8 +151,10 @@ NOT_DECAYS = {
     "cycliclr": "a cyclic LR rises again, and a batch cannot shrink back without breaking the plan",
     "onecycle": "one-cycle warms the LR up before decaying it; a batch cannot start large",
     "one_cycle": "one-cycle warms the LR up before decaying it; a batch cannot start large",
-    "warmup": "a warm-up raises the LR; the batch-growth conversion only replaces decays",
-    "linear_warmup": "a warm-up raises the LR; the batch-growth conversion only replaces decays",
+    "warmup": "a warm-up is not a schedule of its own: set schedule.warmup (in units of t) "
+    "before the decay, and it stays an LR warm-up at the base batch",
+    "linear_warmup": "a warm-up is not a schedule of its own: set schedule.warmup (in units of t) "
+    "before the decay, and it stays an LR warm-up at the base batch",
     "cosine_warm_restarts": "warm restarts raise the LR again; only monotone decays convert",
 }
 
@@ -259,6 +273,11 @@ class DataConfig(_Section):
         "Training-set size N for `distgrow plan` when the data set is not at hand; training "
         "always uses the real size.",
     )
+    seq_len: Int | None = _f(
+        None,
+        "Tokens per sample for sequence data of a fixed length (null: not sequence data); "
+        "schedule.interval=tokens counts t in tokens = samples seen × seq_len.",
+    )
 
     def expected_train_size(self) -> int:
         """N for planning without loading: ``size`` if set, else the data set's known size.
@@ -308,7 +327,7 @@ class DataConfig(_Section):
             )
         if not 0.0 < self.val_fraction < 1.0:
             raise _fail("data.val_fraction", self.val_fraction, "must be in (0, 1)", "e.g. 0.2")
-        for key in ("limit_train", "limit_val", "size"):
+        for key in ("limit_train", "limit_val", "size", "seq_len"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise _fail(f"data.{key}", value, "must be positive or null", "remove it or use 1+")
@@ -467,19 +486,46 @@ class ScheduleConfig(_Section):
     type: ScheduleType = _f(
         "constant",
         "constant (nothing to convert), step, multistep, exponential, time_based "
-        "(lr0/(1+decay·t)), cosine, plateau.",
+        "(lr0/(1+decay·t)), cosine, linear (linear decay to eta_min), inverse_sqrt "
+        "(1/sqrt(1+t/timescale)), wsd (warmup-stable-decay), plateau. Cyclic and one-cycle "
+        "schedules are refused: they raise the LR again.",
     )
-    interval: Literal["epoch", "step"] = _f(
+    interval: Literal["epoch", "step", "samples", "tokens"] = _f(
         "epoch",
-        "Time unit t of the schedule: 'epoch', or 'step' = the baseline's updates at base_batch "
-        "(samples seen / growth.base_batch), so growth runs follow the same path per sample.",
+        "Time unit t of the schedule: 'epoch'; 'step' = the baseline's updates at base_batch "
+        "(samples seen / growth.base_batch); 'samples' = samples seen; 'tokens' = samples "
+        "seen × data.seq_len. Counted in data, t follows the same path however the batch grows.",
+    )
+    warmup: Float = _f(
+        0.0,
+        "LR warm-up length in units of t, before any schedule type (0: none). It stays an LR "
+        "warm-up at the base batch; the schedule's own clock starts when it ends.",
+    )
+    warmup_shape: Literal["linear", "exponential"] = _f(
+        "linear", "Warm-up shape: linear from warmup_start·lr0, or exponential (geometric)."
+    )
+    warmup_start: Float = _f(
+        0.0, "LR at the start of the warm-up, as a fraction of lr0 (exponential needs > 0)."
     )
     step_size: Float = _f(30, "step: decay every step_size units of t.")
     milestones: list[Float] = _f([], "multistep: the values of t where the LR is cut.")
     gamma: Float = _f(0.1, "step/multistep/exponential: the multiplier per decay (< 1).")
     decay: Float = _f(0.0, "time_based: lr = lr0 / (1 + decay·t) (Keras' SGD decay).")
-    t_max: Float | None = _f(None, "cosine: length of the half cosine in units of t (null: all).")
-    eta_min: Float = _f(0.0, "cosine: the final learning rate.")
+    t_max: Float | None = _f(
+        None,
+        "cosine/linear/wsd: length of the schedule after the warm-up, in units of t (null: to "
+        "the end of training); flat at eta_min after it.",
+    )
+    eta_min: Float = _f(0.0, "cosine/linear/wsd: the final learning rate (0 allowed).")
+    timescale: Float | None = _f(
+        None, "inverse_sqrt: r = 1/sqrt(1 + t/timescale) (null: the warm-up length, else 1)."
+    )
+    decay_length: Float | None = _f(
+        None, "wsd: length of the final decay phase in units of t (it ends at t_max)."
+    )
+    decay_shape: Literal["linear", "cosine", "sqrt"] = _f(
+        "linear", "wsd: shape of the decay phase; sqrt is 1 − sqrt(progress)."
+    )
     factor: Float = _f(0.1, "plateau: multiplier at each plateau (ReduceLROnPlateau factor).")
     patience: Int = _f(10, "plateau: epochs without improvement before a cut.")
     threshold: Float = _f(1e-4, "plateau: minimum change that counts as an improvement.")
@@ -525,11 +571,46 @@ class ScheduleConfig(_Section):
                 )
         if self.type == "time_based" and self.decay < 0:
             raise _fail("schedule.decay", self.decay, "must be >= 0", "e.g. lr0/epochs = 0.002")
-        if self.type == "cosine":
+        if self.type in FLOORED:
             if self.t_max is not None and self.t_max <= 0:
                 raise _fail("schedule.t_max", self.t_max, "must be positive", "or null for all")
             if self.eta_min < 0:
                 raise _fail("schedule.eta_min", self.eta_min, "must be >= 0", "e.g. 0")
+        if self.type == "inverse_sqrt" and self.timescale is not None and self.timescale <= 0:
+            raise _fail("schedule.timescale", self.timescale, "must be positive", "e.g. 1000")
+        if self.type == "wsd":
+            if self.decay_length is None or self.decay_length <= 0:
+                raise _fail(
+                    "schedule.decay_length",
+                    self.decay_length,
+                    "wsd needs a positive length for its decay phase (units of t)",
+                    "e.g. a fifth of the run",
+                )
+            if self.t_max is not None and self.decay_length > self.t_max:
+                raise _fail(
+                    "schedule.decay_length",
+                    self.decay_length,
+                    f"is longer than schedule.t_max ({self.t_max})",
+                    f"use at most {self.t_max}",
+                )
+        if self.warmup < 0:
+            raise _fail("schedule.warmup", self.warmup, "must be >= 0", "e.g. 5, or 0 for none")
+        if not 0.0 <= self.warmup_start < 1.0:
+            raise _fail("schedule.warmup_start", self.warmup_start, "must be in [0, 1)", "e.g. 0")
+        if self.warmup and self.warmup_shape == "exponential" and self.warmup_start == 0:
+            raise _fail(
+                "schedule.warmup_start",
+                self.warmup_start,
+                "an exponential warm-up cannot start from 0",
+                "e.g. schedule.warmup_start=0.01",
+            )
+        if self.interval == "epoch" and self.warmup >= run.epochs:
+            raise _fail(
+                "schedule.warmup",
+                self.warmup,
+                f"leaves no epoch of the {run.epochs} after the warm-up",
+                f"use fewer than {run.epochs} epochs of warm-up",
+            )
         if self.type == "plateau":
             if not 0.0 < self.factor < 1.0:
                 raise _fail("schedule.factor", self.factor, "must be in (0, 1)", "e.g. 0.2")
@@ -570,6 +651,45 @@ class GrowthConfig(_Section):
     )
     lr_scale: Float = _f(5.0, "grow_batch_lr / grow_momentum: initial LR and batch × this.")
     momentum: Float = _f(0.98, "grow_momentum: the raised momentum.")
+    rule: GrowthRule = _f(
+        "auto",
+        "How a decay becomes batch growth. linear (Smith et al. 2018): LR kept, batch × 1/α, "
+        "so ε/B follows the schedule; sqrt (Malladi et al. 2022, Seesaw 2025): LR × √α, "
+        "batch × 1/α, so ε/√B follows it (adaptive updates); auto: linear for sgd, sqrt for "
+        "adam, adamw and rmsprop.",
+    )
+    beta2_half_life: Bool = _f(
+        False,
+        "adam/adamw: keep β₂'s half-life constant in samples as the batch grows, β₂ = "
+        "β₂0^(B/B0) (Busbridge et al. 2023; Malladi et al. 2022 to first order). Off: β₂ fixed.",
+    )
+    weight_decay_timescale: Bool = _f(
+        False,
+        "adamw: keep the decoupled weight decay's timescale B/(ε·λ) in samples equal to the "
+        "baseline's at every t (Wang & Aitchison 2024). Off: λ fixed.",
+    )
+    rampup_start_batch: Int | None = _f(
+        None,
+        "Batch warm-up: start at this global batch and ramp to base_batch (Megatron's "
+        "--rampup-batch-size; null: no ramp). The LR meanwhile is the one at base_batch.",
+    )
+    rampup_increment: Int | None = _f(
+        None, "Batch warm-up: the batch grows by this much at a time (null: in one step)."
+    )
+    rampup_samples: Int = _f(0, "Batch warm-up: samples over which the batch reaches base_batch.")
+
+    def resolved_rule(self, optim_name: str) -> str:
+        """``linear`` or ``sqrt``: ``auto`` picks linear for sgd, sqrt for adaptive updates."""
+        if self.rule != "auto":
+            return self.rule
+        return "linear" if optim_name == "sgd" else "sqrt"
+
+    def rampup_sizes(self) -> list[int]:
+        """The batches of the batch warm-up, smallest first, base_batch excluded ([] if none)."""
+        if self.rampup_start_batch is None:
+            return []
+        step = self.rampup_increment or self.base_batch - self.rampup_start_batch
+        return list(range(self.rampup_start_batch, self.base_batch, step))
 
     def validate(self, optim: OptimConfig) -> None:
         b0 = self.base_batch
@@ -615,6 +735,28 @@ class GrowthConfig(_Section):
             )
         if self.mode in ("grow_batch_lr", "grow_momentum") and self.lr_scale < 1.0:
             raise _fail("growth.lr_scale", self.lr_scale, "must be >= 1", "e.g. 5")
+        if self.beta2_half_life and optim.name not in ("adam", "adamw"):
+            raise _fail(
+                "growth.beta2_half_life",
+                self.beta2_half_life,
+                f"needs an optimizer with betas, not {optim.name}",
+                "set optim.name=adam or adamw, or growth.beta2_half_life=false",
+            )
+        if self.weight_decay_timescale and optim.name != "adamw":
+            raise _fail(
+                "growth.weight_decay_timescale",
+                self.weight_decay_timescale,
+                f"needs decoupled weight decay (adamw), not {optim.name}",
+                "set optim.name=adamw, or growth.weight_decay_timescale=false",
+            )
+        self._validate_rampup()
+        if self.mode == "grow_momentum" and self.resolved_rule(optim.name) == "sqrt":
+            raise _fail(
+                "growth.mode",
+                self.mode,
+                "the momentum variant is the paper's SGD rule: it has no square-root form",
+                "set growth.rule=linear, or another growth.mode",
+            )
         if self.mode == "grow_momentum":
             if optim.name not in ("sgd", "rmsprop") or optim.momentum == 0:
                 raise _fail(
@@ -630,6 +772,46 @@ class GrowthConfig(_Section):
                     f"must lie between optim.momentum ({optim.momentum}) and 1",
                     "e.g. 0.98",
                 )
+
+    def _validate_rampup(self) -> None:
+        start, inc = self.rampup_start_batch, self.rampup_increment
+        if start is None:
+            if inc is not None or self.rampup_samples:
+                raise _fail(
+                    "growth.rampup_start_batch",
+                    start,
+                    "the batch warm-up needs a start batch",
+                    f"e.g. growth.rampup_start_batch={max(1, self.base_batch // 4)}",
+                )
+            return
+        if not 1 <= start < self.base_batch:
+            raise _fail(
+                "growth.rampup_start_batch",
+                start,
+                f"must be between 1 and growth.base_batch ({self.base_batch}) exclusive",
+                f"e.g. {max(1, self.base_batch // 4)}",
+            )
+        if self.mode in ("grow_batch_lr", "grow_momentum"):
+            raise _fail(
+                "growth.rampup_start_batch",
+                start,
+                f"growth.mode={self.mode} already starts with a larger batch",
+                "use growth.mode=grow_batch or decay_lr with a batch warm-up",
+            )
+        if inc is not None and (inc < 1 or (self.base_batch - start) % inc):
+            raise _fail(
+                "growth.rampup_increment",
+                inc,
+                f"must divide base_batch − rampup_start_batch ({self.base_batch - start})",
+                "use a divisor of it, or null for one step",
+            )
+        if self.rampup_samples < 1:
+            raise _fail(
+                "growth.rampup_samples",
+                self.rampup_samples,
+                "the batch warm-up needs a positive number of samples",
+                "e.g. 10 × growth.base_batch",
+            )
 
 
 @dataclass(config=_STRICT)
@@ -740,12 +922,20 @@ class Config(_Section):
         self.backend.validate()
         self.launch.validate()
         self.logging.validate()
-        if self.schedule.type == "cosine" and self.schedule.eta_min > self.optim.lr:
+        if self.schedule.type in FLOORED and self.schedule.eta_min > self.optim.lr:
             raise _fail(
                 "schedule.eta_min",
                 self.schedule.eta_min,
-                f"is above optim.lr ({self.optim.lr}): a cosine from lr0 to eta_min must decay",
+                f"is above optim.lr ({self.optim.lr}): a {self.schedule.type} from lr0 to "
+                "eta_min must decay",
                 "set schedule.eta_min below optim.lr",
+            )
+        if self.schedule.interval == "tokens" and self.data.seq_len is None:
+            raise _fail(
+                "schedule.interval",
+                self.schedule.interval,
+                "counting t in tokens needs the tokens per sample",
+                "set data.seq_len (the fixed sequence length), or use interval=samples",
             )
         g = self.model.ghost_batch
         if g is not None:
