@@ -87,10 +87,11 @@ def format_plan(plan: Plan, growth: GrowthConfig | None = None, world_size: int 
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = [
         f"plan: growth.mode={plan.mode}, schedule={plan.schedule}, N={plan.dataset_size:,}, "
-        f"epochs={plan.epochs}, B0={plan.base_batch}"
-        + ("" if growth is None else f", {_max_workers_words(growth.max_workers, world_size)}"),
+        f"epochs={plan.epochs}, B0={plan.base_batch}",
         "  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)),
     ]
+    if growth is not None:
+        lines.insert(1, _max_workers_words(growth.max_workers, world_size))
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     if any(p.capped for p in plan.phases):
         lines.append("* batch capped: the learning rate carries the rest of the decay (hybrid)")
@@ -112,7 +113,7 @@ def format_plan(plan: Plan, growth: GrowthConfig | None = None, world_size: int 
 def _max_workers_words(max_workers: int | None, world_size: int) -> str:
     if max_workers is None:
         return f"max_workers: unset → the job's world size ({world_size} here)"
-    return f"max_workers={max_workers}"
+    return f"max_workers: {max_workers} (growth.max_workers)"
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
