@@ -462,7 +462,8 @@ def test_the_report_line_and_the_wandb_summary_show_the_interval_or_the_refusal(
 
     refused = estimated_savings(b0_summary([0.1] * 18)).to_dict()
     line = _savings_line(refused, "val_acc")
-    assert "wall-clock not estimated" in line and "comes from 18 update(s)" in line
+    assert "wall-clock and worker-seconds not estimated" in line
+    assert "comes from 18 update(s)" in line and "worker-seconds -" not in line
     assert "2.17× fewer updates (7,035 → 3,240)" in line
     flat = wandb_summary({"savings": {"estimated": refused}})
     assert "savings/estimated/wall_ratio" not in flat

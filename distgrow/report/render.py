@@ -427,7 +427,10 @@ def _wall_words(s: Mapping[str, Any]) -> str:
     """The wall-clock part of a savings line: the ratio, its 95% interval when the estimate
     has one (saying so when it spans 1.0), or why it was not estimated."""
     if s.get("wall_unavailable"):
-        return "wall-clock not estimated (too little measured at the reference batch)"
+        return (
+            "wall-clock and worker-seconds not estimated (too little measured at the reference "
+            "batch)"
+        )
     low, high = s.get("wall_ratio_low"), s.get("wall_ratio_high")
     interval = ""
     if low is not None and high is not None:
@@ -445,9 +448,13 @@ def _savings_line(s: Mapping[str, Any], metric: str) -> str:
         f"{format_ratio(s['updates_ratio'], 'fewer', 'more')} updates "
         f"({_num(s['baseline_updates'])} → {_num(s['run_updates'])})",
         _wall_words(s),
-        f"worker-seconds {format_ratio(s['worker_seconds_ratio'], 'less', 'more')} "
-        f"({_num(s['baseline_worker_seconds'], ',.1f')} → {_num(s['run_worker_seconds'], ',.1f')})",
     ]
+    if not s.get("wall_unavailable"):
+        words.append(
+            f"worker-seconds {format_ratio(s['worker_seconds_ratio'], 'less', 'more')} "
+            f"({_num(s['baseline_worker_seconds'], ',.1f')} → "
+            f"{_num(s['run_worker_seconds'], ',.1f')})"
+        )
     if s.get("metric_delta") is not None:
         words.append(f"Δ {metric.replace('_', ' ')} {_delta_text(metric, s['metric_delta'])}")
     method = str(s["method"]).removeprefix(f"{s['kind']}: ")
