@@ -21,7 +21,14 @@ import sys
 from collections.abc import Sequence
 
 from distgrow import report
-from distgrow.config import ConfigError, describe_fields, dump_config, json_schema, load_config
+from distgrow.config import (
+    ConfigError,
+    GrowthConfig,
+    describe_fields,
+    dump_config,
+    json_schema,
+    load_config,
+)
 from distgrow.exits import EXIT_USAGE
 from distgrow.planner import ADJUSTMENT_NOTES, RULE_IDENTITIES, Plan, make_plan
 from distgrow.report import ReportError
@@ -45,8 +52,15 @@ def _fmt_gap(batch_to_ideal: float) -> str:
     return "0%" if gap < 5e-4 else f"-{gap:.1%}"
 
 
-def format_plan(plan: Plan) -> str:
-    """A readable table of the plan's phases and the totals against the baseline."""
+def format_plan(plan: Plan, growth: GrowthConfig | None = None, world_size: int = 1) -> str:
+    """A readable table of the plan's phases and the totals against the baseline.
+
+    Args:
+        plan: The plan.
+        growth: Its config's growth section: the header then says where the worker limit
+            comes from (an unset ``max_workers`` is the job's world size).
+        world_size: The world size the plan was made for.
+    """
     first = "rung" if plan.ladder else "epochs"
     updates = "updates/epoch" if plan.ladder else "updates"
     header = [first, "batch", "workers", "micro", "accum", "lr", "momentum", "noise", updates]
@@ -77,6 +91,8 @@ def format_plan(plan: Plan) -> str:
         f"epochs={plan.epochs}, B0={plan.base_batch}, rule={plan.rule}",
         "  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)),
     ]
+    if growth is not None:
+        lines.insert(1, _max_workers_words(growth.max_workers, world_size))
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     if any(p.capped for p in plan.phases):
         lines.append("* batch capped: the learning rate carries the rest of the decay (hybrid)")
@@ -102,13 +118,19 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def _max_workers_words(max_workers: int | None, world_size: int) -> str:
+    if max_workers is None:
+        return f"max_workers: unset → the job's world size ({world_size} here)"
+    return f"max_workers: {max_workers} (growth.max_workers)"
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     plan = make_plan(cfg, cfg.data.expected_train_size())
     if args.json:
         print(json.dumps(plan.to_json(), indent=2, allow_nan=False))
     else:
-        print(format_plan(plan))
+        print(format_plan(plan, cfg.growth))
     return 0
 
 

@@ -123,11 +123,17 @@ class Limits:
     def from_config(
         cls, growth: GrowthConfig, model: ModelConfig, dataset_size: int, min_workers: int = 1
     ) -> Limits:
-        """Limits for a data set of ``dataset_size`` training samples on ``min_workers`` ranks."""
-        if min_workers > growth.max_workers:
+        """Limits for a data set of ``dataset_size`` training samples on ``min_workers`` ranks.
+
+        An unset ``growth.max_workers`` is the job's world size (``min_workers``): the workers
+        the user started are the ones used (``distgrow launch`` sets it to the allocation).
+        """
+        max_workers = min_workers if growth.max_workers is None else growth.max_workers
+        if min_workers > max_workers:
             raise ConfigError(
                 f"the job has {min_workers} workers but growth.max_workers is "
-                f"{growth.max_workers}. Fix: set growth.max_workers={min_workers} or launch fewer."
+                f"{max_workers}. Fix: set growth.max_workers={min_workers} (or leave it unset: "
+                "the job's world size), or launch fewer."
             )
         caps = [dataset_size]
         if growth.max_global_batch is not None:
@@ -135,12 +141,12 @@ class Limits:
         if growth.max_dataset_fraction is not None:
             caps.append(math.floor(growth.max_dataset_fraction * dataset_size + _FLOAT_SLACK))
         if growth.max_micro_batch is not None and growth.max_accum_steps is not None:
-            caps.append(growth.max_workers * growth.max_micro_batch * growth.max_accum_steps)
+            caps.append(max_workers * growth.max_micro_batch * growth.max_accum_steps)
         # The batch never has to shrink below the baseline's: a cap under B0 stops growth only.
         cap = max(min(caps), growth.base_batch)
         return cls(
             cap=cap,
-            max_workers=growth.max_workers,
+            max_workers=max_workers,
             micro_batch=preferred_micro_batch(growth),
             max_micro_batch=growth.max_micro_batch,
             max_accum_steps=growth.max_accum_steps,

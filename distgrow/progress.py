@@ -1,20 +1,25 @@
-"""Progress of a long run: a bar on a terminal, plain periodic lines elsewhere (SLURM logs).
+"""Progress of a long run: a tqdm bar on a terminal, plain periodic lines elsewhere (SLURM logs).
 
 Rank 0 owns one :class:`Progress`. The trainer calls :meth:`Progress.update` after every update
 (cheap: it only redraws every ``refresh_s``) and sends its own messages through
 :meth:`Progress.write`, which prints them above the bar instead of through it.
 
-* ``bar``: one line redrawn in place (``\\r``): epoch, a bar over all samples of the run, the
-  phase, the global batch, the LR, the throughput and the ETA, cut to the terminal's width.
+* ``bar``: one tqdm line redrawn in place: a bar over all samples of the run, then the epoch,
+  the phase, the global batch, the LR, the throughput and the ETA, cut to the terminal's width.
+  tqdm draws it (its glyphs, ASCII on a stream that cannot take Unicode; the redraw in place;
+  messages and other tqdm bars, such as DeepSpeed's, written above it without tearing it).
 * ``lines``: the same facts as a plain line, printed when nothing else has been printed for
   ``interval_s`` seconds, so that a log file shows the run is alive without being flooded.
 * ``auto``: ``bar`` when the stream is a terminal (and ``TERM`` is not ``dumb``), else ``lines``.
 
-No dependency: this is a few dozen lines of what tqdm does.
+The throughput and the ETA are distgrow's own, not tqdm's: tqdm averages per call, so after a
+growth (5× the samples per update) its rate lags by many updates; here the average is weighted
+by time (:meth:`Progress._update_rate`), and the bar shows it through tqdm's description.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -22,11 +27,21 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, TextIO
+from typing import Any, Literal, TextIO
 
 ProgressMode = Literal["auto", "bar", "lines", "off"]
 
-_CLEAR_LINE = "\r\x1b[K"  # carriage return, then erase to the end of the line
+
+@functools.cache
+def _bar_type() -> type[Any]:
+    """tqdm without its monitor thread (:class:`Progress` decides when to redraw), imported
+    at the first bar: ``lines`` and ``off`` (SLURM logs, other ranks) never load it."""
+    from tqdm import tqdm
+
+    class Bar(tqdm):
+        monitor_interval = 0
+
+    return Bar
 
 
 @dataclass(frozen=True)
@@ -113,10 +128,9 @@ class Progress:
         self._width = width
         self._last_output = clock()  # lines mode: the time of the last line printed
         self._last_draw = -math.inf
-        self._bar_shown = False
+        self._bar: Any = None  # bar mode: a tqdm: made at the first draw, gone at close()
         self._prev: tuple[float, int] | None = None  # (time, samples_seen) of the last update
         self.rate: float | None = None  # samples/s, exponentially averaged over time
-        self._status = ""
 
     # -- measurements ---------------------------------------------------------------------------
 
@@ -152,13 +166,29 @@ class Progress:
             f"lr {state.lr:.4g}  {rate}  ETA {format_eta(self.eta_s(state.samples_seen))}"
         )
 
-    def _bar_line(self, status: str, samples_seen: int) -> str:
+    def _draw(self, status: str, samples_seen: int) -> None:
         width = self._width or shutil.get_terminal_size((100, 20)).columns
-        # Room for the status after the bar; the bar shrinks first, then the line is cut.
-        bar_cells = max(10, min(30, width - len(status) - 4))
-        filled = round(bar_cells * min(1.0, samples_seen / self.total_samples))
-        bar = "█" * filled + "░" * (bar_cells - filled)
-        return f"|{bar}| {status}"[: max(1, width - 1)]
+        # Room for the status after the bar; the bar shrinks first, then tqdm cuts the line.
+        cells = max(10, min(30, width - len(status) - 4))
+        if self._bar is None:
+            self._bar = _bar_type()(
+                total=self.total_samples,
+                initial=min(samples_seen, self.total_samples),
+                desc=status,
+                file=self.stream,
+                ncols=max(1, width - 1),
+                bar_format=f"|{{bar:{cells}}}| {{desc}}",
+                leave=False,  # close() erases it: the trainer's last line says how it ended
+                miniters=1,
+                mininterval=0.0,  # the redraws are paced by update() with its own clock
+                dynamic_ncols=False,
+            )
+            return  # tqdm drew it on creation
+        self._bar.n = min(samples_seen, self.total_samples)
+        self._bar.ncols = max(1, width - 1)
+        self._bar.bar_format = f"|{{bar:{cells}}}| {{desc}}"
+        self._bar.set_description_str(status, refresh=False)
+        self._bar.refresh()
 
     def update(self, state: ProgressState) -> None:
         """Report the state after an update; draws or prints when it is time to."""
@@ -169,24 +199,18 @@ class Progress:
         if self.mode == "bar":
             if now - self._last_draw < self.refresh_s:
                 return
-            self._status = self._bar_line(self.status(state), state.samples_seen)
-            self._draw()
+            self._draw(self.status(state), state.samples_seen)
             self._last_draw = now
         elif now - self._last_output >= self.interval_s:
             self.stream.write(f"distgrow: progress: {self.status(state)}\n")
             self.stream.flush()
             self._last_output = now
 
-    def _draw(self) -> None:
-        self.stream.write(_CLEAR_LINE + self._status)
-        self.stream.flush()
-        self._bar_shown = True
-
     def write(self, line: str) -> None:
         """Print a message line; the bar, if shown, is redrawn below it."""
-        if self.mode == "bar" and self._bar_shown:
-            self.stream.write(_CLEAR_LINE + line + "\n")
-            self._draw()
+        if self._bar is not None:
+            self._bar.write(line, file=self.stream)
+            self.stream.flush()
         else:
             self.stream.write(line + "\n")
             self.stream.flush()
@@ -194,7 +218,7 @@ class Progress:
 
     def close(self) -> None:
         """Erase the bar (the trainer's last line says how the run ended)."""
-        if self.mode == "bar" and self._bar_shown:
-            self.stream.write(_CLEAR_LINE)
+        if self._bar is not None:
+            self._bar.close()
             self.stream.flush()
-            self._bar_shown = False
+            self._bar = None

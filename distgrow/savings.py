@@ -15,7 +15,10 @@ Savings are always labelled with how they were obtained:
   samples it would process divided by the throughput *this* run measured at the base batch B0
   (the baseline trains at B0 throughout), plus this run's non-training time (validation,
   checkpoints), assumed equal. Its update count is exact: it comes from the plan.
-  The ``method`` string written next to the numbers says this, with the figures used.
+  The ``method`` string written next to the numbers says this, with the figures used. The
+  wall-clock estimate carries a 95% interval from the spread of the update times it used
+  (each phase keeps a running sum of squared deviations, Welford's), and is refused, with the
+  reason, when those updates are too few or too short to extrapolate from.
 
 Pure Python: no torch; no files except :func:`process_age_s`'s ``/proc``.
 """
@@ -65,6 +68,9 @@ class PhaseStats:
     wall_s: float = 0.0
     """Seconds from the phase's start to the next phase's start (validation included)."""
     worker_seconds: float = 0.0
+    update_s_m2: float = 0.0
+    """Sum of squared deviations of the update times from their mean (Welford's running
+    update): with ``updates`` and ``train_s`` it gives the spread of the phase's throughput."""
 
     @property
     def samples_per_s(self) -> float | None:
@@ -197,9 +203,13 @@ class PhaseTracker:
         phase = self.current
         if phase is None:
             raise RuntimeError("PhaseTracker.record_update() before begin(): call begin() first")
+        # Welford: the deviation from the mean before and after this update, so the spread is
+        # exact in one pass without keeping every update time.
+        before = phase.train_s / phase.updates if phase.updates else 0.0
         phase.updates += 1
         phase.samples += samples
         phase.train_s += seconds
+        phase.update_s_m2 += (seconds - before) * (seconds - phase.train_s / phase.updates)
 
     def train_seconds(self) -> float:
         """Seconds inside updates, over all phases."""
@@ -273,8 +283,15 @@ class Savings:
     """``val_acc`` (classification) or ``val_loss``: the quality compared (measured only)."""
     run_metric: float | None = None
     baseline_metric: float | None = None
+    baseline_wall_s_low: float | None = None
+    """Lower end of the estimated baseline wall-clock's 95% interval (estimated only)."""
+    baseline_wall_s_high: float | None = None
+    """Upper end of that interval."""
+    wall_unavailable: str | None = None
+    """Why the baseline wall-clock was not estimated (too little to extrapolate from)."""
     details: dict[str, Any] = field(default_factory=dict)
-    """The inputs of an estimate (reference batch, throughput, overhead, samples)."""
+    """The inputs of an estimate (reference batch, throughput, its updates and relative error,
+    overhead, samples)."""
 
     @property
     def updates_ratio(self) -> float | None:
@@ -283,6 +300,15 @@ class Savings:
     @property
     def wall_ratio(self) -> float | None:
         return _ratio(self.baseline_wall_s, self.run_wall_s)
+
+    @property
+    def wall_ratio_low(self) -> float | None:
+        """:attr:`wall_ratio` at the low end of the baseline's interval (estimated only)."""
+        return _ratio(self.baseline_wall_s_low, self.run_wall_s)
+
+    @property
+    def wall_ratio_high(self) -> float | None:
+        return _ratio(self.baseline_wall_s_high, self.run_wall_s)
 
     @property
     def worker_seconds_ratio(self) -> float | None:
@@ -317,6 +343,8 @@ class Savings:
         for name in (
             "updates_ratio",
             "wall_ratio",
+            "wall_ratio_low",
+            "wall_ratio_high",
             "worker_seconds_ratio",
             "wall_saved_s",
             "wall_saved_fraction",
@@ -392,17 +420,83 @@ def measured_savings(
     )
 
 
-def reference_throughput(
-    phases: Sequence[Mapping[str, Any]], base_batch: int
-) -> tuple[int, float, int, bool]:
+MIN_REFERENCE_UPDATES = 30
+"""Fewest updates at the reference batch from which a baseline wall-clock is extrapolated."""
+MIN_REFERENCE_SECONDS = 1.0
+"""Fewest seconds inside those updates: shorter, and start-of-phase effects (warm-up, the
+first all-reduce buckets) and timer noise dominate the throughput."""
+CONFIDENCE_Z = 1.96
+"""Normal quantile of the two-sided 95% interval (the reference has at least
+:data:`MIN_REFERENCE_UPDATES` updates, where Student's t is within 5% of it)."""
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The updates whose throughput stands for the baseline's (see :func:`reference_throughput`)."""
+
+    batch: int
+    """Global batch of the chosen phases."""
+    is_base_batch: bool
+    """True when they ran at B0 (else the smallest batch the run used)."""
+    world_size: int
+    """Processes the job held during the first of them."""
+    updates: int
+    samples: int
+    train_s: float
+    update_s_m2: float | None
+    """Sum of squared deviations of their update times from the mean (None: a phase of the
+    summary did not record it)."""
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.train_s
+
+    @property
+    def relative_error(self) -> float | None:
+        """Standard error of the mean update time over the mean (so also that of the
+        extrapolated training time); None without a recorded spread or with one update.
+
+        It treats update times as independent: slow drifts of the machine's load widen the
+        true error beyond it, which is why too short a reference is refused outright.
+        """
+        if self.update_s_m2 is None or self.updates < 2 or self.train_s <= 0:
+            return None
+        std = math.sqrt(max(0.0, self.update_s_m2) / (self.updates - 1))
+        return std / math.sqrt(self.updates) / (self.train_s / self.updates)
+
+    def too_little(self) -> str | None:
+        """Why these updates are too few to extrapolate from, or None when they suffice."""
+        if self.updates >= MIN_REFERENCE_UPDATES and self.train_s >= MIN_REFERENCE_SECONDS:
+            return None
+        return (
+            f"the throughput at B={self.batch} comes from {self.updates:,} update(s) in "
+            f"{self.train_s:,.2f} s, too little to extrapolate a baseline's wall-clock from "
+            f"(at least {MIN_REFERENCE_UPDATES} updates and {MIN_REFERENCE_SECONDS:g} s are "
+            "needed). Fix: train longer at B0 (more epochs before the first growth), or run the "
+            "baseline (distgrow compare) to measure it"
+        )
+
+
+def _combined_m2(chosen: Sequence[Mapping[str, Any]]) -> float | None:
+    """The phases' sums of squared deviations pooled around their common mean (Chan et al.)."""
+    updates = sum(int(p.get("updates") or 0) for p in chosen)
+    if updates == 0 or any(p.get("update_s_m2") is None for p in chosen):
+        return None
+    mean = sum(float(p["train_s"]) for p in chosen) / updates
+    total = 0.0
+    for p in chosen:
+        n = int(p.get("updates") or 0)
+        if n:
+            total += float(p["update_s_m2"]) + n * (float(p["train_s"]) / n - mean) ** 2
+    return total
+
+
+def reference_throughput(phases: Sequence[Mapping[str, Any]], base_batch: int) -> Reference:
     """The measured throughput the baseline would run at: that of the phases at B0.
 
     Falls back to the smallest batch the run used when it never trained at B0 (the
     ``grow_batch_lr`` and ``grow_momentum`` variants start larger); a smaller batch is rarely
     faster per sample, so the estimate then errs on the side of smaller savings.
-
-    Returns:
-        (batch measured, samples per second, world size during it, True if it is B0).
 
     Raises:
         SavingsError: no phase has measured time.
@@ -417,10 +511,15 @@ def reference_throughput(
     chosen = at_b0 or [
         p for p in timed if p["global_batch"] == min(q["global_batch"] for q in timed)
     ]
-    samples = sum(int(p["samples"]) for p in chosen)
-    seconds = sum(float(p["train_s"]) for p in chosen)
-    world = int(chosen[0].get("world_size") or chosen[0]["workers"])
-    return int(chosen[0]["global_batch"]), samples / seconds, world, bool(at_b0)
+    return Reference(
+        batch=int(chosen[0]["global_batch"]),
+        is_base_batch=bool(at_b0),
+        world_size=int(chosen[0].get("world_size") or chosen[0]["workers"]),
+        updates=sum(int(p.get("updates") or 0) for p in chosen),
+        samples=sum(int(p["samples"]) for p in chosen),
+        train_s=sum(float(p["train_s"]) for p in chosen),
+        update_s_m2=_combined_m2(chosen),
+    )
 
 
 def estimated_savings(summary: Mapping[str, Any]) -> Savings:
@@ -428,8 +527,11 @@ def estimated_savings(summary: Mapping[str, Any]) -> Savings:
 
     Baseline updates: ``baseline_total_updates`` from the plan (exact). Baseline wall-clock:
     ``samples_seen / throughput at B0`` (see :func:`reference_throughput`) plus the run's
-    non-training time (``wall_s − train_s``: validation and checkpoints, assumed the same).
-    Baseline worker-seconds: that wall-clock × the job's workers during the B0 phase.
+    non-training time (``wall_s − train_s``: validation and checkpoints, assumed the same),
+    with a 95% interval from the spread of the B0 update times. Baseline worker-seconds: that
+    wall-clock × the job's workers during the B0 phase. When the B0 updates are too few or
+    too short (:meth:`Reference.too_little`) the wall-clock and worker-seconds are not
+    estimated: they are None and ``wall_unavailable`` says why; the update count still is.
 
     Args:
         summary: The run's ``summary.json`` (needs ``phases``, ``base_batch``, ``wall_s``,
@@ -453,12 +555,11 @@ def estimated_savings(summary: Mapping[str, Any]) -> Savings:
     wall = float(_need(summary, "wall_s", "the run's"))
     train_s = sum(float(p.get("train_s") or 0.0) for p in phases)
     overhead = max(0.0, wall - train_s)
-    batch, rate, world, exact = reference_throughput(phases, base_batch)
-    baseline_train_s = samples / rate
-    baseline_wall = baseline_train_s + overhead
+    ref = reference_throughput(phases, base_batch)
+    batch, rate, world = ref.batch, ref.samples_per_s, ref.world_size
     where = (
         f"measured at B0={base_batch} in this run's first phase(s)"
-        if exact
+        if ref.is_base_batch
         else (
             f"measured at B={batch}, the smallest batch this run used (it never ran at "
             f"B0={base_batch}; a smaller batch is rarely faster per sample, so the saving is "
@@ -466,17 +567,51 @@ def estimated_savings(summary: Mapping[str, Any]) -> Savings:
         )
     )
     baseline_updates = summary.get("baseline_total_updates")
-    method = (
-        f"estimated: baseline training time = {samples:,} samples ÷ {rate:,.0f} samples/s "
-        f"({where}, {world} worker(s)) = {baseline_train_s:,.1f} s, plus this run's "
-        f"non-training time (validation, checkpoints) {overhead:,.1f} s, assumed equal; "
-        f"worker-seconds = that × {world} worker(s); updates "
-        + (
-            f"{baseline_updates:,} counted from the decay_lr plan (exact)"
-            if baseline_updates is not None
-            else "unknown (plateau schedule: they depend on when the plateaus come)"
-        )
+    updates_words = (
+        f"updates {baseline_updates:,} counted from the decay_lr plan (exact)"
+        if baseline_updates is not None
+        else "updates unknown (plateau schedule: they depend on when the plateaus come)"
     )
+    details: dict[str, Any] = {
+        "reference_batch": batch,
+        "reference_is_base_batch": ref.is_base_batch,
+        "reference_samples_per_s": rate,
+        "reference_world_size": world,
+        "reference_updates": ref.updates,
+        "reference_train_s": ref.train_s,
+        "reference_relative_error": ref.relative_error,
+        "baseline_samples": samples,
+        "non_training_s": overhead,
+    }
+    refused = ref.too_little()
+    baseline_wall: float | None = None
+    low: float | None = None
+    high: float | None = None
+    if refused is not None:
+        method = f"estimated: baseline wall-clock not estimated: {refused}; {updates_words}"
+    else:
+        baseline_train_s = samples / rate
+        baseline_wall = baseline_train_s + overhead
+        details["baseline_train_s"] = baseline_train_s
+        error = ref.relative_error
+        if error is None:
+            spread = "the spread of its update times was not recorded, so no interval"
+        else:
+            # The non-training time is this run's own, measured once: only the extrapolated
+            # training time is uncertain.
+            half = CONFIDENCE_Z * error * baseline_train_s
+            low, high = max(overhead, baseline_wall - half), baseline_wall + half
+            spread = (
+                f"95% interval {low:,.1f}–{high:,.1f} s from the spread of those update times "
+                f"(±{CONFIDENCE_Z * error:.1%} on the training time)"
+            )
+        method = (
+            f"estimated: baseline training time = {samples:,} samples ÷ {rate:,.0f} samples/s "
+            f"({where}, {world} worker(s), {ref.updates:,} updates in {ref.train_s:,.1f} s) "
+            f"= {baseline_train_s:,.1f} s, plus this run's non-training time (validation, "
+            f"checkpoints) {overhead:,.1f} s, assumed equal; {spread}; worker-seconds = that "
+            f"× {world} worker(s); {updates_words}"
+        )
     return Savings(
         kind="estimated",
         method=method,
@@ -485,16 +620,11 @@ def estimated_savings(summary: Mapping[str, Any]) -> Savings:
         run_worker_seconds=float(_need(summary, "worker_seconds", "the run's")),
         baseline_updates=None if baseline_updates is None else int(baseline_updates),
         baseline_wall_s=baseline_wall,
-        baseline_worker_seconds=baseline_wall * world,
-        details={
-            "reference_batch": batch,
-            "reference_is_base_batch": exact,
-            "reference_samples_per_s": rate,
-            "reference_world_size": world,
-            "baseline_samples": samples,
-            "baseline_train_s": baseline_train_s,
-            "non_training_s": overhead,
-        },
+        baseline_worker_seconds=None if baseline_wall is None else baseline_wall * world,
+        baseline_wall_s_low=low,
+        baseline_wall_s_high=high,
+        wall_unavailable=refused,
+        details=details,
     )
 
 

@@ -351,6 +351,16 @@ def test_worker_limit_counts_gpus_times_nodes_and_says_why() -> None:
     assert worker_limit({}, cfg, gpus_on_node=0) == (64, "growth.max_workers=64")
 
 
+def test_an_unset_max_workers_is_the_allocation() -> None:
+    cfg = cfg_of("run.device=cpu")
+    assert cfg.growth.max_workers is None
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "6"}
+    assert worker_limit(slurm, cfg) == (6, "SLURM_NTASKS=6 (growth.max_workers unset)")
+    assert worker_limit({}, cfg) == (1, "growth.max_workers unset and no allocation found")
+    gpus = cfg_of("launch.nodes=2")
+    assert worker_limit({}, gpus, gpus_on_node=4)[0] == 8
+
+
 @pytest.mark.parametrize(
     ("nodelist", "hosts"),
     [

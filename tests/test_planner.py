@@ -804,3 +804,59 @@ def test_plateau_ladder_under_the_sqrt_rule() -> None:
     assert [p.lr for p in plan.phases][:4] == pytest.approx(
         [6e-4 * 0.2 ** (k / 2) for k in range(4)]
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# An unset growth.max_workers is the job's world size (issue #11 item 7)
+# ---------------------------------------------------------------------------------------------
+
+FASHION = CONFIGS / "fashion_mnist_mlp.yaml"
+
+
+def test_unset_max_workers_is_the_job_world_size() -> None:
+    cfg = load_config(FASHION, [])
+    assert cfg.growth.max_workers is None  # the config leaves it unset; so does the default
+    for world in (1, 2, 4):
+        limits = Limits.from_config(cfg.growth, cfg.model, 60_000, min_workers=world)
+        assert limits.max_workers == world
+    # torchrun --nproc_per_node=2: the plan grows on the two workers started, and never beyond.
+    plan = make_plan(cfg, 60_000, min_workers=2)
+    assert [(p.global_batch, p.workers) for p in plan.phases] == [
+        (128, 2),
+        (640, 2),
+        (3200, 2),
+    ]
+    policy = GrowthPolicy(cfg, 60_000, min_workers=2)
+    assert policy.limits.max_workers == 2
+
+
+def test_unset_max_workers_counts_in_the_hardware_cap() -> None:
+    cfg = load_config(
+        FASHION,
+        [
+            "growth.max_micro_batch=256",
+            "growth.max_accum_steps=2",
+            "growth.max_dataset_fraction=null",
+        ],
+    )
+    # world size × max_micro_batch × max_accum_steps: 3 × 256 × 2
+    assert Limits.from_config(cfg.growth, cfg.model, 60_000, min_workers=3).cap == 1536
+
+
+def test_a_max_workers_set_below_the_world_size_still_refuses() -> None:
+    cfg = load_config(FASHION, ["growth.max_workers=1"])
+    with pytest.raises(ConfigError, match=r"the job has 2 workers but growth.max_workers is 1\."):
+        Limits.from_config(cfg.growth, cfg.model, 60_000, min_workers=2)
+
+
+def test_the_plan_table_says_where_the_worker_limit_comes_from() -> None:
+    from distgrow.cli import format_plan
+
+    unset = load_config(FASHION, [])
+    lines = format_plan(make_plan(unset, 60_000, 2), unset.growth, world_size=2).splitlines()
+    assert lines[0].endswith(", B0=128")
+    assert lines[1] == "max_workers: unset → the job's world size (2 here)"
+    cfg = load_config(FASHION, ["growth.max_workers=4"])
+    lines = format_plan(make_plan(cfg, 60_000), cfg.growth).splitlines()
+    assert lines[1] == "max_workers: 4 (growth.max_workers)"
+    assert "max_workers" not in format_plan(make_plan(cfg, 60_000))

@@ -19,6 +19,15 @@ class FakeClock:
 
 
 class Terminal(io.StringIO):
+    encoding = "utf-8"  # tqdm draws Unicode blocks where the stream can take them
+
+    def isatty(self) -> bool:
+        return True
+
+
+class AsciiTerminal(io.StringIO):
+    encoding = "ascii"
+
     def isatty(self) -> bool:
         return True
 
@@ -124,28 +133,42 @@ def test_bar_redraws_in_place_within_the_width_and_keeps_messages_above() -> Non
     )
     feed(p, clock, 50, batch=1000, seconds=0.1)  # 5 s: at most 4 redraws a second
     text = out.getvalue()
-    draws = text.count("\r\x1b[K")
+    draws = text.count("\r")  # tqdm redraws in place: a carriage return, then the line
     assert 15 <= draws <= 21
-    last = text.rsplit("\r\x1b[K", 1)[1]
+    last = text.rsplit("\r", 1)[1]
     assert len(last) <= 119
     # The last redraw was at update 49 (49,000 samples): the one after was within 0.25 s.
-    assert re.match(r"\|█{15}░{15}\| epoch 5/10  49%  step 49  phase 1/3  batch 1,000", last)
+    # 49% of 30 cells: 14 full, then tqdm's partial block for the 0.7 left.
+    assert re.match(r"\|█{14}▋ {15}\| epoch 5/10  49%  step 49  phase 1/3  batch 1,000", last)
     assert "ETA 0:05" in last and "10,000 samples/s" in last
     p.write("distgrow: growth: batch 1000 → 5000")
     after = out.getvalue()[len(text) :]
-    # The bar is cleared, the message printed on its own line, then the bar drawn again.
-    assert after.startswith("\r\x1b[Kdistgrow: growth: batch 1000 → 5000\n\r\x1b[K|")
+    # The bar is blanked, the message printed on its own line, then the bar drawn again.
+    assert re.match(r"\r {100,119}\rdistgrow: growth: batch 1000 → 5000\n\r\|█{14}▋ ", after)
+    assert after.rsplit("\r", 1)[1] == last
     p.close()
-    assert out.getvalue().endswith("batch 1000 → 5000\n" + after.split("\n", 1)[1] + "\r\x1b[K")
+    closed = out.getvalue()[len(text) + len(after) :]
+    assert re.fullmatch(r"\r {100,119}\r", closed)  # erased, the cursor at its start
     p.write("distgrow: done")  # after close, plain lines without a bar
-    assert out.getvalue().endswith("\r\x1b[Kdistgrow: done\n")
+    assert out.getvalue().endswith(closed + "distgrow: done\n")
+
+
+def test_bar_falls_back_to_ascii_where_the_stream_cannot_take_unicode() -> None:
+    clock, out = FakeClock(), AsciiTerminal()
+    p = Progress("bar", total_samples=100_000, total_epochs=10, stream=out, clock=clock, width=120)
+    feed(p, clock, 50, batch=1000, seconds=1.0)
+    last = out.getvalue().rsplit("\r", 1)[1]
+    assert re.match(r"\|#{15} {15}\| epoch 6/10  50%  step 50", last)
+    assert "1,000 samples/s  ETA 0:50" in last
 
 
 def test_bar_is_cut_to_a_narrow_terminal() -> None:
     clock, out = FakeClock(), Terminal()
     p = Progress("bar", total_samples=1000, total_epochs=1, stream=out, clock=clock, width=40)
     feed(p, clock, 1, batch=10, seconds=1.0)
-    assert all(len(chunk) <= 39 for chunk in out.getvalue().split("\r\x1b[K"))
+    chunks = out.getvalue().split("\r")
+    assert all(len(chunk) <= 39 for chunk in chunks)
+    assert chunks[-1].startswith("|") and "epoch 1/1" in chunks[-1]
 
 
 def test_off_writes_nothing_but_messages() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -110,12 +112,38 @@ def test_a_checkpoint_holds_the_phase_time_up_to_the_moment_it_is_taken() -> Non
     assert resumed.phases[0].split == Split(128, 2, 64, 1)
 
 
+def test_tracker_keeps_the_spread_of_update_times_across_a_resume() -> None:
+    times = [0.5, 1.5, 1.0, 2.0, 3.0]
+    tracker = PhaseTracker(FakeClock())
+    tracker.start()
+    begin(tracker, 128)
+    for t in times[:2]:
+        tracker.record_update(128, t)
+    resumed = PhaseTracker(FakeClock())
+    resumed.load_state_dict(tracker.state_dict())
+    for t in times[2:]:
+        resumed.record_update(128, t)
+    (phase,) = resumed.phases
+    mean = sum(times) / len(times)  # 1.6
+    assert phase.update_s_m2 == pytest.approx(sum((t - mean) ** 2 for t in times))  # 3.7
+    assert phase.to_dict()["update_s_m2"] == pytest.approx(3.7)
+
+
 def test_record_update_before_begin_is_a_bug() -> None:
     with pytest.raises(RuntimeError, match="before begin"):
         PhaseTracker().record_update(1, 1.0)
 
 
-def phase(batch: int, samples: int, train_s: float, *, world: int = 1) -> dict[str, object]:
+def phase(
+    batch: int,
+    samples: int,
+    train_s: float,
+    *,
+    world: int = 1,
+    updates: int | None = None,
+    update_s_m2: float = 0.0,
+) -> dict[str, object]:
+    """A phase of ``samples`` in ``train_s`` s (``samples // batch`` updates unless given)."""
     return PhaseStats(
         index=0,
         split=Split(batch, world, batch, 1),
@@ -124,8 +152,10 @@ def phase(batch: int, samples: int, train_s: float, *, world: int = 1) -> dict[s
         start_epoch=0.0,
         start_step=0,
         world_size=world,
+        updates=samples // batch if updates is None else updates,
         samples=samples,
         train_s=train_s,
+        update_s_m2=update_s_m2,
     ).to_dict()
 
 
@@ -180,8 +210,14 @@ def test_estimate_without_a_b0_phase_uses_the_smallest_batch_and_says_so() -> No
         phases=[phase(640, 300_000, 15.0, world=4), phase(3200, 600_000, 15.0, world=4)],
         worker_seconds=160.0,
     )
-    batch, rate, world, exact = reference_throughput(summary["phases"], 128)  # type: ignore[arg-type]
-    assert (batch, rate, world, exact) == (640, pytest.approx(20_000.0), 4, False)
+    ref = reference_throughput(summary["phases"], 128)  # type: ignore[arg-type]
+    assert (ref.batch, ref.samples_per_s, ref.world_size, ref.is_base_batch) == (
+        640,
+        pytest.approx(20_000.0),
+        4,
+        False,
+    )
+    assert (ref.updates, ref.samples) == (300_000 // 640, 300_000)
     s = estimated_savings(summary)
     assert "B=640, the smallest batch this run used" in s.method
     assert s.baseline_worker_seconds == pytest.approx((45.0 + 10.0) * 4)
@@ -210,12 +246,14 @@ def test_estimate_of_a_plateau_run_has_no_baseline_updates() -> None:
 
 
 @given(
-    rate=st.floats(1.0, 1e6),
-    samples=st.integers(1, 10**8),
+    train_s=st.floats(1.0, 1e5),
+    updates=st.integers(30, 10**6),
     overhead=st.floats(0.0, 1e4),
 )
-def test_a_run_that_never_grew_estimates_itself(rate: float, samples: int, overhead: float) -> None:
-    train_s = samples / rate
+def test_a_run_that_never_grew_estimates_itself(
+    train_s: float, updates: int, overhead: float
+) -> None:
+    samples = 128 * updates
     s = estimated_savings(
         growth_summary(
             samples_seen=samples,
@@ -303,3 +341,130 @@ def test_process_age_counts_from_the_start_of_the_process() -> None:
     if out.strip() == "None":
         pytest.skip("no /proc on this system")
     assert 0.5 <= float(out) < 30.0
+
+
+def b0_summary(times: list[float], **extra: object) -> dict[str, object]:
+    """A run whose B0=128 phase took ``times`` per update (measured by the tracker), then
+    grew to 640 for 600,000 samples in 12 s; 18 s outside updates."""
+    clock = FakeClock()
+    tracker = PhaseTracker(clock)
+    tracker.start()
+    begin(tracker, 128, world=1)
+    for t in times:
+        tracker.record_update(128, t)
+    begin(tracker, 640, step=len(times), world=1)
+    tracker.record_update(600_000, 12.0)
+    phases = tracker.to_list()
+    samples = 128 * len(times) + 600_000
+    return growth_summary(
+        phases=phases, samples_seen=samples, wall_s=sum(times) + 12.0 + 18.0, **extra
+    )
+
+
+def test_estimate_carries_a_95_percent_interval_from_the_b0_update_times() -> None:
+    times = [0.09, 0.11] * 50  # mean 0.1 s, sample std 0.01 * sqrt(100 / 99)
+    summary = b0_summary(times)
+    s = estimated_savings(summary)
+    samples = 128 * 100 + 600_000
+    train = samples / 1280.0  # 1,280 samples/s at B0: 478.75 s
+    assert s.baseline_wall_s == pytest.approx(train + 18.0)
+    error = 0.01 * math.sqrt(100 / 99) / math.sqrt(100) / 0.1
+    assert s.details["reference_relative_error"] == pytest.approx(error)
+    assert s.details["reference_updates"] == 100
+    half = 1.96 * error * train
+    assert s.baseline_wall_s_low == pytest.approx(train + 18.0 - half)
+    assert s.baseline_wall_s_high == pytest.approx(train + 18.0 + half)
+    run_wall = 10.0 + 12.0 + 18.0
+    d = s.to_dict()
+    assert d["wall_ratio_low"] == pytest.approx((train + 18.0 - half) / run_wall)
+    assert d["wall_ratio_high"] == pytest.approx((train + 18.0 + half) / run_wall)
+    assert "100 updates in 10.0 s" in s.method and "95% interval" in s.method
+    assert s.wall_unavailable is None
+
+
+def test_a_noisier_b0_phase_gives_a_wider_interval() -> None:
+    steady = estimated_savings(b0_summary([0.09, 0.11] * 50))
+    noisy = estimated_savings(b0_summary([0.05, 0.15] * 50))
+    assert steady.baseline_wall_s == pytest.approx(noisy.baseline_wall_s)
+    width = [s.baseline_wall_s_high - s.baseline_wall_s_low for s in (steady, noisy)]  # type: ignore[operator]
+    assert width[1] == pytest.approx(5 * width[0])
+
+
+def test_the_interval_pools_several_b0_phases_around_their_common_mean() -> None:
+    first, second = [1.0, 2.0, 3.0], [5.0, 7.0]
+    tracker = PhaseTracker(FakeClock())
+    tracker.start()
+    begin(tracker, 128)
+    for t in first:
+        tracker.record_update(128, t)
+    begin(tracker, 128, step=3)  # the same batch again (say, on another worker count)
+    for t in second:
+        tracker.record_update(128, t)
+    ref = reference_throughput(tracker.to_list(), 128)
+    times = first + second
+    mean = sum(times) / len(times)
+    assert ref.updates == 5 and ref.train_s == pytest.approx(18.0)
+    assert ref.update_s_m2 == pytest.approx(sum((t - mean) ** 2 for t in times))
+    std = math.sqrt(sum((t - mean) ** 2 for t in times) / 4)
+    assert ref.relative_error == pytest.approx(std / math.sqrt(5) / mean)
+
+
+@pytest.mark.parametrize(
+    ("times", "words"),
+    [
+        ([0.1] * 18, "comes from 18 update(s) in 1.80 s"),  # issue #11's 18-update phase
+        ([0.01] * 60, "comes from 60 update(s) in 0.60 s"),  # enough updates, too short
+    ],
+)
+def test_estimate_refuses_a_wall_clock_from_too_little_but_keeps_the_updates(
+    times: list[float], words: str
+) -> None:
+    s = estimated_savings(b0_summary(times))
+    assert s.baseline_wall_s is None and s.wall_ratio is None
+    assert s.baseline_worker_seconds is None and s.worker_seconds_ratio is None
+    assert s.wall_ratio_low is None and s.wall_ratio_high is None
+    assert s.wall_unavailable is not None and words in s.wall_unavailable
+    assert "at least 30 updates and 1 s" in s.wall_unavailable
+    assert "baseline wall-clock not estimated" in s.method
+    # The update count comes from the plan, not from timings: still exact.
+    assert s.baseline_updates == 7_035 and s.updates_ratio == pytest.approx(7_035 / 3_240)
+    assert "unavailable" not in try_estimated_savings(b0_summary(times))
+
+
+def test_an_old_summary_without_the_spread_is_estimated_without_an_interval() -> None:
+    summary = growth_summary()
+    for p in summary["phases"]:  # type: ignore[attr-defined]
+        del p["update_s_m2"]
+    s = estimated_savings(summary)
+    assert s.baseline_wall_s == pytest.approx(48.0)
+    assert s.baseline_wall_s_low is None and s.details["reference_relative_error"] is None
+    assert "not recorded, so no interval" in s.method
+
+
+def test_the_report_line_and_the_wandb_summary_show_the_interval_or_the_refusal() -> None:
+    from distgrow.report.render import _savings_line
+    from distgrow.wandb_logger import wandb_summary
+
+    est = estimated_savings(b0_summary([0.05, 0.15] * 50)).to_dict()
+    line = _savings_line(est, "val_acc")
+    low, high = est["wall_ratio_low"], est["wall_ratio_high"]
+    assert f"{est['wall_ratio']:.2f}× faster" in line
+    assert f"95% interval {low:.2f}–{high:.2f}×)" in line
+    flat = wandb_summary({"savings": {"estimated": est}})
+    assert flat["savings/estimated/wall_ratio_low"] == pytest.approx(low)
+    assert flat["savings/estimated/baseline_wall_s_high"] == est["baseline_wall_s_high"]
+
+    # An interval that spans 1.0 says the sign is unknown.
+    both = {**est, "wall_ratio": 1.1, "wall_ratio_low": 0.9, "wall_ratio_high": 1.3}
+    assert "0.90–1.30×: faster or slower, the measurements cannot tell" in _savings_line(
+        both, "val_acc"
+    )
+
+    refused = estimated_savings(b0_summary([0.1] * 18)).to_dict()
+    line = _savings_line(refused, "val_acc")
+    assert "wall-clock and worker-seconds not estimated" in line
+    assert "comes from 18 update(s)" in line and "worker-seconds -" not in line
+    assert "2.17× fewer updates (7,035 → 3,240)" in line
+    flat = wandb_summary({"savings": {"estimated": refused}})
+    assert "savings/estimated/wall_ratio" not in flat
+    assert "18 update(s)" in flat["savings/estimated/wall_unavailable"]

@@ -639,7 +639,11 @@ class GrowthConfig(_Section):
     max_dataset_fraction: Float | None = _f(
         0.1, "Cap the batch at this fraction of N (the paper's N/10 rule; null: off)."
     )
-    max_workers: Int = _f(1, "Most data-parallel workers the job may use.")
+    max_workers: Int | None = _f(
+        None,
+        "Most data-parallel workers the job may use (null: the job's world size under "
+        "`distgrow train`/torchrun, the allocation under `distgrow launch`).",
+    )
     micro_batch: Int | None = _f(
         None, "Per-device batch that keeps one device busy (null: base_batch)."
     )
@@ -705,9 +709,11 @@ class GrowthConfig(_Section):
         f = self.max_dataset_fraction
         if f is not None and not 0.0 < f <= 1.0:
             raise _fail("growth.max_dataset_fraction", f, "must be in (0, 1]", "0.1 or null")
-        if self.max_workers < 1:
-            raise _fail("growth.max_workers", self.max_workers, "must be at least 1", "e.g. 8")
-        if self.max_workers > MAX_WORKERS:
+        if self.max_workers is not None and self.max_workers < 1:
+            raise _fail(
+                "growth.max_workers", self.max_workers, "must be at least 1 or null", "e.g. 8"
+            )
+        if self.max_workers is not None and self.max_workers > MAX_WORKERS:
             raise _fail(
                 "growth.max_workers", self.max_workers, f"must be at most {MAX_WORKERS:,}", "e.g. 8"
             )

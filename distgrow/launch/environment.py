@@ -75,6 +75,7 @@ def worker_limit(
     (``SLURM_GPUS_ON_NODE``/``SLURM_GPUS_PER_NODE``); else, training on GPUs, the visible
     GPUs (``CUDA_VISIBLE_DEVICES`` or ``gpus_on_node``) × ``launch.nodes``. The result is the
     smaller of that and ``growth.max_workers``; with nothing in the environment, the config's.
+    Unset ``growth.max_workers`` means the allocation (one worker where none is found).
     ``run.device=cpu`` ignores GPUs (CPU workers are processes, limited by the config only).
 
     Args:
@@ -107,6 +108,10 @@ def worker_limit(
             env_limit = visible * cfg.launch.nodes
             source = "CUDA_VISIBLE_DEVICES" if "CUDA_VISIBLE_DEVICES" in env else "/dev/nvidia*"
             reason = f"{visible} visible GPU(s) ({source}) × launch.nodes={cfg.launch.nodes}"
+    if config_limit is None:  # unset: the allocation (one worker when none is found)
+        if env_limit is None:
+            return 1, "growth.max_workers unset and no allocation found"
+        return env_limit, f"{reason} (growth.max_workers unset)"
     if env_limit is None:
         return config_limit, f"growth.max_workers={config_limit}"
     if env_limit >= config_limit:

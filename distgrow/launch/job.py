@@ -192,10 +192,10 @@ def prepare(
     else:
         limit, reason = worker_limit(env, cfg, gpus_on_node)
     overrides = list(overrides)
-    if limit < cfg.growth.max_workers:
+    if cfg.growth.max_workers is None or limit < cfg.growth.max_workers:
         # Plan within what the job has: the batch still grows (through accumulation), and the
         # workers plan the same way, so none asks for workers that cannot come.
-        log(f"growth.max_workers {cfg.growth.max_workers} -> {limit}: {reason}")
+        log(f"growth.max_workers {cfg.growth.max_workers or 'unset'} -> {limit}: {reason}")
         cfg = with_updates(cfg, "growth", max_workers=limit)
         overrides += as_overrides("growth", max_workers=limit)
     rdzv = rendezvous_from_env(env, cfg)

@@ -113,10 +113,12 @@ def throughput_drift(run: RunData, base: RunData, tolerance: float = 0.2) -> str
     if not isinstance(b0, int):
         return None
     try:
-        batch, rate_r, _, exact_r = reference_throughput(run.summary.phases, b0)
-        _, rate_b, _, exact_b = reference_throughput(base.summary.phases, b0)
+        ref_r = reference_throughput(run.summary.phases, b0)
+        ref_b = reference_throughput(base.summary.phases, b0)
     except SavingsError:
         return None
+    batch, rate_r, rate_b = ref_r.batch, ref_r.samples_per_s, ref_b.samples_per_s
+    exact_r, exact_b = ref_r.is_base_batch, ref_b.is_base_batch
     if not (exact_r and exact_b) or abs(rate_r / rate_b - 1.0) <= tolerance:
         return None
     return (
@@ -421,16 +423,38 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _wall_words(s: Mapping[str, Any]) -> str:
+    """The wall-clock part of a savings line: the ratio, its 95% interval when the estimate
+    has one (saying so when it spans 1.0), or why it was not estimated."""
+    if s.get("wall_unavailable"):
+        return (
+            "wall-clock and worker-seconds not estimated (too little measured at the reference "
+            "batch)"
+        )
+    low, high = s.get("wall_ratio_low"), s.get("wall_ratio_high")
+    interval = ""
+    if low is not None and high is not None:
+        either = ": faster or slower, the measurements cannot tell" if low < 1.0 < high else ""
+        interval = f", 95% interval {low:.2f}–{high:.2f}×{either}"
+    return (
+        f"{format_ratio(s['wall_ratio'], 'faster', 'slower')} "
+        f"({format_seconds(s['baseline_wall_s'])} → {format_seconds(s['run_wall_s'])}, "
+        f"{format_seconds(s['wall_saved_s'])} saved{interval})"
+    )
+
+
 def _savings_line(s: Mapping[str, Any], metric: str) -> str:
     words = [
         f"{format_ratio(s['updates_ratio'], 'fewer', 'more')} updates "
         f"({_num(s['baseline_updates'])} → {_num(s['run_updates'])})",
-        f"{format_ratio(s['wall_ratio'], 'faster', 'slower')} "
-        f"({format_seconds(s['baseline_wall_s'])} → {format_seconds(s['run_wall_s'])}, "
-        f"{format_seconds(s['wall_saved_s'])} saved)",
-        f"worker-seconds {format_ratio(s['worker_seconds_ratio'], 'less', 'more')} "
-        f"({_num(s['baseline_worker_seconds'], ',.1f')} → {_num(s['run_worker_seconds'], ',.1f')})",
+        _wall_words(s),
     ]
+    if not s.get("wall_unavailable"):
+        words.append(
+            f"worker-seconds {format_ratio(s['worker_seconds_ratio'], 'less', 'more')} "
+            f"({_num(s['baseline_worker_seconds'], ',.1f')} → "
+            f"{_num(s['run_worker_seconds'], ',.1f')})"
+        )
     if s.get("metric_delta") is not None:
         words.append(f"Δ {metric.replace('_', ' ')} {_delta_text(metric, s['metric_delta'])}")
     method = str(s["method"]).removeprefix(f"{s['kind']}: ")
