@@ -68,11 +68,14 @@ from distgrow.checkpoint import (
 from distgrow.config import Config, OptimConfig, dump_config
 from distgrow.data import (
     DataBundle,
+    LoaderDataset,
     epoch_permutation,
     shard_global_batch,
     splitmix64,
 )
+from distgrow.data.feed import LoaderFeed
 from distgrow.exits import EXIT_NEED_WORKERS, EXIT_NONFINITE, EXIT_OK
+from distgrow.loop import GrowthBatchSampler, GrowthSchedule
 from distgrow.metrics import JsonlLogger, Logger, MultiLogger, NullLogger, ThroughputMeter
 from distgrow.models import build_model, uses_batch_norm
 from distgrow.planner import GrowthPolicy, Plan, Setting, make_plan
@@ -237,6 +240,8 @@ class Trainer:
         self._epoch_meter = ThroughputMeter()
         self._window_loss = 0.0
         self._window_samples = 0
+        self._schedule: GrowthSchedule | None = None
+        self.feed = self._open_feed()  # None: in memory, batched by indexing
 
     def _build_model(self) -> nn.Module:
         m, d = self.cfg.model, self.data
@@ -260,6 +265,44 @@ class Trainer:
                 f"model.name = {m.name!r} cannot be built for data.name = {d.name!r} (samples "
                 f"of shape {d.input_shape}): {err}"
             ) from err
+
+    def _open_feed(self) -> LoaderFeed | None:
+        """A ``DataLoader`` over a training set read sample by sample (``data.feed``).
+
+        Its batch sampler is the one for users' own loops, :class:`GrowthBatchSampler`, on a
+        :class:`GrowthSchedule` of this run: it hands out the same micro-batches as
+        :meth:`train_step` cuts, so the workers can read them ahead.
+        """
+        if not isinstance(self.data.train, LoaderDataset):
+            return None
+        d = self.cfg.data
+        self._schedule = GrowthSchedule(self.cfg, self.num_train, self.rank, self.world)
+        return LoaderFeed(
+            self.data.train,
+            GrowthBatchSampler(self._schedule),
+            workers=d.loader_workers,
+            pin_memory=self.device.type == "cuda" if d.pin_memory is None else d.pin_memory,
+            prefetch_factor=d.prefetch_factor,
+        )
+
+    def _start_feed(self) -> None:
+        """Point the loader's sampler at where training stands (an epoch start or a resume)."""
+        if self.feed is None or self._schedule is None:
+            return
+        state = self.state
+        self._schedule.load_state_dict(
+            {
+                "dataset_size": self.num_train,
+                "world_size": self.world,
+                "epoch": state.epoch,
+                "position": state.position,
+                "step": state.step,
+                "samples_seen": state.samples_seen,
+                "reported": state.epoch,
+                "policy": self.policy.state_dict(),
+            }
+        )
+        self.feed.start()
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -286,6 +329,7 @@ class Trainer:
         """Consume the rest of the current epoch, one global batch per update."""
         order = epoch_permutation(self.num_train, self.cfg.run.seed, self.state.epoch)
         self.agreement.forget()  # validation ran since the last update: ask the ranks again
+        self._start_feed()
         while self.state.position < self.num_train:
             setting = self.next_setting()
             signum = self.agreement.stop_signal()
@@ -333,7 +377,7 @@ class Trainer:
                 if shard.numel():
                     seed = micro_batch_seed(self.cfg.run.seed, self.state.epoch, int(shard[0]))
                     torch.manual_seed(seed)
-                x, y = self.data.train.batch(shard, self.state.epoch)
+                x, y = (self.feed or self.data.train).batch(shard, self.state.epoch)
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 loss = loss_sum(self.train_model(x), y, self.data.num_classes) * scale
                 self.backend.backward(loss)

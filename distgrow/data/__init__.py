@@ -20,6 +20,9 @@ Data sets (:data:`DATASETS`):
 * ``ionosphere``: the UCI ``ionosphere.data`` file.
 * ``digits``, ``breast_cancer``, ``wine``, ``iris``: scikit-learn's bundled copies.
 * ``synthetic_classification``, ``synthetic_regression``: generated from the seed.
+* ``npz``, ``csv``, ``tsv``, ``image_folder``: your own files at ``data.path`` (see
+  :mod:`~distgrow.data.readers`); an image folder is decoded sample by sample and read through
+  a ``DataLoader`` with worker processes (:mod:`~distgrow.data.feed`), not held in memory.
 
 This package does not import ``torch.distributed``.
 """
@@ -32,6 +35,8 @@ from distgrow.data.containers import (
     DataBundle,
     DatasetFormatError,
     DatasetNotFoundError,
+    LoaderDataset,
+    TensorSamples,
     UnsafePickleError,
 )
 from distgrow.data.load import canonical_name, load_dataset
@@ -50,6 +55,8 @@ __all__ = [
     "DataBundle",
     "DatasetFormatError",
     "DatasetNotFoundError",
+    "LoaderDataset",
+    "TensorSamples",
     "UnsafePickleError",
     "canonical_name",
     "epoch_permutation",

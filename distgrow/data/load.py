@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import difflib
+from dataclasses import replace
 
 from distgrow.config import DataConfig
-from distgrow.data.containers import DataBundle
+from distgrow.data.containers import ArrayDataset, DataBundle, LoaderDataset, TensorSamples
 from distgrow.data.readers import DATASETS, READERS
 from distgrow.data.splits import ImageSplits, image_bundle, tabular_bundle
 from distgrow.data.transforms import AUGMENTATION
@@ -67,6 +68,16 @@ def load_dataset(cfg: DataConfig, *, seed: int = 0) -> DataBundle:
             f"{', '.join(AUGMENTATION)}); set data.augment=false."
         )
     read = READERS[key](key, cfg, seed)
-    if isinstance(read, ImageSplits):
-        return image_bundle(key, read, cfg, seed)
-    return tabular_bundle(key, read, cfg, seed)
+    if isinstance(read, DataBundle):
+        bundle = read
+    elif isinstance(read, ImageSplits):
+        bundle = image_bundle(key, read, cfg, seed)
+    else:
+        bundle = tabular_bundle(key, read, cfg, seed)
+    if cfg.feed == "loader" and isinstance(bundle.train, ArrayDataset):
+        # The same tensors, read sample by sample through a DataLoader in training.
+        train = bundle.train
+        bundle = replace(
+            bundle, train=LoaderDataset(TensorSamples(train.x, train.y), train.y, train.transform)
+        )
+    return bundle
