@@ -80,11 +80,11 @@ def npz_rows(path: Path, key: str) -> int:
     """The first dimension of array ``key`` in ``path``, read from its header only."""
     member = npz_member(path, key)
     with zipfile.ZipFile(path) as archive, archive.open(member) as handle:
-        version = np.lib.format.read_magic(handle)  # type: ignore[no-untyped-call]
+        version = np.lib.format.read_magic(handle)
         if version == (1, 0):
-            shape = np.lib.format.read_array_header_1_0(handle)[0]  # type: ignore[no-untyped-call]
+            shape = np.lib.format.read_array_header_1_0(handle)[0]
         else:
-            shape = np.lib.format.read_array_header_2_0(handle)[0]  # type: ignore[no-untyped-call]
+            shape = np.lib.format.read_array_header_2_0(handle)[0]
     if not shape:
         raise ValueError(f"{path}: array {key!r} is a scalar; it needs one row per sample.")
     return int(shape[0])

@@ -85,10 +85,13 @@ MAX_LR_SCALE = 1_000
 MAX_SYNTHETIC_VALUES = 2_000_000_000
 
 
-def _f(default: Any, doc: str) -> Any:
-    """A field with a default and its documentation (lists get a fresh copy)."""
+def _f(default: Any, doc: str, names: tuple[str, ...] = ()) -> Any:
+    """A field with a default and its documentation (lists get a fresh copy); ``names``: the
+    field's name and the other names the key may also be written as."""
     if isinstance(default, list):
         return Field(default_factory=lambda: list(default), description=doc)
+    if names:
+        return Field(default, description=doc, validation_alias=AliasChoices(*names))
     return Field(default, description=doc)
 
 
@@ -250,11 +253,11 @@ class DataConfig(_Section):
         "breast_cancer, wine, iris, synthetic_classification, synthetic_regression; or npz, "
         "csv, tsv, image_folder (your own files at data.path).",
     )
-    path: Str | None = Field(
+    path: Str | None = _f(
         None,
-        validation_alias=AliasChoices("path", "root"),
-        description="Where the files are (data.root is the same setting): the file or folder of "
+        "Where the files are (data.root is the same setting): the file or folder of "
         "npz/csv/tsv/image_folder; for the named sets null uses their default place.",
+        names=("path", "root"),
     )
     val_path: Str | None = _f(
         None,
@@ -327,13 +330,13 @@ class DataConfig(_Section):
         if self.name in FILE_FORMATS:
             # Counted from the files (headers, lines, file names), nothing decoded.
             try:
-                total = file_train_size(self)
+                counted = file_train_size(self)
             except (OSError, ValueError, zipfile.BadZipFile) as err:
                 raise ConfigError(
                     f"data.path = {self.path!r}: cannot count its samples: {err} Fix: point "
                     "data.path at your data, or set data.size=N."
                 ) from err
-            return min(total, self.limit_train) if self.limit_train else total
+            return min(counted, self.limit_train) if self.limit_train else counted
         total = OFFICIAL_TRAIN.get(self.name)
         if total is None:
             n_all = SPLIT_TOTAL.get(self.name)

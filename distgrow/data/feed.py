@@ -71,7 +71,7 @@ class LoaderFeed:
         self.pin_memory = pin_memory
         self._issued: deque[list[int]] = deque()
         self.loader: DataLoader[Any] = DataLoader(
-            dataset.samples,  # type: ignore[arg-type]
+            dataset.samples,
             batch_sampler=_Recording(batch_sampler, self._issued),
             num_workers=workers,
             prefetch_factor=prefetch_factor if workers > 0 else None,

@@ -49,8 +49,8 @@ def decode(
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            image = image.convert(mode)
+        with Image.open(path) as opened:
+            image = opened.convert(mode)
             if size is not None and (image.height, image.width) != size:
                 image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             if crop is not None:
@@ -69,7 +69,7 @@ def decode(
         raise DatasetFormatError(f"{path}: not an image Pillow can read ({err}).") from err
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+    return np.array(pixels.transpose(2, 0, 1), order="C")  # a writable copy, (C, H, W)
 
 
 class ImageFiles(Dataset[tuple[torch.Tensor, torch.Tensor]]):
