@@ -53,8 +53,11 @@ def test_root_is_another_name_for_path() -> None:
 
 
 def test_file_formats_need_a_path() -> None:
-    with pytest.raises(ConfigError, match=r"data\.path = None.*set data\.path"):
-        load_config(None, ["data.name=npz"])
+    cfg = load_config(None, ["data.name=npz"])  # valid: the files are looked for at load
+    with pytest.raises(DatasetNotFoundError, match=r"data\.path is not set"):
+        load_dataset(cfg.data)
+    with pytest.raises(ConfigError, match=r"data\.path is not set.*set data\.size"):
+        cfg.data.expected_train_size()
     with pytest.raises(ConfigError, match=r"data\.image_size"):
         load_config(None, ["data.name=image_folder", "data.path=/x", "data.image_size=[8]"])
 

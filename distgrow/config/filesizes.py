@@ -53,8 +53,10 @@ IMAGE_SUFFIXES = (
 )
 
 
-def existing(path: str, what: str) -> Path:
-    """``path`` expanded, which must exist (``what`` names it in the message)."""
+def existing(path: str | None, what: str) -> Path:
+    """``path`` expanded, which must be set and exist (``what`` names it in the message)."""
+    if path is None:
+        raise FileNotFoundError(f"{what} is not set; point it at your data file or folder.")
     resolved = Path(path).expanduser()
     if not resolved.exists():
         raise FileNotFoundError(f"{what} {resolved} does not exist; point it at your data.")
@@ -155,7 +157,7 @@ def _csv_count(name: str, path: Path, cfg: DataConfig) -> int:
 # -- image folders -----------------------------------------------------------------------------
 
 
-def image_folder_roots(path: str, val_path: str | None) -> tuple[Path, Path | None]:
+def image_folder_roots(path: str | None, val_path: str | None) -> tuple[Path, Path | None]:
     """The training folder and the validation folder (None: split the training folder).
 
     ``data.val_path`` when set; else ``train/`` and ``val/`` inside ``data.path`` when both are
@@ -223,8 +225,6 @@ def file_train_size(cfg: DataConfig) -> int:
         FileNotFoundError: ``data.path`` (or ``data.val_path``) does not exist.
         ValueError: the files are not in the format ``data.name`` says.
     """
-    if cfg.path is None:
-        raise FileNotFoundError(f"data.name = {cfg.name}: data.path is not set; set it.")
     if cfg.name == "image_folder":
         train, val = image_folder_roots(cfg.path, cfg.val_path)
     else:

@@ -366,10 +366,6 @@ class DataConfig(_Section):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise _fail(f"data.{key}", value, "must be positive or null", "remove it or use 1+")
-        if self.name in FILE_FORMATS and self.path is None:
-            raise _fail(
-                "data.path", None, f"data.name={self.name} reads your files", "set data.path"
-            )
         for key in ("image_size", "crop"):
             shape = getattr(self, key)
             if shape is not None and (len(shape) != 2 or min(shape) < 1):

@@ -195,7 +195,7 @@ def read(name: str, cfg: DataConfig, seed: int) -> DataBundle:
             different sizes without ``data.image_size``, a validation class not in training.
     """
     try:
-        train_root, val_root = image_folder_roots(cfg.path or "", cfg.val_path)
+        train_root, val_root = image_folder_roots(cfg.path, cfg.val_path)
     except FileNotFoundError as err:
         raise DatasetNotFoundError(str(err)) from err
     except ValueError as err:

@@ -66,7 +66,7 @@ def read(name: str, cfg: DataConfig, seed: int) -> Table:
         DatasetFormatError: not an archive, an array missing, or arrays that do not fit.
     """
     try:
-        path = existing(cfg.path or "", "data.path")
+        path = existing(cfg.path, "data.path")
         val_path = existing(cfg.val_path, "data.val_path") if cfg.val_path else None
     except FileNotFoundError as err:
         raise DatasetNotFoundError(str(err)) from err
