@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,6 +27,7 @@ from distgrow.data.feed import LoaderFeed
 from distgrow.data.splits import seeded_split
 from distgrow.data.transforms import image_stats
 from distgrow.exits import EXIT_OK
+from distgrow.report import compare
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_trainer import final_model, syn_config, train
@@ -336,3 +340,64 @@ def test_trainer_image_folder_from_files_equals_in_memory(tmp_path: Path) -> Non
     want, got = a.model.state_dict(), b.model.state_dict()
     assert all(torch.equal(want[k], got[k]) for k in want)
     assert a.validate() == b.validate()
+
+
+# -- the example projects --------------------------------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def example_module(project: str, name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(
+        f"{project}_{name}", EXAMPLES / project / f"{name}.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def compare_rows(project: str, tmp_path: Path, *overrides: str) -> dict[str, dict[str, Any]]:
+    out = compare(
+        EXAMPLES / project / "config.yaml",
+        ["run.threads=1", *overrides],
+        variants=("decay_lr", "grow_batch"),
+        out_dir=tmp_path / "cmp",
+        echo=lambda line: None,
+        python=sys.executable,
+    )
+    return {r["label"]: r for r in json.loads((out / "summary.json").read_text())["runs"]}
+
+
+@pytest.mark.integration
+def test_tabular_example_grows_to_the_same_accuracy_with_fewer_updates(tmp_path: Path) -> None:
+    example_module("tabular", "make_data").write(tmp_path / "data.csv", rows=6000)
+    rows = compare_rows("tabular", tmp_path, f"data.path={tmp_path / 'data.csv'}")
+    decay, grow = rows["decay_lr"], rows["grow_batch"]
+    assert decay["status"] == grow["status"] == "completed"
+    assert decay["total_updates"] == 12 * 141  # 4,500 training rows at batch 32
+    assert grow["total_updates"] * 2 <= decay["total_updates"]
+    assert grow["val_acc"] >= decay["val_acc"] - 0.005
+    assert decay["val_acc"] > 0.9  # the task is learnt, not two equally bad runs
+    model = example_module("tabular", "model").build()
+    assert model(torch.zeros(5, 12)).shape == (5, 3)
+
+
+@pytest.mark.integration
+def test_image_folder_example_trains_from_the_files(tmp_path: Path) -> None:
+    example_module("image_folder", "make_data").write(tmp_path / "images", per_class=20, size=16)
+    rows = compare_rows(
+        "image_folder",
+        tmp_path,
+        f"data.path={tmp_path / 'images'}",
+        "data.loader_workers=1",
+        "run.epochs=3",
+        "schedule.milestones=[1, 2]",
+    )
+    decay, grow = rows["decay_lr"], rows["grow_batch"]
+    assert decay["status"] == grow["status"] == "completed"
+    assert decay["total_updates"] == 3 * 3  # 96 training images at batch 32
+    assert grow["total_updates"] < decay["total_updates"]
+    assert 0.0 <= grow["val_acc"] <= 1.0 and 0.0 <= decay["val_acc"] <= 1.0
+    model = example_module("image_folder", "model").build(channels=3, classes=6)
+    assert model(torch.zeros(2, 3, 16, 16)).shape == (2, 6)
