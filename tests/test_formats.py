@@ -385,7 +385,7 @@ def test_tabular_example_grows_to_the_same_accuracy_with_fewer_updates(tmp_path:
 
 @pytest.mark.integration
 def test_image_folder_example_trains_from_the_files(tmp_path: Path) -> None:
-    example_module("image_folder", "make_data").write(tmp_path / "images", per_class=20, size=16)
+    example_module("image_folder", "make_images").write(tmp_path / "images", per_class=20, size=16)
     rows = compare_rows(
         "image_folder",
         tmp_path,
@@ -399,5 +399,5 @@ def test_image_folder_example_trains_from_the_files(tmp_path: Path) -> None:
     assert decay["total_updates"] == 3 * 3  # 96 training images at batch 32
     assert grow["total_updates"] < decay["total_updates"]
     assert 0.0 <= grow["val_acc"] <= 1.0 and 0.0 <= decay["val_acc"] <= 1.0
-    model = example_module("image_folder", "model").build(channels=3, classes=6)
+    model = example_module("image_folder", "net").build(channels=3, classes=6)
     assert model(torch.zeros(2, 3, 16, 16)).shape == (2, 6)

@@ -3,8 +3,8 @@
 One subfolder per class (the layout of torchvision's ``ImageFolder``), each image a noisy
 picture of its class's shape (a bar, a cross, a square, ...) in a random colour and place::
 
-    python examples/image_folder/make_data.py              # examples/image_folder/images/
-    python examples/image_folder/make_data.py --per-class 500 --size 32 --out /data/shapes
+    python examples/image_folder/make_images.py              # examples/image_folder/images/
+    python examples/image_folder/make_images.py --per-class 500 --size 32 --out /data/shapes
 
 Your own images work the same way: point ``data.path`` at a folder of class folders (or one
 holding ``train/`` and ``val/``), in any format Pillow reads.

@@ -1,6 +1,6 @@
 """The image classifier: a small convolutional network, as your own model file.
 
-distgrow builds it from the config with ``model.name: "examples/image_folder/model.py:build"``
+distgrow builds it from the config with ``model.name: "examples/image_folder/net.py:build"``
 and ``model.kwargs`` (the entry-point form; until that lands the config uses the same network
 built in, ``model.name: cnn``). Any function that returns a ``torch.nn.Module`` will do.
 """
