@@ -922,7 +922,9 @@ def test_plan_names_a_misspelled_data_set(capsys: pytest.CaptureFixture[str]) ->
 @pytest.mark.parametrize(
     ("name", "near"),
     [("cifar", "did you mean cifar10\\?"), ("fashion-mnst", "did you mean fashion_mnist"),
-     ("imagenet", "Fix: use one of fashion_mnist, mnist")],
+     ("svhn", "Fix: use one of fashion_mnist, mnist"),
+     # ImageNet is read as an image folder now: the nearest name says so
+     ("imagenet", "did you mean image_folder\\?")],
 )  # fmt: skip
 def test_a_misspelled_name_is_a_config_error(name: str, near: str) -> None:
     with pytest.raises(ConfigError, match=rf"data\.name = '{name}': unknown data set\. .*{near}"):
