@@ -1,8 +1,10 @@
 """Real data sets as in-memory tensors, and how one global batch is cut across ranks.
 
-Every data set is held whole in memory (Fashion-MNIST as ``uint8``: 47 MB) and batched by
-tensor indexing, so no ``DataLoader`` and no worker processes are involved: a batch is
-``dataset.batch(indices, epoch)``.
+The named data sets are held whole in memory (Fashion-MNIST as ``uint8``: 47 MB) and batched
+by tensor indexing, with no ``DataLoader`` and no worker processes: a batch is
+``dataset.batch(indices, epoch)``. An image folder is not: a :class:`LoaderDataset` decodes
+each sample when it is read, and training reads it through a ``DataLoader`` with worker
+processes (:mod:`~distgrow.data.feed`) in the same order and batches (``data.feed``).
 
 * :mod:`~distgrow.data.order`: the world-size-invariant global order (METHOD.md §6) and the
   seeds (``epoch_permutation``, ``shard_global_batch``, ``splitmix64``).
