@@ -253,6 +253,21 @@ def test_image_folder_errors(tmp_path: Path) -> None:
     )
     with pytest.raises(DatasetFormatError, match=r"big\.png: image of shape .* data\.image_size"):
         bundle.train.batch(torch.arange(len(bundle.train)))
+    # read by a loader worker, the error is still the one line naming the file
+    assert isinstance(bundle.train, LoaderDataset)
+    feed = LoaderFeed(
+        bundle.train,
+        [list(range(len(bundle.train)))],
+        workers=1,
+        pin_memory=False,
+        prefetch_factor=1,
+    )
+    feed.start()
+    with pytest.raises(
+        DatasetFormatError,
+        match=r"^/.*big\.png: image of shape .* data\.image_size=\[H, W\] to resize them all\.$",
+    ):
+        feed.batch(torch.arange(len(bundle.train)), 0)
     (tmp_path / "empty" / "c").mkdir(parents=True)
     with pytest.raises(DatasetFormatError, match=r"holds no image"):
         load("image_folder", path=str(tmp_path / "empty"))

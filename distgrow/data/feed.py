@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from distgrow.data.containers import LoaderDataset
+from distgrow.data.containers import DatasetFormatError, LoaderDataset
 
 __all__ = ["LoaderFeed"]
 
@@ -39,8 +39,13 @@ class _Recording(Sampler[list[int]]):
         self.issued = issued
 
     def __iter__(self) -> Iterator[list[int]]:
+        # Plan now (a schedule that cannot plan raises here, in LoaderFeed.start), not at the
+        # first batch.
+        return self._record(iter(self.inner))
+
+    def _record(self, batches: Iterator[list[int]]) -> Iterator[list[int]]:
         # Empty micro-batches (the tail of an epoch's last batch) are made in the loop's process.
-        for indices in self.inner:
+        for indices in batches:
             if indices:
                 self.issued.append(indices)
                 yield indices
@@ -114,9 +119,14 @@ class LoaderFeed:
             return None
         try:
             x, y = next(self._batches)
-        except (StopIteration, ValueError):
+        except StopIteration:
             self._batches = None
             return None
+        except DatasetFormatError as err:
+            # Raised in a worker, it arrives with the worker's traceback in its message; keep
+            # the one line that says which file and what to do.
+            last = str(err).strip().splitlines()[-1]
+            raise DatasetFormatError(last.split("Error: ", 1)[-1]) from None
         if self._issued.popleft() != wanted:
             self._batches = None  # the run left the sampler's plan: read here until next epoch
             return None
