@@ -67,12 +67,15 @@ from distgrow.checkpoint import (
 from distgrow.config import Config, OptimConfig, dump_config
 from distgrow.data import (
     DataBundle,
+    LoaderDataset,
     epoch_permutation,
     micro_batch_seed,
     shard_global_batch,
 )
+from distgrow.data.feed import LoaderFeed
 from distgrow.entrypoints import EntryPointError, is_entry_point
 from distgrow.exits import EXIT_NEED_WORKERS, EXIT_NONFINITE, EXIT_OK
+from distgrow.loop import GrowthBatchSampler, GrowthSchedule
 from distgrow.losses import build_objective, loss_sum
 from distgrow.metrics import JsonlLogger, Logger, MultiLogger, NullLogger, ThroughputMeter
 from distgrow.models import build_entry_model, build_model, uses_batch_norm
@@ -218,6 +221,8 @@ class Trainer:
         self._epoch_meter = ThroughputMeter()
         self._window_loss = 0.0
         self._window_samples = 0
+        self._schedule: GrowthSchedule | None = None
+        self.feed = self._open_feed()  # None: in memory, batched by indexing
 
     def _build_model(self) -> nn.Module:
         m, d = self.cfg.model, self.data
@@ -247,6 +252,44 @@ class Trainer:
                 f"of shape {d.input_shape}): {err}"
             ) from err
 
+    def _open_feed(self) -> LoaderFeed | None:
+        """A ``DataLoader`` over a training set read sample by sample (``data.feed``).
+
+        Its batch sampler is the one for users' own loops, :class:`GrowthBatchSampler`, on a
+        :class:`GrowthSchedule` of this run: it hands out the same micro-batches as
+        :meth:`train_step` cuts, so the workers can read them ahead.
+        """
+        if not isinstance(self.data.train, LoaderDataset):
+            return None
+        d = self.cfg.data
+        self._schedule = GrowthSchedule(self.cfg, self.num_train, self.rank, self.world)
+        return LoaderFeed(
+            self.data.train,
+            GrowthBatchSampler(self._schedule),
+            workers=d.loader_workers,
+            pin_memory=self.device.type == "cuda" if d.pin_memory is None else d.pin_memory,
+            prefetch_factor=d.prefetch_factor,
+        )
+
+    def _start_feed(self) -> None:
+        """Point the loader's sampler at where training stands (an epoch start or a resume)."""
+        if self.feed is None or self._schedule is None:
+            return
+        state = self.state
+        self._schedule.load_state_dict(
+            {
+                "dataset_size": self.num_train,
+                "world_size": self.world,
+                "epoch": state.epoch,
+                "position": state.position,
+                "step": state.step,
+                "samples_seen": state.samples_seen,
+                "reported": state.epoch,
+                "policy": self.policy.state_dict(),
+            }
+        )
+        self.feed.start()
+
     # -- the loop -------------------------------------------------------------------------------
 
     def train(self) -> int:
@@ -272,6 +315,7 @@ class Trainer:
         """Consume the rest of the current epoch, one global batch per update."""
         order = epoch_permutation(self.num_train, self.cfg.run.seed, self.state.epoch)
         self.agreement.forget()  # validation ran since the last update: ask the ranks again
+        self._start_feed()
         while self.state.position < self.num_train:
             setting = self.next_setting()
             signum = self.agreement.stop_signal()
@@ -323,7 +367,7 @@ class Trainer:
                 if shard.numel():
                     seed = micro_batch_seed(self.cfg.run.seed, self.state.epoch, int(shard[0]))
                     torch.manual_seed(seed)
-                x, y = self.data.train.batch(shard, self.state.epoch)
+                x, y = (self.feed or self.data.train).batch(shard, self.state.epoch)
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 loss = self.objective.loss_sum(self.train_model(x), y) * scale
                 self.backend.backward(loss)

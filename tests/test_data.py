@@ -29,6 +29,7 @@ from distgrow.data import (
     DataBundle,
     DatasetFormatError,
     DatasetNotFoundError,
+    LoaderDataset,
     UnsafePickleError,
     epoch_permutation,
     load_dataset,
@@ -40,6 +41,12 @@ from distgrow.data.readers import idx
 from distgrow.data.readers.safe_pickle import restricted_load
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def in_memory(split: ArrayDataset | LoaderDataset) -> ArrayDataset:
+    """A split that the named sets hold in memory (``x`` and ``y`` tensors)."""
+    assert isinstance(split, ArrayDataset), f"expected an in-memory split, got {split!r}"
+    return split
 
 
 def load(name: str, *, seed: int = 0, **fields: Any) -> DataBundle:
@@ -196,10 +203,19 @@ def test_mnist_from_idx_files(tmp_path: Path, gz: bool) -> None:
     bundle = load("mnist", root=str(tmp_path))
     assert bundle.name == "mnist" and bundle.task == "classification"
     assert bundle.num_classes == 10 and bundle.input_shape == (1, 28, 28)
-    assert bundle.train.x.dtype == torch.uint8 and bundle.train.x.shape == (12, 1, 28, 28)
-    assert bundle.val.x.shape == (5, 1, 28, 28)
-    np.testing.assert_array_equal(bundle.train.x[:, 0].numpy(), arrays["train-images-idx3-ubyte"])
-    np.testing.assert_array_equal(bundle.val.x[:, 0].numpy(), arrays["t10k-images-idx3-ubyte"])
+    assert in_memory(bundle.train).x.dtype == torch.uint8 and in_memory(bundle.train).x.shape == (
+        12,
+        1,
+        28,
+        28,
+    )
+    assert in_memory(bundle.val).x.shape == (5, 1, 28, 28)
+    np.testing.assert_array_equal(
+        in_memory(bundle.train).x[:, 0].numpy(), arrays["train-images-idx3-ubyte"]
+    )
+    np.testing.assert_array_equal(
+        in_memory(bundle.val).x[:, 0].numpy(), arrays["t10k-images-idx3-ubyte"]
+    )
     assert bundle.train.y.dtype == torch.int64
     assert bundle.train.y.tolist() == [i % 10 for i in range(12)]
     assert bundle.val.y.tolist() == [0, 3, 6, 9, 2]
@@ -221,7 +237,9 @@ def test_mnist_torchvision_layout_and_dot_names(tmp_path: Path) -> None:
     arrays = write_mnist(raw, gz=False)
     (raw / "train-images-idx3-ubyte").rename(raw / "train-images.idx3-ubyte")
     bundle = load("mnist", root=str(tmp_path))
-    np.testing.assert_array_equal(bundle.train.x[:, 0].numpy(), arrays["train-images-idx3-ubyte"])
+    np.testing.assert_array_equal(
+        in_memory(bundle.train).x[:, 0].numpy(), arrays["train-images-idx3-ubyte"]
+    )
 
 
 def test_idx_truncated_raw(tmp_path: Path) -> None:
@@ -304,8 +322,13 @@ def test_real_fashion_mnist() -> None:
     bundle = load("fashion_mnist")
     assert (len(bundle.train), len(bundle.val)) == (60000, 10000)
     assert bundle.num_classes == 10 and bundle.input_shape == (1, 28, 28)
-    assert bundle.train.x.dtype == torch.uint8 and bundle.train.x.shape == (60000, 1, 28, 28)
-    assert bundle.val.x.shape == (10000, 1, 28, 28)
+    assert in_memory(bundle.train).x.dtype == torch.uint8 and in_memory(bundle.train).x.shape == (
+        60000,
+        1,
+        28,
+        28,
+    )
+    assert in_memory(bundle.val).x.shape == (10000, 1, 28, 28)
     # Fashion-MNIST is balanced: 6000 per class in train, 1000 in test; first label is 9.
     assert torch.bincount(bundle.train.y).tolist() == [6000] * 10
     assert torch.bincount(bundle.val.y).tolist() == [1000] * 10
@@ -319,7 +342,7 @@ def test_real_fashion_mnist() -> None:
     assert abs(float(x.mean())) < 0.02 and abs(float(x.std()) - 1) < 0.02
     limited = load("fashion_mnist", limit_train=100, limit_val=50)
     assert (len(limited.train), len(limited.val)) == (100, 50)
-    assert torch.equal(limited.train.x, bundle.train.x[:100])
+    assert torch.equal(in_memory(limited.train).x, in_memory(bundle.train).x[:100])
 
 
 # ----------------------------------------------------------------------------- CIFAR-10
@@ -332,19 +355,24 @@ def test_cifar10_loads_pickle_batches(tmp_path: Path, protocol: int) -> None:
     )
     bundle = load("cifar10", root=str(tmp_path))
     assert bundle.input_shape == (3, 32, 32) and bundle.num_classes == 10
-    assert bundle.train.x.dtype == torch.uint8 and bundle.train.x.shape == (20, 3, 32, 32)
-    assert bundle.val.x.shape == (6, 3, 32, 32)
+    assert in_memory(bundle.train).x.dtype == torch.uint8 and in_memory(bundle.train).x.shape == (
+        20,
+        3,
+        32,
+        32,
+    )
+    assert in_memory(bundle.val).x.shape == (6, 3, 32, 32)
     assert bundle.train.y.tolist() == train_labels.tolist()
     assert bundle.val.y.tolist() == test_labels.tolist()
     # Row layout: 1024 red, 1024 green, 1024 blue, each row-major 32×32.
     i, c, h, w = 7, 2, 5, 31
-    assert int(bundle.train.x[i, c, h, w]) == int(train_rows[i, c * 1024 + h * 32 + w])
+    assert int(in_memory(bundle.train).x[i, c, h, w]) == int(train_rows[i, c * 1024 + h * 32 + w])
     for c in range(3):
         np.testing.assert_array_equal(
-            bundle.train.x[:, c].numpy(),
+            in_memory(bundle.train).x[:, c].numpy(),
             train_rows[:, c * 1024 : (c + 1) * 1024].reshape(-1, 32, 32),
         )
-    np.testing.assert_array_equal(bundle.val.x.reshape(6, -1).numpy(), test_rows)
+    np.testing.assert_array_equal(in_memory(bundle.val).x.reshape(6, -1).numpy(), test_rows)
 
 
 def test_cifar10_root_may_be_the_batches_folder(tmp_path: Path) -> None:
@@ -615,7 +643,7 @@ def test_cifar10_augmentation(tmp_path: Path) -> None:
     assert normalize is not None
     for k in range(len(ds)):
         ref = _reference_crop_flip(
-            plain.train.x[k].numpy(), int(dy[k]), int(dx[k]), bool(flip[k]), 4
+            in_memory(plain.train).x[k].numpy(), int(dy[k]), int(dx[k]), bool(flip[k]), 4
         )
         want = normalize(torch.from_numpy(ref.copy())[None], everything[k : k + 1], 2)
         assert torch.equal(x_all[k : k + 1], want), k
@@ -650,14 +678,14 @@ def test_covtype_csv(tmp_path: Path, filename: str, header: bool) -> None:
     assert bundle.num_classes == 7 and bundle.input_shape == (54,)
     assert (len(bundle.train), len(bundle.val)) == (30, 10)
     tx, ty, vx, vy = expected_tabular(features, labels - 1, 0.25, 7)
-    assert bundle.train.x.dtype == torch.float32 and bundle.train.y.dtype == torch.int64
-    torch.testing.assert_close(bundle.train.x, tx)
-    torch.testing.assert_close(bundle.val.x, vx)
+    assert in_memory(bundle.train).x.dtype == torch.float32 and bundle.train.y.dtype == torch.int64
+    torch.testing.assert_close(in_memory(bundle.train).x, tx)
+    torch.testing.assert_close(in_memory(bundle.val).x, vx)
     assert torch.equal(bundle.train.y, ty) and torch.equal(bundle.val.y, vy)
     assert sorted(torch.cat([bundle.train.y, bundle.val.y]).tolist()) == sorted(
         (labels - 1).tolist()
     )
-    assert bundle.train.x.mean(0).abs().max() < 1e-5
+    assert in_memory(bundle.train).x.mean(0).abs().max() < 1e-5
 
 
 def test_covtype_npz_and_directory(tmp_path: Path) -> None:
@@ -667,8 +695,8 @@ def test_covtype_npz_and_directory(tmp_path: Path) -> None:
     from_dir = load("covtype", root=str(tmp_path), seed=1)
     tx, ty, vx, vy = expected_tabular(features, labels - 1, 0.2, 1)
     for bundle in (from_file, from_dir):
-        torch.testing.assert_close(bundle.train.x, tx)
-        torch.testing.assert_close(bundle.val.x, vx)
+        torch.testing.assert_close(in_memory(bundle.train).x, tx)
+        torch.testing.assert_close(in_memory(bundle.val).x, vx)
         assert torch.equal(bundle.train.y, ty) and torch.equal(bundle.val.y, vy)
 
 
@@ -753,10 +781,10 @@ def test_ionosphere(tmp_path: Path) -> None:
         assert bundle.num_classes == 2 and bundle.input_shape == (34,)
         assert (len(bundle.train), len(bundle.val)) == (9, 3)
         tx, ty, vx, vy = expected_tabular(features, labels, 0.25, 2)
-        torch.testing.assert_close(bundle.train.x, tx)
-        torch.testing.assert_close(bundle.val.x, vx)
+        torch.testing.assert_close(in_memory(bundle.train).x, tx)
+        torch.testing.assert_close(in_memory(bundle.val).x, vx)
         assert torch.equal(bundle.train.y, ty) and torch.equal(bundle.val.y, vy)
-        assert torch.all(bundle.train.x[:, 1] == 0)  # constant column: centred, not NaN
+        assert torch.all(in_memory(bundle.train).x[:, 1] == 0)  # constant column: centred, not NaN
 
 
 def test_ionosphere_errors(tmp_path: Path) -> None:
@@ -786,11 +814,11 @@ def test_sklearn_sets(name: str, total: int, features: int, classes: int) -> Non
     assert len(bundle.train) + len(bundle.val) == total
     assert len(bundle.val) == round(total * 0.2)
     assert bundle.input_shape == (features,) and bundle.num_classes == classes
-    assert bundle.train.x.dtype == torch.float32 and bundle.train.y.dtype == torch.int64
+    assert in_memory(bundle.train).x.dtype == torch.float32 and bundle.train.y.dtype == torch.int64
     all_labels = torch.cat([bundle.train.y, bundle.val.y])
     assert sorted(set(all_labels.tolist())) == list(range(classes))
-    std = bundle.train.x.std(0, unbiased=False)
-    assert bundle.train.x.mean(0).abs().max() < 1e-4
+    std = in_memory(bundle.train).x.std(0, unbiased=False)
+    assert in_memory(bundle.train).x.mean(0).abs().max() < 1e-4
     assert torch.all(((std - 1).abs() < 1e-4) | (std < 1e-6))
     assert not torch.equal(load(name, seed=2).train.y, bundle.train.y)
 
@@ -807,12 +835,14 @@ def test_synthetic_classification() -> None:
     labels = torch.cat([bundle.train.y, bundle.val.y])
     assert torch.bincount(labels).tolist() == [100] * 10
     same = load("synthetic_classification", synthetic_samples=1000, synthetic_features=8, seed=3)
-    assert torch.equal(same.train.x, bundle.train.x) and torch.equal(same.val.y, bundle.val.y)
+    assert torch.equal(in_memory(same.train).x, in_memory(bundle.train).x) and torch.equal(
+        same.val.y, bundle.val.y
+    )
     other = load("synthetic_classification", synthetic_samples=1000, synthetic_features=8, seed=4)
-    assert not torch.equal(other.train.x, bundle.train.x)
+    assert not torch.equal(in_memory(other.train).x, in_memory(bundle.train).x)
     # Learnable: nearest class mean of the training split classifies validation well.
-    means = torch.stack([bundle.train.x[bundle.train.y == c].mean(0) for c in range(10)])
-    predicted = torch.cdist(bundle.val.x, means).argmin(1)
+    means = torch.stack([in_memory(bundle.train).x[bundle.train.y == c].mean(0) for c in range(10)])
+    predicted = torch.cdist(in_memory(bundle.val).x, means).argmin(1)
     assert float((predicted == bundle.val.y).float().mean()) > 0.6
 
 
@@ -821,7 +851,7 @@ def test_synthetic_regression() -> None:
     assert bundle.num_classes == 0 and bundle.task == "regression"
     assert bundle.train.y.dtype == torch.float32 and bundle.train.y.shape == (480,)
     # A linear teacher plus noise of std 0.1: least squares explains nearly all variance.
-    design = torch.cat([bundle.train.x, torch.ones(480, 1)], 1).double()
+    design = torch.cat([in_memory(bundle.train).x, torch.ones(480, 1)], 1).double()
     solution = torch.linalg.lstsq(design, bundle.train.y.double()[:, None]).solution
     residual = bundle.train.y.double() - (design @ solution)[:, 0]
     r2 = 1 - residual.var() / bundle.train.y.double().var()
@@ -835,7 +865,7 @@ def test_limits_keep_first_samples_after_split() -> None:
     full = load("digits", seed=5)
     small = load("digits", seed=5, limit_train=10, limit_val=3)
     assert (len(small.train), len(small.val)) == (10, 3)
-    assert torch.equal(small.train.x, full.train.x[:10])
+    assert torch.equal(in_memory(small.train).x, in_memory(full.train).x[:10])
     assert torch.equal(small.val.y, full.val.y[:3])
     assert len(load("iris", limit_train=10_000).train) == 120
 
@@ -892,7 +922,9 @@ def test_plan_names_a_misspelled_data_set(capsys: pytest.CaptureFixture[str]) ->
 @pytest.mark.parametrize(
     ("name", "near"),
     [("cifar", "did you mean cifar10\\?"), ("fashion-mnst", "did you mean fashion_mnist"),
-     ("imagenet", "Fix: use one of fashion_mnist, mnist")],
+     ("svhn", "Fix: use one of fashion_mnist, mnist"),
+     # ImageNet is read as an image folder now: the nearest name says so
+     ("imagenet", "did you mean image_folder\\?")],
 )  # fmt: skip
 def test_a_misspelled_name_is_a_config_error(name: str, near: str) -> None:
     with pytest.raises(ConfigError, match=rf"data\.name = '{name}': unknown data set\. .*{near}"):

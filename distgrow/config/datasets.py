@@ -18,7 +18,15 @@ SPLIT_TOTAL = {
     "iris": 150,
 }
 # Every data.name distgrow can load (distgrow.data.DATASETS; a test keeps the two equal).
-DATA_NAMES = (*OFFICIAL_TRAIN, *SPLIT_TOTAL, "synthetic_classification", "synthetic_regression")
+# File formats: the data are the user's own files at data.path (sizes counted from the files).
+FILE_FORMATS = ("npz", "csv", "tsv", "image_folder")
+DATA_NAMES = (
+    *OFFICIAL_TRAIN,
+    *SPLIT_TOTAL,
+    "synthetic_classification",
+    "synthetic_regression",
+    *FILE_FORMATS,
+)
 
 
 def held_out(n_total: int, val_fraction: float) -> int:

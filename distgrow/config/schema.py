@@ -21,13 +21,23 @@ import dataclasses
 import difflib
 import itertools
 import posixpath
+import zipfile
 from pathlib import PureWindowsPath
 from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import BeforeValidator, ConfigDict, Field, Strict, ValidationInfo, field_validator
+from pydantic import (
+    AliasChoices,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic.dataclasses import dataclass
 
-from distgrow.config.datasets import DATA_NAMES, OFFICIAL_TRAIN, SPLIT_TOTAL, held_out
+from distgrow.config.datasets import DATA_NAMES, FILE_FORMATS, OFFICIAL_TRAIN, SPLIT_TOTAL, held_out
+from distgrow.config.filesizes import file_train_size
 from distgrow.entrypoints import EntryPointError, is_entry_point, parse_entry_point
 
 
@@ -76,10 +86,13 @@ MAX_LR_SCALE = 1_000
 MAX_SYNTHETIC_VALUES = 2_000_000_000
 
 
-def _f(default: Any, doc: str) -> Any:
-    """A field with a default and its documentation (lists get a fresh copy)."""
+def _f(default: Any, doc: str, names: tuple[str, ...] = ()) -> Any:
+    """A field with a default and its documentation (lists and dicts get a fresh copy);
+    ``names``: the field's name and the other names the key may also be written as."""
     if isinstance(default, list | dict):
         return Field(default_factory=lambda: type(default)(default), description=doc)
+    if names:
+        return Field(default, description=doc, validation_alias=AliasChoices(*names))
     return Field(default, description=doc)
 
 
@@ -248,19 +261,78 @@ class RunConfig(_Section):
         return self.output_dir.replace("{name}", self.name)
 
 
-@dataclass(config=_STRICT)
+# data.path is also read as data.root (its name before the file formats): one setting, two
+# spellings, so populate_by_name lets code write DataConfig(path=...) too.
+_DATA_CONFIG = ConfigDict(**_STRICT, populate_by_name=True)
+
+
+@dataclass(config=_DATA_CONFIG)
 class DataConfig(_Section):
     """The training data (loaders in ``distgrow.data``)."""
 
     name: Str = _f(
         "synthetic_classification",
-        "Data set: fashion_mnist, mnist, cifar10, covtype, ionosphere, digits, breast_cancer, "
-        "wine, iris, synthetic_classification, synthetic_regression; or your own function "
-        "returning (train, val) torch Datasets: 'package.module:function' or "
-        "'path/to/file.py:function' (see docs/own_code.md).",
+        "Data set or file format: fashion_mnist, mnist, cifar10, covtype, ionosphere, digits, "
+        "breast_cancer, wine, iris, synthetic_classification, synthetic_regression; or npz, "
+        "csv, tsv, image_folder (your own files at data.path); or your own function returning "
+        "(train, val) torch Datasets: 'package.module:function' or 'path/to/file.py:function' "
+        "(see docs/own_code.md).",
     )
     kwargs: dict[Str, Any] = _f({}, "Keyword arguments of a data.name entry point.")
-    root: Str | None = _f(None, "Where the files are; null uses the data set's default place.")
+    path: Str | None = _f(
+        None,
+        "Where the files are (data.root is the same setting): the file or folder of "
+        "npz/csv/tsv/image_folder; for the named sets null uses their default place.",
+        names=("path", "root"),
+    )
+    val_path: Str | None = _f(
+        None,
+        "npz/csv/tsv/image_folder: a separate validation file or folder (null: split data.path "
+        "with val_fraction; an image folder holding train/ and val/ uses those).",
+    )
+    x_key: Str = _f("X", "npz: the name of the features array.")
+    y_key: Str = _f("y", "npz: the name of the labels array.")
+    label_column: Int | Str = _f(
+        -1, "csv/tsv: the label column, by header name or by index (-1: the last column)."
+    )
+    header: Bool | None = _f(
+        None, "csv/tsv: the first row names the columns (null: yes if it is not all numbers)."
+    )
+    delimiter: Str | None = _f(
+        None, "csv/tsv: the field separator (null: ',' for csv, tab for tsv)."
+    )
+    task: Literal["auto", "classification", "regression"] = _f(
+        "auto",
+        "npz/csv/tsv: what the labels are (auto: whole numbers or words are classes, other "
+        "numbers regression targets).",
+    )
+    image_size: list[Int] | None = _f(
+        None, "image_folder: resize every image to [height, width] (null: keep; all must agree)."
+    )
+    crop: list[Int] | None = _f(
+        None, "image_folder: centre-crop to [height, width] after the resize (null: no crop)."
+    )
+    image_mode: Literal["RGB", "L"] = _f(
+        "RGB", "image_folder: decode to RGB (3 channels) or L (grey, 1 channel)."
+    )
+    normalize: Bool = _f(
+        True,
+        "image_folder: standardise each channel with the training split's mean and std (off: "
+        "pixel / 255).",
+    )
+    feed: Literal["auto", "memory", "loader"] = _f(
+        "auto",
+        "How training reads samples: memory (whole set as tensors, batched by indexing), loader "
+        "(torch DataLoader with worker processes, decoding per sample), auto (image_folder: "
+        "loader; everything else: memory).",
+    )
+    loader_workers: Int = _f(
+        2, "feed=loader: DataLoader worker processes per rank (0: in-process)."
+    )
+    pin_memory: Bool | None = _f(
+        None, "feed=loader: pin batches in page-locked memory (null: when training on CUDA)."
+    )
+    prefetch_factor: Int = _f(2, "feed=loader: micro-batches each worker reads ahead.")
     val_fraction: Float = _f(0.2, "Held-out fraction for data sets without an official test split.")
     download: Bool = _f(False, "Allow downloading (covtype through scikit-learn); off offline.")
     augment: Bool = _f(False, "Random crop and flip for image data (deterministic per sample).")
@@ -286,6 +358,16 @@ class DataConfig(_Section):
         """
         if self.size is not None:
             return self.size
+        if self.name in FILE_FORMATS:
+            # Counted from the files (headers, lines, file names), nothing decoded.
+            try:
+                counted = file_train_size(self)
+            except (OSError, ValueError, zipfile.BadZipFile) as err:
+                raise ConfigError(
+                    f"data.path = {self.path!r}: cannot count its samples: {err} Fix: point "
+                    "data.path at your data, or set data.size=N."
+                ) from err
+            return min(counted, self.limit_train) if self.limit_train else counted
         total = OFFICIAL_TRAIN.get(self.name)
         if total is None:
             n_all = SPLIT_TOTAL.get(self.name)
@@ -331,6 +413,14 @@ class DataConfig(_Section):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise _fail(f"data.{key}", value, "must be positive or null", "remove it or use 1+")
+        for key in ("image_size", "crop"):
+            shape = getattr(self, key)
+            if shape is not None and (len(shape) != 2 or min(shape) < 1):
+                raise _fail(f"data.{key}", shape, "must be [height, width], both >= 1", "[32, 32]")
+        if self.loader_workers < 0:
+            raise _fail("data.loader_workers", self.loader_workers, "must be >= 0", "e.g. 2")
+        if self.prefetch_factor < 1:
+            raise _fail("data.prefetch_factor", self.prefetch_factor, "must be >= 1", "e.g. 2")
         if self.synthetic_samples < 2:
             raise _fail(
                 "data.synthetic_samples", self.synthetic_samples, "too small", "use 2 or more"
@@ -348,6 +438,11 @@ class DataConfig(_Section):
                 f"would not fit in memory (at most {MAX_SYNTHETIC_VALUES:,})",
                 "use fewer samples or features",
             )
+
+    @property
+    def root(self) -> str | None:
+        """``path`` by its older name (the named sets' readers say ``data.root``)."""
+        return self.path
 
 
 @dataclass(config=_STRICT)

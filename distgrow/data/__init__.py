@@ -1,8 +1,10 @@
 """Real data sets as in-memory tensors, and how one global batch is cut across ranks.
 
-Every data set is held whole in memory (Fashion-MNIST as ``uint8``: 47 MB) and batched by
-tensor indexing, so no ``DataLoader`` and no worker processes are involved: a batch is
-``dataset.batch(indices, epoch)``.
+The named data sets are held whole in memory (Fashion-MNIST as ``uint8``: 47 MB) and batched
+by tensor indexing, with no ``DataLoader`` and no worker processes: a batch is
+``dataset.batch(indices, epoch)``. An image folder is not: a :class:`LoaderDataset` decodes
+each sample when it is read, and training reads it through a ``DataLoader`` with worker
+processes (:mod:`~distgrow.data.feed`) in the same order and batches (``data.feed``).
 
 * :mod:`~distgrow.data.order`: the world-size-invariant global order (METHOD.md §6) and the
   seeds (``epoch_permutation``, ``shard_global_batch``, ``splitmix64``).
@@ -20,6 +22,9 @@ Data sets (:data:`DATASETS`):
 * ``ionosphere``: the UCI ``ionosphere.data`` file.
 * ``digits``, ``breast_cancer``, ``wine``, ``iris``: scikit-learn's bundled copies.
 * ``synthetic_classification``, ``synthetic_regression``: generated from the seed.
+* ``npz``, ``csv``, ``tsv``, ``image_folder``: your own files at ``data.path`` (see
+  :mod:`~distgrow.data.readers`); an image folder is decoded sample by sample and read through
+  a ``DataLoader`` with worker processes (:mod:`~distgrow.data.feed`), not held in memory.
 
 This package does not import ``torch.distributed``.
 """
@@ -32,6 +37,8 @@ from distgrow.data.containers import (
     DataBundle,
     DatasetFormatError,
     DatasetNotFoundError,
+    LoaderDataset,
+    TensorSamples,
     UnsafePickleError,
 )
 from distgrow.data.load import canonical_name, load_dataset
@@ -55,6 +62,8 @@ __all__ = [
     "DataBundle",
     "DatasetFormatError",
     "DatasetNotFoundError",
+    "LoaderDataset",
+    "TensorSamples",
     "UnsafePickleError",
     "canonical_name",
     "epoch_permutation",

@@ -1,13 +1,14 @@
 """What the readers hand over and the trainer batches from: the data errors, the in-memory
-data set and the bundle of its splits."""
+data set, the data set read sample by sample, and the bundle of their splits."""
 
 from __future__ import annotations
 
 import pickle
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
+from torch.utils.data import Dataset
 
 __all__ = [
     "ArrayDataset",
@@ -15,6 +16,8 @@ __all__ = [
     "DataBundle",
     "DatasetFormatError",
     "DatasetNotFoundError",
+    "LoaderDataset",
+    "TensorSamples",
     "UnsafePickleError",
 ]
 
@@ -116,13 +119,78 @@ class ArrayDataset:
         return x, self.y[idx.to(self.y.device)]
 
 
+class TensorSamples(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Tensors as a map-style ``Dataset``: ``samples[i]`` is ``(x[i], y[i])``.
+
+    What ``data.feed=loader`` reads an in-memory set through (to check that the loader path
+    trains exactly like indexing, and to measure what the loader costs).
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x = x
+        self.y = y
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[index], self.y[index]
+
+
+@dataclass
+class LoaderDataset:
+    """Samples read one at a time: decoded from files on demand, never all in memory.
+
+    Training reads it through a ``torch.utils.data.DataLoader`` with worker processes
+    (:mod:`distgrow.data.feed`); :meth:`batch` reads in this process (validation, and the
+    micro-batches a loader did not prefetch). The transform runs on whole batches of the
+    stored samples, as for :class:`ArrayDataset`, so a sample reads the same either way.
+
+    Attributes:
+        samples: Map-style data set: ``samples[i]`` is ``(x, y)`` of sample ``i``, with ``x`` as
+            stored (``uint8 (C, H, W)`` pixels for images) and ``y`` a 0-d label tensor.
+        y: The labels of all samples (known without decoding: the class folders).
+        transform: Applied to each batch of stored ``x`` (see :class:`BatchTransform`).
+    """
+
+    samples: Dataset[tuple[torch.Tensor, torch.Tensor]]
+    y: torch.Tensor
+    transform: BatchTransform | None = None
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def read(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored ``(x, y)`` of ``indices``, read here one by one and stacked."""
+        idx = [int(i) % len(self) for i in indices.tolist()]
+        rows: list[Any] = [self.samples[i] for i in (idx or [0])]
+        x = torch.stack([r[0] for r in rows])
+        y = torch.stack([torch.as_tensor(r[1]) for r in rows])
+        return (x, y) if idx else (x[:0], y[:0])
+
+    def batch(self, indices: torch.Tensor, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`ArrayDataset.batch`, reading the samples in this process."""
+        if indices.dim() != 1 or indices.is_floating_point() or indices.is_complex():
+            raise ValueError(
+                f"indices must be a 1-D integer tensor, got dtype {indices.dtype} and shape "
+                f"{tuple(indices.shape)}; pass e.g. torch.tensor([0, 5, 7])."
+            )
+        idx = indices.to(torch.long)
+        idx = torch.where(idx < 0, idx + len(self), idx)
+        x, y = self.read(idx)
+        if self.transform is not None:
+            x = self.transform(x, idx, epoch)
+        return x, y
+
+
 @dataclass
 class DataBundle:
     """A data set ready for training: its splits and what a model needs to know about it.
 
     Attributes:
         name: Canonical name (one of :data:`distgrow.data.DATASETS`).
-        train: Training split (augmented if requested).
+        train: Training split (augmented if requested); a :class:`LoaderDataset` when it is read
+            through a ``DataLoader`` (``data.feed``).
         val: Validation split (the official test set where one exists); never augmented.
         input_shape: Per-sample shape the model sees, e.g. ``(1, 28, 28)`` or ``(54,)``.
         num_classes: Number of classes; 0 for regression.
@@ -130,8 +198,8 @@ class DataBundle:
     """
 
     name: str
-    train: ArrayDataset
-    val: ArrayDataset
+    train: ArrayDataset | LoaderDataset
+    val: ArrayDataset | LoaderDataset
     input_shape: tuple[int, ...]
     num_classes: int
     task: str

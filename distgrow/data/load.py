@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import difflib
+from dataclasses import replace
 
 from distgrow.config import DataConfig
-from distgrow.data.containers import DataBundle
+from distgrow.data.containers import ArrayDataset, DataBundle, LoaderDataset, TensorSamples
 from distgrow.data.entry import entry_bundle
 from distgrow.data.readers import DATASETS, READERS
 from distgrow.data.splits import ImageSplits, image_bundle, tabular_bundle
@@ -30,7 +31,8 @@ def canonical_name(name: str) -> str:
 
 
 def load_dataset(cfg: DataConfig, *, seed: int = 0) -> DataBundle:
-    """Load the data set of ``cfg`` into memory, split and ready to batch.
+    """Load the data set of ``cfg``, split and ready to batch (in memory, or read sample by
+    sample for an image folder and with ``data.feed=loader``).
 
     Image sets keep ``uint8`` pixels and normalise per batch with the exact per-channel mean
     and std of their whole training split (computed, not hard-coded: for the real files this
@@ -42,14 +44,17 @@ def load_dataset(cfg: DataConfig, *, seed: int = 0) -> DataBundle:
     range); only what depends on the data set itself is checked here.
 
     Args:
-        cfg: The data section: ``name`` (one of :data:`DATASETS`, case ignored), ``root``
-            (a folder, or for covtype / ionosphere also the file itself; ``None`` is the
+        cfg: The data section: ``name`` (one of :data:`DATASETS`, case ignored), ``path``
+            alias ``root`` (a folder, or for covtype / ionosphere also the file itself; the
+            file or folder of npz / csv / tsv / image_folder; ``None`` is the
             default place: Fashion-MNIST ``/usr/share/datasets/fashion-mnist``, covtype
             scikit-learn's cache), ``val_fraction`` (sets without an official test split),
             ``download`` (covtype through scikit-learn), ``augment`` (random crop and flip of
             the image sets' training split: cifar10 pad 4 + flip, fashion_mnist pad 2 + flip,
             mnist pad 2), ``limit_train`` / ``limit_val`` (the first k samples after the
-            split) and the sizes of the synthetic sets.
+            split), the sizes of the synthetic sets, the file formats' options (array names,
+            label column, image size, ...) and ``feed`` (``loader``: the training split is a
+            :class:`LoaderDataset` over the same samples).
         seed: The run seed: the train/validation split, the synthetic data and the
             augmentation (a pure function of ``(seed, epoch, index)``).
 
@@ -71,6 +76,16 @@ def load_dataset(cfg: DataConfig, *, seed: int = 0) -> DataBundle:
             f"{', '.join(AUGMENTATION)}); set data.augment=false."
         )
     read = READERS[key](key, cfg, seed)
-    if isinstance(read, ImageSplits):
-        return image_bundle(key, read, cfg, seed)
-    return tabular_bundle(key, read, cfg, seed)
+    if isinstance(read, DataBundle):
+        bundle = read
+    elif isinstance(read, ImageSplits):
+        bundle = image_bundle(key, read, cfg, seed)
+    else:
+        bundle = tabular_bundle(key, read, cfg, seed)
+    if cfg.feed == "loader" and isinstance(bundle.train, ArrayDataset):
+        # The same tensors, read sample by sample through a DataLoader in training.
+        train = bundle.train
+        bundle = replace(
+            bundle, train=LoaderDataset(TensorSamples(train.x, train.y), train.y, train.transform)
+        )
+    return bundle

@@ -53,6 +53,9 @@ class Table:
     features: np.ndarray
     labels: np.ndarray
     num_classes: int
+    val_features: np.ndarray | None = None
+    """A separate validation set (``data.val_path``): then nothing is split off ``features``."""
+    val_labels: np.ndarray | None = None
 
 
 def seeded_split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,14 +110,17 @@ def tabular_bundle(name: str, table: Table, cfg: DataConfig, seed: int) -> DataB
         The bundle.
     """
     features = np.asarray(table.features, dtype=np.float64)
-    train_idx, val_idx = seeded_split(features.shape[0], cfg.val_fraction, seed)
-    train_np, val_np = train_idx.numpy(), val_idx.numpy()
-    train_x, val_x = standardize(features[train_np], features[val_np])
-    if table.num_classes > 0:
-        y_all = torch.from_numpy(np.asarray(table.labels, dtype=np.int64))
+    dtype = np.int64 if table.num_classes > 0 else np.float32
+    if table.val_features is not None and table.val_labels is not None:
+        train_x, val_x = standardize(features, np.asarray(table.val_features, dtype=np.float64))
+        train_y = torch.from_numpy(np.asarray(table.labels, dtype=dtype))
+        val_y = torch.from_numpy(np.asarray(table.val_labels, dtype=dtype))
     else:
-        y_all = torch.from_numpy(np.asarray(table.labels, dtype=np.float32))
-    train_y, val_y = y_all[train_idx], y_all[val_idx]
+        train_idx, val_idx = seeded_split(features.shape[0], cfg.val_fraction, seed)
+        train_np, val_np = train_idx.numpy(), val_idx.numpy()
+        train_x, val_x = standardize(features[train_np], features[val_np])
+        y_all = torch.from_numpy(np.asarray(table.labels, dtype=dtype))
+        train_y, val_y = y_all[train_idx], y_all[val_idx]
     train_x, train_y = limit(train_x, train_y, cfg.limit_train)
     val_x, val_y = limit(val_x, val_y, cfg.limit_val)
     return DataBundle(

@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
 from distgrow import load_config
-from distgrow.data import load_dataset
+from distgrow.data import ArrayDataset, load_dataset
 from distgrow.loop import GrowthBatchSampler, GrowthSchedule, MicroBatchCollate
 
 parser = argparse.ArgumentParser()
@@ -29,6 +29,8 @@ rank, world = dist.get_rank(), dist.get_world_size()
 # Your data: any map-style Dataset. Here, the training split `distgrow train` reads for this
 # config, so that the tests can compare the two loops.
 train = load_dataset(cfg.data, seed=cfg.run.seed).train
+if not isinstance(train, ArrayDataset):  # an image folder is read sample by sample
+    raise SystemExit("this example indexes in-memory tensors: set data.feed=memory")
 dataset = TensorDataset(train.x, train.y)
 # Your model: here the config's MLP, seeded as distgrow seeds it (the same initial weights).
 torch.manual_seed(cfg.run.seed)

@@ -2,8 +2,12 @@
 
 Each reader is ``read(name, cfg, seed)`` and returns what it read, unsplit and unnormalised:
 :class:`~distgrow.data.splits.ImageSplits` (images with their official test split) or a
-:class:`~distgrow.data.splits.Table` (split later with ``data.val_fraction``). A new format is
-a new module here and a line in :data:`READERS`.
+:class:`~distgrow.data.splits.Table` (split later with ``data.val_fraction``), or a finished
+:class:`~distgrow.data.containers.DataBundle` (an image folder, read sample by sample). A new
+format is a new module here and a line in :data:`READERS`.
+
+Your own files (``data.path``): ``npz`` (arrays ``data.x_key`` / ``data.y_key``), ``csv`` /
+``tsv`` (a label column by name or index), ``image_folder`` (a subfolder per class).
 """
 
 from __future__ import annotations
@@ -11,12 +15,23 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from distgrow.config import DataConfig
-from distgrow.data.readers import cifar, covtype, idx, ionosphere, sklearn_sets, synthetic
+from distgrow.data.containers import DataBundle
+from distgrow.data.readers import (
+    cifar,
+    covtype,
+    csv,
+    idx,
+    image_folder,
+    ionosphere,
+    npz,
+    sklearn_sets,
+    synthetic,
+)
 from distgrow.data.splits import ImageSplits, Table
 
 __all__ = ["DATASETS", "READERS", "Reader"]
 
-Reader = Callable[[str, DataConfig, int], ImageSplits | Table]
+Reader = Callable[[str, DataConfig, int], ImageSplits | Table | DataBundle]
 
 # Canonical name -> reader; the order is the order the names are listed in messages.
 READERS: dict[str, Reader] = {
@@ -28,6 +43,10 @@ READERS: dict[str, Reader] = {
     **dict.fromkeys(sklearn_sets.NAMES, sklearn_sets.read),
     "synthetic_classification": synthetic.read,
     "synthetic_regression": synthetic.read,
+    "npz": npz.read,
+    "csv": csv.read,
+    "tsv": csv.read,
+    "image_folder": image_folder.read,
 }
 
 DATASETS: tuple[str, ...] = tuple(READERS)
