@@ -1,8 +1,7 @@
 """The image classifier: a small convolutional network, as your own model file.
 
-distgrow builds it from the config with ``model.name: "examples/image_folder/net.py:build"``
-and ``model.kwargs`` (the entry-point form; until that lands the config uses the same network
-built in, ``model.name: cnn``). Any function that returns a ``torch.nn.Module`` will do.
+distgrow builds it from the config with ``model.name: "net.py:build"`` (a path relative to the
+config file) and ``model.kwargs``. Any function that returns a ``torch.nn.Module`` will do.
 """
 
 from __future__ import annotations

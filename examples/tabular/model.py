@@ -1,9 +1,7 @@
 """The tabular model: a two-hidden-layer MLP, as your own model file.
 
-distgrow builds it from the config with ``model.name: "examples/tabular/model.py:build"`` and
-``model.kwargs`` (the entry-point form; until that lands the config uses the same network built
-in, ``model.name: mlp`` with ``model.hidden: [64, 64]``). Any function that returns a
-``torch.nn.Module`` will do.
+distgrow builds it from the config with ``model.name: "model.py:build"`` (a path relative to
+the config file) and ``model.kwargs``. Any function that returns a ``torch.nn.Module`` will do.
 """
 
 from __future__ import annotations
