@@ -31,6 +31,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for in-process training: two threads on two cores that other
+    processes also use spin and run several times slower than one, and tiny models gain nothing
+    from a second thread anyway."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def free_port() -> int:
     """A TCP port that was free a moment ago (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

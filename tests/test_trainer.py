@@ -6,7 +6,6 @@ import copy
 import json
 import math
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,14 +86,7 @@ SUMMARY_KEYS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # Two intra-op threads on two cores that other processes also use spin and run several
-    # times slower than one; these tiny models gain nothing from a second thread anyway.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def syn_config(run_dir: Path, *overrides: str) -> Config:
