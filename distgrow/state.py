@@ -56,7 +56,9 @@ def write_error(err: OSError, what: str, path: str | Path, after: str = "") -> R
     elif err.errno in _NO_PERMISSION:
         fix = f"make {where.parent} writable, or set run.output_dir to a writable directory"
     elif err.errno in _IN_THE_WAY:
-        fix = f"move {where} out of the way, or set run.output_dir to another directory"
+        # ENOTDIR names the path asked for; what is in the way is the file among its parents.
+        blocker = next((p for p in (where, *where.parents) if p.is_file()), where)
+        fix = f"move {blocker} out of the way, or set run.output_dir to another directory"
     elif err.errno == errno.ENOENT:
         fix = f"create {where.parent} (or mount it again), or set run.output_dir elsewhere"
     else:
