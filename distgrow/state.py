@@ -36,6 +36,11 @@ _NO_PERMISSION = (errno.EACCES, errno.EPERM, errno.EROFS)
 _IN_THE_WAY = (errno.EEXIST, errno.ENOTDIR, errno.EISDIR)
 
 
+def is_disk_error(err: OSError) -> bool:
+    """A full disk, a missing permission or a file in the way: fixed by the user, not retried."""
+    return err.errno in (*_NO_SPACE, *_NO_PERMISSION, *_IN_THE_WAY)
+
+
 def write_error(err: OSError, what: str, path: str | Path, after: str = "") -> RunDirWriteError:
     """One line for a failed write in the run directory: the errno, the path and the fix.
 

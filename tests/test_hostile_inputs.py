@@ -19,6 +19,7 @@ import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ from distgrow import cli
 from distgrow.config import dump_config, load_config
 from distgrow.metrics import read_jsonl
 
-SYNTHETIC = {
+SYNTHETIC: dict[str, dict[str, Any]] = {
     "data": {"name": "synthetic_classification", "synthetic_samples": 400, "synthetic_features": 8},
     "model": {"name": "mlp", "hidden": [16]},
     "optim": {"lr": 0.05, "momentum": 0.9},
@@ -56,10 +57,8 @@ def tmpfs(where: Path, size: str, *options: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
-def config_file(tmp: Path, **sections: dict[str, object]) -> str:
+def config_file(tmp: Path) -> str:
     tree = {k: dict(v) for k, v in SYNTHETIC.items()}
-    for key, values in sections.items():
-        tree[key].update(values)
     path = tmp / "job.yaml"
     path.write_text(yaml.safe_dump(tree))
     return str(path)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from conftest import distgrow_job_argv
 
 import distgrow.trainer as trainer_module
+from distgrow import startup
 from distgrow.backends import Backend, BackendError, make_backend
 from distgrow.backends.torch_ddp import TorchBackend
 from distgrow.checkpoint import list_checkpoints, load_latest
@@ -561,7 +564,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_good_one(
 ) -> None:
     straight = tmp_path / "straight"
     assert train(syn_config(straight, "run.epochs=2", "logging.every_steps=1"))[0] == EXIT_OK
-    real_save, saved = trainer_module.save_checkpoint, []
+    real_save, saved = trainer_module.save_checkpoint, list[Path]()
 
     def save_then_fill(directory: Path, state: dict[str, Any], keep: int) -> Path:
         if saved:  # the second checkpoint meets a full disk
@@ -722,3 +725,31 @@ def test_a_crash_after_a_checkpoint_leaves_each_update_once(tmp_path: Path) -> N
     assert growth == [33]
     resume = [r for r in records(crashed, "event") if r["event"] == "resume"]
     assert resume[0]["replaced_records"] == 11  # steps 41-50, and epoch 2's record, cut
+
+
+@pytest.mark.parametrize(
+    ("errno_", "code", "says"),
+    [
+        (28, 2, r"^distgrow: error: cannot write the file /x/wandb/f: \[Errno 28 ENOSPC\] "),
+        (30, 2, r"Read-only file system\. Fix: make /x/wandb writable"),
+        (5, 1, r"Traceback .*OSError: \[Errno 5\] Input/output error"),
+    ],
+)
+def test_startup_maps_a_disk_error_anywhere_to_exit_2(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    errno_: int,
+    code: int,
+    says: str,
+) -> None:
+    def fail(self: Trainer) -> int:
+        raise OSError(errno_, os.strerror(errno_), "/x/wandb/f")
+
+    monkeypatch.setattr(Trainer, "train", fail)
+    with pytest.raises(SystemExit) as stop:
+        startup.run(syn_config(tmp_path / "run"))
+    assert stop.value.code == code
+    err = capsys.readouterr().err
+    assert re.search(says, err, re.S), err
+    assert code == 1 or err.count("\n") == 1
