@@ -8,8 +8,9 @@ A checkpoint is one ``torch.save`` dict of plain types and tensors, written by r
 under DDP, so valid at any world size), ``plan_state`` (the growth policy), ``epoch`` and
 ``position`` (where the next update starts: samples already consumed in that epoch), ``step``
 (updates so far), ``samples_seen``, ``rng`` (torch's CPU RNG state), plus the rest of the
-trainer's counters (:class:`distgrow.state.TrainState`: ``wall_s``, ``worker_seconds``, ...)
-and the phase tracker's ``phases``.
+trainer's counters (:class:`distgrow.state.TrainState`: ``wall_s``, ``worker_seconds``, ...),
+the phase tracker's ``phases`` and ``metrics_bytes`` (the size of ``metrics.jsonl`` then: a
+resume drops the records that follow, see :func:`distgrow.metrics.drop_replayed_records`).
 
 Writes go to a temporary file in the same directory, are fsync'ed and renamed over the final
 name (``os.replace``), so a crash at any moment leaves either the old or the new file, never a

@@ -11,11 +11,19 @@ Record kinds written by the trainer (field ``kind``):
   ``samples_per_s_per_worker``);
 * ``epoch``: at each epoch end, with the validation metrics;
 * ``event``: ``event`` names it: ``start``, ``resume``, ``growth``, ``need_workers``,
-  ``nonfinite``, ``end``. A ``growth`` (or ``resplit``) event carries ``finished_phase``, the
+  ``nonfinite``, ``end``. ``resume`` carries ``replaced_records`` (see below) and
+  ``config_changes`` (the settings the resume changed, each as ``key: old in config.yaml,
+  new now``). A ``growth`` (or ``resplit``) event carries ``finished_phase``, the
   throughput and time of the phase it ends (:class:`distgrow.savings.PhaseStats`); ``end``
   carries the summary, with every phase and the estimated savings.
 
 Non-finite floats are written as ``null`` (JSON has no NaN).
+
+Each update is in the file once, also after a crash: a checkpoint notes the file's size
+(``metrics_bytes``), and a resume from it first takes out the ``step`` and ``epoch`` records and
+``growth``/``resplit`` events written after it (those updates run again) and a line cut by the
+crash (:func:`drop_replayed_records`); the ``resume`` event counts them in
+``replaced_records``. Events that tell what happened (``nonfinite``, ``stopped``, ...) stay.
 
 :mod:`distgrow.rundir` names the run directory's files and writes them atomically; this module
 imports no torch, so the report and the W&B logger can use it without loading torch.

@@ -24,6 +24,9 @@ Exit statuses (also in ``distgrow train --help``):
 * :data:`EXIT_OK` (0): trained to ``run.epochs``.
 * :data:`EXIT_FAILURE` (1): an unexpected error (a traceback is printed).
 * :data:`EXIT_USAGE` (2): a config, data, run-directory or checkpoint problem; nothing trained.
+  Also a run directory that cannot be written (a full disk at a checkpoint or a metrics record,
+  a read-only or missing directory, a file in the way): one line with the errno, the path and
+  the fix, on every rank; the last good checkpoint is untouched.
 * :data:`EXIT_NONFINITE` (65): the loss became NaN/inf; the last good checkpoint is kept.
 * :data:`EXIT_NEED_WORKERS` (75): the plan needs more workers than the job has; a checkpoint and
   ``resize.json`` (``need_workers``, ``have_workers``, ``epoch``, ``step``, ``checkpoint``) are
