@@ -922,6 +922,7 @@ class Trainer:
             # Written when absent, or when a resume changed what it may change (the changes are
             # in the resume event); equal up to per-launch keys: the file stays as it is.
             atomic_write_bytes(self.run_dir.config, dump_config(self.cfg).encode("utf-8"))
+            self.run_dir.config.chmod(0o644)  # as before the atomic write (mkstemp's is 0600)
         self._jsonl = JsonlLogger(self.run_dir.metrics)
         return replaced
 

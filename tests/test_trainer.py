@@ -753,3 +753,36 @@ def test_startup_maps_a_disk_error_anywhere_to_exit_2(
     err = capsys.readouterr().err
     assert re.search(says, err, re.S), err
     assert code == 1 or err.count("\n") == 1
+
+
+@pytest.mark.integration
+def test_two_ranks_stop_alike_on_a_full_disk(tmp_path: Path) -> None:
+    """Rank 0 alone writes; its failed checkpoint stops both ranks with 2, said once."""
+    config = tmp_path / "job.yaml"
+    with tmpfs(tmp_path / "disk", "48k") as disk:
+        config.write_text(
+            "data: {name: synthetic_classification, synthetic_samples: 400, "
+            "synthetic_features: 8}\nmodel: {name: mlp, hidden: [16]}\n"
+            "growth: {base_batch: 32, micro_batch: 16, max_workers: 2, "
+            "max_dataset_fraction: null}\nschedule: {type: multistep, milestones: [1]}\n"
+            f"run: {{epochs: 40, threads: 1, output_dir: {disk / 'run'}}}\n"
+            "logging: {every_steps: 1, progress: 'off', wandb: {mode: disabled}}\n"
+        )
+        env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(REPO)}
+        proc = subprocess.run(
+            distgrow_job_argv(2, [str(config)]),
+            capture_output=True, text=True, timeout=300, cwd=REPO, env=env,
+        )  # fmt: skip
+        said = [
+            line for line in proc.stderr.splitlines() if line.startswith(("distgrow:", "distgrow["))
+        ]
+        assert len(said) == 1, proc.stderr
+        assert re.match(
+            r"distgrow\[rank 0\]: error: cannot write the .*\[Errno 28 ENOSPC\]", said[0]
+        )
+        # torchrun exits 1 whatever its ranks did; both ranks' own status is 2 (what the
+        # launch controller reads as the root cause, and does not retry).
+        assert proc.returncode == 1
+        assert proc.stderr.count("exitcode  : 2") == 2, proc.stderr
+        # No traceback from distgrow (torchrun prints its own ChildFailedError).
+        assert "RunDirWriteError" not in proc.stderr and "distgrow/trainer.py" not in proc.stderr
