@@ -25,7 +25,7 @@ from distgrow.checkpoint import list_checkpoints, load_latest
 from distgrow.config import Config, ConfigError, load_config
 from distgrow.data import epoch_permutation
 from distgrow.exits import EXIT_NEED_WORKERS, EXIT_NONFINITE, EXIT_OK
-from distgrow.metrics import read_jsonl
+from distgrow.metrics import drop_replayed_records, read_jsonl
 from distgrow.planner import Split, make_plan
 from distgrow.rundir import ResizeRequest, RunDir, Summary
 from distgrow.runtime import Runtime
@@ -786,3 +786,24 @@ def test_two_ranks_stop_alike_on_a_full_disk(tmp_path: Path) -> None:
         assert proc.stderr.count("exitcode  : 2") == 2, proc.stderr
         # No traceback from distgrow (torchrun prints its own ChildFailedError).
         assert "RunDirWriteError" not in proc.stderr and "distgrow/trainer.py" not in proc.stderr
+
+
+def test_replayed_records_of_a_checkpoint_without_metrics_bytes_go_by_step(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"kind": "step", "step": s} for s in range(1, 6)] + [
+        {"kind": "event", "event": "growth", "step": 3},
+        {"kind": "event", "event": "stopped", "step": 4},
+        {"kind": "epoch", "step": 5},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert drop_replayed_records(path, None, 3) == 3  # steps 4, 5 and the epoch at 5
+    assert read_jsonl(path) == lines[:3] + lines[5:7]
+    assert drop_replayed_records(path, None, 3) == 0  # nothing left to drop: not rewritten
+    # With the size at the checkpoint, what came after it goes, whatever its step says.
+    size = path.stat().st_size
+    with path.open("a") as f:
+        f.write(json.dumps({"kind": "step", "step": 2}) + "\n" + '{"kind": "st')
+    assert drop_replayed_records(path, size, 3) == 2
+    assert path.stat().st_size == size
