@@ -24,7 +24,6 @@ Pure Python: no torch import.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -248,21 +247,6 @@ def _effective_start(cfg: Config) -> tuple[int, float]:
     return g.base_batch, m0
 
 
-def _nearest_exact(limits: Limits, batch: int, tries: int = 1024) -> tuple[int | None, int | None]:
-    """The realisable global batches nearest below and above ``batch`` (None: none within
-    ``tries`` steps of ``min_workers × multiple``), for an error's suggestion."""
-    unit = limits.min_workers * limits.multiple
-
-    def exact(b: int) -> bool:
-        split = limits.realise(b)
-        return split is not None and split.global_batch == b
-
-    start = batch // unit * unit
-    below = itertools.islice((b for b in range(start, 0, -unit) if b != batch), tries)
-    above = itertools.islice(range(start + unit, limits.cap + 1, unit), tries)
-    return next(filter(exact, below), None), next(filter(exact, above), None)
-
-
 class GrowthPolicy:
     """The growth decisions of one run, for a training loop or for :func:`make_plan`.
 
@@ -304,20 +288,16 @@ class GrowthPolicy:
         start = self.limits.realise(min(self.start_batch, self.limits.cap))
         derived = cfg.growth.mode in ("grow_batch_lr", "grow_momentum")  # may round, LR absorbs
         if start is None or (start.global_batch != self.start_batch and not derived):
-            # Only values that do split are offered (never the failing one itself).
-            found = [b for b in _nearest_exact(self.limits, self.start_batch) if b is not None]
-            choices = " or ".join(map(str, found))
-            fix = (
-                f"use growth.base_batch={choices}, or raise the limits"
-                if found
-                else ("raise the limits")
-            )
+            unit = self.limits.min_workers * self.limits.multiple
+            lo, hi = self.start_batch // unit * unit, (self.start_batch // unit + 1) * unit
+            choices = f"{lo} or {hi}" if lo else str(hi)
             raise ConfigError(
                 f"growth.base_batch ({self.start_batch}) cannot be split exactly over "
                 f"{self.limits.min_workers} workers in micro-batches that are multiples of "
                 f"{self.limits.multiple} (model.ghost_batch) within growth.max_micro_batch="
                 f"{self.limits.max_micro_batch} and growth.max_accum_steps="
-                f"{self.limits.max_accum_steps}. Fix: {fix}."
+                f"{self.limits.max_accum_steps}. Fix: use growth.base_batch={choices}, or "
+                "raise the limits."
             )
         self._start = start
         self._current = start
