@@ -8,8 +8,9 @@ A checkpoint is one ``torch.save`` dict of plain types and tensors, written by r
 under DDP, so valid at any world size), ``plan_state`` (the growth policy), ``epoch`` and
 ``position`` (where the next update starts: samples already consumed in that epoch), ``step``
 (updates so far), ``samples_seen``, ``rng`` (torch's CPU RNG state), plus the rest of the
-trainer's counters (:class:`distgrow.state.TrainState`: ``wall_s``, ``worker_seconds``, ...)
-and the phase tracker's ``phases``.
+trainer's counters (:class:`distgrow.state.TrainState`: ``wall_s``, ``worker_seconds``, ...),
+the phase tracker's ``phases`` and ``metrics_bytes`` (the size of ``metrics.jsonl`` then: a
+resume drops the records that follow, see :func:`distgrow.metrics.drop_replayed_records`).
 
 Writes go to a temporary file in the same directory, are fsync'ed and renamed over the final
 name (``os.replace``), so a crash at any moment leaves either the old or the new file, never a
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -96,6 +98,55 @@ def fingerprint(cfg: Config, dataset_size: int) -> dict[str, Any]:
     }
 
 
+IDENTITY_KEYS = (
+    "model.name",
+    "model.hidden",
+    "model.dropout",
+    "model.depth",
+    "model.width",
+    "model.ghost_batch",
+    "data.name",
+    "data.limit_train",
+    "data.limit_val",
+    "data.val_fraction",
+    "data.synthetic_samples",
+    "data.synthetic_features",
+    "run.seed",
+    "optim.name",
+)
+"""The config keys of :func:`fingerprint`: a run directory whose ``config.yaml`` differs in
+one of them holds another run."""
+
+PER_LAUNCH_KEYS = ("run.resume", "run.threads", "growth.max_workers", "launch.", "logging.")
+"""Config keys (prefixes) that may differ between the launches of one run: the controller sets
+``run.resume``, ``run.threads`` and ``growth.max_workers`` for each job it starts, and launch
+and logging settings do not change what is trained."""
+
+
+def config_differences(
+    existing: Mapping[str, Any],
+    current: Mapping[str, Any],
+    *,
+    only: tuple[str, ...] | None = None,
+    ignore: tuple[str, ...] = (),
+) -> list[str]:
+    """The dotted keys whose values differ, as ``key: A in config.yaml, B now``.
+
+    Args:
+        existing: The run directory's ``config.yaml`` as a tree.
+        current: The config of this launch as a tree (``Config.to_dict()``).
+        only: Compare only these keys (None: all).
+        ignore: Leave out keys starting with one of these.
+    """
+    have, want = _flatten(existing), _flatten(current)
+    keys = sorted(set(have) | set(want)) if only is None else list(only)
+    return [
+        f"{key}: {have.get(key)!r} in config.yaml, {want.get(key)!r} now"
+        for key in keys
+        if not key.startswith(ignore) and have.get(key) != want.get(key)
+    ]
+
+
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in tree.items():
@@ -160,7 +211,7 @@ def load_checkpoint(path: str | Path, expected: Mapping[str, Any] | None = None)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"checkpoint {p} holds objects other than tensors and plain data, so it was not "
-            f"loaded (weights_only=True refuses to run pickled code): {_first_line(err)}. Fix: "
+            f"loaded (weights_only=True refuses to run pickled code): {_refusal(err)}. Fix: "
             "resume only from checkpoints distgrow wrote; move this file away or point "
             "run.output_dir elsewhere."
         ) from err
@@ -221,3 +272,21 @@ def load_latest(
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def _refusal(err: BaseException) -> str:
+    """What ``weights_only=True`` refused, without torch's advice around it.
+
+    torch's message suggests loading with ``weights_only=False`` or allow-listing the class:
+    both run the file's pickled code, which is what the refusal protects against, so neither
+    is passed on. What stays is the object it refused (``Unsupported global: GLOBAL x.Y``).
+    """
+    text = _ANSI.sub("", str(err))
+    found = _UNSUPPORTED.search(text)
+    if found:
+        return found.group(0).strip()
+    return "an object that is not a tensor or plain data"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_UNSUPPORTED = re.compile(r"Unsupported (global|operand)[^.\n]*(?:\.[A-Za-z_][^\s.]*)*")

@@ -4,7 +4,9 @@
 environment, sets the threads, loads the data and starts the backend (each error there is one
 line and :data:`~distgrow.exits.EXIT_USAGE`), then hands over to
 :class:`~distgrow.trainer.Trainer` and maps what comes back to the process's exit status (see
-:mod:`distgrow.trainer` for the statuses).
+:mod:`distgrow.trainer` for the statuses). A full disk, a read-only run directory or a file in
+the way is a usage error too (one line with the errno, the path and the fix): the launch
+controller does not retry :data:`EXIT_USAGE`.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from distgrow.runtime import (
 )
 from distgrow.savings import process_age_s
 from distgrow.signals import StopSignals
-from distgrow.state import TrainError
+from distgrow.state import TrainError, is_disk_error, write_error
 from distgrow.trainer import Trainer
 
 
@@ -124,6 +126,17 @@ def run(cfg: Config) -> int:
         if backend.is_main:
             print(f"{prefix}: {err}", file=sys.stderr, flush=True)
         code = EXIT_USAGE
+    except OSError as err:
+        if not is_disk_error(err):
+            traceback.print_exc()
+            code = EXIT_FAILURE
+        else:
+            # A write the trainer does not route through its own checks (a W&B file, say): a
+            # full disk or a read-only directory is still the user's to fix, not a crash that
+            # the launch controller would retry.
+            where = err.filename if isinstance(err.filename, str) else cfg.run.resolved_output_dir
+            print(f"{prefix}: {write_error(err, 'file', where)}", file=sys.stderr, flush=True)
+            code = EXIT_USAGE
     except Exception:
         traceback.print_exc()
         code = EXIT_FAILURE

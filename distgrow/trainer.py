@@ -24,6 +24,9 @@ Exit statuses (also in ``distgrow train --help``):
 * :data:`EXIT_OK` (0): trained to ``run.epochs``.
 * :data:`EXIT_FAILURE` (1): an unexpected error (a traceback is printed).
 * :data:`EXIT_USAGE` (2): a config, data, run-directory or checkpoint problem; nothing trained.
+  Also a run directory that cannot be written (a full disk at a checkpoint or a metrics record,
+  a read-only or missing directory, a file in the way): one line with the errno, the path and
+  the fix, on every rank; the last good checkpoint is untouched.
 * :data:`EXIT_NONFINITE` (65): the loss became NaN/inf; the last good checkpoint is kept.
 * :data:`EXIT_NEED_WORKERS` (75): the plan needs more workers than the job has; a checkpoint and
   ``resize.json`` (``need_workers``, ``have_workers``, ``epoch``, ``step``, ``checkpoint``) are
@@ -51,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from distgrow import __version__
@@ -59,7 +63,10 @@ from distgrow.backends import Backend
 from distgrow.bn_merge import RunningStatsMerger
 from distgrow.checkpoint import (
     FORMAT_VERSION,
+    IDENTITY_KEYS,
+    PER_LAUNCH_KEYS,
     CheckpointError,
+    config_differences,
     fingerprint,
     load_latest,
     save_checkpoint,
@@ -77,14 +84,21 @@ from distgrow.entrypoints import EntryPointError, is_entry_point
 from distgrow.exits import EXIT_NEED_WORKERS, EXIT_NONFINITE, EXIT_OK
 from distgrow.loop import GrowthBatchSampler, GrowthSchedule
 from distgrow.losses import build_objective, loss_sum
-from distgrow.metrics import JsonlLogger, Logger, MultiLogger, NullLogger, ThroughputMeter
+from distgrow.metrics import (
+    JsonlLogger,
+    Logger,
+    MultiLogger,
+    NullLogger,
+    ThroughputMeter,
+    drop_replayed_records,
+)
 from distgrow.models import build_entry_model, build_model, uses_batch_norm
 from distgrow.planner import GrowthPolicy, Plan, Setting, make_plan
 from distgrow.progress import Progress, ProgressState
-from distgrow.rundir import ResizeRequest, RunDir, Summary
+from distgrow.rundir import ResizeRequest, RunDir, Summary, atomic_write_bytes
 from distgrow.savings import PhaseTracker, try_estimated_savings
 from distgrow.signals import StopSignals, exit_status, signal_name
-from distgrow.state import TrainError, TrainState
+from distgrow.state import RunDirWriteError, TrainError, TrainState, write_error
 from distgrow.wandb_logger import open_wandb_logger
 
 __all__ = ["TrainError", "Trainer", "build_optimizer", "loss_sum", "micro_batch_seed"]
@@ -200,6 +214,8 @@ class Trainer:
             else None
         )
         self.logger: Logger = NullLogger()
+        self._jsonl: JsonlLogger | None = None  # rank 0's metrics.jsonl (also in self.logger)
+        self._config_changes: list[str] = []  # a resume's changes to config.yaml (rank 0)
         self.fingerprint = fingerprint(cfg, self.num_train)
 
         self.state = TrainState()  # where training stands; it goes into checkpoints
@@ -294,7 +310,8 @@ class Trainer:
 
     def train(self) -> int:
         """Train to ``run.epochs`` (resuming when asked); returns the exit status."""
-        self.open_run()
+        if not self.open_run():
+            return EXIT_OK  # a finished run, resumed: nothing to train, nothing rewritten
         try:
             code = EXIT_OK
             while self.state.epoch < self.cfg.run.epochs and code == EXIT_OK:
@@ -438,6 +455,9 @@ class Trainer:
         return bool(every and self.state.step % every == 0) or self.agreement.checkpoint_agreed
 
     def _checkpoint_clock_ran_out(self) -> bool:
+        # A failed metrics write asks for a checkpoint too: save() then stops every rank.
+        if self._jsonl is not None and self._jsonl.error is not None:
+            return True
         every_s = self.cfg.run.checkpoint_every_s
         return every_s is not None and time.perf_counter() - self._saved_at >= every_s
 
@@ -583,8 +603,15 @@ class Trainer:
         )
         # Measured savings need a baseline run: `distgrow compare` / `distgrow report`.
         summary.savings = {"estimated": try_estimated_savings(summary.to_dict())}
+        failure = None
         if self.backend.is_main:
-            self.run_dir.write_summary(summary)
+            failure = self._metrics_failure()  # a run with lost records is not complete
+            if failure is None:
+                try:
+                    self.run_dir.write_summary(summary)
+                except OSError as err:
+                    failure = str(write_error(err, "summary", self.run_dir.summary))
+        self._raise_if_failed(failure)
         self.logger.log({"kind": "event", "event": "end", **summary.to_dict()})
         acc = "" if summary.val_acc is None else f", val_acc {summary.val_acc:.4f}"
         self._say(
@@ -731,28 +758,48 @@ class Trainer:
 
     # -- run directory, checkpoints, resume --------------------------------------------------
 
-    def open_run(self) -> None:
+    def open_run(self) -> bool:
         """Refuse to overwrite a run; resume from its newest checkpoint when asked.
 
-        Rank 0 looks at the run directory and loads the checkpoint; the decision (or the error)
-        is broadcast, so every rank resumes from the same state without a shared file system.
+        Rank 0 looks at the run directory, loads the checkpoint and prepares the directory
+        (``config.yaml``, ``metrics.jsonl``); the decision (or the error) is broadcast, so every
+        rank resumes from the same state without a shared file system, and a directory that
+        cannot be written stops every rank alike.
+
+        Returns:
+            False when the run is finished and a resume has nothing to train: nothing is
+            written (``summary.json``, ``config.yaml`` and ``metrics.jsonl`` stay as they are).
 
         Raises:
-            TrainError: the directory holds a run and ``run.resume`` is false.
+            TrainError: the directory holds a run and ``run.resume`` is false, or its
+                ``config.yaml`` is another run's.
+            RunDirWriteError: the run directory cannot be written (one line: errno, path, fix).
             CheckpointError: the newest checkpoint is unreadable or from another run.
         """
         payload: tuple[str, Any] = ("fresh", None)
+        replaced = 0
         if self.backend.is_main:
             payload = self._inspect_run_dir()
+            if payload[0] in ("fresh", "resume"):
+                try:
+                    replaced = self._prepare_run_dir(payload[1] if payload[0] == "resume" else None)
+                except OSError as err:
+                    payload = (
+                        "write_error",
+                        str(write_error(err, "run directory", self.run_dir.path)),
+                    )
         kind, value = self.backend.broadcast_object(payload)
         if kind == "refuse":
             raise TrainError(value)
+        if kind == "write_error":
+            raise RunDirWriteError(value)
         if kind == "checkpoint_error":
             raise CheckpointError(value)
+        if kind == "finished":
+            if self.backend.is_main:
+                self.echo(f"distgrow: {value}")
+            return False
         if self.backend.is_main:
-            self.run_dir.path.mkdir(parents=True, exist_ok=True)
-            self.run_dir.clear_resize()  # it described the last exit
-            self.run_dir.config.write_text(dump_config(self.cfg))
             if self.cfg.logging.progress != "off":
                 self.progress = Progress(
                     self.cfg.logging.progress,
@@ -766,7 +813,8 @@ class Trainer:
                 plan=self.plan.to_json(),
                 echo=self._line,
             )
-            self.logger = MultiLogger([JsonlLogger(self.run_dir.metrics), wandb])
+            assert self._jsonl is not None  # opened by _prepare_run_dir
+            self.logger = MultiLogger([self._jsonl, wandb])
         if kind == "resume":
             path, state = value
             self.load_state(state)
@@ -780,6 +828,9 @@ class Trainer:
                 checkpoint=str(path),
                 world_size=self.world,
                 startup=self.startup_marks,
+                # Records of the updates this resume runs again, taken out of metrics.jsonl.
+                replaced_records=replaced,
+                config_changes=self._config_changes,
             )
             self._say(
                 f"resuming from {path}: epoch {self.state.epoch + 1}, {self.state.position:,} "
@@ -799,9 +850,16 @@ class Trainer:
         self._start_time = self._epoch_start = self._saved_at = time.perf_counter()
         self.phases.start()
         self._meter, self._epoch_meter = ThroughputMeter(), ThroughputMeter()
+        return True
 
     def _inspect_run_dir(self) -> tuple[str, Any]:
-        """Rank 0: ('fresh' | 'resume' | 'refuse' | 'checkpoint_error', detail)."""
+        """Rank 0: ('fresh' | 'resume' | 'finished' | 'refuse' | 'checkpoint_error', detail).
+
+        Reads only: nothing in the directory changes here.
+        """
+        existing = self._existing_config()
+        if isinstance(existing, str):
+            return ("refuse", existing)
         if not self.cfg.run.resume:
             present = [p.name for p in self.run_dir.checkpoints()[-1:]] + [
                 p.name for p in (self.run_dir.summary, self.run_dir.metrics) if p.exists()
@@ -814,6 +872,19 @@ class Trainer:
                     "(run.resume=true) to continue it, or choose another run.output_dir "
                     "(or run.name).",
                 )
+        # A fresh run may not replace another run's config.yaml in any key; a resume may change
+        # what the checkpoint allows (epochs, lr, schedule, growth), not what makes the run.
+        if existing is not None:
+            only = IDENTITY_KEYS if self.cfg.run.resume else None
+            differ = config_differences(
+                existing, self.cfg.to_dict(), only=only, ignore=PER_LAUNCH_KEYS
+            )
+            if differ:
+                return ("refuse", self._config_refusal(differ))
+            self._config_changes = config_differences(
+                existing, self.cfg.to_dict(), ignore=PER_LAUNCH_KEYS
+            )
+        if not self.cfg.run.resume:
             return ("fresh", None)
         try:
             found = load_latest(self.run_dir.path, self.fingerprint)
@@ -821,7 +892,73 @@ class Trainer:
             return ("checkpoint_error", str(err))
         if found is None:
             return ("fresh", None)
-        return ("resume", (str(found[0]), found[1]))
+        path, state = found
+        done = int(state["epoch"]) >= self.cfg.run.epochs and int(state["position"]) == 0
+        if done and self.run_dir.summary.is_file():
+            return (
+                "finished",
+                f"the run in {self.run_dir} is finished ({state['epoch']} epochs, "
+                f"{state['step']:,} updates; run.epochs={self.cfg.run.epochs}): nothing to "
+                f"resume; its {self.run_dir.summary.name}, config and metrics were left as "
+                "they are. To train on, raise run.epochs.",
+            )
+        return ("resume", (str(path), state))
+
+    def _existing_config(self) -> dict[str, Any] | str | None:
+        """The run directory's ``config.yaml`` as a tree; None when there is none; a refusal
+        (str) when it cannot be read as a config."""
+        path = self.run_dir.config
+        if not path.exists():
+            return None
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            tree = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        if isinstance(tree, dict):
+            return tree
+        what = tree if isinstance(tree, str) else f"a {type(tree).__name__}, not a mapping"
+        return (
+            f"{path} is not a distgrow config ({what}); distgrow never overwrites it. Fix: "
+            "move it away, or choose another run.output_dir (or run.name)."
+        )
+
+    def _config_refusal(self, differ: list[str]) -> str:
+        what = "the run" if self.cfg.run.resume else "this fresh run"
+        return (
+            f"{self.run_dir.config} is another run's config than {what} ({'; '.join(differ)}); "
+            "distgrow never overwrites it. Fix: run with the config in that file (distgrow "
+            f"train {self.run_dir.config} --resume), or choose another run.output_dir (or "
+            "run.name)."
+        )
+
+    def _prepare_run_dir(self, resume: tuple[str, dict[str, Any]] | None) -> int:
+        """Rank 0: create the run directory, write ``config.yaml``, take the records a resume
+        replays out of ``metrics.jsonl`` and open it for appending.
+
+        Returns:
+            How many records were taken out of ``metrics.jsonl``.
+
+        Raises:
+            OSError: a write failed (the caller turns it into one line for every rank).
+        """
+        self.run_dir.path.mkdir(parents=True, exist_ok=True)
+        self.run_dir.clear_resize()  # it described the last exit
+        replaced = 0
+        if resume is not None:
+            state = resume[1]
+            offset = state.get("metrics_bytes")
+            replaced = drop_replayed_records(
+                self.run_dir.metrics,
+                offset if isinstance(offset, int) else None,
+                int(state["step"]),
+            )
+        if not self.run_dir.config.exists() or self._config_changes:
+            # Written when absent, or when a resume changed what it may change (the changes are
+            # in the resume event); equal up to per-launch keys: the file stays as it is.
+            atomic_write_bytes(self.run_dir.config, dump_config(self.cfg).encode("utf-8"))
+            self.run_dir.config.chmod(0o644)  # as before the atomic write (mkstemp's is 0600)
+        self._jsonl = JsonlLogger(self.run_dir.metrics)
+        return replaced
 
     def state_dict(self, reason: str) -> dict[str, Any]:
         """Everything a resume needs, as tensors and plain types (``weights_only`` loads it)."""
@@ -840,6 +977,8 @@ class Trainer:
             "plan_state": self.policy.state_dict(),
             "phases": self.phases.state_dict(),
             "rng": torch.get_rng_state(),
+            # Rank 0's metrics.jsonl up to this checkpoint: a resume drops what follows.
+            "metrics_bytes": self._jsonl.size if self._jsonl is not None else None,
             # The counters at the top level: the checkpoint keys of format version 1.
             **counters.state_dict(),
         }
@@ -876,18 +1015,49 @@ class Trainer:
         self.phases.load_state_dict(state.get("phases") or {})
 
     def save(self, reason: str) -> Path:
-        """Checkpoint now (rank 0 writes); a no-op returning the file if nothing moved since."""
+        """Checkpoint now (rank 0 writes); a no-op returning the file if nothing moved since.
+
+        Raises:
+            RunDirWriteError: on every rank, when rank 0 could not write the checkpoint (or
+                an earlier metrics record); the previous checkpoints are untouched.
+        """
         key = (self.state.epoch, self.state.position, self.state.step)
         if self._last_checkpoint is not None and self._last_checkpoint[0] == key:
             return self._last_checkpoint[1]
         path = self.run_dir.checkpoint(self.state.step)
         # Every rank builds the state: engines that partition the optimizer (ZeRO) gather it.
         state = self.state_dict(reason)
+        failure = None
         if self.backend.is_main:
-            path = save_checkpoint(self.run_dir.path, state, self.cfg.run.keep_checkpoints)
+            # A checkpoint past a lost record would make the loss permanent: stop before it.
+            failure = self._metrics_failure()
+            if failure is None:
+                try:
+                    path = save_checkpoint(self.run_dir.path, state, self.cfg.run.keep_checkpoints)
+                except OSError as err:
+                    failure = str(write_error(err, "checkpoint", path, self._after_failure()))
+        self._raise_if_failed(failure)
         self._last_checkpoint = (key, path)
         self._saved_at = time.perf_counter()
         return path
+
+    def _metrics_failure(self) -> str | None:
+        """Rank 0: the line for a metrics record that could not be written, if one failed."""
+        if self._jsonl is None or self._jsonl.error is None:
+            return None
+        err = self._jsonl.error
+        return str(write_error(err, "metrics record", self._jsonl.path, self._after_failure()))
+
+    def _after_failure(self) -> str:
+        last = self._last_checkpoint[1] if self._last_checkpoint else None
+        where = f"the last good checkpoint {last} is untouched" if last else "no checkpoint yet"
+        return f"Nothing was overwritten ({where}); then rerun with --resume."
+
+    def _raise_if_failed(self, failure: str | None) -> None:
+        """Every rank raises rank 0's write failure (one broadcast: the others wrote nothing)."""
+        failure = self.backend.broadcast_object(failure)
+        if failure:
+            raise RunDirWriteError(failure)
 
     # -- helpers -------------------------------------------------------------------------------
 

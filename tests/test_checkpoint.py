@@ -12,8 +12,12 @@ import torch
 
 from distgrow.checkpoint import (
     FORMAT_VERSION,
+    IDENTITY_KEYS,
+    PER_LAUNCH_KEYS,
     CheckpointError,
+    _flatten,
     checkpoint_path,
+    config_differences,
     fingerprint,
     list_checkpoints,
     load_checkpoint,
@@ -190,3 +194,37 @@ def test_fingerprint_covers_model_data_seed_optimizer_only() -> None:
         changed = load_config(None, ["data.name=digits", override])
         assert fingerprint(changed, 1000) != fingerprint(base, 1000), override
     assert fingerprint(base, 999) != fingerprint(base, 1000)
+
+
+def test_the_refusal_never_passes_on_torchs_advice_to_run_the_code(tmp_path: Path) -> None:
+    torch.save(make_state(4, extra=Evil(tmp_path / "code-ran")), checkpoint_path(tmp_path, 4))
+    with pytest.raises(CheckpointError) as caught:
+        load_latest(tmp_path)
+    message = str(caught.value)
+    assert (
+        "(weights_only=True refuses to run pickled code): Unsupported global: GLOBAL io.open. "
+        "Fix: resume only" in message
+    )
+    for advice in ("weights_only=False", "`False`", "safe_globals", "trust", "\x1b["):
+        assert advice not in message, advice
+    assert "\n" not in message
+
+
+def test_identity_keys_are_the_fingerprints_keys() -> None:
+    base = load_config(None, ["data.name=digits"])
+    names = {"seed": "run.seed", "optimizer": "optim.name"}
+    flat = [k for k in _flatten(fingerprint(base, 10)) if k != "data.train_size"]
+    assert sorted(names.get(k, k) for k in flat) == sorted(IDENTITY_KEYS)
+
+
+def test_config_differences_name_both_values() -> None:
+    a = {"run": {"epochs": 1, "resume": False}, "model": {"hidden": [32]}}
+    b = {"run": {"epochs": 2, "resume": True}, "model": {"hidden": [8]}}
+    assert config_differences(a, b, ignore=PER_LAUNCH_KEYS) == [
+        "model.hidden: [32] in config.yaml, [8] now",
+        "run.epochs: 1 in config.yaml, 2 now",
+    ]
+    assert config_differences(a, b, only=("model.hidden",)) == [
+        "model.hidden: [32] in config.yaml, [8] now"
+    ]
+    assert config_differences(a, a) == []

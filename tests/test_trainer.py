@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
+import os
+import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,18 +18,20 @@ import torch
 import torch.nn.functional as F
 from conftest import distgrow_job_argv
 
+import distgrow.trainer as trainer_module
+from distgrow import startup
 from distgrow.backends import Backend, BackendError, make_backend
 from distgrow.backends.torch_ddp import TorchBackend
 from distgrow.checkpoint import list_checkpoints, load_latest
 from distgrow.config import Config, ConfigError, load_config
 from distgrow.data import epoch_permutation
 from distgrow.exits import EXIT_NEED_WORKERS, EXIT_NONFINITE, EXIT_OK
-from distgrow.metrics import read_jsonl
+from distgrow.metrics import drop_replayed_records, read_jsonl
 from distgrow.planner import Split, make_plan
 from distgrow.rundir import ResizeRequest, RunDir, Summary
 from distgrow.runtime import Runtime
 from distgrow.startup import load_data
-from distgrow.state import TrainState
+from distgrow.state import RunDirWriteError, TrainState
 from distgrow.trainer import (
     Trainer,
     TrainError,
@@ -524,3 +530,289 @@ def test_adam_adjustments_reach_the_optimizer(tmp_path: Path) -> None:
     assert group["betas"] == (0.9, pytest.approx(0.999**2))
     assert group["weight_decay"] == pytest.approx(0.01 * math.sqrt(2))
     assert group["lr"] == pytest.approx(0.05 * math.sqrt(0.5))  # lr0 · √α
+
+
+# --------------------------------------------------------------------------------------------
+# Run directory under hostile conditions: full disks, read-only directories, another run's
+# config, a finished run, replayed updates
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str, *options: str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` mounted at ``where`` (a full disk or a read-only one that stops
+    root too; chmod does not). The tests run as root, in CI too; a mount that fails fails."""
+    where.mkdir(parents=True, exist_ok=True)
+    opts = ",".join([f"size={size}", *options])
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        pytest.fail(f"mount -t tmpfs -o {opts} failed ({done.stderr.strip()}): run as root")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill(disk: Path) -> None:
+    """Fill the file system of ``disk`` to the last byte."""
+    with (disk / "filler").open("wb", buffering=0) as f:
+        for chunk in (1 << 16, 4096, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * chunk)
+
+
+def update_steps(run_dir: Path) -> list[int]:
+    return [r["step"] for r in records(run_dir, "step")]
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_good_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    straight = tmp_path / "straight"
+    assert train(syn_config(straight, "run.epochs=2", "logging.every_steps=1"))[0] == EXIT_OK
+    real_save, saved = trainer_module.save_checkpoint, list[Path]()
+
+    def save_then_fill(directory: Path, state: dict[str, Any], keep: int) -> Path:
+        if saved:  # the second checkpoint meets a full disk
+            fill(Path(directory).parent)
+        saved.append(real_save(directory, state, keep))
+        return saved[-1]
+
+    with tmpfs(tmp_path / "disk", "4m") as disk:
+        run_dir = disk / "run"
+        monkeypatch.setattr(trainer_module, "save_checkpoint", save_then_fill)
+        cfg = syn_config(run_dir, "run.epochs=2", "logging.every_steps=1")
+        with pytest.raises(RunDirWriteError) as caught:
+            make_trainer(cfg).train()
+        message = str(caught.value)
+        assert "\n" not in message
+        assert f"checkpoint {run_dir / 'ckpt-000000050.pt'}" in message
+        assert "[Errno 28 ENOSPC] No space left on device" in message
+        assert f"free space on the file system of {run_dir}" in message
+        assert f"last good checkpoint {run_dir / 'ckpt-000000033.pt'} is untouched" in message
+        assert [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")] == []
+        assert [p.name for p in list_checkpoints(run_dir)] == ["ckpt-000000033.pt"]
+        assert load_latest(run_dir) is not None
+        # Make room: the resume continues from update 33, and each update is logged once.
+        (disk / "filler").unlink()
+        monkeypatch.setattr(trainer_module, "save_checkpoint", real_save)
+        code, resumed = train(
+            syn_config(run_dir, "run.epochs=2", "logging.every_steps=1", "run.resume=true")
+        )
+        assert code == EXIT_OK and resumed.state.step == 50
+        assert update_steps(run_dir) == update_steps(straight) == list(range(1, 51))
+        assert [r["epoch"] for r in records(run_dir, "epoch")] == [1, 2]
+        resume = [r for r in records(run_dir, "event") if r["event"] == "resume"]
+        # Epoch 2's growth event, its 17 step records and its epoch record came after 33.
+        assert resume[0]["replaced_records"] == 19
+        growth = [r["step"] for r in records(run_dir, "event") if r["event"] == "growth"]
+        assert growth == [33]
+        want, got = final_model(straight), final_model(run_dir)
+        assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_a_full_disk_at_a_metrics_record_stops_at_the_next_update(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_save = trainer_module.save_checkpoint
+
+    def save_then_fill(directory: Path, state: dict[str, Any], keep: int) -> Path:
+        path = real_save(directory, state, keep)
+        fill(Path(directory).parent)
+        return path
+
+    with tmpfs(tmp_path / "disk", "4m") as disk:
+        run_dir = disk / "run"
+        monkeypatch.setattr(trainer_module, "save_checkpoint", save_then_fill)
+        cfg = syn_config(run_dir, "run.epochs=3", "logging.every_steps=1")
+        trainer = make_trainer(cfg)
+        with pytest.raises(RunDirWriteError) as caught:
+            trainer.train()
+        message = str(caught.value)
+        assert f"metrics record {run_dir / 'metrics.jsonl'}: [Errno 28 ENOSPC]" in message
+        assert f"last good checkpoint {run_dir / 'ckpt-000000033.pt'} is untouched" in message
+        assert [p.name for p in list_checkpoints(run_dir)] == ["ckpt-000000033.pt"]
+        # The record that did not fit was cut off again: every line is whole.
+        text = (run_dir / "metrics.jsonl").read_text()
+        assert text.endswith("\n") and all(json.loads(line) for line in text.splitlines())
+        # The record of update k failed; update k + 1's all-reduce asks every rank for a
+        # checkpoint, and the checkpoint refuses to go past the lost record.
+        last = update_steps(run_dir)[-1]
+        assert last > 33 and trainer.state.step == last + 2
+
+
+def test_a_read_only_output_directory_is_a_write_error(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "ro", "64k", "ro") as ro, pytest.raises(RunDirWriteError) as caught:
+        make_trainer(syn_config(ro / "run", "run.epochs=1")).train()
+    message = str(caught.value)
+    assert f"run directory {ro / 'run'}: [Errno 30 EROFS] Read-only file system" in message
+    assert f"Fix: make {ro} writable, or set run.output_dir to a writable directory" in message
+
+
+def test_a_file_in_the_way_of_the_run_directory(tmp_path: Path) -> None:
+    (tmp_path / "out").write_text("not a directory")
+    with pytest.raises(RunDirWriteError) as caught:
+        make_trainer(syn_config(tmp_path / "out" / "run", "run.epochs=1")).train()
+    message = str(caught.value)
+    assert "[Errno 20 ENOTDIR]" in message or "[Errno 17 EEXIST]" in message
+    assert f"move {tmp_path / 'out'} out of the way" in message
+    assert (tmp_path / "out").read_text() == "not a directory"
+
+
+def test_another_runs_config_is_never_overwritten(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert train(syn_config(run_dir, "run.epochs=1"))[0] == EXIT_OK
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    other = syn_config(run_dir, "run.epochs=1", "run.resume=true", "model.hidden=[8]", "run.seed=3")
+    with pytest.raises(TrainError) as caught:
+        make_trainer(other).train()
+    message = str(caught.value)
+    assert f"{run_dir / 'config.yaml'} is another run's config" in message
+    assert "model.hidden: [32] in config.yaml, [8] now" in message
+    assert "run.seed: 0 in config.yaml, 3 now" in message
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
+def test_a_fresh_run_refuses_a_differing_config_yaml_left_alone(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("run:\n  epochs: 9\n")
+    with pytest.raises(TrainError, match=r"run\.epochs: 9 in config.yaml, 1 now"):
+        make_trainer(syn_config(run_dir, "run.epochs=1")).train()
+    assert [p.name for p in run_dir.iterdir()] == ["config.yaml"]
+    (run_dir / "config.yaml").write_bytes(b"\xff\xfe")
+    with pytest.raises(TrainError, match=r"is not a distgrow config \(UnicodeDecodeError"):
+        make_trainer(syn_config(run_dir, "run.epochs=1")).train()
+    assert (run_dir / "config.yaml").read_bytes() == b"\xff\xfe"
+
+
+def test_a_resume_may_change_the_schedule_and_says_so(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert train(syn_config(run_dir, "run.epochs=1"))[0] == EXIT_OK
+    assert train(syn_config(run_dir, "run.epochs=2", "run.resume=true"))[0] == EXIT_OK
+    resume = next(r for r in records(run_dir, "event") if r["event"] == "resume")
+    assert resume["config_changes"] == ["run.epochs: 1 in config.yaml, 2 now"]
+    assert "epochs: 2" in (run_dir / "config.yaml").read_text()
+
+
+def test_resuming_a_finished_run_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    assert train(syn_config(run_dir, "run.epochs=1"))[0] == EXIT_OK
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.iterdir()}
+    capsys.readouterr()
+    code, trainer = train(syn_config(run_dir, "run.epochs=1", "run.resume=true"))
+    assert code == EXIT_OK and trainer.state.step == 0  # nothing loaded, nothing trained
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.iterdir()} == before
+    assert "is finished (1 epochs, 33 updates; run.epochs=1): nothing to resume" in (
+        capsys.readouterr().out
+    )
+
+
+def test_a_crash_after_a_checkpoint_leaves_each_update_once(tmp_path: Path) -> None:
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    extra = ("logging.every_steps=1", "run.checkpoint_every_steps=40")
+    assert train(syn_config(straight, *extra))[0] == EXIT_OK
+    assert train(syn_config(crashed, *extra))[0] == EXIT_OK
+    # Rewind the run to its checkpoint at update 40, as a crash at update 50 would leave it
+    # (records up to 50 written, the last line cut mid-way, the newest checkpoint at 40).
+    for path in list_checkpoints(crashed):
+        if path.name != "ckpt-000000040.pt":
+            path.unlink()
+    (crashed / "summary.json").unlink()
+    lines = (crashed / "metrics.jsonl").read_text().splitlines(keepends=True)
+    end = next(i for i, line in enumerate(lines) if json.loads(line).get("step") == 50)
+    (crashed / "metrics.jsonl").write_text("".join(lines[: end + 1]) + lines[end + 1][:20])
+    assert train(syn_config(crashed, *extra, "run.resume=true"))[0] == EXIT_OK
+    assert update_steps(crashed) == update_steps(straight) == list(range(1, 51))
+    assert [r["epoch"] for r in records(crashed, "epoch")] == [1, 2]
+    growth = [r["step"] for r in records(crashed, "event") if r["event"] == "growth"]
+    assert growth == [33]
+    resume = [r for r in records(crashed, "event") if r["event"] == "resume"]
+    assert resume[0]["replaced_records"] == 11  # steps 41-50, and epoch 2's record, cut
+
+
+@pytest.mark.parametrize(
+    ("errno_", "code", "says"),
+    [
+        (28, 2, r"^distgrow: error: cannot write the file /x/wandb/f: \[Errno 28 ENOSPC\] "),
+        (30, 2, r"Read-only file system\. Fix: make /x/wandb writable"),
+        (5, 1, r"Traceback .*OSError: \[Errno 5\] Input/output error"),
+    ],
+)
+def test_startup_maps_a_disk_error_anywhere_to_exit_2(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    errno_: int,
+    code: int,
+    says: str,
+) -> None:
+    def fail(self: Trainer) -> int:
+        raise OSError(errno_, os.strerror(errno_), "/x/wandb/f")
+
+    monkeypatch.setattr(Trainer, "train", fail)
+    with pytest.raises(SystemExit) as stop:
+        startup.run(syn_config(tmp_path / "run"))
+    assert stop.value.code == code
+    err = capsys.readouterr().err
+    assert re.search(says, err, re.S), err
+    assert code == 1 or err.count("\n") == 1
+
+
+@pytest.mark.integration
+def test_two_ranks_stop_alike_on_a_full_disk(tmp_path: Path) -> None:
+    """Rank 0 alone writes; its failed checkpoint stops both ranks with 2, said once."""
+    config = tmp_path / "job.yaml"
+    with tmpfs(tmp_path / "disk", "48k") as disk:
+        config.write_text(
+            "data: {name: synthetic_classification, synthetic_samples: 400, "
+            "synthetic_features: 8}\nmodel: {name: mlp, hidden: [16]}\n"
+            "growth: {base_batch: 32, micro_batch: 16, max_workers: 2, "
+            "max_dataset_fraction: null}\nschedule: {type: multistep, milestones: [1]}\n"
+            f"run: {{epochs: 40, threads: 1, output_dir: {disk / 'run'}}}\n"
+            "logging: {every_steps: 1, progress: 'off', wandb: {mode: disabled}}\n"
+        )
+        env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(REPO)}
+        proc = subprocess.run(
+            distgrow_job_argv(2, [str(config)]),
+            capture_output=True, text=True, timeout=300, cwd=REPO, env=env,
+        )  # fmt: skip
+        said = [
+            line for line in proc.stderr.splitlines() if line.startswith(("distgrow:", "distgrow["))
+        ]
+        assert len(said) == 1, proc.stderr
+        assert re.match(
+            r"distgrow\[rank 0\]: error: cannot write the .*\[Errno 28 ENOSPC\]", said[0]
+        )
+        # torchrun exits 1 whatever its ranks did; both ranks' own status is 2 (what the
+        # launch controller reads as the root cause, and does not retry).
+        assert proc.returncode == 1
+        assert proc.stderr.count("exitcode  : 2") == 2, proc.stderr
+        # No traceback from distgrow (torchrun prints its own ChildFailedError).
+        assert "RunDirWriteError" not in proc.stderr and "distgrow/trainer.py" not in proc.stderr
+
+
+def test_replayed_records_of_a_checkpoint_without_metrics_bytes_go_by_step(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"kind": "step", "step": s} for s in range(1, 6)] + [
+        {"kind": "event", "event": "growth", "step": 3},
+        {"kind": "event", "event": "stopped", "step": 4},
+        {"kind": "epoch", "step": 5},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert drop_replayed_records(path, None, 3) == 3  # steps 4, 5 and the epoch at 5
+    assert read_jsonl(path) == lines[:3] + lines[5:7]
+    assert drop_replayed_records(path, None, 3) == 0  # nothing left to drop: not rewritten
+    # With the size at the checkpoint, what came after it goes, whatever its step says.
+    size = path.stat().st_size
+    with path.open("a") as f:
+        f.write(json.dumps({"kind": "step", "step": 2}) + "\n" + '{"kind": "st')
+    assert drop_replayed_records(path, size, 3) == 2
+    assert path.stat().st_size == size
