@@ -42,6 +42,23 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str, *options: str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` mounted at ``where`` (a full disk or a read-only one that stops
+    root too; chmod does not). The tests run as root, in CI too; a mount that fails fails."""
+    where.mkdir(parents=True, exist_ok=True)
+    opts = ",".join([f"size={size}", *options])
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        pytest.fail(f"mount -t tmpfs -o {opts} failed ({done.stderr.strip()}): run as root")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
 def free_port() -> int:
     """A TCP port that was free a moment ago (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

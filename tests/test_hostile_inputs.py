@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import pickle
 import re
-import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from conftest import tmpfs
 from test_data import _Evil, write_cifar
 
 from distgrow import cli
@@ -39,22 +39,6 @@ SYNTHETIC: dict[str, dict[str, Any]] = {
     "run": {"epochs": 1, "threads": 1},
     "logging": {"every_steps": 1, "progress": "off"},
 }
-
-
-@contextlib.contextmanager
-def tmpfs(where: Path, size: str, *options: str) -> Iterator[Path]:
-    """A real tmpfs at ``where``; a mount that fails fails the test (it must run as root)."""
-    where.mkdir(parents=True, exist_ok=True)
-    opts = ",".join([f"size={size}", *options])
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        pytest.fail(f"mount -t tmpfs -o {opts} failed ({done.stderr.strip()}): run as root")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def config_file(tmp: Path) -> str:

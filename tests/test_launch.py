@@ -27,6 +27,7 @@ from conftest import (
     clear_launcher_env,
     free_port,
     kill_process_tree,
+    tmpfs,
     write_config,
 )
 from launch_fakes import make_fake_distgrow, read_calls
@@ -691,6 +692,21 @@ def test_main_launch_reports_config_and_launch_errors(
     code = main_launch(str(config), ["launch.launcher=torchrun", "backend.name=horovod"], True)
     assert code == EXIT_USAGE
     assert "Fix: set launch.launcher=horovodrun" in capsys.readouterr().err
+
+
+def test_main_launch_on_a_read_only_run_directory_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path / "c.yaml", {"growth": {"max_workers": 2}})
+    with tmpfs(tmp_path / "ro", "64k", "ro") as ro:
+        code = main_launch(str(config), [f"run.output_dir={ro}/run", "launch.launcher=none"], False)
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0] == err.splitlines()[-1], err
+    assert errors[0].startswith("distgrow launch: error: cannot write the launch log")
+    assert "[Errno 30 EROFS]" in errors[0] and f"{ro}/run" in errors[0] and "Fix: make" in err
+    assert "Traceback" not in err
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,14 +9,13 @@ import math
 import os
 import re
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import distgrow_job_argv
+from conftest import distgrow_job_argv, tmpfs
 
 import distgrow.trainer as trainer_module
 from distgrow import startup
@@ -536,23 +535,6 @@ def test_adam_adjustments_reach_the_optimizer(tmp_path: Path) -> None:
 # Run directory under hostile conditions: full disks, read-only directories, another run's
 # config, a finished run, replayed updates
 # --------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def tmpfs(where: Path, size: str, *options: str) -> Iterator[Path]:
-    """A real tmpfs of ``size`` mounted at ``where`` (a full disk or a read-only one that stops
-    root too; chmod does not). The tests run as root, in CI too; a mount that fails fails."""
-    where.mkdir(parents=True, exist_ok=True)
-    opts = ",".join([f"size={size}", *options])
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        pytest.fail(f"mount -t tmpfs -o {opts} failed ({done.stderr.strip()}): run as root")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def fill(disk: Path) -> None:

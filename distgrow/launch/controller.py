@@ -33,6 +33,7 @@ from distgrow.launch.job import Job, prepare
 from distgrow.planner import Plan
 from distgrow.rundir import RESIZE_FILE, ResizeRequest, RunDir
 from distgrow.signals import exit_status, signal_from_status, signal_name
+from distgrow.state import is_disk_error, write_error
 
 
 @dataclass(frozen=True)
@@ -473,4 +474,11 @@ def main_launch(config: str, overrides: list[str], dry_run: bool) -> int:
     except (ConfigError, LaunchError) as err:
         kind = "config" if isinstance(err, ConfigError) else "launch"
         print(f"distgrow launch: {kind} error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as err:
+        # The controller's own logs live in the run directory: a full or read-only one is the
+        # user's to fix, and no relaunch would help.
+        if not is_disk_error(err):
+            raise
+        print(f"distgrow launch: error: {write_error(err, 'launch log', config)}", file=sys.stderr)
         return EXIT_USAGE
