@@ -77,6 +77,9 @@ def _mse(outputs: Tensor, targets: Tensor) -> Tensor:
 
 
 def _cross_entropy(outputs: Tensor, targets: Tensor, **kwargs: Any) -> Tensor:
+    if outputs.dim() == 3 and targets.dim() == 2:  # sequences: each counts its mean per token
+        per_token = F.cross_entropy(outputs.transpose(1, 2), targets, reduction="none", **kwargs)
+        return per_token.mean(1).sum()
     return F.cross_entropy(outputs, targets, reduction="sum", **kwargs)
 
 
@@ -110,6 +113,8 @@ def loss_sum(outputs: Tensor, targets: Tensor, num_classes: int) -> Tensor:
 
 
 def _accuracy_sum(outputs: Tensor, targets: Tensor) -> Tensor:
+    if outputs.dim() == 3 and targets.dim() == 2:  # sequences: each its next-token accuracy
+        return (outputs.argmax(-1) == targets).float().mean(1).sum()
     return (outputs.argmax(1) == targets).sum()
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distgrow.entrypoints import call_entry_point
+from distgrow.models_lm import TinyTransformer
 
 __all__ = [
     "MODELS",
@@ -42,6 +43,7 @@ MODELS: tuple[str, ...] = (
     "resnet18",
     "resnet34",
     "resnet50",
+    "transformer",
 )
 
 _TORCHVISION_MODELS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50")
@@ -248,6 +250,10 @@ def build_model(
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}.")
     _check_common_args(name, input_shape, num_outputs, hidden, dropout, ghost_batch)
+    if name == "transformer":  # input_shape is (seq_len,) token ids; outputs are the vocabulary
+        return TinyTransformer(
+            num_outputs, input_shape[0], depth=depth, width=width, dropout=dropout
+        )
     if name == "mlp":
         return _build_mlp(input_shape, num_outputs, hidden, dropout)
     if name == "bottleneck_mlp":

@@ -25,6 +25,7 @@ DATA_NAMES = (
     *SPLIT_TOTAL,
     "synthetic_classification",
     "synthetic_regression",
+    "python_stdlib",
     *FILE_FORMATS,
 )
 

@@ -273,7 +273,8 @@ class DataConfig(_Section):
     name: Str = _f(
         "synthetic_classification",
         "Data set or file format: fashion_mnist, mnist, cifar10, covtype, ionosphere, digits, "
-        "breast_cancer, wine, iris, synthetic_classification, synthetic_regression; or npz, "
+        "breast_cancer, wine, iris, synthetic_classification, synthetic_regression, "
+        "python_stdlib (byte-level text for language models, needs seq_len); or npz, "
         "csv, tsv, image_folder (your own files at data.path); or your own function returning "
         "(train, val) torch Datasets: 'package.module:function' or 'path/to/file.py:function' "
         "(see docs/own_code.md).",
@@ -451,7 +452,8 @@ class ModelConfig(_Section):
 
     name: Str = _f(
         "mlp",
-        "Model: mlp, bottleneck_mlp, cnn, wrn, resnet18, resnet34, resnet50; or your own function "
+        "Model: mlp, bottleneck_mlp, cnn, wrn, resnet18, resnet34, resnet50, transformer (a small "
+        "decoder-only language model: depth blocks of width channels); or your own function "
         "returning an nn.Module: 'package.module:function' or 'path/to/file.py:function', "
         "called with model.kwargs (e.g. 'torchvision.models:resnet50'; see docs/own_code.md).",
     )
@@ -460,8 +462,8 @@ class ModelConfig(_Section):
     )
     hidden: list[Int] = _f([512, 512], "Hidden layer sizes of the plain mlp.")
     dropout: Float = _f(0.0, "Dropout probability (0 = none).")
-    depth: Int = _f(16, "Wide ResNet depth (6n+4).")
-    width: Int = _f(4, "Wide ResNet widening factor.")
+    depth: Int = _f(16, "Wide ResNet depth (6n+4); transformer: the number of blocks.")
+    width: Int = _f(4, "Wide ResNet widening factor; transformer: the model width (32 per head).")
     ghost_batch: Int | None = _f(
         None,
         "Ghost batch norm size: BN statistics per fixed-size chunk, so they do not depend on how "

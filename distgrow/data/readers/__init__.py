@@ -3,8 +3,9 @@
 Each reader is ``read(name, cfg, seed)`` and returns what it read, unsplit and unnormalised:
 :class:`~distgrow.data.splits.ImageSplits` (images with their official test split) or a
 :class:`~distgrow.data.splits.Table` (split later with ``data.val_fraction``), or a finished
-:class:`~distgrow.data.containers.DataBundle` (an image folder, read sample by sample). A new
-format is a new module here and a line in :data:`READERS`.
+:class:`~distgrow.data.containers.DataBundle` (an image folder, read sample by sample; the
+byte text of ``python_stdlib``, split into blocks by its reader). A new format is a new module
+here and a line in :data:`READERS`.
 
 Your own files (``data.path``): ``npz`` (arrays ``data.x_key`` / ``data.y_key``), ``csv`` /
 ``tsv`` (a label column by name or index), ``image_folder`` (a subfolder per class).
@@ -26,6 +27,7 @@ from distgrow.data.readers import (
     npz,
     sklearn_sets,
     synthetic,
+    text,
 )
 from distgrow.data.splits import ImageSplits, Table
 
@@ -43,6 +45,7 @@ READERS: dict[str, Reader] = {
     **dict.fromkeys(sklearn_sets.NAMES, sklearn_sets.read),
     "synthetic_classification": synthetic.read,
     "synthetic_regression": synthetic.read,
+    "python_stdlib": text.read,
     "npz": npz.read,
     "csv": csv.read,
     "tsv": csv.read,

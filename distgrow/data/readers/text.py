@@ -1,0 +1,168 @@
+"""Text as byte tokens: a language-modelling data set that every Python install carries.
+
+``python_stdlib`` is the source of the Python standard library's top-level modules (the
+``*.py`` files in ``sysconfig.get_paths()["stdlib"]``, in name order), or the ``*.py`` /
+``*.txt`` files of ``data.root`` (a folder, or one file). The text is read as bytes, so the
+vocabulary is the 256 byte values and no tokenizer is needed.
+
+The byte stream is cut into windows of ``data.seq_len + 1`` bytes that do not overlap: a
+sample is the first ``seq_len`` bytes of a window and its target is the same window shifted by
+one (the next byte at every position). Windows are grouped into contiguous blocks of
+:data:`BLOCK_SEQUENCES`, and a seeded choice of ``data.val_fraction`` of the blocks is held out,
+so validation text is never a neighbour of, nor shares a byte with, training text.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distgrow.config import DataConfig, held_out
+from distgrow.data.containers import (
+    ArrayDataset,
+    DataBundle,
+    DatasetFormatError,
+    DatasetNotFoundError,
+)
+from distgrow.data.order import STREAM_SPLIT, stream_seed
+from distgrow.data.splits import limit
+
+__all__ = ["BLOCK_SEQUENCES", "CORPUS_BYTES", "VOCAB", "corpus_bytes", "read", "sequences"]
+
+VOCAB = 256
+"""Byte-level tokens: one per byte value."""
+
+CORPUS_BYTES = 1 << 20
+"""The corpus is the first 1 MiB of the files: the same size on every Python 3.x install (the
+standard library's top-level modules hold several MiB), so ``data.size`` can be stated."""
+
+BLOCK_SEQUENCES = 16
+"""Consecutive sequences per block of the train/validation split."""
+
+_SUFFIXES = (".py", ".txt")
+
+
+def _files(root: str | None) -> list[Path]:
+    if root is None:
+        folder = Path(sysconfig.get_paths()["stdlib"])
+        files = sorted(folder.glob("*.py"))
+        if not files:
+            raise DatasetNotFoundError(
+                f"python_stdlib: no *.py files in {folder} (the standard library of this "
+                "Python); set data.root to a folder of .py or .txt files."
+            )
+        return files
+    path = Path(root).expanduser()
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise DatasetNotFoundError(
+            f"python_stdlib: data.root {path} is neither a file nor a folder; point it at a "
+            "text file or a folder of .py / .txt files, or set it to null for the standard "
+            "library."
+        )
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _SUFFIXES)
+    if not files:
+        raise DatasetNotFoundError(
+            f"python_stdlib: no .py or .txt files in {path}; add some or set data.root=null."
+        )
+    return files
+
+
+def corpus_bytes(root: str | None, max_bytes: int = CORPUS_BYTES) -> np.ndarray:
+    """The first ``max_bytes`` bytes of the files under ``root``, concatenated, as ``uint8``.
+
+    Args:
+        root: ``data.root``: a text file, a folder of ``.py`` / ``.txt`` files, or ``None``
+            for the standard library's top-level modules.
+        max_bytes: How much of the concatenated files to keep.
+
+    Raises:
+        DatasetNotFoundError: No such file or folder, or no text files in it.
+    """
+    parts: list[bytes] = []
+    total = 0
+    for path in _files(root):
+        data = path.read_bytes()
+        parts.append(data[: max_bytes - total])
+        total += len(parts[-1])
+        if total >= max_bytes:
+            break
+    return np.frombuffer(b"".join(parts), dtype=np.uint8)
+
+
+def sequences(tokens: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets from non-overlapping windows of ``seq_len + 1`` tokens.
+
+    Returns:
+        ``(x, y)``, both ``int64`` ``(n, seq_len)`` with ``y[i, t] == x[i, t + 1]`` for
+        ``t < seq_len - 1``; window ``i`` covers ``tokens[i * (seq_len + 1):][: seq_len + 1]``.
+    """
+    n = len(tokens) // (seq_len + 1)
+    windows = torch.from_numpy(tokens[: n * (seq_len + 1)].astype(np.int64))
+    windows = windows.reshape(n, seq_len + 1)
+    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+
+def block_split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and validation sequence indices, held out by whole blocks of consecutive sequences.
+
+    ``round(blocks × val_fraction)`` blocks (at least 1, at most all but 1) of
+    :data:`BLOCK_SEQUENCES` go to validation, chosen with the run seed; both index lists are
+    in text order.
+    """
+    blocks = -(-n // BLOCK_SEQUENCES)
+    if blocks < 2:
+        raise DatasetFormatError(
+            f"python_stdlib: {n} sequences make {blocks} block of {BLOCK_SEQUENCES}; need 2 or "
+            "more to hold one out: use a longer text or a smaller data.seq_len."
+        )
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(stream_seed(seed, STREAM_SPLIT))
+    val_blocks = torch.randperm(blocks, generator=generator)[: held_out(blocks, val_fraction)]
+    is_val = torch.zeros(n, dtype=torch.bool)
+    for b in val_blocks.tolist():
+        is_val[b * BLOCK_SEQUENCES : (b + 1) * BLOCK_SEQUENCES] = True
+    index = torch.arange(n)
+    return index[~is_val], index[is_val]
+
+
+def read(name: str, cfg: DataConfig, seed: int) -> DataBundle:
+    """The byte-level language-modelling set: sequences of ``data.seq_len`` bytes.
+
+    Args:
+        name: ``"python_stdlib"``.
+        cfg: The data section: ``root``, ``seq_len``, ``val_fraction``, ``limit_train``,
+            ``limit_val``.
+        seed: The run seed, which chooses the held-out blocks.
+
+    Returns:
+        The bundle: ``int64`` token sequences ``(N, seq_len)`` with their next-token targets,
+        256 classes (one per byte value).
+
+    Raises:
+        ValueError: ``data.seq_len`` is not set.
+        DatasetNotFoundError: No text where ``data.root`` points.
+        DatasetFormatError: Too little text for one training and one validation block.
+    """
+    seq_len = cfg.seq_len
+    if seq_len is None:
+        raise ValueError(
+            "python_stdlib: data.seq_len is null; the text is cut into sequences of that many "
+            "tokens: set it, e.g. data.seq_len=64."
+        )
+    x, y = sequences(corpus_bytes(cfg.root), seq_len)
+    train_idx, val_idx = block_split(x.shape[0], cfg.val_fraction, seed)
+    train_x, train_y = limit(x[train_idx], y[train_idx], cfg.limit_train)
+    val_x, val_y = limit(x[val_idx], y[val_idx], cfg.limit_val)
+    return DataBundle(
+        name=name,
+        train=ArrayDataset(train_x, train_y),
+        val=ArrayDataset(val_x, val_y),
+        input_shape=(seq_len,),
+        num_classes=VOCAB,
+        task="language_model",
+    )
