@@ -197,9 +197,9 @@ def test_fp16_is_refused_on_the_cpu() -> None:
         make_backend(cfg, SINGLE)
 
 
-def test_horovod_refuses_mixed_precision() -> None:
-    cfg = load_config(None, ["backend.name=horovod", "backend.precision=bf16"])
-    with pytest.raises(BackendError, match="precision.*Horovod.*deepspeed"):
+def test_horovod_refuses_fp16_precision_on_the_cpu() -> None:
+    cfg = load_config(None, ["backend.name=horovod", "backend.precision=fp16", "run.device=cpu"])
+    with pytest.raises(BackendError, match=r"'fp16' needs a CUDA device.*bf16 or fp32"):
         make_backend(cfg, SINGLE)
 
 

@@ -27,6 +27,11 @@ after the same one) and checkpoints, as for any stop signal (:mod:`distgrow.sign
 world size in the same process, while the new workers start and resume from it too. Workers
 that leave (a failure) are not handled in place: the job fails and ``distgrow launch`` restarts
 it from the newest checkpoint (``launch.max_restarts``).
+
+Mixed precision is the torch backend's (:mod:`distgrow.backends.torch_ddp`): autocast around
+the forward, float32 weights and checkpoints; under fp16 the loss scaler unscales the reduced
+gradients after ``synchronize()`` and steps inside ``skip_synchronize()``, as Horovod's AMP
+example does.
 """
 
 from __future__ import annotations
@@ -43,7 +48,13 @@ import torch
 from torch import nn
 
 from distgrow.backends.base import BackendError, ReduceOp
-from distgrow.backends.torch_ddp import resolve_device
+from distgrow.backends.torch_ddp import (
+    SCALER_KEY,
+    autocast_model,
+    check_precision,
+    grad_scaler,
+    resolve_device,
+)
 from distgrow.config import Config
 from distgrow.runtime import Runtime, finalize_mpi
 from distgrow.signals import exit_status
@@ -70,16 +81,14 @@ class HorovodBackend:
             differ (``horovodrun --gloo`` sets only ``HOROVOD_*`` variables).
 
     Raises:
-        BackendError: Horovod missing, a precision other than fp32, or ranks that disagree.
+        BackendError: Horovod missing, a precision this device cannot train in, or ranks that
+            disagree.
     """
 
     def __init__(self, cfg: Config, runtime: Runtime) -> None:
-        if cfg.backend.precision != "fp32":
-            raise BackendError(
-                f"backend.precision = {cfg.backend.precision!r} is not supported by the Horovod "
-                "backend. Fix: set backend.precision=fp32, or use backend.name=deepspeed for "
-                "bf16/fp16."
-            )
+        # The device's kind is known before Horovod starts: refuse fp16 on the CPU first.
+        check_precision(cfg.backend.precision, resolve_device(cfg.run.device, 0))
+        self.precision = cfg.backend.precision
         self._hvd = _import_horovod()
         self._hvd.init()
         self._elastic = os.environ.get("HOROVOD_ELASTIC") == "1"
@@ -96,6 +105,7 @@ class HorovodBackend:
                 "process per slot."
             )
         self._device = resolve_device(cfg.run.device, self._hvd.local_rank())
+        self.scaler = grad_scaler(self.precision, self._device)
         if self._device.type == "cuda":
             torch.cuda.set_device(self._device)
         self._module: nn.Module | None = None
@@ -141,7 +151,7 @@ class HorovodBackend:
             backward_passes_per_step=1,
             op=hvd.Average,
         )
-        return model
+        return autocast_model(model, self.precision, self._device)
 
     def begin_update(self, micro_batch: int, accum_steps: int) -> None:
         """``backward_passes_per_step = accum_steps``: the hooks reduce on the last pass."""
@@ -154,17 +164,23 @@ class HorovodBackend:
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
 
     def step(self, optimizer: torch.optim.Optimizer, grad_clip: float | None) -> None:
         """Wait for the all-reduces, clip the reduced gradients, step, zero them."""
         del optimizer
         wrapped = self._require_optimizer()
         wrapped.synchronize()
+        if self.scaler is not None:
+            self.scaler.unscale_(wrapped)  # the reduced gradients, once
         if grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self._require_module().parameters(), grad_clip)
         with wrapped.skip_synchronize():
-            wrapped.step()
+            if self.scaler is None:
+                wrapped.step()
+            else:
+                self.scaler.step(wrapped)  # skipped when the gradients overflowed
+                self.scaler.update()
         wrapped.zero_grad()
 
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
@@ -206,15 +222,23 @@ class HorovodBackend:
         module.load_state_dict(state)  # the same state on every rank (Trainer.open_run)
 
     def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """The wrapper's state (it holds the momentum buffers, not the trainer's optimizer)."""
+        """The wrapper's state (it holds the momentum buffers, not the trainer's optimizer),
+        with fp16's loss scaler."""
         del optimizer
-        return dict(self._require_optimizer().state_dict())
+        state = dict(self._require_optimizer().state_dict())
+        if self.scaler is not None:
+            state[SCALER_KEY] = self.scaler.state_dict()
+        return state
 
     def load_optimizer_state_dict(
         self, optimizer: torch.optim.Optimizer, state: dict[str, Any]
     ) -> None:
         del optimizer
         wrapped = self._require_optimizer()
+        state = dict(state)
+        scaler_state = state.pop(SCALER_KEY, None)
+        if self.scaler is not None and scaler_state:
+            self.scaler.load_state_dict(scaler_state)
         # torch's load_state_dict replaces the param-group dicts: copy the loaded values into
         # the ones the trainer's optimizer shares, so its per-update LR keeps reaching them.
         shared = list(wrapped.param_groups)

@@ -7,6 +7,14 @@ DDP; accumulation skips the all-reduce on non-boundary micro-steps with ``no_syn
 DDP does not sync buffers at each forward: batch-norm running statistics are merged by the
 trainer exactly as one worker would have computed them (see ``distgrow.trainer``), instead of
 being overwritten by rank 0's at every forward.
+
+Mixed precision (``backend.precision``: ``bf16`` or ``fp16``) is ``torch.autocast`` around the
+training forward, as DeepSpeed's ``torch_autocast`` does it: the weights, the optimizer and the
+checkpoints stay float32, so a run resumes under any backend and precision. The forward's
+floating outputs come back as float32, so the loss is computed in float32. fp16 adds a dynamic
+``GradScaler``: every micro-step of an update is scaled by the same power of two and the sum is
+unscaled once before clipping and the step, so accumulation stays exact; its state is saved
+with the optimizer's.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils._pytree import tree_map
 
 from distgrow.backends.base import BackendError, ReduceOp
 from distgrow.config import BackendConfig
@@ -110,6 +119,77 @@ def join_process_group(runtime: Runtime, dist_backend: str, single: bool = False
             "every worker was started (on CPU, GLOO_SOCKET_IFNAME=lo may help)."
         ) from err
     return True
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+# The optimizer state's key for the fp16 loss scaler (torch's optimizers ignore unknown keys, so
+# any backend loads such a checkpoint).
+SCALER_KEY = "grad_scaler"
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse a precision this device cannot train in (the rule every backend applies).
+
+    fp16 needs a CUDA device (a dynamic loss scaler made for GPU kernels; CPU kernels have no
+    fast fp16). bf16 runs on the CPU and on GPUs that support it.
+
+    Raises:
+        BackendError: naming the precision, the device and the fix.
+    """
+    if precision == "fp16" and device.type != "cuda":
+        raise BackendError(
+            "backend.precision = 'fp16' needs a CUDA device, but this run trains on the CPU. "
+            "Fix: set backend.precision=bf16 or fp32."
+        )
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise BackendError(
+            f"backend.precision = 'bf16' is not supported by {torch.cuda.get_device_name()}. "
+            "Fix: set backend.precision=fp16 or fp32."
+        )
+
+
+class AutocastModule(nn.Module):
+    """Runs the wrapped module's forward under ``torch.autocast``; float outputs as float32.
+
+    The wrapper holds no parameters of its own: its state dict is the wrapped module's under
+    ``module.``, and the backends save the wrapped module directly.
+
+    Args:
+        module: The model (float32 weights).
+        device_type: ``cpu`` or ``cuda``.
+        dtype: ``torch.bfloat16`` or ``torch.float16``.
+    """
+
+    def __init__(self, module: nn.Module, device_type: str, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.module = module
+        self.device_type = device_type
+        self.dtype = dtype
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            out = self.module(*args, **kwargs)
+        # The loss (the user's too) then runs in float32, as autocast itself would run it.
+        return tree_map(_to_float32, out)
+
+
+def _to_float32(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.float()
+    return value
+
+
+def autocast_model(model: nn.Module, precision: str, device: torch.device) -> nn.Module:
+    """``model`` itself for fp32, else wrapped in :class:`AutocastModule`."""
+    if precision == "fp32":
+        return model
+    return AutocastModule(model, device.type, _DTYPES[precision])
+
+
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """A dynamic loss scaler for fp16 (bf16 has float32's range and needs none)."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
 
 class ProcessGroupMember:
@@ -217,13 +297,11 @@ class TorchBackend(ProcessGroupMember):
     """
 
     def __init__(self, cfg: BackendConfig, runtime: Runtime, device: str = "auto") -> None:
-        if cfg.precision != "fp32":
-            raise BackendError(
-                f"backend.precision = {cfg.precision!r} is not implemented yet in the torch "
-                "backend. Fix: set backend.precision=fp32 (or use backend.name=deepspeed)."
-            )
         resolved = resolve_device(device, runtime.local_rank)
+        check_precision(cfg.precision, resolved)
         super().__init__(runtime, resolved, resolve_dist_backend(cfg.dist_backend, resolved))
+        self.precision = cfg.precision
+        self.scaler = grad_scaler(cfg.precision, resolved)
         self._module: nn.Module | None = None
         self._ddp: DistributedDataParallel | None = None
         if self._device.type == "cuda":
@@ -233,13 +311,16 @@ class TorchBackend(ProcessGroupMember):
     # -- training ------------------------------------------------------------------------------
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
-        """Wrap ``model`` in DDP when there are several workers (else return it as it is)."""
+        """Wrap ``model`` for autocast (bf16/fp16) and in DDP when there are several workers."""
         del optimizer  # DDP leaves the optimizer alone; other engines wrap it
         self._module = model
+        wrapped = autocast_model(model, self.precision, self._device)
         if not self._distributed:
-            return model
+            return wrapped
         device_ids = [self._device.index] if self._device.type == "cuda" else None
-        self._ddp = DistributedDataParallel(model, device_ids=device_ids, **_NO_FORWARD_BUFFER_SYNC)
+        self._ddp = DistributedDataParallel(
+            wrapped, device_ids=device_ids, **_NO_FORWARD_BUFFER_SYNC
+        )
         return self._ddp
 
     def begin_update(self, micro_batch: int, accum_steps: int) -> None:
@@ -253,12 +334,19 @@ class TorchBackend(ProcessGroupMember):
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
 
     def step(self, optimizer: torch.optim.Optimizer, grad_clip: float | None) -> None:
+        """Clip and step; under fp16, unscale first and skip a step whose gradients overflowed."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)  # the reduced sum, once: clipping sees true norms
         if grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self._require_module().parameters(), grad_clip)
-        optimizer.step()
+        if self.scaler is None:
+            optimizer.step()
+        else:
+            self.scaler.step(optimizer)
+            self.scaler.update()  # the scale changes only here, between updates
         optimizer.zero_grad(set_to_none=True)
 
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
@@ -276,13 +364,21 @@ class TorchBackend(ProcessGroupMember):
         self._require_module().load_state_dict(state)
 
     def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """The optimizer's own state dict: DDP replicates it on every rank."""
-        return optimizer.state_dict()
+        """The optimizer's own state dict (DDP replicates it), with fp16's loss scaler."""
+        state = optimizer.state_dict()
+        if self.scaler is not None:
+            state[SCALER_KEY] = self.scaler.state_dict()
+        return state
 
     def load_optimizer_state_dict(
         self, optimizer: torch.optim.Optimizer, state: dict[str, Any]
     ) -> None:
+        """Load a state from any backend; a saved loss scaler resumes only under fp16."""
+        state = dict(state)
+        scaler_state = state.pop(SCALER_KEY, None)
         optimizer.load_state_dict(state)
+        if self.scaler is not None and scaler_state:
+            self.scaler.load_state_dict(scaler_state)
 
     def _require_module(self) -> nn.Module:
         if self._module is None:

@@ -1,0 +1,193 @@
+"""distgrow's trainer against a minimal hand-written loop: the throughput ratio per batch size.
+
+Both train the same model (MLP 784-512-512-10, SGD lr 0.1 momentum 0.9) on the same data
+(Fashion-MNIST from ``/usr/share/datasets/fashion-mnist``, or random tensors of its shape when
+it is missing), at the same global batch and thread count, in the same process. The plain loop
+indexes a tensor, runs forward, ``cross_entropy(reduction="sum")`` times the same scale,
+backward and ``SGD.step`` (under DDP with ``no_sync`` on 2 ranks, exactly as a hand-written DDP
+loop would). distgrow's side is :meth:`distgrow.trainer.Trainer.train_step`, the span the
+trainer itself times as an update (``phases[].train_s`` in ``summary.json``): sharding, data
+fetch, the micro-steps, the agreed loss all-reduce and the backend's step.
+
+The two alternate in blocks of ``--steps`` updates, ``--reps`` times per batch size, so load on
+a shared machine hits both alike; the ratio printed is the median of the per-block ratios
+(distgrow samples/s ÷ plain samples/s; 1.00 = no overhead). The same ratio over rank 0's process
+CPU time is printed too: with one thread per rank it is the compute each side used, which load
+from other processes on a shared machine distorts far less than the wall clock.
+
+Usage::
+
+    PYTHONPATH=. .venv/bin/python benchmarks/overhead.py                 # 1 process
+    PYTHONPATH=. .venv/bin/python benchmarks/overhead.py --world 2       # 2 gloo ranks
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from distgrow.backends.torch_ddp import TorchBackend
+from distgrow.config import load_config
+from distgrow.runtime import Runtime
+from distgrow.startup import load_data
+from distgrow.trainer import Trainer
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _config(batch: int, workers: int, out: str) -> list[str]:
+    data = (
+        ["data.name=fashion_mnist"]
+        if FASHION.is_dir()
+        else [
+            "data.name=synthetic_classification",
+            "data.synthetic_samples=70000",
+            "data.synthetic_features=784",
+        ]
+    )
+    return [
+        *data,
+        "model.name=mlp",
+        "model.hidden=[512,512]",
+        "optim.lr=0.1",
+        "optim.momentum=0.9",
+        "schedule.type=constant",
+        f"growth.base_batch={batch}",
+        f"growth.micro_batch={batch // workers}",
+        f"growth.max_micro_batch={batch // workers}",
+        "growth.max_dataset_fraction=null",
+        "run.epochs=1",
+        f"run.output_dir={out}",
+        "logging.progress='off'",
+    ]
+
+
+def _plain_model(world: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model: nn.Module = nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+        nn.Linear(512, 10),
+    )  # fmt: skip
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
+    torch.set_num_threads(args.threads)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    runtime = Runtime(rank, world, rank, world, "127.0.0.1", port, "none")
+    ratios: dict[int, list[float]] = {}
+    cpu_ratios: dict[int, list[float]] = {}
+    rates: dict[int, tuple[list[float], list[float]]] = {}
+    backend: TorchBackend | None = None
+    for batch in args.batches:
+        cfg = load_config(None, _config(batch, world, f"{out}/run{batch}"))
+        if backend is None:
+            backend = TorchBackend(cfg.backend, runtime, device="cpu")
+        trainer = Trainer(cfg, backend, load_data(cfg))
+        setting = trainer.next_setting()
+        # The plain loop gets this rank's whole shard of each global batch as tensors, ready.
+        x_all, y_all = trainer.data.train.batch(torch.arange(len(trainer.data.train)), 0)
+        model, optimizer = _plain_model(world)
+        scale = world / batch
+        n_batches = len(trainer.data.train) // batch
+        plain_rates: list[float] = []
+        ours_rates: list[float] = []
+        cpu_plain: list[float] = []
+        cpu_ours: list[float] = []
+        step = 0
+        for _rep in range(args.reps + 1):  # the first rep warms both up and is dropped
+            backend.barrier()
+            started, cpu_started = time.perf_counter(), time.process_time()
+            for _ in range(args.steps):
+                lo = (step % n_batches) * batch + rank * (batch // world)
+                x, y = x_all[lo : lo + batch // world], y_all[lo : lo + batch // world]
+                loss = nn.functional.cross_entropy(model(x), y, reduction="sum") * scale
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+            plain = args.steps * batch / (time.perf_counter() - started)
+            plain_cpu = time.process_time() - cpu_started
+            backend.barrier()
+            started, cpu_started = time.perf_counter(), time.process_time()
+            for _ in range(args.steps):
+                pos = (step % n_batches) * batch
+                trainer.train_step(torch.arange(pos, pos + batch), setting)
+                step += 1
+            ours = args.steps * batch / (time.perf_counter() - started)
+            ours_cpu = time.process_time() - cpu_started
+            if _rep:
+                plain_rates.append(plain)
+                ours_rates.append(ours)
+                cpu_plain.append(plain_cpu)
+                cpu_ours.append(ours_cpu)
+        ratios[batch] = [o / p for o, p in zip(ours_rates, plain_rates, strict=True)]
+        rates[batch] = (plain_rates, ours_rates)
+        cpu_ratios[batch] = [p / o for p, o in zip(cpu_plain, cpu_ours, strict=True)]
+    if rank == 0:
+        torch.save((ratios, rates, cpu_ratios), Path(out) / "result.pt")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print one line per batch size."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--world", type=int, default=1, choices=(1, 2), help="gloo ranks")
+    parser.add_argument("--batches", type=int, nargs="+", default=[128, 640, 3200])
+    parser.add_argument("--steps", type=int, default=30, help="updates per timed block")
+    parser.add_argument("--reps", type=int, default=5, help="timed blocks per side")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    args = parser.parse_args(argv)
+    bad = [b for b in args.batches if b % args.world]
+    if bad:
+        print(f"--batches {bad} are not multiples of --world {args.world}. Fix: pick multiples.")
+        return 2
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    with tempfile.TemporaryDirectory() as out:
+        if args.world == 1:
+            _worker(0, 1, port, args, out)
+        else:
+            mp.start_processes(
+                _worker,
+                args=(args.world, port, args, out),
+                nprocs=args.world,
+                join=True,
+                start_method="spawn",
+            )
+        ratios, rates, cpu_ratios = torch.load(Path(out) / "result.pt")
+    data = "Fashion-MNIST" if FASHION.is_dir() else "synthetic data of Fashion-MNIST's shape"
+    print(
+        f"torch backend, {args.world} process(es), {args.threads} thread(s) each, {data}, "
+        f"MLP 784-512-512-10, {args.reps} blocks × {args.steps} updates per side"
+    )
+    for batch, values in ratios.items():
+        plain, ours = rates[batch]
+        with contextlib.suppress(statistics.StatisticsError):
+            print(
+                f"  batch {batch:5d}: plain {statistics.median(plain):9.0f} samples/s, "
+                f"distgrow {statistics.median(ours):9.0f} samples/s, ratio "
+                f"{statistics.median(values):.3f} (blocks {min(values):.3f}-{max(values):.3f}); "
+                f"CPU-time ratio {statistics.median(cpu_ratios[batch]):.3f}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
