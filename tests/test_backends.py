@@ -43,11 +43,11 @@ from conftest import (
 )
 
 from distgrow.backends import Backend, BackendError, make_backend
+from distgrow.backends.base import check_precision
 from distgrow.backends.deepspeed_backend import (
     DeepSpeedBackend,
     DeepSpeedConfigError,
     build_ds_config,
-    check_precision,
     load_user_ds_config,
     merge_ds_config,
 )

@@ -503,7 +503,7 @@ def test_the_torch_backend_meets_the_protocol() -> None:
     backend = make_backend(cfg, SINGLE)
     assert isinstance(backend, Backend) and backend.world_size == 1 and backend.is_main
     assert backend.device.type in ("cpu", "cuda")
-    fp16 = load_config(None, ["backend.precision=fp16"])
+    fp16 = load_config(None, ["backend.precision=fp16", "run.device=cpu"])
     with pytest.raises(BackendError, match="backend.precision"):
         make_backend(fp16, SINGLE)
     nccl = load_config(None, ["backend.dist_backend=nccl", "run.device=cpu"])

@@ -155,3 +155,24 @@ class Backend(Protocol):
         process group raises ``SystemExit(exit_code)``, so in-process callers can catch it.
         """
         ...
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse a precision this device cannot train in (the rule every backend applies).
+
+    fp16 needs a CUDA device (a dynamic loss scaler made for GPU kernels; CPU kernels have no
+    fast fp16). bf16 runs on the CPU and on GPUs that support it.
+
+    Raises:
+        BackendError: naming the precision, the device and the fix.
+    """
+    if precision == "fp16" and device.type != "cuda":
+        raise BackendError(
+            "backend.precision = 'fp16' needs a CUDA device, but this run trains on the CPU. "
+            "Fix: set backend.precision=bf16 or fp32."
+        )
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise BackendError(
+            f"backend.precision = 'bf16' is not supported by {torch.cuda.get_device_name()}. "
+            "Fix: set backend.precision=fp16 or fp32."
+        )

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distgrow.backends.base import BackendError
+from distgrow.backends.base import BackendError, check_precision
 from distgrow.backends.torch_ddp import (
     ProcessGroupMember,
     join_process_group,
@@ -235,27 +235,6 @@ def load_user_ds_config(path: str) -> dict[str, Any]:
             f"backend.deepspeed_config {path!r} holds a {type(data).__name__}, not a JSON object."
         )
     return data
-
-
-def check_precision(precision: str, device: torch.device) -> None:
-    """Refuse a precision this device cannot train in.
-
-    fp16 needs a CUDA device (DeepSpeed's fp16 path keeps a dynamic loss scaler made for GPU
-    kernels; CPU kernels have no fast fp16). bf16 runs on the CPU and on GPUs that support it.
-
-    Raises:
-        BackendError: naming the precision, the device and the fix.
-    """
-    if precision == "fp16" and device.type != "cuda":
-        raise BackendError(
-            "backend.precision = 'fp16' needs a CUDA device, but this run trains on the CPU. "
-            "Fix: set backend.precision=bf16 or fp32."
-        )
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise BackendError(
-            f"backend.precision = 'bf16' is not supported by {torch.cuda.get_device_name()}. "
-            "Fix: set backend.precision=fp16 or fp32."
-        )
 
 
 def _import_deepspeed() -> Any:

@@ -47,11 +47,10 @@ from typing import Any, NoReturn
 import torch
 from torch import nn
 
-from distgrow.backends.base import BackendError, ReduceOp
+from distgrow.backends.base import BackendError, ReduceOp, check_precision
 from distgrow.backends.torch_ddp import (
     SCALER_KEY,
     autocast_model,
-    check_precision,
     grad_scaler,
     resolve_device,
 )
