@@ -854,7 +854,7 @@ def test_the_plan_table_says_where_the_worker_limit_comes_from() -> None:
 
     unset = load_config(FASHION, [])
     lines = format_plan(make_plan(unset, 60_000, 2), unset.growth, world_size=2).splitlines()
-    assert lines[0].endswith(", B0=128")
+    assert lines[0].endswith(", B0=128, rule=linear")
     assert lines[1] == "max_workers: unset → the job's world size (2 here)"
     cfg = load_config(FASHION, ["growth.max_workers=4"])
     lines = format_plan(make_plan(cfg, 60_000), cfg.growth).splitlines()
