@@ -12,51 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import distgrow_job_argv
+from test_trainer import SINGLE, syn_config, train
 from torch import nn
 
 from distgrow.backends import BackendError, make_backend
 from distgrow.backends.torch_ddp import SCALER_KEY, AutocastModule, TorchBackend
 from distgrow.checkpoint import load_latest
-from distgrow.config import Config, load_config
 from distgrow.exits import EXIT_OK
-from distgrow.runtime import Runtime
 from distgrow.startup import load_data
 from distgrow.trainer import Trainer
 
-SINGLE = Runtime(0, 1, 0, 1, "127.0.0.1", 29500, "none")
 REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def syn_config(run_dir: Path, *overrides: str) -> Config:
-    """A small synthetic job: MLP, SGD + momentum, batch 32 → 64 at epoch 1."""
-    base = [
-        "data.name=synthetic_classification",
-        "data.synthetic_samples=1291",
-        "data.synthetic_features=16",
-        "model.name=mlp",
-        "model.hidden=[32]",
-        "optim.lr=0.05",
-        "optim.momentum=0.9",
-        "schedule.type=multistep",
-        "schedule.milestones=[1]",
-        "schedule.gamma=0.5",
-        "growth.base_batch=32",
-        "growth.micro_batch=8",
-        "growth.max_micro_batch=8",
-        "growth.max_dataset_fraction=null",
-        "run.epochs=2",
-        f"run.output_dir={run_dir}",
-        "logging.every_steps=5",
-        "logging.progress='off'",
-    ]
-    return load_config(None, [*base, *overrides])
-
-
-def train(cfg: Config) -> tuple[int, Trainer]:
-    trainer = Trainer(cfg, TorchBackend(cfg.backend, SINGLE, device="cpu"), load_data(cfg))
-    return trainer.train(), trainer
 
 
 def summary(run_dir: Path) -> dict[str, float]:
