@@ -71,11 +71,13 @@ def fingerprint(cfg: Config, dataset_size: int) -> dict[str, Any]:
     """What a checkpoint and the config resuming from it must agree on.
 
     The model architecture, the data (which samples, hence the sample order), the seed and the
-    optimizer's kind. Everything else (epochs, schedule, growth limits, logging) may change
-    between a run and its resume.
+    optimizer's kind. Everything else (epochs, schedule, growth limits, loss, logging) may change
+    between a run and its resume. An entry point's ``kwargs`` are part of the model or data they
+    build; they appear only when set, so checkpoints written before they were fingerprinted (and
+    runs without them) still match.
     """
     d = cfg.data
-    return {
+    found: dict[str, Any] = {
         "model": {
             "name": cfg.model.name,
             "hidden": list(cfg.model.hidden),
@@ -96,6 +98,11 @@ def fingerprint(cfg: Config, dataset_size: int) -> dict[str, Any]:
         "seed": cfg.run.seed,
         "optimizer": cfg.optim.name,
     }
+    if cfg.model.kwargs:
+        found["model"]["kwargs"] = dict(cfg.model.kwargs)
+    if d.kwargs:
+        found["data"]["kwargs"] = dict(d.kwargs)
+    return found
 
 
 IDENTITY_KEYS = (
@@ -105,17 +112,19 @@ IDENTITY_KEYS = (
     "model.depth",
     "model.width",
     "model.ghost_batch",
+    "model.kwargs",
     "data.name",
     "data.limit_train",
     "data.limit_val",
     "data.val_fraction",
     "data.synthetic_samples",
     "data.synthetic_features",
+    "data.kwargs",
     "run.seed",
     "optim.name",
 )
 """The config keys of :func:`fingerprint`: a run directory whose ``config.yaml`` differs in
-one of them holds another run."""
+one of them (or, for a mapping such as ``model.kwargs``, in a key below it) holds another run."""
 
 PER_LAUNCH_KEYS = ("run.resume", "run.threads", "growth.max_workers", "launch.", "logging.")
 """Config keys (prefixes) that may differ between the launches of one run: the controller sets
@@ -135,16 +144,21 @@ def config_differences(
     Args:
         existing: The run directory's ``config.yaml`` as a tree.
         current: The config of this launch as a tree (``Config.to_dict()``).
-        only: Compare only these keys (None: all).
+        only: Compare only these keys and the keys below them (None: all).
         ignore: Leave out keys starting with one of these.
     """
     have, want = _flatten(existing), _flatten(current)
-    keys = sorted(set(have) | set(want)) if only is None else list(only)
+    every = sorted(set(have) | set(want))
+    keys = every if only is None else [k for k in every if k in only or k.startswith(_below(only))]
     return [
         f"{key}: {have.get(key)!r} in config.yaml, {want.get(key)!r} now"
         for key in keys
         if not key.startswith(ignore) and have.get(key) != want.get(key)
     ]
+
+
+def _below(keys: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(f"{key}." for key in keys)
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -211,10 +211,48 @@ def test_the_refusal_never_passes_on_torchs_advice_to_run_the_code(tmp_path: Pat
 
 
 def test_identity_keys_are_the_fingerprints_keys() -> None:
-    base = load_config(None, ["data.name=digits"])
+    own = load_config(
+        None,
+        [
+            "model.name=user.py:build",
+            'model.kwargs={"depth": 3}',
+            "data.name=user.py:make",
+            'data.kwargs={"n": 5}',
+        ],
+    )
     names = {"seed": "run.seed", "optimizer": "optim.name"}
-    flat = [k for k in _flatten(fingerprint(base, 10)) if k != "data.train_size"]
+    flat = [k for k in _flatten(fingerprint(own, 10)) if k != "data.train_size"]
+    flat = [k.rsplit(".", 1)[0] if ".kwargs." in k else k for k in flat]
     assert sorted(names.get(k, k) for k in flat) == sorted(IDENTITY_KEYS)
+
+
+def test_entry_point_kwargs_are_fingerprinted_only_when_set() -> None:
+    base = ["model.name=user.py:build", "data.name=user.py:make"]
+    plain = fingerprint(load_config(None, base), 10)
+    assert "kwargs" not in plain["model"] and "kwargs" not in plain["data"]
+    deeper = fingerprint(load_config(None, [*base, 'model.kwargs={"depth": 3}']), 10)
+    assert deeper["model"]["kwargs"] == {"depth": 3}
+    more = fingerprint(load_config(None, [*base, 'data.kwargs={"n": 5}']), 10)
+    assert more["data"]["kwargs"] == {"n": 5}
+    assert len({repr(plain), repr(deeper), repr(more)}) == 3
+
+
+def test_a_resume_with_other_model_kwargs_is_refused(tmp_path: Path) -> None:
+    base = ["model.name=user.py:build", "data.name=user.py:make"]
+    written = fingerprint(load_config(None, [*base, 'model.kwargs={"depth": 3}']), 10)
+    torch.save(make_state(4, fingerprint=written), checkpoint_path(tmp_path, 4))
+    wanted = fingerprint(load_config(None, [*base, 'model.kwargs={"depth": 4}']), 10)
+    with pytest.raises(CheckpointError, match=r"model\.kwargs\.depth: checkpoint 3, config 4"):
+        load_latest(tmp_path, wanted)
+    assert load_latest(tmp_path, written) is not None
+
+
+def test_identity_differences_reach_below_a_mapping_key() -> None:
+    a = {"model": {"name": "m:f", "kwargs": {"depth": 3}}, "run": {"epochs": 1}}
+    b = {"model": {"name": "m:f", "kwargs": {"depth": 4}}, "run": {"epochs": 2}}
+    assert config_differences(a, b, only=IDENTITY_KEYS) == [
+        "model.kwargs.depth: 3 in config.yaml, 4 now"
+    ]
 
 
 def test_config_differences_name_both_values() -> None:
