@@ -288,7 +288,7 @@ class Trainer:
                 cfg.backend.name,
                 self.world,
                 self.device.type,
-                bool(self.feed),
+                self.feed is not None,
             ),
             self.model,
             self.optimizer,
