@@ -4,16 +4,20 @@ the memory-budget stop, the per-device cache and `growth.max_micro_batch: auto` 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import distgrow_job_argv
 from test_trainer import SINGLE, syn_config
 
 from distgrow import probe
 from distgrow.backends.torch_ddp import TorchBackend
 from distgrow.cli import main
+from distgrow.config import load_config
 from distgrow.exits import EXIT_OK, EXIT_USAGE
 from distgrow.planner import make_plan
 from distgrow.probe import (
@@ -28,6 +32,8 @@ from distgrow.startup import load_data
 from distgrow.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -353,3 +359,23 @@ def test_an_unreadable_cache_is_measured_again(tmp_path: Path, cache_home: Path)
     probe.write_cache(replace(result, max_micro_batch=32))
     cached = probe.read_cache(result.key)
     assert cached is not None and cached.max_micro_batch == 32
+
+
+@pytest.mark.integration
+def test_two_ranks_plan_with_rank_0s_cached_answer(tmp_path: Path) -> None:
+    """Rank 0 reads the cache and broadcasts; both ranks split batch 32 as 2 × 8 × 2 (the
+    cached limit 8) instead of 2 × 16 × 1, and config.yaml keeps auto."""
+    config = _config_file(tmp_path)
+    cfg = load_config(str(config), ["growth.max_micro_batch=auto"])
+    _cache_answer(cfg, 8)
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(REPO)}
+    argv = distgrow_job_argv(
+        2, [str(config), "growth.max_micro_batch=auto", "run.epochs=1", "logging.progress=lines"]
+    )
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("growth.max_micro_batch=auto → 8 (probe cache") == 1
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    first = summary["phases"][0]
+    assert (first["workers"], first["micro_batch"], first["accum_steps"]) == (2, 8, 2)
+    assert "max_micro_batch: auto" in (tmp_path / "out" / "config.yaml").read_text()
