@@ -13,6 +13,8 @@ import torch
 from test_trainer import SINGLE, syn_config, train
 from torch import nn
 
+from distgrow.backends import BackendError
+from distgrow.backends.torch_ddp import resolve_dist_backend
 from distgrow.config import ConfigError, load_config
 from distgrow.data import ArrayDataset
 from distgrow.data.transforms import Compose, NormalizeImages, RandomCropFlip
@@ -252,3 +254,16 @@ def test_on_cuda_pinned_batches_equal_the_host_ones() -> None:
     assert (
         got[0].is_cuda and torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
     )
+
+
+@pytest.mark.parametrize(
+    ("requested", "device", "want"),
+    [("auto", "cuda", "nccl"), ("auto", "cpu", "gloo"), ("gloo", "cuda", "gloo")],
+)
+def test_the_process_group_is_nccl_on_cuda(requested: str, device: str, want: str) -> None:
+    assert resolve_dist_backend(requested, torch.device(device)) == want
+
+
+def test_nccl_on_the_cpu_is_refused() -> None:
+    with pytest.raises(BackendError, match=r"'nccl' needs CUDA devices.*Fix: set"):
+        resolve_dist_backend("nccl", torch.device("cpu"))
