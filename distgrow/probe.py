@@ -364,7 +364,10 @@ def measure(
     Raises:
         ProbeError: not even the smallest micro-batch fits.
     """
-    limits = Limits.from_config(cfg.growth, cfg.model, len(data.train))
+    # The largest global batch the config allows bounds the micro-batches worth measuring;
+    # the config's own memory limits do not (they are what the probe measures).
+    unlimited = replace(cfg.growth, max_micro_batch=None, max_accum_steps=None)
+    limits = Limits.from_config(unlimited, cfg.model, len(data.train))
     sizes = doubling_sequence(cfg.growth.base_batch, limits.cap)
     name = device_name(device)
     identity = probe_identity(cfg, data.input_shape, name)

@@ -211,6 +211,24 @@ def test_the_probe_stops_at_a_measured_peak_over_the_budget(
     assert result.preferred_micro_batch == 64  # 6,400 samples/s: the best that fits
 
 
+@pytest.mark.parametrize(
+    ("overrides", "sizes"),
+    [
+        # The config's own memory limits are what the probe measures: they bound nothing.
+        (("growth.max_micro_batch=8", "growth.max_accum_steps=2"), [32, 64, 128, 256, 512, 1024]),
+        (("growth.max_global_batch=200",), [32, 64, 128]),
+        (("growth.max_dataset_fraction=0.1",), [32, 64]),  # ⌊0.1 · 1033⌋ = 103
+    ],
+)
+def test_the_largest_global_batch_bounds_the_micro_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides: tuple[str, ...], sizes: list[int]
+) -> None:
+    cfg = syn_config(tmp_path / "run", "growth.micro_batch=null", *overrides)
+    monkeypatch.setattr(probe, "_measure_one", _fake_rows({}))
+    result = probe.measure(cfg, load_data(cfg), torch.device("cpu"), budget=None)
+    assert [r.micro_batch for r in result.rows] == sizes
+
+
 def test_the_probe_stops_at_out_of_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = tiny(tmp_path)
     monkeypatch.setattr(probe, "_measure_one", _fake_rows({}, oom=256))
