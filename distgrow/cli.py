@@ -7,6 +7,7 @@
     distgrow compare CONFIG [key=value ...] [--variants LIST] [--out DIR] [--force]
     distgrow report RUN_DIR [RUN_DIR ...] [--baseline RUN_DIR] [--out DIR]
     distgrow sweep CONFIG [key=value ...] --batch-sizes LIST --lrs LIST [--out DIR] [--force]
+    distgrow probe CONFIG [key=value ...] [--memory-budget B] [--refresh]
 
 Errors in the config are printed as one line naming the key, the value and the fix, with exit
 status 2 (the same as a usage error), before anything runs.
@@ -19,9 +20,11 @@ import json
 import math
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 
 from distgrow import report
 from distgrow.config import (
+    Config,
     ConfigError,
     GrowthConfig,
     describe_fields,
@@ -126,11 +129,71 @@ def _max_workers_words(max_workers: int | None, world_size: int) -> str:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    if cfg.growth.max_micro_batch == "auto":
+        cfg = _cached_max_micro_batch(cfg)
     plan = make_plan(cfg, cfg.data.expected_train_size())
     if args.json:
         print(json.dumps(plan.to_json(), indent=2, allow_nan=False))
     else:
         print(format_plan(plan, cfg.growth))
+    return 0
+
+
+def _cached_max_micro_batch(cfg: Config) -> Config:
+    """``growth.max_micro_batch: auto`` from the probe cache of this machine's device, when
+    there is one (the plan then notes that it assumed no limit)."""
+    from distgrow import probe, startup  # torch, only for auto
+
+    try:
+        data = startup.load_data(cfg)
+    except (OSError, ValueError) as err:  # no data here: plan without the limit (noted)
+        print(f"distgrow: growth.max_micro_batch=auto: not resolved ({err})", file=sys.stderr)
+        return cfg
+    found = probe.cached_limit(cfg, data)
+    if found is None:
+        return cfg
+    limit, path = found
+    print(f"distgrow: growth.max_micro_batch=auto → {limit} (probe cache {path})", file=sys.stderr)
+    return replace(cfg, growth=replace(cfg.growth, max_micro_batch=limit))
+
+
+_PROBE_EPILOG = """\
+For the config's model, data, loss, optimizer and backend.precision on this machine's device
+(run.device), times a few updates at micro-batches from growth.base_batch upward, doubling,
+and stops at out-of-memory, at the memory budget (also when the next micro-batch would pass
+it), or at the largest global batch the config allows. Prints samples/s and peak memory per
+micro-batch (CUDA: peak allocated; CPU: the growth of the process's peak resident set), the
+micro-batch where throughput saturates (the smallest within 5% of the best: growth.micro_batch)
+and the largest that fits (growth.max_micro_batch). The result is cached per model and device
+under ~/.cache/distgrow/probe/; growth.max_micro_batch=auto reads it.
+
+--memory-budget: a fraction of the device's memory (0.8, 80%) or GiB (a number above 1).
+Default: 90% of a GPU's memory; on the CPU 50% of the memory available at the start.
+"""
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from distgrow import probe, startup  # torch
+    from distgrow.backends import BackendError
+    from distgrow.state import TrainError
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        if args.memory_budget is not None:
+            probe.parse_budget(args.memory_budget)  # a bad budget fails before the data loads
+        data = startup.load_data(cfg)
+        probe.run_probe(
+            cfg,
+            data,
+            memory_budget=args.memory_budget,
+            refresh=args.refresh,
+            steps=args.steps,
+            warmup=args.warmup,
+        )
+    except (probe.ProbeError, TrainError, BackendError, ValueError, OSError) as err:
+        # ValueError and OSError: a missing or malformed data set; BackendError: run.device.
+        print(f"distgrow: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     return 0
 
 
@@ -326,6 +389,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.epilog = _SWEEP_EPILOG
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.set_defaults(func=_cmd_sweep)
+
+    p = verb("probe", "Throughput and peak memory against the micro-batch on this device.")
+    p.add_argument("--memory-budget", metavar="B", help="fraction (0.8, 80%%) or GiB (12)")
+    p.add_argument("--refresh", action="store_true", help="measure again, ignoring the cache")
+    p.add_argument("--steps", type=int, default=5, help="timed updates per micro-batch (5)")
+    p.add_argument("--warmup", type=int, default=2, help="updates dropped first (2)")
+    p.epilog = _PROBE_EPILOG
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.set_defaults(func=_cmd_probe)
     return parser
 
 

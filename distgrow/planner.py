@@ -140,15 +140,18 @@ class Limits:
             caps.append(growth.max_global_batch)
         if growth.max_dataset_fraction is not None:
             caps.append(math.floor(growth.max_dataset_fraction * dataset_size + _FLOAT_SLACK))
-        if growth.max_micro_batch is not None and growth.max_accum_steps is not None:
-            caps.append(max_workers * growth.max_micro_batch * growth.max_accum_steps)
+        # An unresolved "auto" (no probe of the training device at hand) is no limit here;
+        # `distgrow train` resolves it before planning (distgrow.probe.resolve_auto).
+        max_micro = growth.max_micro_batch if isinstance(growth.max_micro_batch, int) else None
+        if max_micro is not None and growth.max_accum_steps is not None:
+            caps.append(max_workers * max_micro * growth.max_accum_steps)
         # The batch never has to shrink below the baseline's: a cap under B0 stops growth only.
         cap = max(min(caps), growth.base_batch)
         return cls(
             cap=cap,
             max_workers=max_workers,
             micro_batch=preferred_micro_batch(growth),
-            max_micro_batch=growth.max_micro_batch,
+            max_micro_batch=max_micro,
             max_accum_steps=growth.max_accum_steps,
             multiple=model.ghost_batch or 1,
             min_workers=min_workers,
@@ -708,6 +711,11 @@ def make_plan(cfg: Config, dataset_size: int, min_workers: int = 1) -> Plan:
             GrowthPolicy(baseline_cfg, dataset_size, min_workers), cfg.run.epochs
         )
     notes += _schedule_notes(cfg, policy)
+    if cfg.growth.max_micro_batch == "auto":
+        notes.append(
+            "growth.max_micro_batch=auto is not resolved here (no probe of the training device "
+            "cached): planned without a memory limit; `distgrow probe CONFIG` measures it"
+        )
     cap_from = next((p.start_epoch for p in phases if p.capped), None)
     if cap_from is not None and cfg.growth.mode != "decay_lr":
         where = "" if plan_is_ladder(cfg) else f" from epoch {cap_from:.4g}"

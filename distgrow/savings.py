@@ -71,6 +71,10 @@ class PhaseStats:
     update_s_m2: float = 0.0
     """Sum of squared deviations of the update times from their mean (Welford's running
     update): with ``updates`` and ``train_s`` it gives the spread of the phase's throughput."""
+    cuda_peak_allocated_bytes: int | None = None
+    """CUDA runs: the most memory tensors held during the phase (validation included)."""
+    cuda_peak_reserved_bytes: int | None = None
+    """CUDA runs: the most memory the caching allocator held during the phase."""
 
     @property
     def samples_per_s(self) -> float | None:
@@ -86,8 +90,12 @@ class PhaseStats:
     def to_dict(self) -> dict[str, Any]:
         """The stored fields (the split flat) plus the derived throughputs (what
         ``summary.json`` holds)."""
+        stored = flatten_split(asdict(self))
+        for key in CUDA_MEMORY:
+            if stored[key] is None:  # a CPU run measured no device memory: absent, not zero
+                del stored[key]
         return {
-            **flatten_split(asdict(self)),
+            **stored,
             "samples_per_s": self.samples_per_s,
             "samples_per_s_per_worker": self.samples_per_s_per_worker,
         }
@@ -97,6 +105,10 @@ class PhaseStats:
         """Rebuild from :meth:`to_dict` output (derived keys are ignored)."""
         names = {f.name for f in fields(cls)} - {"split"}
         return cls(split=Split.from_flat(data), **{k: v for k, v in data.items() if k in names})
+
+
+CUDA_MEMORY = ("cuda_peak_allocated_bytes", "cuda_peak_reserved_bytes")
+"""A phase's peak CUDA memory (bytes); present only for phases run on CUDA."""
 
 
 PHASE_MEASURES = (
@@ -139,10 +151,17 @@ class PhaseTracker:
 
     Args:
         clock: Seconds as a float (``time.perf_counter``; injectable for tests).
+        memory: On CUDA, a reader of the peak (allocated, reserved) bytes since its last call
+            (:func:`distgrow.gpu.cuda_peak_memory`): each tick charges them to the current phase.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.perf_counter,
+        memory: Callable[[], tuple[int, int]] | None = None,
+    ) -> None:
         self._clock = clock
+        self._memory = memory
         self.phases: list[PhaseStats] = []
         self._mark: float | None = None
 
@@ -162,6 +181,14 @@ class PhaseTracker:
             elapsed = now - self._mark
             self.current.wall_s += elapsed
             self.current.worker_seconds += elapsed * self.current.world_size
+        if self._memory is not None:
+            allocated, reserved = self._memory()
+            if self.current is not None:
+                phase = self.current
+                phase.cuda_peak_allocated_bytes = max(
+                    phase.cuda_peak_allocated_bytes or 0, allocated
+                )
+                phase.cuda_peak_reserved_bytes = max(phase.cuda_peak_reserved_bytes or 0, reserved)
         self._mark = now
 
     def begin(

@@ -15,11 +15,12 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 
-from distgrow.backends import BackendError, make_backend
+from distgrow.backends import Backend, BackendError, make_backend
 from distgrow.checkpoint import CheckpointError
 from distgrow.config import Config, ConfigError
 from distgrow.data import (
@@ -29,6 +30,8 @@ from distgrow.data import (
     load_dataset,
 )
 from distgrow.exits import EXIT_FAILURE, EXIT_USAGE
+from distgrow.gpu import place_data
+from distgrow.probe import resolve_auto
 from distgrow.runtime import (
     Runtime,
     RuntimeEnvError,
@@ -55,6 +58,16 @@ def configure_threads(runtime: Runtime, threads: int | None = None) -> int:
         threads = max(1, cpu_cores() // runtime.local_world_size)
     torch.set_num_threads(threads)
     return threads
+
+
+def _say_on(backend: Backend, cfg: Config) -> Callable[[str], None]:
+    """Print a start-up line on rank 0 only (as the trainer's, silent with progress off)."""
+
+    def say(line: str) -> None:
+        if backend.is_main and cfg.logging.progress != "off":
+            print(line if line.startswith("distgrow") else f"distgrow: {line}", flush=True)
+
+    return say
 
 
 def load_data(cfg: Config) -> DataBundle:
@@ -93,6 +106,8 @@ def run(cfg: Config) -> int:
         marks["data_loaded"] = time.time()
         backend = make_backend(cfg, runtime)
         marks["backend_ready"] = time.time()
+        # On CUDA, in-memory data moves to the device once when it fits (distgrow.gpu).
+        data = place_data(data, backend.device, cfg.data.device_fraction, _say_on(backend, cfg))
     except (
         RuntimeEnvError,
         DatasetNotFoundError,
@@ -105,6 +120,8 @@ def run(cfg: Config) -> int:
         return EXIT_USAGE
     code = EXIT_FAILURE
     try:
+        # growth.max_micro_batch: auto: the probe's answer for this model on this device.
+        plan_cfg = resolve_auto(cfg, data, backend, _say_on(backend, cfg))
         trainer = Trainer(
             cfg,
             backend,
@@ -112,6 +129,7 @@ def run(cfg: Config) -> int:
             started_at=started_at,
             stop_signals=stop_signals,
             startup_marks=marks,
+            plan_cfg=plan_cfg,
         )
         marks["trainer_ready"] = time.time()  # model, optimizer (torch imports its compiler)
         code = trainer.train()
@@ -120,7 +138,13 @@ def run(cfg: Config) -> int:
             # job was re-formed in place. Resume from it at the new world size.
             stop_signals.received = None
             resumed = replace(cfg, run=replace(cfg.run, resume=True))
-            code = Trainer(resumed, backend, data, stop_signals=stop_signals).train()
+            code = Trainer(
+                resumed,
+                backend,
+                data,
+                stop_signals=stop_signals,
+                plan_cfg=replace(plan_cfg, run=resumed.run),
+            ).train()
     except (TrainError, CheckpointError, ConfigError, BackendError) as err:
         # Decided on rank 0 and broadcast, or the same on every rank: say it once.
         if backend.is_main:

@@ -82,6 +82,7 @@ from distgrow.data import (
 from distgrow.data.feed import LoaderFeed
 from distgrow.entrypoints import EntryPointError, is_entry_point
 from distgrow.exits import EXIT_NEED_WORKERS, EXIT_NONFINITE, EXIT_OK
+from distgrow.gpu import cuda_peak_memory, prepare_model
 from distgrow.loop import GrowthBatchSampler, GrowthSchedule
 from distgrow.losses import build_objective, loss_sum
 from distgrow.metrics import (
@@ -93,6 +94,7 @@ from distgrow.metrics import (
     drop_replayed_records,
 )
 from distgrow.models import build_entry_model, build_model, uses_batch_norm
+from distgrow.oom import OomFallback, fallback_wanted
 from distgrow.planner import GrowthPolicy, Plan, Setting, make_plan
 from distgrow.progress import Progress, ProgressState
 from distgrow.rundir import ResizeRequest, RunDir, Summary, atomic_write_bytes
@@ -145,6 +147,40 @@ def build_optimizer(cfg: OptimConfig, params: Any) -> torch.optim.Optimizer:
     )
 
 
+def build_run_model(cfg: Config, data: DataBundle) -> nn.Module:
+    """The model of ``cfg.model`` for ``data`` (on the CPU; also what ``distgrow probe`` runs).
+
+    Raises:
+        TrainError: the model cannot be built for this data (or this install).
+    """
+    m, d = cfg.model, data
+    if is_entry_point(m.name):
+        try:
+            return build_entry_model(m.name, m.kwargs)
+        except EntryPointError as err:
+            raise TrainError(str(err)) from err
+    if d.num_classes > 0:
+        outputs = d.num_classes
+    else:
+        outputs = 1 if d.train.y.dim() == 1 else int(d.train.y.shape[1])
+    try:
+        return build_model(
+            m.name,
+            input_shape=d.input_shape,
+            num_outputs=outputs,
+            hidden=list(m.hidden) if m.name == "mlp" else None,
+            dropout=m.dropout,
+            depth=m.depth,
+            width=m.width,
+            ghost_batch=m.ghost_batch,
+        )
+    except (ValueError, ImportError) as err:  # the model does not fit this data or install
+        raise TrainError(
+            f"model.name = {m.name!r} cannot be built for data.name = {d.name!r} (samples "
+            f"of shape {d.input_shape}): {err}"
+        ) from err
+
+
 # --------------------------------------------------------------------------------------------
 # The trainer
 # --------------------------------------------------------------------------------------------
@@ -168,6 +204,9 @@ class Trainer:
         startup_marks: Wall-clock times (``time.time()``) of this process's start-up stages,
             logged with the ``start``/``resume`` event (the resize-latency benchmark reads
             them).
+        plan_cfg: The config the plan is made from: ``cfg`` with ``growth.max_micro_batch:
+            auto`` resolved (:func:`distgrow.probe.resolve_auto`); default ``cfg``. The run
+            directory's ``config.yaml`` keeps ``cfg`` as written.
 
     Raises:
         ConfigError: the plan cannot be realised on this many workers.
@@ -183,6 +222,7 @@ class Trainer:
         started_at: float | None = None,
         stop_signals: StopSignals | None = None,
         startup_marks: dict[str, float] | None = None,
+        plan_cfg: Config | None = None,
     ) -> None:
         self._started_at = time.perf_counter() if started_at is None else started_at
         self.cfg = cfg
@@ -196,10 +236,12 @@ class Trainer:
         self.run_dir = RunDir(cfg.run.resolved_output_dir)
         self.align = cfg.model.ghost_batch or 1
 
-        self.policy = GrowthPolicy(cfg, self.num_train, min_workers=self.world)
-        self.plan = make_plan(cfg, self.num_train, min_workers=self.world)
+        self.plan_cfg = plan_cfg or cfg
+        self.policy = GrowthPolicy(self.plan_cfg, self.num_train, min_workers=self.world)
+        self.plan = make_plan(self.plan_cfg, self.num_train, min_workers=self.world)
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
-        self.model = self._build_model().to(self.device)
+        # channels_last and torch.compile as run.* asks (distgrow.gpu); the state keeps its keys.
+        self.model = prepare_model(self._build_model().to(self.device), self.device, cfg.run)
         try:  # the loss contract is checked on a few samples before anything is written
             self.objective = build_objective(cfg.loss, data.num_classes)
             x, y = data.train.batch(torch.arange(min(8, self.num_train)))
@@ -221,7 +263,8 @@ class Trainer:
         self.state = TrainState()  # where training stands; it goes into checkpoints
         self.last_setting: Setting | None = None
         self.startup_s = 0.0  # all processes' start-up, up to the first update
-        self.phases = PhaseTracker()  # throughput and time per batch realisation
+        # Throughput and time per batch realisation; on CUDA also its peak memory.
+        self.phases = PhaseTracker(memory=cuda_peak_memory(self.device))
         self.progress: Progress | None = None  # rank 0's bar or periodic lines
         # Phases in the plan as the tracker counts them (a change of realisation); plateau
         # schedules cannot know theirs in advance.
@@ -239,34 +282,24 @@ class Trainer:
         self._window_samples = 0
         self._schedule: GrowthSchedule | None = None
         self.feed = self._open_feed()  # None: in memory, batched by indexing
+        self.oom = OomFallback(  # out of CUDA memory: the same update at a smaller micro-batch
+            fallback_wanted(
+                cfg.run.oom_fallback,
+                cfg.backend.name,
+                self.world,
+                self.device.type,
+                self.feed is not None,
+            ),
+            self.model,
+            self.optimizer,
+            lambda: backend.zero_grad(self.optimizer),
+            self.align,
+            self._log_event,
+            self._say,
+        )
 
     def _build_model(self) -> nn.Module:
-        m, d = self.cfg.model, self.data
-        if is_entry_point(m.name):
-            try:
-                return build_entry_model(m.name, m.kwargs)
-            except EntryPointError as err:
-                raise TrainError(str(err)) from err
-        if d.num_classes > 0:
-            outputs = d.num_classes
-        else:
-            outputs = 1 if d.train.y.dim() == 1 else int(d.train.y.shape[1])
-        try:
-            return build_model(
-                m.name,
-                input_shape=d.input_shape,
-                num_outputs=outputs,
-                hidden=list(m.hidden) if m.name == "mlp" else None,
-                dropout=m.dropout,
-                depth=m.depth,
-                width=m.width,
-                ghost_batch=m.ghost_batch,
-            )
-        except (ValueError, ImportError) as err:  # the model does not fit this data or install
-            raise TrainError(
-                f"model.name = {m.name!r} cannot be built for data.name = {d.name!r} (samples "
-                f"of shape {d.input_shape}): {err}"
-            ) from err
+        return build_run_model(self.cfg, self.data)
 
     def _open_feed(self) -> LoaderFeed | None:
         """A ``DataLoader`` over a training set read sample by sample (``data.feed``).
@@ -278,7 +311,7 @@ class Trainer:
         if not isinstance(self.data.train, LoaderDataset):
             return None
         d = self.cfg.data
-        self._schedule = GrowthSchedule(self.cfg, self.num_train, self.rank, self.world)
+        self._schedule = GrowthSchedule(self.plan_cfg, self.num_train, self.rank, self.world)
         return LoaderFeed(
             self.data.train,
             GrowthBatchSampler(self._schedule),
@@ -342,7 +375,7 @@ class Trainer:
                 return self.stop_for_workers(setting)
             indices = order[self.state.position : self.state.position + setting.global_batch]
             started = time.perf_counter()
-            loss = self.train_step(indices, setting)
+            loss, setting = self.oom.run(self.train_step, indices, setting)
             self.phases.record_update(int(indices.numel()), time.perf_counter() - started)
             if not math.isfinite(loss):
                 return self.stop_nonfinite(loss, setting)

@@ -186,3 +186,30 @@ def test_bf16_on_two_gloo_ranks_trains_like_one_process(tmp_path: Path) -> None:
     assert two["world_size"] == 2 and two["total_updates"] == one["total_updates"]
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=0.05)
     assert all(v.dtype == torch.float32 for v in saved_model(tmp_path / "two").values())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("horovod") is None, reason="horovod is not installed")
+@pytest.mark.parametrize(("first", "then"), [("torch", "horovod"), ("horovod", "torch")])
+def test_a_bf16_checkpoint_resumes_in_fp32_under_the_other_backend(
+    tmp_path: Path, first: str, then: str
+) -> None:
+    """The checkpoint is float32 whatever the precision and the backend: a bf16 epoch under
+    one backend, then an fp32 epoch under the other, ends where the same two epochs under the
+    torch backend alone end (one process: both backends compute the same updates)."""
+
+    def run(run_dir: Path, backend: str, *overrides: str) -> Trainer:
+        cfg = syn_config(run_dir, f"backend.name={backend}", *overrides)
+        trainer = Trainer(cfg, make_backend(cfg, SINGLE), load_data(cfg))
+        assert trainer.train() == EXIT_OK
+        return trainer
+
+    mixed, same = tmp_path / "mixed", tmp_path / "same"
+    run(mixed, first, "run.epochs=1", "backend.precision=bf16")
+    resumed = run(mixed, then, "run.epochs=2", "run.resume=true", "backend.precision=fp32")
+    assert resumed.state.step == 33 + 17 and not isinstance(resumed.train_model, AutocastModule)
+    run(same, "torch", "run.epochs=1", "backend.precision=bf16")
+    run(same, "torch", "run.epochs=2", "run.resume=true", "backend.precision=fp32")
+    got, want = saved_model(mixed), saved_model(same)
+    assert all(v.dtype == torch.float32 for v in got.values())
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-5)

@@ -195,6 +195,21 @@ class RunConfig(_Section):
     checkpoint_every_s: Float | None = _f(
         None, "Also checkpoint when this many seconds passed since the last one (null: never)."
     )
+    channels_last: Literal["auto"] | Bool = _f(
+        "auto",
+        "Convolution models in the channels_last memory format (weights and 4-D inputs); auto: "
+        "on for models with 2-D convolutions on CUDA, off elsewhere.",
+    )
+    compile: Bool = _f(
+        False, "torch.compile the model (its first updates at each new batch shape compile)."
+    )
+    oom_fallback: Bool | None = _f(
+        None,
+        "On a CUDA out-of-memory error in an update, drop its gradients and run it again at "
+        "half the micro-batch and twice the accumulation (the same samples per update), and "
+        "keep that micro-batch from then on; logged as an oom_fallback event. null: on for the "
+        "torch backend on one worker with in-memory data (see docs/speed.md).",
+    )
     threads: Int | None = _f(
         None,
         "Intra-op CPU threads per worker (null: the node's cores / its workers). The float "
@@ -334,6 +349,13 @@ class DataConfig(_Section):
         None, "feed=loader: pin batches in page-locked memory (null: when training on CUDA)."
     )
     prefetch_factor: Int = _f(2, "feed=loader: micro-batches each worker reads ahead.")
+    device_fraction: Float = _f(
+        0.5,
+        "feed=memory on CUDA: keep the training and validation tensors on the device, so "
+        "batches are gathered there, when they take at most this fraction of its free memory "
+        "(0: never; otherwise batches are gathered in pinned memory and copied without "
+        "blocking).",
+    )
     val_fraction: Float = _f(0.2, "Held-out fraction for data sets without an official test split.")
     download: Bool = _f(False, "Allow downloading (covtype through scikit-learn); off offline.")
     augment: Bool = _f(False, "Random crop and flip for image data (deterministic per sample).")
@@ -422,6 +444,10 @@ class DataConfig(_Section):
             raise _fail("data.loader_workers", self.loader_workers, "must be >= 0", "e.g. 2")
         if self.prefetch_factor < 1:
             raise _fail("data.prefetch_factor", self.prefetch_factor, "must be >= 1", "e.g. 2")
+        if not 0.0 <= self.device_fraction <= 1.0:
+            raise _fail(
+                "data.device_fraction", self.device_fraction, "must be in [0, 1]", "e.g. 0.5, or 0"
+            )
         if self.synthetic_samples < 2:
             raise _fail(
                 "data.synthetic_samples", self.synthetic_samples, "too small", "use 2 or more"
@@ -744,8 +770,11 @@ class GrowthConfig(_Section):
     micro_batch: Int | None = _f(
         None, "Per-device batch that keeps one device busy (null: base_batch)."
     )
-    max_micro_batch: Int | None = _f(
-        None, "Largest per-device batch that fits in memory (null: no limit)."
+    max_micro_batch: Int | Literal["auto"] | None = _f(
+        None,
+        "Largest per-device batch that fits in memory (null: no limit; auto: what `distgrow "
+        "probe` measured on the training device, cached per model and device, probed at the "
+        "start of training when not cached yet).",
     )
     max_accum_steps: Int | None = _f(
         None, "Most gradient-accumulation steps per update (null: no limit)."
@@ -816,11 +845,11 @@ class GrowthConfig(_Section):
             )
         for key in ("micro_batch", "max_micro_batch", "max_accum_steps"):
             value = getattr(self, key)
-            if value is not None and value < 1:
+            if value is not None and value != "auto" and value < 1:
                 raise _fail(f"growth.{key}", value, "must be positive or null", "e.g. 64 or null")
         if (
             self.micro_batch is not None
-            and self.max_micro_batch is not None
+            and isinstance(self.max_micro_batch, int)
             and self.micro_batch > self.max_micro_batch
         ):
             raise _fail(

@@ -21,6 +21,7 @@ from distgrow.report.runs import (
 )
 from distgrow.rundir import SUMMARY_FILE, write_json
 from distgrow.savings import (
+    CUDA_MEMORY,
     PHASE_MEASURES,
     PHASE_SPLIT,
     SUMMARY_MEASURES,
@@ -96,7 +97,14 @@ def _run_numbers(run: RunData) -> dict[str, Any]:
         **{key: getattr(s, key) for key in SUMMARY_MEASURES},
         "final_batch": (s.final_setting or {}).get("global_batch"),
         "phases": [
-            {key: p.get(key) for key in ("index", "start_epoch", *PHASE_SPLIT, *PHASE_MEASURES)}
+            {
+                **{
+                    key: p.get(key)
+                    for key in ("index", "start_epoch", *PHASE_SPLIT, *PHASE_MEASURES)
+                },
+                # Only CUDA runs measured memory: absent (not zero, not null) on the CPU.
+                **{key: p[key] for key in CUDA_MEMORY if p.get(key) is not None},
+            }
             for p in s.phases
         ],
     }
@@ -258,6 +266,10 @@ def _write_plots(runs: Sequence[RunData], out: Path, metric: str) -> dict[str, s
 # --------------------------------------------------------------------------------------------
 
 
+def _gib(value: Any) -> float | None:
+    return None if value is None else float(value) / 2**30
+
+
 def _num(value: Any, fmt: str = ",.0f") -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
@@ -377,6 +389,8 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
         if not row["phases"]:
             lines += [f"No per-phase measurements in this run's {SUMMARY_FILE}.", ""]
             continue
+        # CUDA runs measured each phase's peak memory; CPU runs have no such column.
+        cuda = any(p.get(CUDA_MEMORY[0]) is not None for p in row["phases"])
         lines += _table(
             [
                 "phase",
@@ -389,6 +403,7 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
                 "wall s",
                 "samples/s",
                 "samples/s/worker",
+                *(["CUDA peak allocated GiB", "CUDA peak reserved GiB"] if cuda else []),
             ],
             [
                 [
@@ -402,6 +417,7 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
                     _num(p["wall_s"], ",.1f"),
                     _num(p["samples_per_s"]),
                     _num(p["samples_per_s_per_worker"]),
+                    *([_num(_gib(p.get(k)), ".2f") for k in CUDA_MEMORY] if cuda else []),
                 ]
                 for p in row["phases"]
             ],
