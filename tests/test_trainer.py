@@ -88,6 +88,7 @@ SUMMARY_KEYS = {
     "dataset_size",
     "phases",
     "savings",
+    "held",
 }
 
 
