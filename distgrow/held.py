@@ -108,11 +108,14 @@ def parse_jobcomp(text: str, job_ids: Iterable[str]) -> dict[str, list[JobRecord
         if job_id not in wanted:
             continue
         tres = parse_tres(f.get("Tres"))
+        # A job cancelled while pending is recorded with no nodes (NodeCnt=0): it held nothing.
+        # A requeued job's run is recorded with JobState=PENDING (it waits to run again).
+        ran = f.get("NodeCnt") != "0"
         found.setdefault(job_id, []).append(
             JobRecord(
                 job_id=job_id,
                 state=f.get("JobState", "?"),
-                start=parse_time(f.get("StartTime")),
+                start=parse_time(f.get("StartTime")) if ran else None,
                 end=parse_time(f.get("EndTime")),
                 nodes=_int(f.get("NodeCnt")) or tres.get("node"),
                 cpus=tres.get("cpu") or _int(f.get("ProcCnt")),
@@ -129,10 +132,12 @@ def parse_scontrol_job(text: str) -> JobRecord | None:
     if "JobId" not in f:
         return None
     tres = parse_tres(f.get("AllocTRES") or f.get("TRES"))
+    # A pending job's StartTime is when SLURM expects to start it (a requeued one's too).
+    pending = f.get("JobState") == "PENDING"
     return JobRecord(
         job_id=f["JobId"],
         state=f.get("JobState", "?"),
-        start=parse_time(f.get("StartTime")),
+        start=None if pending else parse_time(f.get("StartTime")),
         end=parse_time(f.get("EndTime")),
         nodes=_int(f.get("NumNodes")) or tres.get("node"),
         cpus=tres.get("cpu") or _int(f.get("NumCPUs")),

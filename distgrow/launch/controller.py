@@ -406,13 +406,12 @@ def run_controller(
     if in_slurm_allocation(env):
         # What this job holds, for the held hours (distgrow.held); a span of a chain finds
         # the record its submitter wrote.
-        name = slurm_chain.chain_name(job.cfg, job.run_dir) if chain else "allocation"
-        slurm_job = slurm_chain.record_start(
-            job.run, job.cfg.launch.slurm, env.get("SLURM_JOB_NAME", name) if not chain else name,
-            env, time.time(),
-        )  # fmt: skip
-        if chain and slurm_job.restarts > 0:
-            resume = True  # a requeued span continues its run
+        name = slurm_chain.chain_name(job.cfg, job.run_dir)
+        if not chain:
+            name = env.get("SLURM_JOB_NAME", name)
+        slurm_job = slurm_chain.record_start(job.run, job.cfg.launch.slurm, name, env, time.time())
+        if chain and (slurm_job.restarts > 0 or slurm_job.index > 1):
+            resume = True  # a later or requeued span continues the run
         if chain and resume:
             workers = min(slurm_job.workers, job.limit)  # the width the span was sized for
     last = last_width(job.run_dir) if resume else None

@@ -148,8 +148,9 @@ def span_script(
 
 
 def span_overrides(overrides: Sequence[str], resume: bool) -> list[str]:
-    """The command line's overrides for a span: ``launch.slurm=chain`` and, after the first
-    span, ``run.resume=true`` (each once)."""
+    """The command line's overrides for a span: ``launch.slurm=chain`` and, with ``resume``,
+    ``run.resume=true`` (each once). A later span resumes without it: its controller knows
+    from ``slurm_jobs.json`` that it is not the first (and adds it for its workers)."""
     keep = [o for o in overrides if not o.startswith(("run.resume=", "launch.slurm="))]
     return [*keep, "launch.slurm=chain", *(["run.resume=true"] if resume else [])]
 
@@ -522,7 +523,7 @@ def end_of_job(
                 python=job.python,
                 config_path=job.config_path,
                 overrides=overrides,
-                resume=True,
+                resume=False,  # implied: the span's controller sees it is not the first
                 after=record.job_id,
                 env=env,
                 chdir=Path.cwd(),
