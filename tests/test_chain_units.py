@@ -174,7 +174,7 @@ def test_chain_plans_the_whole_run_not_the_span(tmp_path: Path) -> None:
     job), where allocation mode would plan within the allocation's tasks."""
     env = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "SLURM_JOB_NODELIST": "localhost"}
     lines: list[str] = []
-    job, plan = prepare("c.yaml", [], chain_config(tmp_path), env, lines.append, "py", 0)
+    job, _ = prepare("c.yaml", [], chain_config(tmp_path), env, lines.append, "py", 0)
     assert job.limit == 1 and job.cfg.growth.max_workers == 4
     assert not any("max_workers" in o for o in job.overrides)
     alloc = chain_config(tmp_path, "launch.slurm=allocation")
