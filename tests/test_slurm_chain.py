@@ -2,11 +2,11 @@
 
 Each span of the plan is its own job, sized to its workers; the running span submits the next
 one (``afterok``). Real training: a chain of 1 then 2 workers ends with the parameters of the
-same plan trained in one process, and SLURM's own job records (jobcomp) show each span's size;
-the same config in allocation mode holds 2 CPUs throughout. With the stand-in worker of
-``launch_fakes``: a requeued span resumes and the chain goes on (pre-emption by SLURM, and the
+same plan trained in one process, and SLURM's own job records (jobcomp) show each span's size.
+With the stand-in worker of ``launch_fakes``: a requeued span resumes and the chain goes on (pre-emption by SLURM, and the
 USR1 of a time limit), ``distgrow chain cancel`` stops a running span and keeps a pending one
-from starting, and a failed span leaves the run directory saying so, with nothing waiting.
+from starting, a failed span leaves the run directory saying so, with nothing waiting, and
+allocation mode records one job holding the widest span's CPUs from start to end.
 """
 
 from __future__ import annotations
@@ -225,33 +225,6 @@ def test_chain_of_two_spans_trains_like_one_process(
     assert "span 2: job" in status.stdout and "completed (SLURM: COMPLETED)" in status.stdout
 
 
-def test_allocation_mode_holds_the_widest_span_throughout(
-    slurm: dict[str, str], tmp_path: Path, reference: Path
-) -> None:
-    config, run_dir = small_config(tmp_path, "alloc")
-    env = chain_env(slurm)
-    env["DISTGROW_PYTHON"] = sys.executable
-    out = tmp_path / "alloc.out"
-    proc = subprocess.run(
-        [
-            *("sbatch", "--wait", "--ntasks=2", f"--output={out}", f"--chdir={tmp_path}"),
-            *(str(TEMPLATE), str(config)),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-    )
-    assert proc.returncode == 0, proc.stderr + (out.read_text() if out.exists() else "")
-    assert_same_as_reference(run_dir, reference)
-    jobs = jobs_of(run_dir)
-    assert [(j.workers, j.cpus, j.state) for j in jobs.jobs] == [(2, 2, "completed")]
-    held = held_from_slurm(RunDir(run_dir), read_json(run_dir / "summary.json"))
-    assert held["mode"] == "allocation" and held["source"] == "jobcomp"
-    assert held["jobs"][0]["cpus"] == 2
-    assert "idle while the plan runs narrower" in held["method"]
-
-
 # --------------------------------------------------------------------------------------------
 # Requeue, cancel, failure (the stand-in worker)
 # --------------------------------------------------------------------------------------------
@@ -367,6 +340,37 @@ def test_chain_cancel_keeps_a_pending_span_from_starting(
     held = held_from_slurm(RunDir(run_dir), {})
     pending = held["jobs"][1]
     assert (pending["slurm_state"], pending["held_s"]) == ("CANCELLED", 0.0)
+
+
+def test_allocation_mode_holds_the_whole_allocation(slurm: dict[str, str], tmp_path: Path) -> None:
+    """The template (allocation mode) grows 1 -> 2 workers inside one job of 2 tasks: the
+    record holds that one job, 2 CPUs from start to end, labelled as such."""
+    env, config, run_dir = fake_chain(slurm, tmp_path, "grow:2")
+    out = tmp_path / "alloc.out"
+    proc = subprocess.run(
+        [
+            *("sbatch", "--wait", "--ntasks=2", f"--output={out}", f"--chdir={tmp_path}"),
+            *(str(TEMPLATE), str(config)),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    log = out.read_text() if out.exists() else ""
+    assert proc.returncode == 0, proc.stderr + log
+    assert sorted(calls(run_dir)) == [(1, 0, False), (2, 0, True), (2, 1, True)], log
+    jobs = jobs_of(run_dir)
+    assert jobs.mode == "allocation"
+    assert [(j.workers, j.cpus, j.state, len(j.runs)) for j in jobs.jobs] == [
+        (2, 2, "completed", 1)
+    ]
+    wait_for(lambda: squeue_empty(env, jobs.name), 60, lambda: "the job still queued")
+    held = held_from_slurm(RunDir(run_dir), {})
+    assert held["mode"] == "allocation" and held["source"] == "jobcomp"
+    assert (held["jobs"][0]["cpus"], held["jobs"][0]["slurm_state"]) == (2, "COMPLETED")
+    assert held["cpu_hours"] == pytest.approx(2 * held["jobs"][0]["held_s"] / 3600)
+    assert "idle while the plan runs narrower" in held["method"]
 
 
 def test_a_failed_span_says_so_and_nothing_waits(slurm: dict[str, str], tmp_path: Path) -> None:
