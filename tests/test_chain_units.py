@@ -439,3 +439,16 @@ def test_report_shows_what_the_jobs_held(tmp_path: Path) -> None:
     assert "## What the SLURM jobs held" in text
     assert "| chain | chain | 2 | 0.1000 | 0.1278 | 78% | 0.1278 | 0.1000 | 0.2000 |" in text
     assert "| 2 | 4 | 2 | 1 | 2 | 2 | running | 3 min 00 s | 0.1000 | 0.1000 |" in text
+
+
+def test_wandb_summary_carries_what_was_held() -> None:
+    from distgrow.wandb_logger import wandb_summary
+
+    held = held_hours(two_spans(), {}, now=290.0)
+    held["baseline"] = baseline_held(held, 720.0, 1, "estimated")
+    out = wandb_summary({"held": held})
+    assert out["held/cpu_hours"] == pytest.approx(held["cpu_hours"])
+    assert out["held/source"] == "computed" and out["held/mode"] == "chain"
+    assert out["held/jobs/2/cpus"] == 2 and out["held/jobs/1/held_s"] == 100.0
+    assert out["held/baseline/cpu_hours"] == pytest.approx(0.2)
+    assert not any(key.startswith("held") for key in wandb_summary({"held": {}}))

@@ -3,10 +3,11 @@
 Each span of the plan is its own job, sized to its workers; the running span submits the next
 one (``afterok``). Real training: a chain of 1 then 2 workers ends with the parameters of the
 same plan trained in one process, and SLURM's own job records (jobcomp) show each span's size.
-With the stand-in worker of ``launch_fakes``: a requeued span resumes and the chain goes on (pre-emption by SLURM, and the
-USR1 of a time limit), ``distgrow chain cancel`` stops a running span and keeps a pending one
-from starting, a failed span leaves the run directory saying so, with nothing waiting, and
-allocation mode records one job holding the widest span's CPUs from start to end.
+With the stand-in worker of ``launch_fakes``: a requeued span resumes and the chain goes on
+(pre-emption by SLURM, and the USR1 of a time limit), ``distgrow chain cancel`` stops a running
+span and keeps a pending one from starting, a failed span leaves the run directory saying so,
+with nothing waiting, and allocation mode records one job holding the widest span's CPUs from
+start to end.
 """
 
 from __future__ import annotations
