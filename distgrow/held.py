@@ -287,7 +287,7 @@ METHOD = {
     "sacct": "SLURM's accounting (sacct): allocated TRES × elapsed, every run of each job",
     "jobcomp": "SLURM's job completion records (jobcomp/filetxt): allocated TRES × (end − start)",
     "scontrol": "scontrol show job: allocated TRES × (end − start) of the job's latest run",
-    "computed": "computed: the allocation's size (SLURM_* variables when the job started) × the "
+    "computed": "the allocation's size (SLURM_* variables when the job started) × the "
     "start and end times distgrow's controller recorded (the seconds before it started and "
     "after it ended are missing)",
 }

@@ -228,6 +228,8 @@ def record_start(run: RunDir, mode: str, name: str, env: Mapping[str, str], now:
         job.partition = env.get("SLURM_JOB_PARTITION") or job.partition
         job.restarts = _leading(env.get("SLURM_RESTART_COUNT")) or 0
         job.runs.append([now, None])
+        # A requeued job runs again: how its earlier run ended no longer describes it.
+        job.exit_code = job.message = job.fix = None
         return job
 
 
@@ -409,8 +411,9 @@ def chain_status(run_dir: Path, log: Callable[[str], None] = print) -> int:
     held = held_from_slurm(run, summary)
     log(f"{jobs.mode} {jobs.name}{' (cancel requested)' if jobs.cancel_requested else ''}")
     for job, row in zip(jobs.jobs, held["jobs"], strict=True):
+        what = "span" if jobs.mode == "chain" else "allocation"
         log(
-            f"  span {job.index}: job {job.job_id}, {job.workers} worker(s), {job.state}"
+            f"  {what} {job.index}: job {job.job_id}, {job.workers} worker(s), {job.state}"
             + (f" (SLURM: {row['slurm_state']})" if row.get("slurm_state") else "")
             + f", held {row['cpu_hours']:.4f} CPU-h {row['gpu_hours']:.4f} GPU-h "
             f"[{row['source']}]" + (f" -> next job {job.next_job_id}" if job.next_job_id else "")
