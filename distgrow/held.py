@@ -337,14 +337,20 @@ def held_hours(
 
 
 def baseline_held(
-    held: Mapping[str, Any], baseline_wall_s: float | None, base_workers: int, how: str
+    held: Mapping[str, Any],
+    baseline_wall_s: float | None,
+    base_workers: int,
+    how: str,
+    startup_s: float | None = None,
 ) -> dict[str, Any] | None:
     """What a ``decay_lr`` baseline would hold at the base width, against what the run held.
 
     The baseline holds ``base_workers`` workers, each with the CPUs and GPUs a worker of the
-    run's first job had, for its wall-clock (``how`` says where that comes from). Its own
-    start-up is not counted, while the run's held hours include every job's: the saving is,
-    if anything, understated.
+    run's first job had, for its wall-clock plus one start-up (``startup_s``: the baseline's
+    own when it was run, else this run's; ``how`` says where the wall-clock comes from). The
+    few seconds SLURM and the controller take around the workers are not counted for the
+    baseline, while the run's held hours include them for every job: the saving is, if
+    anything, understated.
 
     Returns:
         None when there is no baseline wall-clock or no job to take a worker's size from.
@@ -356,17 +362,20 @@ def baseline_held(
     per_worker = max(1, int(first.get("workers") or 1))
     cpus = (first.get("cpus") or 0) / per_worker * base_workers
     gpus = (first.get("gpus") or 0) / per_worker * base_workers
-    hours = baseline_wall_s / 3600
+    startup = startup_s or 0.0
+    hours = (baseline_wall_s + startup) / 3600
     out: dict[str, Any] = {
         "workers": base_workers,
         "wall_s": baseline_wall_s,
+        "startup_s": startup,
         "cpus": cpus,
         "gpus": gpus,
         "cpu_hours": cpus * hours,
         "gpu_hours": gpus * hours,
         "task_hours": base_workers * hours,
         "method": f"{base_workers} worker(s) × the CPUs/GPUs of one worker of the first job × "
-        f"the baseline's wall-clock ({how}); its start-up is not counted",
+        f"(the baseline's wall-clock, {how}, + one start-up of {startup:.1f} s); the seconds "
+        "SLURM and the controller add around a job are not counted for it",
     }
     for key in ("cpu_hours", "gpu_hours", "task_hours"):
         run, base = float(held.get(key) or 0.0), float(out[key])
@@ -381,7 +390,11 @@ def with_baseline(held: dict[str, Any], summary: Mapping[str, Any]) -> dict[str,
     phases = summary.get("phases") or [{}]
     base_workers = int(details.get("reference_world_size") or phases[0].get("workers") or 1)
     baseline = baseline_held(
-        held, estimated.get("baseline_wall_s"), base_workers, "estimated, as the savings"
+        held,
+        estimated.get("baseline_wall_s"),
+        base_workers,
+        "estimated, as the savings",
+        summary.get("startup_s"),  # this run's last start-up stands for the baseline's
     )
     if baseline is not None:
         held = {**held, "baseline": baseline}

@@ -452,3 +452,11 @@ def test_wandb_summary_carries_what_was_held() -> None:
     assert out["held/jobs/2/cpus"] == 2 and out["held/jobs/1/held_s"] == 100.0
     assert out["held/baseline/cpu_hours"] == pytest.approx(0.2)
     assert not any(key.startswith("held") for key in wandb_summary({"held": {}}))
+
+
+def test_baseline_held_counts_one_start_up() -> None:
+    held = held_hours(two_spans(), {}, now=290.0)
+    base = baseline_held(held, 720.0, 2, "measured", startup_s=180.0)
+    assert base is not None and base["startup_s"] == 180.0
+    assert base["cpu_hours"] == pytest.approx(2 * 900 / 3600)  # 2 workers × 1 CPU × 900 s
+    assert "one start-up of 180.0 s" in base["method"]

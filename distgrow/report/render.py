@@ -163,6 +163,7 @@ def _held(
             measured.get("baseline_wall_s"),
             int(base.summary.world_size or 1),
             f"measured: the {base.label} run",
+            base.summary.startup_s,
         )
         if baseline is not None:
             held["baseline"] = baseline
