@@ -460,3 +460,48 @@ def test_baseline_held_counts_one_start_up() -> None:
     assert base is not None and base["startup_s"] == 180.0
     assert base["cpu_hours"] == pytest.approx(2 * 900 / 3600)  # 2 workers × 1 CPU × 900 s
     assert "one start-up of 180.0 s" in base["method"]
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from distgrow.cli import main
+
+    assert main(["chain", "status", str(tmp_path)]) == 2
+    assert main(["chain", "cancel", str(tmp_path)]) == 2
+    out = capsys.readouterr()
+    assert out.out.count("holds no SLURM run") == 2 and "Traceback" not in out.err
+    code = main(
+        [
+            "launch",
+            "configs/ionosphere_time_based.yaml",
+            "launch.slurm=chain",
+            f"run.output_dir={tmp_path / 'r'}",
+            "--dry-run",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("distgrow launch: launch error: launch.slurm=chain")
+    assert "Fix: set growth.max_workers" in err and err.count("\n") == 1
+
+
+def test_dry_run_shows_the_first_spans_script(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from distgrow.cli import main
+
+    code = main(
+        [
+            "launch",
+            "configs/ionosphere_time_based.yaml",
+            "launch.slurm=chain",
+            "growth.max_workers=4",
+            "launch.chain.gpus_per_node=4",
+            f"run.output_dir={tmp_path / 'r'}",
+            "--dry-run",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "#SBATCH --ntasks=1" in out and "#SBATCH --gpus-per-node=1" in out
+    (submit,) = [line for line in out.splitlines() if "$ sbatch" in line]
+    assert submit.endswith("/r/launch/span-01.sbatch") and "--dependency" not in submit
+    assert not (tmp_path / "r").exists()  # nothing written, nothing submitted

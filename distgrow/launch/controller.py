@@ -391,13 +391,13 @@ def run_controller(
     log = log or (print if dry_run else _log_stderr)
     if gpus_on_node is None:
         gpus_on_node = local_gpu_count()
+    chain = cfg.launch.slurm == "chain"
+    if chain:
+        slurm_chain.check_chain(cfg)  # before prepare() could set growth.max_workers
     job, plan = prepare(cfg_path, overrides, cfg, env, log, python, gpus_on_node)
     first = plan.phases[0].workers if plan.phases else 1
-    chain = job.cfg.launch.slurm == "chain"
-    if chain:
-        slurm_chain.check_chain(job.cfg)
-        if not in_slurm_allocation(env):  # the login node: submit the first span, and return
-            return slurm_chain.submit_first_span(job, first, overrides, env, dry_run, log)
+    if chain and not in_slurm_allocation(env):  # the login node: submit the first span
+        return slurm_chain.submit_first_span(job, first, overrides, env, dry_run, log)
     if dry_run:
         return _dry_run(job, plan, env)
 
