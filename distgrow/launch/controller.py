@@ -471,7 +471,8 @@ def run_controller(
         if chain and slurm_job is not None and decision.status == EXIT_NEED_WORKERS:
             # The workers outgrew this span: the next, wider span is submitted (or the chain
             # was cancelled); end_of_job says which.
-            log(decision.message.split(", above the limit")[0])
+            need = resize.need_workers if resize else "more"
+            log(f"the plan needs {need} workers; this span's job has {job.limit}")
             return slurm_chain.end_of_job(job, slurm_job, decision, resize, overrides, env, log)
         if decision.fix:
             _report(job, history, decision.message, decision.fix)
