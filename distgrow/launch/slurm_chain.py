@@ -32,6 +32,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -359,6 +360,15 @@ def submit_span(
 _ALIVE = ("submitted", "running")
 
 
+def _no_chain(run: RunDir) -> int:
+    print(
+        f"distgrow chain: error: {run.slurm_jobs} does not exist: {run.path} holds no SLURM run. "
+        "Fix: give the run directory of a launch.slurm=chain run (run.output_dir).",
+        file=sys.stderr,
+    )
+    return EXIT_USAGE
+
+
 def cancel_chain(run_dir: Path, runner: Runner = _run, log: Callable[[str], None] = print) -> int:
     """Stop a chain: no pending span starts; the running one checkpoints and stops.
 
@@ -372,8 +382,7 @@ def cancel_chain(run_dir: Path, runner: Runner = _run, log: Callable[[str], None
     run = RunDir(run_dir)
     jobs = run.read_slurm_jobs()
     if jobs is None or not jobs.jobs:
-        log(f"distgrow chain: error: {run.slurm_jobs} does not exist: {run_dir} holds no SLURM run")
-        return EXIT_USAGE
+        return _no_chain(run)
     with updating(run, jobs.mode, jobs.name) as current:
         current.cancel_requested = True
         ids = [j.job_id for j in current.jobs]
@@ -405,8 +414,7 @@ def chain_status(run_dir: Path, log: Callable[[str], None] = print) -> int:
     run = RunDir(run_dir)
     jobs = run.read_slurm_jobs()
     if jobs is None or not jobs.jobs:
-        log(f"distgrow chain: error: {run.slurm_jobs} does not exist: {run_dir} holds no SLURM run")
-        return EXIT_USAGE
+        return _no_chain(run)
     summary = read_json(run.summary) if run.summary.is_file() else {}
     held = held_from_slurm(run, summary)
     log(f"{jobs.mode} {jobs.name}{' (cancel requested)' if jobs.cancel_requested else ''}")
