@@ -206,8 +206,10 @@ def query_slurm(job_ids: Sequence[str], run: Runner = _run) -> dict[str, list[Jo
         return done.stdout if done.returncode == 0 else None
 
     config = ask(["scontrol", "show", "config"]) or ""
+    if not config:
+        return found  # no SLURM here, or its controller does not answer: ask nothing more
     storage = _config_value(config, "AccountingStorageType") or ""
-    if "none" not in storage and config:
+    if "none" not in storage:
         out = ask(["sacct", "-n", "-P", "-X", "-D", "-j", ",".join(ids), "-o", SACCT_FORMAT])
         if out:
             found.update(parse_sacct(out))

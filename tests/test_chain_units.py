@@ -505,3 +505,14 @@ def test_dry_run_shows_the_first_spans_script(
     (submit,) = [line for line in out.splitlines() if "$ sbatch" in line]
     assert submit.endswith("/r/launch/span-01.sbatch") and "--dependency" not in submit
     assert not (tmp_path / "r").exists()  # nothing written, nothing submitted
+
+
+def test_query_slurm_asks_nothing_more_when_slurm_does_not_answer() -> None:
+    asked: list[list[str]] = []
+
+    def down(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+        asked.append(list(argv))
+        return subprocess.CompletedProcess(argv, 1, "", "Unable to contact slurm controller")
+
+    assert query_slurm(["3", "4", "5"], down) == {}
+    assert asked == [["scontrol", "show", "config"]]
