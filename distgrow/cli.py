@@ -254,6 +254,12 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     return main_launch(args.config, list(args.overrides), args.dry_run)
 
 
+def _cmd_chain(args: argparse.Namespace) -> int:
+    from distgrow.launch.slurm_chain import main_chain
+
+    return main_chain(args.action, args.run_dir)
+
+
 _LAUNCH_EPILOG = """\
 For each span of the plan with one worker count, the launcher (launch.launcher: torchrun,
 deepspeed, horovodrun, mpirun, srun inside a SLURM allocation; auto picks from the
@@ -265,6 +271,10 @@ followed by a relaunch, and the controller exits with that status (138 requeues 
 template). Each attempt's output goes to <run dir>/launch/attempt-NN-<workers>w.log.
 With launch.elastic=true and torchrun, the job grows without a relaunch: torchrun agents of one
 worker each join a running rendezvous (logs attempt-NN-agent-K.log). See docs/launch.md.
+On SLURM with launch.slurm=chain, each span is its own job sized to its workers (launch.chain):
+run outside SLURM, `distgrow launch` submits the first span; each span submits the next, wider
+one (afterok) when its workers ask for more. `distgrow chain status|cancel RUN_DIR`; see
+slurm/README.md.
 """
 
 
@@ -356,6 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.epilog = _LAUNCH_EPILOG
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.set_defaults(func=_cmd_launch)
+    help_ = "A launch.slurm=chain run's SLURM jobs: status (sizes, states, held hours) or cancel."
+    p = sub.add_parser("chain", help=help_, description=help_)
+    p.add_argument("action", choices=("status", "cancel"), help="show the chain, or stop it")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
+    p.set_defaults(func=_cmd_chain)
 
     p = verb("compare", "Train decay_lr, grow_batch and the hybrid side by side; write a report.")
     p.add_argument(

@@ -14,6 +14,9 @@ file                     what                                                   
                          75, or an elastic request while training goes on)
 ``ckpt-<step:09d>.pt``   atomic, world-size-independent checkpoints                   trainer
 ``wandb_run_id.txt``     the W&B run id, so relaunches continue one W&B run           W&B logger
+``slurm_jobs.json``      :class:`SlurmJobs`: the SLURM jobs that held the run (one    controller
+                         per span with ``launch.slurm=chain``, else the allocation),
+                         their ids, sizes, states and times; what they held
 ``launch/``              the controller's logs and the resize requests it consumed    controller
 =======================  ==========================================================  ==========
 
@@ -41,12 +44,14 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 RESIZE_FILE = "resize.json"
 WANDB_RUN_ID_FILE = "wandb_run_id.txt"
+SLURM_JOBS_FILE = "slurm_jobs.json"
 LAUNCH_DIR = "launch"
 CHECKPOINT_GLOB = "ckpt-*.pt"
 _CHECKPOINT_NAME = re.compile(r"^ckpt-(\d{9,})\.pt$")
 
 SUMMARY_VERSION = 1
 RESIZE_VERSION = 1
+SLURM_JOBS_VERSION = 1
 
 
 class RunDirError(ValueError):
@@ -241,6 +246,8 @@ class Summary:
     device: str | None = None
     phases: list[dict[str, Any]] = field(default_factory=list)
     savings: dict[str, Any] = field(default_factory=dict)
+    held: dict[str, Any] = field(default_factory=dict)
+    """What the SLURM job(s) held up to the summary (``distgrow.held``); {} outside SLURM."""
     version: int = SUMMARY_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -253,6 +260,78 @@ class Summary:
     def from_dict(cls, data: Mapping[str, Any], source: str = SUMMARY_FILE) -> Summary:
         """Rebuild from the JSON object; a file without ``version`` is version 0 (round 1)."""
         return _from_mapping(cls, {"version": 0, **data}, source)
+
+
+@dataclass
+class SlurmJob:
+    """One SLURM job that held the run: a span of a chain, or the whole allocation.
+
+    ``state`` is distgrow's word for where it stands: ``submitted`` (pending in the queue),
+    ``running``, ``grown`` (its workers asked for more; the next span is ``next_job_id``),
+    ``completed`` (the plan ran to its end), ``stopped`` (a signal: scancel, pre-emption, the
+    time limit; ``requeued`` when the job requeued itself), ``failed`` (``message`` and
+    ``fix`` say why and how to resume), ``cancelled`` (by ``distgrow chain cancel`` before
+    it ran). Sizes are what the job was given: ``cpus`` and ``gpus`` over all its nodes.
+    """
+
+    index: int
+    job_id: str
+    workers: int
+    state: str = "submitted"
+    nodes: int | None = None
+    tasks: int | None = None
+    cpus: int | None = None
+    gpus: int | None = None
+    partition: str | None = None
+    time_limit: str | None = None
+    submitted: float | None = None
+    runs: list[list[float | None]] = field(default_factory=list)
+    """``[start, end]`` (Unix times) of each time the job ran, as its controller saw them (a
+    requeued job runs again); ``end`` is None while it runs, or when it was killed first."""
+    restarts: int = 0
+    exit_code: int | None = None
+    next_job_id: str | None = None
+    message: str | None = None
+    fix: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SlurmJobs:
+    """``slurm_jobs.json``: the jobs that held the run, in order, and how the chain stands.
+
+    ``mode`` is ``launch.slurm`` (``chain`` or ``allocation``); ``name`` the job name every
+    span of a chain shares (``scancel --name=NAME`` stops them all); ``cancel_requested`` is
+    set by ``distgrow chain cancel`` so that a span ending meanwhile submits no next one.
+    """
+
+    mode: str
+    name: str
+    jobs: list[SlurmJob] = field(default_factory=list)
+    cancel_requested: bool = False
+    version: int = SLURM_JOBS_VERSION
+
+    def job(self, job_id: str) -> SlurmJob | None:
+        """The record of ``job_id`` (None when the run has none)."""
+        return next((j for j in self.jobs if j.job_id == job_id), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "mode": self.mode,
+            "name": self.name,
+            "cancel_requested": self.cancel_requested,
+            "jobs": [
+                {**{k: v for k, v in dataclasses.asdict(j).items() if k != "extra"}, **j.extra}
+                for j in self.jobs
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = SLURM_JOBS_FILE) -> SlurmJobs:
+        jobs = [_from_mapping(SlurmJob, j, source) for j in data.get("jobs") or []]
+        top = {k: v for k, v in data.items() if k != "jobs"}
+        return _from_mapping(cls, {**top, "jobs": jobs}, source)
 
 
 # -- the directory ---------------------------------------------------------------------------
@@ -293,6 +372,10 @@ class RunDir:
     @property
     def launch_dir(self) -> Path:
         return self.path / LAUNCH_DIR
+
+    @property
+    def slurm_jobs(self) -> Path:
+        return self.path / SLURM_JOBS_FILE
 
     # checkpoints
 
@@ -387,3 +470,17 @@ class RunDir:
 
     def write_summary(self, summary: Summary) -> None:
         write_json(self.summary, summary.to_dict())
+
+    # slurm_jobs.json
+
+    def read_slurm_jobs(self) -> SlurmJobs | None:
+        """The SLURM jobs of the run (None when it ran outside SLURM or the file is unreadable)."""
+        if not self.slurm_jobs.is_file():
+            return None
+        try:
+            return SlurmJobs.from_dict(read_json(self.slurm_jobs), str(self.slurm_jobs))
+        except RunDirError:
+            return None
+
+    def write_slurm_jobs(self, jobs: SlurmJobs) -> None:
+        write_json(self.slurm_jobs, jobs.to_dict())

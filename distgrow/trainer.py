@@ -83,6 +83,7 @@ from distgrow.data.feed import LoaderFeed
 from distgrow.entrypoints import EntryPointError, is_entry_point
 from distgrow.exits import EXIT_NEED_WORKERS, EXIT_NONFINITE, EXIT_OK
 from distgrow.gpu import cuda_peak_memory, prepare_model
+from distgrow.held import held_so_far
 from distgrow.loop import GrowthBatchSampler, GrowthSchedule
 from distgrow.losses import build_objective, loss_sum
 from distgrow.metrics import (
@@ -636,6 +637,8 @@ class Trainer:
         )
         # Measured savings need a baseline run: `distgrow compare` / `distgrow report`.
         summary.savings = {"estimated": try_estimated_savings(summary.to_dict())}
+        # What the SLURM job(s) held so far (slurm_jobs.json); the report reads SLURM's records.
+        summary.held = held_so_far(self.run_dir, summary.to_dict())
         failure = None
         if self.backend.is_main:
             failure = self._metrics_failure()  # a run with lost records is not complete

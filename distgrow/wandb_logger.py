@@ -187,6 +187,12 @@ def wandb_summary(end: Mapping[str, Any]) -> dict[str, Any]:
     savings = end.get("savings")
     if isinstance(savings, Mapping):
         _flatten("savings", savings, out)
+    held = end.get("held")
+    if isinstance(held, Mapping) and held:
+        # What the SLURM jobs held (allocated CPU/GPU-hours), beside the worker-hours used.
+        _flatten("held", held, out)
+        for job in held.get("jobs") or []:
+            _flatten(f"held/jobs/{job.get('index', 0)}", job, out)
     return out
 
 

@@ -104,7 +104,11 @@ SlurmdParameters=config_overrides
 MpiDefault=none
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
+# No slurmdbd here, so no sacct: SLURM's own completion records (one line per finished job,
+# with its start, end, nodes, CPUs and TRES) go to a text file, which distgrow report reads
+# for the hours each job held (distgrow/held.py).
+JobCompType=jobcomp/filetxt
+JobCompLoc=${DIR}/log/jobcomp.txt
 ReturnToService=2
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2,bf_interval=2

@@ -18,7 +18,8 @@ Behaviour, from ``FAKE_WORKER`` in the environment:
 * ``crash:K`` — the first K launches exit 3 (a crash); later ones exit 0.
 * ``sleep`` — write ``started-<rank>`` and sleep; on SIGTERM/SIGINT/SIGUSR1 write
   ``signal-<rank>`` (the signal's name) and exit 128 + its number. ``sleep:fresh`` sleeps only
-  in a fresh run; resumed (``run.resume=true``), it exits 0 at once.
+  in a fresh run; resumed (``run.resume=true``), it exits 0 at once. ``sleep:grow:N`` sleeps in
+  a fresh run; resumed, it behaves as ``grow:N``.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ line = {
 with open(run / "calls.jsonl", "a") as f:
     f.write(json.dumps(line) + "\n")
 mode, _, value = os.environ["FAKE_WORKER"].partition(":")
+if mode == "sleep" and value.startswith("grow:") and cfg.run.resume:
+    mode, value = "grow", value.split(":", 1)[1]
 if mode == "grow":
     need = int(value)
     if rt.world_size < need:

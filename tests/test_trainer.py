@@ -88,6 +88,7 @@ SUMMARY_KEYS = {
     "dataset_size",
     "phases",
     "savings",
+    "held",
 }
 
 
@@ -386,6 +387,7 @@ def test_metrics_summary_and_config(tmp_path: Path) -> None:
     assert load_config(run_dir / "config.yaml") == cfg
     # The typed record writes the keys summary.json always had, plus its version.
     assert set(summary) == SUMMARY_KEYS | {"version"} and summary["version"] == 1
+    assert summary["held"] == {}  # no SLURM job held this run (no slurm_jobs.json)
     assert summary["final_setting"] == {
         "global_batch": 128,
         "workers": 1,

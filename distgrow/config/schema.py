@@ -964,6 +964,40 @@ class BackendConfig(_Section):
 
 
 @dataclass(config=_STRICT)
+class ChainConfig(_Section):
+    """``launch.slurm=chain``: the shape of each span's SLURM job (see slurm/README.md).
+
+    A span of W workers asks for ``ceil(W / tasks_per_node)`` nodes, W tasks, and on GPUs
+    ``min(W, gpus_per_node)`` GPUs per node."""
+
+    tasks_per_node: Int | None = _f(
+        None, "Most workers (tasks) per node; unset: the GPUs per node, else all on one node."
+    )
+    gpus_per_node: Int = _f(0, "GPUs per node a span asks for (one per worker); 0: CPU workers.")
+    cpus_per_task: Int | None = _f(
+        None, "CPUs per worker (sbatch --cpus-per-task); unset: SLURM's."
+    )
+    partition: Str | None = _f(None, "Partition of every span (sbatch --partition).")
+    account: Str | None = _f(None, "Account charged (sbatch --account).")
+    time: Str = _f("01:00:00", "Time limit of each span (sbatch --time), e.g. 04:00:00.")
+    sbatch_args: list[Str] = _f([], "More sbatch options for every span, e.g. ['--mem=0'].")
+
+    def validate(self) -> None:
+        if self.tasks_per_node is not None and self.tasks_per_node < 1:
+            raise _fail(
+                "launch.chain.tasks_per_node", self.tasks_per_node, "must be at least 1", "e.g. 4"
+            )
+        if self.gpus_per_node < 0:
+            raise _fail("launch.chain.gpus_per_node", self.gpus_per_node, "must be >= 0", "e.g. 4")
+        if self.cpus_per_task is not None and self.cpus_per_task < 1:
+            raise _fail(
+                "launch.chain.cpus_per_task", self.cpus_per_task, "must be at least 1", "e.g. 8"
+            )
+        if not self.time.strip():
+            raise _fail("launch.chain.time", self.time, "is empty", "e.g. 04:00:00 or 2-00:00:00")
+
+
+@dataclass(config=_STRICT)
 class LaunchConfig(_Section):
     """How `distgrow launch` starts workers."""
 
@@ -986,8 +1020,16 @@ class LaunchConfig(_Section):
     hostfile: Str | None = _f(None, "Hostfile for deepspeed / horovodrun / mpirun.")
     master_addr: Str = _f("127.0.0.1", "Rendezvous address (derived from SLURM when there).")
     master_port: Int = _f(29500, "Rendezvous port.")
+    slurm: Literal["allocation", "chain"] = _f(
+        "allocation",
+        "On SLURM: 'allocation' holds the widest phase's nodes for the whole run and starts "
+        "narrower job steps inside; 'chain' makes each span of the plan its own job, sized to "
+        "its workers (launch.chain), the next submitted with afterok on it.",
+    )
+    chain: ChainConfig = _section(ChainConfig, "The shape of each span's job (launch.slurm=chain).")
 
     def validate(self) -> None:
+        self.chain.validate()
         if self.max_restarts < 0:
             raise _fail("launch.max_restarts", self.max_restarts, "must be >= 0", "e.g. 3")
         if self.elastic_wait_s < 0:

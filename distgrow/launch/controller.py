@@ -17,9 +17,10 @@ from typing import Literal
 
 from distgrow.config import Config, ConfigError, load_config
 from distgrow.exits import EXIT_FAILURE, EXIT_NEED_WORKERS, EXIT_NONFINITE, EXIT_OK, EXIT_USAGE
+from distgrow.launch import slurm_chain
 from distgrow.launch.builders import LaunchError, build_command
 from distgrow.launch.elastic import run_elastic_group, write_discovery_script
-from distgrow.launch.environment import local_gpu_count, log_command
+from distgrow.launch.environment import in_slurm_allocation, local_gpu_count, log_command
 from distgrow.launch.executor import (
     Executor,
     Outcome,
@@ -390,12 +391,29 @@ def run_controller(
     log = log or (print if dry_run else _log_stderr)
     if gpus_on_node is None:
         gpus_on_node = local_gpu_count()
+    chain = cfg.launch.slurm == "chain"
+    if chain:
+        slurm_chain.check_chain(cfg)  # before prepare() could set growth.max_workers
     job, plan = prepare(cfg_path, overrides, cfg, env, log, python, gpus_on_node)
+    first = plan.phases[0].workers if plan.phases else 1
+    if chain and not in_slurm_allocation(env):  # the login node: submit the first span
+        return slurm_chain.submit_first_span(job, first, overrides, env, dry_run, log)
     if dry_run:
         return _dry_run(job, plan, env)
 
-    first = plan.phases[0].workers if plan.phases else 1
     workers, resume, restarts = min(first, job.limit), job.cfg.run.resume, 0
+    slurm_job = None
+    if in_slurm_allocation(env):
+        # What this job holds, for the held hours (distgrow.held); a span of a chain finds
+        # the record its submitter wrote.
+        name = slurm_chain.chain_name(job.cfg, job.run_dir)
+        if not chain:
+            name = env.get("SLURM_JOB_NAME", name)
+        slurm_job = slurm_chain.record_start(job.run, job.cfg.launch.slurm, name, env, time.time())
+        if chain and (slurm_job.restarts > 0 or slurm_job.index > 1):
+            resume = True  # a later or requeued span continues the run
+        if chain and resume:
+            workers = min(slurm_job.workers, job.limit)  # the width the span was sized for
     last = last_width(job.run_dir) if resume else None
     if last is not None and min(last, job.limit) > workers:
         # A stopped (or requeued) run continues as wide as it was, not from the plan's start
@@ -450,10 +468,18 @@ def run_controller(
             workers, resume = decision.workers, True
             restarts += decision.restart
             continue
+        if chain and slurm_job is not None and decision.status == EXIT_NEED_WORKERS:
+            # The workers outgrew this span: the next, wider span is submitted (or the chain
+            # was cancelled); end_of_job says which.
+            need = resize.need_workers if resize else "more"
+            log(f"the plan needs {need} workers; this span's job has {job.limit}")
+            return slurm_chain.end_of_job(job, slurm_job, decision, resize, overrides, env, log)
         if decision.fix:
             _report(job, history, decision.message, decision.fix)
         else:
             log(decision.message)
+        if slurm_job is not None:
+            return slurm_chain.end_of_job(job, slurm_job, decision, resize, overrides, env, log)
         return decision.status
 
 

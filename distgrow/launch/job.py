@@ -192,7 +192,9 @@ def prepare(
     else:
         limit, reason = worker_limit(env, cfg, gpus_on_node)
     overrides = list(overrides)
-    if cfg.growth.max_workers is None or limit < cfg.growth.max_workers:
+    # A chain plans the whole run: the next, wider span is another job, not accumulation.
+    whole_run = cfg.launch.slurm == "chain" and cfg.growth.max_workers is not None
+    if not whole_run and (cfg.growth.max_workers is None or limit < cfg.growth.max_workers):
         # Plan within what the job has: the batch still grows (through accumulation), and the
         # workers plan the same way, so none asks for workers that cannot come.
         log(f"growth.max_workers {cfg.growth.max_workers or 'unset'} -> {limit}: {reason}")

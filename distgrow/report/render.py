@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from distgrow.held import baseline_held, held_from_slurm
 from distgrow.report.runs import (
     ReportError,
     RunData,
@@ -155,6 +156,28 @@ def _pick_baseline(runs: Sequence[RunData], baseline: str | None) -> RunData | N
     return found[0] if found else None
 
 
+def _held(
+    run: RunData,
+    summary: Mapping[str, Any],
+    measured: Mapping[str, Any] | None,
+    base: RunData | None,
+) -> dict[str, Any]:
+    """What the run's SLURM jobs held, from SLURM's own records where it keeps them ({} for a
+    run outside SLURM); against a measured baseline, that baseline's wall-clock."""
+    held = held_from_slurm(run.run_dir, summary)
+    if held and measured and base is not None:
+        baseline = baseline_held(
+            held,
+            measured.get("baseline_wall_s"),
+            int(base.summary.world_size or 1),
+            f"measured: the {base.label} run",
+            base.summary.startup_s,
+        )
+        if baseline is not None:
+            held["baseline"] = baseline
+    return held
+
+
 def build_report(
     runs: Sequence[RunData],
     out_dir: str | Path,
@@ -222,6 +245,7 @@ def build_report(
                     + "; ".join(diffs)
                 )
         row["estimated"] = None if run is base else try_estimated_savings(as_json[id(run)])
+        row["held"] = _held(run, as_json[id(run)], row["measured"], base)
         rows.append(row)
 
     plots = _write_plots(runs, out, metric)
@@ -423,6 +447,7 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
             ],
         )
         lines.append("")
+    lines += _held_lines(rows)
     plots = summary.get("plots") or {}
     if plots:
         lines += ["## Plots", ""]
@@ -529,3 +554,82 @@ def write_sweep(
     lines += [f"![{caption}]({SWEEP_FILES['plot']})", ""]
     (out / SWEEP_FILES["markdown"]).write_text("\n".join(lines), encoding="utf-8")
     return data
+
+
+def _held_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The section on what the SLURM jobs held (none when no run ran under SLURM)."""
+    held_rows = [r for r in rows if r.get("held")]
+    if not held_rows:
+        return []
+    lines = [
+        "## What the SLURM jobs held",
+        "",
+        "A cluster bills what a job holds (allocated CPUs/GPUs × time, start-up and idle "
+        "workers included), not the worker-hours the run used (training wall-clock × workers). "
+        "`allocation` mode holds the widest phase's workers from the first update to the last; "
+        "`chain` mode holds each span's own workers.",
+        "",
+    ]
+    table = []
+    for row in held_rows:
+        h = row["held"]
+        b = h.get("baseline") or {}
+        used = row.get("worker_hours") or 0.0
+        table.append(
+            [
+                row["label"],
+                h["mode"],
+                str(len(h["jobs"])),
+                _num(used, ",.4f"),
+                _num(h["task_hours"], ",.4f"),
+                "-" if not h["task_hours"] else f"{used / h['task_hours']:.0%}",
+                _num(h["cpu_hours"], ",.4f"),
+                _num(h["gpu_hours"], ",.4f"),
+                _num(b.get("cpu_hours"), ",.4f"),
+                format_ratio(b.get("cpu_hours_ratio"), "less", "more"),
+                h["source"],
+            ]
+        )
+    lines += _table(
+        [
+            "run",
+            "mode",
+            "jobs",
+            "worker-h used",
+            "worker-h held",
+            "used/held",
+            "CPU-h held",
+            "GPU-h held",
+            "baseline CPU-h held",
+            "CPU-h vs baseline",
+            "source",
+        ],
+        table,
+    )
+    lines.append("")
+    for row in held_rows:
+        h = row["held"]
+        lines += [f"### {row['label']}: jobs", ""]
+        lines += _table(
+            ["span", "job", "workers", "nodes", "CPUs", "GPUs", "state", "held", "CPU-h", "GPU-h"],
+            [
+                [
+                    str(j["index"]),
+                    str(j["job_id"]),
+                    str(j["workers"]),
+                    str(j.get("nodes") or "-"),
+                    str(j.get("cpus") or "-"),
+                    str(j.get("gpus") or 0),
+                    j["state"],
+                    format_seconds(j["held_s"]),
+                    _num(j["cpu_hours"], ",.4f"),
+                    _num(j["gpu_hours"], ",.4f"),
+                ]
+                for j in h["jobs"]
+            ],
+        )
+        lines += ["", f"- held: {h['method']}"]
+        if h.get("baseline"):
+            lines.append(f"- decay_lr baseline at the base width: {h['baseline']['method']}")
+        lines.append("")
+    return lines

@@ -1,0 +1,587 @@
+"""``launch.slurm=chain``: each span of the plan is its own SLURM job, sized to its workers.
+
+A span is a run of phases with one worker count. The first span's job is submitted by
+``distgrow launch CONFIG launch.slurm=chain`` (outside SLURM; or ``sbatch`` the template with
+that override). Inside each span the launch controller runs as usual: it starts the span's
+workers as an ``srun`` job step (relaunching wider inside the job while the job has the tasks).
+When the workers ask for more than the job has (exit 75, ``resize.json``), the controller
+submits the next span, sized to what they asked for, with ``--dependency=afterok:<this job>``
+and ``--kill-on-invalid-dep=yes``, and exits 0: SLURM starts the next span once this one has
+ended, and it resumes from the checkpoint the workers just wrote.
+
+Why from inside the running span, rather than the whole chain up front: the width and the
+moment of the next span come from the workers' own request, so a plateau schedule (whose
+growth points are not known in advance) chains the same way; a span that fails, is cancelled
+or is stopped never submits a next one, so nothing waits for a dependency that cannot be met
+(and if one slips in during the last seconds, ``--kill-on-invalid-dep`` makes SLURM cancel it).
+The cost: the next span enters the queue only when it is needed.
+
+The jobs are recorded in the run directory's ``slurm_jobs.json`` (:class:`SlurmJobs`, also in
+allocation mode, for the held hours of :mod:`distgrow.held`). ``distgrow chain status RUN_DIR``
+shows them; ``distgrow chain cancel RUN_DIR`` stops the chain (``scancel --name=NAME`` of the
+chain's one job name does the same without the record).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from distgrow.config import ChainConfig, Config
+from distgrow.exits import EXIT_FAILURE, EXIT_NEED_WORKERS, EXIT_OK, EXIT_USAGE
+from distgrow.held import held_from_slurm
+from distgrow.launch.builders import LaunchError, format_command
+from distgrow.launch.job import Job
+from distgrow.rundir import ResizeRequest, RunDir, SlurmJob, SlurmJobs, read_json
+from distgrow.signals import signal_from_status
+
+if TYPE_CHECKING:
+    from distgrow.launch.controller import Decision
+
+CHAIN_SPAN_ENV = "DISTGROW_CHAIN_SPAN"
+"""Set by a span's batch script: the controller requeues its own job after a USR1 stop (the
+allocation template does that in bash)."""
+
+Runner = Callable[..., "subprocess.CompletedProcess[str]"]
+
+
+@dataclass(frozen=True)
+class SpanShape:
+    """A span's job: ``workers`` tasks on ``nodes`` nodes, and what each node gets."""
+
+    workers: int
+    nodes: int
+    tasks_per_node: int
+    gpus_per_node: int
+    cpus_per_task: int | None
+
+
+def span_shape(workers: int, chain: ChainConfig) -> SpanShape:
+    """The job of a span of ``workers`` workers, from the allocation shape the user gave.
+
+    Tasks per node: ``launch.chain.tasks_per_node``, else the GPUs per node, else all on one
+    node. Nodes: as few as hold the workers. GPUs per node: one per worker, at most
+    ``gpus_per_node`` (a span narrower than a node asks for that many GPUs only).
+    """
+    per_node = chain.tasks_per_node or chain.gpus_per_node or workers
+    nodes = math.ceil(workers / per_node)
+    on_a_node = min(workers, per_node)
+    gpus = min(on_a_node, chain.gpus_per_node) if chain.gpus_per_node else 0
+    return SpanShape(workers, nodes, on_a_node, gpus, chain.cpus_per_task)
+
+
+def chain_name(cfg: Config, run_dir: Path) -> str:
+    """The job name every span of the run shares (``scancel --name`` stops them all): the
+    run's name and a digest of its directory, so two runs of one name do not collide."""
+    digest = hashlib.sha1(str(run_dir).encode()).hexdigest()[:6]
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", cfg.run.name)[:40]
+    return f"distgrow-{name}-{digest}"
+
+
+def sbatch_options(
+    shape: SpanShape, chain: ChainConfig, name: str, output: Path, chdir: Path
+) -> list[str]:
+    """The ``#SBATCH`` options of a span's batch script (the dependency is added at submit)."""
+    opts = [
+        f"--job-name={name}",
+        f"--nodes={shape.nodes}",
+        f"--ntasks={shape.workers}",
+        f"--ntasks-per-node={shape.tasks_per_node}",
+    ]
+    if shape.gpus_per_node:
+        opts.append(f"--gpus-per-node={shape.gpus_per_node}")
+    if shape.cpus_per_task:
+        opts.append(f"--cpus-per-task={shape.cpus_per_task}")
+    if chain.partition:
+        opts.append(f"--partition={chain.partition}")
+    if chain.account:
+        opts.append(f"--account={chain.account}")
+    opts += [
+        f"--time={chain.time}",
+        # Pre-emption and the time limit: USR1 to the controller, which has the workers
+        # checkpoint, then requeues this job; the requeued span resumes.
+        "--signal=B:USR1@120",
+        "--requeue",
+        "--kill-on-invalid-dep=yes",
+        "--open-mode=append",
+        f"--output={output}",
+        f"--chdir={chdir}",
+        *chain.sbatch_args,
+    ]
+    return opts
+
+
+def span_script(
+    index: int, options: Sequence[str], python: str, config: str, overrides: Sequence[str]
+) -> str:
+    """A span's batch script: its options, then ``exec python -m distgrow launch ...``.
+
+    ``exec``: the controller is the batch shell, so ``--signal=B:USR1`` reaches it directly.
+    """
+    command = format_command([python, "-m", "distgrow", "launch", config, *overrides])
+    name = next(o.split("=", 1)[1] for o in options if o.startswith("--job-name="))
+    return "\n".join(
+        [
+            "#!/usr/bin/env bash",
+            f"# distgrow chain span {index} (launch.slurm=chain), written by `distgrow launch`.",
+            "# The launch controller runs the span's workers as srun job steps; when the plan",
+            "# needs more workers than this job has, it submits the next span with",
+            "# --dependency=afterok:$SLURM_JOB_ID and exits 0.",
+            f"# Stop the chain: distgrow chain cancel RUN_DIR  (or: scancel --name={name})",
+            *(f"#SBATCH {o}" for o in options),
+            f"export {CHAIN_SPAN_ENV}=1",
+            f"exec {command}",
+            "",
+        ]
+    )
+
+
+def span_overrides(overrides: Sequence[str], resume: bool) -> list[str]:
+    """The command line's overrides for a span: ``launch.slurm=chain`` and, with ``resume``,
+    ``run.resume=true`` (each once). A later span resumes without it: its controller knows
+    from ``slurm_jobs.json`` that it is not the first (and adds it for its workers)."""
+    keep = [o for o in overrides if not o.startswith(("run.resume=", "launch.slurm="))]
+    return [*keep, "launch.slurm=chain", *(["run.resume=true"] if resume else [])]
+
+
+def check_chain(cfg: Config) -> None:
+    """Refuse a chain that cannot run.
+
+    Raises:
+        LaunchError: ``growth.max_workers`` unset (the chain's widest span), or elastic.
+    """
+    if cfg.growth.max_workers is None:
+        raise LaunchError(
+            "launch.slurm=chain sizes each span's job from the plan, but growth.max_workers is "
+            "unset, so the plan has no widest span. Fix: set growth.max_workers (e.g. "
+            "growth.max_workers=8)."
+        )
+    if cfg.launch.elastic:
+        raise LaunchError(
+            "launch.slurm=chain starts a new job for each wider span; launch.elastic=true grows "
+            "inside one job. Fix: set launch.elastic=false (or use launch.slurm=allocation)."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# slurm_jobs.json
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def updating(run: RunDir, mode: str, name: str) -> Iterator[SlurmJobs]:
+    """``slurm_jobs.json`` under a lock, written back on leaving (a span and ``chain cancel``
+    may change it at the same time)."""
+    run.path.mkdir(parents=True, exist_ok=True)
+    lock = run.path / f".{run.slurm_jobs.name}.lock"
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        jobs = run.read_slurm_jobs() or SlurmJobs(mode=mode, name=name)
+        yield jobs
+        run.write_slurm_jobs(jobs)
+
+
+def _leading(text: str | None) -> int | None:
+    match = re.match(r"\s*(\d+)", text or "")
+    return int(match.group(1)) if match else None
+
+
+def allocation_size(env: Mapping[str, str]) -> tuple[int, int, int, int]:
+    """``(nodes, tasks, cpus, gpus)`` of the job this process runs in, from SLURM's variables.
+
+    ``SLURM_JOB_CPUS_PER_NODE`` reads like ``4(x2),2``; GPUs are ``SLURM_GPUS_ON_NODE`` per
+    node (the same on every node of a job that asked per node).
+    """
+    nodes = _leading(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES")) or 1
+    tasks = _leading(env.get("SLURM_NTASKS") or env.get("SLURM_NPROCS")) or 1
+    cpus = 0
+    for item in (env.get("SLURM_JOB_CPUS_PER_NODE") or "").split(","):
+        match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", item)
+        if match:
+            cpus += int(match.group(1)) * int(match.group(2) or 1)
+    gpus = (_leading(env.get("SLURM_GPUS_ON_NODE")) or 0) * nodes
+    return nodes, tasks, cpus or tasks, gpus
+
+
+def record_start(run: RunDir, mode: str, name: str, env: Mapping[str, str], now: float) -> SlurmJob:
+    """Record that this job (``SLURM_JOB_ID``) started running: its size and start time."""
+    job_id = str(env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID"))
+    nodes, tasks, cpus, gpus = allocation_size(env)
+    with updating(run, mode, name) as jobs:
+        job = jobs.job(job_id)
+        if job is None:
+            job = SlurmJob(index=len(jobs.jobs) + 1, job_id=job_id, workers=tasks)
+            jobs.jobs.append(job)
+        job.state = "running"
+        job.nodes, job.tasks, job.cpus, job.gpus = nodes, tasks, cpus, gpus
+        job.partition = env.get("SLURM_JOB_PARTITION") or job.partition
+        job.restarts = _leading(env.get("SLURM_RESTART_COUNT")) or 0
+        job.runs.append([now, None])
+        # A requeued job runs again: how its earlier run ended no longer describes it.
+        job.exit_code = job.message = job.fix = None
+        return job
+
+
+def record_end(run: RunDir, job: SlurmJob, now: float, **changes: object) -> SlurmJobs:
+    """Record how this job's run ended (``state``, ``exit_code``, ``message``, ``fix`` ...)."""
+    with updating(run, "", "") as jobs:
+        mine = jobs.job(job.job_id)
+        if mine is None:  # the file was replaced meanwhile: record the job again
+            mine = job
+            jobs.jobs.append(mine)
+        if mine.runs and mine.runs[-1][1] is None:
+            mine.runs[-1][1] = now
+        for key, value in changes.items():
+            setattr(mine, key, value)
+        return jobs
+
+
+# --------------------------------------------------------------------------------------------
+# Submitting
+# --------------------------------------------------------------------------------------------
+
+
+def _run(argv: Sequence[str], env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        list(argv), capture_output=True, text=True, timeout=120, check=False, env=dict(env)
+    )
+
+
+def submission_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The environment ``sbatch`` exports to the next span: this one's, without the variables
+    of the job it runs in (SLURM's own, SBATCH_* inputs), which would describe the wrong job."""
+    return {
+        k: v
+        for k, v in env.items()
+        if not k.startswith(("SLURM_", "SBATCH_", "SRUN_")) or k == "SLURM_CONF"
+    }
+
+
+def submit_span(
+    *,
+    cfg: Config,
+    run: RunDir,
+    workers: int,
+    python: str,
+    config_path: str,
+    overrides: Sequence[str],
+    resume: bool,
+    after: str | None,
+    env: Mapping[str, str],
+    chdir: Path,
+    runner: Runner = _run,
+    dry_run: bool = False,
+    log: Callable[[str], None] = print,
+) -> SlurmJob | None:
+    """Write span ``n``'s batch script into the run's launch folder and ``sbatch`` it.
+
+    Args:
+        after: The job the span waits for (``--dependency=afterok``), None for the first.
+        dry_run: Log the script and the command instead of submitting.
+
+    Returns:
+        The span's record (also in ``slurm_jobs.json``), None in a dry run.
+
+    Raises:
+        LaunchError: ``sbatch`` is missing or refused the job (its message is quoted).
+    """
+    name = chain_name(cfg, run.path)
+    known = run.read_slurm_jobs()
+    index = len(known.jobs) + 1 if known else 1
+    shape = span_shape(workers, cfg.launch.chain)
+    script = run.launch_dir / f"span-{index:02d}.sbatch"
+    output = run.launch_dir / f"span-{index:02d}-%j.out"
+    options = sbatch_options(shape, cfg.launch.chain, name, output, chdir)
+    text = span_script(index, options, python, config_path, span_overrides(overrides, resume))
+    argv = ["sbatch", "--parsable"]
+    if after:
+        argv.append(f"--dependency=afterok:{after}")
+    argv.append(str(script))
+    if dry_run:
+        log(f"span {index}: {workers} worker(s) on {shape.nodes} node(s); batch script:")
+        for line in text.splitlines():
+            log(f"  {line}")
+        log(f"  $ {format_command(argv)}")
+        return None
+    run.launch_dir.mkdir(parents=True, exist_ok=True)
+    script.write_text(text, encoding="utf-8")
+    try:
+        done = runner(argv, submission_env(env))
+    except FileNotFoundError:
+        raise LaunchError(
+            "launch.slurm=chain submits each span with sbatch, which is not on PATH here. Fix: "
+            "run on a SLURM login node, or set launch.slurm=allocation."
+        ) from None
+    if done.returncode != 0:
+        raise LaunchError(
+            f"sbatch refused span {index} ({workers} worker(s), {shape.nodes} node(s)): "
+            f"{(done.stderr or done.stdout).strip()}. Fix: change launch.chain (partition, "
+            f"time, tasks_per_node, gpus_per_node) to a shape this cluster accepts; the script "
+            f"is {script}."
+        )
+    job_id = done.stdout.strip().split(";")[0]
+    job = SlurmJob(
+        index=index,
+        job_id=job_id,
+        workers=workers,
+        state="submitted",
+        nodes=shape.nodes,
+        tasks=workers,
+        partition=cfg.launch.chain.partition,
+        time_limit=cfg.launch.chain.time,
+        submitted=time.time(),
+    )
+    with updating(run, "chain", name) as jobs:
+        jobs.jobs.append(job)
+    log(
+        f"submitted span {index}: job {job_id}, {workers} worker(s) on {shape.nodes} node(s)"
+        + (f", after job {after} ends well (afterok)" if after else "")
+        + f"; script {script}"
+    )
+    return job
+
+
+# --------------------------------------------------------------------------------------------
+# `distgrow chain status|cancel RUN_DIR`
+# --------------------------------------------------------------------------------------------
+
+_ALIVE = ("submitted", "running")
+
+
+def _no_chain(run: RunDir) -> int:
+    print(
+        f"distgrow chain: error: {run.slurm_jobs} does not exist: {run.path} holds no SLURM run. "
+        "Fix: give the run directory of a launch.slurm=chain run (run.output_dir).",
+        file=sys.stderr,
+    )
+    return EXIT_USAGE
+
+
+def cancel_chain(run_dir: Path, runner: Runner = _run, log: Callable[[str], None] = print) -> int:
+    """Stop a chain: no pending span starts; the running one checkpoints and stops.
+
+    Marks the chain cancelled first (a span ending meanwhile then submits no next one), then
+    ``scancel``s its pending jobs, then the rest: SLURM sends SIGTERM to the running span's
+    processes, its workers checkpoint within ``KillWait`` and exit, and a resume continues.
+
+    Returns:
+        0, or 2 when the directory holds no chain.
+    """
+    run = RunDir(run_dir)
+    jobs = run.read_slurm_jobs()
+    if jobs is None or not jobs.jobs:
+        return _no_chain(run)
+    with updating(run, jobs.mode, jobs.name) as current:
+        current.cancel_requested = True
+        ids = [j.job_id for j in current.jobs]
+    env = dict(os.environ)
+    pending = runner(["scancel", "--state=PENDING", f"--name={jobs.name}"], env)
+    everything = runner(["scancel", f"--name={jobs.name}", *ids], env)
+    for done in (pending, everything):
+        if done.returncode != 0 and done.stderr.strip():
+            log(f"distgrow chain: scancel: {done.stderr.strip()}")
+    with updating(run, jobs.mode, jobs.name) as current:
+        for job in current.jobs:
+            if job.state == "submitted":
+                job.state = "cancelled"
+                job.message = "cancelled by distgrow chain cancel before it ran"
+    log(
+        f"distgrow chain: cancelled {jobs.name} (jobs {', '.join(ids)}); the running span's "
+        "workers checkpoint and stop. Resume: distgrow launch CONFIG launch.slurm=chain "
+        "run.resume=true"
+    )
+    return EXIT_OK
+
+
+def chain_status(run_dir: Path, log: Callable[[str], None] = print) -> int:
+    """Print the run's SLURM jobs: size, distgrow's state, what each held; the fix if failed.
+
+    Returns:
+        0 while the chain runs or after it completed, 1 when a span failed, 2 without a chain.
+    """
+    run = RunDir(run_dir)
+    jobs = run.read_slurm_jobs()
+    if jobs is None or not jobs.jobs:
+        return _no_chain(run)
+    summary = read_json(run.summary) if run.summary.is_file() else {}
+    held = held_from_slurm(run, summary)
+    log(f"{jobs.mode} {jobs.name}{' (cancel requested)' if jobs.cancel_requested else ''}")
+    for job, row in zip(jobs.jobs, held["jobs"], strict=True):
+        what = "span" if jobs.mode == "chain" else "allocation"
+        log(
+            f"  {what} {job.index}: job {job.job_id}, {job.workers} worker(s), {job.state}"
+            + (f" (SLURM: {row['slurm_state']})" if row.get("slurm_state") else "")
+            + f", held {row['cpu_hours']:.4f} CPU-h {row['gpu_hours']:.4f} GPU-h "
+            f"[{row['source']}]" + (f" -> next job {job.next_job_id}" if job.next_job_id else "")
+        )
+        if job.message and job.state in ("failed", "stopped", "requeued"):
+            log(f"    {job.message}")
+        if job.fix:
+            log(f"    fix: {job.fix}")
+    failed = [j for j in jobs.jobs if j.state == "failed"]
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
+def main_chain(action: str, run_dir: str) -> int:
+    """``distgrow chain status|cancel RUN_DIR``."""
+    if action == "cancel":
+        return cancel_chain(Path(run_dir))
+    return chain_status(Path(run_dir))
+
+
+# --------------------------------------------------------------------------------------------
+# The controller's side
+# --------------------------------------------------------------------------------------------
+
+
+def resume_command(python: str, config_path: str, overrides: Sequence[str]) -> str:
+    """The command that resumes the chain (from the directory the first span was submitted)."""
+    return format_command(
+        [python, "-m", "distgrow", "launch", config_path, *span_overrides(overrides, True)]
+    )
+
+
+def submit_first_span(
+    job: Job,
+    first_workers: int,
+    overrides: Sequence[str],
+    env: Mapping[str, str],
+    dry_run: bool,
+    log: Callable[[str], None],
+) -> int:
+    """``distgrow launch CONFIG launch.slurm=chain`` outside SLURM: submit the first span."""
+    workers = first_workers
+    known = job.run.read_slurm_jobs()
+    if job.cfg.run.resume and known and known.jobs:
+        # Continue as wide as the chain last was (the span that failed or was stopped).
+        workers = known.jobs[-1].workers
+    submitted = submit_span(
+        cfg=job.cfg,
+        run=job.run,
+        workers=workers,
+        python=job.python,
+        config_path=job.config_path,
+        overrides=overrides,
+        resume=job.cfg.run.resume,
+        after=None,
+        env=env,
+        chdir=Path.cwd(),
+        dry_run=dry_run,
+        log=log,
+    )
+    if submitted is not None:
+        name = chain_name(job.cfg, job.run.path)
+        log(
+            f"the chain continues by itself, one job per span; see it with `distgrow chain "
+            f"status {job.run_dir}`, stop it with `distgrow chain cancel {job.run_dir}` (or "
+            f"scancel --name={name})"
+        )
+    return EXIT_OK
+
+
+def end_of_job(
+    job: Job,
+    record: SlurmJob,
+    decision: Decision,
+    resize: ResizeRequest | None,
+    overrides: Sequence[str],
+    env: Mapping[str, str],
+    log: Callable[[str], None],
+    runner: Runner = _run,
+) -> int:
+    """After the controller's last launch in a SLURM job: record how the job ended and, in a
+    chain, submit the next span when the workers asked for more than this job has.
+
+    Returns:
+        The controller's exit status: 0 after submitting the next span (SLURM's ``afterok``
+        needs it), else the decision's.
+    """
+    chain = job.cfg.launch.slurm == "chain"
+    fix_resume = resume_command(job.python, job.config_path, overrides)
+    if (
+        chain
+        and decision.status == EXIT_NEED_WORKERS
+        and resize is not None
+        and resize.need_workers > job.limit
+    ):
+        need = resize.need_workers
+        jobs = job.run.read_slurm_jobs()
+        if jobs is not None and jobs.cancel_requested:
+            log("the chain was cancelled: not submitting the next span")
+            record_end(
+                job.run, record, time.time(), state="stopped", exit_code=EXIT_OK,
+                message="the chain was cancelled (distgrow chain cancel): no next span",
+                fix=f"resume: {fix_resume}",
+            )  # fmt: skip
+            return EXIT_OK
+        try:
+            nxt = submit_span(
+                cfg=job.cfg,
+                run=job.run,
+                workers=need,
+                python=job.python,
+                config_path=job.config_path,
+                overrides=overrides,
+                resume=False,  # implied: the span's controller sees it is not the first
+                after=record.job_id,
+                env=env,
+                chdir=Path.cwd(),
+                runner=runner,
+                log=log,
+            )
+        except LaunchError as err:
+            log(f"error: {err}")
+            record_end(
+                job.run, record, time.time(), state="failed", exit_code=EXIT_USAGE,
+                message=f"the next span ({need} workers) could not be submitted: {err}",
+                fix=f"fix the span's shape (launch.chain), then resume: {fix_resume}",
+            )  # fmt: skip
+            return EXIT_USAGE
+        assert nxt is not None  # not a dry run
+        record_end(
+            job.run, record, time.time(), state="grown", exit_code=EXIT_OK,
+            next_job_id=nxt.job_id,
+            message=f"the plan needs {need} workers from epoch {resize.epoch} (step "
+            f"{resize.step}): span {nxt.index} is job {nxt.job_id}",
+        )  # fmt: skip
+        return EXIT_OK
+    status = decision.status
+    if decision.action == "done":
+        record_end(job.run, record, time.time(), state="completed", exit_code=EXIT_OK)
+        return EXIT_OK
+    stopped = signal_from_status(status)
+    if stopped is not None:
+        state = "stopped"
+        if chain and stopped == signal.SIGUSR1 and env.get(CHAIN_SPAN_ENV):
+            # Pre-emption or the time limit (--signal=B:USR1@120): the workers checkpointed;
+            # the requeued job resumes (SLURM_RESTART_COUNT > 0).
+            done = runner(["scontrol", "requeue", record.job_id], submission_env(env))
+            if done.returncode == 0:
+                state = "requeued"
+                log(f"stopped by USR1 (pre-emption or time limit); requeued job {record.job_id}")
+            else:
+                log(f"scontrol requeue {record.job_id} failed: {done.stderr.strip()}")
+        record_end(
+            job.run, record, time.time(), state=state, exit_code=status,
+            message=decision.message, fix=None if state == "requeued" else f"resume: {fix_resume}",
+        )  # fmt: skip
+        return status
+    record_end(
+        job.run, record, time.time(), state="failed", exit_code=status,
+        message=decision.message,
+        fix=(decision.fix + "; " if decision.fix else "") + f"resume: {fix_resume}"
+        + (" (no later span was submitted: nothing waits on this one)" if chain else ""),
+    )  # fmt: skip
+    return status
