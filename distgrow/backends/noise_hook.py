@@ -25,9 +25,16 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from distgrow.backends.torch_ddp import TorchBackend
 from distgrow.noise import pack_local_norm, unpack_local_norms
 
-__all__ = ["NoiseHookState", "all_reduce_local_norm", "noise_allreduce_hook", "register"]
+__all__ = [
+    "NoiseHookState",
+    "all_reduce_local_norm",
+    "attach",
+    "noise_allreduce_hook",
+    "register",
+]
 
 
 class NoiseHookState:
@@ -132,3 +139,36 @@ def all_reduce_local_norm(
     )
     dist.all_reduce(packed, group=group)
     return unpack_local_norms(packed)
+
+
+def attach(backend: object, train_model: torch.nn.Module) -> tuple[str, NoiseHookState | None, str]:
+    """Where this job's two batch sizes come from, and the hook installed if it needs one.
+
+    Returns:
+        ``(source, hook state, why not)``: ``("hook", state, "")`` under DDP (the hook is
+        registered on ``train_model``); ``("micro", None, "")`` for one worker of the torch
+        backend (the micro-batches of an accumulated update, :class:`distgrow.noise.
+        MicroStepNorms`); ``("none", None, reason)`` otherwise.
+    """
+    if isinstance(train_model, DistributedDataParallel):
+        state = NoiseHookState(train_model.process_group)
+        register(train_model, state)
+        return "hook", state, ""
+    name = type(backend).__name__
+    world = int(getattr(backend, "world_size", 1))
+    if isinstance(backend, TorchBackend) and world == 1:
+        return "micro", None, ""
+    if world == 1:
+        return (
+            "none",
+            None,
+            f"{name} keeps its gradients inside the engine, so the micro-batches' gradients "
+            "are not seen; use backend.name=torch for a one-worker measurement",
+        )
+    return (
+        "none",
+        None,
+        f"{name} all-reduces each gradient in place inside the engine (Horovod: as soon as it "
+        "is ready; DeepSpeed: in its own buckets, partitioned under ZeRO), so no rank's local "
+        "gradient is kept to take its norm; measure with backend.name=torch (DDP hook)",
+    )
