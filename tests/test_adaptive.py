@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from conftest import SYN_PLAN, distgrow_job_run, write_config
 from test_trainer import records, syn_config, train
 
@@ -34,7 +37,7 @@ def rule(**kw: Any) -> NoiseRule:
     return NoiseRule(**args)
 
 
-def decide(r: NoiseRule, values: list[float | None], batch: int) -> list[tuple[int, int, int]]:
+def decide(r: NoiseRule, values: Sequence[float | None], batch: int) -> list[tuple[int, int, int]]:
     """Feed ``values``; the batch follows the growths asked for. (evaluation, from, to)."""
     out = []
     for b_simple in values:
@@ -344,3 +347,52 @@ def test_adaptive_growth_to_more_workers_relaunches_and_measures_with_the_hook(
     assert all(r["noise/measured"] in (4, 5) and r["noise/b_simple"] > 0 for r in steps)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["noise"]["source"] == "hook" and summary["world_size"] == 3
+
+
+# --------------------------------------------------------------------------------------------
+# `distgrow compare` with the adaptive variant, and the report's noise-scale plot
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_compare_trains_adaptive_and_plots_the_noise_scale(
+    tmp_path: Path, config_writer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_report import TINY, mask, read_png
+
+    from distgrow.config import dump_config
+    from distgrow.plots import COLOURS
+    from distgrow.report import compare
+
+    monkeypatch.chdir(tmp_path)
+    tiny = [
+        *TINY,
+        "growth.micro_batch=8",
+        "growth.max_micro_batch=8",  # accumulation: one process measures from micro-batches
+        "growth.adaptive.every=5",
+        "growth.adaptive.min_updates=5",
+        "growth.adaptive.patience=2",
+    ]
+    config = config_writer(yaml.safe_load(dump_config(load_config(None, tiny))))
+    out = compare(
+        config,
+        variants=("decay_lr", "adaptive"),
+        out_dir=tmp_path / "cmp",
+        echo=lambda line: None,
+        python=sys.executable,
+    )
+    data = json.loads((out / "summary.json").read_text())
+    rows = {r["label"]: r for r in data["runs"]}
+    assert list(rows) == ["decay_lr", "adaptive"]
+    assert rows["adaptive"]["growth_mode"] == "adaptive"
+    assert rows["adaptive"]["total_updates"] < rows["decay_lr"]["total_updates"]
+    (noise,) = data["noise"]  # only the adaptive run measured it
+    assert noise["label"] == "adaptive" and noise["measured"]["source"] == "micro"
+    grown = [d for d in noise["decisions"] if d["event"] == "adaptive_growth"]
+    assert grown and all(d["b_simple"] > d["batch"] for d in grown)
+    report = (out / "report.md").read_text()
+    assert "## Noise scale" in report and f"grew {grown[0]['batch']} → " in report
+    assert data["plots"]["noise_scale"] == "noise_scale.png"
+    image = read_png(out / "noise_scale.png")
+    assert mask(image, COLOURS["adaptive"]).sum() > 50
+    assert mask(image, COLOURS["decay_lr"]).sum() == 0
