@@ -83,6 +83,23 @@ class NoiseMeter:
         self._sum_trace_cov = 0.0
         self._count = 0
 
+    def cannot_decide(self, accum_steps: int) -> str | None:
+        """Why ``growth.mode=adaptive`` could never grow in this job (None: it can), given the
+        accumulation steps of the starting split: it grows only from measurements."""
+        if self.source == "none":
+            return (
+                f"growth.mode=adaptive grows from the measured noise scale, which this job "
+                f"cannot measure: {self._why_not}."
+            )
+        if self.source == "micro" and accum_steps < 2:
+            return (
+                "growth.mode=adaptive grows from the measured noise scale, which one worker "
+                "measures only from accumulated micro-batches, and the base batch runs in one "
+                "micro-batch. Fix: set growth.max_micro_batch below growth.base_batch (e.g. "
+                "half of it), or train on 2+ workers."
+            )
+        return None
+
     # -- the update -----------------------------------------------------------------------------
 
     def begin_update(self, step: int, accum_steps: int, global_batch: int) -> None:
@@ -99,6 +116,8 @@ class NoiseMeter:
             self._once(f"noise scale: not measured: {self._why_not}.")
             due = False
         self._measuring = due
+        if self._hook_state is not None:
+            self._hook_state.active = due  # unmeasured updates skip the norms
         if not due:
             return
         if self._hook_state is not None:

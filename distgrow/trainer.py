@@ -249,6 +249,11 @@ class Trainer:
             )
         # The gradient noise scale (noise.measure): None when off.
         self.noise = open_noise_meter(cfg, backend, self.train_model, self.model, self._say)
+        if self.noise is not None and cfg.growth.mode == "adaptive":
+            start = self.policy.limits.realise(cfg.growth.base_batch)  # checked by the policy
+            refusal = self.noise.cannot_decide(start.accum_steps if start else 1)
+            if refusal:
+                raise TrainError(refusal)
 
     def _build_model(self) -> nn.Module:
         m, d = self.cfg.model, self.data

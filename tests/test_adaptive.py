@@ -18,13 +18,17 @@ from typing import Any
 import pytest
 import yaml
 from conftest import SYN_PLAN, distgrow_job_run, write_config
+from test_report import TINY, mask, read_png
 from test_trainer import records, syn_config, train
 
 from distgrow.adaptive import NoiseRule
 from distgrow.checkpoint import list_checkpoints
-from distgrow.config import ConfigError, load_config
+from distgrow.config import ConfigError, dump_config, load_config
 from distgrow.exits import EXIT_OK
 from distgrow.planner import GrowthPolicy, make_plan
+from distgrow.plots import COLOURS
+from distgrow.report import compare
+from distgrow.trainer import TrainError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -358,12 +362,6 @@ def test_adaptive_growth_to_more_workers_relaunches_and_measures_with_the_hook(
 def test_compare_trains_adaptive_and_plots_the_noise_scale(
     tmp_path: Path, config_writer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from test_report import TINY, mask, read_png
-
-    from distgrow.config import dump_config
-    from distgrow.plots import COLOURS
-    from distgrow.report import compare
-
     monkeypatch.chdir(tmp_path)
     tiny = [
         *TINY,
@@ -396,3 +394,10 @@ def test_compare_trains_adaptive_and_plots_the_noise_scale(
     image = read_png(out / "noise_scale.png")
     assert mask(image, COLOURS["adaptive"]).sum() > 50
     assert mask(image, COLOURS["decay_lr"]).sum() == 0
+
+
+def test_adaptive_that_could_never_measure_is_refused(tmp_path: Path) -> None:
+    # One worker, the base batch in one micro-batch: no second batch size, ever.
+    cfg = syn_config(tmp_path / "run", "growth.mode=adaptive", "growth.max_micro_batch=32")
+    with pytest.raises(TrainError, match=r"growth\.max_micro_batch below growth\.base_batch"):
+        train(cfg)

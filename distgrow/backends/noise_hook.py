@@ -51,6 +51,8 @@ class NoiseHookState:
         self._local: list[torch.Tensor] = []
         self._global: list[torch.Tensor] = []
         self.buckets = 0
+        self.active = True
+        """False: the hook only averages (updates that are not measured skip the norms)."""
 
     def reset(self) -> None:
         """Forget the last update (call before the synchronising micro-step)."""
@@ -95,15 +97,17 @@ def noise_allreduce_hook(
     """Average a bucket over ranks as DDP does, recording its squared norm before and after."""
     group = state.process_group if state.process_group is not None else dist.group.WORLD
     buffer = bucket.buffer()
-    # Queued before the in-place scaling on the same stream, so it reads the local gradient.
-    local = _sq(buffer)
-    state._add(local, None)
+    active = state.active
+    if active:
+        # Queued before the in-place scaling on the same stream, so it reads the local gradient.
+        state._add(_sq(buffer), None)
     buffer.mul_(1.0 / dist.get_world_size(group))
     work = dist.all_reduce(buffer, group=group, async_op=True)
 
     def finish(fut: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:
         reduced = fut.value()[0]
-        state._add(None, _sq(reduced))
+        if active:
+            state._add(None, _sq(reduced))
         return reduced
 
     return work.get_future().then(finish)
