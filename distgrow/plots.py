@@ -155,14 +155,15 @@ def plot_schedules(curves: Sequence[Curve], path: Path) -> Any:
 
 @dataclass
 class NoiseCurve:
-    """One run's measured noise scale and its batch, against epochs."""
+    """One run's measured noise scale and its batch schedule, against epochs."""
 
     label: str
     epochs: list[float]
     b_simple: list[float]
-    """The smoothed B_simple at each logged step."""
+    """The smoothed B_simple at each logged measurement."""
+    batch_epochs: list[float]
     batch: list[int]
-    """The global batch at the same steps."""
+    """The global batch from each of ``batch_epochs`` on (a step plot)."""
     colour: str | None = None
 
 
@@ -180,7 +181,7 @@ def plot_noise(curves: Sequence[NoiseCurve], path: Path) -> Any:
             label=f"{curve.label}: B_simple",
         )
         ax.plot(
-            curve.epochs,
+            curve.batch_epochs,
             curve.batch,
             color=colour,
             linewidth=1.5,

@@ -260,9 +260,10 @@ def _write_plots(runs: Sequence[RunData], out: Path, metric: str) -> dict[str, s
     written = dict(PLOT_FILES)
     noise = []
     for run, colour in zip(runs, colours, strict=True):
-        xs, b_simple, batch = noise_path(run)
+        xs, b_simple = noise_path(run)
         if xs:
-            noise.append(plots.NoiseCurve(run.label, xs, b_simple, batch, colour))
+            batch_xs, batch, _ = schedule_path(run)
+            noise.append(plots.NoiseCurve(run.label, xs, b_simple, batch_xs, batch, colour))
     if noise:  # only runs that measured it (noise.measure)
         plots.plot_noise(noise, out / NOISE_PLOT_FILE)
         written["noise_scale"] = NOISE_PLOT_FILE

@@ -178,20 +178,23 @@ NOISE_EVENTS = ("adaptive_growth", "adaptive_at_limit", "noise_cap", "noise_cap_
 """The decisions taken from the measured noise scale (events of ``metrics.jsonl``)."""
 
 
-def noise_path(run: RunData) -> tuple[list[float], list[float], list[int]]:
-    """(epochs, smoothed B_simple, global batch) at each step record that carries a
-    measurement (``noise/b_simple``); empty when the run did not measure the noise scale."""
+def noise_path(run: RunData) -> tuple[list[float], list[float]]:
+    """(epochs, smoothed B_simple) at each record that carries a measurement: the step
+    records' ``noise/b_simple`` and the decisions' ``b_simple``; empty when the run did not
+    measure the noise scale."""
     n = run.dataset_size
-    xs: list[float] = []
-    b_simple: list[float] = []
-    batch: list[int] = []
+    points: list[tuple[float, float]] = []
     for record in run.records:
-        value = record.get("noise/b_simple")
-        if record.get("kind") == "step" and isinstance(value, int | float):
-            xs.append(int(record.get("samples_seen") or 0) / n)
-            b_simple.append(float(value))
-            batch.append(int(record["global_batch"]))
-    return xs, b_simple, batch
+        if record.get("kind") == "step":
+            value = record.get("noise/b_simple")
+        elif record.get("kind") == "event" and record.get("event") in NOISE_EVENTS:
+            value = record.get("b_simple")
+        else:
+            continue
+        if isinstance(value, int | float):
+            points.append((int(record.get("samples_seen") or 0) / n, float(value)))
+    points.sort(key=lambda p: p[0])
+    return [p[0] for p in points], [p[1] for p in points]
 
 
 def noise_decisions(run: RunData) -> list[dict[str, Any]]:
