@@ -166,8 +166,8 @@ def attach(backend: object, train_model: torch.nn.Module) -> tuple[str, NoiseHoo
         return (
             "none",
             None,
-            f"{name} keeps its gradients inside the engine, so the micro-batches' gradients "
-            "are not seen; use backend.name=torch for a one-worker measurement",
+            f"the one-worker measurement (from the micro-batches' gradients) is built for "
+            f"the torch backend only, not {name}; use backend.name=torch to measure",
         )
     return (
         "none",
