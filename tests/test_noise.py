@@ -461,3 +461,19 @@ def test_step_records_send_the_noise_values_to_wandb() -> None:
     assert got["noise/measured"] == 5 and "noise/b_simple_window" not in got
     # Events carry b_simple as a value, not as a curve.
     assert not any(k.startswith("noise/") for k in wandb_metrics({**record, "kind": "epoch"}))
+
+
+def test_engines_that_reduce_in_place_are_named_as_not_measured() -> None:
+    from types import SimpleNamespace
+
+    from distgrow.backends.noise_hook import attach
+
+    class HorovodBackend(SimpleNamespace):  # the name is what the message shows
+        pass
+
+    source, state, why = attach(HorovodBackend(world_size=2), nn.Linear(2, 1))
+    assert (source, state) == ("none", None)
+    assert "HorovodBackend all-reduces each gradient in place" in why
+    assert "backend.name=torch" in why
+    source, _, why = attach(HorovodBackend(world_size=1), nn.Linear(2, 1))
+    assert source == "none" and "torch backend only, not HorovodBackend" in why
