@@ -401,3 +401,26 @@ def test_adaptive_that_could_never_measure_is_refused(tmp_path: Path) -> None:
     cfg = syn_config(tmp_path / "run", "growth.mode=adaptive", "growth.max_micro_batch=32")
     with pytest.raises(TrainError, match=r"growth\.max_micro_batch below growth\.base_batch"):
         train(cfg)
+
+
+@pytest.mark.integration
+def test_two_ranks_resume_the_hook_measured_series_bit_for_bit(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "syn.yaml", SYN_PLAN)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    extra = [
+        "growth.max_workers=2",
+        "logging.every_steps=5",
+        "run.checkpoint_every_steps=12",
+        "run.keep_checkpoints=20",
+        *ADAPTIVE,
+    ]
+    distgrow_job_run(2, [str(config), f"run.output_dir={straight}", *extra], timeout=300)
+    ckpt = next(p for p in list_checkpoints(straight) if p.name == "ckpt-000000012.pt")
+    resumed.mkdir()
+    (resumed / ckpt.name).write_bytes(ckpt.read_bytes())
+    distgrow_job_run(2, [str(config), f"run.output_dir={resumed}", *extra, "--resume"], timeout=300)
+    summary = json.loads((straight / "summary.json").read_text())
+    assert summary["noise"]["source"] == "hook"
+    want = noise_series(straight, after=12)
+    assert want and noise_series(resumed, after=12) == want
+    assert decisions(resumed, after=12) == decisions(straight, after=12)
