@@ -9,8 +9,10 @@ plain      DDP without a communication hook.
 torch-hook torch's own Python ``allreduce_hook``: what any Python hook costs, norms or not.
 hook       the noise hook (:mod:`distgrow.backends.noise_hook`): two squared norms per bucket.
 hook+ar    the hook and the per-update all-reduce of the local norms (3 float64), read on the
-           host, and one :class:`distgrow.noise.NoiseScaleEstimator` update: everything a
-           trainer would add if it did not fold the 3 numbers into its loss all-reduce.
+           host, and one :class:`distgrow.noise.NoiseScaleEstimator` update: what the trainer
+           adds with ``noise.every=1`` (:mod:`distgrow.noise_meter`).
+hook+ar/10 the same on every 10th update only (``noise.every=10``): the other updates run the
+           hook inactive (averaging only, no norms, no extra all-reduce).
 =========  =================================================================================
 
 Usage::
@@ -43,7 +45,7 @@ from torch.nn.parallel import DistributedDataParallel
 from distgrow.backends.noise_hook import NoiseHookState, all_reduce_local_norm, register
 from distgrow.noise import NoiseScaleEstimator
 
-MODES = ("plain", "torch-hook", "hook", "hook+ar")
+MODES = ("plain", "torch-hook", "hook", "hook+ar", "hook+ar/10")
 WORLD = 2
 
 
@@ -77,7 +79,9 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
                 for step in range(args.steps + 2):
                     dist.barrier()
                     started, cpu_started = time.perf_counter(), time.process_time()
+                    measured = mode != "hook+ar/10" or step % 10 == 0
                     state.reset()
+                    state.active = measured
                     for k in range(args.accum):
                         sync = k == args.accum - 1
                         with contextlib.nullcontext() if sync else ddp.no_sync():
@@ -85,7 +89,7 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
                                 ddp(inputs[k]), labels[k], reduction="sum"
                             )
                             (loss * (WORLD / global_samples)).backward()
-                    if mode == "hook+ar":
+                    if mode.startswith("hook+ar") and measured:
                         small = all_reduce_local_norm(
                             state, micro * args.accum, global_samples, torch.device("cpu")
                         )

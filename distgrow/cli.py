@@ -286,6 +286,8 @@ Each variant is a real `distgrow train` of CONFIG with the same overrides, data 
                  batch stops there and the LR takes the rest of the decay
   grow_batch_lr  start with LR and batch x growth.lr_scale
   grow_momentum  also raise the momentum to growth.momentum
+  adaptive       the batch grows x growth.factor when the measured noise scale says so
+                 (growth.mode=adaptive; the report plots B_simple against the batch)
 Runs go to OUT/runs/<variant>, their output to OUT/logs/<variant>.log; OUT/report.md,
 OUT/summary.json and the PNG plots compare them. Running again with the same --out and the
 same config reuses finished runs and resumes unfinished ones; runs of another config are

@@ -39,7 +39,9 @@ class _Block(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         batch, seq, width = x.shape
         q, k, v = self.qkv(self.norm1(x)).split(width, dim=2)
-        q, k, v = (t.view(batch, seq, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        # The head width spelled out, not -1: an empty micro-batch (batch 0) must reshape too.
+        head = width // self.heads
+        q, k, v = (t.view(batch, seq, self.heads, head).transpose(1, 2) for t in (q, k, v))
         attn = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
         )

@@ -40,6 +40,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, NoReturn
 
+from distgrow.adaptive import NoiseRule
 from distgrow.config import FLOORED, Config, ConfigError, GrowthConfig, ModelConfig, load_config
 from distgrow.schedules import PlateauTrigger, Schedule, build_user_schedule, plateau_ratio_after
 
@@ -319,6 +320,24 @@ class GrowthPolicy:
             PlateauTrigger.from_config(cfg.schedule, cfg.optim.lr) if self.is_plateau else None
         )
         self.rung = 0
+        g = cfg.growth
+        self.adaptive = g.mode == "adaptive"
+        self.noise_rule = (
+            NoiseRule(
+                adaptive=self.adaptive,
+                ratio=g.adaptive.ratio,
+                patience=g.adaptive.patience,
+                factor=g.factor,
+                noise_cap=g.noise_cap,
+                min_updates=g.adaptive.min_updates,
+            )
+            if g.measures_noise()
+            else None
+        )
+        self._noise_capped = False  # the noise cap stops the schedule's batch now
+        self._at_limit = False  # adaptive: a growth was asked for that the limits refuse
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        """Decisions to log (name, values), taken by the trainer (:meth:`take_events`)."""
         start = self.limits.realise(min(self.start_batch, self.limits.cap))
         derived = cfg.growth.mode in ("grow_batch_lr", "grow_momentum")  # may round, LR absorbs
         if start is None or (start.global_batch != self.start_batch and not derived):
@@ -429,6 +448,12 @@ class GrowthPolicy:
         target = self.limits.cap if binds else math.floor(ideal * (1 + _FLOAT_SLACK))
         if self._current.global_batch < self._start.global_batch:
             self._current = self._start  # the batch warm-up is over
+        if self.adaptive:
+            # The measured noise scale sets the batch (NoiseRule), not the schedule.
+            assert self.noise_rule is not None
+            target = self.noise_rule.target or self._current.global_batch
+            binds = self._at_limit
+        target = self._noise_cap(target, ideal)
         if self.grows:
             cand = self.limits.realise(target, self._current.workers)
             # The batch never shrinks (a rounding can land below the current size).
@@ -436,18 +461,78 @@ class GrowthPolicy:
                 self._current = cand
         b = self._current
         r = warm * decay
+        lr = self._lr(r, b.global_batch)
+        if self.adaptive:
+            # A batch grown past B* = B0/r(t) does not raise the LR above the user's schedule
+            # without its decay (lr0·w(t)): the noise scale stays at or below the schedule's.
+            lr = min(lr, self._lr(warm, self.start_batch))
         return self._adjust(
             Setting(
                 split=b,
-                lr=self._lr(r, b.global_batch),
+                lr=lr,
                 momentum=self.momentum,
                 ratio=r,
                 ideal_batch=ideal,
                 rung=self.rung,
-                capped=self.grows and binds,
+                capped=self.grows and (binds or self._noise_capped),
                 warmup=warm < 1.0,
             )
         )
+
+    def _noise_cap(self, target: int, ideal: float) -> int:
+        """``target`` held at ``growth.noise_cap × B_simple`` (as last evaluated); logs when the
+        cap starts or stops holding the batch below the schedule's."""
+        rule = self.noise_rule
+        if rule is None or rule.noise_cap is None or rule.cap is None:
+            return target
+        holds = target > max(rule.cap, self._current.global_batch)
+        if holds != self._noise_capped:
+            self._noise_capped = holds
+            self.events.append(
+                (
+                    "noise_cap" if holds else "noise_cap_lifted",
+                    {
+                        "b_simple": rule.b_simple,
+                        "noise_cap": rule.noise_cap,
+                        "cap_batch": rule.cap,
+                        "schedule_batch": target,
+                        "ideal_batch": ideal,
+                    },
+                )
+            )
+        return min(target, max(rule.cap, self._current.global_batch))
+
+    def observe_noise(self, b_simple: float | None, measured: int) -> None:
+        """An evaluation of the measured noise scale (the trainer calls it every
+        ``growth.adaptive.every`` updates); a growth it decides applies from the next
+        :meth:`setting`. Decisions are queued in :attr:`events`.
+
+        Args:
+            b_simple: The smoothed ``B_simple`` (None while it cannot be formed).
+            measured: Updates the estimator has measured so far.
+        """
+        if self.noise_rule is None:
+            return
+        batch = self._current.global_batch
+        decision = self.noise_rule.evaluate(b_simple, measured, batch)
+        if decision is None:
+            return
+        wanted = self._noise_cap(decision.target, math.inf)
+        cand = self.limits.realise(wanted, self._current.workers)
+        grows = cand is not None and cand.global_batch > batch
+        values = {**decision.to_dict(), "ratio": self.noise_rule.ratio}
+        if grows:
+            assert cand is not None
+            self.events.append(("adaptive_growth", {**values, "realised": cand.global_batch}))
+        elif not self._at_limit:
+            # Once: the batch is at its limits; the LR carries the schedule's decay (hybrid).
+            self.events.append(("adaptive_at_limit", {**values, "limit": self.limits.cap}))
+        self._at_limit = not grows
+
+    def take_events(self) -> list[tuple[str, dict[str, Any]]]:
+        """The decisions queued since the last call (and forget them)."""
+        events, self.events = self.events, []
+        return events
 
     def _rampup_split(self, size: int) -> Split:
         split = self.limits.realise(size, self._current.workers)
@@ -506,11 +591,23 @@ class GrowthPolicy:
             "rung": self.rung,
             "current": asdict(self._current),
             "trigger": self.trigger.state_dict() if self.trigger else None,
+            "noise": None
+            if self.noise_rule is None
+            else {
+                **self.noise_rule.state_dict(),
+                "noise_capped": self._noise_capped,
+                "at_limit": self._at_limit,
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rung = int(state["rung"])
         self._current = Split(**state["current"])
+        noise = state.get("noise")  # absent from checkpoints written before the noise rule
+        if self.noise_rule is not None and noise is not None:
+            self.noise_rule.load_state_dict(noise)
+            self._noise_capped = bool(noise["noise_capped"])
+            self._at_limit = bool(noise["at_limit"])
         if self.trigger is not None and state.get("trigger") is not None:
             self.trigger.load_state_dict(state["trigger"])
             if "lr" not in state["trigger"]:
@@ -688,6 +785,66 @@ def _ladder(policy: GrowthPolicy, max_rungs: int = 12) -> list[Phase]:
     return rows
 
 
+def _adaptive_ladder(policy: GrowthPolicy, max_rungs: int = 24) -> list[Phase]:
+    """``growth.mode=adaptive``: the batches the run may grow to (× ``growth.factor`` each, as
+    realised), until the limits stop it; when it grows is measured at run time."""
+    rows: list[Phase] = []
+    n = policy.dataset_size
+    split = policy._start
+    lr0 = policy._lr(1.0, policy.start_batch)
+    for rung in range(max_rungs):
+        rows.append(
+            Phase(
+                start_epoch=math.nan,
+                end_epoch=math.nan,
+                split=split,
+                lr=lr0,  # while the schedule has not decayed below B0/B; min(lr0, lr0·r·B/B0)
+                lr_end=lr0,
+                momentum=policy.momentum,
+                noise=policy.start_batch / split.global_batch,
+                updates=math.ceil(n / split.global_batch),
+                samples=n,
+                capped=False,
+                rung=rung,
+            )
+        )
+        wanted = max(
+            split.global_batch + 1, math.floor(split.global_batch * policy.cfg.growth.factor)
+        )
+        cand = policy.limits.realise(wanted, split.workers)
+        if cand is None or cand.global_batch <= split.global_batch:
+            rows[-1].capped = True  # the limits stop it: the LR carries the decay from here
+            break
+        split = cand
+    return rows
+
+
+def _noise_notes(cfg: Config) -> list[str]:
+    """What the plan says about decisions taken from the measured noise scale."""
+    g = cfg.growth
+    a = g.adaptive
+    notes = []
+    if g.mode == "adaptive":
+        notes.append(
+            f"adaptive: each row is one more growth (× {g.factor:g}); the batch grows when the "
+            f"smoothed noise scale B_simple exceeds {a.ratio:g} × the batch for {a.patience} "
+            f"evaluations in a row (one every {a.every} updates): growth times are decided at "
+            "run time from the measurements, so totals are unknown here"
+        )
+        notes.append(
+            "adaptive: the LR is min(lr0·w(t), lr0·r(t)·(B/B0)^p): the schedule's decay still "
+            "applies to the LR the batch has not taken, and the noise scale stays at or below "
+            "the schedule's path"
+        )
+    if g.noise_cap is not None:
+        notes.append(
+            f"possible cap: growth stops where the batch would exceed {g.noise_cap:g} × the "
+            "noise scale B_simple measured during the run (growth.noise_cap); the LR carries "
+            "the rest of the decay from there (hybrid); where, is decided at run time"
+        )
+    return notes
+
+
 def make_plan(cfg: Config, dataset_size: int, min_workers: int = 1) -> Plan:
     """The phases of a run of ``cfg`` on ``dataset_size`` samples, with the baseline's totals.
 
@@ -705,12 +862,17 @@ def make_plan(cfg: Config, dataset_size: int, min_workers: int = 1) -> Plan:
             f"plateau schedule: each row is one more cut (×{cfg.schedule.factor}); updates are "
             "per epoch at that rung; totals depend on when the plateaus come"
         )
+    elif cfg.growth.mode == "adaptive":
+        phases, total = _adaptive_ladder(policy), None
+        _, baseline = _simulate(
+            GrowthPolicy(baseline_cfg, dataset_size, min_workers), cfg.run.epochs
+        )
     else:
         phases, total = _simulate(policy, cfg.run.epochs)
         _, baseline = _simulate(
             GrowthPolicy(baseline_cfg, dataset_size, min_workers), cfg.run.epochs
         )
-    notes += _schedule_notes(cfg, policy)
+    notes += _schedule_notes(cfg, policy) + _noise_notes(cfg)
     if cfg.growth.max_micro_batch == "auto":
         notes.append(
             "growth.max_micro_batch=auto is not resolved here (no probe of the training device "
@@ -750,8 +912,8 @@ def make_plan(cfg: Config, dataset_size: int, min_workers: int = 1) -> Plan:
 
 
 def plan_is_ladder(cfg: Config) -> bool:
-    """Plateau schedules plan as a ladder of rungs, not as epoch ranges."""
-    return cfg.schedule.type == "plateau"
+    """Plateau schedules and adaptive growth plan as a ladder of rungs, not as epoch ranges."""
+    return cfg.schedule.type == "plateau" or cfg.growth.mode == "adaptive"
 
 
 RULE_IDENTITIES = {

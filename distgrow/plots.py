@@ -21,8 +21,9 @@ COLOURS: dict[str, str] = {
     "hybrid": "#2ca02c",  # green
     "grow_batch_lr": "#ff7f0e",  # orange
     "grow_momentum": "#9467bd",  # purple
+    "adaptive": "#8c564b",  # brown
 }
-_SPARE = ["#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#000000"]
+_SPARE = ["#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#000000"]
 
 DPI = 100
 
@@ -149,6 +150,51 @@ def plot_schedules(curves: Sequence[Curve], path: Path) -> Any:
         ax.set_title(f"{name} against epochs")
         ax.grid(True, which="both", alpha=0.3)
     _legend(fig, ax_b)
+    return _save(fig, path)
+
+
+@dataclass
+class NoiseCurve:
+    """One run's measured noise scale and its batch schedule, against epochs."""
+
+    label: str
+    epochs: list[float]
+    b_simple: list[float]
+    """The smoothed B_simple at each logged measurement."""
+    batch_epochs: list[float]
+    batch: list[int]
+    """The global batch from each of ``batch_epochs`` on (a step plot)."""
+    colour: str | None = None
+
+
+def plot_noise(curves: Sequence[NoiseCurve], path: Path) -> Any:
+    """The measured noise scale B_simple (solid) against the global batch (dashed), per run,
+    on one log axis in samples: the batch below the curve is below the critical batch."""
+    fig, ax = _figure(width=9, height=4.5)
+    for i, curve in enumerate(curves):
+        colour = curve.colour or colour_for(curve.label, i)
+        ax.plot(
+            curve.epochs,
+            curve.b_simple,
+            color=colour,
+            linewidth=2,
+            label=f"{curve.label}: B_simple",
+        )
+        ax.plot(
+            curve.batch_epochs,
+            curve.batch,
+            color=colour,
+            linewidth=1.5,
+            linestyle="--",
+            drawstyle="steps-post",
+            label=f"{curve.label}: batch",
+        )
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("samples")
+    ax.set_title("measured noise scale B_simple (solid) and global batch (dashed)")
+    ax.grid(True, which="both", alpha=0.3)
+    _legend(fig, ax)
     return _save(fig, path)
 
 

@@ -95,6 +95,7 @@ from distgrow.metrics import (
     drop_replayed_records,
 )
 from distgrow.models import build_entry_model, build_model, uses_batch_norm
+from distgrow.noise_meter import open_noise_meter
 from distgrow.oom import OomFallback, fallback_wanted
 from distgrow.planner import GrowthPolicy, Plan, Setting, make_plan
 from distgrow.progress import Progress, ProgressState
@@ -298,6 +299,20 @@ class Trainer:
             self._log_event,
             self._say,
         )
+        if self.feed is not None and cfg.growth.measures_noise():
+            raise TrainError(
+                f"growth.mode={cfg.growth.mode} / growth.noise_cap decide the batch from the "
+                "measured noise scale during the run, which the sample-by-sample loader "
+                "(data.feed=loader) cannot read ahead for. Fix: set data.feed=memory, or "
+                "growth.mode=grow_batch without growth.noise_cap."
+            )
+        # The gradient noise scale (noise.measure): None when off.
+        self.noise = open_noise_meter(cfg, backend, self.train_model, self.model, self._say)
+        if self.noise is not None and cfg.growth.mode == "adaptive":
+            start = self.policy.limits.realise(cfg.growth.base_batch)  # checked by the policy
+            refusal = self.noise.cannot_decide(start.accum_steps if start else 1)
+            if refusal:
+                raise TrainError(refusal)
 
     def _build_model(self) -> nn.Module:
         return build_run_model(self.cfg, self.data)
@@ -411,6 +426,8 @@ class Trainer:
         scale = self.world / indices.numel()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         self.backend.begin_update(setting.micro_batch, setting.accum_steps)
+        if self.noise is not None:
+            self.noise.begin_update(self.state.step, setting.accum_steps, setting.global_batch)
         if self.bn_merger is not None:
             self.bn_merger.begin_update()
         for k, shard in enumerate(shards):
@@ -422,11 +439,15 @@ class Trainer:
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 loss = self.objective.loss_sum(self.train_model(x), y) * scale
                 self.backend.backward(loss)
+            if self.noise is not None:
+                self.noise.after_micro_step(int(shard.numel()))
             total += loss.detach()
             if self.bn_merger is not None:
                 self.bn_merger.after_micro_batch(k * setting.workers + self.rank)
         if self.bn_merger is not None:
             self.bn_merger.end_update(setting.workers * setting.accum_steps)
+        if self.noise is not None:  # before the step's clipping; its own small all-reduce
+            self.noise.end_update(sum(int(s.numel()) for s in shards), int(indices.numel()))
         # One all-reduce: the loss, the ranks told to stop, those whose checkpoint clock ran out.
         mean_loss = self.agreement.mean_loss(
             total, wants_checkpoint=self._checkpoint_clock_ran_out()
@@ -445,6 +466,7 @@ class Trainer:
         :meth:`checkpoint_due` for the rest).
         """
         setting = self.policy.setting(self.state.epoch, self.state.position)
+        self._log_policy_events(setting)
         if setting.workers > self.world:
             interim = self.elastic_interim(setting)
             if interim is None:
@@ -507,6 +529,7 @@ class Trainer:
         self._meter.add(samples)
         self._epoch_meter.add(samples)
         self.last_setting = setting
+        self._evaluate_noise(setting)
         if self.progress is not None:
             self.progress.update(
                 ProgressState(
@@ -526,12 +549,35 @@ class Trainer:
         record = self._record("step", setting, train_loss=train_loss)
         record["samples_per_s"] = self._meter.rate()
         record["samples_per_s_per_worker"] = record["samples_per_s"] / setting.workers
+        if self.noise is not None:
+            record.update(self.noise.window_metrics())
         self.logger.log(record)
         self._say(
             f"epoch {self.state.epoch + 1}/{self.cfg.run.epochs}  step {self.state.step:,}  batch "
             f"{setting.global_batch} = {setting.split}  lr {setting.lr:.4g}  "
             f"loss {train_loss:.4f}  {record['samples_per_s']:,.0f} samples/s"
         )
+
+    def _evaluate_noise(self, setting: Setting) -> None:
+        """Every ``growth.adaptive.every`` updates: the growth policy's noise-scale decisions
+        (adaptive, noise_cap), from the measured state the checkpoints hold, so a resume
+        decides the same at the same update."""
+        if self.noise is None or self.state.step % self.cfg.growth.adaptive.every:
+            return
+        self.policy.observe_noise(self.noise.b_simple, self.noise.estimator.updates)
+        self._log_policy_events(setting)
+
+    def _log_policy_events(self, setting: Setting) -> None:
+        """Log the decisions the growth policy took from the noise scale (with the values)."""
+        for name, values in self.policy.take_events():
+            self._log_event(name, setting, **values)
+            self._say(
+                f"epoch {self.state.epoch + 1}, update {self.state.step:,}: {name}: "
+                + ", ".join(
+                    f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in values.items()
+                )
+            )
 
     def end_epoch(self) -> None:
         """Validate, let the plateau rule decide (rank 0, broadcast), log and checkpoint."""
@@ -639,6 +685,8 @@ class Trainer:
         summary.savings = {"estimated": try_estimated_savings(summary.to_dict())}
         # What the SLURM job(s) held so far (slurm_jobs.json); the report reads SLURM's records.
         summary.held = held_so_far(self.run_dir, summary.to_dict())
+        if self.noise is not None:
+            summary.extra["noise"] = self.noise.summary()
         failure = None
         if self.backend.is_main:
             failure = self._metrics_failure()  # a run with lost records is not complete
@@ -1011,6 +1059,7 @@ class Trainer:
             "model": self.backend.model_state_dict(),
             "optimizer": self.backend.optimizer_state_dict(self.optimizer),
             "plan_state": self.policy.state_dict(),
+            "noise": self.noise.state_dict() if self.noise is not None else None,
             "phases": self.phases.state_dict(),
             "rng": torch.get_rng_state(),
             # Rank 0's metrics.jsonl up to this checkpoint: a resume drops what follows.
@@ -1049,6 +1098,8 @@ class Trainer:
         self.state.load_state_dict(state)
         torch.set_rng_state(state["rng"])
         self.phases.load_state_dict(state.get("phases") or {})
+        if self.noise is not None and state.get("noise") is not None:
+            self.noise.load_state_dict(state["noise"])
 
     def save(self, reason: str) -> Path:
         """Checkpoint now (rank 0 writes); a no-op returning the file if nothing moved since.

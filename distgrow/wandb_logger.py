@@ -17,7 +17,8 @@ What W&B receives (and the tests check through a fake ``wandb`` module):
   is the same on every rank and never goes back; a record whose step is below one already
   logged (a resume replaying updates after its checkpoint) is not sent again.
   Curves: ``train/loss``, ``val/loss``, ``val/acc``, ``schedule/{global_batch, lr, momentum,
-  workers, micro_batch, accum_steps}``, ``throughput/{samples_per_s,
+  workers, micro_batch, accum_steps}``, ``noise/*`` (the measured noise scale, when measured:
+  docs/noise.md), ``throughput/{samples_per_s,
   samples_per_s_per_worker}``, ``progress/{epoch, samples_seen, wall_s}``, and at each growth
   the finished phase's ``phase/{samples_per_s, samples_per_s_per_worker, global_batch}``.
 * ``run.summary.update(...)`` at the end: updates, samples, wall-clock, start-up,
@@ -119,6 +120,8 @@ def wandb_metrics(record: Mapping[str, Any], dataset_size: int | None = None) ->
             out[f"schedule/{key}"] = record[key]
     if kind == "step" and _number(record.get("train_loss")):
         out["train/loss"] = record["train_loss"]
+    if kind == "step":  # the measured gradient noise scale (distgrow.noise_meter)
+        out.update({k: v for k, v in record.items() if k.startswith("noise/") and _number(v)})
     if kind == "epoch":
         for key, name in (
             ("train_loss", "train/epoch_loss"),

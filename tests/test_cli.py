@@ -86,8 +86,8 @@ def test_config_schema_is_json_for_editors(capsys: pytest.CaptureFixture[str]) -
     schema = json.loads(out)
     assert schema["title"] == "distgrow config"
     assert set(schema["properties"]) == {
-        "run", "data", "model", "loss", "optim", "schedule", "growth", "backend", "launch",
-        "logging",
+        "run", "data", "model", "loss", "optim", "schedule", "growth", "noise", "backend",
+        "launch", "logging",
     }  # fmt: skip
     optim = schema["$defs"]["OptimConfig"]["properties"]
     assert optim["lr"]["type"] == "number" and optim["lr"]["default"] == 0.1

@@ -492,7 +492,7 @@ def test_json_schema_describes_every_key_and_accepts_every_shipped_config() -> N
     assert growth["properties"]["base_batch"]["type"] == "integer"
     assert growth["properties"]["base_batch"]["default"] == 128
     assert growth["properties"]["mode"]["enum"] == [
-        "decay_lr", "grow_batch", "grow_batch_lr", "grow_momentum"
+        "decay_lr", "grow_batch", "grow_batch_lr", "grow_momentum", "adaptive"
     ]  # fmt: skip
     assert "B0" in growth["properties"]["base_batch"]["description"]
     # every key `distgrow config` lists is in the schema, with its documentation

@@ -173,3 +173,10 @@ def test_a_tiny_language_model_trains_and_reports_nats_per_token(tmp_path: Path)
     # Grown batch: 32 then more; the loss falls well below uniform in 16 sequences' updates.
     assert epochs[-1]["val_loss"] < math.log(256) - 1.0
     assert trainer.state.step < 2 * 256 // 32
+
+
+def test_an_empty_micro_batch_passes_through_the_transformer() -> None:
+    # The last, partial batch of an epoch leaves trailing micro-batches empty (found by
+    # `distgrow compare configs/lm_tiny.yaml growth.max_micro_batch=4`).
+    model = build_model("transformer", input_shape=(16,), num_outputs=256, depth=1, width=64)
+    assert model(torch.zeros(0, 16, dtype=torch.long)).shape == (0, 16, 256)

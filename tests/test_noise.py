@@ -436,3 +436,44 @@ def test_ddp_hook_norms_equal_hand_computed_and_leave_gradients_bit_identical(
                 torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     # Update 2 is uneven (5 and 2 samples): its small batch is their harmonic mean.
     assert hooked[0][1]["small"][1] == pytest.approx(2 / (1 / 5 + 1 / 2))
+
+
+# --------------------------------------------------------------------------------------------
+# What a training run logs
+# --------------------------------------------------------------------------------------------
+
+
+def test_step_records_send_the_noise_values_to_wandb() -> None:
+    from distgrow.wandb_logger import wandb_metrics
+
+    record = {
+        "kind": "step",
+        "step": 50,
+        "global_batch": 128,
+        "train_loss": 0.5,
+        "noise/grad_sq": 0.25,
+        "noise/b_simple": 812.5,
+        "noise/b_simple_window": None,  # not formed in this window: nothing logged
+        "noise/measured": 5,
+    }
+    got = wandb_metrics(record)
+    assert got["noise/b_simple"] == 812.5 and got["noise/grad_sq"] == 0.25
+    assert got["noise/measured"] == 5 and "noise/b_simple_window" not in got
+    # Events carry b_simple as a value, not as a curve.
+    assert not any(k.startswith("noise/") for k in wandb_metrics({**record, "kind": "epoch"}))
+
+
+def test_engines_that_reduce_in_place_are_named_as_not_measured() -> None:
+    from types import SimpleNamespace
+
+    from distgrow.backends.noise_hook import attach
+
+    class HorovodBackend(SimpleNamespace):  # the name is what the message shows
+        pass
+
+    source, state, why = attach(HorovodBackend(world_size=2), nn.Linear(2, 1))
+    assert (source, state) == ("none", None)
+    assert "HorovodBackend all-reduces each gradient in place" in why
+    assert "backend.name=torch" in why
+    source, _, why = attach(HorovodBackend(world_size=1), nn.Linear(2, 1))
+    assert source == "none" and "torch backend only, not HorovodBackend" in why

@@ -25,13 +25,25 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from distgrow.backends.torch_ddp import TorchBackend
 from distgrow.noise import pack_local_norm, unpack_local_norms
 
-__all__ = ["NoiseHookState", "all_reduce_local_norm", "noise_allreduce_hook", "register"]
+__all__ = [
+    "NoiseHookState",
+    "all_reduce_local_norm",
+    "attach",
+    "noise_allreduce_hook",
+    "register",
+]
 
 
 class NoiseHookState:
-    """Per-bucket squared norms of one update, filled by :func:`noise_allreduce_hook`.
+    """Per-parameter squared norms of one update, filled by :func:`noise_allreduce_hook`.
+
+    The norms are kept per parameter and summed in parameter order, not per bucket: DDP
+    rebuilds its buckets after the first iteration of each process, so a resumed run groups
+    the parameters differently for one update, and per-bucket float32 sums would then round
+    differently from the uninterrupted run's. Per parameter, the sums are the same bit for bit.
 
     Args:
         process_group: The group DDP reduces over (None: the default group).
@@ -41,27 +53,33 @@ class NoiseHookState:
         self.process_group = process_group
         # Buckets' futures complete on other threads (gloo's, NCCL's callback thread).
         self._lock = threading.Lock()
-        self._local: list[torch.Tensor] = []
-        self._global: list[torch.Tensor] = []
+        self._local: dict[int, torch.Tensor] = {}
+        self._global: dict[int, torch.Tensor] = {}
         self.buckets = 0
+        """Buckets seen in this update (DDP's layout: one at first, rebuilt after it)."""
+        self.order: dict[int, int] = {}
+        """``id(parameter)`` → its index in ``model.parameters()`` (set by :func:`register`)."""
+        self.active = True
+        """False: the hook only averages (updates that are not measured skip the norms)."""
 
     def reset(self) -> None:
         """Forget the last update (call before the synchronising micro-step)."""
         with self._lock:
-            self._local, self._global, self.buckets = [], [], 0
+            self._local, self._global, self.buckets = {}, {}, 0
 
-    def _add(self, local: torch.Tensor | None, reduced: torch.Tensor | None) -> None:
+    def _add(self, keys: list[int], norms: list[torch.Tensor], reduced: bool) -> None:
         with self._lock:
-            if local is not None:
-                self._local.append(local)
-                self.buckets += 1
-            if reduced is not None:
-                self._global.append(reduced)
+            (self._global if reduced else self._local).update(zip(keys, norms, strict=True))
+            self.buckets += not reduced
+
+    @staticmethod
+    def _sum(norms: dict[int, torch.Tensor]) -> torch.Tensor:
+        return torch.stack([norms[k] for k in sorted(norms)]).sum() if norms else torch.zeros(())
 
     def local_sq_norm(self) -> torch.Tensor:
         """``|g_r|²``: this rank's accumulated gradient before the all-reduce (as DDP saw it)."""
         with self._lock:
-            return torch.stack(self._local).sum() if self._local else torch.zeros(())
+            return self._sum(self._local)
 
     def global_sq_norm(self) -> torch.Tensor:
         """``|G_B|²``: the averaged gradient after the all-reduce (the same on every rank).
@@ -70,33 +88,43 @@ class NoiseHookState:
         bucket's future before that).
         """
         with self._lock:
-            if len(self._global) != self.buckets:
+            if len(self._global) != len(self._local):
                 raise RuntimeError(
-                    f"noise hook: {len(self._global)} of {self.buckets} buckets reduced; read "
-                    "the norms after the synchronising backward has returned."
+                    f"noise hook: {len(self._global)} of {len(self._local)} gradients reduced; "
+                    "read the norms after the synchronising backward has returned."
                 )
-            return torch.stack(self._global).sum() if self._global else torch.zeros(())
+            return self._sum(self._global)
 
 
-def _sq(tensor: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(tensor, dtype=torch.float32).square()
+def _squares(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``|t|²`` of each tensor, in float32."""
+    return [n.square() for n in torch._foreach_norm([t.float() for t in tensors])]
 
 
 def noise_allreduce_hook(
     state: NoiseHookState, bucket: dist.GradBucket
 ) -> torch.futures.Future[torch.Tensor]:
-    """Average a bucket over ranks as DDP does, recording its squared norm before and after."""
+    """Average a bucket over ranks as DDP does, recording its gradients' squared norms before
+    and after."""
     group = state.process_group if state.process_group is not None else dist.group.WORLD
     buffer = bucket.buffer()
-    # Queued before the in-place scaling on the same stream, so it reads the local gradient.
-    local = _sq(buffer)
-    state._add(local, None)
+    active = state.active
+    grads: list[torch.Tensor] = []
+    keys: list[int] = []
+    if active:
+        # Views into the buffer, one per parameter; the all-reduce below works in place, so
+        # after it they hold the averaged gradients.
+        grads = bucket.gradients()
+        keys = [state.order.get(id(p), -1 - i) for i, p in enumerate(bucket.parameters())]
+        # Queued before the in-place scaling on the same stream, so it reads the local gradient.
+        state._add(keys, _squares(grads), reduced=False)
     buffer.mul_(1.0 / dist.get_world_size(group))
     work = dist.all_reduce(buffer, group=group, async_op=True)
 
     def finish(fut: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:
         reduced = fut.value()[0]
-        state._add(None, _sq(reduced))
+        if active:
+            state._add(keys, _squares(grads), reduced=True)
         return reduced
 
     return work.get_future().then(finish)
@@ -104,6 +132,7 @@ def noise_allreduce_hook(
 
 def register(model: DistributedDataParallel, state: NoiseHookState) -> None:
     """Install the hook on a DDP model (once, before the first backward)."""
+    state.order = {id(p): i for i, p in enumerate(model.parameters())}
     model.register_comm_hook(state, noise_allreduce_hook)
 
 
@@ -132,3 +161,36 @@ def all_reduce_local_norm(
     )
     dist.all_reduce(packed, group=group)
     return unpack_local_norms(packed)
+
+
+def attach(backend: object, train_model: torch.nn.Module) -> tuple[str, NoiseHookState | None, str]:
+    """Where this job's two batch sizes come from, and the hook installed if it needs one.
+
+    Returns:
+        ``(source, hook state, why not)``: ``("hook", state, "")`` under DDP (the hook is
+        registered on ``train_model``); ``("micro", None, "")`` for one worker of the torch
+        backend (the micro-batches of an accumulated update, :class:`distgrow.noise.
+        MicroStepNorms`); ``("none", None, reason)`` otherwise.
+    """
+    if isinstance(train_model, DistributedDataParallel):
+        state = NoiseHookState(train_model.process_group)
+        register(train_model, state)
+        return "hook", state, ""
+    name = type(backend).__name__
+    world = int(getattr(backend, "world_size", 1))
+    if isinstance(backend, TorchBackend) and world == 1:
+        return "micro", None, ""
+    if world == 1:
+        return (
+            "none",
+            None,
+            f"the one-worker measurement (from the micro-batches' gradients) is built for "
+            f"the torch backend only, not {name}; use backend.name=torch to measure",
+        )
+    return (
+        "none",
+        None,
+        f"{name} all-reduces each gradient in place inside the engine (Horovod: as soon as it "
+        "is ready; DeepSpeed: in its own buckets, partitioned under ZeRO), so no rank's local "
+        "gradient is kept to take its norm; measure with backend.name=torch (DDP hook)",
+    )

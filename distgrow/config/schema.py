@@ -152,7 +152,7 @@ ScheduleType = Literal[
     "wsd",
     "plateau",
 ]
-GrowthMode = Literal["decay_lr", "grow_batch", "grow_batch_lr", "grow_momentum"]
+GrowthMode = Literal["decay_lr", "grow_batch", "grow_batch_lr", "grow_momentum", "adaptive"]
 GrowthRule = Literal["auto", "linear", "sqrt"]
 # Schedules whose decay may reach zero: B* = B0/r(t) is then unbounded and the cap takes over.
 FLOORED = ("cosine", "linear", "wsd")
@@ -748,6 +748,39 @@ class ScheduleConfig(_Section):
 
 
 @dataclass(config=_STRICT)
+class AdaptiveConfig(_Section):
+    """When the measured noise scale lets the batch grow (``growth.mode=adaptive``, and the
+    evaluations of ``growth.noise_cap``); see docs/noise.md."""
+
+    ratio: Float = _f(
+        1.0,
+        "adaptive: grow when the smoothed B_simple exceeds ratio × the current global batch "
+        "(1.0: McCandlish et al.'s critical batch, where a step costs as much in samples as in "
+        "updates).",
+    )
+    patience: Int = _f(
+        3, "adaptive: consecutive evaluations above the ratio before the batch grows."
+    )
+    every: Int = _f(
+        50, "Updates between two evaluations of the measured noise scale (adaptive and noise_cap)."
+    )
+    min_updates: Int = _f(
+        20, "Measured updates before the first evaluation counts (the moving average settles)."
+    )
+
+    def validate(self) -> None:
+        if not self.ratio > 0:
+            raise _fail("growth.adaptive.ratio", self.ratio, "must be positive", "e.g. 1.0")
+        for key, example in (("patience", 3), ("every", 50)):
+            if getattr(self, key) < 1:
+                raise _fail(
+                    f"growth.adaptive.{key}", getattr(self, key), "must be >= 1", f"e.g. {example}"
+                )
+        if self.min_updates < 0:
+            raise _fail("growth.adaptive.min_updates", self.min_updates, "must be >= 0", "e.g. 20")
+
+
+@dataclass(config=_STRICT)
 class GrowthConfig(_Section):
     """How the LR schedule becomes a batch schedule, and the limits that stop the batch."""
 
@@ -755,7 +788,9 @@ class GrowthConfig(_Section):
         "grow_batch",
         "decay_lr: the plain baseline (fixed batch, LR decays); grow_batch: the batch grows "
         "instead, LR takes the rest at the caps (hybrid); grow_batch_lr: also start with LR and "
-        "batch × lr_scale; grow_momentum: also raise momentum to growth.momentum.",
+        "batch × lr_scale; grow_momentum: also raise momentum to growth.momentum; adaptive: "
+        "the batch grows × growth.factor when the measured noise scale says so (growth.adaptive), "
+        "the LR follows the schedule, never above it (docs/noise.md).",
     )
     base_batch: Int = _f(128, "B0: the global batch of the baseline run.")
     max_global_batch: Int | None = _f(None, "Hard cap on the global batch (null: none).")
@@ -807,6 +842,14 @@ class GrowthConfig(_Section):
         None, "Batch warm-up: the batch grows by this much at a time (null: in one step)."
     )
     rampup_samples: Int = _f(0, "Batch warm-up: samples over which the batch reaches base_batch.")
+    factor: Float = _f(2.0, "adaptive: the global batch × this at each growth.")
+    noise_cap: Float | None = _f(
+        None,
+        "grow_batch: stop growing once the batch would exceed this × the measured noise scale "
+        "B_simple (past the critical batch extra samples buy little progress); the LR takes the "
+        "rest of the decay, as in the hybrid (null: off).",
+    )
+    adaptive: AdaptiveConfig = _section(AdaptiveConfig, "Noise-scale decisions.")
 
     def resolved_rule(self, optim_name: str) -> str:
         """``linear`` or ``sqrt``: ``auto`` picks linear for sgd, sqrt for adaptive updates."""
@@ -882,6 +925,7 @@ class GrowthConfig(_Section):
                 "set optim.name=adamw, or growth.weight_decay_timescale=false",
             )
         self._validate_rampup()
+        self._validate_noise()
         if self.mode == "grow_momentum" and self.resolved_rule(optim.name) == "sqrt":
             raise _fail(
                 "growth.mode",
@@ -904,6 +948,25 @@ class GrowthConfig(_Section):
                     f"must lie between optim.momentum ({optim.momentum}) and 1",
                     "e.g. 0.98",
                 )
+
+    def _validate_noise(self) -> None:
+        self.adaptive.validate()
+        if not self.factor > 1.0 or self.factor > MAX_LR_SCALE:
+            raise _fail("growth.factor", self.factor, f"must be in (1, {MAX_LR_SCALE:,}]", "e.g. 2")
+        if self.noise_cap is not None:
+            if not self.noise_cap > 0:
+                raise _fail("growth.noise_cap", self.noise_cap, "must be positive", "e.g. 2.0")
+            if self.mode not in ("grow_batch", "adaptive"):
+                raise _fail(
+                    "growth.noise_cap",
+                    self.noise_cap,
+                    f"caps grow_batch (and adaptive), not growth.mode={self.mode}",
+                    "set growth.mode=grow_batch, or growth.noise_cap=null",
+                )
+
+    def measures_noise(self) -> bool:
+        """Whether growth decisions need the measured noise scale."""
+        return self.mode == "adaptive" or self.noise_cap is not None
 
     def _validate_rampup(self) -> None:
         start, inc = self.rampup_start_batch, self.rampup_increment
@@ -1055,6 +1118,41 @@ class WandbConfig(_Section):
 
 
 @dataclass(config=_STRICT)
+class NoiseConfig(_Section):
+    """Measuring the gradient noise scale B_simple = tr(Σ)/|G|² during training
+    (McCandlish et al. 2018; ``distgrow.noise``, docs/noise.md)."""
+
+    measure: Literal["auto", "on", "off"] = _f(
+        "auto",
+        "auto: on when growth.mode=adaptive or growth.noise_cap is set, off otherwise; on: "
+        "always (logged as noise/* in metrics.jsonl and W&B); off: never (adaptive and "
+        "noise_cap need it).",
+    )
+    ema_decay: Float = _f(
+        0.95, "Weight of the past in the moving averages of |G|² and tr(Σ), in [0, 1)."
+    )
+    every: Int = _f(1, "Measure every this many updates (1: each; the rest cost nothing).")
+
+    def validate(self, growth: GrowthConfig) -> None:
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise _fail("noise.ema_decay", self.ema_decay, "must be in [0, 1)", "e.g. 0.95")
+        if self.every < 1:
+            raise _fail("noise.every", self.every, "must be >= 1", "e.g. 1")
+        if self.measure == "off" and growth.measures_noise():
+            what = "growth.mode=adaptive" if growth.mode == "adaptive" else "growth.noise_cap"
+            raise _fail(
+                "noise.measure",
+                self.measure,
+                f"{what} decides from the measured noise scale",
+                "set noise.measure=auto",
+            )
+
+    def enabled(self, growth: GrowthConfig) -> bool:
+        """Whether the run measures the noise scale."""
+        return self.measure == "on" or (self.measure == "auto" and growth.measures_noise())
+
+
+@dataclass(config=_STRICT)
 class LoggingConfig(_Section):
     """Metrics, progress and W&B."""
 
@@ -1080,6 +1178,7 @@ class Config(_Section):
     optim: OptimConfig = _section(OptimConfig, "Optimizer.")
     schedule: ScheduleConfig = _section(ScheduleConfig, "The LR schedule to convert.")
     growth: GrowthConfig = _section(GrowthConfig, "Batch growth and its limits.")
+    noise: NoiseConfig = _section(NoiseConfig, "Measuring the gradient noise scale.")
     backend: BackendConfig = _section(BackendConfig, "Engine.")
     launch: LaunchConfig = _section(LaunchConfig, "Launching.")
     logging: LoggingConfig = _section(LoggingConfig, "Logging.")
@@ -1093,6 +1192,7 @@ class Config(_Section):
         self.optim.validate()
         self.schedule.validate(self.run)
         self.growth.validate(self.optim)
+        self.noise.validate(self.growth)
         self.backend.validate()
         self.launch.validate()
         self.logging.validate()

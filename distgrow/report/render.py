@@ -17,6 +17,8 @@ from distgrow.report.runs import (
     ReportError,
     RunData,
     config_differences,
+    noise_decisions,
+    noise_path,
     schedule_path,
     validation_points,
 )
@@ -39,6 +41,9 @@ REPORT_FILE = "report.md"
 REPORT_SUMMARY_FILE = "summary.json"
 """The report directory's numbers (not a run's ``summary.json``: the same name, another file)."""
 SWEEP_FILES = {"json": "sweep.json", "markdown": "sweep.md", "plot": "sweep.png"}
+
+NOISE_PLOT_FILE = "noise_scale.png"
+"""Written when a run measured the noise scale (``noise.measure``)."""
 
 PLOT_FILES = {
     "val_vs_epochs": "val_vs_epochs.png",
@@ -259,6 +264,7 @@ def build_report(
         "runs": rows,
         "plots": plots,
         "notes": notes,
+        "noise": _noise_rows(runs),
     }
     write_json(out / REPORT_SUMMARY_FILE, summary)
     (out / REPORT_FILE).write_text(render_markdown(summary), encoding="utf-8")
@@ -277,12 +283,94 @@ def report_title(runs: Sequence[RunData]) -> str:
 def _write_plots(runs: Sequence[RunData], out: Path, metric: str) -> dict[str, str]:
     from distgrow import plots
 
-    curves = [run_curve(r, metric, c) for r, c in zip(runs, _colours(runs), strict=True)]
+    colours = _colours(runs)
+    curves = [run_curve(r, metric, c) for r, c in zip(runs, colours, strict=True)]
     plots.plot_metric(curves, "epochs", metric, out / PLOT_FILES["val_vs_epochs"])
     plots.plot_metric(curves, "updates", metric, out / PLOT_FILES["val_vs_updates"])
     plots.plot_metric(curves, "wall_s", metric, out / PLOT_FILES["val_vs_wall"])
     plots.plot_schedules(curves, out / PLOT_FILES["schedules"])
-    return dict(PLOT_FILES)
+    written = dict(PLOT_FILES)
+    noise = []
+    for run, colour in zip(runs, colours, strict=True):
+        xs, b_simple = noise_path(run)
+        if xs:
+            batch_xs, batch, _ = schedule_path(run)
+            noise.append(plots.NoiseCurve(run.label, xs, b_simple, batch_xs, batch, colour))
+    if noise:  # only runs that measured it (noise.measure)
+        plots.plot_noise(noise, out / NOISE_PLOT_FILE)
+        written["noise_scale"] = NOISE_PLOT_FILE
+    return written
+
+
+def _noise_rows(runs: Sequence[RunData]) -> list[dict[str, Any]]:
+    """Per run that measured the noise scale: the last value and the decisions taken."""
+    rows = []
+    for run in runs:
+        measured = run.summary.extra.get("noise")
+        decisions = noise_decisions(run)
+        if not isinstance(measured, dict) and not decisions:
+            continue
+        rows.append(
+            {
+                "label": run.label,
+                "measured": measured if isinstance(measured, dict) else None,
+                "decisions": [
+                    {
+                        key: d.get(key)
+                        for key in (
+                            "event",
+                            "epoch",
+                            "step",
+                            "b_simple",
+                            "batch",
+                            "realised",
+                            "cap_batch",
+                            "schedule_batch",
+                            "limit",
+                            "global_batch",
+                        )
+                        if d.get(key) is not None
+                    }
+                    for d in decisions
+                ],
+            }
+        )
+    return rows
+
+
+def _noise_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    lines = [
+        "## Noise scale",
+        "",
+        "B_simple = tr(Σ)/|G|², measured during training (docs/noise.md): the batch above which "
+        "more samples per update buy little progress.",
+        "",
+    ]
+    for row in rows:
+        m = row.get("measured") or {}
+        b = m.get("b_simple")
+        lines.append(
+            f"- **{row['label']}**: {m.get('measured_updates', 0):,} updates measured "
+            f"({m.get('source', '?')}); last smoothed B_simple "
+            + (f"{b:,.0f}" if isinstance(b, int | float) else "n/a")
+        )
+        for d in row["decisions"]:
+            at = f"epoch {d.get('epoch')}, update {d.get('step', 0):,}"
+            value = d.get("b_simple")
+            said = f"B_simple {value:,.1f}" if isinstance(value, int | float) else "B_simple n/a"
+            if d["event"] == "adaptive_growth":
+                what = f"grew {d.get('batch')} → {d.get('realised')} ({said})"
+            elif d["event"] == "adaptive_at_limit":
+                what = f"asked to grow past the limit {d.get('limit')} ({said}): the LR decays"
+            elif d["event"] == "noise_cap":
+                what = (
+                    f"noise cap fired: batch held at ≤ {d.get('cap_batch')} instead of "
+                    f"{d.get('schedule_batch')} ({said}); the LR takes the rest"
+                )
+            else:
+                what = f"noise cap lifted at {d.get('cap_batch')} ({said})"
+            lines.append(f"  - {at}: {what}")
+    return [*lines, ""]
 
 
 # --------------------------------------------------------------------------------------------
@@ -448,6 +536,8 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
         )
         lines.append("")
     lines += _held_lines(rows)
+    if summary.get("noise"):
+        lines += _noise_markdown(summary["noise"])
     plots = summary.get("plots") or {}
     if plots:
         lines += ["## Plots", ""]
@@ -456,6 +546,7 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
             "val_vs_updates": f"{metric_name} against parameter updates",
             "val_vs_wall": f"{metric_name} against wall-clock",
             "schedules": "global batch and learning rate against epochs",
+            "noise_scale": "measured noise scale B_simple against the global batch",
         }
         for key, file in plots.items():
             lines += [f"![{captions.get(key, key)}]({file})", ""]

@@ -127,11 +127,14 @@ def schedule_path(run: RunData) -> tuple[list[float], list[int], list[float]]:
     """(epochs, global batch, lr) where the run's schedule changes, for a step plot.
 
     From the plan of the run's own config when its schedule is known in advance (the trainer
-    follows it exactly); for plateau schedules, or without a readable config, from the logged
-    records (growth events, step and epoch records).
+    follows it exactly); for plateau schedules, adaptive growth, the noise cap, or without a
+    readable config, from the logged records (growth events, step and epoch records).
     """
     n, epochs_total = run.dataset_size, run.summary.epochs or 0
-    if run.config and run.config.get("schedule", {}).get("type") != "plateau":
+    growth = run.config.get("growth", {}) if run.config else {}
+    # Adaptive growth and the noise cap decide from measurements: only the records know.
+    measured = growth.get("mode") == "adaptive" or growth.get("noise_cap") is not None
+    if run.config and run.config.get("schedule", {}).get("type") != "plateau" and not measured:
         try:
             cfg = config_from_dict(run.config, source=str(run.run_dir.config))
             plan = make_plan(cfg, n, min_workers=run.summary.world_size or 1)
@@ -169,6 +172,34 @@ def schedule_path(run: RunData) -> tuple[list[float], list[int], list[float]]:
         points.insert(0, (0.0, points[0][1], points[0][2]))
         points.append((float(epochs_total or points[-1][0]), points[-1][1], points[-1][2]))
     return [p[0] for p in points], [p[1] for p in points], [p[2] for p in points]
+
+
+NOISE_EVENTS = ("adaptive_growth", "adaptive_at_limit", "noise_cap", "noise_cap_lifted")
+"""The decisions taken from the measured noise scale (events of ``metrics.jsonl``)."""
+
+
+def noise_path(run: RunData) -> tuple[list[float], list[float]]:
+    """(epochs, smoothed B_simple) at each record that carries a measurement: the step
+    records' ``noise/b_simple`` and the decisions' ``b_simple``; empty when the run did not
+    measure the noise scale."""
+    n = run.dataset_size
+    points: list[tuple[float, float]] = []
+    for record in run.records:
+        if record.get("kind") == "step":
+            value = record.get("noise/b_simple")
+        elif record.get("kind") == "event" and record.get("event") in NOISE_EVENTS:
+            value = record.get("b_simple")
+        else:
+            continue
+        if isinstance(value, int | float):
+            points.append((int(record.get("samples_seen") or 0) / n, float(value)))
+    points.sort(key=lambda p: p[0])
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def noise_decisions(run: RunData) -> list[dict[str, Any]]:
+    """The run's noise-scale decisions (:data:`NOISE_EVENTS`), in order."""
+    return [r for r in run.records if r.get("kind") == "event" and r.get("event") in NOISE_EVENTS]
 
 
 # --------------------------------------------------------------------------------------------

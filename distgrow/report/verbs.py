@@ -31,8 +31,9 @@ from distgrow.report.runs import ReportError, differences, load_run, read_config
 from distgrow.rundir import CONFIG_FILE, RunDir
 from distgrow.signals import exit_status, signal_name
 
-VARIANTS = ("decay_lr", "grow_batch", "hybrid", "grow_batch_lr", "grow_momentum")
-"""What ``compare`` can train; ``hybrid`` is ``grow_batch`` with a cap that binds."""
+VARIANTS = ("decay_lr", "grow_batch", "hybrid", "grow_batch_lr", "grow_momentum", "adaptive")
+"""What ``compare`` can train; ``hybrid`` is ``grow_batch`` with a cap that binds; ``adaptive``
+grows when the measured noise scale says so (``growth.mode=adaptive``)."""
 DEFAULT_VARIANTS = ("decay_lr", "grow_batch", "hybrid")
 
 
