@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -304,7 +304,7 @@ def run_subprocess(
     forked = None
     if is_spawn(argv):
         # launch.preload: forked by the server that imported torch once for this controller.
-        forked = spawn_server(argv[0], env).launch(argv, env)
+        forked = spawn_server(argv, env).launch(argv, env)
     process = Process(argv, env, log_path, echo, adopt=forked)
     try:
         with forwarding_signals(process.send) as received:
@@ -351,15 +351,18 @@ class SpawnServer:
     Args:
         python: Its interpreter (the workers').
         env: Its environment; a launch with another environment gets a server of its own.
+        worker: The worker command (``-m distgrow train ...``), shown in its command line.
     """
 
-    def __init__(self, python: str, env: Mapping[str, str]) -> None:
+    def __init__(self, python: str, env: Mapping[str, str], worker: Sequence[str] = ()) -> None:
         self.python = python
         self.env = dict(env)
         self._sock, theirs = socket.socketpair()
         try:
             self.proc = subprocess.Popen(
-                [python, "-m", SPAWN_MODULE, "--serve", str(theirs.fileno())],
+                # The worker command only shows in `ps` (for the server, the launchers and
+                # the workers it forks: they keep its command line).
+                [python, "-m", SPAWN_MODULE, "--serve", str(theirs.fileno()), *worker],
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 pass_fds=[theirs.fileno()],
@@ -447,16 +450,18 @@ def is_spawn(argv: list[str]) -> bool:
     return argv[1:3] == ["-m", SPAWN_MODULE]
 
 
-def spawn_server(python: str, env: Mapping[str, str]) -> SpawnServer:
-    """The spawn server for ``python`` and ``env``: the running one, else a new one (which
-    imports torch before its first launch)."""
+def spawn_server(argv: list[str], env: Mapping[str, str]) -> SpawnServer:
+    """The spawn server for the launch ``argv`` in ``env``: the running one if it has the same
+    interpreter and environment, else a new one (which imports torch before its first launch)."""
     global _server
+    python = argv[0]
     if _server is not None and not (
         _server.python == python and _server.env == dict(env) and _server.alive()
     ):
         stop_spawn_server()
     if _server is None:
-        _server = SpawnServer(python, env)
+        worker = argv[argv.index("--") + 1 :] if "--" in argv else []
+        _server = SpawnServer(python, env, worker)
     return _server
 
 

@@ -11,10 +11,12 @@ stops the others (SIGTERM, then SIGKILL after 30 s). Unlike torchrun it exits wi
 workers' own status: the first non-zero one, else 0 (a worker killed by signal N counts as
 128 + N).
 
-With ``--serve FD`` it is the server :mod:`distgrow.launch.executor` keeps for a controller: it
-imports everything once, then forks one such launcher per launch request on the socket ``FD``
-(the same code, already imported), so a relaunch of the wider job starts its workers at once
-instead of paying torch's import again (see docs/launch.md).
+With ``--serve FD [WORKER COMMAND]`` it is the server that :mod:`distgrow.launch.executor`
+keeps for a controller: it imports everything once, then forks one such launcher per launch
+request on the socket ``FD`` (the same code, already imported), so a relaunch of the wider job
+starts its workers at once instead of paying torch's import again (see docs/launch.md). The
+forked processes keep the server's command line (the worker command is there for ``ps``);
+each worker names itself ``distgrow rank N`` (``ps -o comm``, ``pgrep``).
 
 Forking is safe here because nothing has run in the server (one thread, no torch op):
 importing torch starts no thread of its own (numpy's OpenBLAS pool, the one thread there is,
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import os
 import runpy
@@ -47,6 +50,8 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signa
 """What torchrun forwards to its workers (with ``PET_SIGNALS_TO_HANDLE`` as the builder sets
 it), and so does this launcher."""
 
+PR_SET_NAME = 15  # prctl(2)
+
 STOP_GRACE_S = 30.0
 """After one worker failed, how long the others may take to stop (torchrun's default)."""
 
@@ -60,8 +65,14 @@ def preload() -> None:
     import torch
     import torch._dynamo  # noqa: F401  # torch.optim imports it at the first optimizer
 
+    import distgrow.backends.torch_ddp  # the backend torchrun's workers use
     import distgrow.cli
     import distgrow.startup  # noqa: F401
+    from distgrow.config import config_from_dict
+
+    # The config models build their validators at the first use (pydantic's defer_build):
+    # build them here, not in every worker.
+    config_from_dict({})
 
 
 def worker_env(
@@ -102,6 +113,14 @@ def status_of(wait_status: int) -> int:
     return os.WEXITSTATUS(wait_status)
 
 
+def name_process(name: str) -> None:
+    """Set this process's name as ``ps -o comm``, ``top`` and ``pgrep`` show it (Linux; at
+    most 15 bytes): a forked worker's command line is its launcher's, so the name says which
+    rank it is."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+
+
 def _run_worker(command: Sequence[str], env: Mapping[str, str]) -> int:
     """In the forked child: become ``python COMMAND`` (``-m MODULE args`` or ``SCRIPT args``)."""
     os.setsid()  # its own session, as torchrun's workers: a signal to the launcher's group
@@ -115,6 +134,7 @@ def _run_worker(command: Sequence[str], env: Mapping[str, str]) -> int:
     os.close(devnull)
     os.environ.clear()
     os.environ.update(env)
+    name_process(f"distgrow rank {env['RANK']}")
     try:
         if command[0] == "-m":
             sys.argv = [command[1], *command[2:]]
@@ -337,6 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the launcher; ``--serve FD``: the server of :func:`serve` on socket ``FD``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--serve"]:
+        # What follows the descriptor is the worker command, for `ps` only: every process the
+        # server forks (launchers, workers) shows the server's command line.
         return serve(socket.socket(fileno=int(argv[1])))
     args = parse_args(argv)
     preload()
