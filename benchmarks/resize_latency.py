@@ -13,7 +13,8 @@ launcher start         rank 0 asked for workers (``need_workers`` event: the res
                        old job's exit, the controller's relaunch and the launcher's own start
                        (relaunch), or the new torchrun agent's start, the rendezvous and the
                        restart of the workers (elastic).
-interpreter + imports  process birth -> ``distgrow.startup.run`` entered (Python, torch).
+interpreter + imports  process birth -> ``distgrow.startup.run`` entered (Python, torch; for
+                       a worker forked by the spawn server: the config load only).
 data load              -> data set loaded.
 process-group init     -> ``torch.distributed`` process group joined (gloo rendezvous).
 model + optimizer      -> model built and wrapped (DDP), optimizer made: torch 2.13 imports its
@@ -22,10 +23,13 @@ checkpoint load        -> newest checkpoint read by rank 0, broadcast, loaded (`
 first step             -> the first update of the wider job completed (``step`` record).
 =====================  ======================================================================
 
-Modes, side by side: ``relaunch-torchrun`` and ``relaunch-mpirun`` (the controller relaunches
-the launcher wider after the workers exit 75) and ``elastic-torchrun`` (``launch.elastic=true``:
-a torchrun agent joins the running job; the workers wait for it, ``launch.elastic_wait_s``, so
-that the growth happens at the planned point and the latency is comparable).
+Modes, side by side: ``relaunch-preload`` (the default on one machine, ``launch.preload``:
+the controller's spawn server, which imported torch once, forks the wider job's launcher and
+workers), ``relaunch-torchrun`` (``launch.preload=false``) and ``relaunch-mpirun`` (the
+controller relaunches the launcher wider after the workers exit 75), and ``elastic-torchrun``
+(``launch.elastic=true``: a torchrun agent joins the running job; the workers wait for it,
+``launch.elastic_wait_s``, so that the growth happens at the planned point and the latency is
+comparable).
 
 The row "after the old workers stopped" is the part of the latency that remains when the
 old workers keep training while the new agent starts (elastic with ``elastic_wait_s=0``): from
@@ -35,6 +39,10 @@ relaunch it equals the total (the workers stop when they ask).
 It also measures the cost of the trainer's per-update stop-signal check: the stop votes ride on
 the loss all-reduce (2 float64 instead of 1), against a separate scalar all-reduce per update,
 both over 2 gloo ranks and against the median update time of the 2-worker phase.
+
+Wall clock moves with whatever else runs on the machine, so the benchmark also reports the CPU
+seconds of each whole run (every process of it) and of each cold-start piece alone (what a
+quiet machine with a free core per process would take in wall clock), and the load average.
 
 Usage (the numbers in docs/launch.md came from this)::
 

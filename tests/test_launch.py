@@ -1339,7 +1339,7 @@ def test_a_progress_line_shows_before_its_newline() -> None:
 def test_real_torchrun_growth_prints_no_failure_report(
     fake_env: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    config, run_dir = real_config(fake_env, "torchrun")
+    config, run_dir = real_config(fake_env, "torchrun", preload=False)  # torchrun's report
     monkeypatch.setenv("FAKE_WORKER", "grow:2")
     lines: list[str] = []
     assert run_controller(str(config), [], load_config(config), log=lines.append) == 0
@@ -1348,3 +1348,16 @@ def test_real_torchrun_growth_prints_no_failure_report(
     assert "ChildFailedError" not in out and "FAILED" not in out and "exitcode: 75" not in out
     log = (run_dir / "launch" / "attempt-01-1w.log").read_text()
     assert "ChildFailedError" in log and "exitcode  : 75" in log  # the log keeps it all
+
+
+def test_preloaded_growth_prints_nothing_about_the_planned_exit(
+    fake_env: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    config, run_dir = real_config(fake_env, "torchrun")  # launch.preload: the default
+    monkeypatch.setenv("FAKE_WORKER", "grow:2")
+    lines: list[str] = []
+    assert run_controller(str(config), [], load_config(config), log=lines.append) == 0
+    shown = "".join(capfd.readouterr())
+    assert "exited 75" not in shown and "exitcode" not in shown and "Traceback" not in shown
+    assert any("-m distgrow.launch.spawn --nproc_per_node=2" in line for line in lines)
+    assert (run_dir / "launch" / "attempt-01-1w.log").read_text() == ""  # a clean exit

@@ -304,7 +304,11 @@ def run_subprocess(
     forked = None
     if is_spawn(argv):
         # launch.preload: forked by the server that imported torch once for this controller.
-        forked = spawn_server(argv, env).launch(argv, env)
+        try:
+            forked = spawn_server(argv, env).launch(argv, env)
+        except OSError:
+            # The server failed to start or died: run the launcher itself (its log says why).
+            stop_spawn_server()
     process = Process(argv, env, log_path, echo, adopt=forked)
     try:
         with forwarding_signals(process.send) as received:
