@@ -165,7 +165,7 @@ CPU_PROBES: dict[str, str] = {
         "import distgrow.startup; import time; t = time.process_time(); import torch._dynamo; "
         "print(time.process_time() - t)"
     ),
-    "preload (the standby's imports, off the critical path)": (
+    "preload (the spawn server's imports, once per run, before the first launch)": (
         "from distgrow.launch.spawn import preload; preload()"
     ),
 }
