@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -211,3 +212,23 @@ def test_a_signal_to_the_launcher_reaches_every_worker_once(tmp_path: Path, repo
         if proc.poll() is None:
             proc.kill()
     assert [(tmp_path / f"signal-{r}").read_text() for r in (0, 1)] == ["SIGUSR1\n"] * 2
+
+
+def test_a_dead_server_stops_its_launcher_and_the_workers(tmp_path: Path, repo_env: None) -> None:
+    def kill_the_server_once_the_workers_run() -> None:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"started-{r}").exists() for r in (0, 1)):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.1)
+        server = executor._server
+        assert server is not None
+        os.kill(server.proc.pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_the_server_once_the_workers_run, daemon=True)
+    killer.start()
+    outcome = executor.run_subprocess(_spawn_argv(tmp_path, 2, "sleep"), {}, tmp_path / "log")
+    killer.join(timeout=10)
+    assert outcome.returncode == 128 + signal.SIGKILL  # the launcher's status is lost
+    # The launcher was stopped as the controller stops it: every worker got SIGTERM once.
+    assert [(tmp_path / f"signal-{r}").read_text() for r in (0, 1)] == ["SIGTERM\n"] * 2

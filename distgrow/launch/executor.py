@@ -375,6 +375,7 @@ class SpawnServer:
         finally:
             theirs.close()
         self._statuses: dict[int, int] = {}
+        self._closed = False  # the server closed its end (it ended)
 
     def launch(self, argv: list[str], env: Mapping[str, str]) -> ForkedLauncher:
         """Fork the launcher of ``argv`` (``python -m distgrow.launch.spawn ...``) in ``env``.
@@ -405,10 +406,16 @@ class SpawnServer:
             if left is not None and left <= 0 and block:
                 return
             message = self._receive(timeout=left)
+            if message is None and self._closed:
+                # The server died (killed, out of memory): the launcher's status is lost. The
+                # launcher got SIGTERM (its parent-death signal) and stops its workers, which
+                # checkpoint; wait for that, end what is left, and report a kill.
+                _wait_gone(launcher.pid, STOP_GRACE_S + 5)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(launcher.pid, signal.SIGKILL)
+                self._statuses[launcher.pid] = -int(signal.SIGKILL)
+                break
             if message is None:
-                if self.proc.poll() is not None:  # the server died: its launcher's status is lost
-                    self._statuses[launcher.pid] = -int(signal.SIGKILL)
-                    break
                 return
         wait_status = self._statuses.pop(launcher.pid)
         if wait_status < 0:
@@ -420,11 +427,14 @@ class SpawnServer:
 
     def _receive(self, timeout: float | None) -> dict[str, Any] | None:
         """The next report (a status is filed away and returned too); None on timeout or EOF."""
+        if self._closed:
+            return None
         readable, _, _ = select.select([self._sock], [], [], timeout)
         if not readable:
             return None
         message = recv_message(self._sock)
         if message is None:
+            self._closed = True
             return None
         report, _ = message
         if "status" in report:
@@ -432,7 +442,7 @@ class SpawnServer:
         return report
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return not self._closed and self.proc.poll() is None
 
     def stop(self) -> None:
         """End the server (end of input; SIGTERM if it does not go)."""
@@ -444,6 +454,19 @@ class SpawnServer:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait()
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    """Wait up to ``timeout`` seconds for process ``pid`` (not a child of ours) to end."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return  # ended; its new parent has not reaped it yet
+        except OSError:
+            return
+        time.sleep(0.05)
 
 
 _server: SpawnServer | None = None

@@ -50,7 +50,7 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signa
 """What torchrun forwards to its workers (with ``PET_SIGNALS_TO_HANDLE`` as the builder sets
 it), and so does this launcher."""
 
-PR_SET_NAME = 15  # prctl(2)
+PR_SET_PDEATHSIG, PR_SET_NAME = 1, 15  # prctl(2)
 
 STOP_GRACE_S = 30.0
 """After one worker failed, how long the others may take to stop (torchrun's default)."""
@@ -320,10 +320,17 @@ def serve(sock: socket.socket) -> int:
         request, fds = message
         sys.stdout.flush()
         sys.stderr.flush()
+        server = os.getpid()
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
+                # If the server dies, its launchers are stopped as by the controller (their
+                # workers checkpoint and exit): nobody would report their status any more.
+                with contextlib.suppress(OSError, AttributeError):
+                    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+                if os.getppid() != server:
+                    os._exit(128 + signal.SIGTERM)  # it died before that was set
                 sock.close()
                 os.dup2(fds[0], 1)
                 os.dup2(fds[0], 2)
