@@ -26,7 +26,6 @@ from distgrow.launch.executor import (
     address_in_use,
     log_tail,
     run_subprocess,
-    stop_spawn_server,
     torchrun_status,
     worker_error,
 )
@@ -451,7 +450,6 @@ def run_controller(
             workers, resume = decision.workers, True
             restarts += decision.restart
             continue
-        stop_spawn_server()  # launch.preload: no further launch will use it
         if decision.fix:
             _report(job, history, decision.message, decision.fix)
         else:
