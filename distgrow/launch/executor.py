@@ -12,11 +12,13 @@ import atexit
 import codecs
 import contextlib
 import io
+import json
 import os
 import re
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -30,7 +32,6 @@ from typing import Any, Literal
 
 from distgrow.exits import EXIT_FAILURE, EXIT_NEED_WORKERS
 from distgrow.launch.builders import SPAWN_MODULE
-from distgrow.launch.spawn import recv_message, send_message
 from distgrow.signals import exit_status, signal_from_status
 
 # What the controller exits with when a signal stopped the run: the shell's 128 + signal number,
@@ -323,6 +324,37 @@ def run_subprocess(
 # --------------------------------------------------------------------------------------------
 # The spawn server of launch.preload
 # --------------------------------------------------------------------------------------------
+
+
+def send_message(sock: socket.socket, payload: dict[str, Any], fds: Sequence[int] = ()) -> None:
+    """One message: its length (4 bytes, with ``fds`` attached), then its JSON."""
+    data = json.dumps(payload).encode()
+    head = struct.pack("!I", len(data))
+    if fds:
+        socket.send_fds(sock, [head], list(fds))
+    else:
+        sock.sendall(head)
+    sock.sendall(data)
+
+
+def recv_message(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
+    """The next message and the descriptors that came with it; None at end of input."""
+    head, fds, _flags, _addr = socket.recv_fds(sock, 4, 4)
+    if not head:
+        return None
+    while len(head) < 4:
+        more = sock.recv(4 - len(head))
+        if not more:
+            return None
+        head += more
+    (size,) = struct.unpack("!I", head)
+    data = b""
+    while len(data) < size:
+        more = sock.recv(size - len(data))
+        if not more:
+            return None
+        data += more
+    return json.loads(data), fds
 
 
 class ForkedLauncher:

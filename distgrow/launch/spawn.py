@@ -29,22 +29,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import json
 import os
 import runpy
 import select
 import signal
 import socket
-import struct
 import sys
 import time
 import traceback
 from collections.abc import Mapping, Sequence
 from types import FrameType
-from typing import Any
 
 from distgrow.exits import EXIT_NEED_WORKERS
 from distgrow.launch.builders import SPAWN_MODULE as MODULE
+from distgrow.launch.executor import recv_message, send_message
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1)
 """What torchrun forwards to its workers (with ``PET_SIGNALS_TO_HANDLE`` as the builder sets
@@ -262,37 +260,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------
 # The server: one process per controller that imports once and forks every launch
 # --------------------------------------------------------------------------------------------
-
-
-def send_message(sock: socket.socket, payload: dict[str, Any], fds: Sequence[int] = ()) -> None:
-    """One message: its length (4 bytes, with ``fds`` attached), then its JSON."""
-    data = json.dumps(payload).encode()
-    head = struct.pack("!I", len(data))
-    if fds:
-        socket.send_fds(sock, [head], list(fds))
-    else:
-        sock.sendall(head)
-    sock.sendall(data)
-
-
-def recv_message(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
-    """The next message and the descriptors that came with it; None at end of input."""
-    head, fds, _flags, _addr = socket.recv_fds(sock, 4, 4)
-    if not head:
-        return None
-    while len(head) < 4:
-        more = sock.recv(4 - len(head))
-        if not more:
-            return None
-        head += more
-    (size,) = struct.unpack("!I", head)
-    data = b""
-    while len(data) < size:
-        more = sock.recv(size - len(data))
-        if not more:
-            return None
-        data += more
-    return json.loads(data), fds
 
 
 def serve(sock: socket.socket) -> int:
