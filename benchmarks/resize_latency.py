@@ -13,7 +13,8 @@ launcher start         rank 0 asked for workers (``need_workers`` event: the res
                        old job's exit, the controller's relaunch and the launcher's own start
                        (relaunch), or the new torchrun agent's start, the rendezvous and the
                        restart of the workers (elastic).
-interpreter + imports  process birth -> ``distgrow.startup.run`` entered (Python, torch).
+interpreter + imports  process birth -> ``distgrow.startup.run`` entered (Python, torch; for
+                       a worker forked by the spawn server: the config load only).
 data load              -> data set loaded.
 process-group init     -> ``torch.distributed`` process group joined (gloo rendezvous).
 model + optimizer      -> model built and wrapped (DDP), optimizer made: torch 2.13 imports its
@@ -22,10 +23,13 @@ checkpoint load        -> newest checkpoint read by rank 0, broadcast, loaded (`
 first step             -> the first update of the wider job completed (``step`` record).
 =====================  ======================================================================
 
-Modes, side by side: ``relaunch-torchrun`` and ``relaunch-mpirun`` (the controller relaunches
-the launcher wider after the workers exit 75) and ``elastic-torchrun`` (``launch.elastic=true``:
-a torchrun agent joins the running job; the workers wait for it, ``launch.elastic_wait_s``, so
-that the growth happens at the planned point and the latency is comparable).
+Modes, side by side: ``relaunch-preload`` (the default on one machine, ``launch.preload``:
+the controller's spawn server, which imported torch once, forks the wider job's launcher and
+workers), ``relaunch-torchrun`` (``launch.preload=false``) and ``relaunch-mpirun`` (the
+controller relaunches the launcher wider after the workers exit 75), and ``elastic-torchrun``
+(``launch.elastic=true``: a torchrun agent joins the running job; the workers wait for it,
+``launch.elastic_wait_s``, so that the growth happens at the planned point and the latency is
+comparable).
 
 The row "after the old workers stopped" is the part of the latency that remains when the
 old workers keep training while the new agent starts (elastic with ``elastic_wait_s=0``): from
@@ -35,6 +39,10 @@ relaunch it equals the total (the workers stop when they ask).
 It also measures the cost of the trainer's per-update stop-signal check: the stop votes ride on
 the loss all-reduce (2 float64 instead of 1), against a separate scalar all-reduce per update,
 both over 2 gloo ranks and against the median update time of the 2-worker phase.
+
+Wall clock moves with whatever else runs on the machine, so the benchmark also reports the CPU
+seconds of each whole run (every process of it) and of each cold-start piece alone (what a
+quiet machine with a free core per process would take in wall clock), and the load average.
 
 Usage (the numbers in docs/launch.md came from this)::
 
@@ -47,6 +55,7 @@ import argparse
 import itertools
 import json
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -72,7 +81,8 @@ CONFIG: dict[str, Any] = {
 }
 
 MODES: dict[str, dict[str, Any]] = {
-    "relaunch-torchrun": {"launcher": "torchrun"},
+    "relaunch-preload": {"launcher": "torchrun", "preload": True},
+    "relaunch-torchrun": {"launcher": "torchrun", "preload": False},
     "relaunch-mpirun": {"launcher": "mpirun"},
     "elastic-torchrun": {"launcher": "torchrun", "elastic": True, "elastic_wait_s": 300},
 }
@@ -95,8 +105,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_once(mode: str, workdir: Path, timeout: float) -> Path:
-    """One real ``distgrow launch`` of the benchmark config; returns its run directory.
+def run_once(mode: str, workdir: Path, timeout: float, samples: int) -> tuple[Path, float]:
+    """One real ``distgrow launch`` of the benchmark config with ``samples`` samples.
+
+    Returns:
+        Its run directory, and the CPU seconds (user + system) of all its processes.
 
     Raises:
         RuntimeError: the launch failed or timed out (its output is in the message).
@@ -104,6 +117,7 @@ def run_once(mode: str, workdir: Path, timeout: float) -> Path:
     run_dir = workdir / "run"
     tree = {
         **CONFIG,
+        "data": {**CONFIG["data"], "synthetic_samples": samples},
         "run": {**CONFIG["run"], "output_dir": str(run_dir)},
         "launch": {"master_port": free_port(), "max_restarts": 0, **MODES[mode]},
     }
@@ -116,6 +130,7 @@ def run_once(mode: str, workdir: Path, timeout: float) -> Path:
         and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     }
     env.update(GLOO_SOCKET_IFNAME="lo", WANDB_MODE="disabled", PYTHONPATH=str(REPO))
+    before = _children_cpu_s()
     proc = subprocess.Popen(
         [sys.executable, "-m", "distgrow", "launch", str(config)],
         cwd=REPO,
@@ -133,7 +148,49 @@ def run_once(mode: str, workdir: Path, timeout: float) -> Path:
         raise RuntimeError(f"{mode}: timed out after {timeout} s\n{out[-4000:]}") from None
     if proc.returncode != 0:
         raise RuntimeError(f"{mode}: distgrow launch exited {proc.returncode}\n{out[-4000:]}")
-    return run_dir
+    # Every process of the run was waited for by its parent, so the children's usage holds all.
+    return run_dir, _children_cpu_s() - before
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+CPU_PROBES: dict[str, str] = {
+    # What each cold start pays before its first update, one process alone.
+    "torchrun agent: python + import torch.distributed.run": "import torch.distributed.run",
+    "cold worker: python + import distgrow.startup": "import distgrow.startup",
+    "first optimizer: import torch._dynamo (after the above)": (
+        "import distgrow.startup; import time; t = time.process_time(); import torch._dynamo; "
+        "print(time.process_time() - t)"
+    ),
+    "preload (the spawn server's imports, once per run, before the first launch)": (
+        "from distgrow.launch.spawn import preload; preload()"
+    ),
+}
+
+
+def measure_cpu(reps: int) -> dict[str, float]:
+    """CPU seconds (user + system) of each cold-start piece, the fewest over ``reps`` runs.
+
+    CPU time, unlike wall clock, barely moves with the load other processes put on the
+    machine: on a quiet machine with a core free for each process, the wall clock of these
+    single-threaded imports is about their CPU time.
+    """
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    found: dict[str, float] = {}
+    for name, code in CPU_PROBES.items():
+        times = []
+        for _ in range(reps):
+            before = _children_cpu_s()
+            out = subprocess.run(
+                [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+            ).stdout.strip()
+            # The compiler's import alone: the process prints its own CPU time for it.
+            times.append(float(out) if out else _children_cpu_s() - before)
+        found[name] = min(times)
+    return found
 
 
 def growths(run_dir: Path) -> list[dict[str, float]]:
@@ -237,8 +294,9 @@ def measure_allreduce(iterations: int = 2000) -> dict[str, float]:
     return {name: float(value) for name, value in json.loads(line).items()}
 
 
-def table(results: dict[str, list[dict[str, float]]]) -> str:
-    """Mean seconds of each component per mode, over every growth of every repetition."""
+def table(results: dict[str, list[dict[str, float]]], cpu: dict[str, list[float]]) -> str:
+    """Mean seconds of each component per mode, over every growth of every repetition; the
+    mean CPU seconds of a whole run (every process of it) per mode."""
     modes = list(results)
     header = ["component (mean s)", *modes]
     rows = []
@@ -260,6 +318,9 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
         paused.append(f"{statistics.mean(values):.2f}" if values else "-")
     rows.append(paused)
     rows.append(["growths measured", *[str(len(results[m])) for m in modes]])
+    rows.append(
+        ["CPU s per run (all processes)", *[f"{statistics.mean(cpu[m]):.1f}" for m in modes]]
+    )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
@@ -276,6 +337,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, help="also write the raw timestamps here")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per run")
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=2048,
+        help="synthetic samples (default 2048): more make each span train longer, so that the "
+        "standby launcher of launch.preload has imported torch before the resize",
+    )
     parser.add_argument("--allreduce-worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.allreduce_worker:
@@ -283,17 +351,20 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m for m in args.modes if MODES[m]["launcher"] != "mpirun" or shutil.which("mpirun")]
     results: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
     updates: dict[str, list[float]] = {mode: [] for mode in modes}
+    cpu: dict[str, list[float]] = {mode: [] for mode in modes}
     # Interleaved (mode A, B, C, A, B, C, ...): a machine whose load drifts affects all alike.
     for rep in range(args.reps):
         for mode in modes:
             with tempfile.TemporaryDirectory(prefix=f"distgrow-bench-{mode}-") as tmp:
                 started = time.monotonic()
-                run_dir = run_once(mode, Path(tmp), args.timeout)
+                run_dir, cpu_s = run_once(mode, Path(tmp), args.timeout, args.samples)
+                cpu[mode].append(cpu_s)
                 found = growths(run_dir)
                 results[mode].extend(found)
                 updates[mode].append(update_seconds(run_dir, 2))
                 print(
-                    f"rep {rep + 1}/{args.reps} {mode}: {time.monotonic() - started:.1f} s, "
+                    f"rep {rep + 1}/{args.reps} {mode}: {time.monotonic() - started:.1f} s "
+                    f"({cpu_s:.1f} CPU s), "
                     + ", ".join(
                         f"{g['from']:.0f}->{g['to']:.0f} {g['first_step'] - g['asked']:.2f} s"
                         for g in found
@@ -301,8 +372,12 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
     allreduce = measure_allreduce()
+    cold = measure_cpu(3)
     print()
-    print(table(results))
+    print(table(results, cpu))
+    print("\nCPU seconds of each cold-start piece (one process alone, fewest of 3):")
+    for name, seconds in cold.items():
+        print(f"  {name}: {seconds:.2f}")
     update = statistics.median([u for us in updates.values() for u in us])
     extra = allreduce["loss_and_votes_s"] - allreduce["loss_s"]
     separate = allreduce["separate_check_s"]
@@ -325,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
                     "growths": results,
                     "update_s": updates,
                     "allreduce_s": allreduce,
+                    "cpu_s_per_run": cpu,
+                    "cold_start_cpu_s": cold,
+                    "samples": args.samples,
                     "loadavg": load,
                 },
                 indent=2,

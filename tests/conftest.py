@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -283,10 +284,15 @@ def rank_pids(pid: int) -> dict[int, int]:
         try:
             raw = Path(f"/proc/{child}/environ").read_bytes()
             command = Path(f"/proc/{child}/cmdline").read_bytes()
+            name = Path(f"/proc/{child}/comm").read_bytes()
         except OSError:  # it ended meanwhile
             continue
         env = dict(item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
         rank = env.get(b"RANK") or env.get(b"OMPI_COMM_WORLD_RANK")
+        # A worker forked by launch.preload's server keeps the server's environment and
+        # command line in /proc; its name says its rank.
+        forked = re.fullmatch(rb"distgrow rank (\d+)\n?", name)
+        rank = forked.group(1) if forked else rank
         if rank is not None and b"distgrow\0train" in command:
             ranks[int(rank)] = child
     return ranks

@@ -677,8 +677,14 @@ def test_main_launch_dry_run_prints_to_stdout(
     config, _ = growing
     assert main_launch(str(config), ["run.device=cpu"], dry_run=True) == 0  # GPUs: no limit
     out = capsys.readouterr().out
-    assert out.count("-m torch.distributed.run --nproc_per_node=") == 3
+    # One node: torchrun's workers are forked by distgrow's launcher (launch.preload).
+    assert out.count("-m distgrow.launch.spawn --nproc_per_node=") == 3
+    assert "-m torch.distributed.run" not in out
     assert "dry run: launcher torchrun, worker limit 4" in out
+    assert main_launch(str(config), ["run.device=cpu", "launch.preload=false"], True) == 0
+    out = capsys.readouterr().out
+    assert out.count("-m torch.distributed.run --nproc_per_node=") == 3
+    assert "distgrow.launch.spawn" not in out
 
 
 def test_main_launch_reports_config_and_launch_errors(
@@ -791,7 +797,10 @@ def test_real_torchrun_on_a_port_in_use_names_launch_master_port(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        config, run_dir = real_config(fake_env, "torchrun", master_port=port, max_restarts=3)
+        # torchrun's own store finds the port taken (launch.preload would leave it to rank 0).
+        config, run_dir = real_config(
+            fake_env, "torchrun", master_port=port, max_restarts=3, preload=False
+        )
         monkeypatch.setenv("FAKE_WORKER", "exit:0")
         lines: list[str] = []
         code = run_controller(str(config), [], load_config(config), log=lines.append)
@@ -1330,7 +1339,7 @@ def test_a_progress_line_shows_before_its_newline() -> None:
 def test_real_torchrun_growth_prints_no_failure_report(
     fake_env: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    config, run_dir = real_config(fake_env, "torchrun")
+    config, run_dir = real_config(fake_env, "torchrun", preload=False)  # torchrun's report
     monkeypatch.setenv("FAKE_WORKER", "grow:2")
     lines: list[str] = []
     assert run_controller(str(config), [], load_config(config), log=lines.append) == 0
@@ -1339,3 +1348,16 @@ def test_real_torchrun_growth_prints_no_failure_report(
     assert "ChildFailedError" not in out and "FAILED" not in out and "exitcode: 75" not in out
     log = (run_dir / "launch" / "attempt-01-1w.log").read_text()
     assert "ChildFailedError" in log and "exitcode  : 75" in log  # the log keeps it all
+
+
+def test_preloaded_growth_prints_nothing_about_the_planned_exit(
+    fake_env: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    config, run_dir = real_config(fake_env, "torchrun")  # launch.preload: the default
+    monkeypatch.setenv("FAKE_WORKER", "grow:2")
+    lines: list[str] = []
+    assert run_controller(str(config), [], load_config(config), log=lines.append) == 0
+    shown = "".join(capfd.readouterr())
+    assert "exited 75" not in shown and "exitcode" not in shown and "Traceback" not in shown
+    assert any("-m distgrow.launch.spawn --nproc_per_node=2" in line for line in lines)
+    assert (run_dir / "launch" / "attempt-01-1w.log").read_text() == ""  # a clean exit

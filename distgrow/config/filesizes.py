@@ -19,8 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-import numpy as np
-
 from distgrow.config.datasets import held_out
 
 if TYPE_CHECKING:
@@ -80,6 +78,8 @@ def npz_member(path: Path, key: str) -> str:
 
 def npz_rows(path: Path, key: str) -> int:
     """The first dimension of array ``key`` in ``path``, read from its header only."""
+    import numpy as np  # here: `distgrow plan` and the config check need it only for .npz
+
     member = npz_member(path, key)
     with zipfile.ZipFile(path) as archive, archive.open(member) as handle:
         version = np.lib.format.read_magic(handle)

@@ -1079,6 +1079,13 @@ class LaunchConfig(_Section):
         "before going on with the same batch on fewer workers (0: never wait).",
     )
     max_restarts: Int = _f(3, "Relaunches after a crashed worker before giving up.")
+    preload: Bool = _f(
+        True,
+        "torchrun on one node: start the workers by forking them from a process that has "
+        "imported torch once, kept ready while the previous span trains, instead of torchrun "
+        "(the same worker environment; a resize then skips the launcher's start and the "
+        "imports). false: plain torchrun. See docs/launch.md.",
+    )
     nodes: Int = _f(1, "Nodes to spread workers over.")
     hostfile: Str | None = _f(None, "Hostfile for deepspeed / horovodrun / mpirun.")
     master_addr: Str = _f("127.0.0.1", "Rendezvous address (derived from SLURM when there).")

@@ -15,6 +15,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+SPAWN_MODULE = "distgrow.launch.spawn"
+"""The one-machine launcher of ``launch.preload`` (:func:`build_spawn`)."""
+
 LauncherName = Literal["none", "torchrun", "deepspeed", "horovodrun", "mpirun", "srun"]
 
 
@@ -62,6 +65,9 @@ class LaunchSpec:
         rdzv_id: Elastic torchrun: the rendezvous id every agent of one job shares.
         rdzv_last_call_s: Elastic torchrun: once the fewest agents have joined, how long the
             rendezvous waits for more (torchrun's default, 30 s, when None).
+        preload: torchrun on one node, static, without restarts: start the workers with
+            :mod:`distgrow.launch.spawn` instead (forked from a process that imported torch
+            once; the same environment as torchrun's workers).
     """
 
     workers: int
@@ -87,6 +93,7 @@ class LaunchSpec:
     extra: tuple[str, ...] = ()
     rdzv_id: str = "distgrow"
     rdzv_last_call_s: int | None = None
+    preload: bool = False
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -160,8 +167,11 @@ def build_torchrun(spec: LaunchSpec) -> tuple[list[str], dict[str, str]]:
 
     Static: ``--nnodes=N --node_rank=R --master_addr --master_port``, one command per node.
     Elastic: ``--nnodes=MIN:MAX --rdzv_backend=c10d --rdzv_endpoint=ADDR:PORT``; nodes may
-    join and leave, and every membership change restarts all workers.
+    join and leave, and every membership change restarts all workers. With ``spec.preload``
+    on one node (static, no restarts): :func:`build_spawn` instead.
     """
+    if spec.preload and spec.nodes == 1 and not (spec.elastic or spec.max_restarts or spec.extra):
+        return build_spawn(spec)
     per_node = spec.workers_per_node
     argv = [spec.python, "-m", "torch.distributed.run", f"--nproc_per_node={per_node}"]
     env = {
@@ -194,6 +204,24 @@ def build_torchrun(spec: LaunchSpec) -> tuple[list[str], dict[str, str]]:
         env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     argv += [f"--max_restarts={spec.max_restarts}", *spec.extra, *worker_command(spec)]
     return argv, env
+
+
+def build_spawn(spec: LaunchSpec) -> tuple[list[str], dict[str, str]]:
+    """distgrow's one-machine launcher (``python -m distgrow.launch.spawn``): what static
+    torchrun does on one node, with the workers forked from a process that has imported torch
+    (and the compiler the first optimizer imports) once. See :mod:`distgrow.launch.spawn`.
+    """
+    argv = [
+        spec.python,
+        "-m",
+        SPAWN_MODULE,
+        f"--nproc_per_node={spec.workers}",
+        f"--master_addr={spec.master_addr}",
+        f"--master_port={spec.master_port}",
+        "--",
+        *worker_command(spec),
+    ]
+    return argv, {}
 
 
 def build_deepspeed(spec: LaunchSpec) -> tuple[list[str], dict[str, str]]:

@@ -119,7 +119,7 @@ def run_elastic_group(
     # only the signal): torchrun's root cause, else the agent's status.
     reports = []
     for agent in agents:
-        raw = agent.proc.returncode
+        raw = agent.proc.wait()  # ended: its status at once
         status, cause = torchrun_status(exit_status(-raw) if raw < 0 else raw, agent.log_path)
         reports.append((status, cause, agent))
     chosen = next((r for r in reports if r[1] is not None), reports[0])

@@ -8,23 +8,30 @@ did; its log keeps the root cause).
 
 from __future__ import annotations
 
+import atexit
 import codecs
 import contextlib
 import io
+import json
 import os
 import re
+import select
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
+import time
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any, Literal
 
 from distgrow.exits import EXIT_FAILURE, EXIT_NEED_WORKERS
+from distgrow.launch.builders import SPAWN_MODULE
 from distgrow.signals import exit_status, signal_from_status
 
 # What the controller exits with when a signal stopped the run: the shell's 128 + signal number,
@@ -159,12 +166,15 @@ class Process:
         env: Mapping[str, str],
         log_path: Path,
         echo: Callable[[str], None] | None = None,
+        *,
+        adopt: subprocess.Popen[bytes] | ForkedLauncher | None = None,
     ) -> None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in close(), after its reader
         try:
-            self.proc = subprocess.Popen(
+            # adopt: a launcher already started (forked by the spawn server).
+            self.proc: subprocess.Popen[bytes] | ForkedLauncher = adopt or subprocess.Popen(
                 argv,
                 env=dict(env),
                 stdin=subprocess.DEVNULL,
@@ -291,7 +301,16 @@ def run_subprocess(
     Returns:
         The :class:`Outcome`; a child killed by signal N reports ``128 + N``, as a shell does.
     """
-    process = Process(argv, {**(base_env or os.environ), **env_additions}, log_path, echo)
+    env = {**(base_env or os.environ), **env_additions}
+    forked = None
+    if is_spawn(argv):
+        # launch.preload: forked by the server that imported torch once for this controller.
+        try:
+            forked = spawn_server(argv, env).launch(argv, env)
+        except OSError:
+            # The server failed to start or died: run the launcher itself (its log says why).
+            stop_spawn_server()
+    process = Process(argv, env, log_path, echo, adopt=forked)
     try:
         with forwarding_signals(process.send) as received:
             code = process.proc.wait()
@@ -300,6 +319,220 @@ def run_subprocess(
     if code < 0:
         code = exit_status(-code)
     return Outcome(code, received[0] if received else None)
+
+
+# --------------------------------------------------------------------------------------------
+# The spawn server of launch.preload
+# --------------------------------------------------------------------------------------------
+
+
+def send_message(sock: socket.socket, payload: dict[str, Any], fds: Sequence[int] = ()) -> None:
+    """One message: its length (4 bytes, with ``fds`` attached), then its JSON."""
+    data = json.dumps(payload).encode()
+    head = struct.pack("!I", len(data))
+    if fds:
+        socket.send_fds(sock, [head], list(fds))
+    else:
+        sock.sendall(head)
+    sock.sendall(data)
+
+
+def recv_message(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
+    """The next message and the descriptors that came with it; None at end of input."""
+    head, fds, _flags, _addr = socket.recv_fds(sock, 4, 4)
+    if not head:
+        return None
+    while len(head) < 4:
+        more = sock.recv(4 - len(head))
+        if not more:
+            return None
+        head += more
+    (size,) = struct.unpack("!I", head)
+    data = b""
+    while len(data) < size:
+        more = sock.recv(size - len(data))
+        if not more:
+            return None
+        data += more
+    return json.loads(data), fds
+
+
+class ForkedLauncher:
+    """A launcher forked by the spawn server: what :class:`Process` uses of a ``Popen``
+    (``pid``, ``stdout``, ``poll``, ``wait``), its status reported by the server."""
+
+    def __init__(self, server: SpawnServer, pid: int, stdout: io.BufferedReader) -> None:
+        self._server = server
+        self.pid = pid
+        self.stdout = stdout
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self._server.collect(self, block=False)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self._server.collect(self, block=True, timeout=timeout)
+        if self.returncode is None:
+            raise subprocess.TimeoutExpired(f"launcher {self.pid}", timeout or 0.0)
+        return self.returncode
+
+
+class SpawnServer:
+    """``python -m distgrow.launch.spawn --serve FD``: one process per controller that imports
+    torch once and forks each ``launch.preload`` launch (see :mod:`distgrow.launch.spawn`).
+
+    Args:
+        python: Its interpreter (the workers').
+        env: Its environment; a launch with another environment gets a server of its own.
+        worker: The worker command (``-m distgrow train ...``), shown in its command line.
+    """
+
+    def __init__(self, python: str, env: Mapping[str, str], worker: Sequence[str] = ()) -> None:
+        self.python = python
+        self.env = dict(env)
+        self._sock, theirs = socket.socketpair()
+        try:
+            self.proc = subprocess.Popen(
+                # The worker command only shows in `ps` (for the server, the launchers and
+                # the workers it forks: they keep its command line).
+                [python, "-m", SPAWN_MODULE, "--serve", str(theirs.fileno()), *worker],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                pass_fds=[theirs.fileno()],
+                start_new_session=True,
+            )
+        finally:
+            theirs.close()
+        self._statuses: dict[int, int] = {}
+        self._closed = False  # the server closed its end (it ended)
+
+    def launch(self, argv: list[str], env: Mapping[str, str]) -> ForkedLauncher:
+        """Fork the launcher of ``argv`` (``python -m distgrow.launch.spawn ...``) in ``env``.
+
+        Raises:
+            OSError: the server is gone.
+        """
+        read_end, write_end = os.pipe()
+        try:
+            send_message(self._sock, {"args": argv[3:], "env": dict(env)}, [write_end])
+        finally:
+            os.close(write_end)
+        stdout = os.fdopen(read_end, "rb")
+        while True:  # the answer; statuses of earlier launchers may come first
+            message = self._receive(timeout=None)
+            if message is None:
+                stdout.close()
+                raise OSError("the spawn server ended")
+            if "status" not in message:
+                return ForkedLauncher(self, int(message["pid"]), stdout)
+
+    def collect(self, launcher: ForkedLauncher, block: bool, timeout: float | None = None) -> None:
+        """Read the server's reports until ``launcher``'s status is known (or, not blocking,
+        until none is waiting; blocking, until ``timeout``)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while launcher.pid not in self._statuses:
+            left = 0.0 if not block else None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0 and block:
+                return
+            message = self._receive(timeout=left)
+            if message is None and self._closed:
+                # The server died (killed, out of memory): the launcher's status is lost. The
+                # launcher got SIGTERM (its parent-death signal) and stops its workers, which
+                # checkpoint; wait for that, end what is left, and report a kill.
+                _wait_gone(launcher.pid, STOP_GRACE_S + 5)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(launcher.pid, signal.SIGKILL)
+                self._statuses[launcher.pid] = -int(signal.SIGKILL)
+                break
+            if message is None:
+                return
+        wait_status = self._statuses.pop(launcher.pid)
+        if wait_status < 0:
+            launcher.returncode = wait_status
+        elif os.WIFSIGNALED(wait_status):
+            launcher.returncode = -os.WTERMSIG(wait_status)
+        else:
+            launcher.returncode = os.WEXITSTATUS(wait_status)
+
+    def _receive(self, timeout: float | None) -> dict[str, Any] | None:
+        """The next report (a status is filed away and returned too); None on timeout or EOF."""
+        if self._closed:
+            return None
+        readable, _, _ = select.select([self._sock], [], [], timeout)
+        if not readable:
+            return None
+        message = recv_message(self._sock)
+        if message is None:
+            self._closed = True
+            return None
+        report, _ = message
+        if "status" in report:
+            self._statuses[int(report["pid"])] = int(report["status"])
+        return report
+
+    def alive(self) -> bool:
+        return not self._closed and self.proc.poll() is None
+
+    def stop(self) -> None:
+        """End the server (end of input; SIGTERM if it does not go)."""
+        with contextlib.suppress(OSError):
+            self._sock.close()
+        try:
+            self.proc.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait()
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    """Wait up to ``timeout`` seconds for process ``pid`` (not a child of ours) to end."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return  # ended; its new parent has not reaped it yet
+        except OSError:
+            return
+        time.sleep(0.05)
+
+
+_server: SpawnServer | None = None
+
+
+def is_spawn(argv: list[str]) -> bool:
+    """True for a launch by :mod:`distgrow.launch.spawn` (``launch.preload``)."""
+    return argv[1:3] == ["-m", SPAWN_MODULE]
+
+
+def spawn_server(argv: list[str], env: Mapping[str, str]) -> SpawnServer:
+    """The spawn server for the launch ``argv`` in ``env``: the running one if it has the same
+    interpreter and environment, else a new one (which imports torch before its first launch)."""
+    global _server
+    python = argv[0]
+    if _server is not None and not (
+        _server.python == python and _server.env == dict(env) and _server.alive()
+    ):
+        stop_spawn_server()
+    if _server is None:
+        worker = argv[argv.index("--") + 1 :] if "--" in argv else []
+        _server = SpawnServer(python, env, worker)
+    return _server
+
+
+def stop_spawn_server() -> None:
+    """Stop the spawn server, if any (no further launch will come)."""
+    global _server
+    found, _server = _server, None
+    if found is not None:
+        found.stop()
+
+
+atexit.register(stop_spawn_server)
 
 
 # --------------------------------------------------------------------------------------------

@@ -151,6 +151,7 @@ class Job:
             host_discovery_script=discovery,
             srun_mpi=self.launcher == "srun" and self.cfg.backend.name == "horovod",
             run_as_root=hasattr(os, "geteuid") and os.geteuid() == 0,
+            preload=launch.preload and self.launcher == "torchrun" and nodes == 1,
         )
 
 
