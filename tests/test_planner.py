@@ -131,8 +131,9 @@ def brute_force(lim: Limits, target: int, floor_workers: int) -> int:
     """The largest batch any allowed split reaches, by enumeration of every split."""
     best = 0
     max_micro = lim.max_micro_batch or target
-    one_pass_capacity = lim.max_workers * (lim.max_micro_batch or 10**12)
     top = max_micro // lim.multiple * lim.multiple
+    # one pass holds the largest allowed micro-batch (a multiple of `multiple`) on every worker
+    one_pass_capacity = lim.max_workers * (top if lim.max_micro_batch else 10**12)
     for w in range(max(floor_workers, lim.min_workers), lim.max_workers + 1):
         # the documented window: at most ACCUM_WINDOW steps beyond the fewest that fit
         fewest = math.ceil(min(target, lim.cap) / (w * top)) if top else 1
@@ -193,6 +194,15 @@ def test_realise_is_largest_exact_split(
     assert max_micro is None or got.micro_batch <= max_micro
     assert max_accum is None or got.accum_steps <= max_accum
     assert got.global_batch == expected
+
+
+def test_one_pass_capacity_counts_the_rounded_memory_limit() -> None:
+    # max_micro_batch 55 in multiples of 2 holds 54: five workers hold 270 < 272 in one pass,
+    # so accumulation is allowed and 4 x 34 x 2 reaches the target exactly (found by Hypothesis).
+    lim = Limits(cap=10**6, max_workers=5, micro_batch=1, max_micro_batch=55,
+                 max_accum_steps=None, multiple=2)  # fmt: skip
+    assert lim.realise(272) == Realisation(272, 4, 34, 2)
+    assert brute_force(lim, 272, 1) == 272
 
 
 def test_workers_first_then_micro_then_accumulation() -> None:
