@@ -122,10 +122,31 @@ class Job:
             return {}
         return {"CUDA_VISIBLE_DEVICES": self.gpu_ids[index % len(self.gpu_ids)]}
 
-    def spec(self, workers: int, resume: bool) -> LaunchSpec:
-        """The launch of ``workers`` workers (resuming from the newest checkpoint or not)."""
+    @property
+    def node_leader(self) -> bool:
+        """True when this controller leads controllers on other machines (torchrun, several
+        nodes, one ``distgrow launch`` per node; :mod:`distgrow.launch.nodes`)."""
+        return self.multi_node_torchrun and self.rendezvous.node_rank == 0
+
+    @property
+    def multi_node_torchrun(self) -> bool:
+        """torchrun over several nodes with a fixed node count per launch."""
+        return self.launcher == "torchrun" and self.rendezvous.nodes > 1 and not self.elastic_agents
+
+    def torchrun_nodes(self, workers: int) -> int:
+        """The nodes a torchrun launch of ``workers`` spans: all of them, or one per worker
+        while there are fewer workers than nodes (the others wait for a wider launch)."""
+        return min(self.rendezvous.nodes, workers)
+
+    def spec(self, workers: int, resume: bool, rdzv_id: str = "distgrow") -> LaunchSpec:
+        """The launch of ``workers`` workers (resuming from the newest checkpoint or not).
+
+        ``rdzv_id``: torchrun's c10d rendezvous id, the same on every node of one launch.
+        """
         launch, rdzv = self.cfg.launch, self.rendezvous
         nodes = rdzv.nodes if self.launcher != "none" else 1
+        if self.launcher == "torchrun":
+            nodes = self.torchrun_nodes(workers)
         if self.launcher in ("srun", "mpirun", "horovodrun") and nodes > 1:
             # These place any number of workers: use as few nodes as hold them.
             per_node = max(1, math.ceil(self.limit / nodes))
@@ -151,6 +172,8 @@ class Job:
             host_discovery_script=discovery,
             srun_mpi=self.launcher == "srun" and self.cfg.backend.name == "horovod",
             run_as_root=hasattr(os, "geteuid") and os.geteuid() == 0,
+            rdzv_id=rdzv_id,
+            rdzv_backend=launch.rdzv,
         )
 
 
