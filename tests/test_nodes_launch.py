@@ -15,7 +15,7 @@ from conftest import free_port
 
 from distgrow.config import ConfigError, load_config
 from distgrow.launch import run_controller
-from distgrow.launch.builders import LaunchSpec, build_torchrun
+from distgrow.launch.builders import LaunchSpec, build_command, build_torchrun
 from distgrow.launch.job import Job, prepare
 from distgrow.launch.nodes import Leader, channel_port, follow, is_follower
 
@@ -75,7 +75,7 @@ def _job(rank: int, port: int, *extra: str) -> Job:
 
 def test_a_launch_of_fewer_workers_than_nodes_spans_one_node_per_worker(tmp_path: Path) -> None:
     job = _job(0, 29500, f"run.output_dir={tmp_path}")
-    assert [job.torchrun_nodes(w) for w in (1, 2, 4)] == [1, 2, 2]
+    assert [job.fixed_nodes(w) for w in (1, 2, 4)] == [1, 2, 2]
     assert job.spec(1, False).nodes == 1
     assert job.spec(4, True).workers_per_node == 2
     assert not is_follower(job)
@@ -132,3 +132,31 @@ def test_a_follower_dry_run_says_what_it_would_do(tmp_path: Path) -> None:
     )
     assert code == 0
     assert any("node 1 of 2 follows node 0 at 127.0.0.1:29501" in line for line in lines), lines
+
+
+def test_horovodrun_with_a_hostfile_starts_only_the_workers_asked_for(tmp_path: Path) -> None:
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# two nodes\nn1 slots=2\n\nn2:2  # the second\n")
+    cfg = load_config(
+        None,
+        [
+            "backend.name=horovod",
+            "launch.launcher=horovodrun",
+            "launch.nodes=2",
+            f"launch.hostfile={hosts}",
+            "growth.max_workers=4",
+            f"run.output_dir={tmp_path}/run",
+        ],
+    )
+    job = prepare("c.yaml", [], cfg, {}, lambda _: None, ECHO, 0)[0]
+    # horovodrun 0.28.1 would start every slot of the hostfile: -H names just the ones needed.
+    got = []
+    for workers in (1, 2, 4):
+        argv, _ = launch_of(job, workers)
+        got.append(argv[argv.index("-H") + 1])
+        assert "--hostfile" not in argv
+    assert got == ["n1:1", "n1:2", "n1:2,n2:2"]
+
+
+def launch_of(job: Job, workers: int) -> tuple[list[str], dict[str, str]]:
+    return build_command(job.launcher, job.spec(workers, True))

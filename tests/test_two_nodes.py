@@ -375,3 +375,58 @@ def test_sbatch_runs_one_job_across_two_slurm_nodes_to_the_one_host_result(
     got, want = final_state(run_dir), final_state(one_host_run)
     assert got["step"] == want["step"]
     assert_same_model(got["model"], want["model"], exact=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Hostfile launchers over ssh: horovodrun and deepspeed (pdsh)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ssh_nodes(slurm_cluster: SlurmCluster) -> SlurmCluster:
+    """The compute nodes with sshd and root's key: the remote shell the launchers use."""
+    for host in slurm_cluster.nodes:
+        _sh(slurm_cluster.cluster.exec(host, "distgrow-slurm", "ssh"), slurm_cluster.cluster.env)
+    return slurm_cluster
+
+
+@pytest.mark.parametrize(
+    ("launcher", "backend"),
+    [("horovodrun", {"name": "horovod"}), ("deepspeed", {"name": "deepspeed", "zero_stage": 0})],
+)
+def test_a_hostfile_launcher_grows_1_2_4_across_two_hosts_over_ssh(
+    ssh_nodes: SlurmCluster, one_host_run: Path, launcher: str, backend: dict[str, Any]
+) -> None:
+    shared, cluster = ssh_nodes.shared, ssh_nodes.cluster
+    job = f"hostfile-{launcher}"
+    (shared / job).mkdir()
+    (shared / job / "hosts").write_text("n1 slots=2\nn2 slots=2\n")
+    tree = {
+        **GROWING,
+        "run": {**GROWING["run"], "name": job, "output_dir": f"/shared/{job}/run"},
+        "backend": backend,
+        "launch": {
+            "launcher": launcher,
+            "nodes": 2,
+            "hostfile": f"/shared/{job}/hosts",
+            "master_addr": "n1",
+            "master_port": PORT,
+            "max_restarts": 0,
+        },
+    }
+    write_config(shared / job / "grow.yaml", tree)
+    n1 = ssh_nodes.nodes[0]
+    (output,) = finish([popen(cluster.exec(n1, "distgrow", "launch", tree_path(job)), cluster.env)])
+    assert "done: 3 launch(es)" in output, output[-6000:]
+    run_dir = shared / job / "run"
+    assert epoch_ends(run_dir) == epoch_ends(one_host_run)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["world_size"] == 4
+    got, want = final_state(run_dir), final_state(one_host_run)
+    assert got["step"] == want["step"]
+    # Another all-reduce than torch's gloo DDP (Horovod's, DeepSpeed's): equal to float rounding.
+    assert_same_model(got["model"], want["model"])
+
+
+def tree_path(job: str) -> str:
+    return f"/shared/{job}/grow.yaml"

@@ -152,7 +152,7 @@ def follow(
             log(f"node 0 ended the run with exit {status}")
             return status
         workers, resume = int(message["workers"]), bool(message["resume"])
-        spanned = job.torchrun_nodes(workers)
+        spanned = job.fixed_nodes(workers)
         if rdzv.node_rank >= spanned:
             log(f"launch {number}: {workers} worker(s) on {spanned} node(s), not this one")
         else:
