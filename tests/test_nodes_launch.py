@@ -7,11 +7,13 @@ line and exits 0. The real thing, across two hosts, is ``test_two_nodes.py``.
 
 from __future__ import annotations
 
+import subprocess
 import threading
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import REPO_ROOT, free_port
+from test_dockerfile import hadolint
 
 from distgrow.config import ConfigError, load_config
 from distgrow.launch import run_controller
@@ -160,3 +162,9 @@ def test_horovodrun_with_a_hostfile_starts_only_the_workers_asked_for(tmp_path: 
 
 def launch_of(job: Job, workers: int) -> tuple[list[str], dict[str, str]]:
     return build_command(job.launcher, job.spec(workers, True))
+
+
+def test_the_cluster_image_dockerfile_passes_hadolint() -> None:
+    dockerfile = REPO_ROOT / "docker" / "slurm" / "Dockerfile"
+    proc = subprocess.run([hadolint(), str(dockerfile)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
