@@ -4,6 +4,9 @@
 #   docker build -t distgrow --build-arg TORCH_INDEX=<your CPU torch index> .   # CPU torch
 #   docker build -t distgrow:cu130 --build-arg TORCH_SPEC=torch==2.13.0 \
 #     --build-arg TORCH_INDEX=<your cu130 torch index> .                      # CUDA torch
+# (TORCH_INDEX may be left out where pip's default index serves CUDA torch, as PyPI does for
+# torch==2.13.0; keep CPU torch wheels out of docker/wheels/ for this build. Figures and how to
+# run it on one or two cloud GPU machines: README.md, "The CUDA image on a cloud GPU machine".)
 #   docker run --rm --gpus all --shm-size=8g distgrow plan configs/cifar10_wrn16_4.yaml
 #   docker run --rm --gpus all --shm-size=8g -v $PWD/runs:/opt/distgrow/runs \
 #     distgrow train configs/fashion_mnist_mlp.yaml

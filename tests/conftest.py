@@ -24,6 +24,10 @@ import pytest
 import torch
 import yaml
 
+# The Docker engine and image fixtures (session scope, so test_docker_image.py and
+# test_two_nodes.py share one engine and one image build).
+from docker_fixtures import docker_env, image  # noqa: F401
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Trainings in tests log to W&B only where a test asks for it (a fake wandb, or offline in a

@@ -1087,9 +1087,22 @@ class LaunchConfig(_Section):
         "imports). false: plain torchrun. See docs/launch.md.",
     )
     nodes: Int = _f(1, "Nodes to spread workers over.")
+    node_rank: Int = _f(
+        0,
+        "This machine's rank among launch.nodes, for torchrun on several machines without "
+        "SLURM: run `distgrow launch` on each; node 0 (at launch.master_addr) decides every "
+        "launch and the others follow it (from SLURM_NODEID inside SLURM). See docs/launch.md.",
+    )
+    rdzv: Literal["static", "c10d"] = _f(
+        "static",
+        "torchrun's rendezvous on several nodes: static (--node_rank, rank 0 on node 0) or "
+        "c10d (a store at launch.master_addr:master_port; torchrun orders the nodes).",
+    )
     hostfile: Str | None = _f(None, "Hostfile for deepspeed / horovodrun / mpirun.")
     master_addr: Str = _f("127.0.0.1", "Rendezvous address (derived from SLURM when there).")
-    master_port: Int = _f(29500, "Rendezvous port.")
+    master_port: Int = _f(
+        29500, "Rendezvous port (several nodes under torchrun also use the port above it)."
+    )
     slurm: Literal["allocation", "chain"] = _f(
         "allocation",
         "On SLURM: 'allocation' holds the widest phase's nodes for the whole run and starts "
@@ -1110,6 +1123,13 @@ class LaunchConfig(_Section):
             raise _fail("launch.nodes", self.nodes, f"must be at most {MAX_WORKERS:,}", "e.g. 1")
         if not 0 < self.master_port < 65536:
             raise _fail("launch.master_port", self.master_port, "not a port", "e.g. 29500")
+        if not 0 <= self.node_rank < self.nodes:
+            raise _fail(
+                "launch.node_rank",
+                self.node_rank,
+                f"must be in [0, launch.nodes={self.nodes})",
+                "0 on the machine at launch.master_addr, 1.. on the others",
+            )
 
 
 @dataclass(config=_STRICT)

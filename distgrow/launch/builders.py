@@ -68,6 +68,8 @@ class LaunchSpec:
         preload: torchrun on one node, static, without restarts: start the workers with
             :mod:`distgrow.launch.spawn` instead (forked from a process that imported torch
             once; the same environment as torchrun's workers).
+        rdzv_backend: torchrun with a fixed node count: ``static`` (``--node_rank``, rank 0 on
+            node 0) or ``c10d`` (torchrun's store at the master address orders the nodes).
     """
 
     workers: int
@@ -94,6 +96,7 @@ class LaunchSpec:
     rdzv_id: str = "distgrow"
     rdzv_last_call_s: int | None = None
     preload: bool = False
+    rdzv_backend: Literal["static", "c10d"] = "static"
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -166,6 +169,8 @@ def build_torchrun(spec: LaunchSpec) -> tuple[list[str], dict[str, str]]:
     """torchrun (as ``python -m torch.distributed.run``, the same interpreter as the workers).
 
     Static: ``--nnodes=N --node_rank=R --master_addr --master_port``, one command per node.
+    c10d with a fixed node count: ``--nnodes=N --rdzv_backend=c10d --rdzv_endpoint=ADDR:PORT``
+    (torchrun hands out the node ranks).
     Elastic: ``--nnodes=MIN:MAX --rdzv_backend=c10d --rdzv_endpoint=ADDR:PORT``; nodes may
     join and leave, and every membership change restarts all workers. With ``spec.preload``
     on one node (static, no restarts): :func:`build_spawn` instead.
@@ -191,6 +196,13 @@ def build_torchrun(spec: LaunchSpec) -> tuple[list[str], dict[str, str]]:
         ]
         if spec.rdzv_last_call_s is not None:
             argv.append(f"--rdzv_conf=last_call_timeout={spec.rdzv_last_call_s}")
+    elif spec.rdzv_backend == "c10d":
+        argv += [
+            f"--nnodes={spec.nodes}",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={spec.master_addr}:{spec.master_port}",
+            f"--rdzv_id={spec.rdzv_id}",
+        ]
     else:
         argv += [
             f"--nnodes={spec.nodes}",

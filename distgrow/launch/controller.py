@@ -31,6 +31,7 @@ from distgrow.launch.executor import (
     worker_error,
 )
 from distgrow.launch.job import Job, prepare
+from distgrow.launch.nodes import follow, is_follower, leader_for
 from distgrow.planner import Plan
 from distgrow.rundir import RESIZE_FILE, ResizeRequest, RunDir
 from distgrow.signals import exit_status, signal_from_status, signal_name
@@ -335,7 +336,7 @@ def _launch(
     if job.elastic_agents:
         outcome, workers, log_path = run_elastic_group(job, workers, number, env)
         return outcome, workers, outcome.returncode, log_path
-    spec = job.spec(workers, resume)
+    spec = job.spec(workers, resume, job.rdzv_id(number))
     argv, additions = build_command(job.launcher, spec)
     if spec.host_discovery_script:
         write_discovery_script(Path(spec.host_discovery_script), spec)
@@ -398,6 +399,9 @@ def run_controller(
     first = plan.phases[0].workers if plan.phases else 1
     if chain and not in_slurm_allocation(env):  # the login node: submit the first span
         return slurm_chain.submit_first_span(job, first, overrides, env, dry_run, log)
+    if is_follower(job):
+        # Nodes 1.. of a multi-node torchrun job: node 0's controller decides every launch.
+        return follow(job, env, log, dry_run)
     if dry_run:
         return _dry_run(job, plan, env)
 
@@ -434,9 +438,12 @@ def run_controller(
         f"{1 if job.elastic_agents else len(plan_spans(plan))} planned launch(es)"
         f"{' (elastic)' if job.elastic_agents else ''}, run dir {job.run_dir}"
     )
+    leader = leader_for(job, log)
     history: list[Attempt] = []
     while True:
         number = len(history) + 1
+        if leader is not None:
+            leader.launch(number, workers, resume, job.rdzv_id(number))
         started, started_wall = time.monotonic(), time.time()
         outcome, workers, code, log_path = _launch(job, workers, resume, number, executor, env)
         history.append(
@@ -478,6 +485,8 @@ def run_controller(
             _report(job, history, decision.message, decision.fix)
         else:
             log(decision.message)
+        if leader is not None:
+            leader.end(number + 1, decision.status)
         if slurm_job is not None:
             return slurm_chain.end_of_job(job, slurm_job, decision, resize, overrides, env, log)
         return decision.status

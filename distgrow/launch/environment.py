@@ -168,7 +168,8 @@ class Rendezvous:
 def rendezvous_from_env(
     env: Mapping[str, str], cfg: Config, use_scontrol: bool = True
 ) -> Rendezvous:
-    """The rendezvous: from SLURM inside an allocation, else from ``launch.*``.
+    """The rendezvous: from SLURM inside an allocation, else from ``launch.*`` (the node rank
+    from ``launch.node_rank``: one ``distgrow launch`` per machine).
 
     Inside SLURM the master is the first host of ``SLURM_JOB_NODELIST``, the node rank is
     ``SLURM_NODEID``, the nodes are ``SLURM_JOB_NUM_NODES``, and the port is
@@ -176,7 +177,9 @@ def rendezvous_from_env(
     """
     launch = cfg.launch
     if not in_slurm_allocation(env):
-        return Rendezvous(launch.master_addr, launch.master_port, 0, launch.nodes, ())
+        return Rendezvous(
+            launch.master_addr, launch.master_port, launch.node_rank, launch.nodes, ()
+        )
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or ""
     hosts = tuple(slurm_hostnames(nodelist, use_scontrol)) if nodelist else ()
     job_id = _leading_int(env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")) or 0

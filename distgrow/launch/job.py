@@ -122,14 +122,42 @@ class Job:
             return {}
         return {"CUDA_VISIBLE_DEVICES": self.gpu_ids[index % len(self.gpu_ids)]}
 
-    def spec(self, workers: int, resume: bool) -> LaunchSpec:
-        """The launch of ``workers`` workers (resuming from the newest checkpoint or not)."""
+    @property
+    def node_leader(self) -> bool:
+        """True when this controller leads controllers on other machines (torchrun, several
+        nodes, one ``distgrow launch`` per node; :mod:`distgrow.launch.nodes`)."""
+        return self.multi_node_torchrun and self.rendezvous.node_rank == 0
+
+    @property
+    def multi_node_torchrun(self) -> bool:
+        """torchrun over several nodes with a fixed node count per launch."""
+        return self.launcher == "torchrun" and self.rendezvous.nodes > 1 and not self.elastic_agents
+
+    def fixed_nodes(self, workers: int) -> int:
+        """The nodes a torchrun or deepspeed launch of ``workers`` spans (both start the same
+        number on every node): all of them, or one per worker while there are fewer workers
+        than nodes (the others sit that launch out)."""
+        return min(self.rendezvous.nodes, workers)
+
+    def spec(self, workers: int, resume: bool, rdzv_id: str = "distgrow") -> LaunchSpec:
+        """The launch of ``workers`` workers (resuming from the newest checkpoint or not).
+
+        ``rdzv_id``: torchrun's c10d rendezvous id, the same on every node of one launch.
+        """
         launch, rdzv = self.cfg.launch, self.rendezvous
         nodes = rdzv.nodes if self.launcher != "none" else 1
+        if self.launcher in ("torchrun", "deepspeed"):
+            nodes = self.fixed_nodes(workers)
         if self.launcher in ("srun", "mpirun", "horovodrun") and nodes > 1:
             # These place any number of workers: use as few nodes as hold them.
             per_node = max(1, math.ceil(self.limit / nodes))
             nodes = min(nodes, math.ceil(workers / per_node))
+        hostfile, hosts = launch.hostfile, rdzv.hosts
+        if self.launcher == "horovodrun" and hostfile and not launch.elastic:
+            # horovodrun 0.28.1 (static) starts a process on every slot of a hostfile, whatever
+            # -np says (measured: -np 1 started 4): name the hosts with -H instead, so that only
+            # the workers asked for start, on the fewest hosts.
+            hosts, hostfile = hostfile_hosts(hostfile), None
         discovery = None
         if launch.elastic and self.launcher == "horovodrun":
             discovery = str(self.run.launch_dir / DISCOVERY_SCRIPT)
@@ -143,8 +171,8 @@ class Job:
             node_rank=rdzv.node_rank if self.launcher == "torchrun" else 0,
             master_addr=rdzv.master_addr,
             master_port=rdzv.master_port,
-            hosts=rdzv.hosts,
-            hostfile=launch.hostfile,
+            hosts=hosts,
+            hostfile=hostfile,
             elastic=launch.elastic and self.launcher in ("torchrun", "horovodrun"),
             min_workers=1 if launch.elastic else None,
             max_workers=max(self.limit, workers) if launch.elastic else None,
@@ -152,7 +180,35 @@ class Job:
             srun_mpi=self.launcher == "srun" and self.cfg.backend.name == "horovod",
             run_as_root=hasattr(os, "geteuid") and os.geteuid() == 0,
             preload=launch.preload and self.launcher == "torchrun" and nodes == 1,
+            rdzv_id=rdzv_id,
+            rdzv_backend=launch.rdzv,
         )
+
+
+def hostfile_hosts(path: str) -> tuple[str, ...]:
+    """The host names of a hostfile (``host slots=N``, ``host:N`` or ``host`` lines; ``#``
+    starts a comment), in order.
+
+    Raises:
+        LaunchError: the file cannot be read or names no host.
+    """
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise LaunchError(
+            f"launch.hostfile = {path!r}: cannot be read ({err.strerror}). Fix: give a file "
+            "with one 'host slots=N' line per node."
+        ) from None
+    hosts = []
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split()
+        if words:
+            hosts.append(words[0].split(":", 1)[0])
+    if not hosts:
+        raise LaunchError(
+            f"launch.hostfile = {path!r} names no host. Fix: one 'host slots=N' line per node."
+        )
+    return tuple(hosts)
 
 
 def prepare(
