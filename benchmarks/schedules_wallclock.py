@@ -26,6 +26,7 @@ Usage::
 
     PYTHONPATH=. .venv/bin/python benchmarks/schedules_wallclock.py              # k = 1, minutes
     PYTHONPATH=. .venv/bin/python benchmarks/schedules_wallclock.py --epochs-per-phase 5
+    PYTHONPATH=. .venv/bin/python benchmarks/schedules_wallclock.py --parts curve --threads 1
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from distgrow.startup import load_data
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fashion_mnist_mlp.yaml"
 VARIANTS = ("decay_lr", "grow_batch")
 CURVE_BATCHES = (128, 256, 640, 1280, 3200)
+PARTS = ("loop", "compare", "curve")
 
 
 @dataclass
@@ -105,10 +107,11 @@ def hand_written(
     return Timed(train_s, time.perf_counter() - started, updates, acc)
 
 
-def through_compare(k: int, out: Path) -> dict[str, Timed]:
+def through_compare(k: int, out: Path, threads: int | None) -> dict[str, Timed]:
     """``distgrow compare`` of both variants; each run's summary."""
+    extra = [] if threads is None else [f"run.threads={threads}"]
     command = [
-        sys.executable, "-m", "distgrow", "compare", str(CONFIG), *_overrides(k),
+        sys.executable, "-m", "distgrow", "compare", str(CONFIG), *_overrides(k), *extra,
         "--variants", ",".join(VARIANTS), "--out", str(out),
     ]  # fmt: skip
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
@@ -152,8 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     """Run the three parts and print them, ready to paste."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs-per-phase", type=int, default=1, help="k (the config: 5)")
-    parser.add_argument("--threads", type=int, default=None, help="default: distgrow's choice")
-    parser.add_argument("--skip-compare", action="store_true", help="hand-written loop only")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: distgrow's choice)"
+    )
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=PARTS,
+        default=list(PARTS),
+        help="what to run: the hand-written loop, distgrow compare, the throughput curve",
+    )
     parser.add_argument("--curve-samples", type=int, default=32_000, help="samples per block")
     parser.add_argument("--curve-reps", type=int, default=3, help="blocks per batch size")
     args = parser.parse_args(argv)
@@ -174,13 +185,19 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"Fashion-MNIST MLP, {CONFIG.name} with {' '.join(_overrides(k))} ({k} epoch(s) per "
         f"phase), {threads} thread(s), 1 process; load average at the start {load} on "
-        f"{os.cpu_count()} CPUs"
+        f"{os.cpu_count()} CPUs",
+        flush=True,
     )
-    hand = {v: hand_written(cfgs[v], x_all, y_all, val) for v in VARIANTS}
-    rows = [("hand-written loop", hand)]
-    if not args.skip_compare:
+    rows: list[tuple[str, dict[str, Timed]]] = []
+    if "loop" in args.parts:
+        rows.append(
+            ("hand-written loop", {v: hand_written(cfgs[v], x_all, y_all, val) for v in VARIANTS})
+        )
+    if "compare" in args.parts:
         with tempfile.TemporaryDirectory() as out:
-            rows.append(("distgrow compare", through_compare(k, Path(out) / "compare")))
+            rows.append(
+                ("distgrow compare", through_compare(k, Path(out) / "compare", args.threads))
+            )
     for label, timed in rows:
         decay, grow = timed["decay_lr"], timed["grow_batch"]
         print(f"  {label}:")
@@ -193,13 +210,15 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"    grow/decay: updates {grow.updates / decay.updates:.3f}, "
             f"train time {grow.train_s / decay.train_s:.3f}, "
-            f"wall clock {grow.wall_s / decay.wall_s:.3f}"
+            f"wall clock {grow.wall_s / decay.wall_s:.3f}",
+            flush=True,
         )
-    curve = throughput_curve(x_all, y_all, args.curve_samples, args.curve_reps)
-    base = curve[CURVE_BATCHES[0]]
-    print(f"  plain loop throughput against batch ({threads} thread(s)):")
-    for batch, rate in curve.items():
-        print(f"    batch {batch:5d}: {rate:9,.0f} samples/s  ({rate / base:.2f}× batch 128)")
+    if "curve" in args.parts:
+        curve = throughput_curve(x_all, y_all, args.curve_samples, args.curve_reps)
+        base = curve[CURVE_BATCHES[0]]
+        print(f"  plain loop throughput against batch ({threads} thread(s)):")
+        for batch, rate in curve.items():
+            print(f"    batch {batch:5d}: {rate:9,.0f} samples/s  ({rate / base:.2f}× batch 128)")
     print(f"  load average at the end {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
     return 0
 
