@@ -383,16 +383,17 @@ class Trainer:
                 x, y = (self.feed or self.data.train).batch(shard, self.state.epoch)
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 loss = self.objective.loss_sum(self.train_model(x), y) * scale
+                total += loss.detach()
+                if k == len(shards) - 1:
+                    # The update's one all-reduce (the loss, the ranks told to stop, those whose
+                    # checkpoint clock ran out) starts now, to run during the last backward.
+                    self.agreement.start(total, wants_checkpoint=self._checkpoint_clock_ran_out())
                 self.backend.backward(loss)
-            total += loss.detach()
             if self.bn_merger is not None:
                 self.bn_merger.after_micro_batch(k * setting.workers + self.rank)
         if self.bn_merger is not None:
             self.bn_merger.end_update(setting.workers * setting.accum_steps)
-        # One all-reduce: the loss, the ranks told to stop, those whose checkpoint clock ran out.
-        mean_loss = self.agreement.mean_loss(
-            total, wants_checkpoint=self._checkpoint_clock_ran_out()
-        )
+        mean_loss = self.agreement.mean_loss()  # every rank's loss finite, or none steps
         if math.isfinite(mean_loss):
             self.backend.step(self.optimizer, self.cfg.optim.grad_clip)
         else:

@@ -14,7 +14,8 @@ import torch
 import torch.multiprocessing as mp
 
 from distgrow.agreement import Agreement
-from distgrow.backends.torch_ddp import ProcessGroupMember, join_process_group
+from distgrow.backends.torch_ddp import ProcessGroupMember, TorchBackend, join_process_group
+from distgrow.config import load_config
 from distgrow.runtime import Runtime
 from distgrow.signals import StopSignals
 
@@ -60,11 +61,16 @@ def test_one_process_with_a_signal_stops_and_extras_come_back() -> None:
     assert agreement.stop_signal() == 15
 
 
-def _rank(rank: int, port: int, out: str) -> None:
+def _rank(rank: int, port: int, out: str, overlapped: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     runtime = Runtime(rank, 2, rank, 2, "127.0.0.1", port, "none")
-    member = ProcessGroupMember(runtime, torch.device("cpu"), "gloo")
-    member._owns_group = join_process_group(runtime, "gloo")
+    member: ProcessGroupMember
+    if overlapped:  # DDP's backend: the all-reduce runs in the background between start and read
+        member = TorchBackend(load_config(None, []).backend, runtime, device="cpu")
+        assert hasattr(member, "all_reduce_async")
+    else:
+        member = ProcessGroupMember(runtime, torch.device("cpu"), "gloo")
+        member._owns_group = join_process_group(runtime, "gloo")
     # Rank 1 alone holds a signal (SIGTERM), a NaN loss and a checkpoint clock that ran out.
     agreement = Agreement(member, _signals(15 if rank else None), torch.device("cpu"))  # type: ignore[arg-type]
     seen: list[Any] = []
@@ -72,9 +78,12 @@ def _rank(rank: int, port: int, out: str) -> None:
         loss = torch.tensor(
             math.nan if (rank, update) == (1, 1) else 1.0 + rank, dtype=torch.float64
         )
-        mean = agreement.mean_loss(
+        agreement.start(
             loss, wants_checkpoint=rank == 1 and update == 2, extras=[rank + 1.0, update, 1.0]
         )
+        # Work between the start and the read (the backward, under DDP) must not disturb it.
+        torch.distributed.all_reduce(torch.ones(1000))
+        mean = agreement.mean_loss()
         extras = agreement.extras_sum
         assert extras is not None
         seen.append((mean, agreement.checkpoint_agreed, extras.tolist(), agreement.stop_signal()))
@@ -83,11 +92,16 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 
 @pytest.mark.integration
-def test_two_ranks_see_one_ranks_nan_signal_and_clock_at_the_same_update(tmp_path: Path) -> None:
+@pytest.mark.parametrize("overlapped", [False, True], ids=["blocking", "overlapped"])
+def test_two_ranks_see_one_ranks_nan_signal_and_clock_at_the_same_update(
+    tmp_path: Path, overlapped: bool
+) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
-    mp.start_processes(_rank, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(
+        _rank, args=(port, str(tmp_path), overlapped), nprocs=2, join=True, start_method="spawn"
+    )
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for seen in ranks:
         (m0, c0, e0, s0), (m1, c1, e1, s1), (m2, c2, e2, s2) = seen
