@@ -169,7 +169,7 @@ _PARTS = (
     ("backward (+ DDP's gradient all-reduce)", "distgrow/backends/", "backward", "train_step"),
     ("optimizer step + zero_grad", "distgrow/backends/", "step", "train_step"),
     ("data: gather (+ normalise)", "distgrow/data/containers.py", "batch", "train_step"),
-    ("loss agreement (all-reduce, read-back)", "distgrow/agreement.py", "mean_loss", None),
+    ("loss agreement (all-reduce, read-back)", "distgrow/agreement.py", None, "train_step"),
     ("reseed per micro-batch", "distgrow/", "_reseed", None),
     ("hyperparameters into the optimizer", "distgrow/", "_apply_hyperparameters", None),
     ("sharding the global batch", "distgrow/data/order.py", "shard_global_batch", None),
