@@ -14,7 +14,10 @@ throughput-against-batch curve explains why that ratio sits well above the updat
 2. **distgrow compare.** ``python -m distgrow compare`` on the same config and overrides, both
    variants, in a fresh directory; the ratios come from each run's ``summary.json``: ``train_s``
    (time inside updates) and ``wall_s`` (the whole run: updates, validation, checkpoints, metrics;
-   process start-up excluded).
+   process start-up excluded). Each variant runs as its own ``compare`` so that its CPU time
+   (the process tree's, start-up included) can be read; the hand-written loop's CPU time is
+   that of its process. With ``--threads 1`` CPU time is the work done, which load from other
+   jobs distorts far less than the wall clock.
 3. **Throughput against batch.** The plain loop's samples/s at batches 128 … 3200.
 
 ``--epochs-per-phase k`` runs each of the three phases of the schedule (``schedule.milestones``
@@ -35,6 +38,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -61,12 +65,15 @@ PARTS = ("loop", "compare", "curve")
 
 @dataclass
 class Timed:
-    """One schedule's run: seconds inside updates, seconds in all, updates, final accuracy."""
+    """One schedule's run: seconds inside updates, seconds in all, updates, final accuracy, and
+    the CPU seconds of the whole run (with 1 thread, the work done, which other jobs on a shared
+    machine distort far less than the wall clock)."""
 
     train_s: float
     wall_s: float
     updates: int
     val_acc: float
+    cpu_s: float
 
 
 def _overrides(k: int) -> list[str]:
@@ -83,7 +90,7 @@ def hand_written(
     model = build_model("mlp", input_shape=(1, 28, 28), num_outputs=10, hidden=[512, 512])
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
     train_s, updates, acc = 0.0, 0, math.nan
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for epoch in range(cfg.run.epochs):
         order = epoch_permutation(n, cfg.run.seed, epoch)
         position = 0
@@ -104,25 +111,30 @@ def hand_written(
         with torch.no_grad():
             acc = float((model(val[0]).argmax(1) == val[1]).double().mean())
         model.train()
-    return Timed(train_s, time.perf_counter() - started, updates, acc)
+    wall_s, cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
+    return Timed(train_s, wall_s, updates, acc, cpu_s)
 
 
 def through_compare(k: int, out: Path, threads: int | None) -> dict[str, Timed]:
-    """``distgrow compare`` of both variants; each run's summary."""
+    """``distgrow compare`` of each variant (one at a time, to take its CPU time); summaries."""
     extra = [] if threads is None else [f"run.threads={threads}"]
-    command = [
-        sys.executable, "-m", "distgrow", "compare", str(CONFIG), *_overrides(k), *extra,
-        "--variants", ",".join(VARIANTS), "--out", str(out),
-    ]  # fmt: skip
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     timed = {}
     for variant in VARIANTS:
-        summary = json.loads((out / "runs" / variant / "summary.json").read_text())
+        command = [
+            sys.executable, "-m", "distgrow", "compare", str(CONFIG), *_overrides(k), *extra,
+            "--variants", variant, "--out", str(out / variant),
+        ]  # fmt: skip
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu_s = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        summary = json.loads((out / variant / "runs" / variant / "summary.json").read_text())
         timed[variant] = Timed(
             train_s=float(summary["train_s"]),
             wall_s=float(summary["wall_s"]),
             updates=int(summary["total_updates"]),
             val_acc=float(summary["val_acc"]),
+            cpu_s=cpu_s,  # the whole process: imports, data loading and start-up too
         )
     return timed
 
@@ -205,12 +217,12 @@ def main(argv: list[str] | None = None) -> int:
             t = timed[variant]
             print(
                 f"    {variant:10s} {t.updates:6,d} updates  train {t.train_s:7.1f} s  "
-                f"wall {t.wall_s:7.1f} s  val_acc {t.val_acc:.4f}"
+                f"wall {t.wall_s:7.1f} s  CPU {t.cpu_s:7.1f} s  val_acc {t.val_acc:.4f}"
             )
         print(
             f"    grow/decay: updates {grow.updates / decay.updates:.3f}, "
             f"train time {grow.train_s / decay.train_s:.3f}, "
-            f"wall clock {grow.wall_s / decay.wall_s:.3f}",
+            f"wall clock {grow.wall_s / decay.wall_s:.3f}, CPU time {grow.cpu_s / decay.cpu_s:.3f}",
             flush=True,
         )
     if "curve" in args.parts:
