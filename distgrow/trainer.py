@@ -1153,6 +1153,8 @@ def draws_random(model: nn.Module) -> bool:
         kind = type(module)
         if isinstance(module, _RANDOM_TORCH_MODULES):
             return True
+        if isinstance(module, nn.MultiheadAttention | nn.RNNBase) and module.dropout > 0:
+            return True  # functional dropout inside (attention weights, between RNN layers)
         if kind.__module__.startswith("torch.nn.modules."):
             continue
         if kind.__module__ == "distgrow.models" and kind.__name__ in _DETERMINISTIC_OWN_MODULES:

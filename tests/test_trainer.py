@@ -819,6 +819,9 @@ def test_reseeding_is_skipped_only_for_models_that_draw_nothing_at_random() -> N
     assert not draws_random(wrn(0.0))
     assert draws_random(wrn(0.3))
     assert draws_random(nn.Sequential(nn.Linear(4, 4), nn.RReLU()))
+    assert draws_random(nn.MultiheadAttention(4, 2, dropout=0.1))
+    assert not draws_random(nn.MultiheadAttention(4, 2))
+    assert draws_random(nn.LSTM(4, 4, num_layers=2, dropout=0.1))
 
     class Noisy(nn.Module):  # a user's forward may call torch.rand: counted as random
         def forward(self, x: torch.Tensor) -> torch.Tensor:
