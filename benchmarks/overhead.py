@@ -2,12 +2,14 @@
 
 Both train the same model (MLP 784-512-512-10, SGD lr 0.1 momentum 0.9) on the same data
 (Fashion-MNIST from ``/usr/share/datasets/fashion-mnist``, or random tensors of its shape when
-it is missing), at the same global batch and thread count, in the same process. The plain loop
-indexes a tensor, runs forward, ``cross_entropy(reduction="sum")`` times the same scale,
-backward and ``SGD.step`` (under DDP with ``no_sync`` on 2 ranks, exactly as a hand-written DDP
-loop would). distgrow's side is :meth:`distgrow.trainer.Trainer.train_step`, the span the
-trainer itself times as an update (``phases[].train_s`` in ``summary.json``): sharding, data
-fetch, the micro-steps, the agreed loss all-reduce and the backend's step.
+it is missing), at the same global batch, thread count and sample order (the run's epoch
+permutation), in the same process. The plain loop gathers its rank's rows of each global batch
+from the normalised float32 training set, runs forward, ``cross_entropy(reduction="sum")``
+times the same scale, backward and ``SGD.step`` (under DDP on 2 ranks, exactly as a
+hand-written DDP loop would). distgrow's side is :meth:`distgrow.trainer.Trainer.train_step`,
+the span the trainer itself times as an update (``phases[].train_s`` in ``summary.json``):
+hyperparameters, sharding, data fetch, the micro-steps, the agreed loss all-reduce and the
+backend's step.
 
 The two alternate in blocks of ``--steps`` updates, ``--reps`` times per batch size, so load on
 a shared machine hits both alike; the ratio printed is the median of the per-block ratios
@@ -15,23 +17,30 @@ a shared machine hits both alike; the ratio printed is the median of the per-blo
 CPU time is printed too: with one thread per rank it is the compute each side used, which load
 from other processes on a shared machine distorts far less than the wall clock.
 
+``--profile`` runs ``cProfile`` over ``--steps`` of distgrow's updates per batch size instead
+(rank 0) and prints where the update's time went.
+
 Usage::
 
     PYTHONPATH=. .venv/bin/python benchmarks/overhead.py                 # 1 process
     PYTHONPATH=. .venv/bin/python benchmarks/overhead.py --world 2       # 2 gloo ranks
+    PYTHONPATH=. .venv/bin/python benchmarks/overhead.py --profile --batches 128 3200
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import os
+import pstats
 import socket
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -40,6 +49,7 @@ from torch import nn
 
 from distgrow.backends.torch_ddp import TorchBackend
 from distgrow.config import load_config
+from distgrow.data import epoch_permutation
 from distgrow.runtime import Runtime
 from distgrow.startup import load_data
 from distgrow.trainer import Trainer
@@ -92,6 +102,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     ratios: dict[int, list[float]] = {}
     cpu_ratios: dict[int, list[float]] = {}
     rates: dict[int, tuple[list[float], list[float]]] = {}
+    profiles: dict[int, str] = {}
     backend: TorchBackend | None = None
     for batch in args.batches:
         cfg = load_config(None, _config(batch, world, f"{out}/run{batch}"))
@@ -99,11 +110,16 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
             backend = TorchBackend(cfg.backend, runtime, device="cpu")
         trainer = Trainer(cfg, backend, load_data(cfg))
         setting = trainer.next_setting()
-        # The plain loop gets this rank's whole shard of each global batch as tensors, ready.
-        x_all, y_all = trainer.data.train.batch(torch.arange(len(trainer.data.train)), 0)
+        order = epoch_permutation(trainer.num_train, cfg.run.seed, 0)
+        n_batches = len(order) // batch
+        if args.profile:
+            profiles[batch] = _profile(trainer, setting, order, batch, args.steps)
+            continue
+        # The plain loop's data: the whole normalised training set as one float32 tensor, ready.
+        x_all, y_all = trainer.data.train.batch(torch.arange(trainer.num_train), 0)
         model, optimizer = _plain_model(world)
         scale = world / batch
-        n_batches = len(trainer.data.train) // batch
+        micro = batch // world
         plain_rates: list[float] = []
         ours_rates: list[float] = []
         cpu_plain: list[float] = []
@@ -113,8 +129,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
             backend.barrier()
             started, cpu_started = time.perf_counter(), time.process_time()
             for _ in range(args.steps):
-                lo = (step % n_batches) * batch + rank * (batch // world)
-                x, y = x_all[lo : lo + batch // world], y_all[lo : lo + batch // world]
+                pos = (step % n_batches) * batch + rank * micro
+                rows = order[pos : pos + micro]  # this rank's share of the global batch
+                x, y = x_all[rows], y_all[rows]
                 loss = nn.functional.cross_entropy(model(x), y, reduction="sum") * scale
                 loss.backward()
                 optimizer.step()
@@ -126,7 +143,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
             started, cpu_started = time.perf_counter(), time.process_time()
             for _ in range(args.steps):
                 pos = (step % n_batches) * batch
-                trainer.train_step(torch.arange(pos, pos + batch), setting)
+                trainer.train_step(order[pos : pos + batch], setting)
                 step += 1
             ours = args.steps * batch / (time.perf_counter() - started)
             ours_cpu = time.process_time() - cpu_started
@@ -139,9 +156,59 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
         rates[batch] = (plain_rates, ours_rates)
         cpu_ratios[batch] = [p / o for p, o in zip(cpu_plain, cpu_ours, strict=True)]
     if rank == 0:
-        torch.save((ratios, rates, cpu_ratios), Path(out) / "result.pt")
+        torch.save((ratios, rates, cpu_ratios, profiles), Path(out) / "result.pt")
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# Where the profile puts the update's time: (label, file, function, caller), the cumulative
+# time of that function called from that caller (None: from anywhere).
+_PARTS = (
+    ("forward (the model)", "torch/nn/modules/module.py", "_wrapped_call_impl", "train_step"),
+    ("loss function", "distgrow/losses.py", None, "train_step"),
+    ("backward (+ DDP's gradient all-reduce)", "distgrow/backends/", "backward", "train_step"),
+    ("optimizer step + zero_grad", "distgrow/backends/", "step", "train_step"),
+    ("data: gather (+ normalise)", "distgrow/data/containers.py", "batch", "train_step"),
+    ("agreement: start the all-reduce", "distgrow/agreement.py", "start", "train_step"),
+    ("agreement: collect it, read back", "distgrow/agreement.py", "mean_loss", "train_step"),
+    ("reseed per micro-batch", "distgrow/", "_reseed", None),
+    ("hyperparameters into the optimizer", "distgrow/", "_apply_hyperparameters", None),
+    ("sharding the global batch", "distgrow/data/order.py", "shard_global_batch", None),
+)
+
+
+def _profile(trainer: Trainer, setting: Any, order: torch.Tensor, batch: int, steps: int) -> str:
+    """cProfile over ``steps`` updates after a warm-up; a table of where the time went."""
+    n_batches = len(order) // batch
+    for step in range(5):
+        trainer.train_step(order[step * batch : (step + 1) * batch], setting)
+    profiler = cProfile.Profile()
+    started = time.perf_counter()
+    profiler.enable()
+    for step in range(5, 5 + steps):
+        pos = (step % n_batches) * batch
+        trainer.train_step(order[pos : pos + batch], setting)
+    profiler.disable()
+    wall = time.perf_counter() - started
+    stats: dict[Any, Any] = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    total = sum(v[3] for k, v in stats.items() if k[2] == "train_step")
+    lines = [f"  batch {batch}: {1000 * wall / steps:.2f} ms per update (under cProfile)"]
+    accounted = 0.0
+    for label, where, name, caller in _PARTS:
+        seconds = 0.0
+        for (path, _line, function), value in stats.items():
+            if where not in path or (name is not None and function != name):
+                continue
+            callers = value[4]
+            if caller is None:
+                seconds += value[3]
+            else:  # only the time spent in calls from `caller`
+                seconds += sum(c[3] for k, c in callers.items() if k[2] == caller)
+        accounted += seconds
+        lines.append(f"    {label:42s} {100 * seconds / total:5.1f} %")
+    rest = 100 * (total - accounted) / total
+    lines.append(f"    {'train_step own Python and the rest':42s} {rest:5.1f} %")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30, help="updates per timed block")
     parser.add_argument("--reps", type=int, default=5, help="timed blocks per side")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument(
+        "--profile", action="store_true", help="cProfile distgrow's update instead (rank 0)"
+    )
     args = parser.parse_args(argv)
     bad = [b for b in args.batches if b % args.world]
     if bad:
@@ -171,11 +241,21 @@ def main(argv: list[str] | None = None) -> int:
                 join=True,
                 start_method="spawn",
             )
-        ratios, rates, cpu_ratios = torch.load(Path(out) / "result.pt")
+        ratios, rates, cpu_ratios, profiles = torch.load(Path(out) / "result.pt")
     data = "Fashion-MNIST" if FASHION.is_dir() else "synthetic data of Fashion-MNIST's shape"
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    if args.profile:
+        print(
+            f"cProfile of Trainer.train_step, torch backend, {args.world} process(es), "
+            f"{args.threads} thread(s) each, {data}, {args.steps} updates; load average {load}"
+        )
+        for text in profiles.values():
+            print(text)
+        return 0
     print(
         f"torch backend, {args.world} process(es), {args.threads} thread(s) each, {data}, "
-        f"MLP 784-512-512-10, {args.reps} blocks × {args.steps} updates per side"
+        f"MLP 784-512-512-10, {args.reps} blocks × {args.steps} updates per side; "
+        f"load average at the end {load} on {os.cpu_count()} CPUs"
     )
     for batch, values in ratios.items():
         plain, ours = rates[batch]

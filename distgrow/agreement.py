@@ -11,6 +11,30 @@ can:
 * otherwise (a count above 0, or nothing counted since: the start of an epoch or of the run,
   after an elastic wait) one scalar all-reduce (max) agrees on the signal.
 
+The update's all-reduce is one preallocated float64 buffer, reduced in place and read back
+once: ``[loss_sum, stop votes, checkpoint votes, *extras]``. The trainer starts it
+(:meth:`Agreement.start`) right after the last micro-batch's forward, before its backward:
+under DDP it then runs in the background while the gradients are computed and reduced, and
+:meth:`Agreement.mean_loss` only collects it. A single process runs no collective at all: its
+loss is read back once and its own signal and clock are the answer.
+
+Why the loss is agreed every update rather than every K updates (docs/speed.md has the
+figures): the guarantee "a NaN/inf is never applied" needs every rank to know, before its
+optimizer step, whether any rank's loss was finite. Only under DDP do all ranks hold the same
+reduced gradient after the backward (Horovod reduces inside its optimizer step, DeepSpeed's
+ZeRO 1/2 leaves each rank a different gradient partition), so a local check cannot replace
+the collective on every backend; and the 3 numbers ride on one small all-reduce.
+
+**Extras** (a hook for per-update statistics, e.g. the gradient noise scale): a caller that
+needs a few more numbers summed over ranks at every update passes them as ``extras`` to
+:meth:`Agreement.start` (a 1-D tensor or a sequence of floats, the same length on every rank
+and at every update); after :meth:`Agreement.mean_loss` their sum over ranks is
+:attr:`Agreement.extras_sum` (a float64 tensor of that length, on the collectives' device,
+valid until the next update). They cost no extra collective: they travel in the same buffer
+as the loss. Numbers known only after the backward (gradient norms) need the all-reduce
+started after it: call ``start`` there instead (the overlap with the backward is then lost),
+or ``mean_loss(loss_sum, wants_checkpoint, extras)``, which starts and collects at once.
+
 :meth:`Agreement.wait_for_stop` is the elastic idle wait: every rank polls the same
 all-reduce, so all leave it after the same number of collectives.
 """
@@ -18,6 +42,7 @@ all-reduce, so all leave it after the same number of collectives.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -40,22 +65,80 @@ class Agreement:
         self.device = device
         # Ranks that held a stop signal at the last update's loss all-reduce; None: not known.
         self._votes: int | None = None
+        self._buffer: torch.Tensor | None = None  # the update's all-reduce, reused
+        self._pending: Callable[[], torch.Tensor] | None = None  # its result, when started
+        self._local: tuple[torch.Tensor, bool, bool] | None = None  # one process: no collective
         self.checkpoint_agreed = False
         """Some rank wanted a checkpoint at the last update's loss all-reduce (so all do)."""
+        self.extras_sum: torch.Tensor | None = None
+        """The last update's ``extras`` summed over ranks (see the module docstring)."""
 
     def forget(self) -> None:
         """Collectives ran since the last update (validation, a wait): ask the ranks again."""
         self._votes = None
 
-    def mean_loss(self, loss_sum: torch.Tensor, wants_checkpoint: bool = False) -> float:
-        """The update's mean loss over ranks, from this rank's ``loss_sum``: the update's one
-        all-reduce, which also counts the ranks holding a stop signal and those that want a
-        checkpoint (a clock that ran out: :attr:`checkpoint_agreed`)."""
-        votes = loss_sum.new_tensor([float(self.signals.received is not None), wants_checkpoint])
-        reduced = self.backend.all_reduce(torch.cat([loss_sum.reshape(1), votes]), "sum")
-        self._votes = round(float(reduced[1]))
-        self.checkpoint_agreed = float(reduced[2]) > 0
-        return float(reduced[0]) / self.backend.world_size
+    def start(
+        self,
+        loss_sum: torch.Tensor,
+        wants_checkpoint: bool = False,
+        extras: torch.Tensor | Sequence[float] | None = None,
+    ) -> None:
+        """Begin the update's one all-reduce: this rank's ``loss_sum``, whether it holds a stop
+        signal, whether it wants a checkpoint (a clock that ran out), and ``extras``.
+
+        Where the backend can (``all_reduce_async``: DDP), it runs in the background until
+        :meth:`mean_loss`; the trainer starts it before the last backward, so it overlaps the
+        gradient all-reduce instead of adding a round trip after it.
+        """
+        signalled = self.signals.received is not None
+        n_extra = 0 if extras is None else len(extras)
+        if self.backend.world_size == 1 and n_extra == 0:
+            # Nothing to agree with: no collective, one read-back (free on the CPU).
+            self._local = (loss_sum, signalled, wants_checkpoint)
+            return
+        buffer = self._buffer
+        if buffer is None or buffer.numel() != 3 + n_extra:
+            buffer = self._buffer = torch.zeros(
+                3 + n_extra, dtype=torch.float64, device=self.device
+            )
+        buffer[0] = loss_sum.detach().reshape(())
+        buffer[1] = float(signalled)
+        buffer[2] = float(wants_checkpoint)
+        if extras is not None and n_extra:
+            buffer[3:] = torch.as_tensor(extras, dtype=torch.float64).to(self.device)
+        start_async = getattr(self.backend, "all_reduce_async", None)
+        if start_async is not None:
+            self._pending = start_async(buffer, "sum")
+        else:
+            reduced = self.backend.all_reduce(buffer, "sum")
+            self._pending = lambda: reduced
+
+    def mean_loss(
+        self,
+        loss_sum: torch.Tensor | None = None,
+        wants_checkpoint: bool = False,
+        extras: torch.Tensor | Sequence[float] | None = None,
+    ) -> float:
+        """The update's mean loss over ranks: the result of the all-reduce :meth:`start` began
+        (or, given ``loss_sum``, of one started here with these arguments). It also sets the
+        ranks' stop votes, :attr:`checkpoint_agreed` and :attr:`extras_sum`."""
+        if loss_sum is not None:
+            self.start(loss_sum, wants_checkpoint, extras)
+        if self._local is not None:
+            local_loss, signalled, wants = self._local
+            self._local = None
+            self._votes = int(signalled)
+            self.checkpoint_agreed = wants
+            self.extras_sum = None
+            return float(local_loss)
+        if self._pending is None:
+            raise RuntimeError("Agreement.mean_loss: no all-reduce started (call start first).")
+        reduced, self._pending = self._pending(), None
+        loss, votes, checkpoints = reduced[:3].tolist()  # the one read-back
+        self._votes = round(votes)
+        self.checkpoint_agreed = checkpoints > 0
+        self.extras_sum = reduced[3:].clone() if reduced.numel() > 3 else None
+        return loss / self.backend.world_size
 
     def stop_signal(self) -> int:
         """The stop signal any rank received (0: none), the same on every rank."""

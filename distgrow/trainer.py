@@ -252,6 +252,9 @@ class Trainer:
             raise TrainError(str(err)) from err
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters())
         self.train_model = backend.setup(self.model, self.optimizer)
+        # Reseeding per micro-batch (so dropout masks do not depend on the split) is skipped
+        # only for models that provably draw nothing at random in training.
+        self._draws_random = draws_random(self.model)
         self.bn_merger = (
             RunningStatsMerger(self.model, backend)
             if self.world > 1 and uses_batch_norm(self.model)
@@ -407,14 +410,7 @@ class Trainer:
         first, so all ranks agree); otherwise the gradients are dropped and the NaN/inf is
         returned.
         """
-        for group in self.optimizer.param_groups:
-            group["lr"] = setting.lr
-            if self.cfg.optim.name in ("sgd", "rmsprop"):
-                group["momentum"] = setting.momentum
-            if setting.beta2 is not None:  # growth.beta2_half_life
-                group["betas"] = (group["betas"][0], setting.beta2)
-            if setting.weight_decay is not None:  # growth.weight_decay_timescale
-                group["weight_decay"] = setting.weight_decay
+        self._apply_hyperparameters(setting)
         shards = shard_global_batch(
             indices,
             workers=setting.workers,
@@ -432,31 +428,49 @@ class Trainer:
             self.bn_merger.begin_update()
         for k, shard in enumerate(shards):
             with self.backend.micro_step(sync=k == len(shards) - 1):
-                if shard.numel():
+                if self._draws_random and shard.numel():
                     seed = micro_batch_seed(self.cfg.run.seed, self.state.epoch, int(shard[0]))
                     _reseed(seed, self.device)
                 x, y = (self.feed or self.data.train).batch(shard, self.state.epoch)
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 loss = self.objective.loss_sum(self.train_model(x), y) * scale
+                total += loss.detach()
+                if k == len(shards) - 1:
+                    # The update's one all-reduce (the loss, the ranks told to stop, those whose
+                    # checkpoint clock ran out) starts now, to run during the last backward.
+                    self.agreement.start(total, wants_checkpoint=self._checkpoint_clock_ran_out())
                 self.backend.backward(loss)
             if self.noise is not None:
                 self.noise.after_micro_step(int(shard.numel()))
-            total += loss.detach()
             if self.bn_merger is not None:
                 self.bn_merger.after_micro_batch(k * setting.workers + self.rank)
         if self.bn_merger is not None:
             self.bn_merger.end_update(setting.workers * setting.accum_steps)
         if self.noise is not None:  # before the step's clipping; its own small all-reduce
             self.noise.end_update(sum(int(s.numel()) for s in shards), int(indices.numel()))
-        # One all-reduce: the loss, the ranks told to stop, those whose checkpoint clock ran out.
-        mean_loss = self.agreement.mean_loss(
-            total, wants_checkpoint=self._checkpoint_clock_ran_out()
-        )
+        mean_loss = self.agreement.mean_loss()  # every rank's loss finite, or none steps
         if math.isfinite(mean_loss):
             self.backend.step(self.optimizer, self.cfg.optim.grad_clip)
         else:
             self.backend.zero_grad(self.optimizer)
         return mean_loss
+
+    def _apply_hyperparameters(self, setting: Setting) -> None:
+        """The setting's LR, momentum, beta2 and weight decay into the optimizer's groups.
+
+        Compared before written: the values change a few times per run, and a write that
+        changes nothing costs a dict store per group per update (a tuple for ``betas``).
+        """
+        momentum = self.cfg.optim.name in ("sgd", "rmsprop")
+        for group in self.optimizer.param_groups:
+            if group["lr"] != setting.lr:
+                group["lr"] = setting.lr
+            if momentum and group["momentum"] != setting.momentum:
+                group["momentum"] = setting.momentum
+            if setting.beta2 is not None and group["betas"][1] != setting.beta2:
+                group["betas"] = (group["betas"][0], setting.beta2)  # growth.beta2_half_life
+            if setting.weight_decay is not None and group["weight_decay"] != setting.weight_decay:
+                group["weight_decay"] = setting.weight_decay  # growth.weight_decay_timescale
 
     def next_setting(self) -> Setting:
         """The plan's setting for the next update; logs a change of split.
@@ -1202,6 +1216,44 @@ def _count_realisations(plan: Plan) -> int:
     """Phases of a plan as the trainer counts them: a new one at each change of split."""
     splits = [p.split for p in plan.phases]
     return sum(1 for i, split in enumerate(splits) if i == 0 or split != splits[i - 1])
+
+
+# Modules of torch.nn that draw random numbers in training mode; every other torch.nn module
+# is deterministic, and so are these of distgrow's own models.
+_RANDOM_TORCH_MODULES: tuple[type[nn.Module], ...] = (
+    nn.modules.dropout._DropoutNd,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+    nn.RReLU,
+)
+_DETERMINISTIC_OWN_MODULES = frozenset({"GhostBatchNorm", "_SmallCNN", "_WideBlock", "_WideResNet"})
+
+
+def draws_random(model: nn.Module) -> bool:
+    """Whether ``model`` may draw random numbers in a training forward (or backward).
+
+    True unless every submodule is a torch.nn layer that draws none (not dropout, not RReLU)
+    or one of distgrow's own deterministic modules: a user's module, whose ``forward`` could
+    call ``torch.rand``, counts as random, as does a dropout layer of any rate.
+    """
+    for module in model.modules():
+        kind = type(module)
+        if isinstance(module, _RANDOM_TORCH_MODULES):
+            return True
+        if isinstance(module, nn.MultiheadAttention | nn.RNNBase) and module.dropout > 0:
+            return True  # functional dropout inside (attention weights, between RNN layers)
+        if kind.__module__.startswith("torch.nn.modules."):
+            continue
+        if kind.__module__ == "distgrow.models" and kind.__name__ in _DETERMINISTIC_OWN_MODULES:
+            continue
+        if kind.__module__.startswith("torchvision.models.") and kind.__name__ in (
+            "BasicBlock",
+            "Bottleneck",
+            "ResNet",
+        ):
+            continue  # distgrow's torchvision ResNets: convolutions, batch norm, ReLU, pooling
+        return True
+    return False
 
 
 def _reseed(seed: int, device: torch.device) -> None:

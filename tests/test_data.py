@@ -1077,3 +1077,31 @@ def test_planner_size_table_matches_the_loader(name: str, val_fraction: float) -
     bundle = load(name, val_fraction=val_fraction, synthetic_samples=999)
     cfg = DataConfig(name=name, val_fraction=val_fraction, synthetic_samples=999)
     assert cfg.expected_train_size() == len(bundle.train)
+
+
+def test_a_pointwise_transform_is_applied_once_and_gives_the_same_rows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from distgrow.data import containers
+    from distgrow.data.transforms import Compose, NormalizeImages, RandomCropFlip
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 256, (50, 1, 6, 6), dtype=torch.uint8, generator=gen)
+    y = torch.arange(50) % 10
+    normalize = NormalizeImages([0.3], [0.35])
+    idx = torch.tensor([49, 0, 7, -1, 7])
+    by_batch = normalize(x[idx % 50], idx % 50, 0)  # what a per-batch transform gives
+    kept = containers.ArrayDataset(x, y, normalize)
+    got, labels = kept.batch(idx, epoch=2)
+    copy = kept.transformed()
+    assert copy is not None and copy.shape == (50, 1, 6, 6)
+    assert torch.equal(got, by_batch)  # bit for bit, not close
+    assert labels.tolist() == [9, 0, 7, 9, 7]
+    # Over the budget: no copy, the same rows from the per-batch path.
+    monkeypatch.setattr(containers, "TRANSFORMED_COPY_MAX_BYTES", 50 * 36 * 4 - 1)
+    over = containers.ArrayDataset(x, y, normalize)
+    assert torch.equal(over.batch(idx, epoch=2)[0], by_batch) and over.transformed() is None
+    # Augmentation depends on the index and the epoch: never transformed ahead.
+    augmented = containers.ArrayDataset(x, y, Compose(RandomCropFlip(0, 1, True), normalize))
+    assert augmented.transformed() is None
+    assert not augmented.batch(idx, epoch=1)[0].equal(augmented.batch(idx, epoch=2)[0])

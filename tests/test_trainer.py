@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import distgrow_job_argv, tmpfs
+from torch import nn
 
 import distgrow.trainer as trainer_module
 from distgrow import startup
@@ -800,3 +801,32 @@ def test_replayed_records_of_a_checkpoint_without_metrics_bytes_go_by_step(
         f.write(json.dumps({"kind": "step", "step": 2}) + "\n" + '{"kind": "st')
     assert drop_replayed_records(path, size, 3) == 2
     assert path.stat().st_size == size
+
+
+def test_reseeding_is_skipped_only_for_models_that_draw_nothing_at_random() -> None:
+    from distgrow.models import build_model
+    from distgrow.trainer import draws_random
+
+    def mlp(dropout: float) -> nn.Module:
+        return build_model("mlp", input_shape=(4,), num_outputs=2, hidden=[8], dropout=dropout)
+
+    assert not draws_random(mlp(0.0))
+    assert draws_random(mlp(0.1))
+
+    def wrn(dropout: float) -> nn.Module:
+        return build_model(
+            "wrn", input_shape=(3, 8, 8), num_outputs=2, depth=10, width=1, dropout=dropout
+        )
+
+    assert not draws_random(wrn(0.0))
+    assert draws_random(wrn(0.3))
+    assert draws_random(nn.Sequential(nn.Linear(4, 4), nn.RReLU()))
+    assert draws_random(nn.MultiheadAttention(4, 2, dropout=0.1))
+    assert not draws_random(nn.MultiheadAttention(4, 2))
+    assert draws_random(nn.LSTM(4, 4, num_layers=2, dropout=0.1))
+
+    class Noisy(nn.Module):  # a user's forward may call torch.rand: counted as random
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + torch.rand_like(x)
+
+    assert draws_random(nn.Sequential(nn.Linear(4, 4), Noisy()))

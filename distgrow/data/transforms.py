@@ -49,6 +49,8 @@ def image_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
 class NormalizeImages:
     """``uint8`` images -> ``float32`` ``(pixel / 255 - mean) / std`` per channel."""
 
+    pointwise = True  # each image's output depends on that image alone (BatchTransform)
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
@@ -136,6 +138,7 @@ class Compose:
 
     def __init__(self, *transforms: BatchTransform) -> None:
         self.transforms = transforms
+        self.pointwise = all(getattr(t, "pointwise", False) for t in transforms)
 
     def __call__(self, x: torch.Tensor, indices: torch.Tensor, epoch: int) -> torch.Tensor:
         for transform in self.transforms:
