@@ -13,8 +13,10 @@ each host mounts a folder of its own, and only node 0's ends up holding the run)
   same order whichever host each rank is on, so nothing may differ at all.
 * **SLURM.** One controller and two compute nodes in containers (``docker/slurm``: slurm-wlm
   and munge on top of the image) run ``slurm/distgrow.sbatch`` with ``--nodes=2``: the 4-worker
-  job step spans both hosts, and the result equals the single-host run too. The
-  ``slurm_cluster`` fixture is there for the chain mode's test (``launch.slurm: chain``).
+  job step spans both hosts, and the result equals the single-host run too.
+* **SLURM chain mode** (``launch.slurm: chain``), submitted from the controller (the login
+  node): one job per span, each of its span's size (two tasks per node), the last on both
+  nodes; the result equals the single-host run again.
 
 Horovod and DeepSpeed across the two hosts: see docs/launch.md ("Several machines"), which says
 what is tested and what is not.
@@ -23,6 +25,7 @@ what is tested and what is not.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 import uuid
@@ -37,6 +40,7 @@ from test_launch_integration import GROWING, PLANNED_WORKERS
 
 from distgrow.checkpoint import load_latest
 from distgrow.metrics import read_jsonl
+from distgrow.rundir import RunDir, SlurmJobs
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(2400)]
 
@@ -123,9 +127,13 @@ class Cluster:
         self.hosts.append(host)
         return host
 
-    def exec(self, host: Host, *argv: str, env: dict[str, str] | None = None) -> list[str]:
-        """``docker exec`` argv for ``host`` (with extra environment variables)."""
+    def exec(
+        self, host: Host, *argv: str, env: dict[str, str] | None = None, workdir: str = ""
+    ) -> list[str]:
+        """``docker exec`` argv for ``host`` (with extra environment variables, in ``workdir``)."""
         extra = [f"--env={k}={v}" for k, v in (env or {}).items()]
+        if workdir:
+            extra.append(f"--workdir={workdir}")
         return ["docker", "exec", *extra, host.name, *argv]
 
     def close(self) -> None:
@@ -374,6 +382,85 @@ def test_sbatch_runs_one_job_across_two_slurm_nodes_to_the_one_host_result(
     assert summary["status"] == "completed" and summary["world_size"] == 4
     got, want = final_state(run_dir), final_state(one_host_run)
     assert got["step"] == want["step"]
+    assert_same_model(got["model"], want["model"], exact=True)
+
+
+def test_chain_mode_runs_each_span_as_its_own_job_the_last_on_both_nodes(
+    slurm_cluster: SlurmCluster, one_host_run: Path
+) -> None:
+    """``launch.slurm=chain`` from the login node: 1 -> 2 -> 4 workers, two tasks per node.
+
+    Three jobs, each the size of its span: 1 task on one node, 2 on one node, 4 on n1 and n2
+    (the third span's job is submitted by the second from inside SLURM, and runs one job step
+    across both nodes). Each span resumes from the checkpoint the one before wrote, as each
+    launch of the one-host run does: the result equals it bit for bit.
+    """
+    shared, cluster, ctl = slurm_cluster.shared, slurm_cluster.cluster, slurm_cluster.controller
+    job = "chain"
+    (shared / job).mkdir()
+    tree = {
+        **GROWING,
+        "run": {**GROWING["run"], "name": job, "output_dir": f"/shared/{job}/run"},
+        "launch": {"max_restarts": 0, "master_port": PORT, "chain": {"tasks_per_node": 2}},
+    }
+    write_config(shared / job / "grow.yaml", tree)
+    submit = cluster.exec(
+        ctl, "distgrow", "launch", tree_path(job), "launch.slurm=chain", workdir=f"/shared/{job}"
+    )
+    proc = _sh(submit, cluster.env, timeout=120)
+    assert "submitted span 1: job" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+    run_dir = shared / job / "run"
+
+    def jobs() -> SlurmJobs:
+        found = RunDir(run_dir).read_slurm_jobs()
+        return found if found is not None else SlurmJobs("?", "?")
+
+    def logs() -> str:
+        outs = sorted((run_dir / "launch").glob("span-*.out"))
+        return json.dumps(jobs().to_dict()) + "".join(
+            f"\n== {p.name}\n{p.read_text()}" for p in outs
+        )
+
+    def ended() -> bool:
+        known = jobs().jobs
+        if len(known) < 3 or known[-1].state in ("submitted", "running"):
+            return False
+        queue = _sh(cluster.exec(ctl, "squeue", "-h", "-n", jobs().name, "-o", "%i"), cluster.env)
+        return not queue.stdout.strip()
+
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not ended():
+        if time.monotonic() > deadline:
+            pytest.fail(f"the chain did not end in {RUN_TIMEOUT_S} s: {logs()[-8000:]}")
+        time.sleep(2)
+
+    chain = jobs()
+    assert chain.mode == "chain" and not chain.cancel_requested
+    assert [(j.index, j.workers, j.nodes, j.tasks, j.cpus, j.state) for j in chain.jobs] == [
+        (1, 1, 1, 1, 1, "grown"),
+        (2, 2, 1, 2, 2, "grown"),
+        (3, 4, 2, 4, 4, "completed"),
+    ], logs()
+    assert [j.next_job_id for j in chain.jobs] == [chain.jobs[1].job_id, chain.jobs[2].job_id, None]
+    span3 = (run_dir / "launch" / "span-03.sbatch").read_text()
+    assert "#SBATCH --nodes=2\n" in span3 and "#SBATCH --ntasks=4\n" in span3, span3
+    # SLURM's own records (jobcomp/filetxt): each job's size, and the last one on both nodes.
+    records: dict[str | None, dict[str, str]] = {}
+    for line in (shared / "slurm" / "log" / "jobcomp.txt").read_text().splitlines():
+        fields = dict(re.findall(r"(\w+)=(\S*)", line))
+        records[fields.get("JobId")] = fields
+    assert [
+        (records[j.job_id]["JobState"], records[j.job_id]["NodeCnt"], records[j.job_id]["ProcCnt"])
+        for j in chain.jobs
+    ] == [("COMPLETED", "1", "1"), ("COMPLETED", "1", "2"), ("COMPLETED", "2", "4")], records
+    assert records[chain.jobs[2].job_id]["NodeList"] == "n[1-2]", records
+
+    assert epoch_ends(run_dir) == epoch_ends(one_host_run)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["world_size"] == 4
+    got, want = final_state(run_dir), final_state(one_host_run)
+    assert got["step"] == want["step"] == summary["total_updates"]
     assert_same_model(got["model"], want["model"], exact=True)
 
 

@@ -10,7 +10,9 @@
 #   distgrow-slurm ssh                                          # sshd, root's key from /shared
 #
 # Settings that work without systemd or cgroups (INFRA.md): proctrack/linuxproc, task/none,
-# select/cons_tres, a private munge socket, all state under /var/spool/distgrow-slurm.
+# select/cons_tres, a private munge socket, all state under /var/spool/distgrow-slurm. Job
+# completion records go to /shared/slurm/log/jobcomp.txt (jobcomp/filetxt, no slurmdbd): the
+# chain mode's test reads each span's size and node list there, as `distgrow report` does.
 set -euo pipefail
 SHARED=/shared/slurm
 LOCAL=/var/spool/distgrow-slurm
@@ -51,7 +53,8 @@ SlurmdParameters=config_overrides
 MpiDefault=none
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
+JobCompType=jobcomp/filetxt
+JobCompLoc=${SHARED}/log/jobcomp.txt
 ReturnToService=2
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2,bf_interval=2
@@ -135,7 +138,7 @@ case "${1:-}" in
   wait) wait_idle "$2" ;;
   ssh) ssh_setup ;;
   *)
-    sed -n '2,14p' "$0" >&2
+    sed -n '2,16p' "$0" >&2
     exit 2
     ;;
 esac
