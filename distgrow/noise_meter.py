@@ -6,9 +6,11 @@
 each log record, ``window_metrics``. Where the two batch sizes come from depends on the job
 (:func:`distgrow.backends.noise_hook.attach`):
 
-* several workers under DDP: the communication hook's local and averaged squared norms, and
-  one all-reduce of three numbers per measured update (this module's own, through
-  ``Backend.all_reduce``; the trainer's loss all-reduce is left as it is);
+* several workers under DDP: a measured update runs all its micro-steps under ``no_sync()``
+  (:attr:`NoiseMeter.syncs_itself`) and then averages the gradients itself with one flat
+  all-reduce, taking the local and averaged squared norms on the way
+  (:func:`distgrow.backends.noise_hook.all_reduce_measured`), plus one all-reduce of three
+  numbers; the other updates are DDP's own, untouched (no communication hook);
 * one worker of the torch backend with accumulation: the micro-batches (one worker without
   accumulation offers a single batch size: that update is not measured, and the log says so
   once);
@@ -29,7 +31,12 @@ import torch
 from torch import nn
 
 from distgrow.backends import Backend
-from distgrow.backends.noise_hook import all_reduce_local_norm, attach
+from distgrow.backends.noise_hook import (
+    all_reduce_local_norm,
+    all_reduce_measured,
+    attach,
+    mean_local_norm,
+)
 from distgrow.config import Config
 from distgrow.noise import MicroStepNorms, NoiseEstimate, NoiseScaleEstimator
 
@@ -72,11 +79,17 @@ class NoiseMeter:
         self.every = cfg.noise.every
         self.estimator = NoiseScaleEstimator(cfg.noise.ema_decay)
         self.source, self._hook_state, why = attach(backend, train_model)
+        self._parameters = [p for p in model.parameters() if p.requires_grad]  # as DDP
+        self._group = getattr(train_model, "process_group", None)
         self._micro = MicroStepNorms(model.parameters()) if self.source == "micro" else None
         self._say = say
         self._why_not = why
         self._said = False
         self._measuring = False
+        self.syncs_itself = False
+        """This update is measured under DDP: the trainer runs every micro-step under
+        ``no_sync()`` and :meth:`end_update` averages the gradients (set by
+        :meth:`begin_update`)."""
         self.last: NoiseEstimate | None = None
         # The log window: sums of the per-update unbiased estimates, and their count.
         self._sum_grad_sq = 0.0
@@ -116,6 +129,7 @@ class NoiseMeter:
             self._once(f"noise scale: not measured: {self._why_not}.")
             due = False
         self._measuring = due
+        self.syncs_itself = due and self.source == "ddp"
         if self._hook_state is not None:
             self._hook_state.active = due  # unmeasured updates skip the norms
         if not due:
@@ -133,13 +147,21 @@ class NoiseMeter:
     def end_update(self, local_samples: int, global_samples: int) -> None:
         """After the last backward, before the optimizer step (and its clipping).
 
-        A collective under DDP on measured updates: every rank calls it.
+        A collective under DDP on measured updates: every rank calls it. Under ``"ddp"`` it is
+        also the update's gradient all-reduce (:attr:`syncs_itself`).
         """
         if not self._measuring:
             return
-        self._measuring = False
+        self._measuring = self.syncs_itself = False
         observed: tuple[float, float, float, float] | None
-        if self._hook_state is not None:
+        if self.source == "ddp":
+            local_sq, global_sq = all_reduce_measured(self._parameters, self._group)
+            small = mean_local_norm(
+                local_sq, local_samples, global_samples, self._group, self.backend.device
+            )
+            big = float(global_sq)
+            observed = None if small is None else (small[0], small[1], big, float(global_samples))
+        elif self._hook_state is not None:
             small = all_reduce_local_norm(
                 self._hook_state, local_samples, global_samples, self.backend.device
             )

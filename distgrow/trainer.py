@@ -426,8 +426,10 @@ class Trainer:
             self.noise.begin_update(self.state.step, setting.accum_steps, setting.global_batch)
         if self.bn_merger is not None:
             self.bn_merger.begin_update()
+        # A measured update under DDP averages its gradients itself (NoiseMeter.end_update).
+        last = -1 if self.noise is not None and self.noise.syncs_itself else len(shards) - 1
         for k, shard in enumerate(shards):
-            with self.backend.micro_step(sync=k == len(shards) - 1):
+            with self.backend.micro_step(sync=k == last):
                 if self._draws_random and shard.numel():
                     seed = micro_batch_seed(self.cfg.run.seed, self.state.epoch, int(shard[0]))
                     _reseed(seed, self.device)

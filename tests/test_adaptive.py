@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import SYN_PLAN, distgrow_job_run, write_config
+from conftest import SYN_PLAN, assert_same_model, distgrow_job_run, write_config
 from test_report import TINY, mask, read_png
 from test_trainer import records, syn_config, train
 
 from distgrow.adaptive import NoiseRule
-from distgrow.checkpoint import list_checkpoints
+from distgrow.checkpoint import list_checkpoints, load_latest
 from distgrow.config import ConfigError, dump_config, load_config
 from distgrow.exits import EXIT_OK
 from distgrow.planner import GrowthPolicy, make_plan
@@ -319,7 +319,7 @@ def test_measuring_is_off_by_default_and_says_once_when_it_cannot(
 
 
 @pytest.mark.integration
-def test_adaptive_growth_to_more_workers_relaunches_and_measures_with_the_hook(
+def test_adaptive_growth_to_more_workers_relaunches_and_measures_under_ddp(
     tmp_path: Path,
 ) -> None:
     # Micro-batches of at most 12 and no accumulation: 24 runs as 2 × 12 (and 3 × 8); the first
@@ -350,7 +350,7 @@ def test_adaptive_growth_to_more_workers_relaunches_and_measures_with_the_hook(
     # An epoch's last, partial batch may leave one rank alone with samples: not measured.
     assert all(r["noise/measured"] in (4, 5) and r["noise/b_simple"] > 0 for r in steps)
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["noise"]["source"] == "hook" and summary["world_size"] == 3
+    assert summary["noise"]["source"] == "ddp" and summary["world_size"] == 3
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,7 +404,7 @@ def test_adaptive_that_could_never_measure_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-def test_two_ranks_resume_the_hook_measured_series_bit_for_bit(tmp_path: Path) -> None:
+def test_two_ranks_resume_the_ddp_measured_series_bit_for_bit(tmp_path: Path) -> None:
     config = write_config(tmp_path / "syn.yaml", SYN_PLAN)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     extra = [
@@ -420,7 +420,33 @@ def test_two_ranks_resume_the_hook_measured_series_bit_for_bit(tmp_path: Path) -
     (resumed / ckpt.name).write_bytes(ckpt.read_bytes())
     distgrow_job_run(2, [str(config), f"run.output_dir={resumed}", *extra, "--resume"], timeout=300)
     summary = json.loads((straight / "summary.json").read_text())
-    assert summary["noise"]["source"] == "hook"
+    assert summary["noise"]["source"] == "ddp"
     want = noise_series(straight, after=12)
     assert want and noise_series(resumed, after=12) == want
     assert decisions(resumed, after=12) == decisions(straight, after=12)
+
+
+@pytest.mark.integration
+def test_measuring_on_two_ranks_leaves_the_training_bit_identical(tmp_path: Path) -> None:
+    # Measured updates run their micro-steps under no_sync and average the gradients
+    # themselves (all_reduce_measured): on 2 ranks the same sums as DDP's, bit for bit.
+    config = write_config(tmp_path / "syn.yaml", SYN_PLAN)
+    common = ["growth.max_workers=2", "growth.max_micro_batch=16", "noise.every=3"]
+    runs = {}
+    for measure in ("on", "off"):
+        out = tmp_path / measure
+        distgrow_job_run(
+            2, [str(config), f"run.output_dir={out}", f"noise.measure={measure}", *common]
+        )
+        runs[measure] = out
+    summary = json.loads((runs["on"] / "summary.json").read_text())
+    assert summary["noise"]["source"] == "ddp" and summary["noise"]["measured_updates"] > 0
+    assert "noise" not in json.loads((runs["off"] / "summary.json").read_text())
+    found = {m: load_latest(out) for m, out in runs.items()}
+    assert found["on"] is not None and found["off"] is not None
+    assert_same_model(found["on"][1]["model"], found["off"][1]["model"], exact=True)
+    assert_same_model(
+        found["on"][1]["optimizer"]["state"][0],
+        found["off"][1]["optimizer"]["state"][0],
+        exact=True,
+    )

@@ -325,11 +325,17 @@ def rank_batches(update: int, rank: int) -> list[tuple[torch.Tensor, torch.Tenso
     return [batch(n, 100 * update + 10 * rank + k) for k, n in enumerate(UPDATES[update][rank])]
 
 
-def _ddp_worker(rank: int, port: int, out: str, with_hook: bool) -> None:
+def _ddp_worker(rank: int, port: int, out: str, mode: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from distgrow.backends.noise_hook import NoiseHookState, all_reduce_local_norm, register
+    from distgrow.backends.noise_hook import (
+        NoiseHookState,
+        all_reduce_local_norm,
+        all_reduce_measured,
+        mean_local_norm,
+        register,
+    )
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(1)
@@ -338,7 +344,7 @@ def _ddp_worker(rank: int, port: int, out: str, with_hook: bool) -> None:
         # Several buckets: a small bucket cap puts the layers' gradients in separate buckets.
         ddp = DistributedDataParallel(tiny_model(), bucket_cap_mb=1e-4)
         state = NoiseHookState()
-        if with_hook:
+        if mode == "hook":
             register(ddp, state)
         optimizer = torch.optim.SGD(ddp.parameters(), lr=0.5)
         results = []
@@ -347,18 +353,25 @@ def _ddp_worker(rank: int, port: int, out: str, with_hook: bool) -> None:
             batches = rank_batches(update, rank)
             state.reset()
             for k, (x, y) in enumerate(batches):
-                sync = k == len(batches) - 1
+                # "measured": every micro-step under no_sync; the update averages itself.
+                sync = k == len(batches) - 1 and mode != "measured"
                 context = ddp.no_sync() if not sync else contextlib.nullcontext()
                 with context:
                     out_ = ddp(x)
                     loss = nn.functional.cross_entropy(out_, y, reduction="sum") * (WORLD / total)
                     loss.backward()
+            local_samples = sum(UPDATES[update][rank])
+            if mode == "measured":
+                local, global_ = all_reduce_measured(list(ddp.parameters()), None)
+                small = mean_local_norm(local, local_samples, total, None, torch.device("cpu"))
             record: dict[str, Any] = {"params": [p.detach().clone() for p in ddp.parameters()]}
-            if with_hook:
+            if mode == "measured":
+                record.update(local=float(local), global_=float(global_), small=small)
+                record["global"] = record.pop("global_")
+            if mode == "hook":
                 record["local"] = float(state.local_sq_norm())
                 record["global"] = float(state.global_sq_norm())
                 record["buckets"] = state.buckets
-                local_samples = sum(UPDATES[update][rank])
                 record["small"] = all_reduce_local_norm(
                     state, local_samples, total, torch.device("cpu")
                 )
@@ -367,30 +380,32 @@ def _ddp_worker(rank: int, port: int, out: str, with_hook: bool) -> None:
             optimizer.zero_grad()
             record["after"] = [p.detach().clone() for p in ddp.parameters()]
             results.append(record)
-        torch.save(results, Path(out) / f"{'hook' if with_hook else 'plain'}-{rank}.pt")
+        torch.save(results, Path(out) / f"{mode}-{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def run_ranks(tmp_path: Path, with_hook: bool) -> list[list[dict[str, Any]]]:
+def run_ranks(tmp_path: Path, mode: str) -> list[list[dict[str, Any]]]:
     mp.start_processes(
         _ddp_worker,
-        args=(free_port(), str(tmp_path), with_hook),
+        args=(free_port(), str(tmp_path), mode),
         nprocs=WORLD,
         join=True,
         start_method="spawn",
     )
-    name = "hook" if with_hook else "plain"
-    return [torch.load(tmp_path / f"{name}-{r}.pt", weights_only=False) for r in range(WORLD)]
+    return [torch.load(tmp_path / f"{mode}-{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
 @pytest.mark.integration
-def test_ddp_hook_norms_equal_hand_computed_and_leave_gradients_bit_identical(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("mode", ["hook", "measured"])
+def test_ddp_norms_equal_hand_computed_and_leave_gradients_bit_identical(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
+    # "hook": the communication hook on DDP's buckets; "measured": the update averaged by
+    # all_reduce_measured after no_sync micro-steps (what training under DDP uses).
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    hooked = run_ranks(tmp_path, with_hook=True)
-    plain = run_ranks(tmp_path, with_hook=False)
+    hooked = run_ranks(tmp_path, mode)
+    plain = run_ranks(tmp_path, "plain")
     model = tiny_model()  # the same start as the ranks; replayed by hand below
     for update, shares in enumerate(UPDATES):
         total = sum(map(sum, shares))
@@ -412,9 +427,9 @@ def test_ddp_hook_norms_equal_hand_computed_and_leave_gradients_bit_identical(
             got = hooked[rank][update]
             # DDP puts everything in one bucket at first and rebuilds its buckets after the
             # first update (with the small cap, several: the norms sum over them).
-            if update == 0:
+            if mode == "hook" and update == 0:
                 assert got["buckets"] == 1
-            else:
+            elif mode == "hook":
                 assert got["buckets"] > 1
             torch.testing.assert_close(got["local"], rank_local_sq[rank], rtol=1e-5, atol=0)
             torch.testing.assert_close(got["global"], float(squared_norm(full)), rtol=1e-5, atol=0)
@@ -423,7 +438,7 @@ def test_ddp_hook_norms_equal_hand_computed_and_leave_gradients_bit_identical(
             want_b = WORLD / sum(1 / n for _, n in rank_means)
             torch.testing.assert_close(small[0], want_small, rtol=1e-5, atol=0)
             torch.testing.assert_close(small[1], want_b, rtol=1e-12, atol=0)
-            # The hook averages exactly as DDP without it: bit-identical gradients and steps.
+            # Averaged exactly as DDP without it: bit-identical gradients and steps (2 ranks).
             for key in ("grad", "after"):
                 for a, b in zip(got[key], plain[rank][update][key], strict=True):
                     assert torch.equal(a, b), (update, rank, key)

@@ -31,7 +31,9 @@ from distgrow.noise import pack_local_norm, unpack_local_norms
 __all__ = [
     "NoiseHookState",
     "all_reduce_local_norm",
+    "all_reduce_measured",
     "attach",
+    "mean_local_norm",
     "noise_allreduce_hook",
     "register",
 ]
@@ -151,28 +153,85 @@ def all_reduce_local_norm(
         The mean over non-empty ranks of their per-sample mean gradients' squared norms, and
         the harmonic mean of their sample counts; None when fewer than two ranks had samples.
     """
-    group = state.process_group if state.process_group is not None else dist.group.WORLD
+    return mean_local_norm(
+        state.local_sq_norm(), local_samples, global_samples, state.process_group, device
+    )
+
+
+def mean_local_norm(
+    local_sq_norm: torch.Tensor,
+    local_samples: int,
+    global_samples: int,
+    process_group: dist.ProcessGroup | None,
+    device: torch.device,
+) -> tuple[float, float] | None:
+    """``(|G_b|², b)`` over all ranks from this rank's ``|g_r|²``: one all-reduce of three
+    numbers (a collective; see :func:`all_reduce_local_norm`)."""
+    group = process_group if process_group is not None else dist.group.WORLD
     packed = pack_local_norm(
-        state.local_sq_norm(),
-        local_samples,
-        dist.get_world_size(group),
-        global_samples,
-        device=device,
+        local_sq_norm, local_samples, dist.get_world_size(group), global_samples, device=device
     )
     dist.all_reduce(packed, group=group)
     return unpack_local_norms(packed)
 
 
-def attach(backend: object, train_model: torch.nn.Module) -> tuple[str, NoiseHookState | None, str]:
-    """Where this job's two batch sizes come from, and the hook installed if it needs one.
+def all_reduce_measured(
+    parameters: list[torch.nn.Parameter], process_group: dist.ProcessGroup | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average the gradients over ranks as DDP does, taking their squared norms before and
+    after: for an update whose micro-steps all ran under ``no_sync()``.
+
+    The measured updates synchronise themselves (one flat all-reduce after the backward) so
+    that the others keep DDP's own reducer, with no Python hook on the way: on a small model the
+    hook's Python per bucket costs more than the norms (docs/noise.md, Cost). The averaging is
+    DDP's: multiply by ``1/world_size``, then sum; on 2 ranks a sum of two numbers is the same
+    in either order, so the gradients are bit-identical to DDP's; on more ranks the collective
+    may add a flat buffer in another order than DDP's buckets (equal to float rounding).
+    Norms are per parameter, summed in parameter order (as the hook's).
 
     Returns:
-        ``(source, hook state, why not)``: ``("hook", state, "")`` under DDP (the hook is
-        registered on ``train_model``); ``("micro", None, "")`` for one worker of the torch
-        backend (the micro-batches of an accumulated update, :class:`distgrow.noise.
-        MicroStepNorms`); ``("none", None, reason)`` otherwise.
+        ``(|g_r|², |G_B|²)``: this rank's accumulated gradient's squared norm, and the averaged
+        gradient's (the same on every rank).
+    """
+    group = process_group if process_group is not None else dist.group.WORLD
+    for p in parameters:
+        if p.grad is None:  # DDP's reducer reduces zeros for a parameter without a gradient
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    local = torch.stack(_squares(grads)).sum()
+    flat = torch._utils._flatten_dense_tensors(grads)
+    flat.mul_(1.0 / dist.get_world_size(group))
+    dist.all_reduce(flat, group=group)
+    for grad, reduced in zip(
+        grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True
+    ):
+        grad.copy_(reduced)
+    return local, torch.stack(_squares(grads)).sum()
+
+
+def attach(
+    backend: object, train_model: torch.nn.Module, hook: bool = False
+) -> tuple[str, NoiseHookState | None, str]:
+    """Where this job's two batch sizes come from, and the hook installed if it needs one.
+
+    Args:
+        backend: The started backend.
+        train_model: The module the backend returned (DDP under several workers).
+        hook: Under DDP, measure with the communication hook on every update's buckets
+            (``"hook"``) instead of letting measured updates synchronise themselves
+            (``"ddp"``, :func:`all_reduce_measured`; the default: unmeasured updates then cost
+            nothing).
+
+    Returns:
+        ``(source, hook state, why not)``: ``("ddp", None, "")`` under DDP, or
+        ``("hook", state, "")`` with ``hook`` (the hook is registered on ``train_model``);
+        ``("micro", None, "")`` for one worker of the torch backend (the micro-batches of an
+        accumulated update, :class:`distgrow.noise.MicroStepNorms`); ``("none", None,
+        reason)`` otherwise.
     """
     if isinstance(train_model, DistributedDataParallel):
+        if not hook:
+            return "ddp", None, ""
         state = NoiseHookState(train_model.process_group)
         register(train_model, state)
         return "hook", state, ""
