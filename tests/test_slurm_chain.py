@@ -109,6 +109,17 @@ def start_chain(
     return proc
 
 
+def chain_verb(env: dict[str, str], verb: str, run_dir: Path) -> subprocess.CompletedProcess[str]:
+    """``distgrow chain VERB RUN_DIR`` (status or cancel), its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "distgrow", "chain", verb, str(run_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def span_logs(run_dir: Path) -> str:
     return "\n".join(
         f"== {p.name}\n{p.read_text()}" for p in sorted((run_dir / "launch").glob("span-*.out"))
@@ -215,13 +226,7 @@ def test_chain_of_two_spans_trains_like_one_process(
     assert summary["held"]["mode"] == "chain" and summary["held"]["source"] == "computed"
     assert [j["cpus"] for j in summary["held"]["jobs"]] == [1, 2]
 
-    status = subprocess.run(
-        [sys.executable, "-m", "distgrow", "chain", "status", str(run_dir)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    status = chain_verb(env, "status", run_dir)
     assert status.returncode == 0, status.stderr
     assert "span 2: job" in status.stdout and "completed (SLURM: COMPLETED)" in status.stdout
 
@@ -291,13 +296,7 @@ def test_chain_cancel_stops_the_running_span(slurm: dict[str, str], tmp_path: Pa
     env, config, run_dir = fake_chain(slurm, tmp_path, "sleep:grow:2")
     start_chain(env, config, tmp_path)
     wait_for(lambda: (run_dir / "started-0").exists(), 60, lambda: span_logs(run_dir))
-    proc = subprocess.run(
-        [sys.executable, "-m", "distgrow", "chain", "cancel", str(run_dir)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = chain_verb(env, "cancel", run_dir)
     assert proc.returncode == 0, proc.stderr
     jobs = wait_chain_end(env, run_dir, 1)
     logs = span_logs(run_dir)
@@ -328,13 +327,7 @@ def test_chain_cancel_keeps_a_pending_span_from_starting(
             lambda: span_logs(run_dir),
         )
         assert jobs_of(run_dir).jobs[1].state == "submitted"
-        proc = subprocess.run(
-            [sys.executable, "-m", "distgrow", "chain", "cancel", str(run_dir)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        proc = chain_verb(env, "cancel", run_dir)
         assert proc.returncode == 0, proc.stderr
         jobs = wait_chain_end(env, run_dir, 2)
     finally:
@@ -386,13 +379,7 @@ def test_a_failed_span_says_so_and_nothing_waits(slurm: dict[str, str], tmp_path
     assert (failed.state, failed.exit_code) == ("failed", 3), logs
     assert "launch.max_restarts=0" in (failed.message or "")
     assert "launch.slurm=chain run.resume=true" in (failed.fix or "")
-    status = subprocess.run(
-        [sys.executable, "-m", "distgrow", "chain", "status", str(run_dir)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    status = chain_verb(env, "status", run_dir)
     assert status.returncode == 1
     assert "failed (SLURM: FAILED)" in status.stdout and "fix: " in status.stdout
 
