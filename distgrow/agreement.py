@@ -11,19 +11,29 @@ can:
 * otherwise (a count above 0, or nothing counted since: the start of an epoch or of the run,
   after an elastic wait) one scalar all-reduce (max) agrees on the signal.
 
-The update's all-reduce is one preallocated float64 buffer, reduced in place and read back
-once: ``[loss_sum, stop votes, checkpoint votes, *extras]``. The trainer starts it
-(:meth:`Agreement.start`) right after the last micro-batch's forward, before its backward:
-under DDP it then runs in the background while the gradients are computed and reduced, and
-:meth:`Agreement.mean_loss` only collects it. A single process runs no collective at all: its
-loss is read back once and its own signal and clock are the answer.
+Under DDP (the torch backend on several workers) the update's three numbers ``[loss_sum, stop
+votes, checkpoint votes]`` need no collective of their own: the trainer calls :meth:`start`
+inside the synchronising micro-step, before its backward, and :meth:`TorchBackend.carry
+<distgrow.backends.torch_ddp.TorchBackend.carry>` adds them to that backward as the gradient of
+a small extra parameter, which DDP reduces in its first bucket with the last layers' gradients.
+The model's gradients are unchanged bit for bit (``tests/test_agreement.py``), and every rank
+still knows, before its optimizer step, whether any rank's loss was NaN/inf and whether any
+rank holds a stop signal or a checkpoint clock that ran out: the same guarantees as a
+collective per update, at the cost of a few tiny tensor operations (docs/speed.md, figures).
 
-Why the loss is agreed every update rather than every K updates (docs/speed.md has the
-figures): the guarantee "a NaN/inf is never applied" needs every rank to know, before its
-optimizer step, whether any rank's loss was finite. Only under DDP do all ranks hold the same
-reduced gradient after the backward (Horovod reduces inside its optimizer step, DeepSpeed's
-ZeRO 1/2 leaves each rank a different gradient partition), so a local check cannot replace
-the collective on every backend; and the 3 numbers ride on one small all-reduce.
+Elsewhere (Horovod, DeepSpeed, a measured noise-scale update that reduces its gradients itself,
+or ``extras``) the numbers travel in one preallocated float64 buffer, reduced in place and read
+back once: ``[loss_sum, stop votes, checkpoint votes, *extras]``; under DDP
+(``all_reduce_async``) that all-reduce runs in the background during the backward. A single
+process runs no collective at all: its loss is read back once and its own signal and clock are
+the answer.
+
+Why the loss is agreed every update rather than every K updates: the guarantee "a NaN/inf is
+never applied" needs every rank to know, before its optimizer step, whether any rank's loss was
+finite. A local check of the reduced gradient would agree across ranks only under DDP (Horovod
+reduces inside its optimizer step, DeepSpeed's ZeRO 1/2 leaves each rank a different gradient
+partition), would miss a NaN loss whose gradient is finite, and reads every gradient; carried
+by DDP, the agreement costs less than that check.
 
 **Extras** (a hook for per-update statistics, e.g. the gradient noise scale): a caller that
 needs a few more numbers summed over ranks at every update passes them as ``extras`` to
@@ -68,6 +78,7 @@ class Agreement:
         self._buffer: torch.Tensor | None = None  # the update's all-reduce, reused
         self._pending: Callable[[], torch.Tensor] | None = None  # its result, when started
         self._local: tuple[torch.Tensor, bool, bool] | None = None  # one process: no collective
+        self._flags: torch.Tensor | None = None  # (stop, checkpoint) rows for a carried update
         self.checkpoint_agreed = False
         """Some rank wanted a checkpoint at the last update's loss all-reduce (so all do)."""
         self.extras_sum: torch.Tensor | None = None
@@ -96,6 +107,20 @@ class Agreement:
             # Nothing to agree with: no collective, one read-back (free on the CPU).
             self._local = (loss_sum, signalled, wants_checkpoint)
             return
+        carry = getattr(self.backend, "carry", None)
+        if carry is not None and n_extra == 0:
+            # DDP's gradient all-reduce carries the 3 numbers (TorchBackend.carry): no
+            # collective of their own. The flags are a row of a table kept on the device.
+            flags = self._flags
+            if flags is None:
+                flags = self._flags = torch.tensor(
+                    [[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]], device=self.device
+                )
+            row = flags[2 * signalled + wants_checkpoint]
+            carried = carry(torch.cat((loss_sum.detach().reshape(1).to(row.dtype), row)))
+            if carried is not None:
+                self._pending = carried
+                return
         buffer = self._buffer
         if buffer is None or buffer.numel() != 3 + n_extra:
             buffer = self._buffer = torch.zeros(

@@ -406,9 +406,9 @@ class Trainer:
     def train_step(self, indices: torch.Tensor, setting: Setting) -> float:
         """One update from the global batch ``indices``; returns its mean loss over all ranks.
 
-        The optimizer steps only when every rank's loss is finite (the loss is all-reduced
-        first, so all ranks agree); otherwise the gradients are dropped and the NaN/inf is
-        returned.
+        The optimizer steps only when every rank's loss is finite (the ranks agree on the loss
+        before the step, :mod:`distgrow.agreement`); otherwise the gradients are dropped and the
+        NaN/inf is returned.
         """
         self._apply_hyperparameters(setting)
         shards = shard_global_batch(
@@ -438,8 +438,9 @@ class Trainer:
                 loss = self.objective.loss_sum(self.train_model(x), y) * scale
                 total += loss.detach()
                 if k == len(shards) - 1:
-                    # The update's one all-reduce (the loss, the ranks told to stop, those whose
-                    # checkpoint clock ran out) starts now, to run during the last backward.
+                    # The update's agreement (the loss, the ranks told to stop, those whose
+                    # checkpoint clock ran out): carried by DDP's gradient all-reduce, or an
+                    # all-reduce that starts now, to run during the last backward.
                     self.agreement.start(total, wants_checkpoint=self._checkpoint_clock_ran_out())
                 self.backend.backward(loss)
             if self.noise is not None:

@@ -3,6 +3,7 @@ extras; none at all on a single process; a NaN or a signal on one rank seen by e
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import socket
@@ -110,3 +111,57 @@ def test_two_ranks_see_one_ranks_nan_signal_and_clock_at_the_same_update(
         assert (c0, c1, c2) == (False, False, True)  # rank 1's clock, agreed at update 2
         assert (e0, e1, e2) == ([3.0, 0.0, 2.0], [3.0, 2.0, 2.0], [3.0, 4.0, 2.0])
         assert (s0, s1, s2) == (15, 15, 15)  # rank 1's signal stops rank 0 at the same update
+
+
+def _carried_rank(rank: int, port: int, out: str) -> None:
+    """DDP's gradient all-reduce carries the agreement: no collective of its own."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    runtime = Runtime(rank, 2, rank, 2, "127.0.0.1", port, "none")
+    backend = TorchBackend(load_config(None, []).backend, runtime, device="cpu")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    reference = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(model))
+    ddp = backend.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    started: list[str] = []
+    backend.all_reduce_async = lambda t, op="sum": started.append(op)  # type: ignore[assignment,method-assign,return-value]
+    agreement = Agreement(backend, _signals(15 if rank else None), torch.device("cpu"))
+    seen: list[Any] = []
+    for update in range(3):
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(10 * update + rank))
+        with backend.micro_step(sync=True):
+            loss = ddp(x).square().sum()
+            value = math.nan if (rank, update) == (1, 1) else 1.0 + rank
+            agreement.start(
+                torch.tensor(value, dtype=torch.float64), wants_checkpoint=rank == 1 and update == 2
+            )
+            backend.backward(loss)
+        reference(x).square().sum().backward()
+        mean = agreement.mean_loss()
+        same = all(
+            torch.equal(p.grad, q.grad)  # type: ignore[arg-type]
+            for p, q in zip(model.parameters(), reference.module.parameters(), strict=True)
+        )
+        model.zero_grad(set_to_none=True)
+        reference.zero_grad(set_to_none=True)
+        seen.append((mean, agreement.checkpoint_agreed, agreement.stop_signal(), same))
+    torch.save((seen, started), Path(out) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.integration
+def test_ddp_gradients_carry_the_agreement_without_changing_them(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    mp.start_processes(
+        _carried_rank, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+    )
+    for r in range(2):
+        seen, started = torch.load(tmp_path / f"rank{r}.pt")
+        assert started == []  # no all-reduce of the agreement's own
+        (m0, c0, s0, g0), (m1, c1, s1, g1), (m2, c2, s2, g2) = seen
+        assert m0 == 1.5 and m2 == 1.5
+        assert math.isnan(m1)  # rank 1's NaN is every rank's
+        assert (c0, c1, c2) == (False, False, True)
+        assert (s0, s1, s2) == (15, 15, 15)
+        assert g0 and g1 and g2  # the model's gradients bit for bit as DDP's without the carrier

@@ -63,6 +63,8 @@ class NoiseHookState:
         """``id(parameter)`` → its index in ``model.parameters()`` (set by :func:`register`)."""
         self.active = True
         """False: the hook only averages (updates that are not measured skip the norms)."""
+        self.skip: set[int] = set()
+        """``id()`` of DDP's parameters that are not the model's (the trainer's carrier)."""
 
     def reset(self) -> None:
         """Forget the last update (call before the synchronising micro-step)."""
@@ -116,8 +118,14 @@ def noise_allreduce_hook(
     if active:
         # Views into the buffer, one per parameter; the all-reduce below works in place, so
         # after it they hold the averaged gradients.
-        grads = bucket.gradients()
-        keys = [state.order.get(id(p), -1 - i) for i, p in enumerate(bucket.parameters())]
+        # The trainer's carried numbers (Carrier.band) are not a gradient: left out.
+        pairs = [
+            (g, state.order.get(id(p), -1 - i))
+            for i, (g, p) in enumerate(zip(bucket.gradients(), bucket.parameters(), strict=True))
+            if id(p) not in state.skip
+        ]
+        grads = [g for g, _ in pairs]
+        keys = [k for _, k in pairs]
         # Queued before the in-place scaling on the same stream, so it reads the local gradient.
         state._add(keys, _squares(grads), reduced=False)
     buffer.mul_(1.0 / dist.get_world_size(group))
@@ -134,7 +142,9 @@ def noise_allreduce_hook(
 
 def register(model: DistributedDataParallel, state: NoiseHookState) -> None:
     """Install the hook on a DDP model (once, before the first backward)."""
-    state.order = {id(p): i for i, p in enumerate(model.parameters())}
+    band = getattr(model.module, "band", None)
+    state.skip = {id(band)} if band is not None else set()
+    state.order = {id(p): i for i, p in enumerate(model.parameters()) if id(p) not in state.skip}
     model.register_comm_hook(state, noise_allreduce_hook)
 
 

@@ -154,6 +154,35 @@ class AutocastModule(nn.Module):
         return tree_map(_to_float32, out)
 
 
+CARRIED = 3
+"""Numbers one update can carry in DDP's gradient all-reduce (:class:`Carrier`): the trainer's
+loss sum, stop votes and checkpoint votes."""
+
+
+class Carrier(nn.Module):
+    """The model under DDP, with one small parameter whose gradient carries a few numbers.
+
+    ``band`` (:data:`CARRIED` float32 zeros) is never updated or saved. At the synchronising
+    micro-step the backend adds ``(band * values).sum()`` to the loss it backpropagates: a term
+    of value 0 that changes no other gradient, whose gradient with respect to ``band`` is
+    ``values``. DDP reduces ``band.grad`` in its first bucket with the last layers' gradients,
+    so after the backward every rank holds ``values`` averaged over ranks, with no collective
+    of its own (:meth:`TorchBackend.carry`).
+
+    Args:
+        module: The model (or its autocast wrapper).
+        device: Where the model's parameters are.
+    """
+
+    def __init__(self, module: nn.Module, device: torch.device) -> None:
+        super().__init__()
+        self.inner = module
+        self.band = nn.Parameter(torch.zeros(CARRIED, device=device))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner(*args, **kwargs)
+
+
 def _to_float32(value: Any) -> Any:
     if isinstance(value, torch.Tensor) and value.is_floating_point():
         return value.float()
@@ -284,6 +313,9 @@ class TorchBackend(ProcessGroupMember):
         self.scaler = grad_scaler(cfg.precision, resolved)
         self._module: nn.Module | None = None
         self._ddp: DistributedDataParallel | None = None
+        self._carrier: Carrier | None = None
+        self._synced = False  # the current micro-step is DDP's synchronising one
+        self._carry: torch.Tensor | None = None  # what its backward carries (carry())
         if self._device.type == "cuda":
             torch.cuda.set_device(self._device)
         self._owns_group = join_process_group(runtime, self.dist_backend)
@@ -293,9 +325,11 @@ class TorchBackend(ProcessGroupMember):
     ) -> Callable[[], torch.Tensor]:
         """Start :meth:`all_reduce`; the function returned waits for it and gives the result.
 
-        The trainer starts its per-update loss all-reduce before the backward, so that it runs
-        while DDP's gradient buckets are computed instead of after them (every rank issues the
-        two in the same order). Only here: Horovod and DeepSpeed reduce their own way.
+        Where DDP's gradients cannot carry the trainer's per-update agreement (:meth:`carry`:
+        a measured noise-scale update, extras), it starts that all-reduce before the backward,
+        so that it runs while DDP's gradient buckets are computed instead of after them (every
+        rank issues the two in the same order). Only here: Horovod and DeepSpeed reduce their
+        own way.
         """
         if not self._distributed:
             return lambda: tensor
@@ -320,8 +354,9 @@ class TorchBackend(ProcessGroupMember):
         if not self._distributed:
             return wrapped
         device_ids = [self._device.index] if self._device.type == "cuda" else None
+        self._carrier = Carrier(wrapped, self._device)
         self._ddp = DistributedDataParallel(
-            wrapped, device_ids=device_ids, **_NO_FORWARD_BUFFER_SYNC
+            self._carrier, device_ids=device_ids, **_NO_FORWARD_BUFFER_SYNC
         )
         return self._ddp
 
@@ -331,12 +366,42 @@ class TorchBackend(ProcessGroupMember):
 
     def micro_step(self, sync: bool) -> AbstractContextManager[None]:
         """``no_sync()`` on non-boundary micro-steps, so they do not all-reduce."""
+        self._synced = self._ddp is not None and sync
         if self._ddp is not None and not sync:
             return self._ddp.no_sync()
         return contextlib.nullcontext()
 
+    def carry(self, values: torch.Tensor) -> Callable[[], torch.Tensor] | None:
+        """Let ``values`` (:data:`CARRIED` numbers) ride this micro-step's gradient all-reduce.
+
+        Call inside the synchronising micro-step, before its :meth:`backward`. Returns the
+        function that gives their sum over ranks (float64) once that backward has returned, or
+        None where nothing can carry them (one process, or a micro-step under ``no_sync()``):
+        all-reduce them then. The carried sum is float32 arithmetic (DDP's averaging): exact for
+        counts below 2**24, a float32 rounding of a loss.
+        """
+        if self._carrier is None or not self._synced or values.numel() != CARRIED:
+            return None
+        self._carry = values.detach().reshape(CARRIED)
+        return self._carried
+
+    def _carried(self) -> torch.Tensor:
+        band = self._require_carrier().band
+        grad, band.grad = band.grad, None
+        if grad is None:
+            raise RuntimeError("TorchBackend.carry: read before the synchronising backward.")
+        return grad.to(torch.float64) * self.world_size  # DDP averaged it
+
     def backward(self, loss: torch.Tensor) -> None:
-        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        scaled = loss if self.scaler is None else self.scaler.scale(loss)
+        if self._synced and self._carrier is not None:
+            # DDP reduces every parameter at the synchronising backward: the band always gets
+            # a gradient (zeros when nothing rides), added after the loss scale so it is exact.
+            band = self._carrier.band
+            band.grad = None
+            values, self._carry = self._carry, None
+            scaled = scaled + (band * (values if values is not None else 0.0)).sum()
+        scaled.backward()
 
     def step(self, optimizer: torch.optim.Optimizer, grad_clip: float | None) -> None:
         """Clip and step; under fp16, unscale first and skip a step whose gradients overflowed."""
@@ -381,6 +446,11 @@ class TorchBackend(ProcessGroupMember):
         optimizer.load_state_dict(state)
         if self.scaler is not None and scaler_state:
             self.scaler.load_state_dict(scaler_state)
+
+    def _require_carrier(self) -> Carrier:
+        if self._carrier is None:
+            raise BackendError("the backend carries nothing: it runs no DDP model.")
+        return self._carrier
 
     def _require_module(self) -> nn.Module:
         if self._module is None:
