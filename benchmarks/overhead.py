@@ -11,11 +11,17 @@ the span the trainer itself times as an update (``phases[].train_s`` in ``summar
 hyperparameters, sharding, data fetch, the micro-steps, the agreed loss all-reduce and the
 backend's step.
 
-The two alternate in blocks of ``--steps`` updates, ``--reps`` times per batch size, so load on
-a shared machine hits both alike; the ratio printed is the median of the per-block ratios
+The two alternate in blocks of ``--steps`` updates, ``--reps`` times per batch size, each side
+first in every other repetition (so whatever the order does, caches or the scheduler, falls on
+both alike), and load on a shared machine hits both alike; the ratio printed is the median of
+the per-block ratios
 (distgrow samples/s ÷ plain samples/s; 1.00 = no overhead). The same ratio over rank 0's process
 CPU time is printed too: with one thread per rank it is the compute each side used, which load
 from other processes on a shared machine distorts far less than the wall clock.
+
+``--control`` puts a second copy of the hand-written loop in distgrow's place (an A/A run): its
+ratio should be 1, and how far it strays is this machine's resolution for the real run (on 2
+ranks sharing 2 cores, a few per cent).
 
 ``--profile`` runs ``cProfile`` over ``--steps`` of distgrow's updates per batch size instead
 (rank 0) and prints where the update's time went.
@@ -24,6 +30,7 @@ Usage::
 
     PYTHONPATH=. .venv/bin/python benchmarks/overhead.py                 # 1 process
     PYTHONPATH=. .venv/bin/python benchmarks/overhead.py --world 2       # 2 gloo ranks
+    PYTHONPATH=. .venv/bin/python benchmarks/overhead.py --world 2 --control   # A/A control
     PYTHONPATH=. .venv/bin/python benchmarks/overhead.py --profile --batches 128 3200
 """
 
@@ -39,6 +46,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +103,61 @@ def _plain_model(world: int) -> tuple[nn.Module, torch.optim.Optimizer]:
     return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
 
+class _PlainSide:
+    """The hand-written loop: this rank's rows of each global batch, forward, backward, step."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        x_all: torch.Tensor,
+        y_all: torch.Tensor,
+        order: torch.Tensor,
+        batch: int,
+        rank: int,
+        world: int,
+    ) -> None:
+        self.model, self.optimizer = model, optimizer
+        self.x_all, self.y_all, self.order = x_all, y_all, order
+        self.batch, self.micro, self.scale = batch, batch // world, world / batch
+        self.offset = rank * self.micro
+        self.n_batches = len(order) // batch
+
+    def block(self, first_step: int, steps: int) -> None:
+        for step in range(first_step, first_step + steps):
+            pos = (step % self.n_batches) * self.batch + self.offset
+            rows = self.order[pos : pos + self.micro]  # this rank's share of the global batch
+            x, y = self.x_all[rows], self.y_all[rows]
+            loss = nn.functional.cross_entropy(self.model(x), y, reduction="sum") * self.scale
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+
+def trainer_block(
+    trainer: Trainer, setting: Any, order: torch.Tensor, batch: int
+) -> Callable[[int, int], None]:
+    """distgrow's side: :meth:`Trainer.train_step` on the same global batches."""
+    n_batches = len(order) // batch
+
+    def block(first_step: int, steps: int) -> None:
+        for step in range(first_step, first_step + steps):
+            pos = (step % n_batches) * batch
+            trainer.train_step(order[pos : pos + batch], setting)
+
+    return block
+
+
+def _timed(
+    backend: TorchBackend, block: Callable[[int, int], None], first_step: int, steps: int
+) -> tuple[float, float]:
+    """Wall and process CPU seconds of ``steps`` updates, the ranks started together."""
+    backend.barrier()
+    started, cpu_started = time.perf_counter(), time.process_time()
+    block(first_step, steps)
+    return time.perf_counter() - started, time.process_time() - cpu_started
+
+
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
     torch.set_num_threads(args.threads)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
@@ -111,45 +174,35 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
         trainer = Trainer(cfg, backend, load_data(cfg))
         setting = trainer.next_setting()
         order = epoch_permutation(trainer.num_train, cfg.run.seed, 0)
-        n_batches = len(order) // batch
         if args.profile:
             profiles[batch] = _profile(trainer, setting, order, batch, args.steps)
             continue
         # The plain loop's data: the whole normalised training set as one float32 tensor, ready.
         x_all, y_all = trainer.data.train.batch(torch.arange(trainer.num_train), 0)
         model, optimizer = _plain_model(world)
-        scale = world / batch
-        micro = batch // world
+        plain_side = _PlainSide(model, optimizer, x_all, y_all, order, batch, rank, world)
+        sides: tuple[Callable[[int, int], None], Callable[[int, int], None]]
+        if args.control:  # a second hand-written loop in distgrow's place: the A/A control
+            other = _PlainSide(*_plain_model(world), x_all, y_all, order, batch, rank, world)
+            sides = (plain_side.block, other.block)
+        else:
+            sides = (plain_side.block, trainer_block(trainer, setting, order, batch))
         plain_rates: list[float] = []
         ours_rates: list[float] = []
         cpu_plain: list[float] = []
         cpu_ours: list[float] = []
         step = 0
-        for _rep in range(args.reps + 1):  # the first rep warms both up and is dropped
-            backend.barrier()
-            started, cpu_started = time.perf_counter(), time.process_time()
-            for _ in range(args.steps):
-                pos = (step % n_batches) * batch + rank * micro
-                rows = order[pos : pos + micro]  # this rank's share of the global batch
-                x, y = x_all[rows], y_all[rows]
-                loss = nn.functional.cross_entropy(model(x), y, reduction="sum") * scale
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-            plain = args.steps * batch / (time.perf_counter() - started)
-            plain_cpu = time.process_time() - cpu_started
-            backend.barrier()
-            started, cpu_started = time.perf_counter(), time.process_time()
-            for _ in range(args.steps):
-                pos = (step % n_batches) * batch
-                trainer.train_step(order[pos : pos + batch], setting)
-                step += 1
-            ours = args.steps * batch / (time.perf_counter() - started)
-            ours_cpu = time.process_time() - cpu_started
-            if _rep:
-                plain_rates.append(plain)
-                ours_rates.append(ours)
+        for rep in range(args.reps + 1):  # the first rep warms both up and is dropped
+            # Each side goes first in every other repetition, so whatever the order does
+            # (caches, the scheduler, a neighbour's job) falls on both alike.
+            first, second = sides if rep % 2 == 0 else sides[::-1]
+            one = _timed(backend, first, step, args.steps)
+            two = _timed(backend, second, step + args.steps, args.steps)
+            step += 2 * args.steps
+            (plain_s, plain_cpu), (ours_s, ours_cpu) = (one, two) if rep % 2 == 0 else (two, one)
+            if rep:
+                plain_rates.append(args.steps * batch / plain_s)
+                ours_rates.append(args.steps * batch / ours_s)
                 cpu_plain.append(plain_cpu)
                 cpu_ours.append(ours_cpu)
         ratios[batch] = [o / p for o, p in zip(ours_rates, plain_rates, strict=True)]
@@ -216,9 +269,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--world", type=int, default=1, choices=(1, 2), help="gloo ranks")
     parser.add_argument("--batches", type=int, nargs="+", default=[128, 640, 3200])
-    parser.add_argument("--steps", type=int, default=30, help="updates per timed block")
-    parser.add_argument("--reps", type=int, default=5, help="timed blocks per side")
+    parser.add_argument("--steps", type=int, default=10, help="updates per timed block")
+    parser.add_argument("--reps", type=int, default=30, help="timed blocks per side")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="time a second copy of the plain loop in distgrow's place (A/A): the resolution",
+    )
     parser.add_argument(
         "--profile", action="store_true", help="cProfile distgrow's update instead (rank 0)"
     )
@@ -256,13 +314,15 @@ def main(argv: list[str] | None = None) -> int:
         f"torch backend, {args.world} process(es), {args.threads} thread(s) each, {data}, "
         f"MLP 784-512-512-10, {args.reps} blocks × {args.steps} updates per side; "
         f"load average at the end {load} on {os.cpu_count()} CPUs"
+        + ("; CONTROL: a second plain loop in distgrow's place (A/A)" if args.control else "")
     )
+    other = "control" if args.control else "distgrow"
     for batch, values in ratios.items():
         plain, ours = rates[batch]
         with contextlib.suppress(statistics.StatisticsError):
             print(
                 f"  batch {batch:5d}: plain {statistics.median(plain):9.0f} samples/s, "
-                f"distgrow {statistics.median(ours):9.0f} samples/s, ratio "
+                f"{other} {statistics.median(ours):9.0f} samples/s, ratio "
                 f"{statistics.median(values):.3f} (blocks {min(values):.3f}-{max(values):.3f}); "
                 f"CPU-time ratio {statistics.median(cpu_ratios[batch]):.3f}"
             )

@@ -163,7 +163,7 @@ class Carrier(nn.Module):
     """The model under DDP, with one small parameter whose gradient carries a few numbers.
 
     ``band`` (:data:`CARRIED` float32 zeros) is never updated or saved. At the synchronising
-    micro-step the backend adds ``(band * values).sum()`` to the loss it backpropagates: a term
+    micro-step the backend adds ``band · values`` to the loss it backpropagates: a term
     of value 0 that changes no other gradient, whose gradient with respect to ``band`` is
     ``values``. DDP reduces ``band.grad`` in its first bucket with the last layers' gradients,
     so after the backward every rank holds ``values`` averaged over ranks, with no collective
@@ -400,7 +400,8 @@ class TorchBackend(ProcessGroupMember):
             band = self._carrier.band
             band.grad = None
             values, self._carry = self._carry, None
-            scaled = scaled + (band * (values if values is not None else 0.0)).sum()
+            # (band is zeros and never stepped: band.detach() carries zeros)
+            scaled = scaled + torch.dot(band, values if values is not None else band.detach())
         scaled.backward()
 
     def step(self, optimizer: torch.optim.Optimizer, grad_clip: float | None) -> None:
