@@ -25,6 +25,10 @@ at k and 2k, ``run.epochs`` 3k) for k epochs instead of the config's 5: the same
 of the epochs at each batch for grow_batch, at each LR for decay_lr), so the same expected ratio,
 in a fifth of the time with the default k = 1. k = 5 is the config itself.
 
+``--reps R`` (default 3) runs parts 1 and 2 side by side R times: each variant on both sides in
+turn, each side first in every other repetition, so that a change of load on a shared machine
+falls on both; every figure printed is the median over the repetitions.
+
 Usage::
 
     PYTHONPATH=. .venv/bin/python benchmarks/schedules_wallclock.py              # k = 1, minutes
@@ -115,28 +119,36 @@ def hand_written(
     return Timed(train_s, wall_s, updates, acc, cpu_s)
 
 
-def through_compare(k: int, out: Path, threads: int | None) -> dict[str, Timed]:
-    """``distgrow compare`` of each variant (one at a time, to take its CPU time); summaries."""
+def through_compare(k: int, out: Path, threads: int | None, variant: str) -> Timed:
+    """``distgrow compare`` of one variant (alone, to take its CPU time); its summary."""
     extra = [] if threads is None else [f"run.threads={threads}"]
-    timed = {}
-    for variant in VARIANTS:
-        command = [
-            sys.executable, "-m", "distgrow", "compare", str(CONFIG), *_overrides(k), *extra,
-            "--variants", variant, "--out", str(out / variant),
-        ]  # fmt: skip
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu_s = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-        summary = json.loads((out / variant / "runs" / variant / "summary.json").read_text())
-        timed[variant] = Timed(
-            train_s=float(summary["train_s"]),
-            wall_s=float(summary["wall_s"]),
-            updates=int(summary["total_updates"]),
-            val_acc=float(summary["val_acc"]),
-            cpu_s=cpu_s,  # the whole process: imports, data loading and start-up too
-        )
-    return timed
+    command = [
+        sys.executable, "-m", "distgrow", "compare", str(CONFIG), *_overrides(k), *extra,
+        "--variants", variant, "--out", str(out),
+    ]  # fmt: skip
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    summary = json.loads((out / "runs" / variant / "summary.json").read_text())
+    return Timed(
+        train_s=float(summary["train_s"]),
+        wall_s=float(summary["wall_s"]),
+        updates=int(summary["total_updates"]),
+        val_acc=float(summary["val_acc"]),
+        cpu_s=cpu_s,  # the whole process: imports, data loading and start-up too
+    )
+
+
+def median_timed(runs: list[Timed]) -> Timed:
+    """Each field's median over repetitions (updates and accuracy are the same in all)."""
+    return Timed(
+        train_s=statistics.median(t.train_s for t in runs),
+        wall_s=statistics.median(t.wall_s for t in runs),
+        updates=runs[0].updates,
+        val_acc=runs[0].val_acc,
+        cpu_s=statistics.median(t.cpu_s for t in runs),
+    )
 
 
 def throughput_curve(
@@ -177,9 +189,15 @@ def main(argv: list[str] | None = None) -> int:
         default=list(PARTS),
         help="what to run: the hand-written loop, distgrow compare, the throughput curve",
     )
+    parser.add_argument(
+        "--reps", type=int, default=3, help="repetitions of the loop and compare (medians)"
+    )
     parser.add_argument("--curve-samples", type=int, default=32_000, help="samples per block")
     parser.add_argument("--curve-reps", type=int, default=3, help="blocks per batch size")
     args = parser.parse_args(argv)
+    if args.reps < 1:
+        print(f"--reps {args.reps} must be >= 1. Fix: e.g. 3.")
+        return 2
     if args.epochs_per_phase < 1:
         print(f"--epochs-per-phase {args.epochs_per_phase} must be >= 1. Fix: e.g. 1.")
         return 2
@@ -200,16 +218,24 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} CPUs",
         flush=True,
     )
-    rows: list[tuple[str, dict[str, Timed]]] = []
-    if "loop" in args.parts:
-        rows.append(
-            ("hand-written loop", {v: hand_written(cfgs[v], x_all, y_all, val) for v in VARIANTS})
-        )
-    if "compare" in args.parts:
-        with tempfile.TemporaryDirectory() as out:
-            rows.append(
-                ("distgrow compare", through_compare(k, Path(out) / "compare", args.threads))
-            )
+    sides = [p for p in ("loop", "compare") if p in args.parts]
+    runs: dict[str, dict[str, list[Timed]]] = {p: {v: [] for v in VARIANTS} for p in sides}
+    with tempfile.TemporaryDirectory() as out:
+        for rep in range(args.reps):
+            # Side by side: each variant on both sides in turn, each side first in every other
+            # repetition, so a change of load falls on both.
+            for variant in VARIANTS:
+                for side in sides if rep % 2 == 0 else sides[::-1]:
+                    if side == "loop":
+                        one = hand_written(cfgs[variant], x_all, y_all, val)
+                    else:
+                        where = Path(out) / f"{variant}-{rep}"
+                        one = through_compare(k, where, args.threads, variant)
+                    runs[side][variant].append(one)
+    labels = {"loop": "hand-written loop", "compare": "distgrow compare"}
+    rows = [(labels[p], {v: median_timed(runs[p][v]) for v in VARIANTS}) for p in sides]
+    if args.reps > 1:
+        print(f"  medians of {args.reps} repetitions")
     for label, timed in rows:
         decay, grow = timed["decay_lr"], timed["grow_batch"]
         print(f"  {label}:")

@@ -6,7 +6,7 @@ training wait forever in the next all-reduce. :class:`Agreement` is the one obje
 asks, once per update, whether to stop; it settles the question with as few collectives as it
 can:
 
-* each update's loss all-reduce (:meth:`Agreement.mean_loss`) also counts the ranks holding a
+* each update's loss agreement (:meth:`Agreement.mean_loss`) also counts the ranks holding a
   stop signal, so while no rank holds one the question costs nothing;
 * otherwise (a count above 0, or nothing counted since: the start of an epoch or of the run,
   after an elastic wait) one scalar all-reduce (max) agrees on the signal.
@@ -73,14 +73,14 @@ class Agreement:
         self.backend = backend
         self.signals = signals
         self.device = device
-        # Ranks that held a stop signal at the last update's loss all-reduce; None: not known.
+        # Ranks that held a stop signal at the last update's loss agreement; None: not known.
         self._votes: int | None = None
         self._buffer: torch.Tensor | None = None  # the update's all-reduce, reused
         self._pending: Callable[[], torch.Tensor] | None = None  # its result, when started
         self._local: tuple[torch.Tensor, bool, bool] | None = None  # one process: no collective
         self._flags: torch.Tensor | None = None  # (stop, checkpoint) rows for a carried update
         self.checkpoint_agreed = False
-        """Some rank wanted a checkpoint at the last update's loss all-reduce (so all do)."""
+        """Some rank wanted a checkpoint at the last update's loss agreement (so all do)."""
         self.extras_sum: torch.Tensor | None = None
         """The last update's ``extras`` summed over ranks (see the module docstring)."""
 

@@ -5,7 +5,7 @@ forwarding its own), SIGUSR1 (SLURM's warning before a time limit or pre-emption
 ``--signal=USR1@N``), SIGINT (Ctrl-C). Killing the worker there and then would lose every
 update since the last checkpoint. Instead :class:`StopSignals` only notes the signal; the
 trainer asks :class:`~distgrow.agreement.Agreement` once per update, which agrees on it with
-the other ranks (each update's loss all-reduce also counts the ranks holding a signal), so that
+the other ranks (each update's loss agreement also counts the ranks holding a signal), so that
 every rank stops after the *same* update even when the signal reached only some of them. It
 checkpoints at that exact point and exits with ``128 + signal number`` (143, 138, 130), the
 status a shell gives a process killed by that signal.
