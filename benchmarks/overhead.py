@@ -11,17 +11,17 @@ the span the trainer itself times as an update (``phases[].train_s`` in ``summar
 hyperparameters, sharding, data fetch, the micro-steps, the agreed loss all-reduce and the
 backend's step.
 
-The two alternate in blocks of ``--steps`` updates, ``--reps`` times per batch size, each side
-first in every other repetition (so whatever the order does, caches or the scheduler, falls on
-both alike), and load on a shared machine hits both alike; the ratio printed is the median of
-the per-block ratios
+The sides take turns in blocks of ``--steps`` updates, ``--reps`` times per batch size, each
+side going first in turn (so whatever the order does, caches or the scheduler, falls on all
+alike, as does load on a shared machine); the ratio printed is the median of the per-block
+ratios
 (distgrow samples/s ÷ plain samples/s; 1.00 = no overhead). The same ratio over rank 0's process
 CPU time is printed too: with one thread per rank it is the compute each side used, which load
 from other processes on a shared machine distorts far less than the wall clock.
 
-``--control`` puts a second copy of the hand-written loop in distgrow's place (an A/A run): its
-ratio should be 1, and how far it strays is this machine's resolution for the real run (on 2
-ranks sharing 2 cores, a few per cent).
+``--control`` adds a third side, a second copy of the hand-written loop, timed in the same
+rotation (an A/A comparison): its ratio to the plain loop should be 1, and how far it strays is
+what this machine resolves in the same run (on 2 ranks sharing 2 cores, a few per cent).
 
 ``--profile`` runs ``cProfile`` over ``--steps`` of distgrow's updates per batch size instead
 (rank 0) and prints where the update's time went.
@@ -162,9 +162,10 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     torch.set_num_threads(args.threads)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     runtime = Runtime(rank, world, rank, world, "127.0.0.1", port, "none")
-    ratios: dict[int, list[float]] = {}
-    cpu_ratios: dict[int, list[float]] = {}
-    rates: dict[int, tuple[list[float], list[float]]] = {}
+    # Keyed by (batch, side): per-block ratios plain time ÷ side time, and samples/s.
+    ratios: dict[tuple[int, str], list[float]] = {}
+    cpu_ratios: dict[tuple[int, str], list[float]] = {}
+    rates: dict[tuple[int, str], list[float]] = {}
     profiles: dict[int, str] = {}
     backend: TorchBackend | None = None
     for batch in args.batches:
@@ -180,34 +181,33 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
         # The plain loop's data: the whole normalised training set as one float32 tensor, ready.
         x_all, y_all = trainer.data.train.batch(torch.arange(trainer.num_train), 0)
         model, optimizer = _plain_model(world)
-        plain_side = _PlainSide(model, optimizer, x_all, y_all, order, batch, rank, world)
-        sides: tuple[Callable[[int, int], None], Callable[[int, int], None]]
-        if args.control:  # a second hand-written loop in distgrow's place: the A/A control
-            other = _PlainSide(*_plain_model(world), x_all, y_all, order, batch, rank, world)
-            sides = (plain_side.block, other.block)
-        else:
-            sides = (plain_side.block, trainer_block(trainer, setting, order, batch))
-        plain_rates: list[float] = []
-        ours_rates: list[float] = []
-        cpu_plain: list[float] = []
-        cpu_ours: list[float] = []
+        blocks = {
+            "plain": _PlainSide(model, optimizer, x_all, y_all, order, batch, rank, world).block,
+            "distgrow": trainer_block(trainer, setting, order, batch),
+        }
+        if args.control:  # a second copy of the plain loop, timed in the same rotation (A/A)
+            copy = _PlainSide(*_plain_model(world), x_all, y_all, order, batch, rank, world)
+            blocks["control"] = copy.block
+        names = list(blocks)
+        wall: dict[str, list[float]] = {name: [] for name in names}
+        cpu: dict[str, list[float]] = {name: [] for name in names}
         step = 0
-        for rep in range(args.reps + 1):  # the first rep warms both up and is dropped
-            # Each side goes first in every other repetition, so whatever the order does
-            # (caches, the scheduler, a neighbour's job) falls on both alike.
-            first, second = sides if rep % 2 == 0 else sides[::-1]
-            one = _timed(backend, first, step, args.steps)
-            two = _timed(backend, second, step + args.steps, args.steps)
-            step += 2 * args.steps
-            (plain_s, plain_cpu), (ours_s, ours_cpu) = (one, two) if rep % 2 == 0 else (two, one)
-            if rep:
-                plain_rates.append(args.steps * batch / plain_s)
-                ours_rates.append(args.steps * batch / ours_s)
-                cpu_plain.append(plain_cpu)
-                cpu_ours.append(ours_cpu)
-        ratios[batch] = [o / p for o, p in zip(ours_rates, plain_rates, strict=True)]
-        rates[batch] = (plain_rates, ours_rates)
-        cpu_ratios[batch] = [p / o for p, o in zip(cpu_plain, cpu_ours, strict=True)]
+        for rep in range(args.reps + 1):  # the first rep warms every side up and is dropped
+            # The sides take turns at going first, so whatever the order does (caches, the
+            # scheduler, a neighbour's job) falls on all alike.
+            for name in names[rep % len(names) :] + names[: rep % len(names)]:
+                seconds, cpu_seconds = _timed(backend, blocks[name], step, args.steps)
+                step += args.steps
+                if rep:
+                    wall[name].append(seconds)
+                    cpu[name].append(cpu_seconds)
+        for name in names[1:]:
+            ratios[(batch, name)] = [p / o for o, p in zip(wall[name], wall["plain"], strict=True)]
+            cpu_ratios[(batch, name)] = [
+                p / o for o, p in zip(cpu[name], cpu["plain"], strict=True)
+            ]
+            rates[(batch, name)] = [args.steps * batch / t for t in wall[name]]
+        rates[(batch, "plain")] = [args.steps * batch / t for t in wall["plain"]]
     if rank == 0:
         torch.save((ratios, rates, cpu_ratios, profiles), Path(out) / "result.pt")
     if dist.is_initialized():
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--control",
         action="store_true",
-        help="time a second copy of the plain loop in distgrow's place (A/A): the resolution",
+        help="also time a second copy of the plain loop in the same rotation (A/A): the resolution",
     )
     parser.add_argument(
         "--profile", action="store_true", help="cProfile distgrow's update instead (rank 0)"
@@ -314,17 +314,15 @@ def main(argv: list[str] | None = None) -> int:
         f"torch backend, {args.world} process(es), {args.threads} thread(s) each, {data}, "
         f"MLP 784-512-512-10, {args.reps} blocks × {args.steps} updates per side; "
         f"load average at the end {load} on {os.cpu_count()} CPUs"
-        + ("; CONTROL: a second plain loop in distgrow's place (A/A)" if args.control else "")
     )
-    other = "control" if args.control else "distgrow"
-    for batch, values in ratios.items():
-        plain, ours = rates[batch]
+    for (batch, name), values in ratios.items():
         with contextlib.suppress(statistics.StatisticsError):
             print(
-                f"  batch {batch:5d}: plain {statistics.median(plain):9.0f} samples/s, "
-                f"{other} {statistics.median(ours):9.0f} samples/s, ratio "
-                f"{statistics.median(values):.3f} (blocks {min(values):.3f}-{max(values):.3f}); "
-                f"CPU-time ratio {statistics.median(cpu_ratios[batch]):.3f}"
+                f"  batch {batch:5d}: plain {statistics.median(rates[(batch, 'plain')]):9.0f} "
+                f"samples/s, {name} {statistics.median(rates[(batch, name)]):9.0f} samples/s, "
+                f"ratio {statistics.median(values):.3f} "
+                f"(blocks {min(values):.3f}-{max(values):.3f}); "
+                f"CPU-time ratio {statistics.median(cpu_ratios[(batch, name)]):.3f}"
             )
     return 0
 
