@@ -23,6 +23,12 @@ from other processes on a shared machine distorts far less than the wall clock.
 rotation (an A/A comparison): its ratio to the plain loop should be 1, and how far it strays is
 what this machine resolves in the same run (on 2 ranks sharing 2 cores, a few per cent).
 
+``--pieces`` times, in 1 process, each piece of work ``train_step`` does that the plain loop
+does not (sharding, the loss accumulator, ``batch()`` beyond its gather, the agreement, and the
+2-rank carrier's term, backward and read-back), each alone with ``timeit``, against the median
+update: the overhead as a sum of measured parts, which a shared machine disturbs far less than
+the end-to-end ratio.
+
 ``--profile`` runs ``cProfile`` over ``--steps`` of distgrow's updates per batch size instead
 (rank 0) and prints where the update's time went.
 
@@ -31,6 +37,7 @@ Usage::
     PYTHONPATH=. .venv/bin/python benchmarks/overhead.py                 # 1 process
     PYTHONPATH=. .venv/bin/python benchmarks/overhead.py --world 2       # 2 gloo ranks
     PYTHONPATH=. .venv/bin/python benchmarks/overhead.py --world 2 --control   # A/A control
+    PYTHONPATH=. .venv/bin/python benchmarks/overhead.py --pieces
     PYTHONPATH=. .venv/bin/python benchmarks/overhead.py --profile --batches 128 3200
 """
 
@@ -46,6 +53,7 @@ import statistics
 import sys
 import tempfile
 import time
+import timeit
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -58,6 +66,7 @@ from torch import nn
 from distgrow.backends.torch_ddp import TorchBackend
 from distgrow.config import load_config
 from distgrow.data import epoch_permutation
+from distgrow.data.order import shard_global_batch
 from distgrow.runtime import Runtime
 from distgrow.startup import load_data
 from distgrow.trainer import Trainer
@@ -178,6 +187,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
         if args.profile:
             profiles[batch] = _profile(trainer, setting, order, batch, args.steps)
             continue
+        if args.pieces:
+            profiles[batch] = _pieces(trainer, setting, order, batch)
+            continue
         # The plain loop's data: the whole normalised training set as one float32 tensor, ready.
         x_all, y_all = trainer.data.train.batch(torch.arange(trainer.num_train), 0)
         model, optimizer = _plain_model(world)
@@ -230,6 +242,110 @@ _PARTS = (
 )
 
 
+def _paired(fn: Callable[[], Any], base: Callable[[], Any], number: int = 500) -> float:
+    """Seconds ``fn`` takes beyond ``base``: the median of 21 differences, each pair timed
+    back to back (so a change of load falls on both)."""
+    fn(), base()
+    return statistics.median(
+        timeit.timeit(fn, number=number) / number - timeit.timeit(base, number=number) / number
+        for _ in range(21)
+    )
+
+
+def _pieces(trainer: Trainer, setting: Any, order: torch.Tensor, batch: int) -> str:
+    """Each piece of work ``train_step`` does that a hand-written loop does not, timed alone
+    (``timeit``), against the median update; see ``--pieces``."""
+    indices = order[:batch]
+    shard = indices[: batch // trainer.world]
+    data = trainer.data.train
+    transformed = getattr(data, "transformed", lambda: None)()
+    labels = getattr(data, "y", None)
+    if transformed is None or labels is None:
+        return f"  batch {batch}: --pieces needs an in-memory data set kept transformed."
+    total = torch.zeros((), dtype=torch.float64)
+    loss = torch.tensor(0.5)
+    x, y = data.batch(shard, 0)
+    leaf = torch.zeros((), requires_grad=True)  # stands for the model: the loss's graph
+    band = nn.Parameter(torch.zeros(3))
+    flags = torch.zeros(4, 2)
+
+    def carried() -> None:  # TorchBackend.carry, the backward's extra term, _carried
+        values = torch.cat((total.reshape(1).to(flags.dtype), flags[0]))
+        band.grad = None
+        (leaf * 1.0 + torch.dot(band, values)).backward()
+        grad, band.grad = band.grad, None
+        if grad is not None:
+            (grad.to(torch.float64) * 2).tolist()
+
+    def agreement() -> None:
+        trainer.agreement.start(total)
+        trainer.agreement.mean_loss()
+
+    def micro_step() -> None:
+        trainer.backend.begin_update(1, 1)
+        with trainer.backend.micro_step(sync=True):
+            pass
+
+    def nothing() -> None:
+        pass
+
+    def shard_batch() -> None:
+        shard_global_batch(
+            indices,
+            workers=setting.workers,
+            micro_batch=setting.micro_batch,
+            accum_steps=setting.accum_steps,
+            rank=trainer.rank,
+            align=trainer.align,
+        )
+
+    def hyperparameters() -> None:
+        trainer._apply_hyperparameters(setting)
+
+    def accumulator() -> None:
+        torch.zeros((), dtype=torch.float64).add_(loss)
+
+    def fetch() -> None:
+        data.batch(shard, 0)
+
+    def gather() -> None:
+        transformed[shard], labels[shard]
+
+    def to_device() -> None:
+        x.to(trainer.device), y.to(trainer.device)
+
+    def graph() -> None:
+        (leaf * 1.0).backward()
+
+    pieces: list[tuple[str, Callable[[], Any], Callable[[], Any]]] = [
+        ("hyperparameters into the optimizer", hyperparameters, nothing),
+        ("sharding the global batch", shard_batch, nothing),
+        ("the loss accumulator (zeros, +=)", accumulator, nothing),
+        ("begin_update, micro_step", micro_step, nothing),
+        ("data: batch() beyond the plain gather", fetch, gather),
+        ("inputs .to(device), 2 tensors", to_device, nothing),
+        ("checkpoint clock", trainer._checkpoint_clock_ran_out, nothing),
+        ("agreement, 1 process (start + mean_loss)", agreement, nothing),
+        ("agreement, 2 ranks (the carrier, beyond the backward)", carried, graph),
+    ]
+    timings = {label: _paired(fn, base) * 1e6 for label, fn, base in pieces}
+    update = (
+        statistics.median(
+            timeit.repeat(lambda: trainer.train_step(indices, setting), number=10, repeat=7)
+        )
+        / 10
+        * 1e6
+    )
+    lines = [f"  batch {batch}: median update {update:,.0f} µs (train_step, 1 process)"]
+    for label, micros in timings.items():
+        lines.append(f"    {label:54s} {micros:7.1f} µs  {100 * micros / update:5.2f} %")
+    one = sum(v for k, v in timings.items() if "2 ranks" not in k)
+    lines.append(f"    {'sum, 1 process':54s} {one:7.1f} µs  {100 * one / update:5.2f} %")
+    two = sum(timings.values())
+    lines.append(f"    {'sum, 2 ranks (+ the carrier)':54s} {two:7.1f} µs")
+    return "\n".join(lines)
+
+
 def _profile(trainer: Trainer, setting: Any, order: torch.Tensor, batch: int, steps: int) -> str:
     """cProfile over ``steps`` updates after a warm-up; a table of where the time went."""
     n_batches = len(order) // batch
@@ -273,6 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=30, help="timed blocks per side")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument(
+        "--pieces",
+        action="store_true",
+        help="time each piece of distgrow's own per-update work alone (1 process)",
+    )
+    parser.add_argument(
         "--control",
         action="store_true",
         help="also time a second copy of the plain loop in the same rotation (A/A): the resolution",
@@ -281,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", action="store_true", help="cProfile distgrow's update instead (rank 0)"
     )
     args = parser.parse_args(argv)
+    if args.pieces and args.world != 1:
+        print("--pieces times the pieces in 1 process. Fix: drop --world.")
+        return 2
     bad = [b for b in args.batches if b % args.world]
     if bad:
         print(f"--batches {bad} are not multiples of --world {args.world}. Fix: pick multiples.")
@@ -302,6 +426,14 @@ def main(argv: list[str] | None = None) -> int:
         ratios, rates, cpu_ratios, profiles = torch.load(Path(out) / "result.pt")
     data = "Fashion-MNIST" if FASHION.is_dir() else "synthetic data of Fashion-MNIST's shape"
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    if args.pieces:
+        print(
+            f"distgrow's own work per update, each piece timed alone (timeit), torch backend, "
+            f"{args.threads} thread(s), {data}; load average {load}"
+        )
+        for text in profiles.values():
+            print(text)
+        return 0
     if args.profile:
         print(
             f"cProfile of Trainer.train_step, torch backend, {args.world} process(es), "
