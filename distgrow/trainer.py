@@ -45,6 +45,7 @@ of them at the new world size.
 
 from __future__ import annotations
 
+import gc
 import math
 import sys
 import time
@@ -364,6 +365,11 @@ class Trainer:
         """Train to ``run.epochs`` (resuming when asked); returns the exit status."""
         if not self.open_run():
             return EXIT_OK  # a finished run, resumed: nothing to train, nothing rewritten
+        # What exists now (torch, the model, the data, W&B: hundreds of thousands of objects)
+        # lives as long as the run: kept out of the cyclic collector's full passes, each of which
+        # otherwise scans all of it (one pass in a 3-epoch Fashion-MNIST run: 156-185 ms, 17 ms
+        # frozen). Unfrozen at the end, so a process that trains again can free it.
+        gc.freeze()
         try:
             code = EXIT_OK
             while self.state.epoch < self.cfg.run.epochs and code == EXIT_OK:
@@ -376,6 +382,7 @@ class Trainer:
             self.backend.barrier()
             return code
         finally:
+            gc.unfreeze()
             if self.progress is not None:
                 self.progress.close()
             self.logger.close()
