@@ -240,6 +240,7 @@ class Summary:
     distgrow_version: str | None = None
     startup_s: float | None = None
     train_s: float | None = None
+    train_cpu_s: float | None = None
     samples_per_s: float | None = None
     worker_hours: float | None = None
     gpu_hours: float | None = None

@@ -65,6 +65,10 @@ class PhaseStats:
     samples: int = 0
     train_s: float = 0.0
     """Seconds inside updates (loading, forward, backward, all-reduce, step)."""
+    train_cpu_s: float = 0.0
+    """CPU seconds this process (rank 0: all its threads) spent inside updates. With one
+    thread it is the work done, which a shared machine's load and a VM's stolen time disturb far
+    less than ``train_s`` (``benchmarks/schedules_wallclock.py`` compares runs by it)."""
     wall_s: float = 0.0
     """Seconds from the phase's start to the next phase's start (validation included)."""
     worker_seconds: float = 0.0
@@ -221,8 +225,9 @@ class PhaseTracker:
         )
         return finished
 
-    def record_update(self, samples: int, seconds: float) -> None:
-        """Count one update of ``samples`` samples that took ``seconds``.
+    def record_update(self, samples: int, seconds: float, cpu_seconds: float = 0.0) -> None:
+        """Count one update of ``samples`` samples that took ``seconds`` (``cpu_seconds`` of
+        this process's CPU time).
 
         Raises:
             RuntimeError: no phase was begun (a trainer bug, not user input).
@@ -236,11 +241,16 @@ class PhaseTracker:
         phase.updates += 1
         phase.samples += samples
         phase.train_s += seconds
+        phase.train_cpu_s += cpu_seconds
         phase.update_s_m2 += (seconds - before) * (seconds - phase.train_s / phase.updates)
 
     def train_seconds(self) -> float:
         """Seconds inside updates, over all phases."""
         return sum(p.train_s for p in self.phases)
+
+    def train_cpu_seconds(self) -> float:
+        """This process's CPU seconds inside updates, over all phases."""
+        return sum(p.train_cpu_s for p in self.phases)
 
     def to_list(self) -> list[dict[str, Any]]:
         """All phases as dicts with their throughputs (call :meth:`tick` first)."""

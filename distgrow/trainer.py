@@ -400,9 +400,13 @@ class Trainer:
             if setting.workers > self.world:
                 return self.stop_for_workers(setting)
             indices = order[self.state.position : self.state.position + setting.global_batch]
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             loss, setting = self.oom.run(self.train_step, indices, setting)
-            self.phases.record_update(int(indices.numel()), time.perf_counter() - started)
+            self.phases.record_update(
+                int(indices.numel()),
+                time.perf_counter() - started,
+                time.process_time() - cpu_started,
+            )
             if not math.isfinite(loss):
                 return self.stop_nonfinite(loss, setting)
             self.after_update(int(indices.numel()), loss, setting)
@@ -697,6 +701,7 @@ class Trainer:
             # Wall-clock above is training only; start-up is counted apart.
             startup_s=self.startup_s,
             train_s=train_s,
+            train_cpu_s=self.phases.train_cpu_seconds(),
             samples_per_s=st.samples_seen / train_s if train_s > 0 else None,
             worker_hours=worker_s / 3600,
             gpu_hours=worker_s / 3600 if self.device.type == "cuda" else None,

@@ -73,7 +73,7 @@ def test_tracker_resumes_from_its_state_without_counting_the_downtime() -> None:
     tracker.start()
     begin(tracker, 128)
     clock.now += 4.0
-    tracker.record_update(128, 3.0)
+    tracker.record_update(128, 3.0, 2.5)
     tracker.tick()
     state = tracker.state_dict()
 
@@ -83,12 +83,26 @@ def test_tracker_resumes_from_its_state_without_counting_the_downtime() -> None:
     clock.now += 7.0  # start-up of the new process: not in the phase either
     resumed.start()
     clock.now += 2.0
-    resumed.record_update(128, 2.0)
+    resumed.record_update(128, 2.0, 1.25)
     resumed.tick()
     (phase,) = resumed.phases
     assert (phase.updates, phase.samples) == (2, 256)
     assert phase.wall_s == pytest.approx(6.0)
     assert phase.train_s == pytest.approx(5.0)
+    assert phase.train_cpu_s == 3.75  # the CPU seconds inside updates survive the resume too
+    assert resumed.train_cpu_seconds() == 3.75
+
+
+def test_a_checkpoint_from_before_cpu_seconds_loads_with_zero() -> None:
+    tracker = PhaseTracker(FakeClock())
+    tracker.start()
+    begin(tracker, 128)
+    tracker.record_update(128, 3.0, 2.0)
+    (old,) = tracker.state_dict()["phases"]
+    del old["train_cpu_s"]  # what an older distgrow wrote
+    resumed = PhaseTracker(FakeClock())
+    resumed.load_state_dict({"phases": [old]})
+    assert resumed.phases[0].train_cpu_s == 0.0 and resumed.phases[0].train_s == 3.0
 
 
 def test_a_checkpoint_holds_the_phase_time_up_to_the_moment_it_is_taken() -> None:

@@ -81,6 +81,7 @@ SUMMARY_KEYS = {
     "distgrow_version",
     "startup_s",
     "train_s",
+    "train_cpu_s",
     "samples_per_s",
     "worker_hours",
     "gpu_hours",
@@ -388,6 +389,10 @@ def test_metrics_summary_and_config(tmp_path: Path) -> None:
     assert load_config(run_dir / "config.yaml") == cfg
     # The typed record writes the keys summary.json always had, plus its version.
     assert set(summary) == SUMMARY_KEYS | {"version"} and summary["version"] == 1
+    # CPU seconds inside updates: the phases' sum, above 0 since updates ran, and at most the
+    # torch threads' share of the updates' wall time (+ slack for the process's other threads).
+    assert summary["train_cpu_s"] == pytest.approx(sum(p["train_cpu_s"] for p in summary["phases"]))
+    assert 0 < summary["train_cpu_s"] <= summary["train_s"] * torch.get_num_threads() + 0.5
     assert summary["held"] == {}  # no SLURM job held this run (no slurm_jobs.json)
     assert summary["final_setting"] == {
         "global_batch": 128,
