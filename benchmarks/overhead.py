@@ -66,7 +66,7 @@ from torch import nn
 from distgrow.backends.torch_ddp import TorchBackend
 from distgrow.config import load_config
 from distgrow.data import epoch_permutation
-from distgrow.data.order import shard_global_batch
+from distgrow.data.order import shard_split
 from distgrow.runtime import Runtime
 from distgrow.startup import load_data
 from distgrow.trainer import Trainer
@@ -290,14 +290,7 @@ def _pieces(trainer: Trainer, setting: Any, order: torch.Tensor, batch: int) -> 
         pass
 
     def shard_batch() -> None:
-        shard_global_batch(
-            indices,
-            workers=setting.workers,
-            micro_batch=setting.micro_batch,
-            accum_steps=setting.accum_steps,
-            rank=trainer.rank,
-            align=trainer.align,
-        )
+        shard_split(indices, setting, rank=trainer.rank, align=trainer.align)
 
     def hyperparameters() -> None:
         trainer._apply_hyperparameters(setting)
@@ -426,17 +419,12 @@ def main(argv: list[str] | None = None) -> int:
         ratios, rates, cpu_ratios, profiles = torch.load(Path(out) / "result.pt")
     data = "Fashion-MNIST" if FASHION.is_dir() else "synthetic data of Fashion-MNIST's shape"
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    if args.pieces:
+    if args.pieces or args.profile:
         print(
             f"distgrow's own work per update, each piece timed alone (timeit), torch backend, "
             f"{args.threads} thread(s), {data}; load average {load}"
-        )
-        for text in profiles.values():
-            print(text)
-        return 0
-    if args.profile:
-        print(
-            f"cProfile of Trainer.train_step, torch backend, {args.world} process(es), "
+            if args.pieces
+            else f"cProfile of Trainer.train_step, torch backend, {args.world} process(es), "
             f"{args.threads} thread(s) each, {data}, {args.steps} updates; load average {load}"
         )
         for text in profiles.values():

@@ -62,7 +62,7 @@ from torch.utils.data import Sampler
 from torch.utils.data.dataloader import default_collate
 
 from distgrow.config import Config
-from distgrow.data import epoch_permutation, micro_batch_seed, shard_global_batch
+from distgrow.data import epoch_permutation, micro_batch_seed, shard_split
 from distgrow.planner import GrowthPolicy, Setting
 
 STATE_VERSION = 1
@@ -353,14 +353,7 @@ class GrowthSchedule:
     def _micro_batches(
         self, indices: torch.Tensor, setting: Setting, epoch: int
     ) -> tuple[MicroBatch, ...]:
-        shards = shard_global_batch(
-            indices,
-            workers=setting.workers,
-            micro_batch=setting.micro_batch,
-            accum_steps=setting.accum_steps,
-            rank=self.rank,
-            align=self.align,
-        )
+        shards = shard_split(indices, setting, rank=self.rank, align=self.align)
         last = len(shards) - 1
         return tuple(
             MicroBatch(

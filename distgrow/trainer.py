@@ -78,7 +78,7 @@ from distgrow.data import (
     LoaderDataset,
     epoch_permutation,
     micro_batch_seed,
-    shard_global_batch,
+    shard_split,
 )
 from distgrow.data.feed import LoaderFeed
 from distgrow.entrypoints import EntryPointError, is_entry_point
@@ -422,14 +422,7 @@ class Trainer:
         NaN/inf is returned.
         """
         self._apply_hyperparameters(setting)
-        shards = shard_global_batch(
-            indices,
-            workers=setting.workers,
-            micro_batch=setting.micro_batch,
-            accum_steps=setting.accum_steps,
-            rank=self.rank,
-            align=self.align,
-        )
+        shards = shard_split(indices, setting, rank=self.rank, align=self.align)
         scale = self.world / indices.numel()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         self.backend.begin_update(setting.micro_batch, setting.accum_steps)

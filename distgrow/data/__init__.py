@@ -46,6 +46,7 @@ from distgrow.data.order import (
     epoch_permutation,
     micro_batch_seed,
     shard_global_batch,
+    shard_split,
     splitmix64,
 )
 from distgrow.data.readers import DATASETS
@@ -70,5 +71,6 @@ __all__ = [
     "load_dataset",
     "micro_batch_seed",
     "shard_global_batch",
+    "shard_split",
     "splitmix64",
 ]

@@ -12,6 +12,7 @@ the split and synthetic-data seeds, the trainer's micro-batch seed all use it).
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 
@@ -22,6 +23,7 @@ __all__ = [
     "epoch_permutation",
     "seed64",
     "shard_global_batch",
+    "shard_split",
     "splitmix64",
     "stream_seed",
 ]
@@ -163,6 +165,33 @@ def shard_global_batch(
     # For a full batch this gives c == micro_batch exactly, so one rule serves both cases.
     size = math.ceil(math.ceil(n / chunks) / align) * align
     return [indices[k * size : (k + 1) * size] for k in range(rank, chunks, workers)]
+
+
+class SplitShape(Protocol):
+    """How a global batch is split: a :class:`~distgrow.planner.Split` or a ``Setting``."""
+
+    @property
+    def workers(self) -> int: ...
+
+    @property
+    def micro_batch(self) -> int: ...
+
+    @property
+    def accum_steps(self) -> int: ...
+
+
+def shard_split(
+    indices: torch.Tensor, split: SplitShape, *, rank: int, align: int = 1
+) -> list[torch.Tensor]:
+    """:func:`shard_global_batch` with the workers, micro-batch and accumulation of ``split``."""
+    return shard_global_batch(
+        indices,
+        workers=split.workers,
+        micro_batch=split.micro_batch,
+        accum_steps=split.accum_steps,
+        rank=rank,
+        align=align,
+    )
 
 
 def micro_batch_seed(seed: int, epoch: int, first_index: int) -> int:
