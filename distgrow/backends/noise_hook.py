@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from distgrow.backends.torch_ddp import TorchBackend
+from distgrow.backends.torch_ddp import Carrier, TorchBackend
 from distgrow.noise import pack_local_norm, unpack_local_norms
 
 __all__ = [
@@ -142,8 +142,8 @@ def noise_allreduce_hook(
 
 def register(model: DistributedDataParallel, state: NoiseHookState) -> None:
     """Install the hook on a DDP model (once, before the first backward)."""
-    band = getattr(model.module, "band", None)
-    state.skip = {id(band)} if band is not None else set()
+    carrier = model.module
+    state.skip = {id(carrier.band)} if isinstance(carrier, Carrier) else set()
     state.order = {id(p): i for i, p in enumerate(model.parameters()) if id(p) not in state.skip}
     model.register_comm_hook(state, noise_allreduce_hook)
 
