@@ -336,17 +336,23 @@ def _ddp_worker(rank: int, port: int, out: str, mode: str) -> None:
         mean_local_norm,
         register,
     )
+    from distgrow.backends.torch_ddp import Carrier
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         # Several buckets: a small bucket cap puts the layers' gradients in separate buckets.
-        ddp = DistributedDataParallel(tiny_model(), bucket_cap_mb=1e-4)
+        # "carried": the trainer's DDP, the model in a Carrier whose band carries 3 numbers in
+        # the same all-reduce (TorchBackend.carry); the hook must leave them out of the norms.
+        module = Carrier(tiny_model(), torch.device("cpu")) if mode == "carried" else tiny_model()
+        ddp = DistributedDataParallel(module, bucket_cap_mb=1e-4)
+        model = module.inner if isinstance(module, Carrier) else module
+        params = list(model.parameters())
         state = NoiseHookState()
-        if mode == "hook":
+        if mode in ("hook", "carried"):
             register(ddp, state)
-        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.5)
+        optimizer = torch.optim.SGD(params, lr=0.5)
         results = []
         for update, shares in enumerate(UPDATES):
             total = sum(map(sum, shares))
@@ -359,26 +365,32 @@ def _ddp_worker(rank: int, port: int, out: str, mode: str) -> None:
                 with context:
                     out_ = ddp(x)
                     loss = nn.functional.cross_entropy(out_, y, reduction="sum") * (WORLD / total)
+                    if sync and isinstance(module, Carrier):
+                        loss = loss + torch.dot(module.band, torch.tensor([7.0, 1.0, 1e3]))
                     loss.backward()
             local_samples = sum(UPDATES[update][rank])
             if mode == "measured":
                 local, global_ = all_reduce_measured(list(ddp.parameters()), None)
                 small = mean_local_norm(local, local_samples, total, None, torch.device("cpu"))
-            record: dict[str, Any] = {"params": [p.detach().clone() for p in ddp.parameters()]}
+            record: dict[str, Any] = {"params": [p.detach().clone() for p in params]}
             if mode == "measured":
                 record.update(local=float(local), global_=float(global_), small=small)
                 record["global"] = record.pop("global_")
-            if mode == "hook":
+            if mode in ("hook", "carried"):
                 record["local"] = float(state.local_sq_norm())
                 record["global"] = float(state.global_sq_norm())
                 record["buckets"] = state.buckets
                 record["small"] = all_reduce_local_norm(
                     state, local_samples, total, torch.device("cpu")
                 )
-            record["grad"] = [p.grad.clone() for p in ddp.parameters()]  # type: ignore[union-attr]
+            record["grad"] = [p.grad.clone() for p in params]  # type: ignore[union-attr]
+            if isinstance(module, Carrier):  # every rank holds the numbers' mean over ranks
+                assert module.band.grad is not None
+                record["carried"] = module.band.grad.tolist()
+                module.band.grad = None
             optimizer.step()
             optimizer.zero_grad()
-            record["after"] = [p.detach().clone() for p in ddp.parameters()]
+            record["after"] = [p.detach().clone() for p in params]
             results.append(record)
         torch.save(results, Path(out) / f"{mode}-{rank}.pt")
     finally:
@@ -397,12 +409,13 @@ def run_ranks(tmp_path: Path, mode: str) -> list[list[dict[str, Any]]]:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("mode", ["hook", "measured"])
+@pytest.mark.parametrize("mode", ["hook", "measured", "carried"])
 def test_ddp_norms_equal_hand_computed_and_leave_gradients_bit_identical(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
     # "hook": the communication hook on DDP's buckets; "measured": the update averaged by
-    # all_reduce_measured after no_sync micro-steps (what training under DDP uses).
+    # all_reduce_measured after no_sync micro-steps (what training under DDP uses); "carried":
+    # the hook on the trainer's DDP (a Carrier whose band rides in the same all-reduce).
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     hooked = run_ranks(tmp_path, mode)
     plain = run_ranks(tmp_path, "plain")
@@ -427,10 +440,12 @@ def test_ddp_norms_equal_hand_computed_and_leave_gradients_bit_identical(
             got = hooked[rank][update]
             # DDP puts everything in one bucket at first and rebuilds its buckets after the
             # first update (with the small cap, several: the norms sum over them).
-            if mode == "hook" and update == 0:
+            if mode in ("hook", "carried") and update == 0:
                 assert got["buckets"] == 1
-            elif mode == "hook":
+            elif mode in ("hook", "carried"):
                 assert got["buckets"] > 1
+            if mode == "carried":
+                assert got["carried"] == [7.0, 1.0, 1e3]  # the same numbers on both ranks
             torch.testing.assert_close(got["local"], rank_local_sq[rank], rtol=1e-5, atol=0)
             torch.testing.assert_close(got["global"], float(squared_norm(full)), rtol=1e-5, atol=0)
             small = got["small"]
