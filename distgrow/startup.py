@@ -60,6 +60,19 @@ def configure_threads(runtime: Runtime, threads: int | None = None) -> int:
     return threads
 
 
+def configure_denormals(flush: bool) -> bool:
+    """``run.flush_denormal``: CPU arithmetic treats denormal floats as 0 (or not).
+
+    Call before torch starts its CPU threads (its OpenMP pool starts at the first parallel
+    operation): the flag is a per-thread CPU register, which new threads copy from the thread
+    that starts them.
+
+    Returns:
+        Whether flushing is on (False where the CPU cannot flush, whatever was asked).
+    """
+    return bool(torch.set_flush_denormal(flush)) and flush
+
+
 def _say_on(backend: Backend, cfg: Config) -> Callable[[str], None]:
     """Print a start-up line on rank 0 only (as the trainer's, silent with progress off)."""
 
@@ -102,6 +115,7 @@ def run(cfg: Config) -> int:
             prefix = f"distgrow[rank {runtime.rank}]: error"
         export_environment(runtime, os.environ)
         configure_threads(runtime, cfg.run.threads)
+        configure_denormals(cfg.run.flush_denormal)
         data = load_data(cfg)
         marks["data_loaded"] = time.time()
         backend = make_backend(cfg, runtime)

@@ -182,3 +182,29 @@ def test_runtime_variables_are_strings_for_env() -> None:
         "MASTER_ADDR": "h",
         "MASTER_PORT": "5",
     }
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_flush_denormal_reaches_torchs_cpu_threads(flush: bool) -> None:
+    """``run.flush_denormal`` (set at start-up) holds in every intra-op thread torch starts
+    after it: a denormal input reads as 0 in a parallel elementwise product, or keeps its value."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "torch.set_num_threads(2)\n"
+        "from distgrow.startup import configure_denormals\n"
+        f"on = configure_denormals({flush})\n"
+        "x = torch.full((1 << 20,), 1e-39)\n"  # a denormal float32, 1M times: several threads
+        "y = x * 3.0\n"
+        "print(on, int((y == 0).sum()), int((y == x * 3.0).sum()), y.numel())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    ).stdout.split()
+    if flush and out[0] != "True":
+        pytest.skip("this CPU cannot flush denormals (torch.set_flush_denormal returned False)")
+    on, zeros, numel = out[0] == "True", int(out[1]), int(out[3])
+    assert on is flush
+    assert zeros == (numel if flush else 0)  # all flushed, or none
