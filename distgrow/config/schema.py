@@ -220,8 +220,9 @@ class RunConfig(_Section):
         "Treat float values below 1.2e-38 (denormals) as 0 in CPU arithmetic "
         "(torch.set_flush_denormal), set at start-up before any CPU thread starts. SGD's "
         "momentum of units whose gradient stays 0 decays into denormals after a few hundred "
-        "updates, and x86 CPUs compute on them many times slower: the Fashion-MNIST MLP's "
-        "optimizer step took 1.6× longer by its third epoch without it (docs/speed.md). false: "
+        "updates, and x86 CPUs compute on them many times slower: without it the Fashion-MNIST "
+        "MLP's optimizer step took 1.7× as long, relative to its forward, by the third epoch "
+        "(docs/speed.md). false: "
         "IEEE gradual underflow, as torch's default. No effect on CUDA arithmetic.",
     )
 
