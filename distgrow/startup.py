@@ -89,6 +89,19 @@ def load_data(cfg: Config) -> DataBundle:
 
 
 def run(cfg: Config) -> int:
+    """Train ``cfg`` as this process's part of the job, then end the process (:func:`_run`).
+
+    ``run.flush_denormal`` holds while it runs; on the way out (a return, or the ``SystemExit``
+    of the shutdown) torch's default, IEEE gradual underflow, is back, for a caller that goes
+    on in the same process (tests, ``launch.preload``).
+    """
+    try:
+        return _run(cfg)
+    finally:
+        configure_denormals(False)
+
+
+def _run(cfg: Config) -> int:
     """Train ``cfg`` as this process's part of the job, then end the process.
 
     Reads the launcher's environment (torchrun, mpirun, srun, PMI, or none), starts the backend,
