@@ -31,12 +31,7 @@ import torch
 from torch import nn
 
 from distgrow.backends import Backend
-from distgrow.backends.noise_hook import (
-    all_reduce_local_norm,
-    all_reduce_measured,
-    attach,
-    mean_local_norm,
-)
+from distgrow.backends.noise_hook import all_reduce_measured, attach, mean_local_norm
 from distgrow.config import Config
 from distgrow.noise import MicroStepNorms, NoiseEstimate, NoiseScaleEstimator
 
@@ -62,7 +57,7 @@ class NoiseMeter:
     Args:
         cfg: The run's config (``noise`` section).
         backend: The started backend (its all-reduce, device, loss scaler).
-        train_model: The module the backend returned (DDP gets the hook).
+        train_model: The module the backend returned (DDP under several workers).
         model: The unwrapped model (one worker: its parameters' gradients).
         say: Where the one-time "cannot measure" line goes (rank 0's log).
     """
@@ -78,7 +73,7 @@ class NoiseMeter:
         self.backend = backend
         self.every = cfg.noise.every
         self.estimator = NoiseScaleEstimator(cfg.noise.ema_decay)
-        self.source, self._hook_state, why = attach(backend, train_model)
+        self.source, _, why = attach(backend, train_model)  # no communication hook
         self._parameters = [p for p in model.parameters() if p.requires_grad]  # as DDP
         self._group = getattr(train_model, "process_group", None)
         self._micro = MicroStepNorms(model.parameters()) if self.source == "micro" else None
@@ -130,12 +125,8 @@ class NoiseMeter:
             due = False
         self._measuring = due
         self.syncs_itself = due and self.source == "ddp"
-        if self._hook_state is not None:
-            self._hook_state.active = due  # unmeasured updates skip the norms
         if not due:
             return
-        if self._hook_state is not None:
-            self._hook_state.reset()
         if self._micro is not None:
             self._micro.begin_update()
 
@@ -154,22 +145,15 @@ class NoiseMeter:
             return
         self._measuring = self.syncs_itself = False
         observed: tuple[float, float, float, float] | None
-        if self.source == "ddp":
+        if self._micro is not None:
+            observed = self._micro.observations(global_samples)
+        else:  # DDP: this rank's |g_r|² and the averaged |G_B|², as it averages the update
             local_sq, global_sq = all_reduce_measured(self._parameters, self._group)
             small = mean_local_norm(
                 local_sq, local_samples, global_samples, self._group, self.backend.device
             )
             big = float(global_sq)
             observed = None if small is None else (small[0], small[1], big, float(global_samples))
-        elif self._hook_state is not None:
-            small = all_reduce_local_norm(
-                self._hook_state, local_samples, global_samples, self.backend.device
-            )
-            big = float(self._hook_state.global_sq_norm())
-            observed = None if small is None else (small[0], small[1], big, float(global_samples))
-        else:
-            assert self._micro is not None
-            observed = self._micro.observations(global_samples)
         if observed is None:
             return
         small_sq, small_batch, big_sq, big_batch = observed
