@@ -1,6 +1,6 @@
 """The ``distgrow`` command: a few verbs, each taking a config file and dotted overrides.
 
-    distgrow plan CONFIG [key=value ...] [--json]
+    distgrow plan CONFIG [key=value ...] [--json] [--workers N]
     distgrow config [CONFIG] [key=value ...]      the resolved config, or every key documented
     distgrow config --schema                      the JSON Schema of config files, for editors
     distgrow train CONFIG [key=value ...] [--resume]
@@ -131,11 +131,16 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if cfg.growth.max_micro_batch == "auto":
         cfg = _cached_max_micro_batch(cfg)
-    plan = make_plan(cfg, cfg.data.expected_train_size())
+    if args.workers < 1:
+        raise ConfigError(
+            f"--workers {args.workers}: the job's world size must be 1 or more. "
+            "Fix: give the number of processes the job starts, e.g. --workers 8."
+        )
+    plan = make_plan(cfg, cfg.data.expected_train_size(), min_workers=args.workers)
     if args.json:
         print(json.dumps(plan.to_json(), indent=2, allow_nan=False))
     else:
-        print(format_plan(plan, cfg.growth))
+        print(format_plan(plan, cfg.growth, world_size=args.workers))
     return 0
 
 
@@ -330,12 +335,30 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+class _AnyOrder(argparse.ArgumentParser):
+    """A verb's parser: options and positionals in any order, as argparse users expect
+    (``probe CONFIG run.x=1 --memory-budget 0.5`` and ``probe CONFIG --refresh run.x=1``)."""
+
+    _inside = False
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self._inside:  # parse_known_intermixed_args parses in two passes through here
+            return super().parse_known_args(args, namespace)
+        self._inside = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inside = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distgrow",
         description="Don't decay the learning rate, increase the batch size.",
     )
-    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=_AnyOrder)
 
     def verb(name: str, help_: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
@@ -345,6 +368,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("plan", "Print the batch-growth plan of a config against its decay_lr baseline.")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="the job's world size: the split of a job of N processes (an unset "
+        "growth.max_workers is N; default 1)",
+    )
     p.set_defaults(func=_cmd_plan)
     p = verb("config", "Print the resolved config, or every setting with its documentation.")
     p.add_argument(

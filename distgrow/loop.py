@@ -189,6 +189,7 @@ class GrowthSchedule:
         self._plan: list[_Planned] | None = None  # the rest of the current epoch
         self._plan_epoch_no = -1
         self._starts: dict[int, int] = {}  # first sample of each planned update → its index
+        self._split_told = False  # the plan's split differs here: said once (rank 0)
 
     @property
     def done(self) -> bool:
@@ -347,6 +348,20 @@ class GrowthSchedule:
                 f"{self.world_size} within growth.max_micro_batch and growth.max_accum_steps. "
                 f"Fix: launch {setting.workers} workers and load_state_dict(), or raise "
                 "growth.max_accum_steps."
+            )
+        if not self._split_told and self.rank == 0:
+            self._split_told = True
+            plan, job, most = setting.split, split, self.policy.limits.max_workers
+            processes = f"{self.world_size} process" + "es" * (self.world_size > 1)
+            warnings.warn(
+                f"this job has {processes} but the plan (growth.max_workers={most}) splits the "
+                f"global batch of {setting.global_batch} over {plan.workers} workers "
+                f"(micro-batch {plan.micro_batch} × {plan.accum_steps} accumulation steps); "
+                f"here it is {job.workers} × micro-batch {job.micro_batch} × {job.accum_steps} "
+                "steps: the same updates, LR and sample order on fewer workers. Launch "
+                f"{most} processes to run the plan's split (`distgrow plan CONFIG "
+                f"growth.max_workers={self.world_size}` shows this job's).",
+                stacklevel=2,
             )
         return replace(setting, split=split)
 

@@ -26,6 +26,7 @@ DATA_NAMES = (
     "synthetic_classification",
     "synthetic_regression",
     "python_stdlib",
+    "text",
     *FILE_FORMATS,
 )
 

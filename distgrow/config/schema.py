@@ -299,8 +299,13 @@ class DataConfig(_Section):
         "synthetic_classification",
         "Data set or file format: fashion_mnist, mnist, cifar10, covtype, ionosphere, digits, "
         "breast_cancer, wine, iris, synthetic_classification, synthetic_regression, "
+VAL_PATH_NAMES = (*FILE_FORMATS, "text")
+"""The data sets that read ``data.val_path``."""
+
+
         "python_stdlib (byte-level text for language models, needs seq_len); or npz, "
-        "csv, tsv, image_folder (your own files at data.path); or your own function returning "
+        "csv, tsv, image_folder, text (your own files at data.path; text: byte-level text for "
+        "language models, needs seq_len); or your own function returning "
         "(train, val) torch Datasets: 'package.module:function' or 'path/to/file.py:function' "
         "(see docs/own_code.md).",
     )
@@ -313,8 +318,9 @@ class DataConfig(_Section):
     )
     val_path: Str | None = _f(
         None,
-        "npz/csv/tsv/image_folder: a separate validation file or folder (null: split data.path "
-        "with val_fraction; an image folder holding train/ and val/ uses those).",
+        "npz/csv/tsv/image_folder/text: a separate validation file or folder (null: split "
+        "data.path with val_fraction; an image folder holding train/ and val/ uses those); "
+        "refused for the other data sets, which bring their own.",
     )
     x_key: Str = _f("X", "npz: the name of the features array.")
     y_key: Str = _f("y", "npz: the name of the labels array.")
@@ -427,6 +433,24 @@ class DataConfig(_Section):
         elif self.kwargs:
             raise _fail(
                 "data.kwargs",
+    def _check_val_path(self) -> None:
+        """``val_path`` is read by the formats of your own files only: refused elsewhere."""
+        canonical = self.name.strip().lower().replace("-", "_")
+        if self.val_path is None or canonical in VAL_PATH_NAMES:
+            return
+        where = (
+            "your function returns the validation set itself"
+            if is_entry_point(self.name)
+            else "it brings its own validation set or splits with data.val_fraction"
+        )
+        raise _fail(
+            "data.val_path",
+            self.val_path,
+            f"is not read for data.name={self.name!r} ({where}); only "
+            f"{', '.join(VAL_PATH_NAMES)} take a separate validation file",
+            "remove it, or use one of those formats",
+        )
+
                 self.kwargs,
                 f"applies only to an entry point, not the built-in {self.name!r}",
                 "remove it, or set data.name='module:function'",
@@ -453,6 +477,7 @@ class DataConfig(_Section):
         if self.loader_workers < 0:
             raise _fail("data.loader_workers", self.loader_workers, "must be >= 0", "e.g. 2")
         if self.prefetch_factor < 1:
+        self._check_val_path()
             raise _fail("data.prefetch_factor", self.prefetch_factor, "must be >= 1", "e.g. 2")
         if not 0.0 <= self.device_fraction <= 1.0:
             raise _fail(

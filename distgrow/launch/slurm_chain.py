@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import math
 import os
 import re
@@ -361,11 +362,20 @@ _ALIVE = ("submitted", "running")
 
 
 def _no_chain(run: RunDir) -> int:
-    print(
-        f"distgrow chain: error: {run.slurm_jobs} does not exist: {run.path} holds no SLURM run. "
-        "Fix: give the run directory of a launch.slurm=chain run (run.output_dir).",
-        file=sys.stderr,
-    )
+    """Exit 2 with the line that says why ``run`` shows no chain: no record, or a bad one."""
+    problem = f"{run.slurm_jobs} does not exist: {run.path} holds no SLURM run"
+    fix = "give the run directory of a launch.slurm=chain run (run.output_dir)"
+    if run.slurm_jobs.is_file():
+        try:
+            json.loads(run.slurm_jobs.read_text(encoding="utf-8"))
+            problem = f"{run.slurm_jobs} lists no SLURM jobs of a chain"
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            problem = f"{run.slurm_jobs} is not valid JSON ({' '.join(str(err).split())})"
+        fix = (
+            "the chain's record is damaged: see its jobs with `squeue --name=<run.name>` "
+            "(scancel them there), then move the file aside and relaunch with run.resume=true"
+        )
+    print(f"distgrow chain: error: {problem}. Fix: {fix}.", file=sys.stderr)
     return EXIT_USAGE
 
 

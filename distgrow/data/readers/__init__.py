@@ -4,11 +4,12 @@ Each reader is ``read(name, cfg, seed)`` and returns what it read, unsplit and u
 :class:`~distgrow.data.splits.ImageSplits` (images with their official test split) or a
 :class:`~distgrow.data.splits.Table` (split later with ``data.val_fraction``), or a finished
 :class:`~distgrow.data.containers.DataBundle` (an image folder, read sample by sample; the
-byte text of ``python_stdlib``, split into blocks by its reader). A new format is a new module
-here and a line in :data:`READERS`.
+byte text of ``text`` and ``python_stdlib``, split into blocks by its reader). A new format
+is a new module here and a line in :data:`READERS`.
 
 Your own files (``data.path``): ``npz`` (arrays ``data.x_key`` / ``data.y_key``), ``csv`` /
-``tsv`` (a label column by name or index), ``image_folder`` (a subfolder per class).
+``tsv`` (a label column by name or index), ``image_folder`` (a subfolder per class), ``text``
+(byte tokens of text files, for language models).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ READERS: dict[str, Reader] = {
     "synthetic_classification": synthetic.read,
     "synthetic_regression": synthetic.read,
     "python_stdlib": text.read,
+    "text": text.read,
     "npz": npz.read,
     "csv": csv.read,
     "tsv": csv.read,

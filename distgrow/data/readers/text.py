@@ -1,8 +1,10 @@
-"""Text as byte tokens: a language-modelling data set that every Python install carries.
+"""Text as byte tokens: your own text, or a language-modelling set every Python install carries.
 
-``python_stdlib`` is the source of the Python standard library's top-level modules (the
-``*.py`` files in ``sysconfig.get_paths()["stdlib"]``, in name order), or the ``*.py`` /
-``*.txt`` files of ``data.root`` (a folder, or one file). The text is read as bytes, so the
+``text`` is your own: the ``*.py`` / ``*.txt`` files of ``data.path`` (a folder, or one file of
+any name), read whole; ``data.val_path`` (a file or folder likewise) is then the validation
+text, else blocks are held out as below. ``python_stdlib`` is the first 1 MiB of the Python
+standard library's top-level modules (the ``*.py`` files in ``sysconfig.get_paths()["stdlib"]``,
+in name order), or of the files of ``data.root``. The text is read as bytes, so the
 vocabulary is the 256 byte values and no tokenizer is needed.
 
 The byte stream is cut into windows of ``data.seq_len + 1`` bytes that do not overlap: a
@@ -45,7 +47,7 @@ BLOCK_SEQUENCES = 16
 _SUFFIXES = (".py", ".txt")
 
 
-def _files(root: str | None) -> list[Path]:
+def _files(root: str | None, where: str = "python_stdlib: data.root") -> list[Path]:
     if root is None:
         folder = Path(sysconfig.get_paths()["stdlib"])
         files = sorted(folder.glob("*.py"))
@@ -55,41 +57,44 @@ def _files(root: str | None) -> list[Path]:
                 "Python); set data.root to a folder of .py or .txt files."
             )
         return files
+    null = "set it to null for the standard library" if "root" in where else "fix it"
     path = Path(root).expanduser()
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise DatasetNotFoundError(
-            f"python_stdlib: data.root {path} is neither a file nor a folder; point it at a "
-            "text file or a folder of .py / .txt files, or set it to null for the standard "
-            "library."
+            f"{where} {path} is neither a file nor a folder; point it at a text file or a "
+            f"folder of .py / .txt files, or {null}."
         )
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _SUFFIXES)
     if not files:
         raise DatasetNotFoundError(
-            f"python_stdlib: no .py or .txt files in {path}; add some or set data.root=null."
+            f"{where} {path}: no .py or .txt files in it; add some or point it elsewhere."
         )
     return files
 
 
-def corpus_bytes(root: str | None, max_bytes: int = CORPUS_BYTES) -> np.ndarray:
+def corpus_bytes(
+    root: str | None, max_bytes: int | None = CORPUS_BYTES, where: str = "python_stdlib: data.root"
+) -> np.ndarray:
     """The first ``max_bytes`` bytes of the files under ``root``, concatenated, as ``uint8``.
 
     Args:
         root: ``data.root``: a text file, a folder of ``.py`` / ``.txt`` files, or ``None``
             for the standard library's top-level modules.
-        max_bytes: How much of the concatenated files to keep.
+        max_bytes: How much of the concatenated files to keep (None: all of it).
+        where: The key ``root`` came from, for the messages.
 
     Raises:
         DatasetNotFoundError: No such file or folder, or no text files in it.
     """
     parts: list[bytes] = []
     total = 0
-    for path in _files(root):
+    for path in _files(root, where):
         data = path.read_bytes()
-        parts.append(data[: max_bytes - total])
+        parts.append(data if max_bytes is None else data[: max_bytes - total])
         total += len(parts[-1])
-        if total >= max_bytes:
+        if max_bytes is not None and total >= max_bytes:
             break
     return np.frombuffer(b"".join(parts), dtype=np.uint8)
 
@@ -107,7 +112,9 @@ def sequences(tokens: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Ten
     return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
 
-def block_split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def block_split(
+    n: int, val_fraction: float, seed: int, name: str = "python_stdlib"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Train and validation sequence indices, held out by whole blocks of consecutive sequences.
 
     ``round(blocks × val_fraction)`` blocks (at least 1, at most all but 1) of
@@ -117,8 +124,9 @@ def block_split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, t
     blocks = -(-n // BLOCK_SEQUENCES)
     if blocks < 2:
         raise DatasetFormatError(
-            f"python_stdlib: {n} sequences make {blocks} block of {BLOCK_SEQUENCES}; need 2 or "
-            "more to hold one out: use a longer text or a smaller data.seq_len."
+            f"{name}: {n} sequences make {blocks} block of {BLOCK_SEQUENCES}; need 2 or "
+            "more to hold one out: use a longer text, a smaller data.seq_len, or (text) a "
+            "data.val_path."
         )
     generator = torch.Generator(device="cpu")
     generator.manual_seed(stream_seed(seed, STREAM_SPLIT))
@@ -134,9 +142,10 @@ def read(name: str, cfg: DataConfig, seed: int) -> DataBundle:
     """The byte-level language-modelling set: sequences of ``data.seq_len`` bytes.
 
     Args:
-        name: ``"python_stdlib"``.
-        cfg: The data section: ``root``, ``seq_len``, ``val_fraction``, ``limit_train``,
-            ``limit_val``.
+        name: ``"text"`` (``data.path`` read whole, ``data.val_path`` honoured) or
+            ``"python_stdlib"`` (the first :data:`CORPUS_BYTES` of ``data.root``).
+        cfg: The data section: ``path`` (= ``root``), ``val_path``, ``seq_len``,
+            ``val_fraction``, ``limit_train``, ``limit_val``.
         seed: The run seed, which chooses the held-out blocks.
 
     Returns:
@@ -145,19 +154,40 @@ def read(name: str, cfg: DataConfig, seed: int) -> DataBundle:
 
     Raises:
         ValueError: ``data.seq_len`` is not set.
-        DatasetNotFoundError: No text where ``data.root`` points.
+        DatasetNotFoundError: No text where ``data.root`` (or ``data.val_path``) points;
+            ``text`` without ``data.path``.
         DatasetFormatError: Too little text for one training and one validation block.
     """
     seq_len = cfg.seq_len
     if seq_len is None:
         raise ValueError(
-            "python_stdlib: data.seq_len is null; the text is cut into sequences of that many "
+            f"{name}: data.seq_len is null; the text is cut into sequences of that many "
             "tokens: set it, e.g. data.seq_len=64."
         )
-    x, y = sequences(corpus_bytes(cfg.root), seq_len)
-    train_idx, val_idx = block_split(x.shape[0], cfg.val_fraction, seed)
-    train_x, train_y = limit(x[train_idx], y[train_idx], cfg.limit_train)
-    val_x, val_y = limit(x[val_idx], y[val_idx], cfg.limit_val)
+    if name == "text":
+        if cfg.path is None:
+            raise DatasetNotFoundError(
+                "text: data.path is null; point it at your text (a file, or a folder of .py / "
+                ".txt files), e.g. data.path=corpus.txt (python_stdlib reads the standard "
+                "library)."
+            )
+        x, y = sequences(corpus_bytes(cfg.path, None, "text: data.path"), seq_len)
+    else:
+        x, y = sequences(corpus_bytes(cfg.root), seq_len)
+    if name == "text" and cfg.val_path is not None:
+        val_x, val_y = sequences(corpus_bytes(cfg.val_path, None, "text: data.val_path"), seq_len)
+        if val_x.shape[0] == 0 or x.shape[0] == 0:
+            short = "data.val_path" if val_x.shape[0] == 0 else "data.path"
+            raise DatasetFormatError(
+                f"text: {short} holds fewer than data.seq_len + 1 = {seq_len + 1} bytes, not "
+                "one sequence: use a longer text or a smaller data.seq_len."
+            )
+        train_x, train_y = limit(x, y, cfg.limit_train)
+        val_x, val_y = limit(val_x, val_y, cfg.limit_val)
+    else:
+        train_idx, val_idx = block_split(x.shape[0], cfg.val_fraction, seed, name)
+        train_x, train_y = limit(x[train_idx], y[train_idx], cfg.limit_train)
+        val_x, val_y = limit(x[val_idx], y[val_idx], cfg.limit_val)
     return DataBundle(
         name=name,
         train=ArrayDataset(train_x, train_y),
