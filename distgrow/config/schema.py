@@ -291,6 +291,10 @@ class RunConfig(_Section):
 _DATA_CONFIG = ConfigDict(**_STRICT, populate_by_name=True)
 
 
+VAL_PATH_NAMES = (*FILE_FORMATS, "text")
+"""The data sets that read ``data.val_path``."""
+
+
 @dataclass(config=_DATA_CONFIG)
 class DataConfig(_Section):
     """The training data (loaders in ``distgrow.data``)."""
@@ -299,10 +303,6 @@ class DataConfig(_Section):
         "synthetic_classification",
         "Data set or file format: fashion_mnist, mnist, cifar10, covtype, ionosphere, digits, "
         "breast_cancer, wine, iris, synthetic_classification, synthetic_regression, "
-VAL_PATH_NAMES = (*FILE_FORMATS, "text")
-"""The data sets that read ``data.val_path``."""
-
-
         "python_stdlib (byte-level text for language models, needs seq_len); or npz, "
         "csv, tsv, image_folder, text (your own files at data.path; text: byte-level text for "
         "language models, needs seq_len); or your own function returning "
@@ -420,19 +420,6 @@ VAL_PATH_NAMES = (*FILE_FORMATS, "text")
             total = n_all - held_out(n_all, self.val_fraction)
         return min(total, self.limit_train) if self.limit_train else total
 
-    def validate(self) -> None:
-        if is_entry_point(self.name):
-            _check_entry_point("data.name", self.name)
-            if self.augment:
-                raise _fail(
-                    "data.augment",
-                    self.augment,
-                    "applies only to the built-in image sets, not a data.name entry point",
-                    "set data.augment=false and augment inside your Dataset",
-                )
-        elif self.kwargs:
-            raise _fail(
-                "data.kwargs",
     def _check_val_path(self) -> None:
         """``val_path`` is read by the formats of your own files only: refused elsewhere."""
         canonical = self.name.strip().lower().replace("-", "_")
@@ -451,6 +438,19 @@ VAL_PATH_NAMES = (*FILE_FORMATS, "text")
             "remove it, or use one of those formats",
         )
 
+    def validate(self) -> None:
+        if is_entry_point(self.name):
+            _check_entry_point("data.name", self.name)
+            if self.augment:
+                raise _fail(
+                    "data.augment",
+                    self.augment,
+                    "applies only to the built-in image sets, not a data.name entry point",
+                    "set data.augment=false and augment inside your Dataset",
+                )
+        elif self.kwargs:
+            raise _fail(
+                "data.kwargs",
                 self.kwargs,
                 f"applies only to an entry point, not the built-in {self.name!r}",
                 "remove it, or set data.name='module:function'",
@@ -464,6 +464,7 @@ VAL_PATH_NAMES = (*FILE_FORMATS, "text")
                 "unknown data set",
                 f"{hint}use one of {', '.join(DATA_NAMES)}",
             )
+        self._check_val_path()
         if not 0.0 < self.val_fraction < 1.0:
             raise _fail("data.val_fraction", self.val_fraction, "must be in (0, 1)", "e.g. 0.2")
         for key in ("limit_train", "limit_val", "size", "seq_len"):
@@ -477,7 +478,6 @@ VAL_PATH_NAMES = (*FILE_FORMATS, "text")
         if self.loader_workers < 0:
             raise _fail("data.loader_workers", self.loader_workers, "must be >= 0", "e.g. 2")
         if self.prefetch_factor < 1:
-        self._check_val_path()
             raise _fail("data.prefetch_factor", self.prefetch_factor, "must be >= 1", "e.g. 2")
         if not 0.0 <= self.device_fraction <= 1.0:
             raise _fail(
