@@ -245,6 +245,41 @@ def _absolute_entry_points(
     return data
 
 
+# Sections whose ``kwargs`` are those of a ``name`` entry point (a built-in takes none).
+KWARGS_OF_ENTRY_POINTS = ("model", "data")
+
+
+def _cleared_kwargs(over: dict[str, Any]) -> list[str]:
+    """The sections whose ``kwargs=null`` override clears them (``{}``, not a merge into the
+    file's); ``over`` gets ``{}`` in place of the null."""
+    cleared = []
+    for section in ("model", "data", "loss"):
+        node = over.get(section)
+        if isinstance(node, dict) and "kwargs" in node and node["kwargs"] is None:
+            node["kwargs"] = {}
+            cleared.append(section)
+    return cleared
+
+
+def _leave_entry_points(
+    merged: dict[str, Any], data: Mapping[str, Any], over: Mapping[str, Any]
+) -> dict[str, Any]:
+    """An override of ``model.name`` (or ``data.name``) from an entry point to a built-in drops
+    the file's ``kwargs`` of that entry point, which no longer apply (kwargs given on the
+    command line stay, and are checked against the built-in)."""
+    for section in KWARGS_OF_ENTRY_POINTS:
+        new, old = over.get(section), data.get(section)
+        if not (isinstance(new, Mapping) and isinstance(old, Mapping)):
+            continue
+        if not isinstance(new.get("name"), str):
+            continue
+        was = old.get("name")
+        if isinstance(was, str) and is_entry_point(was) and not is_entry_point(new["name"]):
+            kept = {k: v for k, v in merged[section].items() if k != "kwargs"}
+            merged[section] = {**kept, **({"kwargs": new["kwargs"]} if "kwargs" in new else {})}
+    return merged
+
+
 def config_from_dict(
     data: Mapping[str, Any],
     overrides: Iterable[str] = (),
@@ -294,6 +329,11 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     if path is None:
         return config_from_dict({}, overrides, "the defaults")
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(
+            f"config file {str(p)!r} is a directory, not a YAML file. Fix: name a file in it "
+            "(see configs/ for examples)."
+        )
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist. Fix: see configs/ for examples.")
     try:
@@ -324,41 +364,6 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
 
 def describe_fields(cls: Any = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
     """(key, type, default, doc) for every setting, for docs and ``distgrow config --help``."""
-# Sections whose ``kwargs`` are those of a ``name`` entry point (a built-in takes none).
-KWARGS_OF_ENTRY_POINTS = ("model", "data")
-
-
-def _cleared_kwargs(over: dict[str, Any]) -> list[str]:
-    """The sections whose ``kwargs=null`` override clears them (``{}``, not a merge into the
-    file's); ``over`` gets ``{}`` in place of the null."""
-    cleared = []
-    for section in ("model", "data", "loss"):
-        node = over.get(section)
-        if isinstance(node, dict) and "kwargs" in node and node["kwargs"] is None:
-            node["kwargs"] = {}
-            cleared.append(section)
-    return cleared
-
-
-def _leave_entry_points(
-    merged: dict[str, Any], data: Mapping[str, Any], over: Mapping[str, Any]
-) -> dict[str, Any]:
-    """An override of ``model.name`` (or ``data.name``) from an entry point to a built-in drops
-    the file's ``kwargs`` of that entry point, which no longer apply (kwargs given on the
-    command line stay, and are checked against the built-in)."""
-    for section in KWARGS_OF_ENTRY_POINTS:
-        new, old = over.get(section), data.get(section)
-        if not (isinstance(new, Mapping) and isinstance(old, Mapping)):
-            continue
-        if not isinstance(new.get("name"), str):
-            continue
-        was = old.get("name")
-        if isinstance(was, str) and is_entry_point(was) and not is_entry_point(new["name"]):
-            kept = {k: v for k, v in merged[section].items() if k != "kwargs"}
-            merged[section] = {**kept, **({"kwargs": new["kwargs"]} if "kwargs" in new else {})}
-    return merged
-
-
     rows: list[tuple[str, str, Any, str]] = []
     instance = cls()
     for name, info in _fields(cls).items():
@@ -388,8 +393,3 @@ def json_schema() -> dict[str, Any]:
 def dump_config(cfg: Config) -> str:
     """The resolved config as YAML (secrets never live in the config; keys come from env)."""
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    if p.is_dir():
-        raise ConfigError(
-            f"config file {str(p)!r} is a directory, not a YAML file. Fix: name a file in it "
-            "(see configs/ for examples)."
-        )
