@@ -19,6 +19,10 @@ from distgrow.state import TrainError
 
 _BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
+# (running means, running variances, num_batches_tracked of every layer stacked), float64
+# copies taken between micro-batches.
+_Snapshot = tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]
+
 
 class RunningStatsMerger:
     """Batch-norm running statistics as one worker would have accumulated them.
@@ -59,23 +63,28 @@ class RunningStatsMerger:
                 )
             mean, var, count = (typing.cast(torch.Tensor, b) for b in buffers)
             self.layers.append((mean, var, count, float(momentum)))
-        self._start: list[tuple[torch.Tensor, torch.Tensor, int]] = []
-        self._before: list[tuple[torch.Tensor, torch.Tensor, int]] = []
-        # Per micro-batch: (chunk, [(updates, Δmean, Δvar) per layer]).
-        self._parts: list[tuple[int, list[tuple[int, torch.Tensor, torch.Tensor]]]] = []
+        # Everything below stays on the buffers' device: the host never waits for a value
+        # (no int()/float() of a count or weight), so the merge costs no host-device sync.
+        device = self.layers[0][0].device if self.layers else torch.device("cpu")
+        # 1 - momentum per layer: a statistic update multiplies the value before by it.
+        self._keep = torch.tensor(
+            [1.0 - m for _, _, _, m in self.layers], dtype=torch.float64, device=device
+        )
+        self._start: _Snapshot = ([], [], self._keep)
+        self._before: _Snapshot = self._start
+        # Per micro-batch: (chunk, updates per layer, [Δmean per layer], [Δvar per layer]).
+        self._parts: list[tuple[int, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]] = []
 
-    def _snapshot(self) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-        return [
-            (
-                mean.detach().to(torch.float64, copy=True),
-                var.detach().to(torch.float64, copy=True),
-                int(count),
-            )
-            for mean, var, count, _ in self.layers
-        ]
+    def _snapshot(self) -> _Snapshot:
+        means = [mean.detach().to(torch.float64, copy=True) for mean, _, _, _ in self.layers]
+        variances = [var.detach().to(torch.float64, copy=True) for _, var, _, _ in self.layers]
+        counts = torch.stack([count.detach() for _, _, count, _ in self.layers])
+        return means, variances, counts
 
     def begin_update(self) -> None:
         """Call before the first micro-batch of an update."""
+        if not self.layers:
+            return
         self._start = self._before = self._snapshot()
         self._parts = []
 
@@ -85,15 +94,15 @@ class RunningStatsMerger:
         Micro-batches follow each other with nothing else touching the statistics, so this
         one's end is the next one's start.
         """
+        if not self.layers:
+            return
         after = self._snapshot()
-        parts = []
-        for (_, _, _, m), (mean0, var0, count0), (mean1, var1, count1) in zip(
-            self.layers, self._before, after, strict=True
-        ):
-            q = count1 - count0
-            decay = (1.0 - m) ** q
-            parts.append((q, mean1 - decay * mean0, var1 - decay * var0))
-        self._parts.append((chunk, parts))
+        (means0, vars0, counts0), (means1, vars1, counts1) = self._before, after
+        updates = (counts1 - counts0).to(torch.float64)
+        decay = self._keep.pow(updates)
+        d_means = [means1[i] - decay[i] * means0[i] for i in range(len(self.layers))]
+        d_vars = [vars1[i] - decay[i] * vars0[i] for i in range(len(self.layers))]
+        self._parts.append((chunk, updates, d_means, d_vars))
         self._before = after
 
     def end_update(self, chunks: int) -> None:
@@ -101,29 +110,26 @@ class RunningStatsMerger:
         if not self.layers:
             return
         n = len(self.layers)
-        device = self.layers[0][0].device
-        counts = torch.zeros(n, chunks, dtype=torch.float64, device=device)
-        for chunk, parts in self._parts:
-            for i, (q, _, _) in enumerate(parts):
-                counts[i, chunk] = q
+        counts = torch.zeros(n, chunks, dtype=torch.float64, device=self._keep.device)
+        for chunk, updates, _, _ in self._parts:
+            counts[:, chunk] = updates
         self.backend.all_reduce(counts, "sum")
         # later[i, k]: statistic updates of layer i in the chunks after chunk k (global order).
         later = counts.flip(1).cumsum(1).flip(1) - counts
-        sums = [torch.zeros_like(mean) for mean, _, _ in self._start]
-        sums += [torch.zeros_like(var) for _, var, _ in self._start]
-        for chunk, parts in self._parts:
-            for i, (_, d_mean, d_var) in enumerate(parts):
-                weight = (1.0 - self.layers[i][3]) ** float(later[i, chunk])
-                sums[i] += weight * d_mean
-                sums[n + i] += weight * d_var
+        weights = self._keep[:, None].pow(later)  # (layers, chunks)
+        means0, vars0, counts0 = self._start
+        sums = [torch.zeros_like(mean) for mean in means0] + [torch.zeros_like(v) for v in vars0]
+        for chunk, _, d_means, d_vars in self._parts:
+            for i in range(n):
+                sums[i] += weights[i, chunk] * d_means[i]
+                sums[n + i] += weights[i, chunk] * d_vars[i]
         flat = self.backend.all_reduce(torch.cat([t.flatten() for t in sums]), "sum")
         merged = list(flat.split([t.numel() for t in sums]))
         totals = counts.sum(1)
+        decays = self._keep.pow(totals)
+        new_counts = counts0 + totals.round().to(counts0.dtype)
         with torch.no_grad():
-            for i, ((mean, var, count, m), (mean0, var0, count0)) in enumerate(
-                zip(self.layers, self._start, strict=True)
-            ):
-                decay = (1.0 - m) ** float(totals[i])
-                mean.copy_(decay * mean0 + merged[i].view_as(mean0))
-                var.copy_(decay * var0 + merged[n + i].view_as(var0))
-                count.fill_(count0 + round(float(totals[i])))
+            for i, (mean, var, count, _) in enumerate(self.layers):
+                mean.copy_(decays[i] * means0[i] + merged[i].view_as(means0[i]))
+                var.copy_(decays[i] * vars0[i] + merged[n + i].view_as(vars0[i]))
+                count.copy_(new_counts[i])

@@ -60,8 +60,11 @@ class PinnedArrays(ArrayDataset):
     memory, cross without blocking the host, and the transform runs where the model does.
 
     ``pin=False`` gathers into ordinary memory (the CPU tests; torch cannot pin without CUDA).
-    The result equals :meth:`ArrayDataset.batch` of the same data (transforms are per sample and
-    device-independent).
+    The result has the same bits as :meth:`ArrayDataset.batch` of the same data on the host:
+    the crop and flip are gathers, and :class:`~distgrow.data.transforms.NormalizeImages`
+    looks its values up in a table made on the host (CUDA's own ``x / 255.0`` is
+    ``x * (1 / 255)``, one ulp off the CPU's for 126 of the 256 byte values). A user's
+    transform that computes on the device may differ in the last bits.
     """
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -81,7 +84,7 @@ class PinnedArrays(ArrayDataset):
         torch.index_select(self.y, 0, idx, out=y)
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         if self.transform is not None:
-            x = self.transform(x, idx.to(self.device, non_blocking=True), epoch)
+            x = self.transform(x, idx, epoch)  # host indices (BatchTransform): no wait
         return x, y
 
 
@@ -147,12 +150,23 @@ def _channels_last_inputs(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any
     )
 
 
+def configure_tf32(enabled: bool) -> None:
+    """``run.tf32``: CUDA's fp32 matmuls and cuDNN convolutions in TF32 (or IEEE fp32).
+
+    Process-wide flags that touch CUDA kernels only (the CPU's matmuls keep their precision).
+    GPUs before Ampere have no TF32 and compute in fp32 whatever the flag says.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
 def prepare_model(
     model: nn.Module, device: torch.device, run: RunConfig, compile_backend: Any = "inductor"
 ) -> nn.Module:
     """The model (already on ``device``) in channels_last and compiled, as ``run`` asks.
 
-    Both change the module in place and keep its state-dict keys: a forward pre-hook turns 4-D
+    On CUDA it also sets ``run.tf32`` (:func:`configure_tf32`). Both change the module in
+    place and keep its state-dict keys: a forward pre-hook turns 4-D
     inputs channels_last (weights alone would let the first convolution copy its input), and
     the instance's ``forward`` is replaced by its ``torch.compile`` (``torch.compile(model)``
     would wrap the module and prefix every key with ``_orig_mod.``; ``nn.Module.compile()``
@@ -165,6 +179,8 @@ def prepare_model(
         compile_backend: ``torch.compile``'s backend (tests pass a cheap one: inductor's C++
             build takes minutes on a small CPU).
     """
+    if device.type == "cuda":
+        configure_tf32(run.tf32)
     if wants_channels_last(run.channels_last, device.type, has_conv2d(model)):
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         model.register_forward_pre_hook(_channels_last_inputs)

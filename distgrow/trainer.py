@@ -344,6 +344,7 @@ class Trainer:
         """Point the loader's sampler at where training stands (an epoch start or a resume)."""
         if self.feed is None or self._schedule is None:
             return
+            device=self.device,
         state = self.state
         self._schedule.load_state_dict(
             {

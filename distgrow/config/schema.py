@@ -207,6 +207,13 @@ class RunConfig(_Section):
         None,
         "On a CUDA out-of-memory error in an update, drop its gradients and run it again at "
         "half the micro-batch and twice the accumulation (the same samples per update), and "
+    tf32: Bool = _f(
+        True,
+        "On CUDA GPUs that have TF32 (Ampere and newer), fp32 matmuls and convolutions use it "
+        "(torch.backends.cuda.matmul.allow_tf32, cudnn.allow_tf32): several times faster, "
+        "10-bit mantissa products. false: full fp32 (IEEE). No effect on the CPU or bf16/fp16 "
+        "(docs/speed.md says what bit-exactness holds on CUDA).",
+    )
         "keep that micro-batch from then on; logged as an oom_fallback event. null: on for the "
         "torch backend on one worker with in-memory data (see docs/speed.md).",
     )

@@ -20,7 +20,24 @@ __all__ = [
     "LoaderDataset",
     "TensorSamples",
     "UnsafePickleError",
+    "to_device",
 ]
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``, copied from the host without blocking it.
+
+    A host tensor bound for a GPU is pinned first (page-locked, from torch's caching host
+    allocator, which reuses a block only after the copy reading it has finished): a copy from
+    ordinary memory makes the host wait for it. A tensor already there is returned as it is.
+    """
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        if not tensor.is_pinned():
+            tensor = tensor.pin_memory()
+        return tensor.to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -51,7 +68,9 @@ class BatchTransform(Protocol):
     """A per-batch transform of the stored features.
 
     It receives the stored rows, the sample indices they came from and the epoch, so that any
-    randomness can be a pure function of ``(seed, epoch, index)``.
+    randomness can be a pure function of ``(seed, epoch, index)``. The indices are on the host
+    (where the loop cuts them) whatever device the rows are on: a transform computes what it
+    needs from them there and copies it over with :func:`to_device`, so it never waits for a GPU.
 
     A transform may declare ``pointwise = True`` (a class attribute): each output row is a
     function of its stored row alone, not of the index, the epoch or the other rows (image
@@ -129,18 +148,21 @@ class ArrayDataset:
                 f"indices must be a 1-D integer tensor, got dtype {indices.dtype} and shape "
                 f"{tuple(indices.shape)}; pass e.g. torch.tensor([0, 5, 7])."
             )
-        idx = indices.to(device=self.x.device, dtype=torch.long)
+        # The index arithmetic runs where the indices are (the host, in training), and the
+        # result crosses to the data once, pinned and without blocking.
+        idx = indices.to(dtype=torch.long)
         # Negative indices count from the end; make them absolute so that sample n-1 is
         # augmented the same way whether it is asked for as n-1 or as -1.
         idx = torch.where(idx < 0, idx + len(self), idx)
+        here = to_device(idx, self.x.device)
         transformed = self.transformed()
         if transformed is not None:
-            x = transformed[idx]
+            x = transformed[here]
         else:
-            x = self.x[idx]
+            x = self.x[here]
             if self.transform is not None:
                 x = self.transform(x, idx, epoch)
-        return x, self.y[idx.to(self.y.device)]
+        return x, self.y[here if self.y.device == self.x.device else to_device(idx, self.y.device)]
 
     def transformed(self) -> torch.Tensor | None:
         """The whole set transformed, made on first use, or None where it is not kept.
@@ -164,7 +186,7 @@ class ArrayDataset:
         out = torch.empty((len(self), *first.shape[1:]), dtype=first.dtype, device=first.device)
         chunk = 4096  # bounds the temporaries of the transform
         for start in range(0, len(self), chunk):
-            rows = torch.arange(start, min(start + chunk, len(self)), device=self.x.device)
+            rows = torch.arange(start, min(start + chunk, len(self)))
             out[start : start + len(rows)] = transform(self.x[start : start + len(rows)], rows, 0)
         return out
 

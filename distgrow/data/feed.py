@@ -12,8 +12,10 @@ The loop still says which samples it wants: :meth:`LoaderFeed.batch` takes the m
 indices, as ``ArrayDataset.batch`` does, and checks them against what the loader read. If the
 loop asked for something else (the run went another way than the sampler planned, e.g. an
 elastic job split a batch otherwise), the feed reads in this process for the rest of the
-epoch: slower, never wrong. The transform runs here, on the CPU, on the stored samples, as
-for the in-memory set, so both paths give the same tensors bit for bit.
+epoch: slower, never wrong. The transform runs on the stored samples, as for the in-memory
+set, so both paths give the same tensors bit for bit; on a GPU the loader's pinning thread
+pins the stored (``uint8``) batches, they cross without blocking, and the transform runs on
+the device (``device``), not in the loop's thread.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from distgrow.data.containers import DatasetFormatError, LoaderDataset
+from distgrow.data.containers import DatasetFormatError, LoaderDataset, to_device
 
 __all__ = ["LoaderFeed"]
 
@@ -59,7 +61,8 @@ class LoaderFeed:
         batch_sampler: Re-iterable; each ``iter()`` yields the micro-batches (lists of indices)
             the loop will ask for from now to the end of the epoch, in order.
         workers: Loader worker processes (0: read in this process, still in order).
-        pin_memory: Pin each batch in page-locked memory (faster copies to a GPU).
+        pin_memory: Pin each batch in page-locked memory (faster copies to a GPU): the
+            ``DataLoader`` does it in its own thread.
         prefetch_factor: Micro-batches each worker reads ahead.
     """
 
@@ -87,6 +90,7 @@ class LoaderFeed:
         self.read_here = 0
         """Micro-batches read in this process because the loader had not planned them."""
 
+        device: Where batches go and are transformed (default: stay on the host).
     def start(self) -> None:
         """Plan anew from where the loop stands (call at the start of each epoch's updates)."""
         self._issued.clear()
@@ -97,9 +101,11 @@ class LoaderFeed:
             self._batches = None
 
     def batch(self, indices: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        device: torch.device | None = None,
         """The transformed ``(x, y)`` of the micro-batch ``indices`` (as ``ArrayDataset.batch``).
 
         Taken from the loader when it read exactly these samples next, else read here.
+        self.device = device or torch.device("cpu")
         """
         wanted = indices.tolist()
         pair = self._next(wanted) if wanted else None
@@ -108,10 +114,10 @@ class LoaderFeed:
             x, y = self.dataset.read(indices)
         else:
             x, y = pair
+            # Pinned in the loader's thread, not the loop's (a no-op without CUDA).
+            pin_memory=pin_memory and torch.cuda.is_available(),
         if self.dataset.transform is not None:
             x = self.dataset.transform(x, indices, epoch)
-        if self.pin_memory:
-            x, y = x.pin_memory(), y.pin_memory()
         return x, y
 
     def _next(self, wanted: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -131,3 +137,8 @@ class LoaderFeed:
             self._batches = None  # the run left the sampler's plan: read here until next epoch
             return None
         return x, y
+        # Stored rows cross (pinned: without blocking), then the transform runs on the device.
+        if self.pin_memory:
+            x, y = to_device(x, self.device), to_device(y, self.device)
+        else:
+            x, y = x.to(self.device), y.to(self.device)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from distgrow.data.containers import BatchTransform
+from distgrow.data.containers import BatchTransform, to_device
 from distgrow.data.order import seed64, splitmix64
 
 __all__ = [
@@ -47,18 +47,44 @@ def image_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 class NormalizeImages:
-    """``uint8`` images -> ``float32`` ``(pixel / 255 - mean) / std`` per channel."""
+    """``uint8`` images -> ``float32`` ``(pixel / 255 - mean) / std`` per channel.
+
+    On a GPU, ``uint8`` pixels are looked up in a table of the 256 values per channel,
+    computed once on the host with the formula above and copied bit for bit to the device:
+    the same bits as on the CPU (CUDA computes ``x / 255.0`` as ``x * (1 / 255)``, one ulp off
+    for 126 of the 256 byte values), and one gather instead of four passes. On the CPU the
+    formula runs as written (the table's own arithmetic; a gather is slower there). Mean, std
+    and table are copied to a device once, not per batch.
+    """
 
     pointwise = True  # each image's output depends on that image alone (BatchTransform)
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        values = torch.arange(256, dtype=torch.float32).view(1, 1, 16, 16)
+        # (C, 256): the formula itself, evaluated on the host, flattened for torch.take.
+        self.table = ((values / 255.0 - self.mean) / self.std).reshape(-1, 256)
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def _for(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The table, mean and std on ``device``: copied there once, not per batch."""
+        if device not in self._on:
+            self._on[device] = (
+                to_device(self.table.reshape(-1), device),
+                to_device(self.mean, device),
+                to_device(self.std, device),
+            )
+        return self._on[device]
 
     def __call__(self, x: torch.Tensor, indices: torch.Tensor, epoch: int) -> torch.Tensor:
-        mean = self.mean.to(x.device)
-        std = self.std.to(x.device)
-        return (x.to(torch.float32) / 255.0 - mean) / std
+        table, mean, std = self._for(x.device)
+        channels = self.table.shape[0]
+        if x.device.type == "cpu" or x.dtype != torch.uint8 or x.dim() != 4:
+            # On the CPU the formula is the table's own arithmetic, and three times faster.
+            return (x.to(torch.float32) / 255.0 - mean) / std
+        offsets = torch.arange(0, 256 * channels, 256, device=x.device)
+        return torch.take(table, x.to(torch.long) + offsets.view(1, -1, 1, 1))
 
     def __repr__(self) -> str:
         mean, std = self.mean.flatten().tolist(), self.std.flatten().tolist()
@@ -80,24 +106,23 @@ def hash_samples(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
 
 
 def crop_flip_params(
-    seed: int, epoch: int, indices: torch.Tensor, padding: int
+    seed: int, epoch: int, indices: torch.Tensor, padding: int, device: torch.device | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample crop offsets ``(dy, dx)`` in ``0 .. 2*padding`` and a flip flag.
 
     Each is drawn from a different bit range of the per-sample hash, so it depends only on
-    ``(seed, epoch, index)``.
+    ``(seed, epoch, index)``. Computed on the host, where training's indices are, and copied to
+    ``device`` (default: the indices' device) in one pinned, non-blocking copy.
     """
-    h = hash_samples(seed, epoch, indices.cpu().numpy())
+    host = indices.numpy() if indices.device.type == "cpu" else indices.cpu().numpy()
+    h = hash_samples(seed, epoch, host)
     span = np.uint64(2 * padding + 1)
-    dy = (h % span).astype(np.int64)
-    dx = ((h >> np.uint64(16)) % span).astype(np.int64)
-    flip = ((h >> np.uint64(32)) & np.uint64(1)).astype(bool)
-    device = indices.device
-    return (
-        torch.from_numpy(dy).to(device),
-        torch.from_numpy(dx).to(device),
-        torch.from_numpy(flip).to(device),
-    )
+    params = np.empty((3, h.shape[0]), dtype=np.int64)
+    params[0] = h % span
+    params[1] = (h >> np.uint64(16)) % span
+    params[2] = (h >> np.uint64(32)) & np.uint64(1)
+    moved = to_device(torch.from_numpy(params), device or indices.device)
+    return moved[0], moved[1], moved[2].to(torch.bool)
 
 
 class RandomCropFlip:
@@ -116,7 +141,7 @@ class RandomCropFlip:
     def __call__(self, x: torch.Tensor, indices: torch.Tensor, epoch: int) -> torch.Tensor:
         n, _, height, width = x.shape
         pad = self.padding
-        dy, dx, flip = crop_flip_params(self.seed, epoch, indices, pad)
+        dy, dx, flip = crop_flip_params(self.seed, epoch, indices, pad, x.device)
         if not self.flip:
             flip = torch.zeros_like(flip)
         padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
