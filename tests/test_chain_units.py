@@ -161,7 +161,7 @@ def test_chain_refuses_an_unset_max_workers_and_elastic(tmp_path: Path) -> None:
         ("launch.slurm=cluster", "launch.slurm"),
         ("launch.chain.gpus_per_node=-1", "launch.chain.gpus_per_node = -1: must be >= 0"),
         ("launch.chain.tasks_per_node=0", "launch.chain.tasks_per_node = 0: must be at least 1"),
-        ("launch.chain.time=' '", "launch.chain.time = ' ': is empty"),
+        ("launch.chain.time=' '", "launch.chain.time = ' ': is not a SLURM time"),
     ],
 )
 def test_bad_chain_settings_are_config_errors(tmp_path: Path, override: str, message: str) -> None:

@@ -3,17 +3,24 @@
 One builder per launcher (torchrun, deepspeed, horovodrun, mpirun, srun, none). Never a shell
 string, except where a launcher hands the worker command to a remote shell (DeepSpeed's pdsh
 runner on several nodes): there every worker argument is quoted so that the remote shell parses
-it back into the very same argument (:func:`remote_shell_args`).
+it back into the very same argument (:func:`remote_shell_args`). What a launcher pastes into a
+shell line unquoted (the master address and port, host names, DeepSpeed's working directory,
+interpreter and exported variables) is checked to hold no character a shell reads
+(:meth:`LaunchSpec.__post_init__`, :func:`check_deepspeed_remote_line`).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import re
 import shlex
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
+
+from distgrow.config.grammar import is_host, is_port
 
 SPAWN_MODULE = "distgrow.launch.spawn"
 """The one-machine launcher of ``launch.preload`` (:func:`build_spawn`)."""
@@ -108,6 +115,26 @@ class LaunchSpec:
                 f"node rank {self.node_rank} is outside [0, {self.nodes}) for {self.nodes} "
                 "node(s). Fix: check SLURM_NODEID or launch.nodes."
             )
+        # Launchers paste these into shell lines (DeepSpeed's pdsh runner: --master_addr;
+        # horovodrun: ssh HOST): only a host name or an address, never a word a shell reads.
+        if not is_host(self.master_addr):
+            raise LaunchError(
+                f"master address {self.master_addr!r} is not a host name or an IP address. "
+                "Fix: set launch.master_addr to rank 0's machine (e.g. 10.0.0.1 or node001), "
+                "or check SLURM_JOB_NODELIST."
+            )
+        if not is_port(self.master_port):
+            raise LaunchError(
+                f"master port {self.master_port!r} is not a port (1-65535). Fix: set "
+                "launch.master_port, e.g. 29500."
+            )
+        for host in self.hosts:
+            if not is_host(host):
+                raise LaunchError(
+                    f"host {host!r} (from launch.hostfile or SLURM_JOB_NODELIST) is not a host "
+                    "name or an IP address. Fix: list one machine per line, e.g. 'node001 "
+                    "slots=4'."
+                )
         lo, hi = self.elastic_range
         if not 1 <= lo <= self.workers <= hi:
             raise LaunchError(
@@ -250,6 +277,7 @@ def build_deepspeed(spec: LaunchSpec) -> tuple[list[str], dict[str, str]]:
     per_node = spec.workers_per_node
     argv = [spec.python, "-m", "deepspeed.launcher.runner"]
     if spec.nodes > 1:
+        check_deepspeed_remote_line(spec.python, os.path.abspath("."), os.environ)
         if not spec.hostfile:
             raise LaunchError(
                 f"deepspeed on launch.nodes={spec.nodes} needs a hostfile ('host slots=N' "
@@ -293,11 +321,51 @@ def remote_shell_args(args: Iterable[str]) -> list[str]:
     return out
 
 
+# DeepSpeed 0.19.8's runner exports every variable whose name starts with one of these (and
+# the accelerator's own: NCCL on CUDA) to the remote nodes: ``export NAME=VALUE;``, the value
+# wrapped in double quotes when it holds a character outside [\w@%+=:,./-]. Inside double
+# quotes a shell still reads $, `, \ and ".
+DEEPSPEED_EXPORT_PREFIXES = ("MLFLOW", "PYTHON", "MV2", "UCX", "NCCL")
+_DOUBLE_QUOTE_SPECIAL = re.compile(r'[$`\\"\n]')
+_SHELL_PLAIN = re.compile(r"[\w@%+=:,./-]+", re.ASCII)
+
+
+def check_deepspeed_remote_line(python: str, cwd: str, env: Mapping[str, str]) -> None:
+    """Refuse what DeepSpeed's pdsh runner would paste unquoted into the remote shell line.
+
+    The runner writes ``export NAME=VALUE; cd CWD; PYTHON -u -m deepspeed.launcher.launch ...``
+    for every node's shell: the working directory and the interpreter unquoted, and the
+    exported variables (``DEEPSPEED_EXPORT_PREFIXES``, ``PYTHONPATH`` always, which it
+    prefixes with ``CWD:``) in double quotes. distgrow cannot quote them (DeepSpeed writes
+    them), so each must hold nothing a shell would read there.
+
+    Raises:
+        LaunchError: naming the value and what to change.
+    """
+    for what, value in (("working directory", cwd), ("interpreter", python)):
+        if not _SHELL_PLAIN.fullmatch(value):
+            raise LaunchError(
+                f"deepspeed on several nodes: the {what} {value!r} holds characters a shell "
+                "reads, and DeepSpeed's pdsh runner writes it unquoted into every node's remote "
+                "command line. Fix: use a path of letters, digits and @%+=:,./-_ only."
+            )
+    exported = {k: v for k, v in env.items() if k.startswith(DEEPSPEED_EXPORT_PREFIXES)}
+    exported["PYTHONPATH"] = f"{cwd}:{env['PYTHONPATH']}" if "PYTHONPATH" in env else cwd
+    for name, value in exported.items():
+        if _DOUBLE_QUOTE_SPECIAL.search(value.strip()):
+            raise LaunchError(
+                f'deepspeed on several nodes: ${name} = {value!r} holds $, `, \\, " or a '
+                "newline, which DeepSpeed's pdsh runner exports to every node inside double "
+                f"quotes, where a shell still reads them. Fix: unset {name} or remove them."
+            )
+
+
 def build_horovodrun(spec: LaunchSpec) -> tuple[list[str], dict[str, str]]:
     """horovodrun (``python -m horovod.runner.launch``), over Gloo or MPI.
 
     Hosts come from the hostfile, else ``-H host:slots,...`` (``localhost:N`` on one node).
-    Elastic: ``--min-np/--max-np --host-discovery-script``. On one host the job binds to the
+    Elastic: ``--min-np/--max-np --host-discovery-script`` (a path horovodrun hands to a shell,
+    so it is quoted). On one host the job binds to the
     loopback interface: Horovod Elastic hangs silently otherwise (measured).
 
     Raises:
@@ -318,7 +386,8 @@ def build_horovodrun(spec: LaunchSpec) -> tuple[list[str], dict[str, str]]:
             "--max-np",
             str(hi),
             "--host-discovery-script",
-            spec.host_discovery_script,
+            # horovodrun runs it through a shell (shell=True): the path, quoted, is one word.
+            shlex.quote(spec.host_discovery_script),
         ]
     elif spec.hostfile:
         argv += ["--hostfile", spec.hostfile]

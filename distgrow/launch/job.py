@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from distgrow.config import Config, config_from_dict
+from distgrow.config.grammar import is_host
 from distgrow.launch.builders import LauncherName, LaunchError, LaunchSpec
 from distgrow.launch.environment import (
     Rendezvous,
@@ -153,6 +154,8 @@ class Job:
             per_node = max(1, math.ceil(self.limit / nodes))
             nodes = min(nodes, math.ceil(workers / per_node))
         hostfile, hosts = launch.hostfile, rdzv.hosts
+        if hostfile and self.launcher in ("deepspeed", "horovodrun", "mpirun"):
+            hostfile_hosts(hostfile)  # each a host name: launchers hand them to ssh (and sh)
         if self.launcher == "horovodrun" and hostfile and not launch.elastic:
             # horovodrun 0.28.1 (static) starts a process on every slot of a hostfile, whatever
             # -np says (measured: -np 1 started 4): name the hosts with -H instead, so that only
@@ -190,7 +193,8 @@ def hostfile_hosts(path: str) -> tuple[str, ...]:
     starts a comment), in order.
 
     Raises:
-        LaunchError: the file cannot be read or names no host.
+        LaunchError: the file cannot be read, names no host, or names one that is not a host
+            name or an IP address (launchers hand each to ssh, some through a shell).
     """
     try:
         text = Path(path).read_text()
@@ -203,7 +207,13 @@ def hostfile_hosts(path: str) -> tuple[str, ...]:
     for line in text.splitlines():
         words = line.split("#", 1)[0].split()
         if words:
-            hosts.append(words[0].split(":", 1)[0])
+            host, colon, slots = words[0].partition(":")
+            if not is_host(host) or (colon and not (slots.isascii() and slots.isdigit())):
+                raise LaunchError(
+                    f"launch.hostfile = {path!r}: {words[0]!r} is not a host name or an IP "
+                    "address. Fix: one 'host slots=N' line per node, e.g. 'node001 slots=4'."
+                )
+            hosts.append(host)
     if not hosts:
         raise LaunchError(
             f"launch.hostfile = {path!r} names no host. Fix: one 'host slots=N' line per node."

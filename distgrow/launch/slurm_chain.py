@@ -31,6 +31,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from distgrow.config import ChainConfig, Config
+from distgrow.config.grammar import control_characters
 from distgrow.exits import EXIT_FAILURE, EXIT_NEED_WORKERS, EXIT_OK, EXIT_USAGE
 from distgrow.held import held_from_slurm
 from distgrow.launch.builders import LaunchError, format_command
@@ -130,8 +132,24 @@ def span_script(
     """A span's batch script: its options, then ``exec python -m distgrow launch ...``.
 
     ``exec``: the controller is the batch shell, so ``--signal=B:USR1`` reaches it directly.
+    Every option and every word of the command is quoted (:func:`shlex.quote`), so that sbatch
+    (which reads an ``#SBATCH`` line's quotes, backslashes and ``#`` as a shell does) and bash
+    each receive it as one word; none may hold a control character, which could end its line.
+
+    Raises:
+        LaunchError: an option or a word that holds a control character.
     """
-    command = format_command([python, "-m", "distgrow", "launch", config, *overrides])
+    words = [python, "-m", "distgrow", "launch", config, *overrides]
+    for value in [*options, *words]:
+        bad = control_characters(value)
+        if bad:
+            raise LaunchError(
+                f"{value!r} holds control characters ({', '.join(bad)}), and would be written "
+                f"into span {index}'s batch script, where one could end its line and start a "
+                "command. Fix: remove them from the config value, override or directory it "
+                "comes from."
+            )
+    command = format_command(words)
     name = next(o.split("=", 1)[1] for o in options if o.startswith("--job-name="))
     return "\n".join(
         [
@@ -141,7 +159,7 @@ def span_script(
             "# needs more workers than this job has, it submits the next span with",
             "# --dependency=afterok:$SLURM_JOB_ID and exits 0.",
             f"# Stop the chain: distgrow chain cancel RUN_DIR  (or: scancel --name={name})",
-            *(f"#SBATCH {o}" for o in options),
+            *(f"#SBATCH {shlex.quote(o)}" for o in options),
             f"export {CHAIN_SPAN_ENV}=1",
             f"exec {command}",
             "",
@@ -161,7 +179,8 @@ def check_chain(cfg: Config) -> None:
     """Refuse a chain that cannot run.
 
     Raises:
-        LaunchError: ``growth.max_workers`` unset (the chain's widest span), or elastic.
+        LaunchError: ``growth.max_workers`` unset (the chain's widest span), elastic, or a
+            run directory with a control character (it is written into each batch script).
     """
     if cfg.growth.max_workers is None:
         raise LaunchError(
@@ -173,6 +192,13 @@ def check_chain(cfg: Config) -> None:
         raise LaunchError(
             "launch.slurm=chain starts a new job for each wider span; launch.elastic=true grows "
             "inside one job. Fix: set launch.elastic=false (or use launch.slurm=allocation)."
+        )
+    bad = control_characters(cfg.run.resolved_output_dir)
+    if bad:
+        raise LaunchError(
+            f"run.output_dir = {cfg.run.resolved_output_dir!r} holds control characters "
+            f"({', '.join(bad)}); launch.slurm=chain writes it into each span's batch script, "
+            "where one could end its line. Fix: a directory name without them."
         )
 
 

@@ -1,0 +1,469 @@
+"""No config value reaches a shell (issue #22, item 1).
+
+Every command line and script distgrow generates that a shell reads is built here for a table
+of hostile values, in every config key that reaches it, and parsed by a real shell:
+
+* DeepSpeed's pdsh runner (several nodes): the line is built by DeepSpeed 0.19.8's own
+  ``deepspeed.launcher.runner.main`` (``subprocess.Popen`` caught), joined as pdsh joins it for
+  the remote shell, checked with ``bash -n`` and run by ``sh`` with a stub interpreter that
+  records the argv it receives;
+* the SLURM chain's batch scripts (``launch.slurm=chain``) and the ``slurm/distgrow.sbatch``
+  wrapper, run by ``bash`` with a stub interpreter;
+* horovodrun's lines: ``ssh HOST ...`` (Horovod's own ``get_remote_command``) and the host
+  discovery script, which horovodrun runs through a shell.
+
+Each hostile value either is refused with one line naming it (config validation: exit 2) or
+arrives as one word; every test checks that nothing ran (no ``pwned`` file anywhere under its
+directory). ``test_the_harness_sees_an_injection`` shows that the harness does catch one: the
+line DeepSpeed builds for an unchecked master address runs its ``touch``.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from distgrow import cli
+from distgrow.config import ConfigError, config_from_dict
+from distgrow.launch.builders import (
+    LaunchError,
+    LaunchSpec,
+    build_deepspeed,
+    build_horovodrun,
+    check_deepspeed_remote_line,
+)
+from distgrow.launch.job import hostfile_hosts
+from distgrow.launch.slurm_chain import (
+    check_chain,
+    sbatch_options,
+    span_overrides,
+    span_script,
+    span_shape,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+# What an attacker would put in a value that some launcher pastes into a shell line. Each
+# would create a file named pwned* in the shell's directory if it ran.
+INJECTIONS = [
+    "h1;touch${IFS}pwned;#",  # the issue's own: launch.master_addr under deepspeed, 2 nodes
+    "h1;touch pwned",
+    "$(touch pwned)",
+    "`touch pwned`",
+    "h1|touch pwned",
+    "h1&&touch pwned",
+    "h1>pwned",
+    "h1\ntouch pwned",
+    "h1\rtouch pwned",
+    "'; touch pwned; '",
+    '"; touch pwned; "',
+    "-oProxyCommand=touch pwned",  # an option to ssh, not a host
+    "h1 touch pwned",
+    "fe80::1%eth0;touch pwned",  # an IPv6 scope that Python's ipaddress accepts
+    "h1\\;touch pwned",
+    "",
+]
+# Values a shell would misread without quoting (words, globs, quotes), each harmless itself.
+AWKWARD = [
+    "a  b   c",
+    "/data/[ab]*",
+    "it's",
+    '"quoted" \\back \\\\two `tick` $HOME ${HOME}',
+    "tab\there",
+    "!x && exit 3 | >out <in",
+    "#not a comment",
+    "",
+]
+# Host names and addresses a cluster really uses: accepted, and they arrive as one word.
+HOSTS = ["10.0.0.1", "node-01.cluster_a", "n1", "::1", "fe80::1%eth0", "localhost"]
+
+STUB = """#!/bin/sh
+# Records the argv it was given (NUL-separated) and the PYTHONPATH it saw.
+printf '%s\\0' "$@" > "$STUB_LOG"
+printf '%s' "$PYTHONPATH" > "$STUB_LOG.pythonpath"
+"""
+
+
+def stub(path: Path) -> Path:
+    """An executable that records its argv in ``$STUB_LOG`` and does nothing else."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(STUB)
+    path.chmod(0o755)
+    return path
+
+
+def recorded(log: Path) -> list[str]:
+    return log.read_bytes().decode().split("\0")[:-1]
+
+
+def nothing_ran(root: Path) -> None:
+    assert not [str(p) for p in root.rglob("pwned*")], "a hostile value ran as a command"
+
+
+def bash_parses(text: str) -> None:
+    done = subprocess.run(["bash", "-n", "-c", text], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def chain_cfg(**chain: Any) -> Any:
+    return config_from_dict(
+        {"launch": {"slurm": "chain", "chain": chain}, "growth": {"max_workers": 4}}
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Config validation: a value that is not what it claims to be is refused (one line, exit 2)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", INJECTIONS)
+def test_master_addr_must_be_a_host_name_or_an_address(value: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"launch": {"master_addr": value}})
+    line = str(err.value)
+    assert line.startswith(f"launch.master_addr = {value!r}: is not a host name or an IP")
+    assert "Fix: " in line and "\n" not in line
+    with pytest.raises(LaunchError, match="is not a host name or an IP address"):
+        LaunchSpec(workers=2, config="c.yaml", master_addr=value)
+
+
+@pytest.mark.parametrize("value", HOSTS)
+def test_real_host_names_and_addresses_are_accepted(value: str) -> None:
+    assert config_from_dict({"launch": {"master_addr": value}}).launch.master_addr == value
+    assert LaunchSpec(workers=2, config="c.yaml", master_addr=value, hosts=(value,)).hosts
+
+
+def test_the_issues_command_ends_with_one_line_and_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text("growth: {max_workers: 4}\n")
+    argv = ["launch", "c.yaml", "launch.master_addr=h1;touch${IFS}pwned;#"]
+    code = cli.main([*argv, "launch.launcher=deepspeed", "launch.nodes=2", "--dry-run"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert "launch.master_addr = 'h1;touch${IFS}pwned;#': is not a host name" in err
+    assert len(err.splitlines()) == 1, err
+    nothing_ran(tmp_path)
+
+
+@pytest.mark.parametrize("port", [0, -1, 65536, 2**40])
+def test_master_port_must_be_a_port(port: int) -> None:
+    with pytest.raises(ConfigError, match=f"launch.master_port = {port}: not a port"):
+        config_from_dict({"launch": {"master_port": port}})
+    with pytest.raises(LaunchError, match="is not a port"):
+        LaunchSpec(workers=2, config="c.yaml", master_port=port)
+
+
+@pytest.mark.parametrize("key", ["time", "partition", "account"])
+@pytest.mark.parametrize("value", [*INJECTIONS[:-1], "gpu\n#SBATCH --wrap=id", "1:00:00 x"])
+def test_chain_values_follow_slurms_grammar(key: str, value: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        chain_cfg(**{key: value})
+    line = str(err.value)
+    assert line.startswith(f"launch.chain.{key} = {value!r}: is not a SLURM ")
+    assert "\n" not in line
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("time", "04:00:00"),
+        ("time", "2-00:00:00"),
+        ("time", "90"),
+        ("time", "30:00"),
+        ("time", "1-12"),
+        ("time", "UNLIMITED"),
+        ("partition", "gpu"),
+        ("partition", "gpu-long,debug"),
+        ("account", "proj_a.b"),
+    ],
+)
+def test_slurm_values_clusters_use_are_accepted(key: str, value: str) -> None:
+    assert getattr(chain_cfg(**{key: value}).launch.chain, key) == value
+
+
+@pytest.mark.parametrize("arg", ["--mem=0\n#SBATCH --wrap=id", "--x=\x1b[2J", "mem=0", ""])
+def test_sbatch_args_are_options_without_control_characters(arg: str) -> None:
+    with pytest.raises(ConfigError, match=r"^launch\.chain\.sbatch_args = ") as err:
+        chain_cfg(sbatch_args=[arg])
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("value", [v for v in INJECTIONS if v and not any(c.isspace() for c in v)])
+def test_hostfile_hosts_must_be_host_names(value: str, tmp_path: Path) -> None:
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text(f"n1 slots=2\n{value} slots=2\n")
+    with pytest.raises(LaunchError, match="is not a host name or an IP address") as err:
+        hostfile_hosts(str(hostfile))
+    assert "\n" not in str(err.value)
+    hostfile.write_text("n1 slots=2\nnode-2:4\n10.0.0.3\n")
+    assert hostfile_hosts(str(hostfile)) == ("n1", "node-2", "10.0.0.3")
+
+
+@pytest.mark.parametrize("value", INJECTIONS)
+def test_launch_spec_refuses_a_host_that_is_not_one(value: str) -> None:
+    with pytest.raises(LaunchError, match="is not a host name"):
+        LaunchSpec(workers=2, config="c.yaml", nodes=2, hosts=("n1", value))
+
+
+# --------------------------------------------------------------------------------------------
+# DeepSpeed's pdsh runner: the remote line, rebuilt by DeepSpeed itself
+# --------------------------------------------------------------------------------------------
+
+
+def deepspeed_remote_line(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, python: Path
+) -> tuple[list[str], str]:
+    """What DeepSpeed 0.19.8's ``runner.main`` hands pdsh for ``argv`` (a deepspeed launch),
+    and the one line pdsh gives every node's remote shell (its words joined by spaces)."""
+    runner = pytest.importorskip("deepspeed.launcher.runner", reason="needs deepspeed")
+    multinode = pytest.importorskip("deepspeed.launcher.multinode_runner")
+    caught: list[list[str]] = []
+
+    class Popen:
+        returncode = 0
+
+        def __init__(self, cmd: list[str], env: dict[str, str]) -> None:
+            caught.append(cmd)
+
+        def wait(self) -> int:
+            return 0
+
+    with monkeypatch.context() as m:
+        m.setattr(runner.subprocess, "Popen", Popen)
+        m.setattr(runner.subprocess, "check_call", lambda *a, **k: 0)  # its ssh check
+        m.setattr(runner.signal, "signal", lambda *a: None)
+        m.setattr(multinode.PDSHRunner, "backend_exists", lambda self: True)
+        m.setattr(sys, "executable", str(python))  # the runner's own interpreter
+        m.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        runner.main(argv[3:])  # after `python -m deepspeed.launcher.runner`
+    (cmd,) = caught
+    assert cmd[:5] == ["pdsh", "-S", "-f", "1024", "-w"]
+    return cmd, " ".join(cmd[6:])
+
+
+def run_remote(line: str, cwd: Path, log: Path) -> None:
+    """The node's shell: ``sh -c LINE`` (as ssh runs a remote command)."""
+    bash_parses(line)
+    env = {"PATH": os.environ["PATH"], "STUB_LOG": str(log)}
+    done = subprocess.run(["sh", "-c", line], cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("master_addr", HOSTS)
+def test_deepspeed_remote_line_gives_every_value_as_one_word(
+    master_addr: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    work, remote = tmp_path / "work", tmp_path / "remote"
+    remote.mkdir()
+    python = stub(tmp_path / "bin" / "python")
+    (work / "hosts").parent.mkdir(parents=True, exist_ok=True)
+    (work / "hosts").write_text("node-1 slots=2\nnode_2 slots=2\n")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("PYTHONPATH", "/opt/lib")
+    config = str(work / "my configs" / "c [1];x.yaml")
+    overrides = tuple(f"run.name={v}" for v in [*INJECTIONS, *AWKWARD])
+    spec = LaunchSpec(
+        workers=4,
+        nodes=2,
+        config=config,
+        overrides=overrides,
+        resume=True,
+        python=str(python),
+        hostfile="hosts",
+        master_addr=master_addr,
+        master_port=29611,
+    )
+    argv, _ = build_deepspeed(spec)
+    cmd, line = deepspeed_remote_line(argv, monkeypatch, python)
+    assert cmd[5] == "node-1,node_2"
+    run_remote(line, remote, tmp_path / "argv")
+    got = recorded(tmp_path / "argv")
+    # DeepSpeed's own words (plain ones: --world_info is base64), then the worker command.
+    own = cmd[cmd.index(str(python)) + 1 : cmd.index("distgrow")]
+    assert own[:3] == ["-u", "-m", "deepspeed.launcher.launch"]
+    assert {"--node_rank=%n", f"--master_addr={master_addr}", "--master_port=29611"} <= set(own)
+    assert got == [*own, "distgrow", "train", config, *overrides, "run.resume=true"]
+    # The runner's exports: PYTHONPATH with the working directory first; `cd` went there.
+    assert (tmp_path / "argv.pythonpath").read_text() == f"{work}:/opt/lib"
+    nothing_ran(tmp_path)
+
+
+def test_the_harness_sees_an_injection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the check, DeepSpeed's line runs the issue's master address as a command."""
+    work = tmp_path / "work"
+    work.mkdir()
+    python = stub(tmp_path / "bin" / "python")
+    (work / "hosts").write_text("node-1 slots=1\nnode-2 slots=1\n")
+    monkeypatch.chdir(work)
+    argv, _ = build_deepspeed(
+        LaunchSpec(workers=2, nodes=2, config="c.yaml", python=str(python), hostfile="hosts")
+    )
+    argv = [a.replace("127.0.0.1", "h1;touch${IFS}pwned;#") for a in argv]
+    _, line = deepspeed_remote_line(argv, monkeypatch, python)
+    run_remote(line, work, tmp_path / "argv")
+    assert (work / "pwned").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("PYTHONPATH", "/x/$(touch pwned)"),
+        ("PYTHONSTARTUP", "`touch pwned`"),
+        ("NCCL_DEBUG", 'a"; touch pwned; "'),
+        ("UCX_TLS", "tcp\\"),
+    ],
+)
+def test_deepspeed_refuses_exported_variables_a_shell_would_read(
+    name: str, value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(LaunchError, match=rf"\${name} = .*unset {name} or remove them"):
+        build_deepspeed(LaunchSpec(workers=4, nodes=2, config="c.yaml", hostfile="/h"))
+    # One node: no remote shell, nothing to refuse.
+    assert build_deepspeed(LaunchSpec(workers=2, config="c.yaml"))[0]
+
+
+@pytest.mark.parametrize("path", ["/my dir/py", "/d/$(touch pwned)", "/d;x/py", "/d'/py"])
+def test_deepspeed_refuses_a_path_it_would_paste_unquoted(path: str) -> None:
+    with pytest.raises(LaunchError, match="the working directory .* writes it unquoted"):
+        check_deepspeed_remote_line("/usr/bin/python3", path, {})
+    with pytest.raises(LaunchError, match="the interpreter .* writes it unquoted"):
+        check_deepspeed_remote_line(path, "/work", {})
+    check_deepspeed_remote_line("/usr/bin/python3.11", "/work/run-1/a_b+c@d", {"PYTHONX": "a b"})
+
+
+# --------------------------------------------------------------------------------------------
+# The SLURM chain's batch scripts
+# --------------------------------------------------------------------------------------------
+
+AWKWARD_DIR = "runs/a b;touch pwned'$(touch pwned)\"`touch pwned`#x"
+
+
+def span(tmp_path: Path, python: Path, overrides: list[str], **chain: Any) -> tuple[str, list[str]]:
+    cfg = chain_cfg(**chain)
+    run = tmp_path / AWKWARD_DIR
+    shape = span_shape(4, cfg.launch.chain)
+    options = sbatch_options(shape, cfg.launch.chain, "distgrow-x-1", run / "o-%j.out", run)
+    words = span_overrides(overrides, resume=True)
+    return span_script(1, options, str(python), str(run / "c f.yaml"), words), options
+
+
+def test_span_script_gives_every_value_as_one_word(tmp_path: Path) -> None:
+    python = stub(tmp_path / "bin" / "python")
+    # (Values with control characters are refused: test_nothing_in_a_span_script_...)
+    overrides = [f"data.root={v}" for v in [*INJECTIONS, *AWKWARD] if v.isprintable()]
+    text, options = span(
+        tmp_path,
+        python,
+        overrides,
+        partition="gpu,debug",
+        account="proj",
+        time="2-00:00:00",
+        sbatch_args=["--mem=0", "--comment=a b;touch pwned #x", "--constraint=a100|h100"],
+    )
+    lines = text.splitlines()
+    sbatch = [line for line in lines if line.startswith("#SBATCH ")]
+    # sbatch reads an #SBATCH line's quotes, backslashes and unquoted '#' as a shell does.
+    assert [shlex.split(line[8:], comments=True) for line in sbatch] == [[o] for o in options]
+    assert "#SBATCH '--comment=a b;touch pwned #x'" in lines
+    bash_parses(text)
+    script = tmp_path / "span.sbatch"
+    script.write_text(text)
+    env = {"PATH": os.environ["PATH"], "STUB_LOG": str(tmp_path / "argv")}
+    subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, check=True)
+    assert recorded(tmp_path / "argv") == [
+        "-m",
+        "distgrow",
+        "launch",
+        str(tmp_path / AWKWARD_DIR / "c f.yaml"),
+        *overrides,
+        "launch.slurm=chain",
+        "run.resume=true",
+    ]
+    nothing_ran(tmp_path)
+
+
+@pytest.mark.parametrize("bad", ["\n", "\r", "\x0b", "\x1b", "\u2028", "\x85"])
+def test_nothing_in_a_span_script_can_start_a_new_line(bad: str, tmp_path: Path) -> None:
+    python = tmp_path / "py"
+    with pytest.raises(LaunchError, match="holds control characters") as err:
+        span(tmp_path, python, [f"data.root=/d{bad}touch pwned"])
+    assert "\n" not in str(err.value)
+    with pytest.raises(LaunchError, match="holds control characters"):
+        span_script(1, ["--job-name=x", f"--output=/o{bad}id"], "/py", "/c.yaml", [])
+    cfg = chain_cfg()
+    object.__setattr__(cfg.run, "output_dir", f"runs/x{bad}touch pwned")
+    with pytest.raises(LaunchError, match=r"^run\.output_dir = .* holds control characters"):
+        check_chain(cfg)
+    nothing_ran(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# slurm/distgrow.sbatch, the wrapper users submit
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("restarts", ["0", "1"])
+def test_sbatch_wrapper_passes_every_argument_as_one_word(restarts: str, tmp_path: Path) -> None:
+    wrapper = REPO / "slurm" / "distgrow.sbatch"
+    bash_parses(wrapper.read_text())
+    python = stub(tmp_path / "bin" / "python")
+    args = [str(tmp_path / "my configs" / "c;x.yaml"), *(f"run.name={v}" for v in INJECTIONS)]
+    args += [f"data.root={v}" for v in AWKWARD]
+    env = {
+        "PATH": os.environ["PATH"],
+        "STUB_LOG": str(tmp_path / "argv"),
+        "DISTGROW_PYTHON": str(python),
+        "SLURM_RESTART_COUNT": restarts,
+    }
+    done = subprocess.run(["bash", str(wrapper), *args], cwd=tmp_path, env=env, text=True,
+                          capture_output=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    resume = ["run.resume=true"] if restarts == "1" else []
+    assert recorded(tmp_path / "argv") == ["-m", "distgrow", "launch", *args, *resume]
+    nothing_ran(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# horovodrun: ssh HOST ... and the host discovery script, both through a shell
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_horovod_ssh_line_gets_the_host_as_one_word(host: str, tmp_path: Path) -> None:
+    remote = pytest.importorskip("horovod.runner.util.remote", reason="needs horovod")
+    ssh = stub(tmp_path / "bin" / "ssh")
+    spec = LaunchSpec(workers=2, nodes=2, config="c.yaml", hosts=(host, "n2"))
+    assert build_horovodrun(spec)[0][6:8] == ["-H", f"{host}:1,n2:1"]
+    line = remote.get_remote_command(shlex.quote("true"), host=host)
+    bash_parses(line)
+    env = {"PATH": f"{ssh.parent}:{os.environ['PATH']}", "STUB_LOG": str(tmp_path / "argv")}
+    subprocess.run(["sh", "-c", line], cwd=tmp_path, env=env, check=True)
+    got = recorded(tmp_path / "argv")
+    assert got[got.index("StrictHostKeyChecking=no") + 1 :] == [host, "true"]
+    nothing_ran(tmp_path)
+
+
+def test_horovod_discovery_script_path_is_one_shell_word(tmp_path: Path) -> None:
+    script = tmp_path / AWKWARD_DIR / "launch" / "discover_hosts"
+    script.parent.mkdir(parents=True)
+    script.write_text('#!/bin/sh\necho ran > "$STUB_LOG"\n')
+    script.chmod(0o755)
+    spec = LaunchSpec(
+        workers=2, config="c.yaml", elastic=True, max_workers=4, host_discovery_script=str(script)
+    )
+    argv, _ = build_horovodrun(spec)
+    given = argv[argv.index("--host-discovery-script") + 1]
+    # horovodrun: safe_shell_exec.execute(script) -> Popen(script, shell=True).
+    env = {"PATH": os.environ["PATH"], "STUB_LOG": str(tmp_path / "ran")}
+    subprocess.run(given, shell=True, cwd=tmp_path, env=env, check=True)
+    assert (tmp_path / "ran").read_text() == "ran\n"
+    nothing_ran(tmp_path)
