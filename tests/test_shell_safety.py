@@ -45,7 +45,9 @@ from distgrow.launch.slurm_chain import (
     span_overrides,
     span_script,
     span_shape,
+    submit_span,
 )
+from distgrow.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -466,4 +468,60 @@ def test_horovod_discovery_script_path_is_one_shell_word(tmp_path: Path) -> None
     env = {"PATH": os.environ["PATH"], "STUB_LOG": str(tmp_path / "ran")}
     subprocess.run(given, shell=True, cwd=tmp_path, env=env, check=True)
     assert (tmp_path / "ran").read_text() == "ran\n"
+    nothing_ran(tmp_path)
+
+
+def test_submitted_span_script_runs_the_configs_values_as_words(tmp_path: Path) -> None:
+    """The script ``submit_span`` writes for a run whose directory and name are hostile."""
+    python = stub(tmp_path / "bin" / "python")
+    run_dir = tmp_path / AWKWARD_DIR
+    cfg = config_from_dict(
+        {
+            "launch": {"slurm": "chain", "chain": {"partition": "gpu", "time": "1-00:00"}},
+            "growth": {"max_workers": 4},
+            "run": {"output_dir": str(run_dir), "name": "a;b $(touch pwned) `x`"},
+        }
+    )
+    submitted: list[list[str]] = []
+
+    def sbatch(argv: list[str], env: Any) -> subprocess.CompletedProcess[str]:
+        submitted.append(list(argv))
+        return subprocess.CompletedProcess(argv, 0, "4242\n", "")
+
+    overrides = ["data.root=$(touch pwned)", "run.name=a;b $(touch pwned) `x`"]
+    job = submit_span(
+        cfg=cfg,
+        run=RunDir(run_dir),
+        workers=2,
+        python=str(python),
+        config_path=str(run_dir / "c.yaml"),
+        overrides=overrides,
+        resume=False,
+        after="17",
+        env={},
+        chdir=run_dir,
+        runner=sbatch,
+        log=lambda line: None,
+    )
+    assert job is not None and job.job_id == "4242"
+    (argv,) = submitted
+    script = Path(argv[-1])
+    assert argv == ["sbatch", "--parsable", "--dependency=afterok:17", str(script)]
+    text = script.read_text()
+    bash_parses(text)
+    words = {w for line in text.splitlines() if line.startswith("#SBATCH ")
+             for w in shlex.split(line[8:], comments=True)}  # fmt: skip
+    assert {f"--chdir={run_dir}", f"--output={run_dir}/launch/span-01-%j.out"} <= words
+    assert {"--partition=gpu", "--time=1-00:00"} <= words
+    env = {"PATH": os.environ["PATH"], "STUB_LOG": str(tmp_path / "argv")}
+    subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, check=True)
+    got = recorded(tmp_path / "argv")
+    assert got == [
+        "-m",
+        "distgrow",
+        "launch",
+        str(run_dir / "c.yaml"),
+        *overrides,
+        "launch.slurm=chain",
+    ]
     nothing_ran(tmp_path)
