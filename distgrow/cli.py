@@ -33,6 +33,7 @@ from distgrow.config import (
     load_config,
 )
 from distgrow.exits import EXIT_USAGE
+from distgrow.extensions import use_environment_cache
 from distgrow.planner import ADJUSTMENT_NOTES, RULE_IDENTITIES, Plan, make_plan
 from distgrow.report import ReportError
 
@@ -451,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``distgrow`` console script and ``python -m distgrow``."""
+    # Torch's JIT extensions (DeepSpeed's ops) are built inside this environment, by this
+    # process and every one it starts, unless the user chose TORCH_EXTENSIONS_DIR.
+    use_environment_cache()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -13,7 +13,8 @@
 #   DISTGROW_MPI4PY_FROM_SOURCE=1 ...   # compile mpi4py against the local MPI (~6 min) instead of
 #                                       # PyPI's wheel (it loads the system's Open MPI/MPICH itself)
 # Horovod's wheel cache: DISTGROW_WHEEL_CACHE (default ~/.cache/distgrow/wheels). DeepSpeed's ops
-# go where torch puts JIT extensions: $TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions.
+# go where torch puts JIT extensions: $TORCH_EXTENSIONS_DIR, default $VENV/torch_extensions (inside
+# the environment, as for every distgrow process: two checkouts never rebuild them over each other).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${DISTGROW_VENV:-.venv}
@@ -102,7 +103,14 @@ fi
 
 # --- DeepSpeed's CPU collectives -------------------------------------------------------------
 # deepspeed.init_distributed() on CPU JIT-compiles deepspeed_shm_comm (1-2 min on 2 cores) into
-# $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions/py<ver>_cpu); build it once here.
+# $TORCH_EXTENSIONS_DIR; build it once here. The cache is the environment's own (distgrow's
+# processes default to the same <sys.prefix>/torch_extensions: distgrow/extensions.py), and a lock
+# left by a killed build, on which every DeepSpeed job would wait forever, is named and stops here.
+TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$("$VENV/bin/python" -c 'from distgrow.extensions import default_dir; print(default_dir())')}
+export TORCH_EXTENSIONS_DIR
+"$VENV/bin/python" -c 'import sys; from distgrow.extensions import check_locks
+problem = check_locks(warn=lambda line: print("[bootstrap] " + line, file=sys.stderr))
+sys.exit(problem and "[bootstrap] " + problem)'
 ds_stamp="$VENV/.distgrow-ds-ops"
 ds_want="$want ${TORCH_EXTENSIONS_DIR:-default}"
 if [[ ! -f "$ds_stamp" || "$(head -n1 "$ds_stamp")" != "$ds_want" || ! -f "$(sed -n 2p "$ds_stamp")" ]]; then

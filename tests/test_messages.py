@@ -7,6 +7,10 @@ one line naming the problem, and no file changed.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from distgrow import cli
+from distgrow import cli, extensions
 from distgrow.config import ConfigError, DataConfig, load_config
 from distgrow.data import load_dataset
 from distgrow.data.containers import DatasetNotFoundError
@@ -272,3 +276,75 @@ def test_an_own_loop_on_fewer_processes_says_its_split_differs(tmp_path: Path) -
             for _ in s.epochs():
                 for _ in s.updates():
                     pass
+
+
+# -- item 6: DeepSpeed's JIT cache inside the environment, and its stale locks ----------------
+
+
+def test_the_jit_cache_is_the_environments_unless_the_user_set_it() -> None:
+    env: dict[str, str] = {}
+    assert extensions.use_environment_cache(env, prefix="/opt/venv") == Path(
+        "/opt/venv/torch_extensions"
+    )
+    assert env == {"TORCH_EXTENSIONS_DIR": "/opt/venv/torch_extensions"}
+    mine = {"TORCH_EXTENSIONS_DIR": "/scratch/ext"}
+    assert extensions.use_environment_cache(mine, prefix="/opt/venv") == Path("/scratch/ext")
+    assert mine == {"TORCH_EXTENSIONS_DIR": "/scratch/ext"}
+    assert extensions.default_dir() == Path(sys.prefix) / "torch_extensions"
+
+
+def test_distgrow_processes_build_inside_the_environment(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
+    probe = "import os; from distgrow import cli; cli.main(['config', '--schema']);"
+    probe += " print(os.environ['TORCH_EXTENSIONS_DIR'])"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.splitlines()[-1] == str(Path(sys.prefix) / "torch_extensions")
+
+
+def _lock(root: Path, name: str, age_s: float) -> Path:
+    lock = root / name / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    os.utime(lock, (time.time() - age_s, time.time() - age_s))
+    return lock
+
+
+def test_a_lock_no_process_holds_is_named(tmp_path: Path) -> None:
+    old = _lock(tmp_path, "deepspeed_shm_comm", 3600)
+    problem = extensions.check_locks(tmp_path)
+    assert problem is not None and problem.count("\n") == 0
+    assert problem.startswith(f"{old} is the lock of a JIT build of deepspeed_shm_comm")
+    assert "60 min old" in problem and f"Fix: rm {old}" in problem
+    old.unlink()
+    # Younger: another machine sharing the file system might be building it: a warning.
+    young = _lock(tmp_path / "py311_cpu", "deepspeed_shm_comm", 120)
+    said: list[str] = []
+    assert extensions.check_locks(tmp_path, warn=said.append) is None
+    assert len(said) == 1 and str(young) in said[0] and "(120 s old)" in said[0]
+
+
+def test_a_lock_held_open_is_a_build_in_progress(tmp_path: Path) -> None:
+    lock = _lock(tmp_path, "deepspeed_shm_comm", 3600)
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("no /proc here: the holder of a lock cannot be seen")
+    fd = os.open(lock, os.O_RDONLY)  # what torch's FileBaton keeps open while it builds
+    try:
+        assert extensions.orphaned_locks(tmp_path) == []
+        assert extensions.check_locks(tmp_path, warn=pytest.fail) is None
+    finally:
+        os.close(fd)
+    assert [p for p, _ in extensions.orphaned_locks(tmp_path)] == [lock]
+
+
+def test_deepspeed_refuses_to_wait_on_a_stale_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from distgrow.backends import BackendError
+    from distgrow.backends.deepspeed_backend import _import_deepspeed
+
+    lock = _lock(tmp_path, "deepspeed_shm_comm", 7200)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    with pytest.raises(BackendError, match=rf"^{lock} is the lock of a JIT build .*Fix: rm"):
+        _import_deepspeed()

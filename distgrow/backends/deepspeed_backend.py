@@ -51,6 +51,7 @@ from distgrow.backends.torch_ddp import (
     resolve_dist_backend,
 )
 from distgrow.config import Config
+from distgrow.extensions import check_locks, use_environment_cache
 from distgrow.runtime import Runtime
 
 # DeepSpeed prints its progress every `steps_per_print` steps; distgrow prints its own.
@@ -238,6 +239,11 @@ def load_user_ds_config(path: str) -> dict[str, Any]:
 
 
 def _import_deepspeed() -> Any:
+    # DeepSpeed JIT-builds its ops in torch's extension cache: this environment's own, and a
+    # lock left there by a killed build would make every rank wait forever (named, then exit 2).
+    problem = check_locks(use_environment_cache())
+    if problem:
+        raise BackendError(problem)
     try:
         import deepspeed
     except ImportError as err:
