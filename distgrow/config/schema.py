@@ -38,6 +38,7 @@ from pydantic.dataclasses import dataclass
 
 from distgrow.config.datasets import DATA_NAMES, FILE_FORMATS, OFFICIAL_TRAIN, SPLIT_TOTAL, held_out
 from distgrow.config.filesizes import file_train_size
+from distgrow.config.grammar import control_characters, is_host, is_slurm_names, is_slurm_time
 from distgrow.entrypoints import EntryPointError, is_entry_point, parse_entry_point
 
 
@@ -203,10 +204,6 @@ class RunConfig(_Section):
     compile: Bool = _f(
         False, "torch.compile the model (its first updates at each new batch shape compile)."
     )
-    oom_fallback: Bool | None = _f(
-        None,
-        "On a CUDA out-of-memory error in an update, drop its gradients and run it again at "
-        "half the micro-batch and twice the accumulation (the same samples per update), and "
     tf32: Bool = _f(
         True,
         "On CUDA GPUs that have TF32 (Ampere and newer), fp32 matmuls and convolutions use it "
@@ -214,6 +211,10 @@ class RunConfig(_Section):
         "10-bit mantissa products. false: full fp32 (IEEE). No effect on the CPU or bf16/fp16 "
         "(docs/speed.md says what bit-exactness holds on CUDA).",
     )
+    oom_fallback: Bool | None = _f(
+        None,
+        "On a CUDA out-of-memory error in an update, drop its gradients and run it again at "
+        "half the micro-batch and twice the accumulation (the same samples per update), and "
         "keep that micro-batch from then on; logged as an oom_fallback event. null: on for the "
         "torch backend on one worker with in-memory data (see docs/speed.md).",
     )
@@ -1098,8 +1099,34 @@ class ChainConfig(_Section):
             raise _fail(
                 "launch.chain.cpus_per_task", self.cpus_per_task, "must be at least 1", "e.g. 8"
             )
-        if not self.time.strip():
-            raise _fail("launch.chain.time", self.time, "is empty", "e.g. 04:00:00 or 2-00:00:00")
+        # Each value becomes an #SBATCH line of a generated batch script: SLURM's own grammar,
+        # so that none can end its line and start a command (distgrow.config.grammar).
+        if not is_slurm_time(self.time):
+            raise _fail(
+                "launch.chain.time",
+                self.time,
+                "is not a SLURM time (minutes, [days-]hours:minutes:seconds, days-hours)",
+                "e.g. 04:00:00 or 2-00:00:00",
+            )
+        for key, name in (("partition", self.partition), ("account", self.account)):
+            if name is not None and not is_slurm_names(name):
+                raise _fail(
+                    f"launch.chain.{key}",
+                    name,
+                    "is not a SLURM name (letters, digits, '_', '.', '-'; a list by commas)",
+                    f"the {key}'s name as sinfo/sacctmgr shows it, e.g. gpu",
+                )
+        for arg in self.sbatch_args:
+            bad = control_characters(arg)
+            if bad or not arg.startswith("-"):
+                raise _fail(
+                    "launch.chain.sbatch_args",
+                    arg,
+                    f"holds control characters ({', '.join(bad)})"
+                    if bad
+                    else "is not an sbatch option (one option per item, starting with '-')",
+                    "one sbatch option per item, e.g. ['--mem=0', '--constraint=a100']",
+                )
 
 
 @dataclass(config=_STRICT)
@@ -1165,6 +1192,14 @@ class LaunchConfig(_Section):
             raise _fail("launch.nodes", self.nodes, f"must be at most {MAX_WORKERS:,}", "e.g. 1")
         if not 0 < self.master_port < 65536:
             raise _fail("launch.master_port", self.master_port, "not a port", "e.g. 29500")
+        # DeepSpeed's pdsh runner pastes it unquoted into every node's remote shell line.
+        if not is_host(self.master_addr):
+            raise _fail(
+                "launch.master_addr",
+                self.master_addr,
+                "is not a host name or an IP address",
+                "rank 0's machine, e.g. 10.0.0.1 or node001",
+            )
         if not 0 <= self.node_rank < self.nodes:
             raise _fail(
                 "launch.node_rank",
