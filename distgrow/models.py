@@ -27,11 +27,13 @@ from distgrow.entrypoints import call_entry_point
 from distgrow.models_lm import TinyTransformer
 
 __all__ = [
+    "MAX_OUTPUTS",
     "MODELS",
     "GhostBatchNorm",
     "build_entry_model",
     "build_model",
     "count_parameters",
+    "output_width",
     "uses_batch_norm",
 ]
 
@@ -55,6 +57,9 @@ _DEFAULT_WRN_GHOST_BATCH = 128
 _ARTICLE_DROPOUT = 0.25
 # Two 2×2 max-pools in `cnn` need at least 4 pixels per side.
 _CNN_MIN_SIDE = 4
+# A built-in head has one output per class, sized from the largest label + 1: more than this
+# many is a label that is not a class number (an ID, a sentinel), not a real class count.
+MAX_OUTPUTS = 1 << 20
 
 
 class GhostBatchNorm(nn.Module):
@@ -305,6 +310,24 @@ def build_entry_model(name: str, kwargs: Mapping[str, Any]) -> nn.Module:
     return model.train()
 
 
+def output_width(model: nn.Module, x: Tensor) -> int:
+    """The model's outputs per sample (the last dimension of ``model(x[:1])``).
+
+    Runs in eval mode without gradients and restores torch's CPU RNG and the model's mode, so
+    nothing is learnt and the run's random numbers do not move.
+    """
+    was_training = model.training
+    rng = torch.get_rng_state()
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x[:1])
+    finally:
+        model.train(was_training)
+        torch.set_rng_state(rng)
+    return int(out.shape[-1]) if isinstance(out, Tensor) and out.dim() > 0 else 1
+
+
 # ---------------------------------------------------------------------------- argument checks
 
 
@@ -335,6 +358,11 @@ def _check_common_args(
     if isinstance(num_outputs, bool) or not isinstance(num_outputs, int) or num_outputs < 1:
         raise ValueError(
             f"num_outputs ({num_outputs!r}) must be an integer >= 1: use the number of classes."
+        )
+    if num_outputs > MAX_OUTPUTS:
+        raise ValueError(
+            f"num_outputs ({num_outputs:,}) is more than {MAX_OUTPUTS:,}: a head that large "
+            "would take gigabytes. The classes are the largest label + 1: number them 0..C-1."
         )
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout ({dropout!r}) must be in [0, 1): use 0 to switch it off.")

@@ -29,6 +29,7 @@ from distgrow.data import (
     DatasetNotFoundError,
     load_dataset,
 )
+from distgrow.data.feed import one_line
 from distgrow.exits import EXIT_FAILURE, EXIT_USAGE
 from distgrow.gpu import place_data
 from distgrow.probe import resolve_auto
@@ -176,6 +177,11 @@ def _run(cfg: Config) -> int:
         # Decided on rank 0 and broadcast, or the same on every rank: say it once.
         if backend.is_main:
             print(f"{prefix}: {err}", file=sys.stderr, flush=True)
+        code = EXIT_USAGE
+    except DatasetFormatError as err:
+        # A bad file met in training (read here or by a loader worker): the rank that read it
+        # says which, in the one line it says before training.
+        print(f"{prefix}: {one_line(err)}", file=sys.stderr, flush=True)
         code = EXIT_USAGE
     except OSError as err:
         if not is_disk_error(err):

@@ -45,6 +45,7 @@ of them at the new world size.
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import sys
@@ -80,6 +81,7 @@ from distgrow.data import (
     micro_batch_seed,
     shard_split,
 )
+from distgrow.data.checks import check_class_labels
 from distgrow.data.feed import LoaderFeed
 from distgrow.entrypoints import EntryPointError, is_entry_point
 from distgrow.exits import EXIT_NEED_WORKERS, EXIT_NONFINITE, EXIT_OK
@@ -95,7 +97,7 @@ from distgrow.metrics import (
     ThroughputMeter,
     drop_replayed_records,
 )
-from distgrow.models import build_entry_model, build_model, uses_batch_norm
+from distgrow.models import build_entry_model, build_model, output_width, uses_batch_norm
 from distgrow.noise_meter import open_noise_meter
 from distgrow.oom import OomFallback, fallback_wanted
 from distgrow.planner import GrowthPolicy, Plan, Setting, make_plan
@@ -248,6 +250,10 @@ class Trainer:
         try:  # the loss contract is checked on a few samples before anything is written
             self.objective = build_objective(cfg.loss, data.num_classes)
             x, y = data.train.batch(torch.arange(min(8, self.num_train)))
+            if is_entry_point(cfg.model.name):  # a built-in head is sized from the labels
+                where = cfg.data.path or cfg.data.name
+                width = functools.partial(output_width, self.model, x.to(self.device))
+                check_class_labels(data, cfg.loss.name, width, where)
             self.objective.check(self.model, x.to(self.device), y.to(self.device), cfg.model.name)
         except ValueError as err:
             raise TrainError(str(err)) from err
@@ -338,13 +344,13 @@ class Trainer:
             workers=d.loader_workers,
             pin_memory=self.device.type == "cuda" if d.pin_memory is None else d.pin_memory,
             prefetch_factor=d.prefetch_factor,
+            device=self.device,
         )
 
     def _start_feed(self) -> None:
         """Point the loader's sampler at where training stands (an epoch start or a resume)."""
         if self.feed is None or self._schedule is None:
             return
-            device=self.device,
         state = self.state
         self._schedule.load_state_dict(
             {

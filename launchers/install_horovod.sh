@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds Horovod 0.28.1 (PyTorch + Gloo + MPI, CPU operations on Gloo) from its PyPI sdist and
-# installs it into a virtual environment that already has torch.
+# Builds Horovod 0.28.1 (PyTorch + Gloo + MPI, CPU operations on Gloo; GPU operations on NCCL
+# when torch is a CUDA build) from its PyPI sdist and installs it into a virtual environment that
+# already has torch.
 #
 # Horovod 0.28.1 (its last release) forces C++14, and torch >= 2.1 needs C++17; CXXFLAGS cannot
 # override it, so this script patches `set(CMAKE_CXX_STANDARD 14)` to 17 in the two CMakeLists.txt
@@ -19,6 +20,10 @@
 #   DISTGROW_HOROVOD_WHEEL   install this prebuilt wheel instead of building (e.g. in a Dockerfile)
 #   DISTGROW_HOROVOD_SDIST   build from this local horovod-0.28.1.tar.gz instead of downloading it
 #   DISTGROW_HOROVOD_MPI=0   build without MPI (Gloo only; no MPI headers needed)
+#   DISTGROW_HOROVOD_GPU     auto (default): HOROVOD_GPU_OPERATIONS=NCCL when torch is a CUDA
+#                            build and the CUDA toolkit (nvcc) is found, else a CPU-only build that
+#                            says so; 1: NCCL or fail; 0: CPU-only. NCCL comes from
+#                            HOROVOD_NCCL_HOME, else the venv's nvidia-nccl package (torch's own).
 #   DISTGROW_BUILD_JOBS      parallel compile jobs (default: CPUs, fewer if RAM < 2.5 GB a job)
 #   DISTGROW_KEEP_BUILD=1    keep the build tree (its path is printed)
 #   DISTGROW_SKIP_APT=1      never apt-get install missing build tools, only report them
@@ -109,6 +114,33 @@ read -r TORCH_VERSION INSTALLED_HVD PYTAG ARCH HAVE_PY_HEADERS PY_BASE <<<"$info
 [[ "$TORCH_VERSION" != - ]] || die "torch is not installed in $VENV: install it first (Horovod
   compiles against it), e.g.  $VENV/bin/pip install -c constraints.txt torch"
 
+# GPU operations: NCCL where torch is a CUDA build (a CPU-only Horovod cannot reduce CUDA tensors:
+# "Requested ReadyEvent with GPU device but not compiled with CUDA").
+WANT_GPU=${DISTGROW_HOROVOD_GPU:-auto}
+WITH_GPU=0
+NVCC=$(command -v nvcc 2>/dev/null || true)
+[[ -z "$NVCC" && -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]] && NVCC="${CUDA_HOME:-/usr/local/cuda}/bin/nvcc"
+case "$WANT_GPU" in
+  0) ;;
+  1)
+    [[ "$TORCH_VERSION" == *+cu* ]] || die "DISTGROW_HOROVOD_GPU=1 but torch $TORCH_VERSION is not a CUDA build"
+    [[ -n "$NVCC" ]] || die "DISTGROW_HOROVOD_GPU=1 but no CUDA toolkit (nvcc on PATH or in \$CUDA_HOME/bin)"
+    WITH_GPU=1
+    ;;
+  auto)
+    if [[ "$TORCH_VERSION" == *+cu* ]]; then
+      if [[ -n "$NVCC" ]]; then
+        WITH_GPU=1
+      else
+        log "torch $TORCH_VERSION is a CUDA build but no CUDA toolkit (nvcc) is here: this Horovod"
+        log "is CPU-only and cannot train on GPUs (distgrow refuses backend.name=horovod on CUDA)."
+        log "For GPUs: install the CUDA toolkit, then DISTGROW_HOROVOD_GPU=1 bash $0 --force"
+      fi
+    fi
+    ;;
+  *) die "DISTGROW_HOROVOD_GPU=$WANT_GPU: use auto, 1 or 0" ;;
+esac
+
 # The MPI flavour is part of the key: a wheel built against Open MPI does not load against MPICH.
 mpi_id=nompi
 if [[ "$WITH_MPI" == 1 ]]; then
@@ -119,6 +151,7 @@ if [[ "$WITH_MPI" == 1 ]]; then
   fi
 fi
 KEY="horovod-${HOROVOD_VERSION}_torch-${TORCH_VERSION}_${PYTAG}_${ARCH}_${mpi_id}"
+((WITH_GPU)) && KEY="${KEY}_nccl"
 STAMP="$VENV/.distgrow-horovod"
 
 # --- verification --------------------------------------------------------------------------
@@ -135,6 +168,16 @@ verify() {
     printf '%s\n' "$out" | tail -n 20 >&2
     return 1
   }
+  if ((WITH_GPU)); then
+    log "verifying: hvd.cuda_built() and hvd.nccl_built()"
+    out=$(cd / && with_timeout 120 "$PY" -c \
+      'import horovod.torch as hvd; print("gpu", int(bool(hvd.cuda_built() and hvd.nccl_built())))' 2>&1) || true
+    [[ "$(sed -n 's/^gpu //p' <<<"$out" | tail -n1)" == 1 ]] || {
+      printf '%s\n' "$out" | tail -n 20 >&2
+      log "this horovod was built without CUDA/NCCL"
+      return 1
+    }
+  fi
   log "verifying: horovodrun --check-build"
   out=$(cd / && with_timeout 120 "$VENV/bin/horovodrun" --check-build 2>&1) || {
     printf '%s\n' "$out" >&2
@@ -142,6 +185,7 @@ verify() {
   }
   local want=(PyTorch Gloo)
   [[ "$WITH_MPI" == 1 ]] && want+=(MPI)
+  ((WITH_GPU)) && want+=(NCCL)
   for w in "${want[@]}"; do
     grep -q "\[X\] $w" <<<"$out" || {
       printf '%s\n' "$out" >&2
@@ -298,6 +342,23 @@ build_failed() {
   exit 1
 }
 
+# NCCL for the build: HOROVOD_NCCL_HOME, else the venv's nvidia-nccl package (what torch's CUDA
+# wheels load), laid out as include/ and lib/libnccl.so (the package ships only libnccl.so.2).
+nccl_home() {
+  if [[ -n "${HOROVOD_NCCL_HOME:-}" ]]; then
+    echo "$HOROVOD_NCCL_HOME"
+    return
+  fi
+  local pkg
+  pkg=$("$PY" -c 'import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__file__) if nvidia.nccl.__file__ else list(nvidia.nccl.__path__)[0])' 2>/dev/null) ||
+    die "no NCCL for the GPU build: set HOROVOD_NCCL_HOME, or install torch's nvidia-nccl package"
+  mkdir -p "$1/nccl/lib"
+  ln -sfn "$pkg/include" "$1/nccl/include"
+  ln -sf "$pkg/lib/libnccl.so.2" "$1/nccl/lib/libnccl.so"
+  ln -sf "$pkg/lib/libnccl.so.2" "$1/nccl/lib/libnccl.so.2"
+  echo "$1/nccl"
+}
+
 build_wheel() {
   local work sdist src t0
   work=$(mktemp -d "${TMPDIR:-/tmp}/distgrow-horovod.XXXXXX")
@@ -351,6 +412,12 @@ build_wheel() {
   local -a feature_env=(HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_TENSORFLOW=1
     HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=gloo)
   if [[ "$WITH_MPI" == 1 ]]; then feature_env+=(HOROVOD_WITH_MPI=1); else feature_env+=(HOROVOD_WITHOUT_MPI=1); fi
+  if ((WITH_GPU)); then
+    local nccl
+    nccl=$(nccl_home "$work") || exit 1
+    feature_env+=(HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_CUDA_HOME="$(dirname "$(dirname "$NVCC")")"
+      HOROVOD_NCCL_HOME="$nccl" HOROVOD_NCCL_LINK=SHARED)
+  fi
   log "building horovod $HOROVOD_VERSION against torch $TORCH_VERSION ($PYTAG, $mpi_id, $JOBS jobs);" \
     "4-6 min on 2 idle cores; log: $LOGFILE"
   {

@@ -61,8 +61,15 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   log "creating $VENV"
   "$PY" -m venv "$VENV"
 fi
-# DISTGROW_TORCH_SPEC picks another torch build (the Dockerfile's CUDA image: torch==2.13.0 from
-# the cu130 index); everything else keeps its pin, from constraints.txt without its torch line.
+# DISTGROW_TORCH_SPEC picks another torch build: on a GPU node, DISTGROW_TORCH_SPEC=torch==2.13.0
+# (the CUDA build, as the Dockerfile's CUDA image does it); everything else keeps its pin, from
+# constraints.txt without its torch line. The spec sticks to the venv ($VENV/.distgrow-torch-spec):
+# a later run without it keeps that torch instead of swapping the CPU build back in.
+torch_spec_file="$VENV/.distgrow-torch-spec"
+if [[ -z "${DISTGROW_TORCH_SPEC:-}" && -s "$torch_spec_file" ]]; then
+  DISTGROW_TORCH_SPEC=$(cat "$torch_spec_file")
+  log "keeping this venv's torch: DISTGROW_TORCH_SPEC=$DISTGROW_TORCH_SPEC (from $torch_spec_file)"
+fi
 CONSTRAINTS=constraints.txt
 if [[ -n "${DISTGROW_TORCH_SPEC:-}" ]]; then
   CONSTRAINTS="$VENV/constraints-own-torch.txt"
@@ -90,6 +97,20 @@ if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
   "$VENV/bin/python" -c "import distgrow, torch, yaml, mpi4py, wandb, cffi, deepspeed" >/dev/null 2>&1 ||
     "$VENV/bin/python" -c "import distgrow, torch, yaml, mpi4py, wandb, cffi, deepspeed"
   echo "$want" >"$stamp"
+  if [[ -n "${DISTGROW_TORCH_SPEC:-}" ]]; then
+    echo "$DISTGROW_TORCH_SPEC" >"$torch_spec_file"
+  else
+    rm -f "$torch_spec_file"
+  fi
+  # Say which torch this is: a CPU build on a machine with NVIDIA GPUs cannot use them, and
+  # distgrow refuses run.device=auto there (docs/launch.md, "On a GPU node").
+  torch_build=$("$VENV/bin/python" -c 'import torch; print(torch.__version__, torch.version.cuda or "cpu")' 2>/dev/null || true)
+  log "torch ${torch_build% *} (CUDA: ${torch_build##* })"
+  gpus=$(find /dev -maxdepth 1 -regex '/dev/nvidia[0-9]+' 2>/dev/null | wc -l)
+  if ((gpus > 0)) && [[ "${torch_build##* }" == cpu ]]; then
+    log "this machine has $gpus NVIDIA GPU(s) but torch is a CPU build: for the GPUs, run"
+    log "  DISTGROW_TORCH_SPEC=torch==2.13.0 bash scripts/bootstrap.sh"
+  fi
 else
   log "$VENV is up to date"
 fi
@@ -113,22 +134,31 @@ problem = check_locks(warn=lambda line: print("[bootstrap] " + line, file=sys.st
 sys.exit(problem and "[bootstrap] " + problem)'
 ds_stamp="$VENV/.distgrow-ds-ops"
 ds_want="$want ${TORCH_EXTENSIONS_DIR:-default}"
-if [[ ! -f "$ds_stamp" || "$(head -n1 "$ds_stamp")" != "$ds_want" || ! -f "$(sed -n 2p "$ds_stamp")" ]]; then
+# On a CUDA accelerator DeepSpeed's collectives are NCCL's: there is no CPU op to build ("-").
+ds_so=$(sed -n 2p "$ds_stamp" 2>/dev/null || true)
+if [[ ! -f "$ds_stamp" || "$(head -n1 "$ds_stamp")" != "$ds_want" || ("$ds_so" != - && ! -f "$ds_so") ]]; then
   log "building DeepSpeed's JIT op deepspeed_shm_comm (1-2 min, once)"
   t0=$SECONDS
   # the venv's ninja first; with SKIP_APT there may be no other
-  so=$(PATH="$(cd "$VENV/bin" && pwd):$PATH" "$VENV/bin/python" -c '
-import logging, sys
-logging.disable(logging.WARNING)  # "Setting accelerator to CPU", printed on every import
-from deepspeed.accelerator import get_accelerator
-builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-if builder is None:
-    sys.exit("this DeepSpeed accelerator has no ShareMemCommBuilder")
-print(builder.load(verbose=False).__file__)' 2>"$VENV/.distgrow-ds-ops.log" | tail -n1) || {
+  out=$(PATH="$(cd "$VENV/bin" && pwd):$PATH" "$VENV/bin/python" scripts/deepspeed_ops.py \
+    2>"$VENV/.distgrow-ds-ops.log" | tail -n1) || {
     tail -n 30 "$VENV/.distgrow-ds-ops.log" >&2
     log "building deepspeed_shm_comm failed (log: $VENV/.distgrow-ds-ops.log); is g++ installed?"
     exit 1
   }
-  printf '%s\n%s\n' "$ds_want" "$so" >"$ds_stamp"
-  log "deepspeed_shm_comm built in $((SECONDS - t0)) s: $so"
+  case "$out" in
+    "built "*)
+      printf '%s\n%s\n' "$ds_want" "${out#built }" >"$ds_stamp"
+      log "deepspeed_shm_comm built in $((SECONDS - t0)) s: ${out#built }"
+      ;;
+    "none "*)
+      printf '%s\n-\n' "$ds_want" >"$ds_stamp"
+      log "DeepSpeed's accelerator is ${out#none }: its collectives are NCCL's, no CPU op to build"
+      ;;
+    *)
+      tail -n 30 "$VENV/.distgrow-ds-ops.log" >&2
+      log "scripts/deepspeed_ops.py printed '$out' (log: $VENV/.distgrow-ds-ops.log)"
+      exit 1
+      ;;
+  esac
 fi

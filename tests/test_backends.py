@@ -115,7 +115,12 @@ def test_ds_config_clipping_stage_and_precision() -> None:
     ds = build_ds_config(cfg, world_size=1, micro_batch=4, accum_steps=1)
     assert ds["gradient_clipping"] == 0.5
     assert ds["zero_optimization"] == {"stage": 0} and "zero_allow_untested_optimizer" not in ds
-    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    # lower_precision_safe_modules []: gradients reduced in float32, as DDP does (test_gpu_setup)
+    assert ds["torch_autocast"] == {
+        "enabled": True,
+        "dtype": "bfloat16",
+        "lower_precision_safe_modules": [],
+    }
 
 
 def test_merge_keeps_the_users_other_keys_and_accepts_agreeing_ones() -> None:

@@ -42,10 +42,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from distgrow.backends.base import BackendError, check_precision
 from distgrow.backends.torch_ddp import (
     ProcessGroupMember,
+    _to_float32,
     join_process_group,
     resolve_device,
     resolve_dist_backend,
@@ -69,6 +71,8 @@ _OWNER = {
     "fp16.enabled": "backend.precision (distgrow's mixed precision is torch_autocast)",
     "torch_autocast.enabled": "backend.precision",
     "torch_autocast.dtype": "backend.precision",
+    "torch_autocast.lower_precision_safe_modules": "backend.precision (gradients are reduced "
+    "in float32, as the torch backend reduces them)",
 }
 # Sections a user's JSON must not carry: distgrow builds the optimizer (optim.*) and sets the
 # learning rate of every update from its plan (schedule.*, growth.*).
@@ -119,6 +123,9 @@ def build_ds_config(
         config["torch_autocast"] = {
             "enabled": True,
             "dtype": "bfloat16" if b.precision == "bf16" else "float16",
+            # DeepSpeed would reduce the gradients of Linear/Conv weights in 16 bits (its
+            # "lower precision safe modules"); DDP reduces float32 gradients: none, like DDP.
+            "lower_precision_safe_modules": [],
         }
     if b.zero_stage > 0:
         # ZeRO refuses optimizers it has not been tested with (torch's SGD, RMSprop) unless
@@ -238,6 +245,46 @@ def load_user_ds_config(path: str) -> dict[str, Any]:
     return data
 
 
+def point_local_rank_at(
+    device: torch.device, runtime: Runtime, environ: typing.MutableMapping[str, str]
+) -> None:
+    """Set ``LOCAL_RANK`` to the CUDA device's index (the local rank on the CPU); log a change.
+
+    DeepSpeed's engine moves the model to ``cuda:LOCAL_RANK``: with one GPU per task (srun
+    ``--gpus-per-task=1``) that is "invalid device ordinal" for every local rank but 0.
+    """
+    want = str(
+        device.index if device.type == "cuda" and device.index is not None else runtime.local_rank
+    )
+    old = environ.get("LOCAL_RANK")
+    if old == want:
+        return
+    environ["LOCAL_RANK"] = want
+    change = f"set LOCAL_RANK={want}" if old is None else f"overwrote LOCAL_RANK: {old} -> {want}"
+    print(
+        f"distgrow[rank {runtime.rank}]: {change} (DeepSpeed trains on cuda:LOCAL_RANK; "
+        f"this rank's device is {device})",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+class Float32Outputs(nn.Module):
+    """The model with its floating outputs as float32, as the torch backend returns them.
+
+    DeepSpeed's ``torch_autocast`` runs the forward under autocast and returns what the model
+    returns there (16-bit logits); the torch backend's :class:`AutocastModule` returns float32,
+    so the loss is computed in float32 under either backend.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return tree_map(_to_float32, self.module(*args, **kwargs))
+
+
 def _import_deepspeed() -> Any:
     # DeepSpeed JIT-builds its ops in torch's extension cache: this environment's own, and a
     # lock left there by a killed build would make every rank wait forever (named, then exit 2).
@@ -271,7 +318,7 @@ class DeepSpeedBackend(ProcessGroupMember):
     """
 
     def __init__(self, cfg: Config, runtime: Runtime) -> None:
-        device = resolve_device(cfg.run.device, runtime.local_rank)
+        device = resolve_device(cfg.run.device, runtime.local_rank, runtime.local_world_size)
         super().__init__(runtime, device, resolve_dist_backend(cfg.backend.dist_backend, device))
         check_precision(cfg.backend.precision, device)
         self._cfg = cfg
@@ -291,15 +338,10 @@ class DeepSpeedBackend(ProcessGroupMember):
         self._ds = _import_deepspeed()
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        # deepspeed.initialize asserts that LOCAL_RANK is set; a single plain process has none
-        # (distgrow.runtime exports it for every launcher).
-        if "LOCAL_RANK" not in os.environ:
-            os.environ["LOCAL_RANK"] = str(runtime.local_rank)
-            print(
-                f"distgrow[rank {runtime.rank}]: set LOCAL_RANK={runtime.local_rank} (DeepSpeed)",
-                file=sys.stderr,
-                flush=True,
-            )
+        # deepspeed.initialize asserts that LOCAL_RANK is set (a single plain process has
+        # none), and its engine (and ZeRO) train on cuda:LOCAL_RANK: LOCAL_RANK names the device
+        # distgrow chose (it differs where SLURM gives each task its own GPU).
+        point_local_rank_at(device, runtime, os.environ)
         # DeepSpeed needs a process group even for one worker; it joins the one made here.
         self._owns_group = join_process_group(runtime, self.dist_backend, single=True)
         self._ds.init_distributed(dist_backend=self.dist_backend, auto_mpi_discovery=False)
@@ -321,8 +363,9 @@ class DeepSpeedBackend(ProcessGroupMember):
         # ZeRO replaces each param group's parameters by a flat partition: keep the originals
         # to write (and read) the optimizer state per parameter.
         self._groups = [list(group["params"]) for group in optimizer.param_groups]
+        wrapped = model if self._cfg.backend.precision == "fp32" else Float32Outputs(model)
         engine, _, _, _ = self._ds.initialize(
-            model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
+            model=wrapped, optimizer=optimizer, config=self.ds_config, dist_init_required=False
         )
         if engine.get_lr() != [group["lr"] for group in optimizer.param_groups]:
             raise BackendError(  # a DeepSpeed that replaced the trainer's optimizer

@@ -71,6 +71,28 @@ def _import_horovod() -> Any:
     return hvd
 
 
+def check_cuda_build(hvd: Any, device: torch.device) -> None:
+    """Refuse CUDA training with a Horovod built without CUDA and NCCL.
+
+    Such a build fails at the first broadcast of a CUDA tensor ("Requested ReadyEvent with GPU
+    device but not compiled with CUDA"); say so at start-up instead, in one line.
+
+    Raises:
+        BackendError: ``device`` is CUDA and ``hvd.cuda_built()`` or ``hvd.nccl_built()`` is
+            false.
+    """
+    if device.type != "cuda":
+        return
+    missing = [name for name in ("cuda_built", "nccl_built") if not getattr(hvd, name)()]
+    if missing:
+        raise BackendError(
+            f"this run trains on {device}, but Horovod was built without CUDA/NCCL "
+            f"(hvd.{'(), hvd.'.join(missing)}() is false), so it cannot reduce CUDA tensors. "
+            "Fix: rebuild it where CUDA is present (bash launchers/install_horovod.sh builds "
+            "with HOROVOD_GPU_OPERATIONS=NCCL), or set backend.name=torch or run.device=cpu."
+        )
+
+
 class HorovodBackend:
     """:class:`~distgrow.backends.base.Backend` over Horovod (Gloo or MPI controller).
 
@@ -103,7 +125,10 @@ class HorovodBackend:
                 "Fix: start Horovod jobs with horovodrun, mpirun or srun --mpi=pmix, one "
                 "process per slot."
             )
-        self._device = resolve_device(cfg.run.device, self._hvd.local_rank())
+        self._device = resolve_device(
+            cfg.run.device, int(self._hvd.local_rank()), int(self._hvd.local_size())
+        )
+        check_cuda_build(self._hvd, self._device)
         self.scaler = grad_scaler(self.precision, self._device)
         if self._device.type == "cuda":
             torch.cuda.set_device(self._device)

@@ -24,7 +24,7 @@ import datetime
 import inspect
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any, NoReturn
 
@@ -36,6 +36,7 @@ from torch.utils._pytree import tree_map
 
 from distgrow.backends.base import BackendError, ReduceOp, check_precision
 from distgrow.config import BackendConfig
+from distgrow.devices import select_device
 from distgrow.runtime import Runtime, finalize_mpi
 
 # Long enough for rank 0 to write a large checkpoint while the others wait at a barrier.
@@ -52,20 +53,17 @@ _NO_FORWARD_BUFFER_SYNC: dict[str, Any] = (
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
-def resolve_device(requested: str, local_rank: int) -> torch.device:
-    """The device for ``run.device`` (``auto``, ``cpu``, ``cuda``) on this local rank.
+def resolve_device(
+    requested: str, local_rank: int, local_world: int = 1, env: Mapping[str, str] | None = None
+) -> torch.device:
+    """The device for ``run.device`` (``auto``, ``cpu``, ``cuda``) on this local rank: the one
+    rule of :func:`distgrow.devices.select_device` (every backend uses it).
 
     Raises:
-        BackendError: ``cuda`` was asked for but no CUDA device is visible.
+        DeviceError: CUDA asked for (or GPUs present under ``auto``) that torch cannot use, or
+            more ranks on the node than visible GPUs.
     """
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise BackendError(
-            "run.device = 'cuda' but torch sees no CUDA device (torch "
-            f"{torch.__version__}). Fix: set run.device=cpu or run.device=auto."
-        )
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return select_device(requested, local_rank, local_world, env)
 
 
 def resolve_dist_backend(requested: str, device: torch.device) -> str:
@@ -102,7 +100,8 @@ def join_process_group(runtime: Runtime, dist_backend: str, single: bool = False
     if runtime.world_size <= 1:
         if not single or dist.is_initialized():
             return False
-        dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1)
+        # The group's own backend: DeepSpeed runs its collectives (on CUDA tensors) on it.
+        dist.init_process_group(backend=dist_backend, store=dist.HashStore(), rank=0, world_size=1)
         return True
     try:
         dist.init_process_group(
@@ -306,7 +305,7 @@ class TorchBackend(ProcessGroupMember):
     """
 
     def __init__(self, cfg: BackendConfig, runtime: Runtime, device: str = "auto") -> None:
-        resolved = resolve_device(device, runtime.local_rank)
+        resolved = resolve_device(device, runtime.local_rank, runtime.local_world_size)
         check_precision(cfg.precision, resolved)
         super().__init__(runtime, resolved, resolve_dist_backend(cfg.dist_backend, resolved))
         self.precision = cfg.precision

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import math
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,7 @@ __all__ = [
     "has_header",
     "image_folder_roots",
     "list_image_folder",
+    "npz_header",
     "npz_member",
     "npz_rows",
 ]
@@ -66,8 +68,13 @@ def existing(path: str | None, what: str) -> Path:
 
 def npz_member(path: Path, key: str) -> str:
     """The member of the ``.npz`` archive ``path`` that holds array ``key``."""
-    with zipfile.ZipFile(path) as archive:
-        names = [n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy")]
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy")]
+    except zipfile.BadZipFile as err:
+        raise ValueError(
+            f"{path}: not a readable .npz archive ({err}); write it with numpy.savez."
+        ) from None
     if key not in names:
         raise ValueError(
             f"{path}: no array named {key!r} (it holds {', '.join(names) or 'none'}); set "
@@ -76,20 +83,87 @@ def npz_member(path: Path, key: str) -> str:
     return f"{key}.npy"
 
 
-def npz_rows(path: Path, key: str) -> int:
-    """The first dimension of array ``key`` in ``path``, read from its header only."""
+# Deflate (what np.savez_compressed writes) shrinks data at most ~1032-fold; an archive member
+# claiming more is a forged size (a zip bomb), not a well-compressed array.
+_DEFLATE_MAX_RATIO = 1032
+
+
+def _byte_words(n: int) -> str:
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def npz_header(path: Path, key: str) -> tuple[tuple[int, ...], str]:
+    """The shape and dtype of array ``key`` in the ``.npz`` archive ``path``, from its header.
+
+    The size the header declares is checked against the bytes the archive really holds, so a
+    forged or truncated header is refused before anything is allocated; so are arrays of
+    Python objects (only a pickle loads them) and arrays without rows.
+
+    Raises:
+        ValueError: one line naming the file, the array and what is wrong.
+    """
     import numpy as np  # here: `distgrow plan` and the config check need it only for .npz
 
     member = npz_member(path, key)
-    with zipfile.ZipFile(path) as archive, archive.open(member) as handle:
-        version = np.lib.format.read_magic(handle)
-        if version == (1, 0):
-            shape = np.lib.format.read_array_header_1_0(handle)[0]
-        else:
-            shape = np.lib.format.read_array_header_2_0(handle)[0]
+    try:
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo(member)
+            with archive.open(info) as handle:
+                version = np.lib.format.read_magic(handle)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+                else:
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+                header_bytes = handle.tell()
+    except (ValueError, EOFError) as err:
+        raise ValueError(
+            f"{path}: array {key!r} has no readable .npy header ({' '.join(str(err).split())}); "
+            "write the file again with numpy.savez."
+        ) from None
+    if dtype.hasobject:
+        raise ValueError(
+            f"{path}: array {key!r} holds Python objects (dtype {dtype}), which only a pickle "
+            "can load; refused, since unpickling can run code. Save numbers instead, e.g. "
+            "numpy.savez(path, X=X.astype('float32'), y=y.astype('int64'))."
+        )
     if not shape:
         raise ValueError(f"{path}: array {key!r} is a scalar; it needs one row per sample.")
-    return int(shape[0])
+    if any(d < 0 for d in shape):
+        raise ValueError(f"{path}: array {key!r} declares the impossible shape {shape}.")
+    stored = path.stat().st_size
+    forged = info.compress_size > stored or (
+        info.file_size > info.compress_size
+        if info.compress_type == zipfile.ZIP_STORED
+        else info.file_size > info.compress_size * _DEFLATE_MAX_RATIO + 1024
+    )
+    if forged:
+        raise ValueError(
+            f"{path}: the archive says array {key!r} unpacks to {_byte_words(info.file_size)} "
+            f"from {_byte_words(info.compress_size)} of a {_byte_words(stored)} file: it is "
+            "corrupt (or a zip bomb); write it again with numpy.savez."
+        )
+    declared = math.prod(shape) * dtype.itemsize
+    held = max(info.file_size - header_bytes, 0)
+    if declared > held:
+        raise ValueError(
+            f"{path}: array {key!r} declares shape {shape} of {dtype} "
+            f"({_byte_words(declared)}), but the archive holds {_byte_words(held)} of it: the "
+            "file is truncated or corrupt; write it again with numpy.savez."
+        )
+    if shape[0] == 0:
+        raise ValueError(
+            f"{path}: array {key!r} has no rows (shape {shape}); it needs one row per sample."
+        )
+    return tuple(int(d) for d in shape), str(dtype)
+
+
+def npz_rows(path: Path, key: str) -> int:
+    """The first dimension of array ``key`` in ``path``, read from its header only (checked by
+    :func:`npz_header`)."""
+    return npz_header(path, key)[0][0]
 
 
 # -- csv / tsv -------------------------------------------------------------------------------

@@ -167,6 +167,77 @@ def _build(data: Mapping[str, Any], source: str) -> Config:
         raise _explain(err.errors()[0], source) from None
 
 
+# A config holds hundreds of values. Anchors and aliases may repeat a section, but not multiply
+# a few lines into billions of values (the "billion laughs": nine aliases, nine deep, are 10^9
+# strings), which whatever walks the result (validation, a message, the run's config.yaml) would
+# try to hold in memory. Expansion beyond this many values (and beyond what is written out) is
+# refused when the file is read.
+MAX_YAML_VALUES = 1_000_000
+
+
+class YamlExpansionError(yaml.YAMLError):
+    """A YAML document whose aliases expand beyond :data:`MAX_YAML_VALUES` or into themselves."""
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """The values of the document ``root`` with every alias expanded.
+
+    A document written out at length may be as large as it is; aliases may not make it larger
+    than :data:`MAX_YAML_VALUES`. Each node is measured once (aliases share their anchor's
+    node), so this costs as much as the text, not as the expansion.
+
+    Raises:
+        YamlExpansionError: an alias inside its own anchor (an infinite value), or an expansion
+            beyond :data:`MAX_YAML_VALUES` (naming the line of the smallest such value).
+    """
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise YamlExpansionError(
+                f"the value at line {node.start_mark.line + 1} contains an alias of itself "
+                "(an infinite value)"
+            )
+        open_nodes.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        open_nodes.discard(key)
+        sizes[key] = total
+        if total > MAX_YAML_VALUES and total > len(sizes):
+            raise YamlExpansionError(
+                f"its aliases expand the value at line {node.start_mark.line + 1} to {total:,} "
+                f"values (more than {MAX_YAML_VALUES:,}: a 'billion laughs')"
+            )
+        return total
+
+    return size(root)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that measures a document's expansion before building it."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _expanded_size(node)
+        return super().construct_document(node)
+
+
+def safe_load(text: str) -> Any:
+    """``yaml.safe_load``, refusing aliases that expand beyond :data:`MAX_YAML_VALUES`.
+
+    Raises:
+        YamlExpansionError: the expansion is too large or infinite (nothing is built).
+        yaml.YAMLError: the text is not valid YAML.
+    """
+    return yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader: no Python objects
+
+
 def _yaml_problem(err: yaml.YAMLError) -> str:
     """PyYAML's error in one line: what is wrong and where (its own message spans several)."""
     if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
@@ -193,7 +264,12 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
         if not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r} has an empty key. Fix: e.g. optim.lr=0.1.")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = safe_load(raw) if raw.strip() else ""
+        except YamlExpansionError as err:
+            raise ConfigError(
+                f"override {key!r} is refused: {err}. Fix: write the value out without "
+                "nested aliases."
+            ) from None
         except yaml.YAMLError as err:
             raise ConfigError(
                 f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)}). "
@@ -348,7 +424,11 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
             f"{p} cannot be read ({err.strerror}). Fix: check its permissions."
         ) from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_load(text)
+    except YamlExpansionError as err:
+        raise ConfigError(
+            f"{p} is refused: {err}. Fix: write the values out, or use fewer nested aliases."
+        ) from None
     except yaml.YAMLError as err:
         raise ConfigError(
             f"{p} is not valid YAML: {_yaml_problem(err)}. Fix: correct the file there."

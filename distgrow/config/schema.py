@@ -185,7 +185,10 @@ class RunConfig(_Section):
     )
     resume: Bool = _f(False, "Continue from the newest checkpoint in output_dir.")
     device: Literal["auto", "cpu", "cuda"] = _f(
-        "auto", "Where to train: 'auto' uses CUDA when present, else the CPU."
+        "auto",
+        "Where to train: 'auto' uses CUDA when torch can, the CPU on a machine without GPUs; "
+        "GPUs that torch cannot use (a CPU build, an old driver) are an error: 'cpu' trains on "
+        "the CPU anyway.",
     )
     keep_checkpoints: Int = _f(3, "How many checkpoints to keep (the newest ones).")
     checkpoint_every_steps: Int | None = _f(

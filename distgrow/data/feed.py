@@ -22,14 +22,40 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.utils.data import DataLoader, Sampler
 
 from distgrow.data.containers import DatasetFormatError, LoaderDataset, to_device
 
-__all__ = ["LoaderFeed"]
+__all__ = ["LoaderFeed", "loader_batches", "one_line"]
+
+_T = TypeVar("_T")
+
+
+def one_line(err: DatasetFormatError) -> DatasetFormatError:
+    """``err`` as its one line, when a loader worker raised it.
+
+    A ``DataLoader`` re-raises a worker's exception with the worker's whole traceback as its
+    message (``Caught DatasetFormatError in DataLoader worker process 0. Original Traceback
+    ...``); the user gets the line the same error says with 0 workers: the file and the fix.
+    """
+    text = str(err)
+    if "Original Traceback" not in text:
+        return err
+    name = f"\n{type(err).__module__}.{type(err).__qualname__}: "
+    at = text.rfind(name)
+    said = text[at + len(name) :] if at >= 0 else text.strip().splitlines()[-1]
+    return type(err)(" ".join(said.split()))
+
+
+def loader_batches(loader: Iterable[_T]) -> Iterator[_T]:
+    """The batches of ``loader``; a data error in a worker arrives as its one line."""
+    try:
+        yield from loader
+    except DatasetFormatError as err:
+        raise one_line(err) from None
 
 
 class _Recording(Sampler[list[int]]):
@@ -64,6 +90,7 @@ class LoaderFeed:
         pin_memory: Pin each batch in page-locked memory (faster copies to a GPU): the
             ``DataLoader`` does it in its own thread.
         prefetch_factor: Micro-batches each worker reads ahead.
+        device: Where batches go and are transformed (default: stay on the host).
     """
 
     def __init__(
@@ -74,9 +101,11 @@ class LoaderFeed:
         workers: int,
         pin_memory: bool,
         prefetch_factor: int,
+        device: torch.device | None = None,
     ) -> None:
         self.dataset = dataset
         self.pin_memory = pin_memory
+        self.device = device or torch.device("cpu")
         self._issued: deque[list[int]] = deque()
         self.loader: DataLoader[Any] = DataLoader(
             dataset.samples,
@@ -85,12 +114,13 @@ class LoaderFeed:
             prefetch_factor=prefetch_factor if workers > 0 else None,
             # One set of workers for the whole run, not one per epoch.
             persistent_workers=workers > 0,
+            # Pinned in the loader's thread, not the loop's (a no-op without CUDA).
+            pin_memory=pin_memory and torch.cuda.is_available(),
         )
         self._batches: Iterator[Any] | None = None
         self.read_here = 0
         """Micro-batches read in this process because the loader had not planned them."""
 
-        device: Where batches go and are transformed (default: stay on the host).
     def start(self) -> None:
         """Plan anew from where the loop stands (call at the start of each epoch's updates)."""
         self._issued.clear()
@@ -101,11 +131,9 @@ class LoaderFeed:
             self._batches = None
 
     def batch(self, indices: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        device: torch.device | None = None,
         """The transformed ``(x, y)`` of the micro-batch ``indices`` (as ``ArrayDataset.batch``).
 
         Taken from the loader when it read exactly these samples next, else read here.
-        self.device = device or torch.device("cpu")
         """
         wanted = indices.tolist()
         pair = self._next(wanted) if wanted else None
@@ -114,8 +142,11 @@ class LoaderFeed:
             x, y = self.dataset.read(indices)
         else:
             x, y = pair
-            # Pinned in the loader's thread, not the loop's (a no-op without CUDA).
-            pin_memory=pin_memory and torch.cuda.is_available(),
+        # Stored rows cross (pinned: without blocking), then the transform runs on the device.
+        if self.pin_memory:
+            x, y = to_device(x, self.device), to_device(y, self.device)
+        else:
+            x, y = x.to(self.device), y.to(self.device)
         if self.dataset.transform is not None:
             x = self.dataset.transform(x, indices, epoch)
         return x, y
@@ -129,16 +160,8 @@ class LoaderFeed:
             self._batches = None
             return None
         except DatasetFormatError as err:
-            # Raised in a worker, it arrives with the worker's traceback in its message; keep
-            # the one line that says which file and what to do.
-            last = str(err).strip().splitlines()[-1]
-            raise DatasetFormatError(last.split("Error: ", 1)[-1]) from None
+            raise one_line(err) from None
         if self._issued.popleft() != wanted:
             self._batches = None  # the run left the sampler's plan: read here until next epoch
             return None
         return x, y
-        # Stored rows cross (pinned: without blocking), then the transform runs on the device.
-        if self.pin_memory:
-            x, y = to_device(x, self.device), to_device(y, self.device)
-        else:
-            x, y = x.to(self.device), y.to(self.device)

@@ -77,6 +77,9 @@ class LaunchSpec:
             once; the same environment as torchrun's workers).
         rdzv_backend: torchrun with a fixed node count: ``static`` (``--node_rank``, rank 0 on
             node 0) or ``c10d`` (torchrun's store at the master address orders the nodes).
+        gpu_ids: The GPUs ``CUDA_VISIBLE_DEVICES`` lists (empty: unset, or training on the
+            CPU). deepspeed on one node starts its workers on them (``--include``): its
+            ``--num_gpus`` would discard ``CUDA_VISIBLE_DEVICES`` and use GPUs 0..N-1.
     """
 
     workers: int
@@ -104,6 +107,7 @@ class LaunchSpec:
     rdzv_last_call_s: int | None = None
     preload: bool = False
     rdzv_backend: Literal["static", "c10d"] = "static"
+    gpu_ids: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -267,12 +271,14 @@ def build_deepspeed(spec: LaunchSpec) -> tuple[list[str], dict[str, str]]:
     """The deepspeed launcher (``python -m deepspeed.launcher.runner``).
 
     One node: ``--num_gpus N`` starts N processes (on CPU too; without it deepspeed starts
-    one). Several nodes: ``--hostfile`` (pdsh over ssh) with ``--num_nodes`` and
-    ``--master_addr``. ``--no_local_rank`` because the workers read ``LOCAL_RANK`` from the
-    environment and ``distgrow train`` takes no ``--local_rank`` flag.
+    one), or ``--include=localhost:IDS`` with the first N of ``spec.gpu_ids`` (the GPUs
+    ``CUDA_VISIBLE_DEVICES`` lists, which ``--num_gpus`` would discard). Several nodes:
+    ``--hostfile`` (pdsh over ssh) with ``--num_nodes`` and ``--master_addr``.
+    ``--no_local_rank`` because the workers read ``LOCAL_RANK`` from the environment and
+    ``distgrow train`` takes no ``--local_rank`` flag.
 
     Raises:
-        LaunchError: several nodes without a hostfile.
+        LaunchError: several nodes without a hostfile; more workers than ``gpu_ids``.
     """
     per_node = spec.workers_per_node
     argv = [spec.python, "-m", "deepspeed.launcher.runner"]
@@ -289,7 +295,7 @@ def build_deepspeed(spec: LaunchSpec) -> tuple[list[str], dict[str, str]]:
         # pdsh joins the command into one line for the remote shell of every node.
         args = remote_shell_args(args)
     argv += [
-        f"--num_gpus={per_node}",
+        deepspeed_slots(per_node, spec.gpu_ids if spec.nodes == 1 else ()),
         f"--master_addr={spec.master_addr}",
         f"--master_port={spec.master_port}",
         "--no_local_rank",
@@ -299,6 +305,29 @@ def build_deepspeed(spec: LaunchSpec) -> tuple[list[str], dict[str, str]]:
         *args,
     ]
     return argv, {}
+
+
+def deepspeed_slots(per_node: int, gpu_ids: tuple[str, ...]) -> str:
+    """``--num_gpus=N``, or ``--include=localhost:IDS`` on the GPUs ``CUDA_VISIBLE_DEVICES`` lists.
+
+    Raises:
+        LaunchError: more workers than listed GPUs, or ids that are not GPU numbers.
+    """
+    if not gpu_ids:
+        return f"--num_gpus={per_node}"
+    listed = ",".join(gpu_ids)
+    if per_node > len(gpu_ids):
+        raise LaunchError(
+            f"deepspeed: {per_node} workers on this node but CUDA_VISIBLE_DEVICES={listed} "
+            f"lists {len(gpu_ids)} GPU(s): two ranks would share a GPU. Fix: set "
+            f"growth.max_workers={len(gpu_ids)}, or list more GPUs."
+        )
+    if not all(i.isdigit() for i in gpu_ids):
+        raise LaunchError(
+            f"deepspeed's --include takes GPU numbers, but CUDA_VISIBLE_DEVICES={listed}. "
+            "Fix: list the GPUs by number (nvidia-smi -L), or use launch.launcher=torchrun."
+        )
+    return f"--include=localhost:{','.join(gpu_ids[:per_node])}"
 
 
 def remote_shell_args(args: Iterable[str]) -> list[str]:

@@ -77,6 +77,9 @@ class Job:
     log: Callable[[str], None]
     gpu_ids: tuple[str, ...] = ()
     """Elastic: the GPUs to hand out, one per torchrun agent (empty on the CPU)."""
+    listed_gpus: tuple[str, ...] = ()
+    """The GPUs ``CUDA_VISIBLE_DEVICES`` lists (empty: unset, or training on the CPU); the
+    deepspeed launcher starts its workers on them."""
 
     @property
     def run_dir(self) -> Path:
@@ -185,6 +188,7 @@ class Job:
             preload=launch.preload and self.launcher == "torchrun" and nodes == 1,
             rdzv_id=rdzv_id,
             rdzv_backend=launch.rdzv,
+            gpu_ids=self.listed_gpus if self.launcher == "deepspeed" else (),
         )
 
 
@@ -293,6 +297,9 @@ def prepare(
             overrides += as_overrides("run", threads=threads)
         if cfg.run.device != "cpu":
             gpu_ids = visible_gpu_ids(env, gpus_on_node)
+    listed_gpus: tuple[str, ...] = ()
+    if cfg.run.device != "cpu" and "CUDA_VISIBLE_DEVICES" in env:
+        listed_gpus = visible_gpu_ids(env, gpus_on_node)
     plan = make_plan(cfg, cfg.data.expected_train_size())
     job = Job(
         cfg=cfg,
@@ -306,5 +313,6 @@ def prepare(
         python=python,
         log=log,
         gpu_ids=gpu_ids,
+        listed_gpus=listed_gpus,
     )
     return job, plan

@@ -15,7 +15,11 @@ batch is normalised with the training split's per-channel mean and std. With ``d
 
 from __future__ import annotations
 
+import contextlib
 import math
+import re
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,24 +36,66 @@ from distgrow.data.containers import (
     DatasetNotFoundError,
     LoaderDataset,
 )
+from distgrow.data.feed import loader_batches
 from distgrow.data.splits import seeded_split
 from distgrow.data.transforms import NormalizeImages
 
-__all__ = ["ImageFiles", "decode", "read", "streamed_image_stats"]
+__all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "ImageFiles", "decode", "read", "streamed_image_stats"]
+
+DEFAULT_MAX_IMAGE_PIXELS = DataConfig().max_image_pixels
+
+
+def _pixel_refusal(path: str, pixels: int | None, max_pixels: int) -> DatasetFormatError:
+    size = f"{pixels:,} pixels" if pixels is not None else "an image"
+    fix = f"data.max_image_pixels={pixels}" if pixels is not None else "data.max_image_pixels"
+    return DatasetFormatError(
+        f"{path}: {size}, more than data.max_image_pixels = {max_pixels:,} (refused as a "
+        f"possible decompression bomb). Fix: if the image is genuine, set {fix} or more; "
+        "else remove the file."
+    )
+
+
+@contextlib.contextmanager
+def _pillow_limit(max_pixels: int) -> Iterator[None]:
+    """Pillow's decompression-bomb limit set to ``max_pixels`` while an image is decoded.
+
+    Pillow warns above ``MAX_IMAGE_PIXELS`` and refuses above twice that, naming no file;
+    distgrow checks the size itself, so Pillow's warning is silenced and its refusal (also
+    checked on frames and crops) moved to at least ``max_pixels``. Decoding runs on one thread
+    per process (the loop's, or a loader worker's), so the module setting is restored safely.
+    """
+    from PIL import Image
+
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = (max_pixels + 1) // 2
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 def decode(
-    path: str, mode: str, size: tuple[int, int] | None, crop: tuple[int, int] | None
+    path: str,
+    mode: str,
+    size: tuple[int, int] | None,
+    crop: tuple[int, int] | None,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> np.ndarray:
     """One image as ``uint8 (C, H, W)``: decoded, converted to ``mode``, resized, cropped.
 
     Raises:
-        DatasetFormatError: Pillow cannot read the file, or the crop is larger than the image.
+        DatasetFormatError: Pillow cannot read the file, the image has more than
+            ``max_pixels`` pixels (``data.max_image_pixels``), or the crop is larger than the
+            image; one line naming the file.
     """
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as opened:
+        with _pillow_limit(max_pixels), Image.open(path) as opened:
+            if opened.width * opened.height > max_pixels:
+                raise _pixel_refusal(path, opened.width * opened.height, max_pixels)
             image = opened.convert(mode)
             if size is not None and (image.height, image.width) != size:
                 image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
@@ -63,10 +109,14 @@ def decode(
                 top, left = (image.height - h) // 2, (image.width - w) // 2
                 image = image.crop((left, top, left + w, top + h))
             pixels = np.asarray(image, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError) as err:
+    except Image.DecompressionBombError as err:
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        raise _pixel_refusal(path, int(found.group(1)) if found else None, max_pixels) from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError) as err:
         if isinstance(err, DatasetFormatError):
             raise
-        raise DatasetFormatError(f"{path}: not an image Pillow can read ({err}).") from err
+        said = " ".join(str(err).split())
+        raise DatasetFormatError(f"{path}: not an image Pillow can read ({said}).") from None
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
     return np.array(pixels.transpose(2, 0, 1), order="C")  # a writable copy, (C, H, W)
@@ -85,6 +135,7 @@ class ImageFiles(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         size: Resize to ``(height, width)``, or None.
         crop: Centre-crop to ``(height, width)`` after the resize, or None.
         shape: The ``(C, H, W)`` every image must have (None: the first image's).
+        max_pixels: Refuse an image of more pixels (``data.max_image_pixels``).
     """
 
     def __init__(
@@ -95,17 +146,19 @@ class ImageFiles(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         size: tuple[int, int] | None,
         crop: tuple[int, int] | None,
         shape: tuple[int, ...] | None = None,
+        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         self.paths = paths
         self.labels = torch.tensor(labels, dtype=torch.long)
         self.mode, self.size, self.crop = mode, size, crop
+        self.max_pixels = max_pixels
         self.shape = shape if shape is not None else tuple(self._decode(0).shape)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def _decode(self, index: int) -> np.ndarray:
-        return decode(self.paths[index], self.mode, self.size, self.crop)
+        return decode(self.paths[index], self.mode, self.size, self.crop, self.max_pixels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         pixels = self._decode(index)
@@ -125,6 +178,7 @@ class ImageFiles(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             self.size,
             self.crop,
             self.shape,
+            self.max_pixels,
         )
 
 
@@ -143,7 +197,7 @@ def streamed_image_stats(
     """
     channels = files.shape[0]
     counts = np.zeros((channels, 256), dtype=np.float64)
-    for x, _ in _loader(files, workers):
+    for x, _ in loader_batches(_loader(files, workers)):
         arr = x.numpy()
         for c in range(channels):
             counts[c] += np.bincount(arr[:, c].reshape(-1), minlength=256)
@@ -161,7 +215,7 @@ def streamed_image_stats(
 
 def _in_memory(files: ImageFiles, workers: int) -> ArrayDataset:
     xs, ys = [], []
-    for x, y in _loader(files, workers):
+    for x, y in loader_batches(_loader(files, workers)):
         xs.append(x)
         ys.append(y)
     return ArrayDataset(torch.cat(xs), torch.cat(ys))
@@ -204,7 +258,12 @@ def read(name: str, cfg: DataConfig, seed: int) -> DataBundle:
     size = (cfg.image_size[0], cfg.image_size[1]) if cfg.image_size else None
     crop = (cfg.crop[0], cfg.crop[1]) if cfg.crop else None
     everything = ImageFiles(
-        [str(p) for p, _ in samples], [c for _, c in samples], cfg.image_mode, size, crop
+        [str(p) for p, _ in samples],
+        [c for _, c in samples],
+        cfg.image_mode,
+        size,
+        crop,
+        max_pixels=cfg.max_image_pixels,
     )
     if val_root is None:
         train_idx, val_idx = seeded_split(len(everything), cfg.val_fraction, seed)
@@ -227,6 +286,7 @@ def read(name: str, cfg: DataConfig, seed: int) -> DataBundle:
             size,
             crop,
             train.shape,
+            cfg.max_image_pixels,
         )
     workers = cfg.loader_workers
     # Statistics of the whole training split, before any limit (as for the built-in sets).

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from distgrow.config import DataConfig
-from distgrow.config.filesizes import existing, npz_member
+from distgrow.config.filesizes import existing, npz_header
 from distgrow.data.containers import DatasetFormatError, DatasetNotFoundError
 from distgrow.data.readers.labels import targets
 from distgrow.data.splits import Table
@@ -20,14 +20,17 @@ def _arrays(path: Path, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     """The features and labels of one archive, checked: numbers, one label per row, no NaN."""
     try:
         for key in (cfg.x_key, cfg.y_key):
-            npz_member(path, key)
+            # Each header against the file's real size (and no objects) before anything is
+            # allocated: a forged header would ask for terabytes.
+            npz_header(path, key)
         # allow_pickle=False: an archive of objects could run code when unpickled.
         with np.load(path, allow_pickle=False) as archive:
             x, y = archive[cfg.x_key], archive[cfg.y_key]
     except (zipfile.BadZipFile, OSError) as err:
         raise DatasetFormatError(f"{path}: not a readable .npz archive ({err}).") from err
     except ValueError as err:
-        raise DatasetFormatError(str(err)) from err
+        said = " ".join(str(err).split())
+        raise DatasetFormatError(said if said.startswith(str(path)) else f"{path}: {said}") from err
     if x.ndim < 1 or x.dtype.kind not in "biuf":
         raise DatasetFormatError(
             f"{path}: array {cfg.x_key!r} has dtype {x.dtype} and shape {x.shape}; the features "
