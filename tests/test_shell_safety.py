@@ -327,10 +327,23 @@ def test_deepspeed_refuses_exported_variables_a_shell_would_read(
     name: str, value: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(name, value)
-    with pytest.raises(LaunchError, match=rf"\${name} = .*unset {name} or remove them"):
+    with pytest.raises(LaunchError, match=rf"\${name} = .*unset it or remove them"):
         build_deepspeed(LaunchSpec(workers=4, nodes=2, config="c.yaml", hostfile="/h"))
     # One node: no remote shell, nothing to refuse.
     assert build_deepspeed(LaunchSpec(workers=2, config="c.yaml"))[0]
+
+
+def test_deepspeed_refuses_a_deepspeed_env_line_a_shell_would_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DS_ENV_FILE", "ds.env")  # not a user's own ~/.deepspeed_env
+    spec = LaunchSpec(workers=4, nodes=2, config="c.yaml", hostfile="/h")
+    (tmp_path / "ds.env").write_text("NCCL_IB_HCA=mlx5_0\nUCX_TLS=tcp,self\n")
+    assert build_deepspeed(spec)[0]
+    (tmp_path / "ds.env").write_text("NCCL_IB_HCA=mlx5_0\nX=$(touch pwned)\n")
+    with pytest.raises(LaunchError, match=r"X in .*ds\.env = '\$\(touch pwned\)\\n' holds"):
+        build_deepspeed(spec)
 
 
 @pytest.mark.parametrize("path", ["/my dir/py", "/d/$(touch pwned)", "/d;x/py", "/d'/py"])

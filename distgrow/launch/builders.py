@@ -365,8 +365,9 @@ def check_deepspeed_remote_line(python: str, cwd: str, env: Mapping[str, str]) -
     The runner writes ``export NAME=VALUE; cd CWD; PYTHON -u -m deepspeed.launcher.launch ...``
     for every node's shell: the working directory and the interpreter unquoted, and the
     exported variables (``DEEPSPEED_EXPORT_PREFIXES``, ``PYTHONPATH`` always, which it
-    prefixes with ``CWD:``) in double quotes. distgrow cannot quote them (DeepSpeed writes
-    them), so each must hold nothing a shell would read there.
+    prefixes with ``CWD:``, and the lines of ``.deepspeed_env``) in double quotes. distgrow
+    cannot quote them (DeepSpeed writes them), so each must hold nothing a shell would read
+    there.
 
     Raises:
         LaunchError: naming the value and what to change.
@@ -378,14 +379,23 @@ def check_deepspeed_remote_line(python: str, cwd: str, env: Mapping[str, str]) -
                 "reads, and DeepSpeed's pdsh runner writes it unquoted into every node's remote "
                 "command line. Fix: use a path of letters, digits and @%+=:,./-_ only."
             )
-    exported = {k: v for k, v in env.items() if k.startswith(DEEPSPEED_EXPORT_PREFIXES)}
-    exported["PYTHONPATH"] = f"{cwd}:{env['PYTHONPATH']}" if "PYTHONPATH" in env else cwd
+    exported = {f"${k}": v for k, v in env.items() if k.startswith(DEEPSPEED_EXPORT_PREFIXES)}
+    exported["$PYTHONPATH"] = f"{cwd}:{env['PYTHONPATH']}" if "PYTHONPATH" in env else cwd
+    # And every NAME=VALUE line of its .deepspeed_env files (in ~ and the working directory).
+    env_file = env.get("DS_ENV_FILE", ".deepspeed_env")
+    for folder in (os.path.expanduser("~"), cwd):
+        path = os.path.join(folder, env_file)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8", errors="replace") as lines:
+                for line in lines:
+                    name, _, value = line.partition("=")
+                    exported[f"{name.strip()} in {path}"] = value
     for name, value in exported.items():
         if _DOUBLE_QUOTE_SPECIAL.search(value.strip()):
             raise LaunchError(
-                f'deepspeed on several nodes: ${name} = {value!r} holds $, `, \\, " or a '
+                f'deepspeed on several nodes: {name} = {value!r} holds $, `, \\, " or a '
                 "newline, which DeepSpeed's pdsh runner exports to every node inside double "
-                f"quotes, where a shell still reads them. Fix: unset {name} or remove them."
+                "quotes, where a shell still reads them. Fix: unset it or remove them."
             )
 
 
