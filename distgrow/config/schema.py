@@ -358,6 +358,11 @@ class DataConfig(_Section):
     image_mode: Literal["RGB", "L"] = _f(
         "RGB", "image_folder: decode to RGB (3 channels) or L (grey, 1 channel)."
     )
+    max_image_pixels: Int = _f(
+        178_956_970,
+        "image_folder: refuse an image of more pixels (width × height) than this, as a "
+        "possible decompression bomb (default: Pillow's own limit); raise it for huge images.",
+    )
     normalize: Bool = _f(
         True,
         "image_folder: standardise each channel with the training split's mean and std (off: "
@@ -488,6 +493,8 @@ class DataConfig(_Section):
                 raise _fail(f"data.{key}", shape, "must be [height, width], both >= 1", "[32, 32]")
         if self.loader_workers < 0:
             raise _fail("data.loader_workers", self.loader_workers, "must be >= 0", "e.g. 2")
+        if self.max_image_pixels < 1:
+            raise _fail("data.max_image_pixels", self.max_image_pixels, "must be >= 1", "e.g. 2e8")
         if self.prefetch_factor < 1:
             raise _fail("data.prefetch_factor", self.prefetch_factor, "must be >= 1", "e.g. 2")
         if not 0.0 <= self.device_fraction <= 1.0:
