@@ -3,16 +3,19 @@
 An update is ``workers × micro_batch × accum_steps`` samples; halving the micro-batch and
 doubling the accumulation runs the same samples through the same update (the gradient is the
 same sum, up to the order of the additions). :class:`OomFallback` wraps the trainer's
-``train_step``: on ``torch.cuda.OutOfMemoryError`` it drops the partial gradients of the failed
+``train_step``: on ``torch.cuda.OutOfMemoryError`` (or a cuBLAS/cuDNN allocation failure,
+:func:`is_oom`) it drops the partial gradients of the failed
 update, restores the batch-norm buffers its forward passes moved, empties the CUDA cache, logs
 an ``oom_fallback`` event and runs the update again at the smaller split; later updates keep
-the micro-batch at or below the one that fitted (a ceiling), so the error is paid once.
+the micro-batch at or below the one that fitted (a ceiling), so the error is paid once; the
+ceiling goes into the checkpoint, so a relaunch does not pay it again.
 
 When it is on (``run.oom_fallback``; null: the torch backend on one worker with in-memory
-data): several workers would have to agree that one of them ran out, and DDP's reducer cannot
-be rewound after a failed backward; DeepSpeed and Horovod count micro-steps inside the engine;
-a ``DataLoader`` feed reads ahead in the planned micro-batches. An error raised once the
-optimizer step began is never retried (the parameters may be half updated).
+data; ``true`` on several workers is refused): several workers would have to agree that one
+of them ran out, and DDP's reducer cannot be rewound after a failed backward; DeepSpeed and
+Horovod count micro-steps inside the engine; a ``DataLoader`` feed reads ahead in the planned
+micro-batches. An error raised once the optimizer step began is never retried (the
+parameters may be half updated).
 
 The split arithmetic (:func:`smaller_split`, :func:`within_ceiling`) is pure.
 """
@@ -28,8 +31,27 @@ import torch
 from torch import nn
 
 from distgrow.planner import Setting, Split
+from distgrow.state import TrainError
 
 OOM_EVENT = "oom_fallback"
+
+# How libraries below torch say they ran out of device memory: cuBLAS and cuDNN allocate their
+# workspaces themselves and raise a plain RuntimeError, not torch.cuda.OutOfMemoryError.
+_OOM_MESSAGES = (
+    "CUDA out of memory",
+    "CUDA error: out of memory",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE",
+)
+
+
+def is_oom(err: BaseException) -> bool:
+    """Whether ``err`` says the device ran out of memory: torch's own error, or a cuBLAS or
+    cuDNN allocation failure (a ``RuntimeError`` naming its status)."""
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and any(m in str(err) for m in _OOM_MESSAGES)
 
 
 def smaller_split(split: Split, multiple: int) -> Split | None:
@@ -58,7 +80,19 @@ def fallback_wanted(
     setting: bool | None, backend_name: str, world_size: int, device_type: str, loader_feed: bool
 ) -> bool:
     """``run.oom_fallback`` resolved: null is on for one CUDA worker of the torch backend with
-    in-memory data (see the module's docstring for why not elsewhere)."""
+    in-memory data (see the module's docstring for why not elsewhere).
+
+    Raises:
+        TrainError: ``true`` on several workers: a rank that retries alone would leave the
+            others waiting in a collective of the update it abandoned.
+    """
+    if setting and world_size > 1:
+        raise TrainError(
+            f"run.oom_fallback = true on {world_size} workers: one rank cannot retry an update "
+            "while the others wait in its gradient all-reduce. Fix: set run.oom_fallback=null "
+            "(off on several workers), or lower growth.max_micro_batch (distgrow probe measures "
+            "what fits)."
+        )
     if setting is not None:
         return setting
     return device_type == "cuda" and backend_name == "torch" and world_size == 1 and not loader_feed
@@ -99,6 +133,15 @@ class OomFallback:
         if enabled:
             optimizer.register_step_pre_hook(self._count_step)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The micro-batch ceiling, for the checkpoint: a relaunch keeps below it."""
+        return {"ceiling": self.ceiling}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take a checkpoint's ceiling (absent in checkpoints before it was recorded)."""
+        ceiling = state.get("ceiling")
+        self.ceiling = None if ceiling is None else int(ceiling)
+
     def _count_step(self, *args: Any) -> None:
         del args
         self._steps_begun += 1
@@ -126,9 +169,9 @@ class OomFallback:
             begun = self._steps_begun
             try:
                 return step(indices, setting), setting
-            except torch.cuda.OutOfMemoryError as err:
+            except RuntimeError as err:  # torch.cuda.OutOfMemoryError is one
                 smaller = smaller_split(setting.split, self.multiple)
-                if self._steps_begun != begun or smaller is None:
+                if not is_oom(err) or self._steps_begun != begun or smaller is None:
                     raise
                 error = str(err).splitlines()[0] if str(err) else "CUDA out of memory"
             # Out of the except block: its traceback, which holds the failed forward's tensors,

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distgrow.rundir import atomic_write
+
 COLOURS: dict[str, str] = {
     "decay_lr": "#1f77b4",  # blue: the baseline
     "grow_batch": "#d62728",  # red
@@ -70,8 +72,8 @@ def _legend(fig: Any, ax: Any) -> None:
 
 def _save(fig: Any, path: Path) -> Any:
     """Write the PNG; returns the figure (its transforms place data in the PNG's pixels)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=DPI)
+    # Atomic: a full disk leaves the old PNG or none, never a cut one.
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
     return fig
 
 

@@ -11,17 +11,26 @@ or passes the largest global batch the config allows. From the table:
 * **the memory limit**: the largest micro-batch that stayed within the budget
   (``growth.max_micro_batch``; ``auto`` uses it).
 
-Memory: on CUDA the peak allocated by tensors (``torch.cuda.max_memory_allocated``), against a
-budget of the device's total memory (default 90 %); on the CPU the growth of the process's peak
+Memory: on CUDA what training will hold: the caching allocator's peak *reserved* bytes (tensors,
+cuBLAS workspaces, fragmentation) plus the memory outside it (the CUDA context, cuDNN and NCCL
+buffers: the device's used memory minus the reserved), with the data placed as training places
+it (``data.device_fraction``), plus what the probe's single process does not build: DDP's
+gradient buckets (one more copy of the gradients) on several workers, and the noise meter's
+float64 gradient copy (:func:`training_overhead_bytes`). That sum is compared with a budget of
+the device's total memory (default 90 %: the rest is headroom for allocator growth over a long
+run and for the other processes a node runs). On the CPU the growth of the process's peak
 resident set over its size after a first update (``VmHWM`` in ``/proc/self/status``, reset
 through ``/proc/self/clear_refs``), against a budget of the memory available when the probe
 starts (default 50 %). Each micro-batch reuses one batch of real samples, so the table measures
 the device, not the data pipeline.
 
 Results are cached under ``~/.cache/distgrow/probe/`` (``$XDG_CACHE_HOME`` if set), one JSON file
-per key: a hash of the model config, the optimizer, the input shape, the precision and the
-device's name. ``growth.max_micro_batch: auto`` reads that cache (:func:`resolve_auto`), and
-probes once at the start of training when nothing is cached.
+per key: a hash of the model config, the optimizer, the input shape, the precision, the
+device's name, where the data lives, the world size, the backend, ``run.compile`` and
+``run.channels_last``. A cached probe measured under another ``--memory-budget`` than the one
+given measures again (without one, the cache serves what it holds and prints its budget).
+``growth.max_micro_batch: auto`` reads that cache (:func:`resolve_auto`), and probes once at
+the start of training when nothing is cached.
 """
 
 from __future__ import annotations
@@ -42,9 +51,10 @@ import torch
 from distgrow.backends import Backend
 from distgrow.backends.torch_ddp import autocast_model, grad_scaler, resolve_device
 from distgrow.config import Config
-from distgrow.data import DataBundle
-from distgrow.gpu import prepare_model
+from distgrow.data import DataBundle, LoaderDataset
+from distgrow.gpu import PinnedArrays, data_placement, place_data, prepare_model
 from distgrow.losses import build_objective
+from distgrow.oom import is_oom
 from distgrow.planner import Limits
 from distgrow.runtime import cpu_cores
 from distgrow.state import TrainError
@@ -54,7 +64,9 @@ DEFAULT_TOLERANCE = 0.05
 """A micro-batch within this fraction of the best throughput counts as saturated."""
 DEFAULT_CUDA_FRACTION = 0.9
 DEFAULT_CPU_FRACTION = 0.5
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+MAX_BUDGET_GIB = 2**20
+"""A ``--memory-budget`` in GiB above this (a PiB) is no device's memory: a typo."""
 
 Status = Literal["ok", "over_budget", "out_of_memory"]
 
@@ -124,10 +136,16 @@ def parse_budget(text: str) -> tuple[Literal["fraction", "bytes"], float]:
         value = math.nan
     if percent:
         value /= 100.0
-    if not math.isfinite(value) or value <= 0 or (percent and value > 1.0):
+    if (
+        not math.isfinite(value)
+        or value <= 0
+        or (percent and value > 1.0)
+        or value > MAX_BUDGET_GIB
+    ):
         raise ProbeError(
             f"--memory-budget = {text!r}: must be a fraction of the device's memory (0 < f <= 1, "
-            "or a percentage) or GiB (a number above 1). Fix: e.g. --memory-budget 0.8 or 12."
+            f"or a percentage) or GiB (a number above 1, at most {MAX_BUDGET_GIB:,}). Fix: e.g. "
+            "--memory-budget 0.8 or 12."
         )
     if percent or value <= 1.0:
         return ("fraction", value)
@@ -167,8 +185,12 @@ class ProbeResult:
     """Why the doubling stopped (a phrase)."""
     tolerance: float = DEFAULT_TOLERANCE
     identity: dict[str, Any] = field(default_factory=dict)
-    """What the key hashes: model config, optimizer, input shape, precision, device."""
+    """What the key hashes (:func:`probe_identity`)."""
     measured_at: float = 0.0
+    budget_spec: str | None = None
+    """The ``--memory-budget`` it was measured under (None: the device's default)."""
+    overhead_bytes: int = 0
+    """Added to every row's peak: what training holds that the probe does not build."""
 
     def to_json(self) -> dict[str, Any]:
         return {"version": CACHE_VERSION, **asdict(self)}
@@ -201,16 +223,59 @@ def device_name(device: torch.device) -> str:
     return f"cpu: {cpu}"
 
 
-def probe_identity(cfg: Config, input_shape: Sequence[int], device: str) -> dict[str, Any]:
+def probe_identity(
+    cfg: Config,
+    input_shape: Sequence[int],
+    device: str,
+    placement: str = "host",
+    world_size: int = 1,
+) -> dict[str, Any]:
     """What a probe's answer depends on: the model, the optimizer (its state's size), the
-    input shape, the precision and the device."""
+    input shape, the precision, the device, where the data lives (``device``: on the GPU beside
+    the model), the world size (DDP's buckets), the backend, the noise meter, and compilation
+    and memory format."""
     return {
         "model": asdict(cfg.model),
         "optim": cfg.optim.name,
         "input_shape": list(input_shape),
         "precision": cfg.backend.precision,
         "device": device,
+        "placement": placement,
+        "world_size": world_size,
+        "backend": cfg.backend.name,
+        "noise": cfg.noise.enabled(cfg.growth),
+        "compile": cfg.run.compile,
+        "channels_last": cfg.run.channels_last,
     }
+
+
+def data_placement_of(cfg: Config, data: DataBundle, device: torch.device) -> str:
+    """Where training keeps ``data`` on ``device``: ``device``, ``pinned``, ``host`` (the CPU)
+    or ``loader`` (read sample by sample), as :func:`distgrow.gpu.place_data` decides."""
+    train, val = data.train, data.val
+    if isinstance(train, LoaderDataset) or isinstance(val, LoaderDataset):
+        return "loader"
+    if device.type != "cuda":
+        return "host"
+    if isinstance(train, PinnedArrays):
+        return "pinned"
+    if train.x.device.type == "cuda":
+        return "device"
+    total = sum(t.numel() * t.element_size() for t in (train.x, train.y, val.x, val.y))
+    free, _ = torch.cuda.mem_get_info(device)
+    return data_placement(total, free, cfg.data.device_fraction, device.type)
+
+
+def training_overhead_bytes(cfg: Config, model: torch.nn.Module, world_size: int) -> int:
+    """What training holds on the device beyond one process's forward, backward and step:
+    DDP's gradient buckets on several workers of the torch backend (one more copy of the
+    gradients), and the noise meter's float64 copy of the flat gradient."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_bytes = sum(p.numel() * p.element_size() for p in params)
+    extra = grad_bytes if world_size > 1 and cfg.backend.name == "torch" else 0
+    if cfg.noise.enabled(cfg.growth):
+        extra += sum(p.numel() for p in params) * 8
+    return extra
 
 
 def cache_key(identity: dict[str, Any]) -> str:
@@ -278,6 +343,20 @@ def _available_bytes() -> int | None:
     return None
 
 
+def _total_bytes(device: torch.device) -> int | None:
+    """The device's whole memory: the GPU's, or the machine's (``MemTotal``)."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def device_memory_bytes(device: torch.device) -> int | None:
     """What the budget's fraction applies to: the GPU's total memory, or the memory available
     to this process on the CPU (None where it cannot be read)."""
@@ -287,22 +366,31 @@ def device_memory_bytes(device: torch.device) -> int | None:
 
 
 def budget_bytes(spec: str | None, device: torch.device) -> int | None:
-    """The budget in bytes from ``--memory-budget`` (None: the device's default fraction)."""
+    """The budget in bytes from ``--memory-budget`` (None: the device's default fraction).
+
+    Raises:
+        ProbeError: a budget in GiB above the device's whole memory.
+    """
     kind, value = (
         parse_budget(spec)
         if spec is not None
         else ("fraction", DEFAULT_CUDA_FRACTION if device.type == "cuda" else DEFAULT_CPU_FRACTION)
     )
     if kind == "bytes":
+        total = _total_bytes(device)
+        if total is not None and value > total:
+            raise ProbeError(
+                f"--memory-budget = {spec!r}: {value / 2**30:,.4g} GiB is more than the "
+                f"{total / 2**30:.1f} GiB {device} has, so it would stop nothing. Fix: a budget "
+                f"of at most {total / 2**30:.1f} GiB, or a fraction such as 0.8."
+            )
         return int(value)
     total = device_memory_bytes(device)
     return None if total is None else int(value * total)
 
 
 def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.cuda.OutOfMemoryError) or (
-        isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
-    )
+    return is_oom(err) or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
 
 
 class _Stepper:
@@ -347,6 +435,8 @@ def measure(
     warmup: int = 2,
     tolerance: float = DEFAULT_TOLERANCE,
     echo: Callable[[str], None] | None = None,
+    world_size: int = 1,
+    budget_spec: str | None = None,
 ) -> ProbeResult:
     """Probe ``cfg``'s model on ``device`` (see the module's docstring for the rules).
 
@@ -360,6 +450,8 @@ def measure(
         warmup: Updates run first and dropped (allocations, autotuning, compilation).
         tolerance: See :func:`saturation_point`.
         echo: Prints each row as it is measured.
+        world_size: The workers training will run on (DDP's buckets; the cache key).
+        budget_spec: The ``--memory-budget`` text, kept with the result.
 
     Raises:
         ProbeError: not even the smallest micro-batch fits.
@@ -370,10 +462,14 @@ def measure(
     limits = Limits.from_config(unlimited, cfg.model, len(data.train))
     sizes = doubling_sequence(cfg.growth.base_batch, limits.cap)
     name = device_name(device)
-    identity = probe_identity(cfg, data.input_shape, name)
+    placement = data_placement_of(cfg, data, device)
+    identity = probe_identity(cfg, data.input_shape, name, placement, world_size)
+    # The data where training keeps it: on the GPU it takes memory beside the model.
+    data = place_data(data, device, cfg.data.device_fraction, lambda line: None)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.run.seed)
         stepper = _Stepper(cfg, data, device)
+        overhead = training_overhead_bytes(cfg, stepper.model, world_size)
         cpu_memory = device.type != "cuda"
         # A first update creates the gradients and the optimizer state: the CPU baseline then
         # holds everything but the activations and the batch.
@@ -393,6 +489,8 @@ def measure(
                 stopped = f"micro-batch {m} would need about {_gib(guess)} (budget {_gib(budget)})"
                 break
             row = _measure_one(stepper, m, steps, warmup, base_rss)
+            if row.peak_bytes is not None and overhead:
+                row = replace(row, peak_bytes=row.peak_bytes + overhead)
             rows.append(row)
             if echo is not None:
                 echo(format_row(row))
@@ -418,7 +516,7 @@ def measure(
     return ProbeResult(
         key=cache_key(identity),
         device=name,
-        memory_kind="cuda_peak_allocated" if device.type == "cuda" else "cpu_peak_rss_growth",
+        memory_kind="cuda_peak_reserved" if device.type == "cuda" else "cpu_peak_rss_growth",
         budget_bytes=budget,
         rows=rows,
         preferred_micro_batch=saturation_point(table, tolerance),
@@ -427,6 +525,8 @@ def measure(
         tolerance=tolerance,
         identity=identity,
         measured_at=time.time(),
+        budget_spec=budget_spec,
+        overhead_bytes=overhead,
     )
 
 
@@ -454,13 +554,11 @@ def _measure_one(
         return ProbeRow(micro_batch, "out_of_memory")
     rate = micro_batch * steps / elapsed if elapsed > 0 else None
     if cuda:
-        return ProbeRow(
-            micro_batch,
-            "ok",
-            rate,
-            int(torch.cuda.max_memory_allocated(stepper.device)),
-            int(torch.cuda.max_memory_reserved(stepper.device)),
-        )
+        reserved = int(torch.cuda.max_memory_reserved(stepper.device))
+        free, total = torch.cuda.mem_get_info(stepper.device)
+        # Outside the allocator: the CUDA context, cuDNN/NCCL buffers (and any other process).
+        outside = max(0, total - free - int(torch.cuda.memory_reserved(stepper.device)))
+        return ProbeRow(micro_batch, "ok", rate, reserved + outside, reserved)
     hwm = _proc_status_kib("VmHWM") if reset else None
     growth = None if hwm is None or base_rss_kib is None else max(0, hwm - base_rss_kib) * 1024
     return ProbeRow(micro_batch, "ok", rate, growth)
@@ -483,10 +581,12 @@ def format_row(row: ProbeRow) -> str:
 def format_result(result: ProbeResult, source: str | None = None) -> str:
     """The table and the two answers, as ``distgrow probe`` prints them."""
     memory = (
-        "peak allocated (CUDA)"
-        if result.memory_kind == "cuda_peak_allocated"
+        "peak reserved + CUDA context (CUDA)"
+        if result.memory_kind == "cuda_peak_reserved"
         else "peak RSS growth (CPU)"
     )
+    if result.overhead_bytes:
+        memory += f" + {_gib(result.overhead_bytes)} training adds (DDP buckets, noise meter)"
     lines = [
         f"probe: {result.device}; memory = {memory}; budget {_gib(result.budget_bytes)}"
         + (f"; {source}" if source else ""),
@@ -529,9 +629,16 @@ def run_probe(
     elif cfg.run.threads is not None:
         torch.set_num_threads(cfg.run.threads)
     budget = budget_bytes(memory_budget, device)
-    identity = probe_identity(cfg, data.input_shape, device_name(device))
+    placement = data_placement_of(cfg, data, device)
+    identity = probe_identity(cfg, data.input_shape, device_name(device), placement)
     key = cache_key(identity)
     cached = None if refresh else read_cache(key)
+    if cached is not None and not same_budget(cached.budget_spec, memory_budget):
+        echo(
+            f"probe: the cached probe was measured under --memory-budget "
+            f"{cached.budget_spec or 'default'}; measuring again under {memory_budget or 'default'}"
+        )
+        cached = None
     if cached is not None:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(cached.measured_at))
         echo(
@@ -539,10 +646,25 @@ def run_probe(
         )
         return cached
     echo(f"probe: {identity['device']}, micro-batches from {cfg.growth.base_batch}, doubling")
-    result = measure(cfg, data, device, budget=budget, steps=steps, warmup=warmup)
+    result = measure(
+        cfg, data, device, budget=budget, steps=steps, warmup=warmup, budget_spec=memory_budget
+    )
     path = write_cache(result)
     echo(format_result(result, f"saved to {path}"))
     return result
+
+
+def same_budget(cached: str | None, asked: str | None) -> bool:
+    """Whether a cached probe answers for the budget asked for now: any, when none is asked
+    (the cache serves what was measured, its budget printed); else the same budget."""
+    if asked is None:
+        return True
+    if cached is None:
+        return False
+    try:
+        return parse_budget(cached) == parse_budget(asked)
+    except ProbeError:
+        return False
 
 
 def resolve_auto(
@@ -559,14 +681,21 @@ def resolve_auto(
         return cfg
     answer: tuple[int, str] | str | None = None
     if backend.is_main:
-        identity = probe_identity(cfg, data.input_shape, device_name(backend.device))
+        placement = data_placement_of(cfg, data, backend.device)
+        identity = probe_identity(
+            cfg, data.input_shape, device_name(backend.device), placement, backend.world_size
+        )
         result = read_cache(cache_key(identity))
         source = f"probe cache {cache_path(cache_key(identity))}"
         if result is None:
             echo(f"distgrow: growth.max_micro_batch=auto: probing {identity['device']} first")
             try:
                 result = measure(
-                    cfg, data, backend.device, budget=budget_bytes(None, backend.device)
+                    cfg,
+                    data,
+                    backend.device,
+                    budget=budget_bytes(None, backend.device),
+                    world_size=backend.world_size,
                 )
                 source = f"probed now, cached in {write_cache(result)}"
             except ProbeError as err:
@@ -586,6 +715,7 @@ def cached_limit(cfg: Config, data: DataBundle) -> tuple[int, Path] | None:
     """The cached ``max_micro_batch`` for ``cfg`` on the device this machine trains on, with
     its file (for ``distgrow plan``); None when nothing is cached."""
     device = probe_device(cfg)
-    key = cache_key(probe_identity(cfg, data.input_shape, device_name(device)))
+    placement = data_placement_of(cfg, data, device)
+    key = cache_key(probe_identity(cfg, data.input_shape, device_name(device), placement))
     result = read_cache(key)
     return None if result is None else (result.max_micro_batch, cache_path(key))

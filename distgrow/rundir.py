@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -74,24 +75,127 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(target: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write through ``write`` to a temporary file next to ``target``, then rename it over.
+TEMPORARY_SUFFIX = ".tmp"
+"""What every temporary file of :func:`atomic_write` ends with (it starts with ``.NAME.``)."""
 
-    On any failure the temporary file is removed and ``target`` keeps its old content.
+# The temporary files only the trainer writes (rank 0, one process per run directory): those
+# a kill mid-write leaves are removed at the next start (:meth:`RunDir.remove_temporaries`).
+_TRAINER_FILES = "|".join(map(re.escape, (CONFIG_FILE, SUMMARY_FILE, RESIZE_FILE)))
+_TRAINER_TEMPORARY = re.compile(rf"^\.(ckpt-\d{{9,}}\.pt|{_TRAINER_FILES})\.[^/]+\.tmp$")
+
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read (only os.umask can), then put back
+
+
+def atomic_write(target: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write through ``write`` to a temporary file next to ``target``, fsync it, rename it over.
+
+    On any failure the temporary file is removed and ``target`` keeps its old content. A
+    failed write is always an :class:`OSError` naming ``target`` (not the temporary file),
+    also when ``write`` turned it into another error: ``torch.save`` meets a disk that fills
+    mid-write with ``OSError 28`` and then raises ``RuntimeError ... unexpected pos``.
+
+    Raises:
+        OSError: the directory, the temporary file or the rename failed (``filename`` is
+            ``target``, or the directory in the way).
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = -1, ""
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{target.name}.", suffix=TEMPORARY_SUFFIX, dir=target.parent
+        )
+        os.fchmod(fd, 0o666 & ~_UMASK)  # as open() would create it (mkstemp's is 0600)
         with os.fdopen(fd, "wb") as f:
+            fd = -1  # closed by the with block from here on
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    except BaseException as err:
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if tmp:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        cause = os_error_within(err)
+        if cause is None or isinstance(err, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise _naming(cause, target) from err
     _fsync_dir(target.parent)
+
+
+def os_error_within(err: BaseException) -> OSError | None:
+    """``err`` when it is an :class:`OSError`, else the first one it was raised from (or
+    during: ``__cause__``, then ``__context__``); None when there is none."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _naming(err: OSError, target: Path) -> OSError:
+    """``err`` with ``target`` as its file when it named none, or a temporary file of it."""
+    name = err.filename
+    if isinstance(name, str) and not Path(name).name.startswith(f".{target.name}."):
+        return err
+    return type(err)(err.errno, err.strerror or str(err), str(target))
+
+
+# errno -> the fix, for the failures a user fixes by making room or pointing elsewhere.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+NO_PERMISSION = (errno.EACCES, errno.EPERM, errno.EROFS)
+IN_THE_WAY = (errno.EEXIST, errno.ENOTDIR, errno.EISDIR)
+
+
+def is_disk_error(err: OSError) -> bool:
+    """A full disk, a missing permission or a file in the way: fixed by the user, not retried."""
+    return err.errno in (*NO_SPACE, *NO_PERMISSION, *IN_THE_WAY)
+
+
+WRITE_FAILURE = "cannot write the "
+"""How every line of :func:`write_failure` starts (the launch controller reads it in a
+worker's error: such a failure is not retried)."""
+
+
+def write_failure(
+    err: OSError, what: str, path: str | Path, *, setting: str = "run.output_dir", after: str = ""
+) -> str:
+    """One line for a failed write: what, the path, the errno and the fix.
+
+    Args:
+        err: The error the write raised.
+        what: What was being written (``"checkpoint"``, ``"launch log"``).
+        path: The file or directory the write was for (``err.filename`` wins when set).
+        setting: Where the user points the output elsewhere (``run.output_dir``, ``--out``).
+        after: A sentence appended after the fix (where the last good checkpoint is).
+    """
+    where = Path(err.filename) if isinstance(err.filename, str) else Path(path)
+    code = errno.errorcode.get(err.errno or 0, "unknown")
+    reason = f"[Errno {err.errno} {code}] {err.strerror or err}"
+    if err.errno in NO_SPACE:
+        fix = (
+            f"free space on the file system of {where.parent} (or raise the quota), or set "
+            f"{setting} to a file system with room"
+        )
+    elif err.errno in NO_PERMISSION:
+        fix = f"make {where.parent} writable, or set {setting} to a writable directory"
+    elif err.errno in IN_THE_WAY:
+        # ENOTDIR names the path asked for; what is in the way is the file among its parents.
+        blocker = next((p for p in (where, *where.parents) if p.is_file()), where)
+        fix = f"move {blocker} out of the way, or set {setting} to another directory"
+    elif err.errno == errno.ENOENT:
+        fix = f"create {where.parent} (or mount it again), or set {setting} elsewhere"
+    else:
+        fix = f"check the file system, or set {setting} to another directory"
+    tail = f" {after}" if after else ""
+    return f"{WRITE_FAILURE}{what} {where}: {reason}. Fix: {fix}.{tail}"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -394,6 +498,24 @@ class RunDir:
     def latest_checkpoint(self) -> Path | None:
         found = self.checkpoints()
         return found[-1] if found else None
+
+    def remove_temporaries(self) -> list[Path]:
+        """Remove the temporary files a killed trainer left (a checkpoint cut mid-write can be
+        as large as the model); the trainer calls this as it starts, when no other process
+        writes them. The controller's files (``slurm_jobs.json``) are left alone.
+
+        Returns:
+            The files removed.
+        """
+        if not self.path.is_dir():
+            return []
+        removed = []
+        for p in self.path.iterdir():
+            if _TRAINER_TEMPORARY.match(p.name) and p.is_file():
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+                    removed.append(p)
+        return removed
 
     def holds_a_run(self) -> bool:
         """True when a run wrote here (a checkpoint, metrics or a summary)."""

@@ -9,13 +9,14 @@ existed load unchanged.
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from distgrow.planner import Split
+from distgrow.rundir import is_disk_error as is_disk_error
+from distgrow.rundir import write_failure
 
 
 class TrainError(RuntimeError):
@@ -30,19 +31,9 @@ class RunDirWriteError(TrainError):
     """
 
 
-# errno -> the fix, for the failures a user can fix by pointing elsewhere or making room.
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-_NO_PERMISSION = (errno.EACCES, errno.EPERM, errno.EROFS)
-_IN_THE_WAY = (errno.EEXIST, errno.ENOTDIR, errno.EISDIR)
-
-
-def is_disk_error(err: OSError) -> bool:
-    """A full disk, a missing permission or a file in the way: fixed by the user, not retried."""
-    return err.errno in (*_NO_SPACE, *_NO_PERMISSION, *_IN_THE_WAY)
-
-
 def write_error(err: OSError, what: str, path: str | Path, after: str = "") -> RunDirWriteError:
-    """One line for a failed write in the run directory: the errno, the path and the fix.
+    """One line for a failed write in the run directory: the errno, the path and the fix
+    (:func:`distgrow.rundir.write_failure`).
 
     Args:
         err: The error the write raised.
@@ -50,26 +41,7 @@ def write_error(err: OSError, what: str, path: str | Path, after: str = "") -> R
         path: The file or directory the write was for (``err.filename`` wins when set).
         after: A sentence appended after the fix (where the last good checkpoint is).
     """
-    where = Path(err.filename) if isinstance(err.filename, str) else Path(path)
-    code = errno.errorcode.get(err.errno or 0, "unknown")
-    reason = f"[Errno {err.errno} {code}] {err.strerror or err}"
-    if err.errno in _NO_SPACE:
-        fix = (
-            f"free space on the file system of {where.parent} (or raise the quota), or set "
-            "run.output_dir to a file system with room"
-        )
-    elif err.errno in _NO_PERMISSION:
-        fix = f"make {where.parent} writable, or set run.output_dir to a writable directory"
-    elif err.errno in _IN_THE_WAY:
-        # ENOTDIR names the path asked for; what is in the way is the file among its parents.
-        blocker = next((p for p in (where, *where.parents) if p.is_file()), where)
-        fix = f"move {blocker} out of the way, or set run.output_dir to another directory"
-    elif err.errno == errno.ENOENT:
-        fix = f"create {where.parent} (or mount it again), or set run.output_dir elsewhere"
-    else:
-        fix = "check the file system, or set run.output_dir to another directory"
-    tail = f" {after}" if after else ""
-    return RunDirWriteError(f"cannot write the {what} {where}: {reason}. Fix: {fix}.{tail}")
+    return RunDirWriteError(write_failure(err, what, path, after=after))
 
 
 def _no_validation_yet() -> dict[str, float | None]:

@@ -1056,6 +1056,7 @@ class Trainer:
         """
         self.run_dir.path.mkdir(parents=True, exist_ok=True)
         self.run_dir.clear_resize()  # it described the last exit
+        self.run_dir.remove_temporaries()  # a checkpoint a kill cut mid-write
         replaced = 0
         if resume is not None:
             state = resume[1]
@@ -1090,6 +1091,7 @@ class Trainer:
             "plan_state": self.policy.state_dict(),
             "noise": self.noise.state_dict() if self.noise is not None else None,
             "phases": self.phases.state_dict(),
+            "oom": self.oom.state_dict(),  # the micro-batch ceiling an OOM set
             "rng": torch.get_rng_state(),
             # Rank 0's metrics.jsonl up to this checkpoint: a resume drops what follows.
             "metrics_bytes": self._jsonl.size if self._jsonl is not None else None,
@@ -1127,6 +1129,7 @@ class Trainer:
         self.state.load_state_dict(state)
         torch.set_rng_state(state["rng"])
         self.phases.load_state_dict(state.get("phases") or {})
+        self.oom.load_state_dict(state.get("oom") or {})
         if self.noise is not None and state.get("noise") is not None:
             self.noise.load_state_dict(state["noise"])
 

@@ -348,3 +348,68 @@ def test_deepspeed_refuses_to_wait_on_a_stale_lock(
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     with pytest.raises(BackendError, match=rf"^{lock} is the lock of a JIT build .*Fix: rm"):
         _import_deepspeed()
+
+
+# -- item 5: a compare on a machine whose speed changed between the runs -----------------------
+
+
+def _runs_at_two_speeds(tmp: Path, spread: float) -> list[Path]:
+    """A baseline and a hybrid whose B0 phases ran at 1,000 and 7,500 samples/s (the machine
+    changed), each with CPU-seconds recorded and update times of relative spread ``spread``."""
+    from test_report import fake_run
+
+    runs = [
+        fake_run(tmp, "decay_lr", ["growth.mode=decay_lr"], wall_s=75.0, final_acc=0.90),
+        fake_run(
+            tmp,
+            "hybrid",
+            ["growth.mode=grow_batch", "growth.max_global_batch=250"],
+            wall_s=10.0,
+            final_acc=0.90,
+        ),
+    ]
+    for run, cpu_s in zip(runs, (48.0, 21.0), strict=True):
+        summary = json.loads((run / "summary.json").read_text())
+        summary["train_cpu_s"] = cpu_s
+        for p in summary["phases"]:
+            mean = p["train_s"] / p["updates"]
+            p["update_s_m2"] = (spread * mean) ** 2 * (p["updates"] - 1)
+        (run / "summary.json").write_text(json.dumps(summary))
+    return runs
+
+
+def test_compare_says_when_the_measured_wall_clock_is_not_comparable(tmp_path: Path) -> None:
+    from distgrow.report import report
+
+    out = tmp_path / "report"
+    report(_runs_at_two_speeds(tmp_path / "runs", spread=0.1), out_dir=out, echo=lambda _: None)
+    row = next(
+        r for r in json.loads((out / "summary.json").read_text())["runs"] if r["label"] == "hybrid"
+    )
+    assert row["wall_comparable"] is False
+    assert row["train_cpu_s"] == {"run": 21.0, "baseline": 48.0}
+    drift = row["throughput_drift"]
+    assert drift.startswith(
+        "at the same batch B0=50 it trained at 7,500 samples/s and the baseline at 1,000 "
+        "samples/s (+650%), beyond either run's own spread (±10% per update): the machine was "
+        "not equally loaded, so the measured wall-clock is not comparable. Trust the estimated "
+        "wall-clock"
+    )
+    assert drift.endswith("21.0 s against the baseline's 48.0 s (2.29× less).")
+    md = (out / "report.md").read_text()
+    hybrid_row = next(line for line in md.splitlines() if line.startswith("| hybrid |"))
+    assert "7.50× faster (not comparable)" in hybrid_row
+    assert f"- **wall-clock not comparable**: {drift}" in md
+
+
+def test_a_gap_within_the_runs_own_spread_is_no_warning(tmp_path: Path) -> None:
+    from distgrow.report import report
+
+    out = tmp_path / "report"
+    # Update times that vary ±400% make a 7.5× gap in the mean throughput no evidence.
+    report(_runs_at_two_speeds(tmp_path / "runs", spread=4.0), out_dir=out, echo=lambda _: None)
+    row = next(
+        r for r in json.loads((out / "summary.json").read_text())["runs"] if r["label"] == "hybrid"
+    )
+    assert "throughput_drift" not in row and "wall_comparable" not in row
+    assert "not comparable" not in (out / "report.md").read_text()

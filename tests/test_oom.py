@@ -15,8 +15,16 @@ from test_trainer import final_model, records, syn_config, train
 from torch import nn
 
 from distgrow.exits import EXIT_OK
-from distgrow.oom import OOM_EVENT, OomFallback, fallback_wanted, smaller_split, within_ceiling
+from distgrow.oom import (
+    OOM_EVENT,
+    OomFallback,
+    fallback_wanted,
+    is_oom,
+    smaller_split,
+    within_ceiling,
+)
 from distgrow.planner import Setting, Split
+from distgrow.state import TrainError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -207,3 +215,67 @@ def test_without_the_fallback_the_error_ends_the_run(tmp_path: Path) -> None:
     )  # run.oom_fallback: null is off on the CPU
     with pytest.raises(torch.cuda.OutOfMemoryError, match="for 16 samples"):
         train(cfg)
+
+
+# -- cuBLAS/cuDNN failures, several workers, and the ceiling across a relaunch ------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "want"),
+    [
+        (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+        (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate`"), True),
+        (RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"), True),
+        (RuntimeError("CUDA error: out of memory"), True),
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), False),
+        (ValueError("CUDA out of memory"), False),  # not a runtime failure
+    ],
+)
+def test_cublas_and_cudnn_allocation_failures_count_as_out_of_memory(
+    error: BaseException, want: bool
+) -> None:
+    assert is_oom(error) is want
+
+
+def test_a_cublas_allocation_failure_is_retried_at_a_smaller_micro_batch() -> None:
+    model = nn.Linear(2, 2)
+    fallback = OomFallback(
+        True, model, torch.optim.SGD(model.parameters()), lambda: None, 1, _no_event, _no_line
+    )
+    seen: list[int] = []
+
+    def step(indices: torch.Tensor, setting: Setting) -> float:
+        seen.append(setting.split.micro_batch)
+        if setting.split.micro_batch > 4:
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate")
+        return 0.5
+
+    loss, setting = fallback.run(step, torch.arange(16), _setting(Split(16, 1, 16, 1)))
+    assert (loss, seen, setting.split) == (0.5, [16, 8, 4], Split(16, 1, 4, 4))
+    assert fallback.state_dict() == {"ceiling": 4}
+
+
+def test_the_fallback_on_several_workers_is_refused() -> None:
+    with pytest.raises(TrainError, match=r"run.oom_fallback = true on 2 workers.*Fix:"):
+        fallback_wanted(True, "torch", 2, "cuda", False)
+    assert fallback_wanted(None, "torch", 2, "cuda", False) is False
+
+
+def test_a_relaunch_keeps_the_ceiling_and_does_not_run_out_again(tmp_path: Path) -> None:
+    (tmp_path / "oomy.py").write_text(MODEL)
+    run = tmp_path / "run"
+    args = [
+        f"model.name={tmp_path / 'oomy.py'}:make_model",
+        "model.kwargs={threshold: 8}",
+        "growth.micro_batch=16",
+        "growth.max_micro_batch=16",
+        "run.oom_fallback=true",
+    ]
+    code, first = train(syn_config(run, *args, "run.epochs=1"))
+    assert code == EXIT_OK and first.oom.ceiling == 8 and first.oom.retries == 1
+    code, second = train(syn_config(run, *args, "run.epochs=2", "run.resume=true"))
+    assert code == EXIT_OK and second.state.epoch == 2
+    assert second.oom.ceiling == 8 and second.oom.retries == 0  # no second OOM
+    events = [r for r in records(run, "event") if r["event"] == OOM_EVENT]
+    assert len(events) == 1
+    assert {r["micro_batch"] for r in records(run, "step")} == {8}

@@ -249,10 +249,11 @@ def test_a_base_batch_that_does_not_fit_is_one_clear_error(
 # -- growth.max_micro_batch: auto -------------------------------------------------------------
 
 
-def _cache_answer(cfg, limit: int) -> probe.ProbeResult:  # type: ignore[no-untyped-def]
-    """A cached probe for ``cfg`` on this CPU saying ``limit``."""
+def _cache_answer(cfg, limit: int, world_size: int = 1) -> probe.ProbeResult:  # type: ignore[no-untyped-def]
+    """A cached probe for ``cfg`` on this CPU and ``world_size`` workers saying ``limit``."""
     data = load_data(cfg)
-    identity = probe.probe_identity(cfg, data.input_shape, probe.device_name(torch.device("cpu")))
+    cpu = probe.device_name(torch.device("cpu"))
+    identity = probe.probe_identity(cfg, data.input_shape, cpu, "host", world_size)
     result = probe.ProbeResult(
         key=probe.cache_key(identity),
         device=identity["device"],
@@ -385,7 +386,7 @@ def test_two_ranks_plan_with_rank_0s_cached_answer(tmp_path: Path) -> None:
     cached limit 8) instead of 2 × 16 × 1, and config.yaml keeps auto."""
     config = _config_file(tmp_path)
     cfg = load_config(str(config), ["growth.max_micro_batch=auto"])
-    _cache_answer(cfg, 8)
+    _cache_answer(cfg, 8, world_size=2)  # (a probe of one worker is another key)
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(REPO)}
     argv = distgrow_job_argv(
         2, [str(config), "growth.max_micro_batch=auto", "run.epochs=1", "logging.progress=lines"]
@@ -397,3 +398,58 @@ def test_two_ranks_plan_with_rank_0s_cached_answer(tmp_path: Path) -> None:
     first = summary["phases"][0]
     assert (first["workers"], first["micro_batch"], first["accum_steps"]) == (2, 8, 2)
     assert "max_micro_batch: auto" in (tmp_path / "out" / "config.yaml").read_text()
+
+
+# -- what training holds, and budgets ------------------------------------------------------------
+
+
+def test_the_cache_key_follows_placement_world_size_backend_noise_and_compile(
+    tmp_path: Path,
+) -> None:
+    cfg = tiny(tmp_path)
+    base = probe.cache_key(probe.probe_identity(cfg, (16,), "cuda: x", "device", 1))
+    others = {
+        probe.cache_key(probe.probe_identity(cfg, (16,), "cuda: x", "pinned", 1)),
+        probe.cache_key(probe.probe_identity(cfg, (16,), "cuda: x", "device", 8)),
+        *(
+            probe.cache_key(probe.probe_identity(tiny(tmp_path, o), (16,), "cuda: x", "device", 1))
+            for o in ("run.compile=true", "noise.measure=on", "run.channels_last=true")
+        ),
+    }
+    assert base not in others and len(others) == 5
+
+
+def test_training_overhead_counts_ddp_buckets_and_the_noise_meters_copy(tmp_path: Path) -> None:
+    model = torch.nn.Linear(10, 10)  # 110 float32 parameters: 440 bytes of gradients
+    assert probe.training_overhead_bytes(tiny(tmp_path), model, 1) == 0
+    assert probe.training_overhead_bytes(tiny(tmp_path), model, 4) == 440
+    noisy = tiny(tmp_path, "noise.measure=on")
+    assert probe.training_overhead_bytes(noisy, model, 4) == 440 + 110 * 8
+
+
+@pytest.mark.parametrize("text", ["1e30", "2000000"])
+def test_an_impossible_budget_in_gib_is_refused(text: str) -> None:
+    with pytest.raises(ProbeError, match=r"--memory-budget = .*at most 1,048,576"):
+        parse_budget(text)
+
+
+def test_a_budget_above_the_machines_memory_is_refused() -> None:
+    with pytest.raises(ProbeError, match=r"--memory-budget = '100000': .* is more than the .*Fix"):
+        probe.budget_bytes("100000", torch.device("cpu"))  # 98 TiB: no CI machine has that
+
+
+def test_a_cached_probe_is_measured_again_under_a_new_budget(
+    tmp_path: Path, cache_home: Path
+) -> None:
+    cfg = tiny(tmp_path)
+    data = load_data(cfg)
+    lines: list[str] = []
+    first = probe.run_probe(cfg, data, memory_budget="4", steps=1, warmup=0, echo=lines.append)
+    assert first.budget_spec == "4"
+    same = probe.run_probe(cfg, data, memory_budget="4.0", steps=1, warmup=0, echo=lines.append)
+    assert same == first  # the same budget: from the cache
+    other = probe.run_probe(cfg, data, memory_budget="2", steps=1, warmup=0, echo=lines.append)
+    assert other.measured_at > first.measured_at and other.budget_bytes == 2 * 2**30
+    assert any("measured under --memory-budget 4; measuring again under 2" in x for x in lines)
+    plain = probe.run_probe(cfg, data, steps=1, warmup=0, echo=lines.append)
+    assert plain == other  # no budget asked: the cache answers, its budget printed

@@ -33,9 +33,15 @@ from distgrow.launch.executor import (
 from distgrow.launch.job import Job, prepare
 from distgrow.launch.nodes import follow, is_follower, leader_for
 from distgrow.planner import Plan
-from distgrow.rundir import RESIZE_FILE, ResizeRequest, RunDir
+from distgrow.rundir import (
+    RESIZE_FILE,
+    WRITE_FAILURE,
+    ResizeRequest,
+    RunDir,
+    is_disk_error,
+    write_failure,
+)
 from distgrow.signals import exit_status, signal_from_status, signal_name
-from distgrow.state import is_disk_error, write_error
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,8 @@ class AttemptEnd:
         resize_path: Where ``resize.json`` is read (for the messages).
         error: The last error a worker printed (``distgrow: error: ...``), if any.
         port_in_use: The rendezvous port, when the log says it was already in use.
+        log_error: The line for a launch log that could not be written (a full or read-only
+            disk), if it could not.
     """
 
     number: int
@@ -105,6 +113,7 @@ class AttemptEnd:
     resize_path: Path = Path(RESIZE_FILE)
     error: str | None = None
     port_in_use: int | None = None
+    log_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -135,6 +144,9 @@ def decide(end: AttemptEnd, limit: int, limit_reason: str, max_restarts: int) ->
     * 0: done (also after a signal: the workers had finished when it came).
     * a signal the controller forwarded, or a stop the workers report (128 + N, or recorded by
       rank 0): stop with 128 + N, no relaunch; a resume continues.
+    * a launch log that could not be written, or workers that could not write the run
+      directory (exit 2, ``cannot write the ...``): stop with 2 in one line, never relaunched
+      (a full or read-only disk stays so until the user acts).
     * 75 (or any failure after rank 0 wrote ``resize.json``, except 2 and 65): relaunch with
       ``need_workers``; stop if that is above ``limit`` (75) or not above ``workers``.
     * 2 or 65: stop at once (a config problem or a non-finite loss; a retry cannot help).
@@ -170,6 +182,15 @@ def decide(end: AttemptEnd, limit: int, limit_reason: str, max_restarts: int) ->
             exit_status(stopped_by),
             message=f"the workers were stopped by {signal_name(stopped_by)} (exit {code}), not "
             f"a crash: not relaunching. Resume with run.resume=true. Logs: {log}",
+        )
+    if end.log_error is not None or (
+        code == EXIT_USAGE and end.error is not None and end.error.startswith(WRITE_FAILURE)
+    ):
+        return Decision(
+            "stop",
+            EXIT_USAGE,
+            message=f"not relaunching (exit {code}; a retry would fail the same way): "
+            f"{end.log_error or end.error}",
         )
     resize = end.resize
     if code == EXIT_NEED_WORKERS or (
@@ -332,9 +353,16 @@ def _dry_run(job: Job, plan: Plan, env: Mapping[str, str]) -> int:
 def _launch(
     job: Job, workers: int, resume: bool, number: int, executor: Executor, env: Mapping[str, str]
 ) -> tuple[Outcome, int, int, Path]:
-    """One launch: ``(outcome, workers it ended with, the workers' status, its log)``."""
+    """One launch: ``(outcome, workers it ended with, the workers' status, its log)``.
+
+    Raises:
+        LaunchWriteError: the launch's log cannot be created (nothing was started).
+    """
     if job.elastic_agents:
-        outcome, workers, log_path = run_elastic_group(job, workers, number, env)
+        try:
+            outcome, workers, log_path = run_elastic_group(job, workers, number, env)
+        except OSError as err:
+            raise _log_write_error(err, job.run.launch_dir) from None
         return outcome, workers, outcome.returncode, log_path
     spec = job.spec(workers, resume, job.rdzv_id(number))
     argv, additions = build_command(job.launcher, spec)
@@ -343,11 +371,24 @@ def _launch(
     log_path = job.run.launch_dir / f"attempt-{number:02d}-{workers}w.log"
     job.log(f"launch {number}: {workers} worker(s){' (resume)' if resume else ''}; log {log_path}")
     log_command(job.log, argv, additions, env)
-    outcome = executor(argv, additions, log_path)
+    try:
+        outcome = executor(argv, additions, log_path)
+    except OSError as err:
+        raise _log_write_error(err, log_path) from None
     code = outcome.returncode
     if job.launcher == "torchrun":
-        code = torchrun_status(code, log_path)[0]
+        code = torchrun_status(code, log_path, outcome.tail)[0]
     return outcome, workers, code, log_path
+
+
+class LaunchWriteError(LaunchError):
+    """The controller cannot write its logs in the run directory (one line: errno, path, fix)."""
+
+
+def _log_write_error(err: OSError, log_path: Path) -> Exception:
+    if not is_disk_error(err):
+        return err
+    return LaunchWriteError(write_failure(err, "launch log", log_path))
 
 
 def run_controller(
@@ -455,7 +496,10 @@ def run_controller(
         # mpirun, srun and others exit 1 (or their own status) after their workers stopped
         # cleanly on a signal; rank 0's last record says so.
         recorded = None if job.elastic_agents else recorded_stop_signal(job.run_dir, started_wall)
-        tail = log_tail(log_path)
+        tail = log_tail(log_path) if outcome.tail is None else outcome.tail
+        log_error = None
+        if outcome.log_error is not None and is_disk_error(outcome.log_error):
+            log_error = write_failure(outcome.log_error, "launch log", log_path)
         end = AttemptEnd(
             number,
             workers,
@@ -468,6 +512,7 @@ def run_controller(
             job.run.resize,
             worker_error(tail) if code == EXIT_USAGE else None,
             job.rendezvous.master_port if code != EXIT_OK and address_in_use(tail) else None,
+            log_error,
         )
         decision = decide(end, job.limit, job.limit_reason, job.cfg.launch.max_restarts)
         if decision.action == "relaunch":
@@ -503,17 +548,23 @@ def main_launch(config: str, overrides: list[str], dry_run: bool) -> int:
         0 when the plan ran to the end; 2 for a config or launch problem (before anything
         runs); otherwise the status :func:`run_controller` explains on stderr.
     """
+    run_dir: Path | None = None
     try:
         cfg = load_config(config, overrides)
+        run_dir = Path(cfg.run.resolved_output_dir)
         return run_controller(config, overrides, cfg, dry_run=dry_run)
+    except LaunchWriteError as err:
+        print(f"distgrow launch: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     except (ConfigError, LaunchError) as err:
         kind = "config" if isinstance(err, ConfigError) else "launch"
         print(f"distgrow launch: {kind} error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as err:
-        # The controller's own logs live in the run directory: a full or read-only one is the
-        # user's to fix, and no relaunch would help.
+        # The controller's own files live in the run directory (resize.json set aside,
+        # slurm_jobs.json): a full or read-only one is the user's to fix, not retried.
         if not is_disk_error(err):
             raise
-        print(f"distgrow launch: error: {write_error(err, 'launch log', config)}", file=sys.stderr)
+        line = write_failure(err, "run directory", run_dir or Path(config).parent)
+        print(f"distgrow launch: error: {line}", file=sys.stderr)
         return EXIT_USAGE

@@ -120,10 +120,14 @@ def run_elastic_group(
     reports = []
     for agent in agents:
         raw = agent.proc.wait()  # ended: its status at once
-        status, cause = torchrun_status(exit_status(-raw) if raw < 0 else raw, agent.log_path)
+        status, cause = torchrun_status(
+            exit_status(-raw) if raw < 0 else raw, agent.log_path, agent.tail()
+        )
         reports.append((status, cause, agent))
     chosen = next((r for r in reports if r[1] is not None), reports[0])
-    return Outcome(chosen[0], forwarded), len(agents), chosen[2].log_path
+    agent = chosen[2]
+    outcome = Outcome(chosen[0], forwarded, agent.tail(), agent.log_error)
+    return outcome, len(agents), agent.log_path
 
 
 def _grow(job: Job, agents: list[Process], number: int, start: Callable[[int], None]) -> None:

@@ -25,7 +25,7 @@ import threading
 import time
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any, Literal
@@ -50,11 +50,21 @@ class Outcome:
     Attributes:
         returncode: The launcher's exit status (128 + N when signal N killed it).
         signal: A signal the controller received and forwarded while it ran, if any.
+        tail: The last :data:`TAIL_BYTES` of its output, kept in memory (None: read the log),
+            so that its exit can be read even where the log could not be written.
+        log_error: Why the log could not be written (a full or read-only disk), if it could
+            not: the output from then on went only to the terminal.
     """
 
     returncode: int
     signal: int | None = None
+    # What it printed, not how it ended: left out of ==.
+    tail: str | None = field(default=None, compare=False)
+    log_error: OSError | None = field(default=None, compare=False)
 
+
+TAIL_BYTES = 65536
+"""How much of a launch's output the controller keeps in memory to read its exit from."""
 
 Executor = Callable[[list[str], dict[str, str], Path], Outcome]
 """Runs ``argv`` with ``os.environ`` plus the env additions, writing its output to the log
@@ -156,8 +166,13 @@ class Process:
     Args:
         argv: The command.
         env: Its whole environment.
-        log_path: Appended with everything the child prints (stdout and stderr).
+        log_path: Appended with everything the child prints (stdout and stderr). Once a
+            write fails (a full disk) the log is closed and :attr:`log_error` says why; the
+            output still reaches the terminal and :meth:`tail`.
         echo: Receives each line of output (without its newline) instead of the terminal.
+
+    Raises:
+        OSError: the log's directory or the log cannot be created (nothing was started).
     """
 
     def __init__(
@@ -171,7 +186,9 @@ class Process:
     ) -> None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in close(), after its reader
+        self.log_error: OSError | None = None
+        self._tail = bytearray()
+        self._log: typing.BinaryIO | None = open(log_path, "ab")  # noqa: SIM115 - see close()
         try:
             # adopt: a launcher already started (forked by the spawn server).
             self.proc: subprocess.Popen[bytes] | ForkedLauncher = adopt or subprocess.Popen(
@@ -183,7 +200,7 @@ class Process:
                 start_new_session=True,
             )
         except BaseException:
-            self._log.close()
+            self._close_log()
             raise
         self._reader = threading.Thread(target=self._tee, args=(echo,), daemon=True)
         self._reader.start()
@@ -209,7 +226,36 @@ class Process:
                 self.proc.wait()
         # A worker that outlives its launcher keeps the pipe open: do not wait on it forever.
         self._reader.join(timeout=10)
-        self._log.close()
+        self._close_log()
+
+    def tail(self) -> str:
+        """The last :data:`TAIL_BYTES` of the child's output (also what the log lost)."""
+        return bytes(self._tail).decode(errors="replace")
+
+    def _close_log(self) -> None:
+        log, self._log = self._log, None
+        if log is None:
+            return
+        try:
+            log.close()  # its last flush can meet the full disk too
+        except OSError as err:
+            self.log_error = self.log_error or err
+
+    def _write_log(self, chunk: bytes) -> None:
+        """Append to the log; on the first failure keep the error and stop writing it."""
+        self._tail += chunk
+        del self._tail[:-TAIL_BYTES]
+        log = self._log
+        if log is None:
+            return
+        try:
+            log.write(chunk)
+            log.flush()
+        except OSError as err:
+            self.log_error = err
+            self._log = None
+            with contextlib.suppress(OSError):
+                log.close()
 
     def _tee(self, echo: Callable[[str], None] | None) -> None:
         stream = typing.cast(io.BufferedReader, self.proc.stdout)
@@ -218,8 +264,7 @@ class Process:
         pending = ""
         # read1 returns what is there now, so progress lines show up as they are printed.
         while chunk := stream.read1(65536):
-            self._log.write(chunk)  # the log keeps everything, as the child wrote it
-            self._log.flush()
+            self._write_log(chunk)  # the log keeps everything, as the child wrote it
             text = shown.feed(decoder.decode(chunk))
             if echo is None:
                 _show(text)
@@ -300,8 +345,15 @@ def run_subprocess(
 
     Returns:
         The :class:`Outcome`; a child killed by signal N reports ``128 + N``, as a shell does.
+
+    Raises:
+        OSError: the log cannot be created (nothing was started).
     """
     env = {**(base_env or os.environ), **env_additions}
+    # A log that cannot be created (a read-only run directory) stops the launch before a
+    # launcher is forked that nothing would read or stop.
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    open(log_path, "ab").close()
     forked = None
     if is_spawn(argv):
         # launch.preload: forked by the server that imported torch once for this controller.
@@ -318,7 +370,8 @@ def run_subprocess(
         process.close()
     if code < 0:
         code = exit_status(-code)
-    return Outcome(code, received[0] if received else None)
+    forwarded = received[0] if received else None
+    return Outcome(code, forwarded, process.tail(), process.log_error)
 
 
 # --------------------------------------------------------------------------------------------
@@ -595,15 +648,16 @@ def torchrun_stop_signal_status(log_text: str) -> int | None:
     return exit_status(signum) if signal_from_status(exit_status(signum)) else None
 
 
-def torchrun_status(raw: int, log_path: Path) -> tuple[int, int | None]:
+def torchrun_status(raw: int, log_path: Path, tail: str | None = None) -> tuple[int, int | None]:
     """(The workers' status, torchrun's root cause) behind torchrun's exit status ``raw``.
 
     torchrun exits 1 whatever its workers did; its log names the failed worker's status (the
-    root cause), or says torchrun was stopped by a signal (``128 + signal``).
+    root cause), or says torchrun was stopped by a signal (``128 + signal``). ``tail``: the
+    end of its output as kept in memory (:attr:`Outcome.tail`), read instead of the log.
     """
     if raw != EXIT_FAILURE:
         return raw, None
-    tail = log_tail(log_path)
+    tail = log_tail(log_path) if tail is None else tail
     cause = torchrun_root_cause(tail)
     if cause is not None:
         return cause, cause

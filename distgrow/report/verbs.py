@@ -9,6 +9,7 @@ naming the difference, unless ``force`` retrains it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -16,19 +17,27 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from distgrow.config import Config, ConfigError, config_from_dict, dump_config, load_config
-from distgrow.exits import EXIT_NONFINITE
+from distgrow.exits import EXIT_NONFINITE, EXIT_USAGE
 from distgrow.launch import Outcome, run_subprocess
+from distgrow.launch.executor import worker_error
 from distgrow.planner import make_plan
-from distgrow.report.render import REPORT_FILE, SWEEP_FILES, build_report, report_title, write_sweep
+from distgrow.report.render import (
+    REPORT_FILE,
+    SWEEP_FILES,
+    build_report,
+    cannot_write,
+    report_title,
+    write_sweep,
+)
 from distgrow.report.runs import ReportError, differences, load_run, read_config, read_summary
-from distgrow.rundir import CONFIG_FILE, RunDir
+from distgrow.rundir import CONFIG_FILE, WRITE_FAILURE, RunDir, is_disk_error, write_failure
 from distgrow.signals import exit_status, signal_name
 
 VARIANTS = ("decay_lr", "grow_batch", "hybrid", "grow_batch_lr", "grow_momentum", "adaptive")
@@ -250,6 +259,39 @@ def _stopped(outcome: Outcome, what: str, log: Path, out: Path) -> ReportError:
     )
 
 
+def _disk_failure(outcome: Outcome, what: str, log: Path, out: Path) -> ReportError | None:
+    """The error of a training that stopped on a full or read-only disk: its own line (exit
+    2, ``cannot write the ...``), or the line for its log that could not be written. No other
+    run is started after it: it would meet the same disk."""
+    if outcome.returncode == 0:
+        return None
+    again = (
+        f" Then rerun the same command with --out {out}: finished runs are reused, this one "
+        "resumes from its last checkpoint."
+    )
+    error = worker_error(outcome.tail or "")
+    if outcome.returncode == EXIT_USAGE and error and error.startswith(WRITE_FAILURE):
+        # The run's output directory is under --out: the fix names the option given here.
+        error = error.replace("set run.output_dir to", "set --out to")
+        return ReportError(f"{what} stopped (exit {EXIT_USAGE}): {error}{again}")
+    if outcome.log_error is not None and is_disk_error(outcome.log_error):
+        line = write_failure(outcome.log_error, "log", log, setting="--out")
+        return ReportError(f"{what} stopped (exit {outcome.returncode}): {line}{again}")
+    return None
+
+
+@contextlib.contextmanager
+def _writing(out: Path) -> Iterator[None]:
+    """Turn a failed write under ``out`` (a full or read-only disk, a file in the way) into
+    one line: the errno, the path and the fix (exit 2)."""
+    try:
+        yield
+    except OSError as err:
+        if not is_disk_error(err):
+            raise
+        raise cannot_write(err, out) from None
+
+
 # --------------------------------------------------------------------------------------------
 # The verbs
 # --------------------------------------------------------------------------------------------
@@ -308,18 +350,23 @@ def compare(
             raise ConfigError(f"variant {variant} ({' '.join(extra)}): {err}") from err
         resolved.append((variant, run_dir, variant_cfg))
     stale = check_reuse(resolved, force=force, verb="compare")
-    out.mkdir(parents=True, exist_ok=True)
+    with _writing(out):
+        out.mkdir(parents=True, exist_ok=True)
     echo(f"distgrow compare: {', '.join(variants)} on {config}; report in {out}")
     for variant, run_dir, _ in resolved:
         log = out / "logs" / f"{variant}.log"
-        if variant in stale:
-            discard(run_dir, log, stale[variant], f"[{variant}]", echo)
-        outcome = train_process(
-            config, run_overrides[variant], run_dir, log, prefix=f"[{variant}]", echo=echo,
-            python=python,
-        )  # fmt: skip
+        with _writing(out):
+            if variant in stale:
+                discard(run_dir, log, stale[variant], f"[{variant}]", echo)
+            outcome = train_process(
+                config, run_overrides[variant], run_dir, log, prefix=f"[{variant}]", echo=echo,
+                python=python,
+            )  # fmt: skip
         if outcome.signal is not None:
             raise _stopped(outcome, f"the {variant} run", log, out)
+        full = _disk_failure(outcome, f"the {variant} run", log, out)
+        if full is not None:
+            raise full
         if outcome.returncode != 0:
             raise ReportError(
                 f"the {variant} run failed with exit status {outcome.returncode}; its output "
@@ -436,20 +483,25 @@ def sweep(
             raise ConfigError(f"sweep point batch {b}, lr {lr:g}: {err}") from err
         resolved.append((name, run_dir, pair_cfg))
     stale = check_reuse(resolved, force=force, verb="sweep")
-    out.mkdir(parents=True, exist_ok=True)
+    with _writing(out):
+        out.mkdir(parents=True, exist_ok=True)
     echo(f"distgrow sweep: {len(pairs)} runs ({len(batch_sizes)} batch sizes × {len(lrs)} LRs)")
     results = []
     failed = []
     for (b, lr), (name, run_dir, _) in zip(pairs, resolved, strict=True):
         log = out / "logs" / f"{name}.log"
-        if name in stale:
-            discard(run_dir, log, stale[name], f"[{name}]", echo)
-        outcome = train_process(
-            config, pair_overrides[(b, lr)], run_dir, log, prefix=f"[{name}]", echo=echo,
-            python=python,
-        )  # fmt: skip
+        with _writing(out):
+            if name in stale:
+                discard(run_dir, log, stale[name], f"[{name}]", echo)
+            outcome = train_process(
+                config, pair_overrides[(b, lr)], run_dir, log, prefix=f"[{name}]", echo=echo,
+                python=python,
+            )  # fmt: skip
         if outcome.signal is not None:
             raise _stopped(outcome, f"the sweep run {name}", log, out)
+        full = _disk_failure(outcome, f"the sweep run {name}", log, out)
+        if full is not None:
+            raise full
         code = outcome.returncode
         row: dict[str, Any] = {"batch": b, "lr": lr, "run_dir": str(run_dir), "exit_code": code}
         if code == 0:
