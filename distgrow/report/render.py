@@ -6,9 +6,10 @@ Takes :class:`~distgrow.report.runs.RunData`; runs nothing, imports matplotlib o
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,13 @@ from distgrow.report.runs import (
     schedule_path,
     validation_points,
 )
-from distgrow.rundir import SUMMARY_FILE, write_json
+from distgrow.rundir import (
+    SUMMARY_FILE,
+    atomic_write_bytes,
+    is_disk_error,
+    write_failure,
+    write_json,
+)
 from distgrow.savings import (
     CUDA_MEMORY,
     PHASE_MEASURES,
@@ -231,7 +238,9 @@ def build_report(
         What ``summary.json`` holds.
 
     Raises:
-        ReportError: no runs, duplicate labels, or an ambiguous baseline.
+        ReportError: no runs, duplicate labels, an ambiguous baseline (nothing is written),
+            or ``out_dir`` cannot be written (a full or read-only disk, a file in the way:
+            the files this call created are removed again).
     """
     if not runs:
         raise ReportError("no runs to report. Fix: give at least one finished run directory.")
@@ -239,7 +248,6 @@ def build_report(
     if len(set(labels)) != len(labels):
         raise ReportError(f"two runs share a label ({labels}). Fix: give distinct directories.")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     base = _pick_baseline(runs, baseline)
     # The savings arithmetic (distgrow.savings, shared with the trainer) reads the summary's
     # JSON object; the report reads the typed fields.
@@ -281,6 +289,20 @@ def build_report(
         row["held"] = _held(run, as_json[id(run)], row["measured"], base)
         rows.append(row)
 
+    with all_or_nothing(out):
+        return _write_report(runs, out, rows, notes, metric, base, title, command)
+
+
+def _write_report(
+    runs: Sequence[RunData],
+    out: Path,
+    rows: list[dict[str, Any]],
+    notes: list[str],
+    metric: str,
+    base: RunData | None,
+    title: str | None,
+    command: str | None,
+) -> dict[str, Any]:
     plots = _write_plots(runs, out, metric)
     summary = {
         "title": title or report_title(runs),
@@ -295,8 +317,42 @@ def build_report(
         "noise": _noise_rows(runs),
     }
     write_json(out / REPORT_SUMMARY_FILE, summary)
-    (out / REPORT_FILE).write_text(render_markdown(summary), encoding="utf-8")
+    atomic_write_bytes(out / REPORT_FILE, render_markdown(summary).encode("utf-8"))
     return summary
+
+
+def cannot_write(err: OSError, out: Path) -> ReportError:
+    """The one line for an output that cannot be written under ``--out``: errno, path, fix."""
+    return ReportError(write_failure(err, "output", out, setting="--out"))
+
+
+@contextlib.contextmanager
+def all_or_nothing(out: Path) -> Iterator[None]:
+    """Create ``out`` and write into it; when that fails, remove the files written in the
+    block that were not there before (each written whole, by an atomic write, or not at all),
+    and the directories it created if they are empty.
+
+    Raises:
+        ReportError: a write failed on a full or read-only disk or met a file in the way
+            (one line: the errno, the path and the fix); other errors pass as they are.
+    """
+    missing = [p for p in (out, *out.parents) if not p.exists()]
+    before = set(out.iterdir()) if out.is_dir() else set()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        yield
+    except BaseException as err:
+        if out.is_dir():
+            for path in set(out.iterdir()) - before:
+                if path.is_file():
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+        for directory in missing:  # out first, then the parents it needed
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        if isinstance(err, OSError) and is_disk_error(err):
+            raise cannot_write(err, out) from None
+        raise
 
 
 def report_title(runs: Sequence[RunData]) -> str:
@@ -632,7 +688,22 @@ def write_sweep(
     *,
     command: str | None = None,
 ) -> dict[str, Any]:
-    """``sweep.json``, ``sweep.md`` and ``sweep.png`` from the sweep's result rows."""
+    """``sweep.json``, ``sweep.md`` and ``sweep.png`` from the sweep's result rows.
+
+    Raises:
+        ReportError: ``out`` cannot be written (see :func:`all_or_nothing`).
+    """
+    with all_or_nothing(out):
+        return _write_sweep(results, batch_sizes, lrs, out, command)
+
+
+def _write_sweep(
+    results: Sequence[Mapping[str, Any]],
+    batch_sizes: Sequence[int],
+    lrs: Sequence[float],
+    out: Path,
+    command: str | None,
+) -> dict[str, Any]:
     from distgrow import plots
 
     final = {(int(r["batch"]), float(r["lr"])): r for r in results}
@@ -674,7 +745,7 @@ def write_sweep(
         ]
     caption = "final loss against batch size, one line per learning rate"
     lines += [f"![{caption}]({SWEEP_FILES['plot']})", ""]
-    (out / SWEEP_FILES["markdown"]).write_text("\n".join(lines), encoding="utf-8")
+    atomic_write_bytes(out / SWEEP_FILES["markdown"], "\n".join(lines).encode("utf-8"))
     return data
 
 
