@@ -310,8 +310,9 @@ def build_entry_model(name: str, kwargs: Mapping[str, Any]) -> nn.Module:
     return model.train()
 
 
-def output_width(model: nn.Module, x: Tensor) -> int:
-    """The model's outputs per sample (the last dimension of ``model(x[:1])``).
+def output_width(model: nn.Module, x: Tensor) -> int | None:
+    """The model's outputs per sample (the last dimension of ``model(x[:1])``), or None when the
+    call fails or gives no ``(n, ..., outputs)`` tensor (the loss check says what is wrong).
 
     Runs in eval mode without gradients and restores torch's CPU RNG and the model's mode, so
     nothing is learnt and the run's random numbers do not move.
@@ -322,10 +323,12 @@ def output_width(model: nn.Module, x: Tensor) -> int:
     try:
         with torch.no_grad():
             out = model(x[:1])
+    except Exception:
+        return None
     finally:
         model.train(was_training)
         torch.set_rng_state(rng)
-    return int(out.shape[-1]) if isinstance(out, Tensor) and out.dim() > 0 else 1
+    return int(out.shape[-1]) if isinstance(out, Tensor) and out.dim() >= 2 else None
 
 
 # ---------------------------------------------------------------------------- argument checks

@@ -18,16 +18,19 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 from test_hostile_inputs import SYNTHETIC
+from torch import nn
 
 from distgrow import cli
 from distgrow.config import ConfigError, DataConfig, load_config
 from distgrow.config.loader import MAX_YAML_VALUES
-from distgrow.data import DatasetFormatError, load_dataset
+from distgrow.data import ArrayDataset, DataBundle, DatasetFormatError, load_dataset
+from distgrow.data.checks import check_class_labels
 from distgrow.data.readers.image_folder import decode
-from distgrow.models import MAX_OUTPUTS, build_model
+from distgrow.models import MAX_OUTPUTS, build_model, output_width
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -311,6 +314,40 @@ def test_labels_beyond_an_own_models_outputs_are_refused_before_the_run(
     labelled_npz(tmp_path / "d.npz", 3)  # labels within the outputs: it trains
     code, err = run_cli(["train", config, f"run.output_dir={run}"], capsys)
     assert code == 0, err
+
+
+def bundle(train_labels: list[int], val_labels: list[int], task: str = "classification") -> Any:
+    def split(labels: list[int]) -> ArrayDataset:
+        return ArrayDataset(torch.zeros(len(labels), 8), torch.tensor(labels))
+
+    return DataBundle("npz", split(train_labels), split(val_labels), (8,), 0, task)
+
+
+def test_labels_are_checked_in_both_splits_and_only_for_class_index_losses() -> None:
+    def never() -> int:
+        raise AssertionError("the model was run for nothing")
+
+    with pytest.raises(ValueError, match=r"^d\.npz: class label 7 \(in the validation split\) "):
+        check_class_labels(bundle([0, 1], [1, 7]), "auto", lambda: 5, "d.npz")
+    check_class_labels(bundle([0, 4], [4]), "nll", lambda: 5, "d.npz")  # 0..4 fit 5 outputs
+    check_class_labels(bundle([0, 9], [9]), "auto", lambda: None, "d.npz")  # width unknown
+    check_class_labels(bundle([0, 9], [9], "regression"), "auto", never, "d.npz")
+    check_class_labels(bundle([0, 9], [9]), "my.py:loss", never, "d.npz")
+
+
+def test_output_width_leaves_the_model_and_the_rng_as_they_were() -> None:
+    x = torch.randn(3, 8)
+    model = nn.Sequential(nn.Linear(8, 5), nn.Dropout(0.5)).train()
+    rng = torch.get_rng_state()
+    assert output_width(model, x) == 5
+    assert model.training and torch.equal(torch.get_rng_state(), rng)
+
+    class Broken(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("no")
+
+    assert output_width(Broken(), x) is None  # the loss check reports the failing call
+    assert output_width(nn.Flatten(0), x) is None  # one value per sample: not class scores
 
 
 # -- YAML ---------------------------------------------------------------------------------------

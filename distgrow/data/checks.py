@@ -14,7 +14,7 @@ CLASS_INDEX_LOSSES = ("auto", "cross_entropy", "nll")
 
 
 def check_class_labels(
-    data: DataBundle, loss_name: str, outputs: Callable[[], int], where: str
+    data: DataBundle, loss_name: str, outputs: Callable[[], int | None], where: str
 ) -> None:
     """Refuse a class label the model has no output for.
 
@@ -25,7 +25,7 @@ def check_class_labels(
         data: The loaded data set (its training and validation labels).
         loss_name: ``loss.name``: only losses that index the outputs with the labels are checked.
         outputs: The model's number of outputs per sample (called only when there is something
-            to check).
+            to check); None: unknown (the model failed or gave no tensor), nothing is checked.
         where: The data's file or name, for the message.
 
     Raises:
@@ -34,6 +34,8 @@ def check_class_labels(
     if data.task != "classification" or loss_name not in CLASS_INDEX_LOSSES:
         return
     width = outputs()
+    if width is None:
+        return
     for split, dataset in (("training", data.train), ("validation", data.val)):
         labels = dataset.y
         if labels.numel() == 0 or labels.is_floating_point():
