@@ -255,6 +255,7 @@ def test_launch_stops_once_when_a_checkpoint_meets_a_full_disk(tmp_path: Path) -
         stop = [line for line in out.splitlines() if "not relaunching" in line]
         assert len(stop) == 1 and stop[0].startswith("distgrow launch: not relaunching (exit 2")
         checkpoint_mid_write_fails(run_dir, stop[0])
+        assert stop[0].endswith("is untouched); then launch again with run.resume=true.")
         assert sorted(p.name for p in (run_dir / "launch").iterdir()) == ["attempt-01-1w.log"]
 
 
@@ -380,6 +381,19 @@ def test_compare_and_sweep_on_a_read_only_disk_start_nothing(
     assert "$ distgrow train" not in out
 
 
+@pytest.mark.parametrize("verb", list(VERBS))
+def test_compare_and_sweep_keep_a_file_in_the_way(
+    verb: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "taken").write_text("mine")
+    code, out, err = cli_run(VERBS[verb][0](big_config(tmp_path), tmp_path / "taken"), capsys)
+    assert code == 2
+    line = one_line(err)
+    assert "[Errno 17 EEXIST]" in line or "[Errno 20 ENOTDIR]" in line
+    assert f"Fix: move {tmp_path / 'taken'} out of the way, or set --out to another" in line
+    assert (tmp_path / "taken").read_text() == "mine" and "$ distgrow train" not in out
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("verb", list(VERBS))
 def test_compare_and_sweep_stop_at_the_first_checkpoint_that_meets_a_full_disk(
@@ -392,9 +406,13 @@ def test_compare_and_sweep_stop_at_the_first_checkpoint_that_meets_a_full_disk(
         line = one_line(err)
         assert line.startswith(f"distgrow: error: {first_run}")
         assert "stopped (exit 2): cannot write the checkpoint" in line
-        assert f"rerun the same command with --out {disk / 'out'}" in line
+        assert line.endswith(
+            f"is untouched). Then rerun the same command with --out {disk / 'out'}: finished "
+            "runs are reused, this one resumes from its last checkpoint."
+        )
+        assert "set --out to a file system with room" in line and "--resume" not in line
         run_dir = next((disk / "out" / "runs").iterdir())
-        checkpoint_mid_write_fails(run_dir, line.replace("set --out", "set run.output_dir"))
+        checkpoint_mid_write_fails(run_dir, line)
         assert len(list((disk / "out" / "runs").iterdir())) == 1  # no second run started
         assert out.count("$ distgrow train") == 1
 

@@ -186,11 +186,14 @@ def decide(end: AttemptEnd, limit: int, limit_reason: str, max_restarts: int) ->
     if end.log_error is not None or (
         code == EXIT_USAGE and end.error is not None and end.error.startswith(WRITE_FAILURE)
     ):
+        # The trainer's line says how to resume `distgrow train`; launch resumes by the config.
+        said = (end.log_error or end.error or "").replace(
+            "then rerun with --resume.", "then launch again with run.resume=true."
+        )
         return Decision(
             "stop",
             EXIT_USAGE,
-            message=f"not relaunching (exit {code}; a retry would fail the same way): "
-            f"{end.log_error or end.error}",
+            message=f"not relaunching (exit {code}; a retry would fail the same way): {said}",
         )
     resize = end.resize
     if code == EXIT_NEED_WORKERS or (

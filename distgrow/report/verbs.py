@@ -273,6 +273,7 @@ def _disk_failure(outcome: Outcome, what: str, log: Path, out: Path) -> ReportEr
     if outcome.returncode == EXIT_USAGE and error and error.startswith(WRITE_FAILURE):
         # The run's output directory is under --out: the fix names the option given here.
         error = error.replace("set run.output_dir to", "set --out to")
+        error = error.replace("; then rerun with --resume.", ".")  # `again` says how here
         return ReportError(f"{what} stopped (exit {EXIT_USAGE}): {error}{again}")
     if outcome.log_error is not None and is_disk_error(outcome.log_error):
         line = write_failure(outcome.log_error, "log", log, setting="--out")
