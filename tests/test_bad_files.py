@@ -258,6 +258,13 @@ def test_npz_refusals_name_the_file_before_loading(
     assert str(path) in line and re.search(says, line), line
 
 
+def test_covtype_npz_headers_are_checked_too(tmp_path: Path, no_array_loaded: None) -> None:
+    path = tmp_path / "covtype.npz"
+    forged_npz(path, 10**11)
+    with pytest.raises(DatasetFormatError, match=rf"^{path}: array 'X' declares shape \(1000"):
+        load_dataset(DataConfig(name="covtype", path=str(path)))
+
+
 def test_a_well_compressed_npz_is_not_mistaken_for_a_forged_one(tmp_path: Path) -> None:
     path = tmp_path / "zeros.npz"
     np.savez_compressed(path, X=np.zeros((50_000, 8)), y=np.arange(50_000) % 3)

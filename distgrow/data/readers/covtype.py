@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from distgrow.config import DataConfig
+from distgrow.config.filesizes import npz_header
 from distgrow.data.containers import DatasetFormatError, DatasetNotFoundError
 from distgrow.data.readers.common import has_suffix, open_text
 from distgrow.data.splits import Table
@@ -36,6 +37,16 @@ def _is_header(line: str) -> bool:
 def _read_covtype_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Features ``(N, 54)`` and labels 1..7 from a UCI covtype CSV or an NPZ file."""
     if path.name.lower().endswith(".npz"):
+        try:
+            with zipfile.ZipFile(path) as members:
+                present = {n[: -len(".npy")] for n in members.namelist() if n.endswith(".npy")}
+            for key in ("X", "y"):
+                if key in present:  # its header against the file's size, before allocating
+                    npz_header(path, key)
+        except ValueError as exc:
+            raise DatasetFormatError(str(exc)) from None
+        except (OSError, zipfile.BadZipFile) as exc:
+            raise DatasetFormatError(f"{path}: not a readable NPZ archive ({exc}).") from None
         # allow_pickle=False: an NPZ of object arrays could run code when loaded.
         try:
             with np.load(path, allow_pickle=False) as archive:
