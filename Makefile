@@ -1,5 +1,5 @@
 # distgrow's tasks. Every target sets itself up first (scripts/bootstrap.sh is quick when done).
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test lint format bench gpu-check clean
 
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -27,6 +27,11 @@ format: setup
 # Real runs on this machine: resize latency of `distgrow launch` (docs/launch.md has the numbers).
 bench: setup
 	$(BIN)/python benchmarks/resize_latency.py --reps 3 --json runs/bench/resize_latency.json
+
+# On a machine with a GPU: the gpu test tier, syncs per update, a real OOM fallback, DDP and
+# DeepSpeed on CUDA, the Fashion-MNIST compare's wall-clock; one table (scripts/gpu_check.py).
+gpu-check: setup
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf runs/demo .pytest_cache .mypy_cache .ruff_cache

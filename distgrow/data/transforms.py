@@ -78,12 +78,16 @@ class NormalizeImages:
         return self._on[device]
 
     def __call__(self, x: torch.Tensor, indices: torch.Tensor, epoch: int) -> torch.Tensor:
-        table, mean, std = self._for(x.device)
-        channels = self.table.shape[0]
-        if x.device.type == "cpu" or x.dtype != torch.uint8 or x.dim() != 4:
-            # On the CPU the formula is the table's own arithmetic, and three times faster.
-            return (x.to(torch.float32) / 255.0 - mean) / std
-        offsets = torch.arange(0, 256 * channels, 256, device=x.device)
+        if x.device.type != "cpu" and x.dtype == torch.uint8 and x.dim() == 4:
+            return self.lookup(x)
+        # On the CPU the formula is the table's own arithmetic, and three times faster.
+        _, mean, std = self._for(x.device)
+        return (x.to(torch.float32) / 255.0 - mean) / std
+
+    def lookup(self, x: torch.Tensor) -> torch.Tensor:
+        """``uint8`` images ``(N, C, H, W)`` normalised by the table (what a GPU runs)."""
+        table, _, _ = self._for(x.device)
+        offsets = torch.arange(0, table.numel(), 256, device=x.device)
         return torch.take(table, x.to(torch.long) + offsets.view(1, -1, 1, 1))
 
     def __repr__(self) -> str:
