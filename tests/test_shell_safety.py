@@ -42,6 +42,7 @@ from distgrow.launch.job import hostfile_hosts
 from distgrow.launch.slurm_chain import (
     check_chain,
     sbatch_options,
+    sbatch_word,
     span_overrides,
     span_script,
     span_shape,
@@ -111,6 +112,42 @@ def nothing_ran(root: Path) -> None:
 def bash_parses(text: str) -> None:
     done = subprocess.run(["bash", "-n", "-c", text], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def slurm_arguments(line: str) -> list[str]:
+    """The words sbatch takes from an ``#SBATCH`` line (after ``#SBATCH``), as SLURM's
+    ``_get_argument`` (``src/sbatch/opt.c``, the older form) reads them: split at whitespace
+    outside double quotes, a backslash takes the next character as it is, an unescaped ``#``
+    ends the line (even inside quotes). The real sbatch: test_real_sbatch_reads_...
+    """
+    words, i = [], 0
+    while True:
+        while i < len(line) and line[i].isspace():
+            i += 1
+        word: list[str] = []
+        escaped = quoted = False
+        while i < len(line) and (quoted or not line[i].isspace()):
+            char = line[i]
+            if escaped:
+                escaped = False
+                word.append(char)
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                quoted = not quoted
+            elif char == "#":
+                break
+            else:
+                word.append(char)
+            i += 1
+        if not word:
+            return words
+        words.append("".join(word))
+
+
+def sbatch_reads(line: str) -> list[str]:
+    assert line.startswith("#SBATCH ")
+    return slurm_arguments(line[8:])
 
 
 def chain_cfg(**chain: Any) -> Any:
@@ -386,9 +423,9 @@ def test_span_script_gives_every_value_as_one_word(tmp_path: Path) -> None:
     )
     lines = text.splitlines()
     sbatch = [line for line in lines if line.startswith("#SBATCH ")]
-    # sbatch reads an #SBATCH line's quotes, backslashes and unquoted '#' as a shell does.
-    assert [shlex.split(line[8:], comments=True) for line in sbatch] == [[o] for o in options]
-    assert "#SBATCH '--comment=a b;touch pwned #x'" in lines
+    assert [sbatch_reads(line) for line in sbatch] == [[o] for o in options]
+    assert '#SBATCH "--comment=a b;touch pwned \\#x"' in lines
+    assert "#SBATCH --nodes=1" in lines  # plain options stay as they are
     bash_parses(text)
     script = tmp_path / "span.sbatch"
     script.write_text(text)
@@ -404,6 +441,15 @@ def test_span_script_gives_every_value_as_one_word(tmp_path: Path) -> None:
         "run.resume=true",
     ]
     nothing_ran(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "option",
+    ["--x=a b", '--x="q"', "--x=it's", "--x=#c", "--x=\\\\", '--x=" #"', "--x=a\\ b", "--x=é ü"],
+)
+def test_sbatch_word_reads_back_as_one_word(option: str) -> None:
+    assert sbatch_reads(f"#SBATCH {sbatch_word(option)}") == [option]
+    assert sbatch_reads(f"#SBATCH {sbatch_word(option)} # a comment") == [option]
 
 
 @pytest.mark.parametrize("bad", ["\n", "\r", "\x0b", "\x1b", "\u2028", "\x85"])
@@ -523,7 +569,7 @@ def test_submitted_span_script_runs_the_configs_values_as_words(tmp_path: Path) 
     text = script.read_text()
     bash_parses(text)
     words = {w for line in text.splitlines() if line.startswith("#SBATCH ")
-             for w in shlex.split(line[8:], comments=True)}  # fmt: skip
+             for w in sbatch_reads(line)}  # fmt: skip
     assert {f"--chdir={run_dir}", f"--output={run_dir}/launch/span-01-%j.out"} <= words
     assert {"--partition=gpu", "--time=1-00:00"} <= words
     env = {"PATH": os.environ["PATH"], "STUB_LOG": str(tmp_path / "argv")}
@@ -537,4 +583,37 @@ def test_submitted_span_script_runs_the_configs_values_as_words(tmp_path: Path) 
         *overrides,
         "launch.slurm=chain",
     ]
+    nothing_ran(tmp_path)
+
+
+@pytest.mark.integration
+def test_real_sbatch_reads_every_option_back_and_runs_the_span(
+    slurm: dict[str, str], tmp_path: Path
+) -> None:
+    """SLURM's own sbatch (slurm/local_cluster.sh) reads each ``#SBATCH`` option of a span
+    script as one word and runs its command with every value as one word."""
+    python = stub(tmp_path / "bin" / "python")
+    run = tmp_path / AWKWARD_DIR
+    run.mkdir(parents=True)
+    comment = 'a b;touch pwned #x "q" it\'s \\y $(touch pwned)'
+    cfg = chain_cfg(sbatch_args=[f"--comment={comment}"])
+    shape = span_shape(1, cfg.launch.chain)
+    options = sbatch_options(shape, cfg.launch.chain, "distgrow-x-1", run / "o #1.out", run)
+    overrides = ["data.root=$(touch pwned)", 'run.name=a "b" #c']
+    script = tmp_path / "span.sbatch"
+    script.write_text(span_script(1, options, str(python), "c.yaml", overrides))
+    env = {**slurm, "STUB_LOG": str(tmp_path / "argv")}
+    done = subprocess.run(
+        ["sbatch", "--wait", "--parsable", str(script)],
+        env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    job = done.stdout.strip().split(";")[0]
+    shown = subprocess.run(
+        ["scontrol", "show", "job", job], env=env, capture_output=True, text=True, timeout=60
+    ).stdout
+    assert f"Comment={comment} " in shown, shown
+    assert f"WorkDir={run}\n" in shown and f"StdOut={run}/o #1.out\n" in shown, shown
+    assert recorded(tmp_path / "argv") == ["-m", "distgrow", "launch", "c.yaml", *overrides]
+    assert (run / "o #1.out").exists()
     nothing_ran(tmp_path)

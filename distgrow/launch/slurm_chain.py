@@ -31,7 +31,6 @@ import json
 import math
 import os
 import re
-import shlex
 import signal
 import subprocess
 import sys
@@ -126,15 +125,34 @@ def sbatch_options(
     return opts
 
 
+_SBATCH_SPECIAL = re.compile(r"""[\s\\"'#]""")
+_SBATCH_ESCAPED = re.compile(r"""[\\"'#]""")
+
+
+def sbatch_word(option: str) -> str:
+    """``option`` written so that sbatch reads it back from an ``#SBATCH`` line as one word.
+
+    sbatch splits an ``#SBATCH`` line at whitespace outside double quotes, takes the character
+    after a backslash as it is, and ends the line at an unescaped ``#`` (``_get_argument`` in
+    SLURM's ``src/sbatch/opt.c``; older releases end it there even inside quotes, newer ones
+    also group with single quotes). So an option holding any of these is written in double
+    quotes with a backslash before each backslash, quote and ``#``, which both forms read
+    back as it was (checked with SLURM 22.05's sbatch). bash sees the whole line as a comment.
+    """
+    if not _SBATCH_SPECIAL.search(option):
+        return option
+    return '"' + _SBATCH_ESCAPED.sub(lambda match: "\\" + match.group(), option) + '"'
+
+
 def span_script(
     index: int, options: Sequence[str], python: str, config: str, overrides: Sequence[str]
 ) -> str:
     """A span's batch script: its options, then ``exec python -m distgrow launch ...``.
 
     ``exec``: the controller is the batch shell, so ``--signal=B:USR1`` reaches it directly.
-    Every option and every word of the command is quoted (:func:`shlex.quote`), so that sbatch
-    (which reads an ``#SBATCH`` line's quotes, backslashes and ``#`` as a shell does) and bash
-    each receive it as one word; none may hold a control character, which could end its line.
+    Every option is escaped for sbatch (:func:`sbatch_word`) and every word of the command
+    quoted for bash (:func:`shlex.quote`), so that each receives it as one word; none may hold
+    a control character, which could end its line.
 
     Raises:
         LaunchError: an option or a word that holds a control character.
@@ -159,7 +177,7 @@ def span_script(
             "# needs more workers than this job has, it submits the next span with",
             "# --dependency=afterok:$SLURM_JOB_ID and exits 0.",
             f"# Stop the chain: distgrow chain cancel RUN_DIR  (or: scancel --name={name})",
-            *(f"#SBATCH {shlex.quote(o)}" for o in options),
+            *(f"#SBATCH {sbatch_word(o)}" for o in options),
             f"export {CHAIN_SPAN_ENV}=1",
             f"exec {command}",
             "",
