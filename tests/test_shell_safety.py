@@ -120,7 +120,8 @@ def slurm_arguments(line: str) -> list[str]:
     outside double quotes, a backslash takes the next character as it is, an unescaped ``#``
     ends the line (even inside quotes). The real sbatch: test_real_sbatch_reads_...
     """
-    words, i = [], 0
+    words: list[str] = []
+    i = 0
     while True:
         while i < len(line) and line[i].isspace():
             i += 1
