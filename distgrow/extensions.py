@@ -38,17 +38,39 @@ def default_dir(prefix: str | None = None) -> Path:
     return Path(prefix if prefix is not None else sys.prefix) / "torch_extensions"
 
 
+def _can_create(path: Path) -> bool:
+    """Whether ``path`` exists as a writable folder or can be made (its nearest existing
+    ancestor is a writable folder)."""
+    for here in (path, *path.parents):
+        if here.exists():
+            return here.is_dir() and os.access(here, os.W_OK)
+    return False
+
+
+def torch_default_root(environ: MutableMapping[str, str] | None = None) -> Path:
+    """Where torch puts JIT extensions without ``TORCH_EXTENSIONS_DIR`` (the user's cache)."""
+    env = os.environ if environ is None else environ
+    cache = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "torch_extensions"
+
+
 def use_environment_cache(
     environ: MutableMapping[str, str] | None = None, prefix: str | None = None
 ) -> Path:
     """Set ``TORCH_EXTENSIONS_DIR`` to :func:`default_dir` unless the user set it.
+
+    An environment this user cannot write to (a shared, read-only install) is left alone:
+    torch then builds in the user's own cache, as without distgrow.
 
     Returns:
         The directory torch builds JIT extensions in from now on (the user's, if set).
     """
     env = os.environ if environ is None else environ
     if not env.get(ENV):
-        env[ENV] = str(default_dir(prefix))
+        inside = default_dir(prefix)
+        if not _can_create(inside):
+            return torch_default_root(env)
+        env[ENV] = str(inside)
     return Path(env[ENV])
 
 

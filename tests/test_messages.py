@@ -293,6 +293,14 @@ def test_the_jit_cache_is_the_environments_unless_the_user_set_it() -> None:
     assert extensions.default_dir() == Path(sys.prefix) / "torch_extensions"
 
 
+def test_a_read_only_environment_leaves_torchs_own_cache(tmp_path: Path) -> None:
+    (tmp_path / "not_a_folder").write_text("")
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    where = extensions.use_environment_cache(env, prefix=str(tmp_path / "not_a_folder"))
+    assert where == tmp_path / "cache" / "torch_extensions"
+    assert "TORCH_EXTENSIONS_DIR" not in env
+
+
 def test_distgrow_processes_build_inside_the_environment(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
     probe = "import os; from distgrow import cli; cli.main(['config', '--schema']);"
