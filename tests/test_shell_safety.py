@@ -618,3 +618,27 @@ def test_real_sbatch_reads_every_option_back_and_runs_the_span(
     assert recorded(tmp_path / "argv") == ["-m", "distgrow", "launch", "c.yaml", *overrides]
     assert (run / "o #1.out").exists()
     nothing_ran(tmp_path)
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "mpirun", "horovodrun"])
+def test_a_hostfile_launch_refuses_a_host_that_is_not_one(
+    launcher: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in [n for n in os.environ if n.startswith(("SLURM_", "OMPI_", "PMI_"))]:
+        monkeypatch.delenv(name)
+    (tmp_path / "c.yaml").write_text("growth: {max_workers: 4}\n")
+    (tmp_path / "hosts").write_text("n1 slots=2\n-oProxyCommand=touch${IFS}pwned slots=2\n")
+    backend = "horovod" if launcher == "horovodrun" else "torch"
+    code = cli.main(
+        ["launch", "c.yaml", f"launch.launcher={launcher}", "launch.nodes=2",
+         "launch.hostfile=hosts", f"backend.name={backend}", "--dry-run"]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "'-oProxyCommand=touch${IFS}pwned' is not a host name or an IP address" in err
+    assert len(err.splitlines()) == 1, err
+    nothing_ran(tmp_path)
