@@ -8,7 +8,8 @@ of hostile values, in every config key that reaches it, and parsed by a real she
   the remote shell, checked with ``bash -n`` and run by ``sh`` with a stub interpreter that
   records the argv it receives;
 * the SLURM chain's batch scripts (``launch.slurm=chain``) and the ``slurm/distgrow.sbatch``
-  wrapper, run by ``bash`` with a stub interpreter;
+  wrapper, run by ``bash`` with a stub interpreter; the ``#SBATCH`` lines read by a port of
+  sbatch's own line parser, and (integration, slurm/local_cluster.sh) by a real sbatch;
 * horovodrun's lines: ``ssh HOST ...`` (Horovod's own ``get_remote_command``) and the host
   discovery script, which horovodrun runs through a shell.
 
