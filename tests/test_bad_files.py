@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import re
 import struct
+import sys
 import zipfile
 import zlib
 from pathlib import Path
@@ -388,11 +389,19 @@ def test_a_billion_laughs_is_refused_at_load_without_printing_the_value(
         load_config(None, [f"model.kwargs.x={value}"])
 
 
-def test_an_alias_inside_itself_is_refused(tmp_path: Path) -> None:
+def test_an_alias_inside_itself_or_a_bottomless_nest_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "loop.yaml"
     path.write_text("model:\n  name: mlp\n  kwargs:\n    x: &x [1, *x]\n")
-    with pytest.raises(ConfigError, match=r"line 4 contains an alias of itself"):
+    with pytest.raises(ConfigError, match=r"line 4 contains an alias of itself .*Fix: "):
         load_config(path)
+    path.write_text(f"model:\n  kwargs:\n    x: {'[' * 5000}{']' * 5000}\n")
+    line = assert_one_line(*run_cli(["plan", str(path)], capsys))
+    assert line.endswith(
+        f"is refused: its values nest deeper than the {sys.getrecursionlimit()} levels it can "
+        "read. Fix: nest lists and mappings less deeply."
+    ), line
 
 
 def test_ordinary_anchors_still_load(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import sys
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -200,7 +201,7 @@ def _expanded_size(root: yaml.Node) -> int:
         if key in open_nodes:
             raise YamlExpansionError(
                 f"the value at line {node.start_mark.line + 1} contains an alias of itself "
-                "(an infinite value)"
+                "(an infinite value). Fix: write the value out without that alias."
             )
         open_nodes.add(key)
         total = 1
@@ -213,7 +214,8 @@ def _expanded_size(root: yaml.Node) -> int:
         if total > MAX_YAML_VALUES and total > len(sizes):
             raise YamlExpansionError(
                 f"its aliases expand the value at line {node.start_mark.line + 1} to {total:,} "
-                f"values (more than {MAX_YAML_VALUES:,}: a 'billion laughs')"
+                f"values (more than {MAX_YAML_VALUES:,}: a 'billion laughs'). Fix: write the "
+                "values out, or use fewer nested aliases."
             )
         return total
 
@@ -232,10 +234,17 @@ def safe_load(text: str) -> Any:
     """``yaml.safe_load``, refusing aliases that expand beyond :data:`MAX_YAML_VALUES`.
 
     Raises:
-        YamlExpansionError: the expansion is too large or infinite (nothing is built).
+        YamlExpansionError: the expansion is too large or infinite, or the values nest deeper
+            than PyYAML (recursive) can follow; nothing is built.
         yaml.YAMLError: the text is not valid YAML.
     """
-    return yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader: no Python objects
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader: no Python objects
+    except RecursionError:
+        raise YamlExpansionError(
+            f"its values nest deeper than the {sys.getrecursionlimit()} levels it can read. "
+            "Fix: nest lists and mappings less deeply."
+        ) from None
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:
@@ -266,10 +275,7 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
         try:
             value = safe_load(raw) if raw.strip() else ""
         except YamlExpansionError as err:
-            raise ConfigError(
-                f"override {key!r} is refused: {err}. Fix: write the value out without "
-                "nested aliases."
-            ) from None
+            raise ConfigError(f"override {key!r} is refused: {err}") from None
         except yaml.YAMLError as err:
             raise ConfigError(
                 f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)}). "
@@ -426,9 +432,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     try:
         data = safe_load(text)
     except YamlExpansionError as err:
-        raise ConfigError(
-            f"{p} is refused: {err}. Fix: write the values out, or use fewer nested aliases."
-        ) from None
+        raise ConfigError(f"{p} is refused: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(
             f"{p} is not valid YAML: {_yaml_problem(err)}. Fix: correct the file there."
