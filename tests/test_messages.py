@@ -301,6 +301,7 @@ def test_a_read_only_environment_leaves_torchs_own_cache(tmp_path: Path) -> None
     assert "TORCH_EXTENSIONS_DIR" not in env
 
 
+@pytest.mark.integration
 def test_distgrow_processes_build_inside_the_environment(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
     probe = "import os; from distgrow import cli; cli.main(['config', '--schema']);"
