@@ -135,17 +135,20 @@ def gpus_present(env: Mapping[str, str], dev: Path = Path("/dev")) -> int:
     return int(match.group(1)) if match else 0
 
 
-def cuda_unusable_reason() -> str | None:
-    """Why torch cannot use CUDA here, or None when it can.
+CUDA_SETUP = (
+    "set up with the CUDA build (DISTGROW_TORCH_SPEC=torch==2.13.0 bash scripts/bootstrap.sh; "
+    "docs/launch.md, 'On a GPU node')"
+)
+
+
+def cuda_unusable_reason() -> tuple[str, str] | None:
+    """Why torch cannot use CUDA here and what to do, or None when it can.
 
     A CPU build of torch; otherwise torch's own warning from initialising CUDA (an old driver:
     "The NVIDIA driver on your system is too old"), or that it found no device.
     """
     if torch.version.cuda is None:
-        return (
-            f"torch {torch.__version__} is a CPU build (torch.version.cuda is None); install "
-            "the CUDA build (docs/launch.md: 'On a GPU node')"
-        )
+        return f"torch {torch.__version__} is a CPU build (torch.version.cuda is None)", CUDA_SETUP
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         available = torch.cuda.is_available()
@@ -153,8 +156,12 @@ def cuda_unusable_reason() -> str | None:
         return None
     said = next((str(w.message).strip() for w in caught if str(w.message).strip()), "")
     said = " ".join(said.split())  # one line
-    detail = f": {said}" if said else " (is the NVIDIA driver loaded? try nvidia-smi)"
-    return f"torch {torch.__version__} (CUDA {torch.version.cuda}) cannot use CUDA{detail}"
+    detail = f": {said}" if said else " (is the NVIDIA driver loaded? nvidia-smi says)"
+    return (
+        f"torch {torch.__version__} (CUDA {torch.version.cuda}) cannot use CUDA{detail}",
+        "update the NVIDIA driver to one for CUDA "
+        f"{torch.version.cuda}, or install the torch build for the driver's CUDA",
+    )
 
 
 def select_device(
@@ -181,8 +188,9 @@ def select_device(
     if requested == "cpu":
         return torch.device("cpu")
     hidden = visible_device_ids(env) == []
-    reason = cuda_unusable_reason()
-    if reason is not None:
+    unusable = cuda_unusable_reason()
+    if unusable is not None:
+        reason, fix = unusable
         if requested == "auto" and (hidden or not gpus_present(env, dev)):
             return torch.device("cpu")  # no GPU here, or hidden on purpose: the CPU
         where = (
@@ -192,11 +200,10 @@ def select_device(
         )
         if requested == "auto":
             raise DeviceError(
-                f"run.device = 'auto' found {where}, but {reason}. Fix: install a CUDA build "
-                "of torch, or set run.device=cpu to train on the CPU."
+                f"run.device = 'auto' found {where}, but {reason}. Fix: {fix}, or set "
+                "run.device=cpu to train on the CPU."
             )
         raise DeviceError(
-            f"run.device = 'cuda' ({where}), but {reason}. Fix: install a CUDA build of "
-            "torch, or set run.device=cpu (or auto)."
+            f"run.device = 'cuda' ({where}), but {reason}. Fix: {fix}, or set run.device=cpu."
         )
     return torch.device("cuda", cuda_index(local_rank, local_world, torch.cuda.device_count(), env))
