@@ -31,6 +31,7 @@ from distgrow.config.loader import MAX_YAML_VALUES
 from distgrow.data import ArrayDataset, DataBundle, DatasetFormatError, load_dataset
 from distgrow.data.checks import check_class_labels
 from distgrow.data.readers.image_folder import decode
+from distgrow.data.readers.labels import MAX_CLASSES
 from distgrow.models import MAX_OUTPUTS, build_model, output_width
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -284,15 +285,39 @@ def labelled_npz(path: Path, far: int) -> None:
     np.savez(path, X=np.random.default_rng(0).normal(size=(40, 8)), y=y)
 
 
-def test_a_built_in_head_refuses_an_absurd_class_count(
+def test_a_label_far_beyond_the_classes_names_its_file_and_sample(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     labelled_npz(tmp_path / "d.npz", 10**9)
     run = tmp_path / "run"
     config = job(tmp_path, data={"name": "npz", "path": str(tmp_path / "d.npz")})
     line = assert_one_line(*run_cli(["train", config, f"run.output_dir={run}"], capsys))
+    assert line == (
+        f"distgrow: error: {tmp_path / 'd.npz'}: the label of sample 17 is 1,000,000,000, which "
+        "would make 1,000,000,001 classes (labels are class numbers 0..C-1, at most 1,048,576). "
+        "Fix: number the classes 0..C-1, or set data.task=regression if they are values."
+    )
+    assert not run.exists()
+    assert MAX_CLASSES == MAX_OUTPUTS  # what the data allows, a built-in head takes
+
+
+def test_a_built_in_head_refuses_an_absurd_class_count(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Your own Datasets: the classes are the largest label + 1, unchecked by a file reader.
+    (tmp_path / "sets.py").write_text(
+        "import torch\nfrom torch.utils.data import TensorDataset\n\n"
+        "def sets():\n"
+        "    y = torch.arange(40) % 4\n"
+        "    y[17] = 10**9\n"
+        "    x = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))\n"
+        "    return TensorDataset(x[:32], y[:32]), TensorDataset(x[32:], y[32:])\n"
+    )
+    run = tmp_path / "run"
+    config = job(tmp_path, data={"name": f"{tmp_path / 'sets.py'}:sets"})
+    line = assert_one_line(*run_cli(["train", config, f"run.output_dir={run}"], capsys))
     assert "num_outputs (1,000,000,001) is more than 1,048,576" in line
-    assert "The classes are the largest label + 1" in line
+    assert line.endswith("The classes are the largest label + 1: number them 0..C-1.")
     assert not run.exists()
     with pytest.raises(ValueError, match="num_outputs"):
         build_model("mlp", input_shape=(4,), num_outputs=MAX_OUTPUTS + 1, hidden=[2])
@@ -302,7 +327,7 @@ def test_a_built_in_head_refuses_an_absurd_class_count(
 def test_labels_beyond_an_own_models_outputs_are_refused_before_the_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    labelled_npz(tmp_path / "d.npz", 10**9)
+    labelled_npz(tmp_path / "d.npz", 1000)
     (tmp_path / "net.py").write_text(
         "import torch\n\ndef net(classes):\n    return torch.nn.Linear(8, classes)\n"
     )
@@ -314,7 +339,7 @@ def test_labels_beyond_an_own_models_outputs_are_refused_before_the_run(
     )
     line = assert_one_line(*run_cli(["train", config, f"run.output_dir={run}"], capsys))
     assert line == (
-        f"distgrow: error: {tmp_path / 'd.npz'}: class label 1,000,000,000 (in the training "
+        f"distgrow: error: {tmp_path / 'd.npz'}: class label 1,000 (in the training "
         "split) is beyond the model's 4 outputs (classes 0..3). Fix: number the classes 0..C-1 "
         "with C <= 4, or give the model one output per class."
     )

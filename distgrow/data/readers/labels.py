@@ -10,7 +10,12 @@ import numpy as np
 
 from distgrow.data.containers import DatasetFormatError
 
-__all__ = ["targets"]
+__all__ = ["MAX_CLASSES", "targets"]
+
+# Whole-number labels keep their values as class indices, so the largest label sets the number
+# of classes (and a built-in model's head: distgrow.models.MAX_OUTPUTS, the same number). More
+# than this is a label that is not a class number (an ID, a sentinel, a misread column).
+MAX_CLASSES = 1 << 20
 
 
 def _numeric(values: np.ndarray) -> np.ndarray | None:
@@ -83,6 +88,13 @@ def targets(
         and np.all(numbers == np.round(numbers))
     ):
         k = int(numbers.max()) + 1
+        if k > MAX_CLASSES:
+            row = int(np.argmax(numbers))
+            raise DatasetFormatError(
+                f"{where}: the label of sample {row} is {int(numbers[row]):,}, which would make "
+                f"{k:,} classes (labels are class numbers 0..C-1, at most {MAX_CLASSES:,}). "
+                "Fix: number the classes 0..C-1, or set data.task=regression if they are values."
+            )
         if (
             val_keys is not None
             and val_keys.size
