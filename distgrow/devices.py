@@ -26,15 +26,19 @@ this process sees (``CUDA_VISIBLE_DEVICES`` already applied) ``0..visible-1``.
 
 DeepSpeed's engine picks ``cuda:LOCAL_RANK`` itself (and ZeRO reads ``LOCAL_RANK`` again):
 :mod:`distgrow.backends.deepspeed_backend` points ``LOCAL_RANK`` at the chosen device (logged).
-The decisions are pure functions of plain numbers and a mapping, tested on the CPU.
+Once the ranks have joined, they compare the GPUs they hold (:func:`check_distinct_gpus`, by
+host and GPU UUID), so a binding the rule cannot see still ends with one line, not NCCL's
+"Duplicate GPU". The decisions are pure functions of plain numbers and a mapping, tested on
+the CPU.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import socket
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -207,3 +211,33 @@ def select_device(
             f"run.device = 'cuda' ({where}), but {reason}. Fix: {fix}, or set run.device=cpu."
         )
     return torch.device("cuda", cuda_index(local_rank, local_world, torch.cuda.device_count(), env))
+
+
+def gpu_identity(device: torch.device) -> str:
+    """``host/GPU-UUID`` of a CUDA device: the same for two ranks only on the same GPU."""
+    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+    return f"{socket.gethostname()}/{uuid if uuid is not None else device}"
+
+
+def check_distinct_gpus(identities: Sequence[str]) -> None:
+    """Refuse a job in which two ranks train on one GPU (NCCL fails later: "Duplicate GPU").
+
+    The rule of :func:`cuda_index` cannot see every binding (a wrapper that sets each rank's
+    ``CUDA_VISIBLE_DEVICES``, SLURM's ``--gpu-bind=closest`` with a cyclic task layout): the
+    ranks compare the GPUs they actually hold, once, at start-up.
+
+    Args:
+        identities: :func:`gpu_identity` of every rank, in rank order (all-gathered).
+
+    Raises:
+        DeviceError: naming the first two ranks that share a GPU.
+    """
+    first: dict[str, int] = {}
+    for rank, identity in enumerate(identities):
+        if identity in first:
+            raise DeviceError(
+                f"ranks {first[identity]} and {rank} both train on GPU {identity}: two ranks on "
+                "one GPU (NCCL: 'Duplicate GPU'). Fix: start at most one worker per GPU, and "
+                "give each rank its own (CUDA_VISIBLE_DEVICES, srun --gpus-per-task=1)."
+            )
+        first[identity] = rank

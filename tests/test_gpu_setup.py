@@ -185,6 +185,39 @@ def test_slurm_binding_with_two_gpus_per_task_keeps_ranks_apart() -> None:
         assert seen[cuda_index(local, 4, 2, env)] == want
 
 
+def test_ranks_that_hold_one_gpu_are_refused_after_they_join(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the rule cannot see (a wrapper's own CUDA_VISIBLE_DEVICES): the ranks compare the
+    GPUs they hold, by host and UUID, and every rank stops with the same line."""
+    import torch.distributed as dist
+
+    from distgrow.backends import torch_ddp
+    from distgrow.devices import check_distinct_gpus
+
+    check_distinct_gpus(["gpu01/GPU-a", "gpu01/GPU-b", "gpu02/GPU-a", "gpu02/GPU-b"])
+    held = ["gpu01/GPU-a", "gpu01/GPU-b", "gpu02/GPU-c", "gpu01/GPU-b"]
+
+    def gather(out: list[object], mine: object) -> None:
+        out[:] = held
+
+    monkeypatch.setattr(dist, "all_gather_object", gather)
+    monkeypatch.setattr(torch_ddp, "gpu_identity", lambda device: held[3])
+    member = torch_ddp.ProcessGroupMember(
+        Runtime(3, 4, 1, 2, "gpu01", 29500, "mpirun"), torch.device("cuda", 0), "nccl"
+    )
+    with pytest.raises(DeviceError) as err:
+        member.check_distinct_gpus()
+    assert str(err.value).startswith("ranks 1 and 3 both train on GPU gpu01/GPU-b: ")
+    held[3] = "gpu01/GPU-d"
+    member.check_distinct_gpus()
+    cpu = torch_ddp.ProcessGroupMember(
+        Runtime(3, 4, 1, 2, "gpu01", 29500, "mpirun"), torch.device("cpu"), "gloo"
+    )
+    monkeypatch.setattr(dist, "all_gather_object", None)  # the CPU asks nothing
+    cpu.check_distinct_gpus()
+
+
 # --------------------------------------------------------------------------------------------
 # run.device: GPUs present but unusable stop the run; the CPU only when asked for
 # --------------------------------------------------------------------------------------------

@@ -344,6 +344,7 @@ class DeepSpeedBackend(ProcessGroupMember):
         point_local_rank_at(device, runtime, os.environ)
         # DeepSpeed needs a process group even for one worker; it joins the one made here.
         self._owns_group = join_process_group(runtime, self.dist_backend, single=True)
+        self.check_distinct_gpus()
         self._ds.init_distributed(dist_backend=self.dist_backend, auto_mpi_discovery=False)
         self._engine: Any = None
         self._module: nn.Module | None = None

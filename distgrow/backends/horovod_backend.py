@@ -55,6 +55,7 @@ from distgrow.backends.torch_ddp import (
     resolve_device,
 )
 from distgrow.config import Config
+from distgrow.devices import check_distinct_gpus, gpu_identity
 from distgrow.runtime import Runtime, finalize_mpi
 from distgrow.signals import exit_status
 
@@ -129,6 +130,8 @@ class HorovodBackend:
             cfg.run.device, int(self._hvd.local_rank()), int(self._hvd.local_size())
         )
         check_cuda_build(self._hvd, self._device)
+        if self._device.type == "cuda" and self.world_size > 1:
+            check_distinct_gpus(self._hvd.allgather_object(gpu_identity(self._device)))
         self.scaler = grad_scaler(self.precision, self._device)
         if self._device.type == "cuda":
             torch.cuda.set_device(self._device)

@@ -36,7 +36,7 @@ from torch.utils._pytree import tree_map
 
 from distgrow.backends.base import BackendError, ReduceOp, check_precision
 from distgrow.config import BackendConfig
-from distgrow.devices import select_device
+from distgrow.devices import check_distinct_gpus, gpu_identity, select_device
 from distgrow.runtime import Runtime, finalize_mpi
 
 # Long enough for rank 0 to write a large checkpoint while the others wait at a barrier.
@@ -247,6 +247,18 @@ class ProcessGroupMember:
 
     # -- collectives ---------------------------------------------------------------------------
 
+    def check_distinct_gpus(self) -> None:
+        """On CUDA, several ranks: refuse two ranks on one GPU (a collective, every rank).
+
+        Raises:
+            DeviceError: naming the two ranks and the GPU.
+        """
+        if not self._distributed or self._device.type != "cuda":
+            return
+        identities: list[Any] = [None] * self.world_size
+        dist.all_gather_object(identities, gpu_identity(self._device))
+        check_distinct_gpus(identities)
+
     def all_reduce(self, tensor: torch.Tensor, op: ReduceOp = "sum") -> torch.Tensor:
         if not self._distributed:
             return tensor
@@ -318,6 +330,7 @@ class TorchBackend(ProcessGroupMember):
         if self._device.type == "cuda":
             torch.cuda.set_device(self._device)
         self._owns_group = join_process_group(runtime, self.dist_backend)
+        self.check_distinct_gpus()
 
     def all_reduce_async(
         self, tensor: torch.Tensor, op: ReduceOp = "sum"
