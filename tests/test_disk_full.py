@@ -24,12 +24,13 @@ import torch
 import yaml
 from conftest import REPO_ROOT, communicate_or_fail, distgrow_job_env, tmpfs
 from test_hostile_inputs import SYNTHETIC
+from test_launch import TORCHRUN_REPORT
 from test_report import fake_run
 
 from distgrow import cli
 from distgrow.checkpoint import load_checkpoint, save_checkpoint
 from distgrow.launch.controller import AttemptEnd, decide
-from distgrow.launch.executor import run_subprocess, torchrun_status
+from distgrow.launch.executor import PlannedExitFilter, run_subprocess, torchrun_status
 from distgrow.rundir import RunDir, atomic_write_bytes
 
 # A model whose checkpoint (weights and momentum) is 2.2 MB: on a 3 MiB disk the checkpoint
@@ -201,6 +202,44 @@ def test_train_on_a_full_disk_writes_nothing(
         assert [p.name for p in run_dir.rglob("*") if p.is_file()] == []
 
 
+@pytest.mark.integration
+def test_a_kill_mid_checkpoint_leaves_a_temporary_the_next_start_removes(tmp_path: Path) -> None:
+    """SIGKILL while the second checkpoint is half written (torch.save writes 1 MB, then the
+    process kills itself): the temporary file stays behind until the run resumes."""
+    config = big_config(tmp_path)
+    run_dir = tmp_path / "run"
+    killed_mid_write = f"""
+import os, sys, torch
+from distgrow import cli
+real, calls = torch.save, []
+def save(obj, f, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        f.write(b"\\0" * 1_000_000); f.flush(); os.kill(os.getpid(), 9)
+    return real(obj, f, *args, **kwargs)
+torch.save = save
+cli.main(["train", {str(config)!r}, "run.output_dir={run_dir}"])
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", killed_mid_write], cwd=REPO_ROOT, env=distgrow_job_env(),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == -9, proc.stderr
+    [left] = temporaries(run_dir)
+    assert left.startswith(f".{SECOND}.") and (run_dir / left).stat().st_size == 1_000_000
+    assert sorted(p.name for p in run_dir.glob("ckpt-*")) == [FIRST]
+    proc = subprocess.run(
+        [sys.executable, "-m", "distgrow", "train", str(config), f"run.output_dir={run_dir}",
+         "--resume"], cwd=REPO_ROOT, env=distgrow_job_env(), capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    resumed = [r for r in RunDir(run_dir).records() if r.get("event") == "resume"]
+    assert [(r["step"], r["checkpoint"]) for r in resumed] == [(10, str(run_dir / FIRST))]
+    assert temporaries(run_dir) == []
+    assert load_checkpoint(RunDir(run_dir).checkpoints()[-1])["step"] == 30
+
+
 # -- launch ----------------------------------------------------------------------------------
 
 
@@ -244,12 +283,32 @@ def test_the_tee_survives_a_log_on_a_full_disk(
         assert torchrun_status(outcome.returncode, log, outcome.tail) == (2, 2)
 
 
+def test_the_terminal_shows_one_line_for_torchruns_report_of_an_exit_2() -> None:
+    said = "distgrow: error: cannot write the checkpoint /r/ckpt-000000020.pt: [Errno 28 ...\n"
+    shown = PlannedExitFilter()
+    out = shown.feed(said + TORCHRUN_REPORT.format(code=2) + "after\n") + shown.close()
+    assert out == (
+        f"{said}torchrun: the workers exited 2 (their error is above) (torchrun's failure "
+        "report is in the log)\nafter\n"
+    )
+
+
 @pytest.mark.integration
-def test_launch_stops_once_when_a_checkpoint_meets_a_full_disk(tmp_path: Path) -> None:
+@pytest.mark.parametrize("preload", [True, False], ids=["forked", "torchrun"])
+def test_launch_stops_once_when_a_checkpoint_meets_a_full_disk(
+    preload: bool, tmp_path: Path
+) -> None:
+    """torchrun exits 1 whatever its worker did: the controller reads the worker's 2 in
+    torchrun's report (kept in memory, the log may have lost it) and does not retry."""
     config = big_config(tmp_path)
     with tmpfs(tmp_path / "disk", ROOM_FOR_ONE) as disk:
         run_dir = disk / "run"
-        code, out = launch(config, f"run.output_dir={run_dir}", "launch.max_restarts=3")
+        code, out = launch(
+            config,
+            f"run.output_dir={run_dir}",
+            "launch.max_restarts=3",
+            f"launch.preload={str(preload).lower()}",
+        )
         assert code == 2, out
         assert "Traceback" not in out and "launch 2" not in out
         stop = [line for line in out.splitlines() if "not relaunching" in line]
@@ -257,6 +316,9 @@ def test_launch_stops_once_when_a_checkpoint_meets_a_full_disk(tmp_path: Path) -
         checkpoint_mid_write_fails(run_dir, stop[0])
         assert stop[0].endswith("is untouched); then launch again with run.resume=true.")
         assert sorted(p.name for p in (run_dir / "launch").iterdir()) == ["attempt-01-1w.log"]
+        if not preload:  # torchrun's failure report goes to the log, not the terminal
+            assert "ChildFailedError" not in out
+            assert "torchrun: the workers exited 2 (their error is above) (torchrun" in out
 
 
 @pytest.mark.integration

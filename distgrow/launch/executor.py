@@ -30,7 +30,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Literal
 
-from distgrow.exits import EXIT_FAILURE, EXIT_NEED_WORKERS
+from distgrow.exits import EXIT_FAILURE, EXIT_NEED_WORKERS, EXIT_USAGE
 from distgrow.launch.builders import SPAWN_MODULE
 from distgrow.signals import exit_status, signal_from_status
 
@@ -73,7 +73,14 @@ path; returns the :class:`Outcome`. Tests pass a fake one to check the controlle
 
 _TRACEBACK = "Traceback (most recent call last):"
 _CHILD_FAILED = "torch.distributed.elastic.multiprocessing.errors.ChildFailedError"
-_AGENT_FAILED_75 = re.compile(rf"\] failed \(exitcode: {EXIT_NEED_WORKERS}\) local_rank")
+_AGENT_FAILED_QUIET = re.compile(
+    rf"\] failed \(exitcode: (?:{EXIT_NEED_WORKERS}|{EXIT_USAGE})\) local_rank"
+)
+_QUIET_CAUSES = {
+    EXIT_NEED_WORKERS: f"the workers exited {EXIT_NEED_WORKERS} to grow the job",
+    # The worker printed its one line (a config, data or disk problem) just above.
+    EXIT_USAGE: f"the workers exited {EXIT_USAGE} (their error is above)",
+}
 _REPORT_MAX_LINES = 500  # more than any report torchrun writes: past it, show what was held
 
 
@@ -85,7 +92,8 @@ def _may_be_hidden(start: str) -> bool:
 
 class PlannedExitFilter:
     """What the terminal shows of a launcher's output: all of it, except torchrun's failure
-    report when the workers exited 75 on purpose (the plan needs more of them).
+    report when the workers exited 75 on purpose (the plan needs more of them), or 2 after
+    printing their own one-line error (a config, data or disk problem).
 
     torchrun treats any non-zero worker status as a failure: its agent logs "failed (exitcode:
     75)" and it ends with a ``ChildFailedError`` traceback and a "FAILED" table. For a planned
@@ -133,7 +141,7 @@ class PlannedExitFilter:
             if line == _TRACEBACK:
                 self._state, self._held = "traceback", [line]
                 return ""
-            return "" if _AGENT_FAILED_75.search(line) else line + "\n"
+            return "" if _AGENT_FAILED_QUIET.search(line) else line + "\n"
         self._held.append(line)
         if self._state == "traceback":
             if line[:1] in (" ", "\t"):  # a frame of the traceback
@@ -145,11 +153,11 @@ class PlannedExitFilter:
         if line and set(line.strip()) == {"="}:
             self._rules += 1
         if self._rules >= 2:  # the report's closing rule
-            if torchrun_root_cause("\n".join(self._held)) == EXIT_NEED_WORKERS:
+            cause = torchrun_root_cause("\n".join(self._held))
+            if cause in _QUIET_CAUSES:
                 self._held, self._state = [], "pass"
                 return (
-                    f"torchrun: the workers exited {EXIT_NEED_WORKERS} to grow the job "
-                    "(torchrun's failure report is in the log)\n"
+                    f"torchrun: {_QUIET_CAUSES[cause]} (torchrun's failure report is in the log)\n"
                 )
             return self._release()
         return self._release() if len(self._held) > _REPORT_MAX_LINES else ""
