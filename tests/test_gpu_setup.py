@@ -665,3 +665,57 @@ def test_install_horovod_wants_a_cuda_torch_for_a_gpu_build() -> None:
     assert f"DISTGROW_HOROVOD_GPU=1 but torch {torch.__version__} is not a CUDA build" in (
         proc.stderr
     )
+
+
+# --------------------------------------------------------------------------------------------
+# On a real GPU (skipped here: no GPU has been lent to this project)
+# --------------------------------------------------------------------------------------------
+
+
+def _needs_cuda() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device; torch sees none")
+
+
+@pytest.mark.gpu
+def test_on_cuda_auto_picks_the_gpu_and_knows_its_uuid() -> None:
+    _needs_cuda()
+    from distgrow.devices import gpu_identity
+
+    device = select_device("auto", 0, 1, env=os.environ)
+    assert device == torch.device("cuda", 0)
+    identity = gpu_identity(device)
+    assert "/" in identity and identity.split("/", 1)[1] != str(device), identity
+
+
+GPU_DEEPSPEED_PROBE = """
+import torch, torch.distributed as dist
+from distgrow.backends import make_backend
+from distgrow.config import load_config
+from distgrow.runtime import Runtime
+cfg = load_config(None, ["backend.name=deepspeed", "backend.zero_stage=2", "run.device=cuda",
+                         "backend.precision=bf16"])
+backend = make_backend(cfg, Runtime(0, 1, 0, 1, "127.0.0.1", 29500, "none"))
+model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)).cuda()
+engine = backend.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+out = engine(torch.randn(5, 3, device="cuda"))
+comm = {str(engine.optimizer.get_param_comm_dtype(p)) for p in model.parameters()}
+print("result", dist.get_backend(), out.dtype, out.device, sorted(comm))
+backend.shutdown(0)
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAVE_DEEPSPEED, reason="deepspeed is not installed")
+def test_on_cuda_deepspeed_runs_on_nccl_with_float32_logits_and_reduction() -> None:
+    _needs_cuda()
+    proc = subprocess.run(
+        [sys.executable, "-c", GPU_DEEPSPEED_PROBE],
+        env=distgrow_job_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = [line for line in proc.stdout.splitlines() if line.startswith("result ")]
+    assert result == ["result nccl torch.float32 cuda:0 ['torch.float32']"], proc.stdout
