@@ -62,6 +62,7 @@ from torch import nn
 from distgrow import __version__
 from distgrow.agreement import Agreement
 from distgrow.backends import Backend
+from distgrow.backends.torch_ddp import autocast_model
 from distgrow.bn_merge import RunningStatsMerger
 from distgrow.checkpoint import (
     FORMAT_VERSION,
@@ -651,16 +652,23 @@ class Trainer:
         n = len(val)
         chunks = math.ceil(n / _VAL_CHUNK)
         sums = torch.zeros(chunks, 2, dtype=torch.float64, device=self.device)
+        # Under the training precision, in pieces no larger than a training micro-batch may be
+        # (the config's cap, or the OOM fallback's ceiling): what trains also validates. The
+        # pieces do not depend on the world size, so neither do the sums.
+        model = autocast_model(self.model, self.cfg.backend.precision, self.device)
+        caps = [_VAL_CHUNK, self.policy.limits.max_micro_batch, self.oom.ceiling]
+        piece = min(c for c in caps if c is not None)
         self.model.eval()
         try:
             for c in range(self.rank, chunks, self.world):
-                idx = torch.arange(c * _VAL_CHUNK, min(n, (c + 1) * _VAL_CHUNK))
-                x, y = val.batch(idx, 0)
-                x, y = x.to(self.device), y.to(self.device)
-                out = self.model(x)
-                sums[c, 0] = self.objective.loss_sum(out, y).double()
-                if self.objective.metric_sum is not None:
-                    sums[c, 1] = self.objective.metric_sum(out, y).double()
+                for start in range(c * _VAL_CHUNK, min(n, (c + 1) * _VAL_CHUNK), piece):
+                    idx = torch.arange(start, min(n, (c + 1) * _VAL_CHUNK, start + piece))
+                    x, y = val.batch(idx, 0)
+                    x, y = x.to(self.device), y.to(self.device)
+                    out = model(x)
+                    sums[c, 0] += self.objective.loss_sum(out, y).double()
+                    if self.objective.metric_sum is not None:
+                        sums[c, 1] += self.objective.metric_sum(out, y).double()
         finally:
             self.model.train()
         self.backend.all_reduce(sums, "sum")

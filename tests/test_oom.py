@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_trainer import final_model, records, syn_config, train
+from test_trainer import final_model, make_trainer, records, syn_config, train
 from torch import nn
 
 from distgrow.exits import EXIT_OK
@@ -279,3 +279,48 @@ def test_a_relaunch_keeps_the_ceiling_and_does_not_run_out_again(tmp_path: Path)
     events = [r for r in records(run, "event") if r["event"] == OOM_EVENT]
     assert len(events) == 1
     assert {r["micro_batch"] for r in records(run, "step")} == {8}
+
+
+RECORDING = """
+import torch
+from torch import nn
+
+
+class Recording(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(16, 10)
+        self.seen = []  # (batch, autocast on) of each evaluation forward
+
+    def forward(self, x):
+        if not self.training:
+            self.seen.append((x.shape[0], torch.is_autocast_enabled("cpu")))
+        return self.net(x)
+
+
+def make_model():
+    return Recording()
+"""
+
+
+@pytest.mark.parametrize(("cap", "precision"), [("8", "bf16"), ("null", "fp32")])
+def test_validation_runs_in_training_micro_batches_under_the_training_precision(
+    tmp_path: Path, cap: str, precision: str
+) -> None:
+    (tmp_path / "rec.py").write_text(RECORDING)
+    trainer = make_trainer(
+        syn_config(
+            tmp_path / "run",
+            f"model.name={tmp_path / 'rec.py'}:make_model",
+            f"growth.max_micro_batch={cap}",
+            "growth.micro_batch=8",
+            f"backend.precision={precision}",
+        )
+    )
+    seen = trainer.model.seen  # type: ignore[union-attr]
+    seen.clear()  # (the loss check at start-up evaluates too)
+    result = trainer.validate()
+    n_val = len(trainer.data.val)  # 258 samples: 500-sample chunks, then the pieces
+    assert sum(b for b, _ in seen) == n_val and result["val_loss"] is not None
+    assert max(b for b, _ in seen) == (8 if cap == "8" else n_val)
+    assert {on for _, on in seen} == {precision == "bf16"}
