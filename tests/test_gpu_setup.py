@@ -719,3 +719,57 @@ def test_on_cuda_deepspeed_runs_on_nccl_with_float32_logits_and_reduction() -> N
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = [line for line in proc.stdout.splitlines() if line.startswith("result ")]
     assert result == ["result nccl torch.float32 cuda:0 ['torch.float32']"], proc.stdout
+
+
+FAKE_HVD_PYTHON = """#!/bin/sh
+# a venv's python with a CUDA torch and an installed horovod, as install_horovod.sh asks it
+case "$*" in
+  -) cat >/dev/null; echo "2.13.0+cu130 0.28.1 cp311 x86_64 1 /usr" ;;
+  *hvd.size*) echo "size 1" ;;
+  *cuda_built*) echo "gpu ${FAKE_HVD_GPU:-0}" ;;
+esac
+"""
+FAKE_HOROVODRUN = """#!/bin/sh
+printf '[X] PyTorch\\n[X] Gloo\\n'
+[ "${FAKE_HVD_GPU:-0}" = 1 ] && printf '[X] NCCL\\n'
+exit 0
+"""
+
+
+@pytest.mark.parametrize(
+    ("nvcc", "built_with_nccl", "code", "said"),
+    [
+        (True, True, 0, "--check-build lists PyTorch Gloo NCCL"),
+        (True, False, 1, "this horovod was built without CUDA/NCCL"),
+        (False, False, 0, "is a CUDA build but no CUDA toolkit (nvcc) is here: this Horovod"),
+    ],
+)
+def test_install_horovod_checks_nccl_where_torch_is_a_cuda_build(
+    tmp_path: Path, nvcc: bool, built_with_nccl: bool, code: int, said: str
+) -> None:
+    """A CUDA torch with the CUDA toolkit: the build is NCCL's and verified as such; without
+    the toolkit the script says that Horovod is CPU-only."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    fakes = {"python": FAKE_HVD_PYTHON, "horovodrun": FAKE_HOROVODRUN}
+    if nvcc:
+        fakes["nvcc"] = "#!/bin/sh\n"
+    for name, text in fakes.items():
+        (venv / "bin" / name).write_text(text)
+        (venv / "bin" / name).chmod(0o755)
+    proc = subprocess.run(
+        ["bash", str(REPO_ROOT / "launchers" / "install_horovod.sh"), "--verify"],
+        env={
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(tmp_path),
+            "DISTGROW_VENV": str(venv),
+            "DISTGROW_HOROVOD_MPI": "0",
+            "FAKE_HVD_GPU": "1" if built_with_nccl else "0",
+            "CUDA_HOME": str(tmp_path / "no-cuda"),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert said in proc.stdout + proc.stderr
