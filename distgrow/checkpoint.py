@@ -14,7 +14,10 @@ resume drops the records that follow, see :func:`distgrow.metrics.drop_replayed_
 
 Writes go to a temporary file in the same directory, are fsync'ed and renamed over the final
 name (``os.replace``), so a crash at any moment leaves either the old or the new file, never a
-torn one; then only the newest ``keep`` checkpoints are kept.
+torn one; then only the newest ``keep`` checkpoints are kept. A write that fails (a disk full
+part-way through ``torch.save``, a read-only one) removes its temporary file and raises the
+:class:`OSError`, naming the checkpoint; a temporary file a kill left is removed when the run
+next starts (:meth:`RunDir.remove_temporaries <distgrow.rundir.RunDir.remove_temporaries>`).
 
 Loading uses ``torch.load(..., weights_only=True)``: a file holding anything but tensors and
 plain containers is refused instead of executed. A file that cannot be read, or that belongs to
@@ -186,7 +189,9 @@ def save_checkpoint(directory: str | Path, state: Mapping[str, Any], keep: int) 
 
     Raises:
         ValueError: a required key is missing or ``keep < 1`` (a bug in the caller).
-        OSError: the write failed; the previous checkpoints are untouched.
+        OSError: the write failed (``filename``: the checkpoint; also when ``torch.save``
+            turned the disk's error into a RuntimeError); the previous checkpoints are
+            untouched and no temporary file is left.
     """
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
