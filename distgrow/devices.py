@@ -75,12 +75,17 @@ def _gpu_list_len(text: str | None) -> int | None:
     return total
 
 
-def slurm_binds_gpus(env: Mapping[str, str], visible: int) -> bool:
+def slurm_binds_gpus(env: Mapping[str, str], visible: int, local_world: int) -> bool:
     """True when SLURM gave each task its own GPUs (it sees a subset of the step's).
+
+    Where SLURM names neither the binding nor the step's GPUs, a task under srun that sees
+    fewer GPUs than there are tasks on its node is taken as bound (a cgroup shows each task
+    only its own); ranks that do share a GPU then stop at :func:`check_distinct_gpus`.
 
     Args:
         env: The worker's environment.
         visible: Devices this process sees (``torch.cuda.device_count()``).
+        local_world: Tasks on this node.
     """
     if not env.get("SLURM_PROCID"):
         return False
@@ -90,7 +95,9 @@ def slurm_binds_gpus(env: Mapping[str, str], visible: int) -> bool:
     if bind and bind != "none":
         return True
     step = _gpu_list_len(env.get("SLURM_STEP_GPUS"))
-    return step is not None and visible < step
+    if step is None:
+        return visible < local_world
+    return visible < step
 
 
 def cuda_index(local_rank: int, local_world: int, visible: int, env: Mapping[str, str]) -> int:
@@ -110,7 +117,7 @@ def cuda_index(local_rank: int, local_world: int, visible: int, env: Mapping[str
     """
     if visible < 1:
         raise DeviceError(f"no visible CUDA device to give local rank {local_rank}.")
-    if slurm_binds_gpus(env, visible):
+    if slurm_binds_gpus(env, visible, local_world):
         return local_rank % visible
     if local_world > visible or local_rank >= visible:
         ids = visible_device_ids(env)

@@ -172,6 +172,18 @@ def test_cuda_visible_devices_picks_the_gpus_and_local_ranks_index_them() -> Non
         cuda_index(2, 3, 2, {**env, "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "3"})
 
 
+def test_srun_without_slurms_gpu_variables_trusts_one_gpu_per_task() -> None:
+    """Each task shown only its own GPU (a cgroup: CUDA_VISIBLE_DEVICES=0 everywhere) and no
+    SLURM_STEP_GPUS: device 0 for each; ranks that truly share one stop at the UUID check."""
+    for local in range(8):
+        env = {"SLURM_PROCID": str(local), "SLURM_LOCALID": str(local)}
+        assert cuda_index(local, 8, 1, {**env, "CUDA_VISIBLE_DEVICES": "0"}) == 0
+    # With the step's GPUs known, one GPU for two tasks is the oversubscription it is.
+    shared = {"SLURM_PROCID": "1", "SLURM_STEP_GPUS": "0", "CUDA_VISIBLE_DEVICES": "0"}
+    with pytest.raises(DeviceError, match="2 ranks on this node but 1 visible"):
+        cuda_index(1, 2, 1, shared)
+
+
 def test_slurm_binding_with_two_gpus_per_task_keeps_ranks_apart() -> None:
     # --gpus-per-task=2: task k sees GPUs 2k, 2k+1 as devices 0, 1; local rank mod 2 picks one.
     for local, want in [(0, 0), (1, 3), (2, 4), (3, 7)]:
