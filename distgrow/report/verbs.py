@@ -259,12 +259,28 @@ def _stopped(outcome: Outcome, what: str, log: Path, out: Path) -> ReportError:
     )
 
 
-def _disk_failure(outcome: Outcome, what: str, log: Path, out: Path) -> ReportError | None:
+def _disk_failure(
+    outcome: Outcome, what: str, log: Path, run_dir: RunDir, out: Path, made_out: bool
+) -> ReportError | None:
     """The error of a training that stopped on a full or read-only disk: its own line (exit
     2, ``cannot write the ...``), or the line for its log that could not be written. No other
-    run is started after it: it would meet the same disk."""
+    run is started after it: it would meet the same disk. What it left empty (its log, its
+    run directory, ``OUT`` when this command made it) is removed."""
     if outcome.returncode == 0:
         return None
+    error = _disk_line(outcome, what, log, out)
+    if error is not None:
+        empty = [log, run_dir.path, log.parent, run_dir.path.parent, *([out] if made_out else [])]
+        for path in empty:
+            with contextlib.suppress(OSError):
+                if path.is_dir():
+                    path.rmdir()  # only when empty
+                elif path.stat().st_size == 0:
+                    path.unlink()
+    return error
+
+
+def _disk_line(outcome: Outcome, what: str, log: Path, out: Path) -> ReportError | None:
     again = (
         f" Then rerun the same command with --out {out}: finished runs are reused, this one "
         "resumes from its last checkpoint."
@@ -351,6 +367,7 @@ def compare(
             raise ConfigError(f"variant {variant} ({' '.join(extra)}): {err}") from err
         resolved.append((variant, run_dir, variant_cfg))
     stale = check_reuse(resolved, force=force, verb="compare")
+    made_out = not out.exists()
     with _writing(out):
         out.mkdir(parents=True, exist_ok=True)
     echo(f"distgrow compare: {', '.join(variants)} on {config}; report in {out}")
@@ -365,7 +382,7 @@ def compare(
             )  # fmt: skip
         if outcome.signal is not None:
             raise _stopped(outcome, f"the {variant} run", log, out)
-        full = _disk_failure(outcome, f"the {variant} run", log, out)
+        full = _disk_failure(outcome, f"the {variant} run", log, run_dir, out, made_out)
         if full is not None:
             raise full
         if outcome.returncode != 0:
@@ -484,6 +501,7 @@ def sweep(
             raise ConfigError(f"sweep point batch {b}, lr {lr:g}: {err}") from err
         resolved.append((name, run_dir, pair_cfg))
     stale = check_reuse(resolved, force=force, verb="sweep")
+    made_out = not out.exists()
     with _writing(out):
         out.mkdir(parents=True, exist_ok=True)
     echo(f"distgrow sweep: {len(pairs)} runs ({len(batch_sizes)} batch sizes × {len(lrs)} LRs)")
@@ -500,7 +518,7 @@ def sweep(
             )  # fmt: skip
         if outcome.signal is not None:
             raise _stopped(outcome, f"the sweep run {name}", log, out)
-        full = _disk_failure(outcome, f"the sweep run {name}", log, out)
+        full = _disk_failure(outcome, f"the sweep run {name}", log, run_dir, out, made_out)
         if full is not None:
             raise full
         code = outcome.returncode
