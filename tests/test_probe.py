@@ -453,3 +453,27 @@ def test_a_cached_probe_is_measured_again_under_a_new_budget(
     assert any("measured under --memory-budget 4; measuring again under 2" in x for x in lines)
     plain = probe.run_probe(cfg, data, steps=1, warmup=0, echo=lines.append)
     assert plain == other  # no budget asked: the cache answers, its budget printed
+
+
+def test_the_placement_in_the_key_is_where_training_puts_the_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tiny(tmp_path)
+    data = load_data(cfg)  # 1291 × 16 float32 features and labels: 93 KiB
+    assert probe.data_placement_of(cfg, data, torch.device("cpu")) == "host"
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2**20, 80 * 2**30))
+    assert probe.data_placement_of(cfg, data, cuda) == "device"  # within half of 10 MiB free
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**16, 80 * 2**30))
+    assert probe.data_placement_of(cfg, data, cuda) == "pinned"
+
+
+def test_a_probe_adds_what_training_holds_beyond_one_process(
+    tmp_path: Path, cache_home: Path
+) -> None:
+    cfg = tiny(tmp_path, "noise.measure=on", "growth.max_global_batch=64")
+    data = load_data(cfg)
+    result = probe.measure(cfg, data, torch.device("cpu"), budget=None, steps=1, warmup=0)
+    params = 16 * 32 + 32 + 32 * 10 + 10  # the synthetic job's MLP
+    assert result.overhead_bytes == params * 8  # the noise meter's float64 gradient copy
+    assert all(r.peak_bytes is not None and r.peak_bytes >= params * 8 for r in result.rows)
