@@ -123,7 +123,10 @@ def atomic_write(target: Path, write: Callable[[BinaryIO], object]) -> None:
         cause = os_error_within(err)
         if cause is None or isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise
-        raise _naming(cause, target) from err
+        named = _naming(cause, target)
+        if named is err:
+            raise
+        raise named from err
     _fsync_dir(target.parent)
 
 
@@ -145,7 +148,7 @@ def _naming(err: OSError, target: Path) -> OSError:
     name = err.filename
     if isinstance(name, str) and not Path(name).name.startswith(f".{target.name}."):
         return err
-    return type(err)(err.errno, err.strerror or str(err), str(target))
+    return OSError(err.errno, err.strerror or str(err), str(target))  # its subclass, by errno
 
 
 # errno -> the fix, for the failures a user fixes by making room or pointing elsewhere.
