@@ -317,7 +317,7 @@ def test_validation_runs_in_training_micro_batches_under_the_training_precision(
             f"backend.precision={precision}",
         )
     )
-    seen = trainer.model.seen  # type: ignore[union-attr]
+    seen: list[tuple[int, bool]] = trainer.model.seen  # type: ignore[assignment]
     seen.clear()  # (the loss check at start-up evaluates too)
     result = trainer.validate()
     n_val = len(trainer.data.val)  # 258 samples: 500-sample chunks, then the pieces
