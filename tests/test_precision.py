@@ -16,6 +16,7 @@ from test_trainer import SINGLE, syn_config, train
 from torch import nn
 
 from distgrow.backends import BackendError, make_backend
+from distgrow.backends.base import check_precision
 from distgrow.backends.torch_ddp import SCALER_KEY, AutocastModule, TorchBackend
 from distgrow.checkpoint import load_latest
 from distgrow.exits import EXIT_OK
@@ -213,3 +214,26 @@ def test_a_bf16_checkpoint_resumes_in_fp32_under_the_other_backend(
     assert all(v.dtype == torch.float32 for v in got.values())
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("native", "refused"), [(True, False), (False, True)])
+def test_bf16_on_a_gpu_that_only_emulates_it_is_refused(
+    monkeypatch: pytest.MonkeyPatch, native: bool, refused: bool
+) -> None:
+    """A pre-Ampere GPU passes torch's default bf16 check by emulation: distgrow asks for native."""
+    asked: list[bool] = []
+
+    def bf16_supported(including_emulation: bool = True) -> bool:
+        asked.append(including_emulation)
+        return native or including_emulation  # emulation always "works", as on a V100
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", bf16_supported)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
+    if refused:
+        with pytest.raises(
+            BackendError, match=r"Tesla V100.*compute capability 8\.0.*fp16 or fp32"
+        ):
+            check_precision("bf16", torch.device("cuda", 0))
+    else:
+        check_precision("bf16", torch.device("cuda", 0))
+    assert asked == [False]

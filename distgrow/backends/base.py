@@ -171,8 +171,15 @@ def check_precision(precision: str, device: torch.device) -> None:
             "backend.precision = 'fp16' needs a CUDA device, but this run trains on the CPU. "
             "Fix: set backend.precision=bf16 or fp32."
         )
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    # including_emulation=False: a pre-Ampere GPU (V100, T4) passes the default check because
+    # torch emulates bf16 there, at a fraction of fp16's speed; refuse it as unsupported.
+    if (
+        precision == "bf16"
+        and device.type == "cuda"
+        and not torch.cuda.is_bf16_supported(including_emulation=False)
+    ):
         raise BackendError(
-            f"backend.precision = 'bf16' is not supported by {torch.cuda.get_device_name()}. "
-            "Fix: set backend.precision=fp16 or fp32."
+            f"backend.precision = 'bf16' is not supported natively by "
+            f"{torch.cuda.get_device_name(device)} (bf16 needs compute capability 8.0 or newer; "
+            "older GPUs only emulate it, slowly). Fix: set backend.precision=fp16 or fp32."
         )
