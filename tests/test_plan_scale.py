@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import distgrow.core.plan as plan_module
 from distgrow.config import Config, ConfigError, load_config
 from distgrow.core.plan import Phase, _batch_to_ideal
-from distgrow.planner import GrowthPolicy, Plan, make_plan
+from distgrow.planner import ACCUM_WINDOW, GrowthPolicy, Limits, Plan, Split, make_plan
 
 
 def reference_simulate(policy: GrowthPolicy, epochs: int) -> tuple[list[Phase], int]:
@@ -76,6 +76,60 @@ def reference_simulate(policy: GrowthPolicy, epochs: int) -> tuple[list[Phase], 
             total += steps
             position += samples
     return phases, total
+
+
+def reference_largest(lim: Limits, target: int, w_lo: int) -> Split | None:
+    """The realiser's search over every worker count and step (before its early exits)."""
+    u = lim.multiple
+    top_micro = None if lim.max_micro_batch is None else lim.max_micro_batch // u * u
+    if top_micro == 0 or target < w_lo * u:
+        return None
+    one_pass = top_micro is None or target <= lim.max_workers * top_micro
+    best, best_key = None, None
+    for w in range(w_lo, lim.max_workers + 1):
+        steps = [1]
+        if not one_pass:
+            assert top_micro is not None
+            a_full = max(1, target // (w * top_micro))
+            a_min = math.ceil(target / (w * top_micro))
+            a_max = lim.max_accum_steps or a_min + ACCUM_WINDOW
+            steps = [1, *range(max(2, min(a_full, a_max)), min(a_max, a_min + ACCUM_WINDOW) + 1)]
+        for a in steps:
+            micro = target // (w * a * u) * u
+            micro = micro if top_micro is None else min(micro, top_micro)
+            if micro == 0:
+                continue
+            busy = micro <= lim.micro_batch
+            key = (w * a * micro, -a, int(busy), -w if busy else w)
+            if best_key is None or key > best_key:
+                best_key, best = key, Split(w * a * micro, w, micro, a)
+    return best
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    target=st.integers(1, 5000),
+    max_workers=st.integers(1, 80),
+    micro=st.integers(1, 16),
+    max_micro=st.one_of(st.none(), st.integers(1, 32)),
+    max_accum=st.one_of(st.none(), st.integers(1, 40)),
+    multiple=st.sampled_from([1, 1, 2, 4]),
+    w_lo=st.integers(1, 80),
+)
+def test_the_realisers_early_exits_choose_the_full_searchs_split(
+    target: int,
+    max_workers: int,
+    micro: int,
+    max_micro: int | None,
+    max_accum: int | None,
+    multiple: int,
+    w_lo: int,
+) -> None:
+    lim = Limits(
+        cap=10**6, max_workers=max_workers, micro_batch=micro, max_micro_batch=max_micro,
+        max_accum_steps=max_accum, multiple=multiple,
+    )  # fmt: skip
+    assert lim._largest(target, w_lo) == reference_largest(lim, target, w_lo)
 
 
 def reference_plan(cfg: Config, n: int, min_workers: int = 1) -> Plan:
