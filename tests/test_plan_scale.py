@@ -204,7 +204,6 @@ def configs(draw: st.DrawFn) -> tuple[Config, int, int]:
         f"growth.max_global_batch={null(draw(st.one_of(st.none(), st.sampled_from([64, 256]))))}",
         f"growth.max_dataset_fraction={null(draw(st.one_of(st.none(), st.just(0.25))))}",
         f"model.ghost_batch={draw(st.sampled_from(['null', 'null', '2', '4']))}",
-        f"growth.noise_cap={draw(st.sampled_from(['null', 'null', 'null', '2']))}",
     ]  # fmt: skip
     if warm and (interval != "epoch" or epochs > 1):
         start = draw(st.sampled_from([0.0, 0.1]))

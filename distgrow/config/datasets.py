@@ -27,6 +27,7 @@ DATA_NAMES = (
     "synthetic_regression",
     "python_stdlib",
     "text",
+    "tokens",
     *FILE_FORMATS,
 )
 

@@ -302,7 +302,7 @@ class RunConfig(_Section):
 _DATA_CONFIG = ConfigDict(**_STRICT, populate_by_name=True)
 
 
-VAL_PATH_NAMES = (*FILE_FORMATS, "text")
+VAL_PATH_NAMES = (*FILE_FORMATS, "text", "tokens")
 """The data sets that read ``data.val_path``."""
 
 

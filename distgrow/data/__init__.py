@@ -43,6 +43,7 @@ from distgrow.data.containers import (
 )
 from distgrow.data.load import canonical_name, load_dataset
 from distgrow.data.order import (
+    epoch_order,
     epoch_permutation,
     micro_batch_seed,
     shard_global_batch,
@@ -67,6 +68,7 @@ __all__ = [
     "TensorSamples",
     "UnsafePickleError",
     "canonical_name",
+    "epoch_order",
     "epoch_permutation",
     "load_dataset",
     "micro_batch_seed",

@@ -25,11 +25,10 @@ from pathlib import Path
 import distgrow
 from distgrow.exits import EXIT_OK
 from distgrow.launch.builders import LaunchSpec, build_command
+from distgrow.launch.discover import SLOTS_FILE
 from distgrow.launch.environment import describe_env_changes, log_command
-from distgrow.launch.error_file import ERROR_FILE_VAR
 from distgrow.launch.executor import Outcome, Process, forwarding_signals, torchrun_status
 from distgrow.launch.job import Job
-from distgrow.rundir import RunDir
 from distgrow.signals import exit_status
 
 ELASTIC_GRACE_S = 30.0
@@ -65,10 +64,11 @@ def run_elastic_group(
     """
     rdzv_id = job.rdzv_id(number)
     argv, additions = build_command("torchrun", job.agent_spec(rdzv_id))
-    job.run.launch_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = job.run.launch_dir
+    log_dir.mkdir(parents=True, exist_ok=True)
     job.log(
         f"launch {number}: elastic, {workers} torchrun agent(s) of 1 worker, rendezvous "
-        f"{rdzv_id}; logs {job.run.agent_logs(number)}"
+        f"{rdzv_id}; logs {log_dir}/attempt-{number:02d}-agent-*.log"
     )
     log_command(job.log, argv, additions, env)
     agents: list[Process] = []
@@ -79,10 +79,7 @@ def run_elastic_group(
             extra = job.agent_env(index)
             if extra:
                 job.log(f"  agent {index}: " + ", ".join(describe_env_changes(extra, env)))
-            path = job.run.agent_log(number, index)
-            error_file = RunDir.error_file(path)  # torchrun's @record writes the root cause
-            error_file.unlink(missing_ok=True)
-            extra = {**extra, ERROR_FILE_VAR: str(error_file)}
+            path = log_dir / f"attempt-{number:02d}-agent-{index}.log"
             agents.append(Process(argv, {**os.environ, **additions, **extra}, path))
 
     def signal_all(signum: int) -> None:
@@ -124,10 +121,7 @@ def run_elastic_group(
     for agent in agents:
         raw = agent.proc.wait()  # ended: its status at once
         status, cause = torchrun_status(
-            exit_status(-raw) if raw < 0 else raw,
-            agent.log_path,
-            agent.tail(),
-            RunDir.error_file(agent.log_path),
+            exit_status(-raw) if raw < 0 else raw, agent.log_path, agent.tail()
         )
         reports.append((status, cause, agent))
     chosen = next((r for r in reports if r[1] is not None), reports[0])
@@ -142,7 +136,7 @@ def _grow(job: Job, agents: list[Process], number: int, start: Callable[[int], N
     if request is None or not request.elastic:
         return
     need = request.need_workers
-    job.run.set_aside_resize(RunDir.resize_set_aside(number, need=need))
+    job.run.set_aside_resize(f"attempt-{number:02d}-ask-{need}.resize.json")
     if need > job.limit:
         job.log(
             f"the workers ask for {need} workers, above the limit of {job.limit} "
@@ -189,6 +183,6 @@ def write_discovery_script(path: Path, spec: LaunchSpec) -> None:
         f"sys.exit(main({args!r}))\n"
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    RunDir(run_dir).horovod_slots.unlink(missing_ok=True)  # a new launch starts from its count
+    (path.parent / SLOTS_FILE).unlink(missing_ok=True)  # a new launch starts from its own count
     path.write_text(script)
     path.chmod(0o755)

@@ -47,7 +47,6 @@ from distgrow.held import held_from_slurm
 from distgrow.launch.builders import LaunchError, format_command
 from distgrow.launch.job import Job
 from distgrow.rundir import ResizeRequest, RunDir, SlurmJob, SlurmJobs, read_json
-from distgrow.runtime import slurm_counts
 from distgrow.signals import signal_from_status
 
 if TYPE_CHECKING:
@@ -252,7 +251,11 @@ def allocation_size(env: Mapping[str, str]) -> tuple[int, int, int, int]:
     """
     nodes = _leading(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES")) or 1
     tasks = _leading(env.get("SLURM_NTASKS") or env.get("SLURM_NPROCS")) or 1
-    cpus = sum(slurm_counts(env.get("SLURM_JOB_CPUS_PER_NODE") or "") or [])
+    cpus = 0
+    for item in (env.get("SLURM_JOB_CPUS_PER_NODE") or "").split(","):
+        match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", item)
+        if match:
+            cpus += int(match.group(1)) * int(match.group(2) or 1)
     gpus = (_leading(env.get("SLURM_GPUS_ON_NODE")) or 0) * nodes
     return nodes, tasks, cpus or tasks, gpus
 
@@ -343,7 +346,8 @@ def submit_span(
     known = run.read_slurm_jobs()
     index = len(known.jobs) + 1 if known else 1
     shape = span_shape(workers, cfg.launch.chain)
-    script, output = run.span_script(index), run.span_output(index)
+    script = run.launch_dir / f"span-{index:02d}.sbatch"
+    output = run.launch_dir / f"span-{index:02d}-%j.out"
     options = sbatch_options(shape, cfg.launch.chain, name, output, chdir)
     text = span_script(index, options, python, config_path, span_overrides(overrides, resume))
     argv = ["sbatch", "--parsable"]

@@ -9,7 +9,8 @@ is a new module here and a line in :data:`READERS`.
 
 Your own files (``data.path``): ``npz`` (arrays ``data.x_key`` / ``data.y_key``), ``csv`` /
 ``tsv`` (a label column by name or index), ``image_folder`` (a subfolder per class), ``text``
-(byte tokens of text files, for language models).
+(byte tokens of text files, for language models), ``tokens`` (a token file read through a
+memory map, never into memory).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from distgrow.data.readers import (
     sklearn_sets,
     synthetic,
     text,
+    tokens,
 )
 from distgrow.data.splits import ImageSplits, Table
 
@@ -48,6 +50,7 @@ READERS: dict[str, Reader] = {
     "synthetic_regression": synthetic.read,
     "python_stdlib": text.read,
     "text": text.read,
+    "tokens": tokens.read,
     "npz": npz.read,
     "csv": csv.read,
     "tsv": csv.read,

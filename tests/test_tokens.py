@@ -1,0 +1,269 @@
+"""Token files larger than memory (``data.name: tokens``) and the on-the-fly epoch order.
+
+* :class:`FeistelPermutation` is a bijection of ``range(n)`` for every n, a pure function of
+  ``(n, seed, epoch)``, and costs O(batch) per slice (10^9 windows);
+* the reader cuts a ``.bin`` / ``.npy`` of uint16 / uint32 ids into the windows and targets a
+  plain slice gives, holds out whole blocks (or reads ``data.val_path``), and says what is
+  wrong with a bad file in one line;
+* ``scripts/make_tokens.py`` writes byte-level ids, or a byte-level BPE trained on the files;
+* training on a token file: mid-epoch resume ends where a straight run does, 1 × 4 and 2 × 2
+  realise the same updates, and a file larger than the process may allocate trains with a
+  flat resident set.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from distgrow.config import DataConfig
+from distgrow.data import epoch_order, epoch_permutation, load_dataset
+from distgrow.data.containers import DatasetFormatError, DatasetNotFoundError
+from distgrow.data.order import ON_THE_FLY_MIN_SAMPLES, FeistelPermutation
+from distgrow.data.readers.tokens import MAX_BLOCKS, TokenWindows
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _make_tokens() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("make_tokens", REPO / "scripts/make_tokens.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# -- the order ---------------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 3000), seed=st.integers(-(2**63), 2**64), epoch=st.integers(0, 10**6))
+def test_feistel_is_a_bijection_of_range_n(n: int, seed: int, epoch: int) -> None:
+    perm = FeistelPermutation(n, seed, epoch)
+    whole = perm[0:n]
+    assert whole.dtype == torch.int64 and len(perm) == n
+    assert torch.equal(torch.sort(whole).values, torch.arange(n))
+    # Any slice is the same entries as the whole, computed alone (what a rank asks for).
+    a, b = n // 3, n // 3 + 7
+    assert torch.equal(perm[a:b], whole[a:b])
+    if n:
+        assert perm[n - 1] == perm[-1] == int(whole[-1])
+
+
+def test_feistel_is_a_pure_function_of_seed_and_epoch_and_shuffles() -> None:
+    n = 100_000
+    first = FeistelPermutation(n, 3, 0)[0:n]
+    assert torch.equal(first, FeistelPermutation(n, 3, 0)[0:n])  # another "rank"
+    assert not torch.equal(first, FeistelPermutation(n, 3, 1)[0:n])
+    assert not torch.equal(first, FeistelPermutation(n, 4, 0)[0:n])
+    # Shuffled, not a shifted identity: consecutive entries are far apart, and an entry is as
+    # likely above as below its position.
+    gaps = (first[1:] - first[:-1]).abs().double()
+    assert gaps.median() > n / 5
+    assert abs(float((first > torch.arange(n)).double().mean()) - 0.5) < 0.01
+    # Positions' order is uncorrelated with the entries' (Spearman's rho near 0).
+    rho = np.corrcoef(np.arange(n), first.numpy())[0, 1]
+    assert abs(rho) < 0.02
+
+
+def test_a_billion_windows_cost_a_batch_not_an_epoch() -> None:
+    n = 10**9
+    perm = FeistelPermutation(n, seed=0, epoch=0)
+    batch = perm[123_456_789 : 123_456_789 + 4096]
+    assert batch.shape == (4096,) and int(batch.min()) >= 0 and int(batch.max()) < n
+    assert len(set(batch.tolist())) == 4096
+    # The object is a handful of keys, not n entries.
+    assert sys.getsizeof(perm.__dict__) < 10_000 and len(perm._keys) == 6
+
+
+def test_epoch_order_is_randperm_below_the_threshold_and_feistel_above_or_when_asked() -> None:
+    small = epoch_order(1000, 1, 2)
+    assert isinstance(small, torch.Tensor) and torch.equal(small, epoch_permutation(1000, 1, 2))
+    asked = epoch_order(1000, 1, 2, on_the_fly=True)
+    assert isinstance(asked, FeistelPermutation)
+    assert torch.equal(asked[0:1000], FeistelPermutation(1000, 1, 2)[0:1000])
+    big = epoch_order(ON_THE_FLY_MIN_SAMPLES, 1, 2)
+    assert isinstance(big, FeistelPermutation) and len(big) == ON_THE_FLY_MIN_SAMPLES
+
+
+# -- the reader --------------------------------------------------------------------------------
+
+
+def _ids(n: int, vocab: int = 251) -> np.ndarray:
+    return (np.arange(n, dtype=np.int64) * 7 % vocab).astype(np.uint16)
+
+
+@pytest.mark.parametrize("layout", ["bin", "npy16", "npy32", "bin32"])
+def test_windows_and_targets_are_slices_of_the_file(tmp_path: Path, layout: str) -> None:
+    # Id i at position i (+ 70 000 for uint32), so a window is known by its first id.
+    base = 70_000 if layout == "bin32" else 0
+    ids = np.arange(40_000, dtype=np.uint32) + base
+    path = tmp_path / ("t.npy" if layout.startswith("npy") else "t.bin")
+    if layout == "bin":
+        ids.astype(np.uint16).tofile(path)
+    elif layout == "bin32":
+        ids.tofile(path)
+        (tmp_path / "t.bin.json").write_text(json.dumps({"dtype": "uint32"}))
+    else:
+        np.save(path, ids.astype(np.uint16 if layout == "npy16" else np.uint32))
+    seq = 15
+    bundle = load_dataset(DataConfig(name="tokens", path=str(path), seq_len=seq), seed=5)
+    train, val = bundle.train, bundle.val
+    assert isinstance(train, TokenWindows) and isinstance(val, TokenWindows)
+    assert bundle.num_classes == base + 40_000 and bundle.input_shape == (seq,)
+    windows = 40_000 // (seq + 1)
+    assert len(train) + len(val) == windows
+    seen: list[int] = []
+    for part in (train, val):
+        x, y = part.batch(torch.arange(len(part)))
+        assert x.dtype == y.dtype == torch.int64 and x.shape == (len(part), seq)
+        first = x[:, :1] - base
+        assert torch.equal(first % (seq + 1), torch.zeros_like(first))
+        assert torch.equal(x, x[:, :1] + torch.arange(seq))
+        assert torch.equal(y, x + 1)
+        seen += (first[:, 0] // (seq + 1)).tolist()
+    assert sorted(seen) == list(range(windows))  # every window once, in one split only
+    # A batch is the rows of its indices, in their order (negative ones from the end).
+    x, _ = train.batch(torch.tensor([3, 0, -1]))
+    whole, _ = train.batch(torch.arange(len(train)))
+    assert torch.equal(x, whole[[3, 0, len(train) - 1]])
+    assert train.batch(torch.zeros(0, dtype=torch.long))[0].shape == (0, seq)
+
+
+def test_held_out_blocks_are_whole_seeded_and_bounded(tmp_path: Path) -> None:
+    path = tmp_path / "t.bin"
+    np.arange(2_000_000, dtype=np.uint32).astype(np.uint16).tofile(path)  # ids 0..65535
+    cfg = DataConfig(name="tokens", path=str(path), seq_len=7, val_fraction=0.1)
+    a, b = load_dataset(cfg, seed=1), load_dataset(cfg, seed=2)
+    assert isinstance(a.train, TokenWindows) and isinstance(a.val, TokenWindows)
+    assert isinstance(b.val, TokenWindows)
+    windows = 2_000_000 // 8
+    block = math.ceil(windows / MAX_BLOCKS)
+    assert len(a.train.starts) + len(a.val.starts) == math.ceil(windows / block) <= MAX_BLOCKS
+    assert len(a.val) == pytest.approx(0.1 * windows, rel=0.01)
+    assert set(a.val.starts.tolist()).isdisjoint(a.train.starts.tolist())
+    assert not np.array_equal(a.val.starts, b.val.starts)  # the seed picks the blocks
+    assert all(s % block == 0 for s in a.val.starts.tolist())
+    # The placeholders hold no memory: one byte behind a (windows, seq_len) shape.
+    assert a.train.x.shape == (len(a.train), 7) and a.train.x.untyped_storage().nbytes() == 1
+
+
+def test_val_path_and_limits(tmp_path: Path) -> None:
+    _ids(10_000).tofile(tmp_path / "train.bin")
+    _ids(3_000, vocab=300).tofile(tmp_path / "val.bin")
+    cfg = DataConfig(
+        name="tokens",
+        path=str(tmp_path / "train.bin"),
+        val_path=str(tmp_path / "val.bin"),
+        seq_len=9,
+        limit_val=100,
+    )
+    bundle = load_dataset(cfg)
+    assert (len(bundle.train), len(bundle.val)) == (1000, 100)
+    assert bundle.num_classes == 300  # the largest id of either file + 1
+    x, _ = bundle.val.batch(torch.tensor([1]))
+    assert x.tolist() == [_ids(3_000, vocab=300)[10:19].astype(int).tolist()]
+    (tmp_path / "train.bin.json").write_text(json.dumps({"vocab_size": 50_000}))
+    assert load_dataset(cfg).num_classes == 50_000  # stated: trusted, no pass over the file
+
+
+@pytest.mark.parametrize(
+    ("setup", "options", "error", "message"),
+    [
+        (None, {}, DatasetNotFoundError, r"data\.path .*nothing\.bin is not a file"),
+        ("odd", {}, DatasetFormatError, r"has 20001 bytes, not a whole number of uint16 ids"),
+        ("npy2d", {}, DatasetFormatError, r"a token file is 1-D uint16 or uint32"),
+        ("json", {}, DatasetFormatError, r"says dtype 'int8'; a token file holds uint16"),
+        ("ok", {"seq_len": None}, ValueError, r"data\.seq_len is null"),
+        ("ok", {"feed": "loader"}, ValueError, r"data\.feed = 'loader' .*set data\.feed=auto"),
+        ("short", {}, DatasetFormatError, r"need 2 or more to hold one out"),
+    ],
+)
+def test_bad_token_files_are_one_line(
+    tmp_path: Path,
+    setup: str | None,
+    options: dict[str, Any],
+    error: type[Exception],
+    message: str,
+) -> None:
+    path = tmp_path / ("t.npy" if setup == "npy2d" else "t.bin")
+    if setup == "odd":
+        path.write_bytes(b"\0" * 20_001)
+    elif setup == "npy2d":
+        np.save(path, np.zeros((4, 4), dtype=np.uint16))
+    elif setup == "json":
+        _ids(100).tofile(path)
+        (tmp_path / "t.bin.json").write_text('{"dtype": "int8"}')
+    elif setup == "short":
+        _ids(100).tofile(path)
+    elif setup == "ok":
+        _ids(10_000).tofile(path)
+    where = path if setup else tmp_path / "nothing.bin"
+    cfg = DataConfig(**{"name": "tokens", "path": str(where), "seq_len": 8, **options})
+    with pytest.raises(error, match=message) as caught:
+        load_dataset(cfg)
+    assert "\n" not in str(caught.value)
+
+
+# -- make_tokens -------------------------------------------------------------------------------
+
+
+def test_make_tokens_bytes_writes_each_byte_as_its_id(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_bytes(b"hello \xff\n")
+    (tmp_path / "b.py").write_text("print(1)\n")
+    (tmp_path / "skip.md").write_text("not read")
+    out = tmp_path / "out" / "t.bin"
+    assert _make_tokens().main([str(tmp_path), "--out", str(out), "--tokenizer", "bytes"]) == 0
+    assert np.fromfile(out, dtype=np.uint16).tolist() == list(b"hello \xff\nprint(1)\n")
+    meta = json.loads((tmp_path / "out" / "t.bin.json").read_text())
+    assert meta == {"dtype": "uint16", "vocab_size": 256, "tokens": 17, "tokenizer": "bytes",
+                    "files": 2}  # fmt: skip
+
+
+def test_make_tokens_bpe_trains_on_the_corpus_and_round_trips(tmp_path: Path) -> None:
+    tokenizers = pytest.importorskip("tokenizers", reason="tokenizers (pip install '.[tokens]')")
+    corpus = tmp_path / "corpus.txt"
+    text = "".join(f"def function_{i}(value):\n    return value * {i}\n" for i in range(400))
+    corpus.write_text(text + "naïve café\n")
+    out = tmp_path / "t.bin"
+    make = _make_tokens()
+    assert (
+        make.main([str(corpus), "--out", str(out), "--tokenizer", "bpe", "--vocab-size", "600"])
+        == 0
+    )
+    ids = np.fromfile(out, dtype=np.uint16)
+    tok = tokenizers.Tokenizer.from_file(str(out) + ".tokenizer.json")
+    assert tok.get_vocab_size() == 600 and int(ids.max()) < 600
+    assert ids[-1] == tok.token_to_id(make.END_OF_TEXT) == 0
+    assert tok.decode(ids[:-1].tolist()) == corpus.read_text()  # byte-level: lossless
+    assert len(ids) < len(corpus.read_bytes()) / 3  # merges learnt from this corpus
+    # The same tokenizer file encodes another text (a validation file) to the same ids.
+    again = tmp_path / "again.bin"
+    make.main([str(corpus), "--out", str(again), "--tokenizer", str(out) + ".tokenizer.json"])
+    assert np.array_equal(np.fromfile(again, dtype=np.uint16), ids)
+    bundle = load_dataset(DataConfig(name="tokens", path=str(out), seq_len=16))
+    assert bundle.num_classes == 600  # from t.bin.json
+
+
+def test_make_tokens_without_tokenizers_says_how_to_get_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "a.txt").write_text("abc")
+    make = _make_tokens()
+    monkeypatch.setattr(make, "_tokenizers", lambda: None)
+    with pytest.raises(SystemExit, match=r"pip install 'distgrow\[tokens\]', or use --tokenizer"):
+        make.main([str(tmp_path / "a.txt"), "--out", str(tmp_path / "t.bin"), "--tokenizer", "bpe"])
+    # auto falls back to bytes.
+    make.main([str(tmp_path / "a.txt"), "--out", str(tmp_path / "t.bin")])
+    assert np.fromfile(tmp_path / "t.bin", dtype=np.uint16).tolist() == [97, 98, 99]
