@@ -228,12 +228,14 @@ def test_expected_train_size() -> None:
     cov = load_config(None, [*base, "data.name=covtype", "data.val_fraction=0.25"])
     assert cov.data.expected_train_size() == 435_759
     assert load_config(None, [*base, "data.size=1234"]).data.expected_train_size() == 1234
-    # An unknown name is refused when the config is read (plan and train alike); a
-    # DataConfig built by hand still says how to size a set it cannot size.
+    # An unknown name is refused when the config is read (plan and train alike) and when a
+    # DataConfig is built by hand; your own data set's size is not known without loading it.
     with pytest.raises(ConfigError, match=r"data\.name = 'mystery': unknown data set"):
         load_config(None, [*base, "data.name=mystery"])
+    with pytest.raises(ConfigError, match=r"data\.name = 'mystery': unknown data set"):
+        DataConfig(name="mystery")
     with pytest.raises(ConfigError, match="set data.size"):
-        DataConfig(name="mystery").expected_train_size()
+        DataConfig(name="my_pkg.data:build").expected_train_size()
 
 
 def test_yaml_booleans_map_back_to_literal_words() -> None:

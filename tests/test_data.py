@@ -879,9 +879,10 @@ def test_split_is_disjoint_and_seeded() -> None:
 
 
 def test_load_dataset_argument_errors() -> None:
-    with pytest.raises(ValueError, match=r"unknown data set 'imagenet'.*fashion_mnist.*iris"):
+    # An unknown name is refused as the data section is built, before anything loads.
+    with pytest.raises(ConfigError, match=r"'imagenet': unknown data set\. .*fashion_mnist.*iris"):
         load("imagenet")
-    with pytest.raises(ValueError, match=r"unknown data set 'cifar'; did you mean cifar10\?"):
+    with pytest.raises(ConfigError, match=r"'cifar': unknown data set\. Fix: did you mean cifar10"):
         load("cifar")
     with pytest.raises(ValueError, match="no augmentation is defined for 'iris'"):
         load("iris", augment=True)

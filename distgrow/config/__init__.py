@@ -1,7 +1,11 @@
 """The typed config tree, its loader and the data-set size catalogue.
 
-* :mod:`distgrow.config.schema`: the sections (pydantic dataclasses), their documentation and
-  their range checks;
+* :mod:`distgrow.config.schema`: :class:`Config`, the rules between its sections, and every
+  section re-exported; the sections themselves (pydantic dataclasses whose fields carry their
+  documentation, ranges and rules) live in :mod:`~distgrow.config.task` (run, data, model,
+  loss), :mod:`~distgrow.config.optim` (optim, schedule), :mod:`~distgrow.config.growth`
+  (growth, noise) and :mod:`~distgrow.config.launching` (backend, launch, logging), built from
+  :mod:`~distgrow.config.fields`;
 * :mod:`distgrow.config.loader`: YAML + dotted overrides -> a checked :class:`Config`, the key
   listing of ``distgrow config`` and the JSON Schema of ``distgrow config --schema``;
 * :mod:`distgrow.config.datasets`: training-set sizes known without loading the data.

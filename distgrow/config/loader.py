@@ -10,7 +10,8 @@ before anything runs, each failure a :class:`ConfigError`:
 2. types: values are checked against the field's annotation (``int``, ``float``, ``bool``,
    ``str``, ``Literal[...]``, ``X | None``, ``list[...]``, nested sections), and every float
    is finite;
-3. values: ranges and cross-field rules in each section's ``validate``.
+3. values: each field's range and the rules between fields, checked as the sections are built
+   (:mod:`distgrow.config.fields`); their :class:`ConfigError` is passed on as it is.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
+from distgrow.config.fields import VALUES_ONLY, WRITTEN
 from distgrow.config.schema import NOT_DECAYS, Config, ConfigError
 from distgrow.entrypoints import EntryPointError, absolute_entry_point, is_entry_point
 
@@ -103,6 +105,9 @@ def _locate(loc: tuple[int | str, ...]) -> tuple[str, Any, Any]:
 
 def _explain(err: Mapping[str, Any], source: str) -> ConfigError:
     """One of pydantic's errors as the line a user can act on."""
+    cause = err.get("ctx", {}).get("error")
+    if isinstance(cause, ConfigError):  # a range or a rule: its own words already
+        return cause
     key, tp, section = _locate(tuple(err["loc"]))
     kind, value = err["type"], err.get("input")
     if kind == "invalid_key":  # a key YAML read as a number or a bool: not a setting's name
@@ -161,9 +166,11 @@ def _explain(err: Mapping[str, Any], source: str) -> ConfigError:
     )
 
 
-def _build(data: Mapping[str, Any], source: str) -> Config:
+def _build(data: Mapping[str, Any], source: str, values_only: bool = False) -> Config:
+    """``data`` as a checked :class:`Config`; ``values_only``: leave the rules between values
+    to the whole config (a part of it, such as the overrides, may break them alone)."""
     try:
-        return _adapter().validate_python(data)
+        return _adapter().validate_python(data, context={VALUES_ONLY: values_only, WRITTEN: True})
     except ValidationError as err:
         raise _explain(err.errors()[0], source) from None
 
@@ -394,10 +401,8 @@ def config_from_dict(
         )
     # Check the overrides on their own first, so an error names the command line, not the file.
     if over:
-        _build(over, "the command-line overrides")
-    cfg = _build(_absolute_entry_points(merged, over, base_dir), source)
-    cfg.validate()
-    return cfg
+        _build(over, "the command-line overrides", values_only=True)
+    return _build(_absolute_entry_points(merged, over, base_dir), source)
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
