@@ -298,6 +298,11 @@ Runs go to OUT/runs/<variant>, their output to OUT/logs/<variant>.log; OUT/repor
 OUT/summary.json and the PNG plots compare them. Running again with the same --out and the
 same config reuses finished runs and resumes unfinished ones; runs of another config are
 refused (or, with --force, retrained). OUT defaults to reports/<run.name>-<time>.
+--seeds 0,1,2 (or --repeats N) trains every variant on every seed (OUT/runs/<variant>-seed<k>):
+the report adds each variant's mean and spread, the difference to decay_lr with a 95% interval
+paired by seed, and whether it is within 0.5 points (yes / no / cannot tell); seeds.png.
+W&B: the runs of one compare share a group (OUT's name), a job type per variant; each gains
+savings/measured/..., and a "report" run holds the report's tables and plots.
 """
 
 _FORCE_HELP = "retrain the runs in OUT/runs that were trained with another config (deletes them)"
@@ -308,15 +313,25 @@ optim.lr=LR` (the batch stays fixed; the config's LR schedule is kept: add
 schedule.type=constant for a constant LR, and run.epochs=N to keep it short). Writes
 OUT/sweep.png (final loss against batch size, one line per LR), OUT/sweep.md and
 OUT/sweep.json; a diverged run is shown as such. OUT defaults to reports/<run.name>-sweep-<time>.
+With --seeds (or --repeats) each pair is trained on every seed and shown as mean ± sd.
 """
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     variants = report.parse_list(args.variants, str, "--variants")
     report.compare(
-        args.config, args.overrides, variants=variants, out_dir=args.out, force=args.force
-    )
+        args.config, args.overrides, variants=variants, out_dir=args.out, force=args.force,
+        seeds=_seeds(args),
+    )  # fmt: skip
     return 0
+
+
+def _seeds(args: argparse.Namespace) -> list[int] | None:
+    """``--seeds``/``--repeats`` (N seeds from the config's run.seed), or None."""
+    first = 0
+    if args.repeats is not None:
+        first = load_config(args.config, args.overrides).run.seed
+    return report.seed_list(args.seeds, args.repeats, first)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -332,6 +347,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         lrs=report.parse_list(args.lrs, float, "--lrs"),
         out_dir=args.out,
         force=args.force,
+        seeds=_seeds(args),
     )
     return 0
 
@@ -352,6 +368,16 @@ class _AnyOrder(argparse.ArgumentParser):
             return self.parse_known_intermixed_args(args, namespace)
         finally:
             self._inside = False
+
+
+def _seed_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--seeds",
+        metavar="LIST",
+        help="train every run on each of these seeds (run.seed), e.g. 0,1,2: the report gives "
+        "means, spreads and 95%% intervals paired by seed",
+    )
+    p.add_argument("--repeats", type=int, metavar="N", help="N seeds from the config's run.seed on")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -414,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", metavar="DIR", help="the report directory")
     p.add_argument("--force", action="store_true", help=_FORCE_HELP)
+    _seed_options(p)
     p.epilog = _COMPARE_EPILOG
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.set_defaults(func=_cmd_compare)
@@ -435,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lrs", required=True, metavar="LIST", help="e.g. 0.01,0.1")
     p.add_argument("--out", metavar="DIR", help="the sweep directory")
     p.add_argument("--force", action="store_true", help=_FORCE_HELP)
+    _seed_options(p)
     p.epilog = _SWEEP_EPILOG
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.set_defaults(func=_cmd_sweep)

@@ -200,6 +200,42 @@ def plot_noise(curves: Sequence[NoiseCurve], path: Path) -> Any:
     return _save(fig, path)
 
 
+@dataclass
+class SeedPoints:
+    """One variant's final metric on each seed."""
+
+    label: str
+    seeds: list[int]
+    values: list[float]
+    colour: str | None = None
+
+
+def plot_seeds(points: Sequence[SeedPoints], metric_name: str, path: Path) -> Any:
+    """Each variant's final metric on every seed (dots, seed numbers beside them), its mean
+    (a bar) and ± one standard deviation (whiskers): the spread the seeds show."""
+    import statistics
+
+    fig, ax = _figure(width=max(5.0, 1.6 * len(points) + 2), height=4.5)
+    for i, p in enumerate(points):
+        colour = p.colour or colour_for(p.label, i)
+        ax.scatter([i] * len(p.values), p.values, color=colour, s=30, zorder=3, label=p.label)
+        for seed, value in zip(p.seeds, p.values, strict=True):
+            ax.annotate(str(seed), (i, value), xytext=(6, 0), textcoords="offset points",
+                        fontsize=7, va="center")  # fmt: skip
+        if p.values:
+            mean = statistics.fmean(p.values)
+            std = statistics.stdev(p.values) if len(p.values) > 1 else 0.0
+            ax.errorbar([i], [mean], yerr=[std], color=colour, capsize=8, linewidth=1.5)
+            ax.hlines(mean, i - 0.25, i + 0.25, color=colour, linewidth=2.5)
+    ax.set_xticks(range(len(points)), [p.label for p in points])
+    ax.set_xlim(-0.6, len(points) - 0.4)
+    name = metric_name.replace("_", " ")
+    ax.set_ylabel(f"final {name}")
+    ax.set_title(f"final {name} per seed: mean ± one standard deviation")
+    ax.grid(True, axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
 def plot_sweep(
     final: Mapping[tuple[int, float], Mapping[str, float | None]],
     batch_sizes: Sequence[int],
@@ -210,7 +246,8 @@ def plot_sweep(
 
     Args:
         final: ``(batch, lr) -> {"train_loss": ..., "val_loss": ...}``; a missing or
-            non-finite value (a diverged run) leaves a gap.
+            non-finite value (a diverged run) leaves a gap. With several seeds, the means,
+            and ``train_loss_std``/``val_loss_std`` draw ± one standard deviation.
         batch_sizes: The x values, in order.
         lrs: One line each.
         path: The PNG to write.
@@ -222,11 +259,17 @@ def plot_sweep(
             for b in batch_sizes:
                 value = final.get((b, lr), {}).get(key)
                 ys.append(value if value is not None and math.isfinite(value) else math.nan)
-            ax.plot(
+            spread = [final.get((b, lr), {}).get(f"{key}_std") for b in batch_sizes]
+            ax.errorbar(
                 list(batch_sizes),
                 ys,
+                # Several seeds: ± one standard deviation of the final loss over them.
+                yerr=[v if v is not None and math.isfinite(v) else 0.0 for v in spread]
+                if any(v is not None for v in spread)
+                else None,
                 marker="o",
                 linewidth=2,
+                capsize=4,
                 color=_SWEEP_COLOURS[i % len(_SWEEP_COLOURS)],
                 label=f"lr {lr:g}",
             )

@@ -593,6 +593,53 @@ def estimated_savings(summary: Mapping[str, Any]) -> Savings:
     train_s = sum(float(p.get("train_s") or 0.0) for p in phases)
     overhead = max(0.0, wall - train_s)
     ref = reference_throughput(phases, base_batch)
+    baseline_updates = summary.get("baseline_total_updates")
+    updates_words = (
+        f"updates {baseline_updates:,} counted from the decay_lr plan (exact)"
+        if baseline_updates is not None
+        else "updates unknown (plateau schedule: they depend on when the plateaus come)"
+    )
+    details: dict[str, Any] = {
+        "reference_batch": ref.batch,
+        "reference_is_base_batch": ref.is_base_batch,
+        "reference_samples_per_s": ref.samples_per_s,
+        "reference_world_size": ref.world_size,
+        "reference_updates": ref.updates,
+        "reference_train_s": ref.train_s,
+        "reference_relative_error": ref.relative_error,
+        "baseline_samples": samples,
+        "non_training_s": overhead,
+    }
+    refused = ref.too_little()
+    if refused is not None:
+        method = f"estimated: baseline wall-clock not estimated: {refused}; {updates_words}"
+        wall_s: tuple[float | None, float | None, float | None] = (None, None, None)
+    else:
+        wall_s, method = _estimated_wall(ref, base_batch, samples, overhead, details)
+        method += f"; {updates_words}"
+    baseline_wall, low, high = wall_s
+    return Savings(
+        kind="estimated",
+        method=method,
+        run_updates=int(_need(summary, "total_updates", "the run's")),
+        run_wall_s=wall,
+        run_worker_seconds=float(_need(summary, "worker_seconds", "the run's")),
+        baseline_updates=None if baseline_updates is None else int(baseline_updates),
+        baseline_wall_s=baseline_wall,
+        baseline_worker_seconds=None if baseline_wall is None else baseline_wall * ref.world_size,
+        baseline_wall_s_low=low,
+        baseline_wall_s_high=high,
+        wall_unavailable=refused,
+        details=details,
+    )
+
+
+def _estimated_wall(
+    ref: Reference, base_batch: int, samples: int, overhead: float, details: dict[str, Any]
+) -> tuple[tuple[float, float | None, float | None], str]:
+    """The baseline's wall-clock extrapolated from the reference throughput, its 95% interval
+    (None, None without a recorded spread), and the method in words (``details`` gains
+    ``baseline_train_s``)."""
     batch, rate, world = ref.batch, ref.samples_per_s, ref.world_size
     where = (
         f"measured at B0={base_batch} in this run's first phase(s)"
@@ -603,66 +650,31 @@ def estimated_savings(summary: Mapping[str, Any]) -> Savings:
             "likely larger)"
         )
     )
-    baseline_updates = summary.get("baseline_total_updates")
-    updates_words = (
-        f"updates {baseline_updates:,} counted from the decay_lr plan (exact)"
-        if baseline_updates is not None
-        else "updates unknown (plateau schedule: they depend on when the plateaus come)"
-    )
-    details: dict[str, Any] = {
-        "reference_batch": batch,
-        "reference_is_base_batch": ref.is_base_batch,
-        "reference_samples_per_s": rate,
-        "reference_world_size": world,
-        "reference_updates": ref.updates,
-        "reference_train_s": ref.train_s,
-        "reference_relative_error": ref.relative_error,
-        "baseline_samples": samples,
-        "non_training_s": overhead,
-    }
-    refused = ref.too_little()
-    baseline_wall: float | None = None
+    baseline_train_s = samples / rate
+    baseline_wall = baseline_train_s + overhead
+    details["baseline_train_s"] = baseline_train_s
+    error = ref.relative_error
     low: float | None = None
     high: float | None = None
-    if refused is not None:
-        method = f"estimated: baseline wall-clock not estimated: {refused}; {updates_words}"
+    if error is None:
+        spread = "the spread of its update times was not recorded, so no interval"
     else:
-        baseline_train_s = samples / rate
-        baseline_wall = baseline_train_s + overhead
-        details["baseline_train_s"] = baseline_train_s
-        error = ref.relative_error
-        if error is None:
-            spread = "the spread of its update times was not recorded, so no interval"
-        else:
-            # The non-training time is this run's own, measured once: only the extrapolated
-            # training time is uncertain.
-            half = CONFIDENCE_Z * error * baseline_train_s
-            low, high = max(overhead, baseline_wall - half), baseline_wall + half
-            spread = (
-                f"95% interval {low:,.1f}–{high:,.1f} s from the spread of those update times "
-                f"(±{CONFIDENCE_Z * error:.1%} on the training time)"
-            )
-        method = (
-            f"estimated: baseline training time = {samples:,} samples ÷ {rate:,.0f} samples/s "
-            f"({where}, {world} worker(s), {ref.updates:,} updates in {ref.train_s:,.1f} s) "
-            f"= {baseline_train_s:,.1f} s, plus this run's non-training time (validation, "
-            f"checkpoints) {overhead:,.1f} s, assumed equal; {spread}; worker-seconds = that "
-            f"× {world} worker(s); {updates_words}"
+        # The non-training time is this run's own, measured once: only the extrapolated
+        # training time is uncertain.
+        half = CONFIDENCE_Z * error * baseline_train_s
+        low, high = max(overhead, baseline_wall - half), baseline_wall + half
+        spread = (
+            f"95% interval {low:,.1f}–{high:,.1f} s from the spread of those update times "
+            f"(±{CONFIDENCE_Z * error:.1%} on the training time)"
         )
-    return Savings(
-        kind="estimated",
-        method=method,
-        run_updates=int(_need(summary, "total_updates", "the run's")),
-        run_wall_s=wall,
-        run_worker_seconds=float(_need(summary, "worker_seconds", "the run's")),
-        baseline_updates=None if baseline_updates is None else int(baseline_updates),
-        baseline_wall_s=baseline_wall,
-        baseline_worker_seconds=None if baseline_wall is None else baseline_wall * world,
-        baseline_wall_s_low=low,
-        baseline_wall_s_high=high,
-        wall_unavailable=refused,
-        details=details,
+    method = (
+        f"estimated: baseline training time = {samples:,} samples ÷ {rate:,.0f} samples/s "
+        f"({where}, {world} worker(s), {ref.updates:,} updates in {ref.train_s:,.1f} s) "
+        f"= {baseline_train_s:,.1f} s, plus this run's non-training time (validation, "
+        f"checkpoints) {overhead:,.1f} s, assumed equal; {spread}; worker-seconds = that "
+        f"× {world} worker(s)"
     )
+    return (baseline_wall, low, high), method
 
 
 def try_estimated_savings(summary: Mapping[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,10 @@ What W&B receives (and the tests check through a fake ``wandb`` module):
   per-phase throughput (``phases/<i>/...``) and the savings with their method
   (``savings/estimated/...``).
 * ``run.finish()`` at :meth:`WandbLogger.close`.
+* Under ``distgrow compare``: the group and job type from W&B's own ``WANDB_RUN_GROUP`` and
+  ``WANDB_JOB_TYPE``, which compare sets per variant; after the report, :func:`log_compare`
+  adds ``savings/measured/...`` to each variant's run and writes one ``report`` run with the
+  report's tables (``wandb.Table``) and plots (``wandb.Image``).
 
 Secrets never pass through here: W&B reads its key from its own environment or login; the
 config holds none, and nothing from the environment is logged.
@@ -220,6 +224,10 @@ class WandbLogger:
             entity=w.entity,
             name=cfg.run.name,
             tags=list(w.tags),
+            # W&B's own variables, set by `distgrow compare` for each variant; passed on
+            # explicitly because wandb reads its environment once per process.
+            group=os.environ.get("WANDB_RUN_GROUP") or None,
+            job_type=os.environ.get("WANDB_JOB_TYPE") or None,
             config=wandb_config(cfg, plan),
             id=self.run_id,
             resume="allow",
@@ -325,3 +333,166 @@ def open_wandb_logger(
     )
     echo(f"distgrow: W&B run {logger.run_id} ({mode}) in {where}")
     return logger
+
+
+# --------------------------------------------------------------------------------------------
+# What ``distgrow compare`` measured, added to the runs it trained
+# --------------------------------------------------------------------------------------------
+
+
+def measured_summary(
+    measured: Mapping[str, Any] | None,
+    difference: Mapping[str, Any] | None = None,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """The summary keys a compare adds to one variant's W&B run.
+
+    Args:
+        measured: The run's measured savings against the baseline of its seed
+            (:meth:`distgrow.savings.Savings.to_dict`), or None (the baseline itself).
+        difference: With several seeds, the variant's paired difference to the baseline
+            (:func:`distgrow.report.seeds.seed_section`): mean, 95% interval, verdict.
+        seed: The run's seed, when the compare trained several.
+
+    Returns:
+        ``savings/measured/<key>`` for each measured number and the method,
+        ``savings/measured/seeds/<key>`` for the difference over the seeds, ``compare/seed``.
+    """
+    out: dict[str, Any] = {}
+    for key, value in (measured or {}).items():
+        if _number(value) or (isinstance(value, str) and key in ("method", "kind")):
+            out[f"savings/measured/{key}"] = value
+    for key in ("n", "mean", "low", "high", "updates_ratio_mean", "verdict", "better_is"):
+        value = (difference or {}).get(key)
+        if _number(value) or isinstance(value, str):
+            out[f"savings/measured/seeds/{key}"] = value
+    if seed is not None:
+        out["compare/seed"] = seed
+    return out
+
+
+def _compare_runs(summary: Mapping[str, Any]) -> list[tuple[Path, str, dict[str, Any]]]:
+    """(run directory, variant, summary keys) of every run a compare report covers."""
+    seeds = summary.get("seeds")
+    if not seeds:
+        return [
+            (Path(row["run_dir"]), str(row["label"]), measured_summary(row.get("measured")))
+            for row in summary["runs"]
+        ]
+    return [
+        (
+            Path(r["run_dir"]),
+            str(v["label"]),
+            measured_summary(r.get("measured"), v.get("difference"), r["seed"]),
+        )
+        for v in seeds["variants"]
+        for r in v["per_seed"]
+    ]
+
+
+_TABLE_COLUMNS = (
+    "label", "growth_mode", "val_acc", "val_loss", "total_updates", "wall_s", "worker_seconds",
+)  # fmt: skip
+_SEED_COLUMNS = ("variant", "seed", "final", "updates", "difference_mean", "low", "high", "verdict")
+
+
+def report_tables(summary: Mapping[str, Any]) -> dict[str, tuple[list[str], list[list[Any]]]]:
+    """The report's tables as (columns, rows) for ``wandb.Table``: ``runs`` (the main
+    table, with the measured ratios) and, with several seeds, ``seeds`` (one row per run)."""
+    ratios = ("updates_ratio", "wall_ratio", "worker_seconds_ratio", "metric_delta")
+    runs = [
+        [row.get(k) for k in _TABLE_COLUMNS] + [(row.get("measured") or {}).get(k) for k in ratios]
+        for row in summary["runs"]
+    ]
+    tables = {"runs": ([*_TABLE_COLUMNS, *ratios], runs)}
+    seeds = summary.get("seeds")
+    if seeds:
+        rows = []
+        for v in seeds["variants"]:
+            d = v.get("difference") or {}
+            for r in v["per_seed"]:
+                rows.append(
+                    [v["label"], r["seed"], r.get(seeds["metric"]), r.get("updates"),
+                     d.get("mean"), d.get("low"), d.get("high"), d.get("verdict")]
+                )  # fmt: skip
+        tables["seeds"] = (list(_SEED_COLUMNS), rows)
+    return tables
+
+
+def log_compare(
+    cfg: Config,
+    summary: Mapping[str, Any],
+    out: Path,
+    *,
+    echo: Callable[[str], None] = print,
+    wandb: Any = None,
+) -> bool:
+    """Add what a compare measured to W&B (same mode as the runs: offline by default).
+
+    Each variant's run (found by the id in its run directory; runs trained without W&B are
+    left alone) gains ``savings/measured/...`` (:func:`measured_summary`), in the compare's
+    group with its variant as job type; one more run of that group (job type ``report``,
+    ``dir=OUT``) holds the report's tables as ``wandb.Table`` and its plots as
+    ``wandb.Image``. Like training, a compare never fails because of W&B: off, missing or
+    failing, it says why once and returns False.
+
+    Args:
+        cfg: The compare's resolved config (``logging.wandb``, ``run.name``).
+        summary: The report's ``summary.json`` (:func:`distgrow.report.build_report`).
+        out: The report directory.
+        echo: Where the notices go.
+        wandb: The ``wandb`` module (imported when None).
+    """
+    w = cfg.logging.wandb
+    if w.mode == "disabled" or os.environ.get("WANDB_MODE") == "disabled":
+        return False
+    if wandb is None:
+        try:
+            import wandb
+        except ImportError:
+            notice_once("missing", f"distgrow: wandb is not installed. {_INSTALL_FIX}", echo)
+            return False
+    try:
+        _log_compare(wandb, cfg, summary, out)
+    except Exception as err:  # the report is written: W&B must not turn it into a failure
+        notice_once(
+            "compare",
+            f"distgrow: W&B could not record the compare ({type(err).__name__}: {err}); "
+            f"the report in {out} is complete. Fix: check the W&B error, or set "
+            "logging.wandb.mode=disabled.",
+            echo,
+        )
+        return False
+    echo(f"distgrow: W&B group {out.resolve().name} ({w.mode}): measured savings and the report")
+    return True
+
+
+def _log_compare(wandb: Any, cfg: Config, summary: Mapping[str, Any], out: Path) -> None:
+    w = cfg.logging.wandb
+    group = out.resolve().name
+    common = {"project": w.project, "entity": w.entity, "mode": w.mode, "group": group}
+    for run_dir, variant, keys in _compare_runs(summary):
+        if not RunDir(run_dir).wandb_run_id.is_file():
+            continue  # trained without W&B: nothing to add to
+        run = wandb.init(
+            id=read_or_create_run_id(run_dir), resume="allow", dir=str(run_dir),
+            job_type=variant, **common,
+        )  # fmt: skip
+        run.summary.update(keys)
+        run.finish()
+    run = wandb.init(
+        id=read_or_create_run_id(out), resume="allow", dir=str(out), job_type="report",
+        name=f"{cfg.run.name}-report", tags=list(w.tags),
+        config={"command": summary.get("command"), "metric": summary.get("metric"),
+                "baseline": summary.get("baseline")},
+        **common,
+    )  # fmt: skip
+    data: dict[str, Any] = {
+        f"report/{name}": wandb.Table(columns=columns, data=rows)
+        for name, (columns, rows) in report_tables(summary).items()
+    }
+    for key, file in (summary.get("plots") or {}).items():
+        if (out / file).is_file():
+            data[f"plots/{key}"] = wandb.Image(str(out / file), caption=key)
+    run.log(data)
+    run.finish()

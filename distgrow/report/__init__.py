@@ -3,7 +3,9 @@
 * :func:`compare` trains the ``decay_lr`` baseline, ``grow_batch`` and the ``hybrid`` (a batch
   cap that forces the fall-back to LR decay), optionally ``grow_batch_lr`` and
   ``grow_momentum``, each as a real ``distgrow train`` process on the same config, data and
-  seed, then calls :func:`build_report`.
+  seed, then calls :func:`build_report`. With several seeds (``--seeds``/``--repeats``) each
+  variant is trained on every seed and :mod:`~distgrow.report.seeds` adds the mean, spread,
+  the paired 95% interval against the baseline and a verdict.
 * :func:`build_report` turns finished run directories into a report directory: ``report.md``
   (final quality, updates, wall-clock, start-up, worker-seconds, ratios against the baseline,
   savings labelled *measured* or *estimated* with their method, per-phase throughput), PNG
@@ -51,6 +53,7 @@ from distgrow.report.verbs import (
     hybrid_cap,
     parse_list,
     report,
+    seed_list,
     sweep,
     train_process,
     variant_overrides,
@@ -77,6 +80,7 @@ __all__ = [
     "report",
     "run_curve",
     "schedule_path",
+    "seed_list",
     "sweep",
     "throughput_drift",
     "train_process",

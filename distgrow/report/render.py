@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from distgrow.report.runs import (
     schedule_path,
     validation_points,
 )
+from distgrow.report.seeds import seed_markdown, seed_section
 from distgrow.rundir import (
     SUMMARY_FILE,
     atomic_write_bytes,
@@ -49,6 +51,9 @@ REPORT_FILE = "report.md"
 REPORT_SUMMARY_FILE = "summary.json"
 """The report directory's numbers (not a run's ``summary.json``: the same name, another file)."""
 SWEEP_FILES = {"json": "sweep.json", "markdown": "sweep.md", "plot": "sweep.png"}
+
+SEED_PLOT_FILE = "seeds.png"
+"""Written when ``compare`` trained several seeds: the spread of the final metric."""
 
 NOISE_PLOT_FILE = "noise_scale.png"
 """Written when a run measured the noise scale (``noise.measure``)."""
@@ -221,6 +226,7 @@ def build_report(
     title: str | None = None,
     command: str | None = None,
     notes: Sequence[str] = (),
+    seed_runs: Mapping[str, Mapping[int, RunData]] | None = None,
 ) -> dict[str, Any]:
     """Write ``report.md``, the PNG plots and ``summary.json`` for finished runs.
 
@@ -233,6 +239,9 @@ def build_report(
         title: The report's heading (default: the runs' ``run.name``).
         command: The command that produced the runs, shown in the report.
         notes: Extra lines for the report.
+        seed_runs: With several seeds: variant label → seed → its run (``runs`` are then
+            one seed's); adds the ``seeds`` section (:func:`distgrow.report.seeds.seed_section`:
+            mean, spread, the paired 95% interval and the verdict) and ``seeds.png``.
 
     Returns:
         What ``summary.json`` holds.
@@ -256,41 +265,53 @@ def build_report(
     metric = "val_acc" if quality == {"val_acc"} else "val_loss"
     notes = list(notes)
 
-    rows = []
-    for run in runs:
-        row = _run_numbers(run)
-        row["is_baseline"] = run is base
-        row["measured"] = None
-        if base is not None and run is not base:
-            try:
-                row["measured"] = measured_savings(
-                    as_json[id(run)], as_json[id(base)], f"the {base.label} run in {base.path}"
-                ).to_dict()
-            except SavingsError as err:
-                row["measured_unavailable"] = str(err)
-                notes.append(f"{run.label}: no measured savings: {err}")
-            drift = throughput_drift(run, base)
-            if drift:
-                row["throughput_drift"] = drift
-                row["wall_comparable"] = False
-                row["train_cpu_s"] = {
-                    "run": run.summary.train_cpu_s,
-                    "baseline": base.summary.train_cpu_s,
-                }
-                notes.append(f"{run.label}: {drift}")
-            diffs = config_differences(run.config, base.config)
-            if diffs:
-                row["config_differences"] = diffs
-                notes.append(
-                    f"{run.label} differs from the baseline in more than the growth settings: "
-                    + "; ".join(diffs)
-                )
-        row["estimated"] = None if run is base else try_estimated_savings(as_json[id(run)])
-        row["held"] = _held(run, as_json[id(run)], row["measured"], base)
-        rows.append(row)
+    rows = [_report_row(run, base, as_json, notes) for run in runs]
 
+    seeds = None
+    if seed_runs:
+        seeds = seed_section(seed_runs, None if base is None else base.label, metric)
     with all_or_nothing(out):
-        return _write_report(runs, out, rows, notes, metric, base, title, command)
+        return _write_report(runs, out, rows, notes, metric, base, title, command, seeds)
+
+
+def _report_row(
+    run: RunData,
+    base: RunData | None,
+    as_json: Mapping[int, dict[str, Any]],
+    notes: list[str],
+) -> dict[str, Any]:
+    """A run's row of ``summary.json``: its numbers, the measured savings against ``base``
+    (with a drift or config difference added to ``notes``), the estimate, what SLURM held."""
+    row = _run_numbers(run)
+    row["is_baseline"] = run is base
+    row["measured"] = None
+    if base is not None and run is not base:
+        try:
+            row["measured"] = measured_savings(
+                as_json[id(run)], as_json[id(base)], f"the {base.label} run in {base.path}"
+            ).to_dict()
+        except SavingsError as err:
+            row["measured_unavailable"] = str(err)
+            notes.append(f"{run.label}: no measured savings: {err}")
+        drift = throughput_drift(run, base)
+        if drift:
+            row["throughput_drift"] = drift
+            row["wall_comparable"] = False
+            row["train_cpu_s"] = {
+                "run": run.summary.train_cpu_s,
+                "baseline": base.summary.train_cpu_s,
+            }
+            notes.append(f"{run.label}: {drift}")
+        diffs = config_differences(run.config, base.config)
+        if diffs:
+            row["config_differences"] = diffs
+            notes.append(
+                f"{run.label} differs from the baseline in more than the growth settings: "
+                + "; ".join(diffs)
+            )
+    row["estimated"] = None if run is base else try_estimated_savings(as_json[id(run)])
+    row["held"] = _held(run, as_json[id(run)], row["measured"], base)
+    return row
 
 
 def _write_report(
@@ -302,8 +323,11 @@ def _write_report(
     base: RunData | None,
     title: str | None,
     command: str | None,
+    seeds: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     plots = _write_plots(runs, out, metric)
+    if seeds is not None:
+        plots["seeds"] = _write_seed_plot(seeds, out)
     summary = {
         "title": title or report_title(runs),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -316,6 +340,8 @@ def _write_report(
         "notes": notes,
         "noise": _noise_rows(runs),
     }
+    if seeds is not None:
+        summary["seeds"] = seeds
     write_json(out / REPORT_SUMMARY_FILE, summary)
     atomic_write_bytes(out / REPORT_FILE, render_markdown(summary).encode("utf-8"))
     return summary
@@ -384,6 +410,23 @@ def _write_plots(runs: Sequence[RunData], out: Path, metric: str) -> dict[str, s
         plots.plot_noise(noise, out / NOISE_PLOT_FILE)
         written["noise_scale"] = NOISE_PLOT_FILE
     return written
+
+
+def _write_seed_plot(seeds: Mapping[str, Any], out: Path) -> str:
+    """``seeds.png``: each variant's final metric per seed, its mean and spread."""
+    from distgrow import plots
+
+    points = [
+        plots.SeedPoints(
+            v["label"],
+            [r["seed"] for r in v["per_seed"] if r[seeds["metric"]] is not None],
+            [r[seeds["metric"]] for r in v["per_seed"] if r[seeds["metric"]] is not None],
+            plots.colour_for(v["label"], i),
+        )
+        for i, v in enumerate(seeds["variants"])
+    ]
+    plots.plot_seeds(points, seeds["metric"], out / SEED_PLOT_FILE)
+    return SEED_PLOT_FILE
 
 
 def _noise_rows(runs: Sequence[RunData]) -> list[dict[str, Any]]:
@@ -493,24 +536,55 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 def render_markdown(summary: Mapping[str, Any]) -> str:
     """``report.md`` from the report's summary (the numbers are exactly those of the JSON)."""
     metric = summary["metric"]
-    metric_name = "val acc" if metric == "val_acc" else "val loss"
     rows = summary["runs"]
+    lines = _intro_lines(summary)
+    lines += _run_table(rows, metric)
+    if summary.get("seeds"):
+        lines += seed_markdown(summary["seeds"])
+    lines += _savings_section(rows, metric)
+    lines += _phase_section(rows)
+    lines += _held_lines(rows)
+    if summary.get("noise"):
+        lines += _noise_markdown(summary["noise"])
+    lines += _plot_lines(summary.get("plots") or {}, metric)
+    if summary.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in summary["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def _metric_name(metric: str) -> str:
+    return "val acc" if metric == "val_acc" else "val loss"
+
+
+def _intro_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The heading, the command and what the savings are measured against."""
     base = summary["baseline"]
     lines = [f"# distgrow report: {summary['title']}", ""]
     if summary.get("command"):
         lines += [f"Command: `{summary['command']}`", ""]
+    seeds = (summary.get("seeds") or {}).get("seeds") or []
     if base is not None:
-        lines += [
-            f"Baseline: **{base}** (growth.mode=decay_lr, same config, data and seed). "
-            "Savings against it are **measured**: both runs were trained.",
-            "",
-        ]
+        same = "same config, data and seed" if len(seeds) < 2 else "same config and data"
+        lines.append(
+            f"Baseline: **{base}** (growth.mode=decay_lr, {same}). "
+            "Savings against it are **measured**: both runs were trained."
+        )
     else:
-        lines += [
+        lines.append(
             "No decay_lr baseline run was given: savings are **estimated** from each run's own "
-            "throughput at the base batch (method written next to each number).",
-            "",
-        ]
+            "throughput at the base batch (method written next to each number)."
+        )
+    if len(seeds) > 1:
+        lines.append(
+            f"The tables below are one run per variant (seed {seeds[0]}); the **Seeds** section "
+            f"gives all {len(seeds)} seeds."
+        )
+    return [*lines, ""]
+
+
+def _run_table(rows: Sequence[Mapping[str, Any]], metric: str) -> list[str]:
+    """One row per run: quality, updates, times and the ratios against the baseline."""
+    metric_name = _metric_name(metric)
     header = [
         "run",
         "growth.mode",
@@ -526,19 +600,6 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
     ]
     table = []
     for row in rows:
-        m = row["measured"] if row["measured"] else None
-        if row["is_baseline"]:
-            vs = ["1.00× (baseline)"] * 3 + ["-"]
-        elif m:
-            vs = [
-                format_ratio(m["updates_ratio"], "fewer", "more"),
-                format_ratio(m["wall_ratio"], "faster", "slower")
-                + (" (not comparable)" if row.get("throughput_drift") else ""),
-                format_ratio(m["worker_seconds_ratio"], "less", "more"),
-                _delta_text(metric, m["metric_delta"]),
-            ]
-        else:
-            vs = ["-"] * 4
         mode = row["growth_mode"] + (
             f" (cap {row['max_global_batch']})" if row.get("max_global_batch") else ""
         )
@@ -551,24 +612,42 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
                 format_seconds(row["wall_s"]),
                 format_seconds(row["startup_s"]),
                 _num(row["worker_seconds"], ",.1f"),
-                *vs,
+                *_versus(row, metric),
             ]
         )
-    lines += _table(header, table)
-    lines += [
+    return [
+        *_table(header, table),
         "",
         "Wall-clock is training time from the first update to the end (validation and "
         "checkpoints included), start-up excluded and shown apart. Worker-seconds = wall-clock × "
         "the job's workers (GPU-seconds on GPUs). Ratios are baseline ÷ run.",
         "",
-        "## Savings",
-        "",
     ]
+
+
+def _versus(row: Mapping[str, Any], metric: str) -> list[str]:
+    """The four "vs baseline" cells of a run's row."""
+    m = row["measured"] if row["measured"] else None
+    if row["is_baseline"]:
+        return ["1.00× (baseline)"] * 3 + ["-"]
+    if not m:
+        return ["-"] * 4
+    return [
+        format_ratio(m["updates_ratio"], "fewer", "more"),
+        format_ratio(m["wall_ratio"], "faster", "slower")
+        + (" (not comparable)" if row.get("throughput_drift") else ""),
+        format_ratio(m["worker_seconds_ratio"], "less", "more"),
+        _delta_text(metric, m["metric_delta"]),
+    ]
+
+
+def _savings_section(rows: Sequence[Mapping[str, Any]], metric: str) -> list[str]:
+    """Each run's measured and estimated savings, with their methods."""
+    lines = ["## Savings", ""]
     for row in rows:
         if row["is_baseline"]:
             continue
-        lines.append(f"### {row['label']}")
-        lines.append("")
+        lines += [f"### {row['label']}", ""]
         if row["measured"]:
             lines.append(_savings_line(row["measured"], metric))
             if row.get("throughput_drift"):
@@ -581,65 +660,69 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
         elif est:
             lines.append(_savings_line(est, metric))
         lines.append("")
-    lines += ["## Throughput per phase", ""]
+    return lines
+
+
+def _phase_section(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Each run's per-phase split, throughput and (CUDA runs) peak memory."""
+    lines = ["## Throughput per phase", ""]
     for row in rows:
-        lines.append(f"### {row['label']}")
-        lines.append("")
+        lines += [f"### {row['label']}", ""]
         if not row["phases"]:
             lines += [f"No per-phase measurements in this run's {SUMMARY_FILE}.", ""]
             continue
         # CUDA runs measured each phase's peak memory; CPU runs have no such column.
         cuda = any(p.get(CUDA_MEMORY[0]) is not None for p in row["phases"])
-        lines += _table(
-            [
-                "phase",
-                "from epoch",
-                "batch",
-                "workers × micro × accum",
-                "lr",
-                "updates",
-                "train s",
-                "wall s",
-                "samples/s",
-                "samples/s/worker",
-                *(["CUDA peak allocated GiB", "CUDA peak reserved GiB"] if cuda else []),
-            ],
-            [
-                [
-                    str(int(p["index"] or 0) + 1),
-                    _num(p["start_epoch"], ".2f"),
-                    _num(p["global_batch"]),
-                    f"{p['workers']} × {p['micro_batch']} × {p['accum_steps']}",
-                    _num(p["lr"], ".4g"),
-                    _num(p["updates"]),
-                    _num(p["train_s"], ",.1f"),
-                    _num(p["wall_s"], ",.1f"),
-                    _num(p["samples_per_s"]),
-                    _num(p["samples_per_s_per_worker"]),
-                    *([_num(_gib(p.get(k)), ".2f") for k in CUDA_MEMORY] if cuda else []),
-                ]
-                for p in row["phases"]
-            ],
-        )
+        header = [
+            "phase",
+            "from epoch",
+            "batch",
+            "workers × micro × accum",
+            "lr",
+            "updates",
+            "train s",
+            "wall s",
+            "samples/s",
+            "samples/s/worker",
+            *(["CUDA peak allocated GiB", "CUDA peak reserved GiB"] if cuda else []),
+        ]
+        lines += _table(header, [_phase_cells(p, cuda) for p in row["phases"]])
         lines.append("")
-    lines += _held_lines(rows)
-    if summary.get("noise"):
-        lines += _noise_markdown(summary["noise"])
-    plots = summary.get("plots") or {}
-    if plots:
-        lines += ["## Plots", ""]
-        captions = {
-            "val_vs_epochs": f"{metric_name} against epochs",
-            "val_vs_updates": f"{metric_name} against parameter updates",
-            "val_vs_wall": f"{metric_name} against wall-clock",
-            "schedules": "global batch and learning rate against epochs",
-            "noise_scale": "measured noise scale B_simple against the global batch",
-        }
-        for key, file in plots.items():
-            lines += [f"![{captions.get(key, key)}]({file})", ""]
-    if summary.get("notes"):
-        lines += ["## Notes", ""] + [f"- {n}" for n in summary["notes"]] + [""]
-    return "\n".join(lines)
+    return lines
+
+
+def _phase_cells(p: Mapping[str, Any], cuda: bool) -> list[str]:
+    return [
+        str(int(p["index"] or 0) + 1),
+        _num(p["start_epoch"], ".2f"),
+        _num(p["global_batch"]),
+        f"{p['workers']} × {p['micro_batch']} × {p['accum_steps']}",
+        _num(p["lr"], ".4g"),
+        _num(p["updates"]),
+        _num(p["train_s"], ",.1f"),
+        _num(p["wall_s"], ",.1f"),
+        _num(p["samples_per_s"]),
+        _num(p["samples_per_s_per_worker"]),
+        *([_num(_gib(p.get(k)), ".2f") for k in CUDA_MEMORY] if cuda else []),
+    ]
+
+
+def _plot_lines(plots: Mapping[str, str], metric: str) -> list[str]:
+    if not plots:
+        return []
+    metric_name = _metric_name(metric)
+    captions = {
+        "val_vs_epochs": f"{metric_name} against epochs",
+        "val_vs_updates": f"{metric_name} against parameter updates",
+        "val_vs_wall": f"{metric_name} against wall-clock",
+        "schedules": "global batch and learning rate against epochs",
+        "noise_scale": "measured noise scale B_simple against the global batch",
+        "seeds": f"final {metric_name} of each seed, the mean and ± one standard deviation",
+    }
+    lines = ["## Plots", ""]
+    for key, file in plots.items():
+        lines += [f"![{captions.get(key, key)}]({file})", ""]
+    return lines
 
 
 def _wall_words(s: Mapping[str, Any]) -> str:
@@ -706,10 +789,11 @@ def _write_sweep(
 ) -> dict[str, Any]:
     from distgrow import plots
 
-    final = {(int(r["batch"]), float(r["lr"])): r for r in results}
+    final = sweep_points(results)
     plots.plot_sweep(final, batch_sizes, lrs, out / SWEEP_FILES["plot"])
-    finite = [r for r in results if isinstance(r.get("val_loss"), int | float)]
+    finite = [r for r in final.values() if isinstance(r.get("val_loss"), int | float)]
     best = min(finite, key=lambda r: r["val_loss"]) if finite else None
+    seeded = any("seed" in r for r in results)
     data = {
         "command": command,
         "batch_sizes": list(batch_sizes),
@@ -718,6 +802,8 @@ def _write_sweep(
         "best": None if best is None else {k: best[k] for k in ("batch", "lr", "val_loss")},
         "plot": SWEEP_FILES["plot"],
     }
+    if seeded:
+        data["means"] = list(final.values())
     write_json(out / SWEEP_FILES["json"], data)
 
     def cell(r: Mapping[str, Any] | None, key: str) -> str:
@@ -725,11 +811,23 @@ def _write_sweep(
             return "-"
         if r.get("status") != "completed":
             return str(r.get("status"))
-        return _num(r.get(key), ".4f")
+        text = _num(r.get(key), ".4f")
+        if seeded:
+            text += f" ± {_num(r.get(f'{key}_std'), '.4f')}"
+            if r["completed"] < r["seeds"]:
+                text += f" ({r['completed']} of {r['seeds']} seeds; the others diverged or failed)"
+        return text
 
     lines = ["# distgrow sweep: final loss by batch size × learning rate", ""]
     if command:
         lines += [f"Command: `{command}`", ""]
+    if seeded:
+        seeds = sorted({r["seed"] for r in results if "seed" in r})
+        lines += [
+            f"Each cell: mean ± standard deviation over seeds {', '.join(map(str, seeds))} "
+            "(the seeds whose run completed).",
+            "",
+        ]
     for key, name in (("val_loss", "final validation loss"), ("train_loss", "final train loss")):
         lines += [f"## {name}", ""]
         lines += _table(
@@ -747,6 +845,34 @@ def _write_sweep(
     lines += [f"![{caption}]({SWEEP_FILES['plot']})", ""]
     atomic_write_bytes(out / SWEEP_FILES["markdown"], "\n".join(lines).encode("utf-8"))
     return data
+
+
+def sweep_points(results: Sequence[Mapping[str, Any]]) -> dict[tuple[int, float], dict[str, Any]]:
+    """(batch, lr) → its result; with several seeds per pair, the mean and standard deviation
+    of each loss over the seeds that completed (``train_loss_std``, ``seeds``, ``completed``;
+    the status of the first seed when none completed)."""
+    by_pair: dict[tuple[int, float], list[Mapping[str, Any]]] = {}
+    for r in results:
+        by_pair.setdefault((int(r["batch"]), float(r["lr"])), []).append(r)
+    out: dict[tuple[int, float], dict[str, Any]] = {}
+    for (b, lr), rows in by_pair.items():
+        if not any("seed" in r for r in rows):
+            out[(b, lr)] = dict(rows[-1])
+            continue
+        done = [r for r in rows if r.get("status") == "completed"]
+        point: dict[str, Any] = {
+            "batch": b,
+            "lr": lr,
+            "seeds": len(rows),
+            "completed": len(done),
+            "status": "completed" if done else rows[0].get("status"),
+        }
+        for key in ("train_loss", "val_loss", "val_acc"):
+            values = [float(r[key]) for r in done if isinstance(r.get(key), int | float)]
+            point[key] = statistics.fmean(values) if values else None
+            point[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
+        out[(b, lr)] = point
+    return out
 
 
 def _held_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:

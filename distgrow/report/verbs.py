@@ -17,7 +17,7 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +36,17 @@ from distgrow.report.render import (
     report_title,
     write_sweep,
 )
-from distgrow.report.runs import ReportError, differences, load_run, read_config, read_summary
+from distgrow.report.runs import (
+    ReportError,
+    RunData,
+    differences,
+    load_run,
+    read_config,
+    read_summary,
+)
 from distgrow.rundir import CONFIG_FILE, WRITE_FAILURE, RunDir, is_disk_error, write_failure
 from distgrow.signals import exit_status, signal_name
+from distgrow.wandb_logger import log_compare
 
 VARIANTS = ("decay_lr", "grow_batch", "hybrid", "grow_batch_lr", "grow_momentum", "adaptive")
 """What ``compare`` can train; ``hybrid`` is ``grow_batch`` with a cap that binds; ``adaptive``
@@ -224,6 +232,7 @@ def train_process(
     prefix: str,
     echo: Echo,
     python: str = sys.executable,
+    env: Mapping[str, str] | None = None,
 ) -> Outcome:
     """Run ``distgrow train CONFIG OVERRIDES run.output_dir=RUN_DIR`` to its end.
 
@@ -232,6 +241,10 @@ def train_process(
     that the training checkpoints). A run
     directory with checkpoints but no summary is resumed; one with a summary is not rerun
     (:func:`check_reuse` has made sure that it was trained with this config).
+
+    Args:
+        env: Variables the training gets on top of this environment (``compare`` sets W&B's
+            own ``WANDB_RUN_GROUP`` and ``WANDB_JOB_TYPE``).
 
     Returns:
         How the process ended (status 0 also when the run had already finished).
@@ -245,7 +258,8 @@ def train_process(
         argv.append("--resume")
         echo(f"{prefix} resuming the unfinished run in {run_dir}")
     echo(f"{prefix} $ distgrow {shlex.join(argv[3:])}")
-    return run_subprocess(argv, _child_env(), log_path, echo=lambda line: echo(f"{prefix} {line}"))
+    child = {**_child_env(), **(env or {})}
+    return run_subprocess(argv, child, log_path, echo=lambda line: echo(f"{prefix} {line}"))
 
 
 def _stopped(outcome: Outcome, what: str, log: Path, out: Path) -> ReportError:
@@ -314,6 +328,67 @@ def _writing(out: Path) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------
 
 
+def seed_list(seeds: str | None, repeats: int | None, first: int) -> list[int] | None:
+    """The seeds of ``--seeds 0,1,2`` or ``--repeats N`` (N seeds from ``first``, the
+    config's ``run.seed``); None when neither is given (one run per variant, as before).
+
+    Raises:
+        ReportError: both given, a seed listed twice, or fewer than one repeat.
+    """
+    if seeds is not None and repeats is not None:
+        raise ReportError(
+            f"--seeds {seeds} and --repeats {repeats} both say which seeds to train. "
+            "Fix: give one of them."
+        )
+    if repeats is not None:
+        if repeats < 1:
+            raise ReportError(f"--repeats {repeats} must be >= 1. Fix: e.g. --repeats 3.")
+        return [first + i for i in range(repeats)]
+    if seeds is None:
+        return None
+    chosen = parse_list(seeds, int, "--seeds")
+    if len(set(chosen)) != len(chosen):
+        raise ReportError(f"--seeds lists one twice ({seeds}). Fix: once each, e.g. 0,1,2.")
+    return chosen
+
+
+def _run_name(variant: str, seed: int | None) -> str:
+    """``OUT/runs/<name>``: the variant, and ``-seed<k>`` when several seeds are trained."""
+    return variant if seed is None else f"{variant}-seed{seed}"
+
+
+def _resolve_compare(
+    config: str | Path,
+    overrides: Sequence[str],
+    cfg: Config,
+    plan_overrides: Mapping[str, list[str]],
+    seeds: Sequence[int] | None,
+    out: Path,
+) -> list[tuple[str, str, int | None, RunDir, Config, list[str]]]:
+    """Every (variant, seed) run: its name, directory, resolved config and overrides.
+
+    Raises:
+        ConfigError: a variant's config is invalid (before anything runs).
+    """
+    resolved = []
+    for variant, extra in plan_overrides.items():
+        for seed in seeds if seeds is not None else [None]:
+            name = _run_name(variant, seed)
+            run_overrides = [
+                *overrides,
+                *extra,
+                *([f"run.seed={seed}"] if seed is not None else []),
+                f"run.name={cfg.run.name}-{name}",
+            ]
+            run_dir = RunDir(out / "runs" / name)
+            try:
+                run_cfg = load_config(config, [*run_overrides, f"run.output_dir={run_dir}"])
+            except ConfigError as err:
+                raise ConfigError(f"variant {variant} ({' '.join(extra)}): {err}") from err
+            resolved.append((name, variant, seed, run_dir, run_cfg, run_overrides))
+    return resolved
+
+
 def compare(
     config: str | Path,
     overrides: Sequence[str] = (),
@@ -321,10 +396,11 @@ def compare(
     variants: Sequence[str] = DEFAULT_VARIANTS,
     out_dir: str | Path | None = None,
     force: bool = False,
+    seeds: Sequence[int] | None = None,
     echo: Echo = print,
     python: str = sys.executable,
 ) -> Path:
-    """Train each variant on the same config, data and seed, then write the report.
+    """Train each variant on the same config and data (and seeds), then write the report.
 
     Args:
         config: The YAML config.
@@ -335,6 +411,10 @@ def compare(
             with the same directory and config reuses finished runs and resumes unfinished ones.
         force: Retrain the runs in ``OUT/runs`` that were trained with another config (they
             are deleted first); without it such a directory is refused.
+        seeds: Train every variant on each of these seeds (``run.seed``), in
+            ``OUT/runs/<variant>-seed<k>``; the report adds each variant's mean and spread, the
+            difference to the baseline with its 95% interval paired by seed, and a verdict.
+            None: one run per variant on the config's seed.
         echo: Where progress lines go (the trainings' own output goes to the terminal).
         python: The interpreter that runs ``-m distgrow train``.
 
@@ -354,58 +434,83 @@ def compare(
     n = cfg.data.expected_train_size()
     plan_overrides = {v: variant_overrides(cfg, v, n) for v in variants}
     out = Path(out_dir) if out_dir is not None else default_report_dir(cfg.run.name)
-    run_overrides: dict[str, list[str]] = {}
-    resolved: list[tuple[str, RunDir, Config]] = []
-    for variant, extra in plan_overrides.items():  # every variant is valid before any runs
-        run_overrides[variant] = [*overrides, *extra, f"run.name={cfg.run.name}-{variant}"]
-        run_dir = RunDir(out / "runs" / variant)
-        try:
-            variant_cfg = load_config(
-                config, [*run_overrides[variant], f"run.output_dir={run_dir}"]
-            )
-        except ConfigError as err:
-            raise ConfigError(f"variant {variant} ({' '.join(extra)}): {err}") from err
-        resolved.append((variant, run_dir, variant_cfg))
-    stale = check_reuse(resolved, force=force, verb="compare")
+    resolved = _resolve_compare(config, overrides, cfg, plan_overrides, seeds, out)
+    stale = check_reuse([(r[0], r[3], r[4]) for r in resolved], force=force, verb="compare")
     made_out = not out.exists()
     with _writing(out):
         out.mkdir(parents=True, exist_ok=True)
-    echo(f"distgrow compare: {', '.join(variants)} on {config}; report in {out}")
-    for variant, run_dir, _ in resolved:
-        log = out / "logs" / f"{variant}.log"
-        with _writing(out):
-            if variant in stale:
-                discard(run_dir, log, stale[variant], f"[{variant}]", echo)
-            outcome = train_process(
-                config, run_overrides[variant], run_dir, log, prefix=f"[{variant}]", echo=echo,
-                python=python,
-            )  # fmt: skip
-        if outcome.signal is not None:
-            raise _stopped(outcome, f"the {variant} run", log, out)
-        full = _disk_failure(outcome, f"the {variant} run", log, run_dir, out, made_out)
-        if full is not None:
-            raise full
-        if outcome.returncode != 0:
-            raise ReportError(
-                f"the {variant} run failed with exit status {outcome.returncode}; its output "
-                f"is in {log}. Fix the cause, then rerun the same command with --out {out}: "
-                "finished runs are reused, this one resumes.",
-                exit_code=1,
-            )
-    runs = [load_run(rd.path, v) for v, rd, _ in resolved]
+    on = "" if seeds is None else f" × seeds {','.join(map(str, seeds))}"
+    echo(f"distgrow compare: {', '.join(variants)}{on} on {config}; report in {out}")
+    for name, variant, _, run_dir, _, run_overrides in resolved:
+        # One W&B group per compare, a job type per variant: wandb.init reads them from its
+        # own variables, so they label the runs without entering the config reuse compares.
+        env = {"WANDB_RUN_GROUP": out.resolve().name, "WANDB_JOB_TYPE": variant}
+        _train_one(config, name, run_dir, run_overrides, stale, out, made_out, echo, python, env)
+    groups: dict[str, dict[int, RunData]] = {}
+    for _, variant, seed, run_dir, _, _ in resolved:
+        groups.setdefault(variant, {})[cfg.run.seed if seed is None else seed] = load_run(
+            run_dir.path, variant
+        )
     command = shlex.join(
         ["distgrow", "compare", str(config), *overrides, "--variants", ",".join(variants)]
+        + (["--seeds", ",".join(map(str, seeds))] if seeds is not None else [])
     )
-    notes = []
-    if "hybrid" in variants:
-        cap = plan_overrides["hybrid"][1].split("=", 1)[1]
-        notes.append(
-            f"hybrid = grow_batch with growth.max_global_batch={cap}: the batch stops there and "
-            "the learning rate carries the rest of the decay"
-        )
-    build_report(runs, out, title=cfg.run.name, command=command, notes=notes)
+    summary = build_report(
+        [next(iter(runs.values())) for runs in groups.values()],
+        out,
+        title=cfg.run.name,
+        command=command,
+        notes=_hybrid_note(plan_overrides),
+        seed_runs=groups if seeds is not None else None,
+    )
     echo(f"distgrow compare: report written to {out / REPORT_FILE}")
+    log_compare(cfg, summary, out, echo=echo)
     return out
+
+
+def _hybrid_note(plan_overrides: Mapping[str, list[str]]) -> list[str]:
+    if "hybrid" not in plan_overrides:
+        return []
+    cap = plan_overrides["hybrid"][1].split("=", 1)[1]
+    return [
+        f"hybrid = grow_batch with growth.max_global_batch={cap}: the batch stops there and "
+        "the learning rate carries the rest of the decay"
+    ]
+
+
+def _train_one(
+    config: str | Path,
+    name: str,
+    run_dir: RunDir,
+    run_overrides: list[str],
+    stale: Mapping[str, list[str]],
+    out: Path,
+    made_out: bool,
+    echo: Echo,
+    python: str,
+    env: Mapping[str, str],
+) -> None:
+    """Train (or reuse, or resume) one compare run; a failure is one :class:`ReportError`."""
+    log = out / "logs" / f"{name}.log"
+    with _writing(out):
+        if name in stale:
+            discard(run_dir, log, stale[name], f"[{name}]", echo)
+        outcome = train_process(
+            config, run_overrides, run_dir, log, prefix=f"[{name}]", echo=echo, python=python,
+            env=env,
+        )  # fmt: skip
+    if outcome.signal is not None:
+        raise _stopped(outcome, f"the {name} run", log, out)
+    full = _disk_failure(outcome, f"the {name} run", log, run_dir, out, made_out)
+    if full is not None:
+        raise full
+    if outcome.returncode != 0:
+        raise ReportError(
+            f"the {name} run failed with exit status {outcome.returncode}; its output "
+            f"is in {log}. Fix the cause, then rerun the same command with --out {out}: "
+            "finished runs are reused, this one resumes.",
+            exit_code=1,
+        )
 
 
 def report(
@@ -446,8 +551,45 @@ def report(
 # --------------------------------------------------------------------------------------------
 
 
-def _sweep_name(batch: int, lr: float) -> str:
-    return "b{}_lr{}".format(batch, re.sub(r"[^0-9a-zA-Z.-]", "_", f"{lr:g}"))
+def _sweep_name(batch: int, lr: float, seed: int | None = None) -> str:
+    name = "b{}_lr{}".format(batch, re.sub(r"[^0-9a-zA-Z.-]", "_", f"{lr:g}"))
+    return name if seed is None else f"{name}-seed{seed}"
+
+
+_SweepPoint = tuple[int, float, int | None]
+
+
+def _resolve_sweep(
+    config: str | Path,
+    overrides: Sequence[str],
+    cfg: Config,
+    points: Sequence[_SweepPoint],
+    out: Path,
+) -> list[tuple[str, RunDir, Config, list[str]]]:
+    """Every sweep run: its name, directory, resolved config and overrides.
+
+    Raises:
+        ConfigError: a point's config is invalid (before anything runs).
+    """
+    resolved = []
+    for b, lr, seed in points:
+        name = _sweep_name(b, lr, seed)
+        run_overrides = [
+            *overrides,
+            "growth.mode=decay_lr",
+            f"growth.base_batch={b}",
+            f"optim.lr={lr!r}",
+            "growth.max_global_batch=null",
+            *([f"run.seed={seed}"] if seed is not None else []),
+            f"run.name={cfg.run.name}-{name}",
+        ]
+        run_dir = RunDir(out / "runs" / name)
+        try:
+            run_cfg = load_config(config, [*run_overrides, f"run.output_dir={run_dir}"])
+        except ConfigError as err:
+            raise ConfigError(f"sweep point batch {b}, lr {lr:g}: {err}") from err
+        resolved.append((name, run_dir, run_cfg, run_overrides))
+    return resolved
 
 
 def sweep(
@@ -458,6 +600,7 @@ def sweep(
     lrs: Sequence[float],
     out_dir: str | Path | None = None,
     force: bool = False,
+    seeds: Sequence[int] | None = None,
     echo: Echo = print,
     python: str = sys.executable,
 ) -> Path:
@@ -468,7 +611,9 @@ def sweep(
     ``schedule.type=constant`` for seed 003's constant-LR question, and ``run.epochs=...`` to
     keep it short). A run whose loss diverges is recorded as diverged, not as a failure.
     Runs in ``OUT/runs`` are reused as :func:`compare` reuses them (same config only; ``force``
-    retrains the others).
+    retrains the others). With ``seeds``, every pair is trained on each seed
+    (``OUT/runs/b<B>_lr<LR>-seed<k>``) and the sweep shows each pair's mean ± standard
+    deviation over the seeds that completed.
 
     Returns:
         The sweep directory (``sweep.png``, ``sweep.md``, ``sweep.json``, ``runs/``, ``logs/``).
@@ -481,69 +626,32 @@ def sweep(
     if not batch_sizes or not lrs:
         raise ReportError("the sweep needs --batch-sizes and --lrs. Fix: e.g. 32,64 and 0.01,0.1.")
     cfg = load_config(config, overrides)
-    pairs = [(b, lr) for b in batch_sizes for lr in lrs]
+    each: list[int | None] = list(seeds) if seeds is not None else [None]
+    points = [(b, lr, s) for b in batch_sizes for lr in lrs for s in each]
     out = Path(out_dir) if out_dir is not None else default_report_dir(cfg.run.name, "sweep")
-    pair_overrides: dict[tuple[int, float], list[str]] = {}
-    resolved: list[tuple[str, RunDir, Config]] = []
-    for b, lr in pairs:
-        name = _sweep_name(b, lr)
-        extra = [
-            "growth.mode=decay_lr",
-            f"growth.base_batch={b}",
-            f"optim.lr={lr!r}",
-            "growth.max_global_batch=null",
-        ]
-        pair_overrides[(b, lr)] = [*overrides, *extra, f"run.name={cfg.run.name}-{name}"]
-        run_dir = RunDir(out / "runs" / name)
-        try:
-            pair_cfg = load_config(config, [*pair_overrides[(b, lr)], f"run.output_dir={run_dir}"])
-        except ConfigError as err:
-            raise ConfigError(f"sweep point batch {b}, lr {lr:g}: {err}") from err
-        resolved.append((name, run_dir, pair_cfg))
-    stale = check_reuse(resolved, force=force, verb="sweep")
+    resolved = _resolve_sweep(config, overrides, cfg, points, out)
+    stale = check_reuse([r[:3] for r in resolved], force=force, verb="sweep")
     made_out = not out.exists()
     with _writing(out):
         out.mkdir(parents=True, exist_ok=True)
-    echo(f"distgrow sweep: {len(pairs)} runs ({len(batch_sizes)} batch sizes × {len(lrs)} LRs)")
+    on = "" if seeds is None else f" × {len(seeds)} seeds"
+    echo(
+        f"distgrow sweep: {len(points)} runs ({len(batch_sizes)} batch sizes × {len(lrs)} LRs{on})"
+    )
     results = []
     failed = []
-    for (b, lr), (name, run_dir, _) in zip(pairs, resolved, strict=True):
-        log = out / "logs" / f"{name}.log"
-        with _writing(out):
-            if name in stale:
-                discard(run_dir, log, stale[name], f"[{name}]", echo)
-            outcome = train_process(
-                config, pair_overrides[(b, lr)], run_dir, log, prefix=f"[{name}]", echo=echo,
-                python=python,
-            )  # fmt: skip
-        if outcome.signal is not None:
-            raise _stopped(outcome, f"the sweep run {name}", log, out)
-        full = _disk_failure(outcome, f"the sweep run {name}", log, run_dir, out, made_out)
-        if full is not None:
-            raise full
-        code = outcome.returncode
-        row: dict[str, Any] = {"batch": b, "lr": lr, "run_dir": str(run_dir), "exit_code": code}
-        if code == 0:
-            s = read_summary(run_dir)
-            row.update(
-                status="completed",
-                train_loss=s.train_loss,
-                val_loss=s.val_loss,
-                val_acc=s.val_acc,
-                total_updates=s.total_updates,
-                wall_s=s.wall_s,
-            )
-        elif code == EXIT_NONFINITE:
-            row.update(status="diverged", train_loss=None, val_loss=None, val_acc=None)
-        else:
-            row.update(status="failed", train_loss=None, val_loss=None, val_acc=None)
-            failed.append(f"batch {b}, lr {lr:g} (exit {code}, log {log})")
+    for (b, lr, seed), (name, run_dir, _, run_overrides) in zip(points, resolved, strict=True):
+        row = _sweep_run(config, name, run_dir, run_overrides, stale, out, made_out, echo, python)
+        row = {"batch": b, "lr": lr, **({"seed": seed} if seed is not None else {}), **row}
+        if row["status"] == "failed":
+            what = f"batch {b}, lr {lr:g}" + ("" if seed is None else f", seed {seed}")
+            failed.append(f"{what} (exit {row['exit_code']}, log {out / 'logs' / name}.log)")
         results.append(row)
-    write_sweep(results, batch_sizes, lrs, out, command=shlex.join(
-        ["distgrow", "sweep", str(config), *overrides,
-         "--batch-sizes", ",".join(map(str, batch_sizes)),
-         "--lrs", ",".join(f"{lr:g}" for lr in lrs)]
-    ))  # fmt: skip
+    command = ["distgrow", "sweep", str(config), *overrides,
+               "--batch-sizes", ",".join(map(str, batch_sizes)),
+               "--lrs", ",".join(f"{lr:g}" for lr in lrs)]  # fmt: skip
+    command += ["--seeds", ",".join(map(str, seeds))] if seeds is not None else []
+    write_sweep(results, batch_sizes, lrs, out, command=shlex.join(command))
     echo(f"distgrow sweep: written to {out / SWEEP_FILES['markdown']}")
     if failed:
         raise ReportError(
@@ -552,3 +660,46 @@ def sweep(
             exit_code=1,
         )
     return out
+
+
+def _sweep_run(
+    config: str | Path,
+    name: str,
+    run_dir: RunDir,
+    run_overrides: list[str],
+    stale: Mapping[str, list[str]],
+    out: Path,
+    made_out: bool,
+    echo: Echo,
+    python: str,
+) -> dict[str, Any]:
+    """Train (or reuse) one sweep run; its result row (completed, diverged or failed)."""
+    log = out / "logs" / f"{name}.log"
+    with _writing(out):
+        if name in stale:
+            discard(run_dir, log, stale[name], f"[{name}]", echo)
+        outcome = train_process(
+            config, run_overrides, run_dir, log, prefix=f"[{name}]", echo=echo, python=python
+        )
+    if outcome.signal is not None:
+        raise _stopped(outcome, f"the sweep run {name}", log, out)
+    full = _disk_failure(outcome, f"the sweep run {name}", log, run_dir, out, made_out)
+    if full is not None:
+        raise full
+    code = outcome.returncode
+    row: dict[str, Any] = {"run_dir": str(run_dir), "exit_code": code}
+    if code == 0:
+        s = read_summary(run_dir)
+        row.update(
+            status="completed",
+            train_loss=s.train_loss,
+            val_loss=s.val_loss,
+            val_acc=s.val_acc,
+            total_updates=s.total_updates,
+            wall_s=s.wall_s,
+        )
+    elif code == EXIT_NONFINITE:
+        row.update(status="diverged", train_loss=None, val_loss=None, val_acc=None)
+    else:
+        row.update(status="failed", train_loss=None, val_loss=None, val_acc=None)
+    return row
