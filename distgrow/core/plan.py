@@ -149,8 +149,9 @@ class _Span:
     def _ask_realiser(self, target: int) -> bool:
         cand = self.policy.limits.realise(target, self.state.workers)
         if cand is not None and cand.global_batch > self.batch:
-            # that split is the largest under its own size too: from there on the batch grows
-            self.grows_from = min(self.grows_from, cand.global_batch)
+            # not from cand's size on: under the previous workers' count that size may round
+            # down further (NEAR_IDEAL), so the target it was asked for is the bound
+            self.grows_from = min(self.grows_from, target)
             return True
         self.stays_below = max(self.stays_below, target)
         return False
