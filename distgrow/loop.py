@@ -1,9 +1,13 @@
-"""Growth inside your own training loop: the schedule, update by update, and a batch sampler.
+"""The one source of updates: the schedule, update by update, and a batch sampler.
 
-For people who keep their loop. :class:`GrowthSchedule` says, before each parameter update,
-the global batch, its split (workers × micro-batch × accumulation steps), the learning rate
-and momentum, and which samples this rank reads in each micro-batch. It keeps distgrow's
-guarantees, so a loop that follows it computes the same updates as ``distgrow train``:
+``distgrow train`` takes its updates from :class:`GrowthSchedule`, and so does a loop of your
+own. It says, when asked for the next parameter update, the global batch, its split (workers ×
+micro-batch × accumulation steps), the learning rate and momentum (and Adam's β₂ / weight decay
+when ``growth`` adjusts them: :meth:`Update.apply_to`), and which samples this rank reads in each
+micro-batch. It decides each update when it is asked for it, so a decision taken after an
+update (the measured noise scale, :meth:`GrowthSchedule.observe_noise`; a plateau's
+:meth:`GrowthSchedule.end_epoch`) applies from the next one, inside an epoch too. It keeps
+distgrow's guarantees, so a loop that follows it computes the same updates as ``distgrow train``:
 
 * one permutation of the training set per epoch (:func:`~distgrow.data.epoch_permutation`),
   consumed in order, so the global batches do not depend on how they are realised (1 × 4,
@@ -29,8 +33,7 @@ The loop, with its own model, optimizer and DDP (see ``examples/own_loop/train_d
     for epoch in schedule.epochs():
         batches = iter(loader)                   # this rank's micro-batches, rest of the epoch
         for update in schedule.updates():        # the updates left in this epoch
-            for group in optimizer.param_groups:
-                group["lr"], group["momentum"] = update.lr, update.momentum
+            update.apply_to(optimizer)           # lr, momentum, β₂, weight decay
             for micro in update.micro_batches:
                 x, y = next(batches)
                 with nullcontext() if micro.sync else ddp.no_sync():
@@ -39,6 +42,8 @@ The loop, with its own model, optimizer and DDP (see ``examples/own_loop/train_d
                     loss.backward()
             optimizer.step()
             optimizer.zero_grad()
+            # growth.mode=adaptive / noise_cap: report the measured noise scale
+            # (distgrow.engine.DdpNoiseProbe), then make a new iter(loader) if it decided.
         schedule.end_epoch(val_loss)             # plateau schedules decide here
 
 Exactness. The loss of a micro-batch is its *summed* per-sample loss × ``loss_scale``
@@ -52,6 +57,7 @@ This module imports no ``torch.distributed``: the rank and world size are given.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -63,7 +69,7 @@ from torch.utils.data.dataloader import default_collate
 
 from distgrow.config import Config
 from distgrow.data import epoch_permutation, micro_batch_seed, shard_split
-from distgrow.planner import GrowthPolicy, Setting
+from distgrow.planner import GrowthPolicy, Setting, Split
 
 STATE_VERSION = 1
 
@@ -78,12 +84,22 @@ class MicroBatch:
 
     indices: torch.Tensor
     """Sample indices (int64, in global order); empty for the tail of a partial batch."""
-    seed: int | None
-    """Seed ``torch.manual_seed`` with this before the forward (dropout); None when empty."""
     chunk: int
     """Its place in the global batch: ``accumulation step × workers + rank``."""
     sync: bool
     """The last micro-step of the update: gradients are all-reduced now (else ``no_sync``)."""
+    seeded_by: tuple[int, int] = (0, 0)
+    """``(run.seed, epoch)``: with the first sample, what :attr:`seed` is drawn from."""
+
+    @functools.cached_property
+    def seed(self) -> int | None:
+        """Seed ``torch.manual_seed`` with this before the forward (dropout); None when empty.
+
+        Read when asked for (it reads the first index): a model that draws nothing at random
+        never needs it."""
+        if not self.indices.numel():
+            return None
+        return micro_batch_seed(self.seeded_by[0], self.seeded_by[1], int(self.indices[0]))
 
 
 @dataclass(frozen=True, eq=False)  # holds tensors: compare fields, not records
@@ -136,22 +152,41 @@ class Update:
     def momentum(self) -> float:
         return self.setting.momentum
 
+    def apply_to(self, optimizer: torch.optim.Optimizer) -> None:
+        """Write this update's hyperparameters into ``optimizer``: see :func:`apply_setting`."""
+        apply_setting(optimizer, self.setting)
 
-@dataclass(frozen=True)
-class _Planned:
-    """An update of the epoch plan, with the policy's state right after its decision."""
 
-    update: Update
-    policy_state: dict[str, Any]
+def apply_setting(optimizer: torch.optim.Optimizer, setting: Setting) -> None:
+    """The setting's LR, momentum, β₂ and weight decay into every parameter group.
+
+    The LR always; momentum where the group has one (SGD, RMSprop); β₂ when
+    ``growth.beta2_half_life`` sets it and weight decay when ``growth.weight_decay_timescale``
+    does (Adam, AdamW). Compared before written: the values change a few times per run, and a
+    write that changes nothing costs a dict store per group per update.
+    """
+    for group in optimizer.param_groups:
+        if group["lr"] != setting.lr:
+            group["lr"] = setting.lr
+        if "momentum" in group and group["momentum"] != setting.momentum:
+            group["momentum"] = setting.momentum
+        if setting.beta2 is not None and group["betas"][1] != setting.beta2:
+            group["betas"] = (group["betas"][0], setting.beta2)  # growth.beta2_half_life
+        if setting.weight_decay is not None and group["weight_decay"] != setting.weight_decay:
+            group["weight_decay"] = setting.weight_decay  # growth.weight_decay_timescale
 
 
 class GrowthSchedule:
-    """distgrow's growth plan, handed out update by update to a loop of your own.
+    """distgrow's growth plan, handed out update by update: the one source of updates.
 
-    Iterate :meth:`epochs`, and within each :meth:`updates`; report each epoch's monitored
-    metric to :meth:`end_epoch` (plateau schedules need it). The sample order, the splits, the
-    learning rate and momentum, and the per-micro-batch dropout seeds are those of
-    ``distgrow train`` on the same config and world size.
+    ``distgrow train`` and loops of your own both take their updates from here. Iterate
+    :meth:`epochs`, and within each :meth:`updates`; report each epoch's monitored metric to
+    :meth:`end_epoch` (plateau schedules need it) and, with ``growth.mode: adaptive`` or
+    ``growth.noise_cap``, the measured noise scale to :meth:`observe_noise`. The policy is asked
+    for each update when it is handed out, so a decision takes effect at the next update, in
+    the middle of an epoch too. The sample order, the splits, the learning rate and momentum
+    (and β₂ / weight decay: :meth:`Update.apply_to`), and the per-micro-batch dropout seeds are
+    those of ``distgrow train`` on the same config and world size.
 
     Args:
         cfg: The validated config (``distgrow.load_config``): ``run.epochs``, ``run.seed``,
@@ -159,6 +194,11 @@ class GrowthSchedule:
         dataset_size: N, the number of training samples.
         rank: This process's rank, ``0 <= rank < world_size``.
         world_size: The data-parallel workers of the job; the plan never uses fewer.
+        policy: The growth policy to follow (default: a new one for ``cfg``); ``distgrow
+            train`` passes its own, whose state its checkpoints hold.
+        fit: What to do with a setting the policy gives, before it becomes an update (default:
+            a setting wider than the job is split over this job's workers, more accumulation).
+            ``distgrow train`` passes its own: it logs the decisions and asks for workers.
 
     Raises:
         ConfigError: The plan cannot be realised on ``world_size`` workers (the message names
@@ -166,7 +206,16 @@ class GrowthSchedule:
         ScheduleError: ``rank`` is out of range.
     """
 
-    def __init__(self, cfg: Config, dataset_size: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        dataset_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        policy: GrowthPolicy | None = None,
+        fit: Callable[[Setting], Setting] | None = None,
+    ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ScheduleError(
                 f"rank {rank} of world_size {world_size}: the rank must be in 0 .. "
@@ -178,17 +227,16 @@ class GrowthSchedule:
         self.rank = rank
         self.world_size = world_size
         self.align = cfg.model.ghost_batch or 1
-        self.policy = GrowthPolicy(cfg, dataset_size, min_workers=world_size)
+        self.policy = policy or GrowthPolicy(cfg, dataset_size, min_workers=world_size)
+        self.fit = fit or self._on_this_job
         # Where training stands: counts the updates handed out (see state_dict).
         self.epoch = 0
         self.position = 0
         self.step = 0
         self.samples_seen = 0
-        self._policy_state = self.policy.state_dict()  # as of the last update handed out
         self._reported = 0  # epochs whose metric end_epoch received
-        self._plan: list[_Planned] | None = None  # the rest of the current epoch
-        self._plan_epoch_no = -1
-        self._starts: dict[int, int] = {}  # first sample of each planned update → its index
+        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its permutation)
+        self._ahead: dict[tuple[int, int], Split] = {}  # a sampler's read: (epoch, sample) → split
         self._split_told = False  # the plan's split differs here: said once (rank 0)
 
     @property
@@ -219,7 +267,7 @@ class GrowthSchedule:
         self._check_reported()
 
     def updates(self) -> Iterator[Update]:
-        """The updates left in the current epoch, in order.
+        """The updates left in the current epoch, in order, each decided when asked for.
 
         Each is counted as done when it is handed out: :meth:`state_dict` taken after its
         optimizer step resumes with the next one.
@@ -228,16 +276,38 @@ class GrowthSchedule:
             return
         epoch = self.epoch
         while self.epoch == epoch:
-            planned = self._planned_from(self.epoch, self.position)[0]
-            update = planned.update
-            self._policy_state = planned.policy_state
-            self.position += update.samples
-            self.samples_seen += update.samples
-            self.step += 1
-            if self.position >= self.dataset_size:
-                self.epoch += 1
-                self.position = 0
-            yield update
+            yield self.next_update()
+
+    def next_update(self) -> Update:
+        """Decide the next update now, hand it out and count it (what :meth:`updates` yields).
+
+        Raises:
+            ScheduleError: all epochs are handed out, or a sampler read this update ahead with
+                another batch (a decision came after it read: make a new ``iter(loader)``).
+        """
+        if self.done:
+            raise ScheduleError(
+                f"all {self.cfg.run.epochs} epochs are handed out (run.epochs): no update left."
+            )
+        setting = self.fit(self.policy.setting(self.epoch, self.position))
+        update = self._update(self.epoch, self.position, self.step, setting)
+        read = self._ahead.pop((update.epoch, update.position), None)
+        fits = update.workers <= self.world_size  # else the caller stops (distgrow train)
+        if read is not None and fits and read != update.setting.split:
+            self._ahead.clear()
+            raise ScheduleError(
+                f"the sampler read update {update.step + 1} ahead as {read}, but the "
+                f"schedule decided {update.setting.split} when it came (observe_noise or "
+                "end_epoch moved the plan after the loader read ahead). Fix: make a new "
+                "iter(loader) after a decision, before the next update."
+            )
+        self.position += update.samples
+        self.samples_seen += update.samples
+        self.step += 1
+        if self.position >= self.dataset_size:
+            self.epoch += 1
+            self.position = 0
+        return update
 
     def __iter__(self) -> Iterator[Update]:
         """Every update left, over all epochs: ``for update in schedule``.
@@ -247,6 +317,20 @@ class GrowthSchedule:
         """
         for _ in self.epochs():
             yield from self.updates()
+
+    def observe_noise(self, b_simple: float | None, measured: int) -> list[tuple[str, Any]]:
+        """Report the measured gradient noise scale (``growth.mode: adaptive``, ``noise_cap``).
+
+        Call it every ``growth.adaptive.every`` updates, after the optimizer step, with the
+        smoothed ``B_simple`` (None while it cannot be formed) and the number of updates
+        measured so far (:class:`distgrow.noise.NoiseScaleEstimator`). A growth it decides
+        applies from the next update, within the epoch. Ignored by the other modes.
+
+        Returns:
+            The decisions taken (name, values), as ``distgrow train`` logs them.
+        """
+        self.policy.observe_noise(b_simple, measured)
+        return self.policy.take_events()
 
     def end_epoch(self, metric: float | None = None) -> bool:
         """Report the finished epoch's monitored metric (``schedule.monitor``).
@@ -273,11 +357,8 @@ class GrowthSchedule:
                 f"with {self._reported} epoch(s) already reported: call it once, after the "
                 "last update of each epoch."
             )
-        self.policy.load_state_dict(self._policy_state)
         fired = self.policy.end_epoch(float(metric))
-        self._policy_state = self.policy.state_dict()
         self._reported = self.epoch
-        self._plan = None
         return fired
 
     def _check_reported(self) -> None:
@@ -287,49 +368,69 @@ class GrowthSchedule:
                 "Fix: call schedule.end_epoch(metric) after each epoch's last update."
             )
 
-    # -- the epoch plan -------------------------------------------------------------------------
+    # -- the updates ----------------------------------------------------------------------------
 
     def remaining(self) -> list[Update]:
-        """The updates left in the current epoch, without handing any out (for the sampler)."""
+        """The updates left in the current epoch as decided now, without handing any out.
+
+        For a sampler that reads ahead: the policy is asked as :meth:`updates` will ask it,
+        and its state is put back. A decision taken later (:meth:`observe_noise`, an elastic
+        resize) can change what follows; :meth:`next_update` then says so.
+        """
         if self.done:
             return []
-        return [p.update for p in self._planned_from(self.epoch, self.position)]
+        policy, events = self.policy.state_dict(), list(self.policy.events)
+        planned: list[Update] = []
+        position, step = self.position, self.step
+        try:
+            while position < self.dataset_size:
+                setting = self.policy.setting(self.epoch, position)
+                if setting.workers > self.world_size:
+                    fitted = self._split_here(setting)
+                    if fitted is None:
+                        break  # the loop cannot go past it on this job
+                    setting = fitted
+                update = self._update(self.epoch, position, step, setting)
+                planned.append(update)
+                position, step = position + update.samples, step + 1
+        finally:
+            self.policy.load_state_dict(policy)
+            self.policy.events = events
+        self._ahead = {(u.epoch, u.position): u.setting.split for u in planned}
+        return planned
 
-    def _planned_from(self, epoch: int, position: int) -> list[_Planned]:
-        """The plan of ``epoch`` from sample ``position`` on, computed once per epoch.
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, epoch_permutation(self.dataset_size, self.cfg.run.seed, epoch))
+        return self._order[1]
 
-        The policy is asked for each update in order, exactly as ``distgrow train`` asks it,
-        and its state after each answer is kept: the sampler may read ahead while
-        :meth:`state_dict` still describes the updates handed out.
-        """
-        if self._plan is None or self._plan_epoch_no != epoch or position not in self._starts:
-            self.policy.load_state_dict(self._policy_state)
-            self._plan = self._plan_epoch(epoch, position)
-            self._plan_epoch_no = epoch
-            self._starts = {p.update.position: i for i, p in enumerate(self._plan)}
-        return self._plan[self._starts[position] :]
+    def _update(self, epoch: int, position: int, step: int, setting: Setting) -> Update:
+        indices = self._permutation(epoch)[position : position + setting.global_batch]
+        return self.make_update(epoch, position, step, setting, indices)
 
-    def _plan_epoch(self, epoch: int, position: int) -> list[_Planned]:
-        order = epoch_permutation(self.dataset_size, self.cfg.run.seed, epoch)
-        plan: list[_Planned] = []
-        step = self.step
-        while position < self.dataset_size:
-            setting = self._on_this_job(self.policy.setting(epoch, position))
-            indices = order[position : position + setting.global_batch]
-            end = position + int(indices.numel())
-            update = Update(
-                epoch=epoch,
-                position=position,
-                step=step,
-                setting=setting,
-                indices=indices,
-                micro_batches=self._micro_batches(indices, setting, epoch),
-                loss_scale=self.world_size / int(indices.numel()),
-                last_in_epoch=end >= self.dataset_size,
-            )
-            plan.append(_Planned(update, self.policy.state_dict()))
-            position, step = end, step + 1
-        return plan
+    def make_update(
+        self, epoch: int, position: int, step: int, setting: Setting, indices: torch.Tensor
+    ) -> Update:
+        """The update of the global batch ``indices`` realised as ``setting`` on this rank,
+        without handing anything out (an OOM retry runs one again at a smaller split)."""
+        return Update(
+            epoch=epoch,
+            position=position,
+            step=step,
+            setting=setting,
+            indices=indices,
+            micro_batches=self._micro_batches(indices, setting, epoch),
+            loss_scale=self.world_size / int(indices.numel()),
+            last_in_epoch=position + int(indices.numel()) >= self.dataset_size,
+        )
+
+    def _split_here(self, setting: Setting) -> Setting | None:
+        """A setting wider than this job split exactly over its workers; None if it cannot."""
+        here = replace(self.policy.limits, max_workers=self.world_size)
+        split = here.realise(setting.global_batch, self.world_size)
+        if split is None or split.global_batch != setting.global_batch:
+            return None
+        return replace(setting, split=split)
 
     def _on_this_job(self, setting: Setting) -> Setting:
         """The setting split over this job's workers when the plan wants more of them.
@@ -339,9 +440,8 @@ class GrowthSchedule:
         """
         if setting.workers <= self.world_size:
             return setting
-        here = replace(self.policy.limits, max_workers=self.world_size)
-        split = here.realise(setting.global_batch, self.world_size)
-        if split is None or split.global_batch != setting.global_batch:
+        fitted = self._split_here(setting)
+        if fitted is None:
             raise ScheduleError(
                 f"the plan wants {setting.workers} workers for a global batch of "
                 f"{setting.global_batch}, which cannot be split exactly over this job's "
@@ -351,7 +451,7 @@ class GrowthSchedule:
             )
         if not self._split_told and self.rank == 0:
             self._split_told = True
-            plan, job, most = setting.split, split, self.policy.limits.max_workers
+            plan, job, most = setting.split, fitted.split, self.policy.limits.max_workers
             processes = f"{self.world_size} process" + "es" * (self.world_size > 1)
             warnings.warn(
                 f"this job has {processes} but the plan (growth.max_workers={most}) splits the "
@@ -361,9 +461,9 @@ class GrowthSchedule:
                 "steps: the same updates, LR and sample order on fewer workers. Launch "
                 f"{most} processes to run the plan's split (`distgrow plan CONFIG "
                 f"growth.max_workers={self.world_size}` shows this job's).",
-                stacklevel=2,
+                stacklevel=3,
             )
-        return replace(setting, split=split)
+        return fitted
 
     def _micro_batches(
         self, indices: torch.Tensor, setting: Setting, epoch: int
@@ -373,16 +473,23 @@ class GrowthSchedule:
         return tuple(
             MicroBatch(
                 indices=shard,
-                seed=micro_batch_seed(self.cfg.run.seed, epoch, int(shard[0]))
-                if shard.numel()
-                else None,
                 chunk=k * setting.workers + self.rank,
                 sync=k == last,
+                seeded_by=(self.cfg.run.seed, epoch),
             )
             for k, shard in enumerate(shards)
         )
 
     # -- checkpoints ----------------------------------------------------------------------------
+
+    def seek(self, epoch: int, position: int, step: int, samples_seen: int) -> None:
+        """Continue from this point, the policy's state being loaded already (``distgrow
+        train`` keeps the two apart in its checkpoints); the next update starts at ``position``
+        of ``epoch``."""
+        self.epoch, self.position, self.step = epoch, position, step
+        self.samples_seen = samples_seen
+        self._reported = epoch
+        self._ahead.clear()
 
     def state_dict(self) -> dict[str, Any]:
         """Where training stands after the last update handed out (plain types only).
@@ -399,7 +506,7 @@ class GrowthSchedule:
             "step": self.step,
             "samples_seen": self.samples_seen,
             "reported": self._reported,
-            "policy": self._policy_state,
+            "policy": self.policy.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -443,13 +550,12 @@ class GrowthSchedule:
             )
             policy["current"] = current
         self.policy.load_state_dict(policy)
-        self._policy_state = self.policy.state_dict()
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
         self.step = int(state["step"])
         self.samples_seen = int(state["samples_seen"])
         self._reported = int(state["reported"])
-        self._plan = None
+        self._ahead.clear()
 
 
 class GrowthBatchSampler(Sampler[list[int]]):
@@ -521,5 +627,6 @@ __all__ = [
     "MicroBatchCollate",
     "ScheduleError",
     "Update",
+    "apply_setting",
     "micro_batch_seed",
 ]

@@ -78,17 +78,17 @@ from distgrow.config import Config, OptimConfig, dump_config
 from distgrow.data import (
     DataBundle,
     LoaderDataset,
-    epoch_permutation,
     micro_batch_seed,
-    shard_split,
 )
 from distgrow.data.checks import check_class_labels
 from distgrow.data.feed import LoaderFeed
+from distgrow.engine.hooks import AgreementHook, BatchNormMergeHook, NoiseMeterHook, UpdateHook
+from distgrow.engine.step import run_update
 from distgrow.entrypoints import EntryPointError, is_entry_point
 from distgrow.exits import EXIT_NEED_WORKERS, EXIT_NONFINITE, EXIT_OK
 from distgrow.gpu import cuda_peak_memory, prepare_model
 from distgrow.held import held_so_far
-from distgrow.loop import GrowthBatchSampler, GrowthSchedule
+from distgrow.loop import GrowthBatchSampler, GrowthSchedule, MicroBatch, apply_setting
 from distgrow.losses import build_objective, loss_sum
 from distgrow.metrics import (
     JsonlLogger,
@@ -245,6 +245,16 @@ class Trainer:
         self.plan_cfg = plan_cfg or cfg
         self.policy = GrowthPolicy(self.plan_cfg, self.num_train, min_workers=self.world)
         self.plan = make_plan(self.plan_cfg, self.num_train, min_workers=self.world)
+        # The one source of updates (distgrow.loop), on this run's policy: it decides each
+        # update when asked for it; _fit_to_job logs the decisions and asks for workers.
+        self.schedule = GrowthSchedule(
+            self.plan_cfg,
+            self.num_train,
+            self.rank,
+            self.world,
+            policy=self.policy,
+            fit=self._fit_to_job,
+        )
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         # channels_last and torch.compile as run.* asks (distgrow.gpu); the state keeps its keys.
         self.model = prepare_model(self._build_model().to(self.device), self.device, cfg.run)
@@ -293,7 +303,6 @@ class Trainer:
         self._epoch_meter = ThroughputMeter()
         self._window_loss = 0.0
         self._window_samples = 0
-        self._schedule: GrowthSchedule | None = None
         self.feed = self._open_feed()  # None: in memory, batched by indexing
         self.oom = OomFallback(  # out of CUDA memory: the same update at a smaller micro-batch
             fallback_wanted(
@@ -331,41 +340,21 @@ class Trainer:
     def _open_feed(self) -> LoaderFeed | None:
         """A ``DataLoader`` over a training set read sample by sample (``data.feed``).
 
-        Its batch sampler is the one for users' own loops, :class:`GrowthBatchSampler`, on a
-        :class:`GrowthSchedule` of this run: it hands out the same micro-batches as
-        :meth:`train_step` cuts, so the workers can read them ahead.
+        Its batch sampler is the one for users' own loops, :class:`GrowthBatchSampler`, on
+        this run's schedule: it reads ahead the micro-batches the schedule will hand out, so
+        the workers can load them while the loop trains.
         """
         if not isinstance(self.data.train, LoaderDataset):
             return None
         d = self.cfg.data
-        self._schedule = GrowthSchedule(self.plan_cfg, self.num_train, self.rank, self.world)
         return LoaderFeed(
             self.data.train,
-            GrowthBatchSampler(self._schedule),
+            GrowthBatchSampler(self.schedule),
             workers=d.loader_workers,
             pin_memory=self.device.type == "cuda" if d.pin_memory is None else d.pin_memory,
             prefetch_factor=d.prefetch_factor,
             device=self.device,
         )
-
-    def _start_feed(self) -> None:
-        """Point the loader's sampler at where training stands (an epoch start or a resume)."""
-        if self.feed is None or self._schedule is None:
-            return
-        state = self.state
-        self._schedule.load_state_dict(
-            {
-                "dataset_size": self.num_train,
-                "world_size": self.world,
-                "epoch": state.epoch,
-                "position": state.position,
-                "step": state.step,
-                "samples_seen": state.samples_seen,
-                "reported": state.epoch,
-                "policy": self.policy.state_dict(),
-            }
-        )
-        self.feed.start()
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -396,18 +385,18 @@ class Trainer:
             self.logger.close()
 
     def train_epoch(self) -> int:
-        """Consume the rest of the current epoch, one global batch per update."""
-        order = epoch_permutation(self.num_train, self.cfg.run.seed, self.state.epoch)
+        """Consume the rest of the current epoch: the schedule's updates, one by one."""
         self.agreement.forget()  # validation ran since the last update: ask the ranks again
-        self._start_feed()
-        while self.state.position < self.num_train:
-            setting = self.next_setting()
+        if self.feed is not None:
+            self.feed.start()  # its sampler reads ahead from where the schedule stands
+        for update in self.schedule.updates():
+            setting = self.begin_update(update.setting)
             signum = self.agreement.stop_signal()
             if signum:
                 return self.stop_for_signal(signum)
             if setting.workers > self.world:
                 return self.stop_for_workers(setting)
-            indices = order[self.state.position : self.state.position + setting.global_batch]
+            indices = update.indices
             started, cpu_started = time.perf_counter(), time.process_time()
             loss, setting = self.oom.run(self.train_step, indices, setting)
             self.phases.record_update(
@@ -430,39 +419,18 @@ class Trainer:
         NaN/inf is returned.
         """
         self._apply_hyperparameters(setting)
-        shards = shard_split(indices, setting, rank=self.rank, align=self.align)
-        scale = self.world / indices.numel()
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        update = self.schedule.make_update(
+            self.state.epoch, self.state.position, self.state.step, setting, indices
+        )
         self.backend.begin_update(setting.micro_batch, setting.accum_steps)
-        if self.noise is not None:
-            self.noise.begin_update(self.state.step, setting.accum_steps, setting.global_batch)
-        if self.bn_merger is not None:
-            self.bn_merger.begin_update()
-        # A measured update under DDP averages its gradients itself (NoiseMeter.end_update).
-        last = -1 if self.noise is not None and self.noise.syncs_itself else len(shards) - 1
-        for k, shard in enumerate(shards):
-            with self.backend.micro_step(sync=k == last):
-                if self._draws_random and shard.numel():
-                    seed = micro_batch_seed(self.cfg.run.seed, self.state.epoch, int(shard[0]))
-                    _reseed(seed, self.device)
-                x, y = (self.feed or self.data.train).batch(shard, self.state.epoch)
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                loss = self.objective.loss_sum(self.train_model(x), y) * scale
-                total += loss.detach()
-                if k == len(shards) - 1:
-                    # The update's agreement (the loss, the ranks told to stop, those whose
-                    # checkpoint clock ran out): carried by DDP's gradient all-reduce, or an
-                    # all-reduce that starts now, to run during the last backward.
-                    self.agreement.start(total, wants_checkpoint=self._checkpoint_clock_ran_out())
-                self.backend.backward(loss)
-            if self.noise is not None:
-                self.noise.after_micro_step(int(shard.numel()))
-            if self.bn_merger is not None:
-                self.bn_merger.after_micro_batch(k * setting.workers + self.rank)
-        if self.bn_merger is not None:
-            self.bn_merger.end_update(setting.workers * setting.accum_steps)
-        if self.noise is not None:  # before the step's clipping; its own small all-reduce
-            self.noise.end_update(sum(int(s.numel()) for s in shards), int(indices.numel()))
+        run_update(
+            update,
+            self._loss_of,
+            micro_step=self.backend.micro_step,
+            backward=self.backend.backward,
+            reseed=functools.partial(_reseed, device=self.device) if self._draws_random else None,
+            hooks=self.hooks(),
+        )
         mean_loss = self.agreement.mean_loss()  # every rank's loss finite, or none steps
         if math.isfinite(mean_loss):
             self.backend.step(self.optimizer, self.cfg.optim.grad_clip)
@@ -470,37 +438,51 @@ class Trainer:
             self.backend.zero_grad(self.optimizer)
         return mean_loss
 
-    def _apply_hyperparameters(self, setting: Setting) -> None:
-        """The setting's LR, momentum, beta2 and weight decay into the optimizer's groups.
+    def _loss_of(self, micro: MicroBatch) -> torch.Tensor:
+        """The summed loss of a micro-batch of the current epoch (read, moved, forward)."""
+        x, y = (self.feed or self.data.train).batch(micro.indices, self.state.epoch)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return self.objective.loss_sum(self.train_model(x), y)
 
-        Compared before written: the values change a few times per run, and a write that
-        changes nothing costs a dict store per group per update (a tuple for ``betas``).
-        """
-        momentum = self.cfg.optim.name in ("sgd", "rmsprop")
-        for group in self.optimizer.param_groups:
-            if group["lr"] != setting.lr:
-                group["lr"] = setting.lr
-            if momentum and group["momentum"] != setting.momentum:
-                group["momentum"] = setting.momentum
-            if setting.beta2 is not None and group["betas"][1] != setting.beta2:
-                group["betas"] = (group["betas"][0], setting.beta2)  # growth.beta2_half_life
-            if setting.weight_decay is not None and group["weight_decay"] != setting.weight_decay:
-                group["weight_decay"] = setting.weight_decay  # growth.weight_decay_timescale
+    def hooks(self) -> list[UpdateHook]:
+        """The update's optional features, in their order (:mod:`distgrow.engine.hooks`)."""
+        hooks: list[UpdateHook] = []
+        if self.bn_merger is not None:
+            hooks.append(BatchNormMergeHook(self.bn_merger))
+        if self.noise is not None:  # a measured update under DDP averages its gradients itself
+            hooks.append(NoiseMeterHook(self.noise))
+        # The update's agreement (the loss, the ranks told to stop, those whose checkpoint clock
+        # ran out): carried by DDP's gradient all-reduce, or an all-reduce that starts with the
+        # last backward.
+        hooks.append(AgreementHook(self.agreement, self._checkpoint_clock_ran_out))
+        return hooks
+
+    def _apply_hyperparameters(self, setting: Setting) -> None:
+        """The setting's LR, momentum, β₂ and weight decay into the optimizer's groups."""
+        apply_setting(self.optimizer, setting)
 
     def next_setting(self) -> Setting:
-        """The plan's setting for the next update; logs a change of split.
+        """Take the schedule's next update and begin it (:meth:`begin_update`)."""
+        return self.begin_update(self.schedule.next_update().setting)
+
+    def _fit_to_job(self, setting: Setting) -> Setting:
+        """The schedule's ``fit``: log the policy's decisions; a plan wider than the job runs
+        on the workers there are while elastic workers join (:meth:`elastic_interim`), else
+        stays as it is (the loop stops for more workers)."""
+        self._log_policy_events(setting, self.policy.take_events())
+        if setting.workers > self.world:
+            return self.elastic_interim(setting) or setting
+        return setting
+
+    def begin_update(self, setting: Setting) -> Setting:
+        """Count the update's phase and log a change of split; returns ``setting``.
 
         A change of batch needs no checkpoint: the plan replays it on a resume. The world size
         changes only across processes, and every way out of one checkpoints (see
         :meth:`checkpoint_due` for the rest).
         """
-        setting = self.policy.setting(self.state.epoch, self.state.position)
-        self._log_policy_events(setting)
         if setting.workers > self.world:
-            interim = self.elastic_interim(setting)
-            if interim is None:
-                return setting  # the caller stops for more workers
-            setting = interim
+            return setting  # the caller stops for more workers
         new, old = setting.split, self.state.realisation
         self.state.realisation = new
         finished = None
@@ -593,12 +575,12 @@ class Trainer:
         decides the same at the same update."""
         if self.noise is None or self.state.step % self.cfg.growth.adaptive.every:
             return
-        self.policy.observe_noise(self.noise.b_simple, self.noise.estimator.updates)
-        self._log_policy_events(setting)
+        events = self.schedule.observe_noise(self.noise.b_simple, self.noise.estimator.updates)
+        self._log_policy_events(setting, events)
 
-    def _log_policy_events(self, setting: Setting) -> None:
+    def _log_policy_events(self, setting: Setting, events: list[tuple[str, Any]]) -> None:
         """Log the decisions the growth policy took from the noise scale (with the values)."""
-        for name, values in self.policy.take_events():
+        for name, values in events:
             self._log_event(name, setting, **values)
             self._say(
                 f"epoch {self.state.epoch + 1}, update {self.state.step:,}: {name}: "
@@ -1135,6 +1117,8 @@ class Trainer:
             plan_state["current"] = asdict(split)
         self.policy.load_state_dict(plan_state)
         self.state.load_state_dict(state)
+        st = self.state
+        self.schedule.seek(st.epoch, st.position, st.step, st.samples_seen)
         torch.set_rng_state(state["rng"])
         self.phases.load_state_dict(state.get("phases") or {})
         self.oom.load_state_dict(state.get("oom") or {})

@@ -10,6 +10,7 @@ requires the same parameters bit for bit.
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -307,10 +308,8 @@ def test_empty_collate_keeps_structure() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.integration
-def test_example_ddp_loop_ends_with_distgrows_parameters(tmp_path: Path) -> None:
-    cfg = EXAMPLE / "config.yaml"
-    saved = tmp_path / "own.pt"
+def run_example(cfg: Path, saved: Path) -> str:
+    """``examples/own_loop/train_ddp.py CONFIG`` on 2 gloo ranks; returns its output."""
     env = {**distgrow_job_env(), "OMP_NUM_THREADS": "1"}  # distgrow's run.threads=1
     argv = [
         sys.executable,
@@ -333,7 +332,14 @@ def test_example_ddp_loop_ends_with_distgrows_parameters(tmp_path: Path) -> None
         text=True,
         start_new_session=True,
     )
-    out = communicate_or_fail(proc, 240, "examples/own_loop/train_ddp.py", expect=0)
+    return communicate_or_fail(proc, 240, "examples/own_loop/train_ddp.py", expect=0)
+
+
+@pytest.mark.integration
+def test_example_ddp_loop_ends_with_distgrows_parameters(tmp_path: Path) -> None:
+    cfg = EXAMPLE / "config.yaml"
+    saved = tmp_path / "own.pt"
+    out = run_example(cfg, saved)
     assert "epoch 3: " in out and "67 updates, batch 64" in out
 
     run_dir = tmp_path / "distgrow"
@@ -350,5 +356,35 @@ def test_example_ddp_loop_ends_with_distgrows_parameters(tmp_path: Path) -> None
     for name in want:
         assert torch.equal(got[name], want[name]), name
     # And training moved them (the comparison is not of two untouched initialisations).
+    torch.manual_seed(3)
+    assert not torch.equal(want["1.weight"], torch.nn.Linear(20, 32).weight)
+
+
+@pytest.mark.integration
+def test_example_grows_adaptively_where_distgrow_train_does(tmp_path: Path) -> None:
+    """growth.mode=adaptive with AdamW's β₂ half-life and weight-decay timescale: the loop
+    measures the noise scale (DdpNoiseProbe), reports it (observe_noise), and grows at the
+    updates, inside epochs, where ``distgrow train`` grows, ending with its parameters."""
+    cfg = EXAMPLE / "adaptive.yaml"
+    saved = tmp_path / "own.pt"
+    out = run_example(cfg, saved)
+    own = [
+        int(line.split(":")[0].split()[1]) for line in out.splitlines() if "adaptive_growth" in line
+    ]
+    run_dir = tmp_path / "distgrow"
+    distgrow_job_run(
+        2, [str(cfg), f"run.output_dir={run_dir}", "logging.progress=off"], timeout=240
+    )
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    growths = [r for r in events if r.get("event") == "growth"]
+    assert [r["step"] for r in growths] == own and len(own) >= 2
+    assert [r["global_batch"] for r in growths] == [64, 128]
+    assert all(r["samples_seen"] % N for r in growths)  # inside an epoch, not at its end
+    found = load_latest(run_dir)
+    assert found is not None
+    want, got = found[1]["model"], torch.load(saved, weights_only=True)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
     torch.manual_seed(3)
     assert not torch.equal(want["1.weight"], torch.nn.Linear(20, 32).weight)

@@ -1,0 +1,125 @@
+"""One engine: the schedule decides each update when asked, for ``distgrow train`` and own loops.
+
+Unit checks of the lazy schedule (a noise decision takes effect at the next update, inside the
+epoch; its state resumes at another world size; a sampler's stale read-ahead is refused), of
+``Update.apply_to`` (Adam's β₂ and weight decay), and that the trainer's loop and its loader feed
+follow the one schedule. The 2-rank parity of the own-loop example with ``distgrow train`` under
+``growth.mode: adaptive`` is in test_own_loop.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_trainer import syn_config, train
+
+from distgrow.exits import EXIT_OK
+from distgrow.loop import GrowthSchedule, ScheduleError
+
+N = 1033  # the training split of syn_config's 1291 samples
+ADAPTIVE = (
+    "growth.mode=adaptive",
+    "growth.adaptive.every=5",
+    "growth.adaptive.min_updates=5",
+    "growth.adaptive.patience=2",
+)
+
+
+def take(schedule: GrowthSchedule, n: int) -> list[tuple[int, int, int, int]]:
+    """(epoch, position, step, global batch) of the next ``n`` updates."""
+    return [
+        (u.epoch, u.position, u.step, u.global_batch)
+        for u in (schedule.next_update() for _ in range(n))
+    ]
+
+
+def grow_at_10(schedule: GrowthSchedule) -> list[str]:
+    """Ten updates with a noise scale far above the batch reported at 5 and 10."""
+    names = []
+    for _ in range(2):
+        take(schedule, 5)
+        names += [name for name, _ in schedule.observe_noise(1e6, schedule.step)]
+    return names
+
+
+def test_a_noise_decision_takes_effect_at_the_next_update_inside_the_epoch(
+    tmp_path: Path,
+) -> None:
+    schedule = GrowthSchedule(syn_config(tmp_path, *ADAPTIVE), N, 0, 1)
+    assert grow_at_10(schedule) == ["adaptive_growth"]  # patience 2: at the second report
+    assert take(schedule, 2) == [(0, 320, 10, 64), (0, 384, 11, 64)]  # epoch 1 of 33 updates
+    # A noise scale below the batch decides nothing: the base batch all the way.
+    quiet = GrowthSchedule(syn_config(tmp_path, *ADAPTIVE), N, 0, 1)
+    for _ in range(6):
+        take(quiet, 5)
+        assert quiet.observe_noise(10.0, quiet.step) == []
+    assert {u.global_batch for u in quiet.updates()} == {32}
+
+
+@pytest.mark.parametrize("then", [1, 2])
+def test_the_state_after_a_decision_resumes_at_any_world_size(tmp_path: Path, then: int) -> None:
+    cfg = syn_config(tmp_path, *ADAPTIVE, "growth.max_workers=2")
+    schedule = GrowthSchedule(cfg, N, 0, 2)
+    grow_at_10(schedule)
+    take(schedule, 3)
+    state = schedule.state_dict()
+    want = list(schedule.updates())
+    again = GrowthSchedule(cfg, N, 0, then)
+    again.load_state_dict(state)
+    got = list(again.updates())
+    assert [u.global_batch for u in got] == [u.global_batch for u in want]
+    assert all(torch.equal(a.indices, b.indices) for a, b in zip(got, want, strict=True))
+    assert got[0].step == 13 and got[0].global_batch == 64
+
+
+def test_a_read_ahead_that_a_decision_made_stale_is_refused(tmp_path: Path) -> None:
+    schedule = GrowthSchedule(syn_config(tmp_path, *ADAPTIVE), N, 0, 1)
+    take(schedule, 5)
+    schedule.observe_noise(1e6, 5)
+    take(schedule, 5)
+    ahead = schedule.remaining()  # what a DataLoader's sampler reads: batch 32 ahead
+    assert {u.global_batch for u in ahead} == {32}
+    assert schedule.observe_noise(1e6, 10)[0][0] == "adaptive_growth"
+    with pytest.raises(ScheduleError, match=r"read update 11 ahead .* Fix: make a new iter"):
+        schedule.next_update()
+    assert schedule.step == 10  # nothing handed out
+    assert schedule.remaining()[0].global_batch == 64  # a new read follows the decision
+    assert schedule.next_update().global_batch == 64
+
+
+def test_apply_to_writes_lr_momentum_and_adams_beta2_and_weight_decay(tmp_path: Path) -> None:
+    cfg = syn_config(
+        tmp_path,
+        *ADAPTIVE,
+        "optim.name=adamw",
+        "optim.momentum=0",
+        "optim.weight_decay=0.01",
+        "growth.beta2_half_life=true",
+        "growth.weight_decay_timescale=true",
+    )
+    schedule = GrowthSchedule(cfg, N, 0, 1)
+    grow_at_10(schedule)
+    update = schedule.next_update()
+    assert update.global_batch == 64
+    optimizer = torch.optim.AdamW(torch.nn.Linear(2, 1).parameters(), lr=1.0, weight_decay=0.01)
+    update.apply_to(optimizer)
+    group = optimizer.param_groups[0]
+    assert update.setting.beta2 == pytest.approx(0.999**2)  # β₂0^(B/B0): its half-life kept
+    assert group["betas"] == (0.9, update.setting.beta2) and "momentum" not in group
+    assert group["lr"] == update.lr and group["weight_decay"] == update.setting.weight_decay
+    assert update.setting.weight_decay != 0.01
+    sgd = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=1.0, momentum=0.5)
+    plain = GrowthSchedule(syn_config(tmp_path), N, 0, 1).next_update()
+    plain.apply_to(sgd)
+    assert (sgd.param_groups[0]["lr"], sgd.param_groups[0]["momentum"]) == (0.05, 0.9)
+
+
+def test_the_trainer_and_its_loader_feed_follow_the_one_schedule(tmp_path: Path) -> None:
+    code, trainer = train(syn_config(tmp_path / "run", "run.epochs=1"))
+    assert code == EXIT_OK
+    schedule = trainer.schedule
+    assert schedule.policy is trainer.policy  # its checkpoints hold the schedule's decisions
+    assert (schedule.epoch, schedule.position, schedule.step) == (1, 0, trainer.state.step)
+    assert schedule.samples_seen == trainer.state.samples_seen == N
