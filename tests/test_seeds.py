@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import sys
 import types
 from pathlib import Path
 from typing import Any
@@ -447,3 +448,43 @@ def test_the_training_run_takes_the_group_and_job_type_compare_sets(
     monkeypatch.setenv("WANDB_JOB_TYPE", "hybrid")
     wandb_logger.WandbLogger(fake, cfg, tmp_path / "in-compare")
     assert [(i["group"], i["job_type"]) for i in fake.inits] == [(None, None), ("cmp-1", "hybrid")]
+
+
+@pytest.mark.integration
+def test_compare_trains_every_variant_on_every_seed_for_real(
+    tmp_path: Path, config_writer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_report import TINY
+
+    monkeypatch.chdir(tmp_path)
+    config = config_writer(yaml.safe_load(dump_config(load_config(None, TINY))))
+    out = tmp_path / "cmp"
+    lines: list[str] = []
+    compare(config, variants=["decay_lr", "grow_batch"], seeds=[0, 1], out_dir=out,
+            echo=lines.append, python=sys.executable)  # fmt: skip
+    finals = {}
+    for v in ("decay_lr", "grow_batch"):
+        for s in (0, 1):
+            run_dir = out / "runs" / f"{v}-seed{s}"
+            assert yaml.safe_load((run_dir / "config.yaml").read_text())["run"]["seed"] == s
+            finals[(v, s)] = json.loads((run_dir / "summary.json").read_text())["val_acc"]
+    assert finals[("decay_lr", 0)] != finals[("decay_lr", 1)]  # the seed did change the run
+    seeds = json.loads((out / "summary.json").read_text())["seeds"]
+    grow = next(v for v in seeds["variants"] if v["label"] == "grow_batch")
+    assert [r["val_acc"] for r in grow["per_seed"]] == [finals[("grow_batch", s)] for s in (0, 1)]
+    assert [r["updates"] for r in grow["per_seed"]] == [70, 70]
+    diffs = [finals[("grow_batch", s)] - finals[("decay_lr", s)] for s in (0, 1)]
+    d = grow["difference"]
+    assert d["mean"] == pytest.approx(statistics.fmean(diffs))
+    half = 12.706 * statistics.stdev(diffs) / math.sqrt(2)  # t(0.975; 1 degree of freedom)
+    assert (d["low"], d["high"]) == (
+        pytest.approx(d["mean"] - half),
+        pytest.approx(d["mean"] + half),
+    )
+    assert d["updates_ratio_mean"] == pytest.approx(120 / 70)
+    assert d["verdict"].startswith("within 0.5 points of the baseline:")
+    assert read_png(out / "seeds.png").std() > 0.05
+    again: list[str] = []
+    compare(config, variants=["decay_lr", "grow_batch"], seeds=[0, 1], out_dir=out,
+            echo=again.append)  # fmt: skip
+    assert sum("already finished" in line for line in again) == 4
