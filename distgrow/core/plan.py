@@ -124,7 +124,7 @@ class _Span:
         self.continuous = policy.schedule.continuous
         self.state = policy._current
         # the quick question holds for the schedule's batch alone (past the batch warm-up, which
-        # never comes back, and without measurements of the noise scale)
+        # never comes back, and without measurements of the noise scale: not adaptive)
         self.quick = not first.rampup and policy.noise_rule is None
         self.stays_below = self.batch  # the largest target known not to grow the batch
         self.grows_from = math.inf  # the smallest target known to grow it
@@ -168,9 +168,7 @@ class _Span:
         _, binds, target = p.schedule_target(decay)
         if p.grows and (binds != first.capped or self._grows(target)):
             return False
-        lr = p._lr(warm * decay, self.batch)
-        if p.adaptive:
-            lr = min(lr, p._lr(warm, p.start_batch))
+        lr = p._lr(warm * decay, self.batch)  # adaptive growth measures: never quick
         return self.continuous or warm < 1.0 or math.isclose(first.lr, lr, rel_tol=1e-12)
 
     def length(self) -> int:
