@@ -1,5 +1,5 @@
 # distgrow's tasks. Every target sets itself up first (scripts/bootstrap.sh is quick when done).
-.PHONY: setup demo test lint format bench gpu-check clean
+.PHONY: setup demo check test lint format bench gpu-check clean
 
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -15,6 +15,11 @@ lint: setup
 	$(BIN)/ruff check distgrow tests benchmarks examples
 	$(BIN)/ruff format --check distgrow tests benchmarks examples
 	$(BIN)/mypy
+
+# The fast tier, while you work: lint, types and the unit tests (no test that starts a process;
+# about a minute of tests on 2 cores). `make test` runs them all.
+check: lint
+	$(BIN)/pytest -q -m "not integration and not slow"
 
 # What CI runs (.ci/run): lint, types, then every test tier that can run on this machine.
 test: lint

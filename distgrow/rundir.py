@@ -18,7 +18,22 @@ file                     what                                                   
                          per span with ``launch.slurm=chain``, else the allocation),
                          their ids, sizes, states and times; what they held
 ``launch/``              the controller's logs and the resize requests it consumed    controller
+                         (below)
 =======================  ==========================================================  ==========
+
+``launch/`` holds, per launch NN (01 for the first):
+
+==================================  ======================================================
+``attempt-NN-<W>w.log``             the launcher's output (``-node<K>``: node K's torchrun)
+``attempt-NN-<W>w.error.json``      torchrun's error file (``TORCHELASTIC_ERROR_FILE``): the
+                                    first failed worker's error and exit status
+``attempt-NN-agent-<K>.log``        elastic agent K's output (``.error.json``: its error file)
+``attempt-NN.resize.json``          the resize request the launch ended with, set aside
+``attempt-NN-ask-<N>.resize.json``  an elastic request for N workers, set aside
+``stale-<time>.resize.json``        a request an earlier launch left, set aside at the start
+``span-NN.sbatch``, ``span-NN-<job>.out``  a SLURM chain's span NN: its script and output
+``discover_hosts``, ``horovod_slots``      Horovod Elastic's discovery script and its count
+==================================  ======================================================
 
 Every name is spelled here and nowhere else; every JSON file is written with
 :func:`write_json` (temporary file, fsync, rename), so a crash leaves the old or the new file,
@@ -47,6 +62,12 @@ RESIZE_FILE = "resize.json"
 WANDB_RUN_ID_FILE = "wandb_run_id.txt"
 SLURM_JOBS_FILE = "slurm_jobs.json"
 LAUNCH_DIR = "launch"
+DISCOVERY_SCRIPT = "discover_hosts"
+"""Horovod Elastic's host discovery script, in the launch folder."""
+SLOTS_FILE = "horovod_slots"
+"""The slot count the discovery script offered last, in the launch folder: it never shrinks,
+and a resumed run removes ``resize.json``."""
+ERROR_FILE_SUFFIX = ".error.json"
 CHECKPOINT_GLOB = "ckpt-*.pt"
 _CHECKPOINT_NAME = re.compile(r"^ckpt-(\d{9,})\.pt$")
 
@@ -484,6 +505,54 @@ class RunDir:
     @property
     def slurm_jobs(self) -> Path:
         return self.path / SLURM_JOBS_FILE
+
+    # the launch folder
+
+    def attempt_log(self, number: int, workers: int, node: int | None = None) -> Path:
+        """The output of launch ``number`` of ``workers`` workers (on node ``node`` of a
+        multi-node torchrun job that node 0 leads)."""
+        on_node = "" if node is None else f"-node{node}"
+        return self.launch_dir / f"attempt-{number:02d}-{workers}w{on_node}.log"
+
+    def agent_log(self, number: int, index: int) -> Path:
+        """The output of elastic torchrun agent ``index`` of launch ``number``."""
+        return self.launch_dir / f"attempt-{number:02d}-agent-{index}.log"
+
+    def agent_logs(self, number: int) -> str:
+        """Every agent log of launch ``number``, as a pattern (for the messages)."""
+        return str(self.launch_dir / f"attempt-{number:02d}-agent-*.log")
+
+    @staticmethod
+    def error_file(log: Path) -> Path:
+        """The torchelastic error file (``TORCHELASTIC_ERROR_FILE``) next to launch log ``log``."""
+        return log.with_name(log.name.removesuffix(".log") + ERROR_FILE_SUFFIX)
+
+    @staticmethod
+    def resize_set_aside(
+        number: int | None = None, *, need: int | None = None, now: float | None = None
+    ) -> str:
+        """The name under ``launch/`` of a set-aside ``resize.json``: the one launch ``number``
+        ended with, its elastic request for ``need`` workers, or one found at start-up (``now``)."""
+        if now is not None:
+            return f"stale-{int(now)}.{RESIZE_FILE}"
+        ask = "" if need is None else f"-ask-{need}"
+        return f"attempt-{number or 0:02d}{ask}.{RESIZE_FILE}"
+
+    def span_script(self, index: int) -> Path:
+        """The batch script of span ``index`` of a SLURM chain."""
+        return self.launch_dir / f"span-{index:02d}.sbatch"
+
+    def span_output(self, index: int) -> Path:
+        """Where SLURM writes span ``index``'s output (``%j``: its job id)."""
+        return self.launch_dir / f"span-{index:02d}-%j.out"
+
+    @property
+    def discovery_script(self) -> Path:
+        return self.launch_dir / DISCOVERY_SCRIPT
+
+    @property
+    def horovod_slots(self) -> Path:
+        return self.launch_dir / SLOTS_FILE
 
     # checkpoints
 

@@ -217,14 +217,25 @@ def _expand_one(item: str, whole: str) -> list[str]:
     return expanded
 
 
-def _slurm_tasks_on_node(tasks_per_node: str, node_id: int) -> int | None:
-    """Tasks on node ``node_id`` from ``SLURM_STEP_TASKS_PER_NODE``, e.g. ``2(x3),1``."""
+_SLURM_COUNT = re.compile(r"\s*(\d+)(?:\(x(\d+)\))?\s*")
+
+
+def slurm_counts(text: str) -> list[int] | None:
+    """One count per node from SLURM's compressed lists: ``[2, 2, 2, 1]`` from ``2(x3),1``
+    (``SLURM_STEP_TASKS_PER_NODE``, ``SLURM_JOB_CPUS_PER_NODE``, ``SLURM_TASKS_PER_NODE``);
+    None when an item is not ``N`` or ``N(xM)``. The one parser of that form in distgrow."""
     counts: list[int] = []
-    for part in tasks_per_node.split(","):
-        match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+    for part in text.split(","):
+        match = _SLURM_COUNT.fullmatch(part)
         if match is None:
             return None
         counts.extend([int(match.group(1))] * int(match.group(2) or 1))
+    return counts
+
+
+def _slurm_tasks_on_node(tasks_per_node: str, node_id: int) -> int | None:
+    """Tasks on node ``node_id`` from ``SLURM_STEP_TASKS_PER_NODE``, e.g. ``2(x3),1``."""
+    counts = slurm_counts(tasks_per_node) or []
     return counts[node_id] if 0 <= node_id < len(counts) else None
 
 

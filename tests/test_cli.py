@@ -137,6 +137,7 @@ def test_empty_and_non_utf8_files_exit_2_in_one_line(
     _one_line_exit_2(capsys, [verb, str(latin)], r"is not UTF-8 text.*Fix: save the file as UTF-8")
 
 
+@pytest.mark.integration
 def test_python_dash_m_runs_the_same_command() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "distgrow", "plan", CIFAR, "growth.max_global_batch=640", "--json"],
@@ -169,6 +170,7 @@ def test_readme_python_example_runs() -> None:
         exec(compile(block, "README.md", "exec"), {})  # the doc's own asserts check the values
 
 
+@pytest.mark.integration
 def test_importing_distgrow_does_not_import_torch() -> None:
     code = "import sys, distgrow, distgrow.planner; print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

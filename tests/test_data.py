@@ -575,6 +575,7 @@ def test_restricted_load_of_a_corrupt_file_loads_or_is_a_format_error(
 
 
 @pytest.mark.parametrize("case", ["forbidden_global", "absurd_bytes", "truncated"])
+@pytest.mark.integration
 def test_cli_bad_cifar10_file_exits_2_with_one_line(tmp_path: Path, case: str) -> None:
     write_cifar(tmp_path / "cifar")
     path = tmp_path / "cifar" / "data_batch_2"

@@ -261,6 +261,7 @@ def test_decide_never_retries_a_disk_that_cannot_be_written() -> None:
     assert usage.status == 2 and usage.fix
 
 
+@pytest.mark.integration
 def test_the_tee_survives_a_log_on_a_full_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

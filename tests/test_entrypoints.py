@@ -156,6 +156,7 @@ def make_trainer(*overrides: str, config: Path) -> Trainer:
 # -------------------------------------------------------------------- end to end, with resume
 
 
+@pytest.mark.integration
 def test_own_code_trains_end_to_end_and_resumes_from_its_saved_config(
     user_dir: Path, tmp_path: Path
 ) -> None:
@@ -195,6 +196,7 @@ def test_own_code_trains_end_to_end_and_resumes_from_its_saved_config(
     assert summary["epochs"] == 3 and summary["total_updates"] == 6 + 3 + 3
 
 
+@pytest.mark.integration
 def test_compare_runs_on_own_code(user_dir: Path, tmp_path: Path) -> None:
     from distgrow.report import compare
 
@@ -395,6 +397,7 @@ def test_each_mistake_is_one_line_exit_2_and_writes_nothing(
     assert not run_dir.exists()
 
 
+@pytest.mark.integration
 def test_a_mistake_in_a_real_process_is_one_line_and_exit_2(user_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = train_cli(

@@ -743,6 +743,7 @@ def real_config(tmp_path: Path, launcher: str, **launch: Any) -> tuple[Path, Pat
 
 
 @pytest.mark.parametrize("launcher", LOCAL_LAUNCHERS)
+@pytest.mark.integration
 def test_real_launch_exits_75_then_relaunches_wider(
     fake_env: Path, monkeypatch: pytest.MonkeyPatch, launcher: str
 ) -> None:
@@ -775,6 +776,7 @@ def test_real_launch_exits_75_then_relaunches_wider(
     )
 
 
+@pytest.mark.integration
 def test_real_torchrun_nonfinite_stops_at_once_and_crash_is_retried(
     fake_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -790,6 +792,7 @@ def test_real_torchrun_nonfinite_stops_at_once_and_crash_is_retried(
     assert [c["resume"] for c in read_calls(run_dir)] == [False, True, True]
 
 
+@pytest.mark.integration
 def test_real_torchrun_on_a_port_in_use_names_launch_master_port(
     fake_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -816,6 +819,7 @@ def test_real_torchrun_on_a_port_in_use_names_launch_master_port(
     ("launcher", "signum", "status"),
     [("none", signal.SIGTERM, 143), ("torchrun", signal.SIGUSR1, 138)],
 )
+@pytest.mark.integration
 def test_real_signal_is_forwarded_and_nothing_relaunches(
     fake_env: Path, monkeypatch: pytest.MonkeyPatch, launcher: str, signum: int, status: int
 ) -> None:
@@ -1183,6 +1187,7 @@ def test_remote_shell_args_quote_what_a_shell_would_expand() -> None:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_horovod_discovery_script_follows_elastic_requests_and_never_shrinks(
     tmp_path: Path,
 ) -> None:
@@ -1238,6 +1243,7 @@ def test_prepare_hands_the_workers_the_changes_it_made(growing: tuple[Path, Path
     assert max(p.workers for p in plan.phases) == 2
 
 
+@pytest.mark.integration
 def test_run_subprocess_tees_lines_to_echo_and_the_log(tmp_path: Path) -> None:
     log = tmp_path / "logs" / "child.log"
     lines: list[str] = []
@@ -1336,6 +1342,7 @@ def test_a_progress_line_shows_before_its_newline() -> None:
     assert shown.feed("ing on\n") == "Tracing on\n"
 
 
+@pytest.mark.integration
 def test_real_torchrun_growth_prints_no_failure_report(
     fake_env: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -1350,6 +1357,7 @@ def test_real_torchrun_growth_prints_no_failure_report(
     assert "ChildFailedError" in log and "exitcode  : 75" in log  # the log keeps it all
 
 
+@pytest.mark.integration
 def test_preloaded_growth_prints_nothing_about_the_planned_exit(
     fake_env: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:

@@ -253,6 +253,7 @@ def test_bad_arguments_are_named() -> None:
             next(schedule.updates())
 
 
+@pytest.mark.integration
 def test_the_package_exports_it_lazily() -> None:
     assert distgrow.GrowthSchedule is GrowthSchedule
     assert distgrow.GrowthBatchSampler is GrowthBatchSampler

@@ -448,6 +448,7 @@ def test_parse_list_names_the_bad_item() -> None:
         parse_list("0.1,x", float, "--lrs")
 
 
+@pytest.mark.integration
 def test_compare_stops_at_a_failed_run_and_names_its_log(
     tmp_path: Path, config_writer: Any
 ) -> None:
@@ -726,6 +727,7 @@ loss = batch / 100 + lr
 """
 
 
+@pytest.mark.integration
 def test_sweep_records_diverged_and_failed_runs(tmp_path: Path, config_writer: Any) -> None:
     fake = tmp_path / "python"
     fake.write_text(FAKE_TRAIN)

@@ -185,6 +185,7 @@ def test_runtime_variables_are_strings_for_env() -> None:
 
 
 @pytest.mark.parametrize("flush", [True, False])
+@pytest.mark.integration
 def test_flush_denormal_reaches_torchs_cpu_threads(flush: bool) -> None:
     """``run.flush_denormal`` (set at start-up) holds in every intra-op thread torch starts
     after it: a denormal input reads as 0 in a parallel elementwise product, or keeps its value."""

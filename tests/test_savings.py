@@ -337,6 +337,7 @@ def test_words() -> None:
     assert format_seconds(None) == "-"
 
 
+@pytest.mark.integration
 def test_process_age_counts_from_the_start_of_the_process() -> None:
     import subprocess
     import sys

@@ -515,6 +515,7 @@ def test_horovod_ssh_line_gets_the_host_as_one_word(host: str, tmp_path: Path) -
     nothing_ran(tmp_path)
 
 
+@pytest.mark.integration
 def test_horovod_discovery_script_path_is_one_shell_word(tmp_path: Path) -> None:
     script = tmp_path / AWKWARD_DIR / "launch" / "discover_hosts"
     script.parent.mkdir(parents=True)

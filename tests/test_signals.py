@@ -48,6 +48,7 @@ def test_repeats_keep_the_first_signal() -> None:
         assert stop.received == signal.SIGUSR1
 
 
+@pytest.mark.integration
 def test_a_second_ctrl_c_ends_the_process_at_once() -> None:
     read, write = os.pipe()
     pid = os.fork()

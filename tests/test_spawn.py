@@ -140,6 +140,7 @@ def repo_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     executor.stop_spawn_server()
 
 
+@pytest.mark.integration
 def test_spawn_forks_preloaded_workers_in_their_own_sessions(
     tmp_path: Path, repo_env: None
 ) -> None:
@@ -159,6 +160,7 @@ def test_spawn_forks_preloaded_workers_in_their_own_sessions(
     assert ranks[0]["gppid"] == server.proc.pid  # the launcher was forked by the server
 
 
+@pytest.mark.integration
 def test_every_launch_of_a_controller_forks_from_one_server(tmp_path: Path, repo_env: None) -> None:
     first, second = tmp_path / "a", tmp_path / "b"
     first.mkdir()
@@ -175,6 +177,7 @@ def test_every_launch_of_a_controller_forks_from_one_server(tmp_path: Path, repo
     assert executor._server is None and server.proc.poll() == 0
 
 
+@pytest.mark.integration
 def test_a_launch_with_another_environment_gets_a_server_of_its_own(
     tmp_path: Path, repo_env: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -187,6 +190,7 @@ def test_a_launch_with_another_environment_gets_a_server_of_its_own(
     assert server.proc.poll() is not None  # stopped, not left behind
 
 
+@pytest.mark.integration
 def test_one_failed_worker_stops_the_others_and_its_status_is_the_launchers(
     tmp_path: Path, repo_env: None
 ) -> None:
@@ -199,6 +203,7 @@ def test_one_failed_worker_stops_the_others_and_its_status_is_the_launchers(
     )
 
 
+@pytest.mark.integration
 def test_a_signal_to_the_launcher_reaches_every_worker_once(tmp_path: Path, repo_env: None) -> None:
     proc = subprocess.Popen(_spawn_argv(tmp_path, 2, "sleep"), start_new_session=True)
     try:
@@ -214,6 +219,7 @@ def test_a_signal_to_the_launcher_reaches_every_worker_once(tmp_path: Path, repo
     assert [(tmp_path / f"signal-{r}").read_text() for r in (0, 1)] == ["SIGUSR1\n"] * 2
 
 
+@pytest.mark.integration
 def test_a_dead_server_stops_its_launcher_and_the_workers(tmp_path: Path, repo_env: None) -> None:
     def kill_the_server_once_the_workers_run() -> None:
         deadline = time.monotonic() + 120

@@ -372,6 +372,7 @@ def test_pure_mappings_ignore_what_is_not_a_curve() -> None:
     }
 
 
+@pytest.mark.integration
 def test_real_wandb_offline_runs_without_network_and_keeps_its_id(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

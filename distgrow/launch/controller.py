@@ -21,10 +21,12 @@ from distgrow.launch import slurm_chain
 from distgrow.launch.builders import LaunchError, build_command
 from distgrow.launch.elastic import run_elastic_group, write_discovery_script
 from distgrow.launch.environment import in_slurm_allocation, local_gpu_count, log_command
+from distgrow.launch.error_file import ERROR_FILE_VAR
 from distgrow.launch.executor import (
     Executor,
     Outcome,
     address_in_use,
+    is_spawn,
     log_tail,
     run_subprocess,
     torchrun_status,
@@ -38,6 +40,7 @@ from distgrow.rundir import (
     WRITE_FAILURE,
     ResizeRequest,
     RunDir,
+    SlurmJob,
     is_disk_error,
     write_failure,
 )
@@ -158,12 +161,26 @@ def decide(end: AttemptEnd, limit: int, limit_reason: str, max_restarts: int) ->
         limit_reason: Where ``limit`` comes from (for the messages).
         max_restarts: ``launch.max_restarts``.
     """
-    code, log = end.code, end.log
+    code = end.code
     if code == EXIT_OK:
         return Decision(
             "done",
             message=f"done: {end.number} launch(es), {end.restarts} restart(s) after crashes",
         )
+    stop = _stopped(end)
+    if stop is not None:
+        return stop
+    resize = end.resize
+    if code == EXIT_NEED_WORKERS or (
+        resize is not None and code not in (EXIT_USAGE, EXIT_NONFINITE)
+    ):
+        return _grow(end, limit, limit_reason)
+    return _failed(end, max_restarts)
+
+
+def _stopped(end: AttemptEnd) -> Decision | None:
+    """The stop after a signal, or after a write that failed (no relaunch); None otherwise."""
+    code, log = end.code, end.log
     if end.signal is not None:
         return Decision(
             "stop",
@@ -195,11 +212,12 @@ def decide(end: AttemptEnd, limit: int, limit_reason: str, max_restarts: int) ->
             EXIT_USAGE,
             message=f"not relaunching (exit {code}; a retry would fail the same way): {said}",
         )
-    resize = end.resize
-    if code == EXIT_NEED_WORKERS or (
-        resize is not None and code not in (EXIT_USAGE, EXIT_NONFINITE)
-    ):
-        return _grow(end, limit, limit_reason)
+    return None
+
+
+def _failed(end: AttemptEnd, max_restarts: int) -> Decision:
+    """The decision after a failure that is neither a stop nor a request for more workers."""
+    code, log = end.code, end.log
     if end.port_in_use is not None:
         port = end.port_in_use
         return Decision(
@@ -371,7 +389,13 @@ def _launch(
     argv, additions = build_command(job.launcher, spec)
     if spec.host_discovery_script:
         write_discovery_script(Path(spec.host_discovery_script), spec)
-    log_path = job.run.launch_dir / f"attempt-{number:02d}-{workers}w.log"
+    log_path = job.run.attempt_log(number, workers)
+    error_file = None
+    if job.launcher == "torchrun" and not is_spawn(argv):
+        # torchrun's @record writes the first failed worker's error and status here.
+        error_file = RunDir.error_file(log_path)
+        error_file.unlink(missing_ok=True)  # a file of an earlier run is not this launch's
+        additions = {**additions, ERROR_FILE_VAR: str(error_file)}
     job.log(f"launch {number}: {workers} worker(s){' (resume)' if resume else ''}; log {log_path}")
     log_command(job.log, argv, additions, env)
     try:
@@ -380,7 +404,7 @@ def _launch(
         raise _log_write_error(err, log_path) from None
     code = outcome.returncode
     if job.launcher == "torchrun":
-        code = torchrun_status(code, log_path, outcome.tail)[0]
+        code = torchrun_status(code, log_path, outcome.tail, error_file)[0]
     return outcome, workers, code, log_path
 
 
@@ -448,33 +472,14 @@ def run_controller(
         return follow(job, env, log, dry_run)
     if dry_run:
         return _dry_run(job, plan, env)
-
-    workers, resume, restarts = min(first, job.limit), job.cfg.run.resume, 0
-    slurm_job = None
-    if in_slurm_allocation(env):
-        # What this job holds, for the held hours (distgrow.held); a span of a chain finds
-        # the record its submitter wrote.
-        name = slurm_chain.chain_name(job.cfg, job.run_dir)
-        if not chain:
-            name = env.get("SLURM_JOB_NAME", name)
-        slurm_job = slurm_chain.record_start(job.run, job.cfg.launch.slurm, name, env, time.time())
-        if chain and (slurm_job.restarts > 0 or slurm_job.index > 1):
-            resume = True  # a later or requeued span continues the run
-        if chain and resume:
-            workers = min(slurm_job.workers, job.limit)  # the width the span was sized for
-    last = last_width(job.run_dir) if resume else None
-    if last is not None and min(last, job.limit) > workers:
-        # A stopped (or requeued) run continues as wide as it was, not from the plan's start
-        # (which would only exit 75 at once and cost a launch).
-        workers = min(last, job.limit)
-        log(f"resuming a run that last trained on {last} worker(s): starting with {workers}")
-    if job.elastic_agents and not resume and job.run.holds_a_run():
+    start = _starting_point(job, first, env, log)
+    if job.elastic_agents and not start.resume and job.run.holds_a_run():
         raise LaunchError(
             f"run directory {job.run_dir} already holds a run, and elastic workers always resume "
             "(torchrun restarts them at each membership change). Fix: pass run.resume=true to "
             "continue it, or choose another run.output_dir (or run.name)."
         )
-    stale = job.run.set_aside_resize(f"stale-{int(time.time())}.resize.json")
+    stale = job.run.set_aside_resize(RunDir.resize_set_aside(now=time.time()))
     if stale:
         log(f"moved an old {RESIZE_FILE} (from an earlier launch) to {stale}")
     log(
@@ -482,6 +487,55 @@ def run_controller(
         f"{1 if job.elastic_agents else len(plan_spans(plan))} planned launch(es)"
         f"{' (elastic)' if job.elastic_agents else ''}, run dir {job.run_dir}"
     )
+    return _control(job, start, executor, env, log, overrides)
+
+
+@dataclass
+class _Start:
+    """Where the first launch of this controller starts (and the SLURM job it runs in)."""
+
+    workers: int
+    resume: bool
+    slurm_job: SlurmJob | None = None
+
+
+def _starting_point(
+    job: Job, first: int, env: Mapping[str, str], log: Callable[[str], None]
+) -> _Start:
+    """The first launch's width and resume flag; inside SLURM, the job's record is started."""
+    chain = job.cfg.launch.slurm == "chain"
+    start = _Start(min(first, job.limit), job.cfg.run.resume)
+    if in_slurm_allocation(env):
+        # What this job holds, for the held hours (distgrow.held); a span of a chain finds
+        # the record its submitter wrote.
+        name = slurm_chain.chain_name(job.cfg, job.run_dir)
+        if not chain:
+            name = env.get("SLURM_JOB_NAME", name)
+        slurm_job = slurm_chain.record_start(job.run, job.cfg.launch.slurm, name, env, time.time())
+        start.slurm_job = slurm_job
+        if chain and (slurm_job.restarts > 0 or slurm_job.index > 1):
+            start.resume = True  # a later or requeued span continues the run
+        if chain and start.resume:
+            start.workers = min(slurm_job.workers, job.limit)  # the width the span was sized for
+    last = last_width(job.run_dir) if start.resume else None
+    if last is not None and min(last, job.limit) > start.workers:
+        # A stopped (or requeued) run continues as wide as it was, not from the plan's start
+        # (which would only exit 75 at once and cost a launch).
+        start.workers = min(last, job.limit)
+        log(f"resuming a run that last trained on {last} worker(s): starting with {start.workers}")
+    return start
+
+
+def _control(
+    job: Job,
+    start: _Start,
+    executor: Executor,
+    env: Mapping[str, str],
+    log: Callable[[str], None],
+    overrides: list[str],
+) -> int:
+    """Launch, read how the launch ended, decide; again until a decision is not a relaunch."""
+    workers, resume, restarts = start.workers, start.resume, 0
     leader = leader_for(job, log)
     history: list[Attempt] = []
     while True:
@@ -493,51 +547,62 @@ def run_controller(
         history.append(
             Attempt(number, workers, outcome.returncode, code, log_path, time.monotonic() - started)
         )
-        resize = job.run.read_resize()
-        if resize is not None or job.run.resize.exists():
-            job.run.set_aside_resize(f"attempt-{number:02d}.resize.json")
-        # mpirun, srun and others exit 1 (or their own status) after their workers stopped
-        # cleanly on a signal; rank 0's last record says so.
-        recorded = None if job.elastic_agents else recorded_stop_signal(job.run_dir, started_wall)
-        tail = log_tail(log_path) if outcome.tail is None else outcome.tail
-        log_error = None
-        if outcome.log_error is not None and is_disk_error(outcome.log_error):
-            log_error = write_failure(outcome.log_error, "launch log", log_path)
-        end = AttemptEnd(
-            number,
-            workers,
-            code,
-            outcome.signal,
-            resize,
-            recorded,
-            restarts,
-            log_path,
-            job.run.resize,
-            worker_error(tail) if code == EXIT_USAGE else None,
-            job.rendezvous.master_port if code != EXIT_OK and address_in_use(tail) else None,
-            log_error,
-        )
+        end = _read_end(job, history[-1], outcome, started_wall, restarts)
         decision = decide(end, job.limit, job.limit_reason, job.cfg.launch.max_restarts)
-        if decision.action == "relaunch":
-            log(decision.message)
-            workers, resume = decision.workers, True
-            restarts += decision.restart
-            continue
-        if chain and slurm_job is not None and decision.status == EXIT_NEED_WORKERS:
-            # The workers outgrew this span: the next, wider span is submitted (or the chain
-            # was cancelled); end_of_job says which.
-            need = resize.need_workers if resize else "more"
-            log(f"the plan needs {need} workers; this span's job has {job.limit}")
-            return slurm_chain.end_of_job(job, slurm_job, decision, resize, overrides, env, log)
-        if decision.fix:
-            _report(job, history, decision.message, decision.fix)
-        else:
-            log(decision.message)
-        if leader is not None:
-            leader.end(number + 1, decision.status)
-        if slurm_job is not None:
-            return slurm_chain.end_of_job(job, slurm_job, decision, resize, overrides, env, log)
-        return decision.status
+        if decision.action != "relaunch":
+            break
+        log(decision.message)
+        workers, resume = decision.workers, True
+        restarts += decision.restart
+    slurm_job, resize = start.slurm_job, end.resize
+    chain = job.cfg.launch.slurm == "chain"
+    if chain and slurm_job is not None and decision.status == EXIT_NEED_WORKERS:
+        # The workers outgrew this span: the next, wider span is submitted (or the chain was
+        # cancelled); end_of_job says which.
+        need = resize.need_workers if resize else "more"
+        log(f"the plan needs {need} workers; this span's job has {job.limit}")
+        return slurm_chain.end_of_job(job, slurm_job, decision, resize, overrides, env, log)
+    if decision.fix:
+        _report(job, history, decision.message, decision.fix)
+    else:
+        log(decision.message)
+    if leader is not None:
+        leader.end(number + 1, decision.status)
+    if slurm_job is not None:
+        return slurm_chain.end_of_job(job, slurm_job, decision, resize, overrides, env, log)
+    return decision.status
+
+
+def _read_end(
+    job: Job, attempt: Attempt, outcome: Outcome, started_wall: float, restarts: int
+) -> AttemptEnd:
+    """What the decision after ``attempt`` reads: the status, the resize request (set aside
+    under ``launch/``), a stop rank 0 recorded, the worker's error line, a taken port."""
+    number, code, log_path = attempt.number, attempt.worker_code, attempt.log
+    resize = job.run.read_resize()
+    if resize is not None or job.run.resize.exists():
+        job.run.set_aside_resize(RunDir.resize_set_aside(number))
+    # mpirun, srun and others exit 1 (or their own status) after their workers stopped
+    # cleanly on a signal; rank 0's last record says so.
+    recorded = None if job.elastic_agents else recorded_stop_signal(job.run_dir, started_wall)
+    tail = log_tail(log_path) if outcome.tail is None else outcome.tail
+    log_error = None
+    if outcome.log_error is not None and is_disk_error(outcome.log_error):
+        log_error = write_failure(outcome.log_error, "launch log", log_path)
+    return AttemptEnd(
+        number,
+        attempt.workers,
+        code,
+        outcome.signal,
+        resize,
+        recorded,
+        restarts,
+        log_path,
+        job.run.resize,
+        worker_error(tail) if code == EXIT_USAGE else None,
+        job.rendezvous.master_port if code != EXIT_OK and address_in_use(tail) else None,
+        log_error,
+    )
 
 
 def _log_stderr(message: str) -> None:

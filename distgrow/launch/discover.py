@@ -14,15 +14,11 @@ from collections.abc import Sequence
 
 from distgrow.rundir import RunDir, atomic_write_bytes
 
-SLOTS_FILE = "horovod_slots"
-"""The slot count offered last, in the run directory's launch folder: it never shrinks, and a
-resumed run removes ``resize.json``."""
-
 
 def offered_slots(run: RunDir, start: int, most: int) -> int:
     """The slots to offer: the last offer (else ``start``), raised to an elastic request's
     ``need_workers`` when that is more and at most ``most``; remembered for the next poll."""
-    state = run.launch_dir / SLOTS_FILE
+    state = run.horovod_slots
     slots = start
     # The first poll of a launch finds no file: it starts from the launch's count.
     with contextlib.suppress(OSError, ValueError):

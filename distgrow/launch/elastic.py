@@ -25,10 +25,11 @@ from pathlib import Path
 import distgrow
 from distgrow.exits import EXIT_OK
 from distgrow.launch.builders import LaunchSpec, build_command
-from distgrow.launch.discover import SLOTS_FILE
 from distgrow.launch.environment import describe_env_changes, log_command
+from distgrow.launch.error_file import ERROR_FILE_VAR
 from distgrow.launch.executor import Outcome, Process, forwarding_signals, torchrun_status
 from distgrow.launch.job import Job
+from distgrow.rundir import RunDir
 from distgrow.signals import exit_status
 
 ELASTIC_GRACE_S = 30.0
@@ -64,11 +65,10 @@ def run_elastic_group(
     """
     rdzv_id = job.rdzv_id(number)
     argv, additions = build_command("torchrun", job.agent_spec(rdzv_id))
-    log_dir = job.run.launch_dir
-    log_dir.mkdir(parents=True, exist_ok=True)
+    job.run.launch_dir.mkdir(parents=True, exist_ok=True)
     job.log(
         f"launch {number}: elastic, {workers} torchrun agent(s) of 1 worker, rendezvous "
-        f"{rdzv_id}; logs {log_dir}/attempt-{number:02d}-agent-*.log"
+        f"{rdzv_id}; logs {job.run.agent_logs(number)}"
     )
     log_command(job.log, argv, additions, env)
     agents: list[Process] = []
@@ -79,7 +79,10 @@ def run_elastic_group(
             extra = job.agent_env(index)
             if extra:
                 job.log(f"  agent {index}: " + ", ".join(describe_env_changes(extra, env)))
-            path = log_dir / f"attempt-{number:02d}-agent-{index}.log"
+            path = job.run.agent_log(number, index)
+            error_file = RunDir.error_file(path)  # torchrun's @record writes the root cause
+            error_file.unlink(missing_ok=True)
+            extra = {**extra, ERROR_FILE_VAR: str(error_file)}
             agents.append(Process(argv, {**os.environ, **additions, **extra}, path))
 
     def signal_all(signum: int) -> None:
@@ -112,16 +115,23 @@ def run_elastic_group(
     finally:
         for agent in agents:
             agent.close()
-    forwarded = received[0] if received else None
+    return _agents_outcome(agents, received[0] if received else None)
+
+
+def _agents_outcome(agents: list[Process], forwarded: int | None) -> tuple[Outcome, int, Path]:
+    """How an elastic launch ended, from its agents (all ended): done when one ended with 0;
+    else the first agent whose workers failed on their own account (an agent we stopped
+    reports only the signal): torchrun's root cause, else the agent's status."""
     if any(agent.proc.returncode == 0 for agent in agents):
         return Outcome(EXIT_OK, forwarded), len(agents), agents[0].log_path
-    # The first agent whose workers failed on their own account (an agent we stopped reports
-    # only the signal): torchrun's root cause, else the agent's status.
     reports = []
     for agent in agents:
         raw = agent.proc.wait()  # ended: its status at once
         status, cause = torchrun_status(
-            exit_status(-raw) if raw < 0 else raw, agent.log_path, agent.tail()
+            exit_status(-raw) if raw < 0 else raw,
+            agent.log_path,
+            agent.tail(),
+            RunDir.error_file(agent.log_path),
         )
         reports.append((status, cause, agent))
     chosen = next((r for r in reports if r[1] is not None), reports[0])
@@ -136,7 +146,7 @@ def _grow(job: Job, agents: list[Process], number: int, start: Callable[[int], N
     if request is None or not request.elastic:
         return
     need = request.need_workers
-    job.run.set_aside_resize(f"attempt-{number:02d}-ask-{need}.resize.json")
+    job.run.set_aside_resize(RunDir.resize_set_aside(number, need=need))
     if need > job.limit:
         job.log(
             f"the workers ask for {need} workers, above the limit of {job.limit} "
@@ -183,6 +193,6 @@ def write_discovery_script(path: Path, spec: LaunchSpec) -> None:
         f"sys.exit(main({args!r}))\n"
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    (path.parent / SLOTS_FILE).unlink(missing_ok=True)  # a new launch starts from its own count
+    RunDir(run_dir).horovod_slots.unlink(missing_ok=True)  # a new launch starts from its count
     path.write_text(script)
     path.chmod(0o755)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from distgrow.config import Config
 from distgrow.launch.builders import LauncherName, LaunchError, format_command
-from distgrow.runtime import RuntimeEnvError, expand_nodelist
+from distgrow.runtime import RuntimeEnvError, expand_nodelist, slurm_counts
 from distgrow.runtime import redact as runtime_redact
 
 REDACTED = "***"  # what the controller shows for a credential's value
@@ -43,11 +43,11 @@ def detect_launcher(env: Mapping[str, str], backend: str = "torch") -> LauncherN
 
 def _leading_int(text: str | None) -> int | None:
     """``4`` from ``"4"``, ``"4(x2)"`` or ``"gpu:4"``/``"a100:4"`` (GPU counts come in all
-    of these forms); None when there is no number."""
+    of these forms): the first node's count; None when there is no number."""
     if not text:
         return None
-    match = re.search(r"(\d+)(?:\(x\d+\))?\s*$", text.split(",")[0])
-    return int(match.group(1)) if match else None
+    counts = slurm_counts(text.split(",")[0].rsplit(":", 1)[-1])
+    return counts[0] if counts else None
 
 
 def count_cuda_visible_devices(env: Mapping[str, str]) -> int | None:

@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 from distgrow.exits import EXIT_FAILURE, EXIT_NEED_WORKERS, EXIT_USAGE
 from distgrow.launch.builders import SPAWN_MODULE
+from distgrow.launch.error_file import torchrun_error_status
 from distgrow.signals import exit_status, signal_from_status
 
 # What the controller exits with when a signal stopped the run: the shell's 128 + signal number,
@@ -656,15 +657,24 @@ def torchrun_stop_signal_status(log_text: str) -> int | None:
     return exit_status(signum) if signal_from_status(exit_status(signum)) else None
 
 
-def torchrun_status(raw: int, log_path: Path, tail: str | None = None) -> tuple[int, int | None]:
+def torchrun_status(
+    raw: int, log_path: Path, tail: str | None = None, error_file: Path | None = None
+) -> tuple[int, int | None]:
     """(The workers' status, torchrun's root cause) behind torchrun's exit status ``raw``.
 
-    torchrun exits 1 whatever its workers did; its log names the failed worker's status (the
-    root cause), or says torchrun was stopped by a signal (``128 + signal``). ``tail``: the
-    end of its output as kept in memory (:attr:`Outcome.tail`), read instead of the log.
+    torchrun exits 1 whatever its workers did. Its error file (``error_file``, the
+    ``TORCHELASTIC_ERROR_FILE`` the controller gave it) holds the first failed worker's status,
+    or torchrun's own exception (a stop signal: ``128 + signal``); see
+    :mod:`distgrow.launch.error_file`. Only where there is no such file (a worker killed
+    before it could write one, an older launch, ``error_file`` None) is the log read: its
+    failure report's root cause, or torchrun's ``SignalException`` line. ``tail``: the end of
+    its output as kept in memory (:attr:`Outcome.tail`), read instead of the log.
     """
     if raw != EXIT_FAILURE:
         return raw, None
+    recorded = torchrun_error_status(error_file) if error_file is not None else None
+    if recorded is not None:
+        return recorded
     tail = log_tail(log_path) if tail is None else tail
     cause = torchrun_root_cause(tail)
     if cause is not None:

@@ -39,9 +39,6 @@ Every growth pays it once (torchrun's default, 30 s, would dominate). Agents sta
 that join further apart make one round more: a restart more, the same result (measured: 2 s
 cost 1 s more per growth than 1 s, docs/launch.md)."""
 
-DISCOVERY_SCRIPT = "discover_hosts"
-"""Horovod Elastic's host discovery script, in the run directory's launch folder."""
-
 
 def with_updates(cfg: Config, section: str, **fields: Any) -> Config:
     """``cfg`` with ``fields`` of ``section`` changed, validated as a loaded config is.
@@ -166,7 +163,7 @@ class Job:
             hosts, hostfile = hostfile_hosts(hostfile), None
         discovery = None
         if launch.elastic and self.launcher == "horovodrun":
-            discovery = str(self.run.launch_dir / DISCOVERY_SCRIPT)
+            discovery = str(self.run.discovery_script)
         return LaunchSpec(
             workers=workers,
             config=self.config_path,

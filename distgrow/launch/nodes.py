@@ -186,7 +186,7 @@ def _run_one(
     """This node's torchrun for launch ``number``; the signal that stopped it, if any."""
     argv, additions = build_command("torchrun", job.spec(workers, resume, rdzv_id))
     node = job.rendezvous.node_rank
-    log_path = job.run.launch_dir / f"attempt-{number:02d}-{workers}w-node{node}.log"
+    log_path = job.run.attempt_log(number, workers, node)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     job.log(f"launch {number}: {workers} worker(s); log {log_path}")
     log_command(job.log, argv, additions, env)

@@ -47,6 +47,7 @@ from distgrow.held import held_from_slurm
 from distgrow.launch.builders import LaunchError, format_command
 from distgrow.launch.job import Job
 from distgrow.rundir import ResizeRequest, RunDir, SlurmJob, SlurmJobs, read_json
+from distgrow.runtime import slurm_counts
 from distgrow.signals import signal_from_status
 
 if TYPE_CHECKING:
@@ -251,11 +252,7 @@ def allocation_size(env: Mapping[str, str]) -> tuple[int, int, int, int]:
     """
     nodes = _leading(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES")) or 1
     tasks = _leading(env.get("SLURM_NTASKS") or env.get("SLURM_NPROCS")) or 1
-    cpus = 0
-    for item in (env.get("SLURM_JOB_CPUS_PER_NODE") or "").split(","):
-        match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", item)
-        if match:
-            cpus += int(match.group(1)) * int(match.group(2) or 1)
+    cpus = sum(slurm_counts(env.get("SLURM_JOB_CPUS_PER_NODE") or "") or [])
     gpus = (_leading(env.get("SLURM_GPUS_ON_NODE")) or 0) * nodes
     return nodes, tasks, cpus or tasks, gpus
 
@@ -346,8 +343,7 @@ def submit_span(
     known = run.read_slurm_jobs()
     index = len(known.jobs) + 1 if known else 1
     shape = span_shape(workers, cfg.launch.chain)
-    script = run.launch_dir / f"span-{index:02d}.sbatch"
-    output = run.launch_dir / f"span-{index:02d}-%j.out"
+    script, output = run.span_script(index), run.span_output(index)
     options = sbatch_options(shape, cfg.launch.chain, name, output, chdir)
     text = span_script(index, options, python, config_path, span_overrides(overrides, resume))
     argv = ["sbatch", "--parsable"]
@@ -545,6 +541,61 @@ def submit_first_span(
     return EXIT_OK
 
 
+def _submit_next_span(
+    job: Job,
+    record: SlurmJob,
+    resize: ResizeRequest,
+    overrides: Sequence[str],
+    env: Mapping[str, str],
+    log: Callable[[str], None],
+    runner: Runner,
+) -> int:
+    """The workers outgrew this span: submit the next, wider one (``afterok`` on this job),
+    unless the chain was cancelled; record how this span ended."""
+    fix_resume = resume_command(job.python, job.config_path, overrides)
+    need = resize.need_workers
+    jobs = job.run.read_slurm_jobs()
+    if jobs is not None and jobs.cancel_requested:
+        log("the chain was cancelled: not submitting the next span")
+        record_end(
+            job.run, record, time.time(), state="stopped", exit_code=EXIT_OK,
+            message="the chain was cancelled (distgrow chain cancel): no next span",
+            fix=f"resume: {fix_resume}",
+        )  # fmt: skip
+        return EXIT_OK
+    try:
+        nxt = submit_span(
+            cfg=job.cfg,
+            run=job.run,
+            workers=need,
+            python=job.python,
+            config_path=job.config_path,
+            overrides=overrides,
+            resume=False,  # implied: the span's controller sees it is not the first
+            after=record.job_id,
+            env=env,
+            chdir=Path.cwd(),
+            runner=runner,
+            log=log,
+        )
+    except LaunchError as err:
+        log(f"error: {err}")
+        record_end(
+            job.run, record, time.time(), state="failed", exit_code=EXIT_USAGE,
+            message=f"the next span ({need} workers) could not be submitted: {err}",
+            fix=f"fix the span's shape (launch.chain), then resume: {fix_resume}",
+        )  # fmt: skip
+        return EXIT_USAGE
+    assert nxt is not None  # not a dry run
+    record_end(
+        job.run, record, time.time(), state="grown", exit_code=EXIT_OK,
+        next_job_id=nxt.job_id,
+        message=f"the plan needs {need} workers from epoch {resize.epoch} (step "
+        f"{resize.step}): span {nxt.index} is job {nxt.job_id}",
+    )  # fmt: skip
+    return EXIT_OK
+
+
 def end_of_job(
     job: Job,
     record: SlurmJob,
@@ -570,47 +621,7 @@ def end_of_job(
         and resize is not None
         and resize.need_workers > job.limit
     ):
-        need = resize.need_workers
-        jobs = job.run.read_slurm_jobs()
-        if jobs is not None and jobs.cancel_requested:
-            log("the chain was cancelled: not submitting the next span")
-            record_end(
-                job.run, record, time.time(), state="stopped", exit_code=EXIT_OK,
-                message="the chain was cancelled (distgrow chain cancel): no next span",
-                fix=f"resume: {fix_resume}",
-            )  # fmt: skip
-            return EXIT_OK
-        try:
-            nxt = submit_span(
-                cfg=job.cfg,
-                run=job.run,
-                workers=need,
-                python=job.python,
-                config_path=job.config_path,
-                overrides=overrides,
-                resume=False,  # implied: the span's controller sees it is not the first
-                after=record.job_id,
-                env=env,
-                chdir=Path.cwd(),
-                runner=runner,
-                log=log,
-            )
-        except LaunchError as err:
-            log(f"error: {err}")
-            record_end(
-                job.run, record, time.time(), state="failed", exit_code=EXIT_USAGE,
-                message=f"the next span ({need} workers) could not be submitted: {err}",
-                fix=f"fix the span's shape (launch.chain), then resume: {fix_resume}",
-            )  # fmt: skip
-            return EXIT_USAGE
-        assert nxt is not None  # not a dry run
-        record_end(
-            job.run, record, time.time(), state="grown", exit_code=EXIT_OK,
-            next_job_id=nxt.job_id,
-            message=f"the plan needs {need} workers from epoch {resize.epoch} (step "
-            f"{resize.step}): span {nxt.index} is job {nxt.job_id}",
-        )  # fmt: skip
-        return EXIT_OK
+        return _submit_next_span(job, record, resize, overrides, env, log, runner)
     status = decision.status
     if decision.action == "done":
         record_end(job.run, record, time.time(), state="completed", exit_code=EXIT_OK)
