@@ -362,7 +362,10 @@ def measured_summary(
     for key, value in (measured or {}).items():
         if _number(value) or (isinstance(value, str) and key in ("method", "kind")):
             out[f"savings/measured/{key}"] = value
-    for key in ("n", "mean", "low", "high", "updates_ratio_mean", "verdict", "better_is"):
+    for key in (
+        *("n", "mean", "low", "high", "updates_ratio_mean", "verdict", "better_is"),
+        *("wall_ratio_mean", "wall_ratio_low", "wall_ratio_high"),
+    ):
         value = (difference or {}).get(key)
         if _number(value) or isinstance(value, str):
             out[f"savings/measured/seeds/{key}"] = value

@@ -131,6 +131,10 @@ def test_the_report_gives_means_spreads_paired_intervals_and_verdicts(tmp_path: 
         pytest.approx(0.007838, abs=1e-6),
     )
     assert d["verdict"] == "within 0.5 points of the baseline: yes (3 seeds)"
+    # Made-up runs: 60 s against 30 s on every seed, so 2.00× with no spread.
+    assert (d["wall_ratio_mean"], d["wall_ratio_low"], d["wall_ratio_high"]) == (
+        pytest.approx(2.0), pytest.approx(2.0), pytest.approx(2.0),
+    )  # fmt: skip
     h = by["hybrid"]["difference"]
     assert (h["low"], h["high"]) == (
         pytest.approx(-0.030642, abs=1e-6),
@@ -147,7 +151,10 @@ def test_the_report_gives_means_spreads_paired_intervals_and_verdicts(tmp_path: 
     assert row["measured"]["updates_ratio"] > 1.5
     md = (tmp_path / "report" / "report.md").read_text()
     assert "## Seeds" in md and "seeds 0, 1, 2" in md
-    assert "| grow_batch | 3 | 91.27% ± 0.80 pp |" in md
+    assert (
+        "| grow_batch | 3 | 91.27% ± 0.80 pp | 496 | 2.42× fewer | 2.00× faster [2.00×, 2.00×] |"
+        in md
+    )
     assert (
         "+0.27 pp [-0.25 pp, +0.78 pp] | within 0.5 points of the baseline: yes (3 seeds) |" in md
     )
@@ -354,6 +361,7 @@ def test_each_variant_run_gains_the_measured_savings_and_the_report_is_a_table(
         "within 0.5 points of the baseline: yes (3 seeds)"
     )
     assert run.summary["savings/measured/seeds/low"] == pytest.approx(-0.002505, abs=1e-6)
+    assert run.summary["savings/measured/seeds/wall_ratio_mean"] == pytest.approx(2.0)
     assert run.summary["compare/seed"] == 2 and run.finished == 1
     _, base_run = by_id[ids[("decay_lr", 0)]]
     assert not any(k.startswith("savings/measured/updates") for k in base_run.summary)
@@ -462,12 +470,13 @@ def test_compare_trains_every_variant_on_every_seed_for_real(
     lines: list[str] = []
     compare(config, variants=["decay_lr", "grow_batch"], seeds=[0, 1], out_dir=out,
             echo=lines.append, python=sys.executable)  # fmt: skip
-    finals = {}
+    finals, walls = {}, {}
     for v in ("decay_lr", "grow_batch"):
         for s in (0, 1):
             run_dir = out / "runs" / f"{v}-seed{s}"
             assert yaml.safe_load((run_dir / "config.yaml").read_text())["run"]["seed"] == s
-            finals[(v, s)] = json.loads((run_dir / "summary.json").read_text())["val_acc"]
+            run_summary = json.loads((run_dir / "summary.json").read_text())
+            finals[(v, s)], walls[(v, s)] = run_summary["val_acc"], run_summary["wall_s"]
     assert finals[("decay_lr", 0)] != finals[("decay_lr", 1)]  # the seed did change the run
     seeds = json.loads((out / "summary.json").read_text())["seeds"]
     grow = next(v for v in seeds["variants"] if v["label"] == "grow_batch")
@@ -482,6 +491,8 @@ def test_compare_trains_every_variant_on_every_seed_for_real(
         pytest.approx(d["mean"] + half),
     )
     assert d["updates_ratio_mean"] == pytest.approx(120 / 70)
+    ratios = [walls[("decay_lr", s)] / walls[("grow_batch", s)] for s in (0, 1)]
+    assert d["wall_ratio_mean"] == pytest.approx(statistics.fmean(ratios))
     assert d["verdict"].startswith("within 0.5 points of the baseline:")
     assert read_png(out / "seeds.png").std() > 0.05
     again: list[str] = []

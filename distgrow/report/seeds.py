@@ -148,6 +148,17 @@ def _variant(
     }
     if base is not None and runs is not base:
         out["difference"] = _paired(runs, base, metric, tolerance)
+        # The measured wall-clock ratio of each seed's run against the baseline of its seed.
+        walls = [
+            float(r["measured"]["wall_ratio"])
+            for r in per_seed
+            if isinstance((r.get("measured") or {}).get("wall_ratio"), int | float)
+        ]
+        if walls:
+            wall_mean, wall_low, wall_high = mean_interval(walls)
+            out["difference"].update(
+                wall_ratio_mean=wall_mean, wall_ratio_low=wall_low, wall_ratio_high=wall_high
+            )
     return out
 
 
@@ -205,6 +216,16 @@ def _diff(metric: str, value: float | None) -> str:
     return f"{value * 100:+.2f} pp" if metric == "val_acc" else f"{value:+.4f}"
 
 
+def _wall(d: Mapping[str, Any] | None) -> str:
+    """The mean measured wall-clock ratio over the seeds and its 95% interval."""
+    if not d or d.get("wall_ratio_mean") is None:
+        return "-"
+    text = format_ratio(d["wall_ratio_mean"], "faster", "slower")
+    if d.get("wall_ratio_low") is not None:
+        text += f" [{d['wall_ratio_low']:.2f}×, {d['wall_ratio_high']:.2f}×]"
+    return text
+
+
 def seed_markdown(section: Mapping[str, Any]) -> list[str]:
     """The report's "Seeds" section: one table row per variant, then each seed's numbers."""
     metric, seeds = section["metric"], section["seeds"]
@@ -218,8 +239,9 @@ def seed_markdown(section: Mapping[str, Any]) -> list[str]:
         + ("(positive: better accuracy)." if metric == "val_acc" else "(positive: lower loss)."),
         "",
         "| variant | seeds | final " + name + " (mean ± sd) | updates (mean) | "
-        "updates vs baseline | Δ vs baseline (95% interval) | same quality? |",
-        "|---|---|---|---|---|---|---|",
+        "updates vs baseline | wall-clock vs baseline (95% interval) | "
+        "Δ vs baseline (95% interval) | same quality? |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for v in section["variants"]:
         d = v.get("difference")
@@ -235,7 +257,7 @@ def seed_markdown(section: Mapping[str, Any]) -> list[str]:
             vs = "1.00× (baseline)"
         lines.append(
             f"| {v['label']} | {v['n']} | {_value(metric, v['mean'])} ± "
-            f"{_spread(metric, v['std'])} | {updates} | {vs} | {interval} | "
+            f"{_spread(metric, v['std'])} | {updates} | {vs} | {_wall(d)} | {interval} | "
             f"{d['verdict'] if d else '-'} |"
         )
     lines += ["", "Per seed (final " + name + ", updates):", ""]
