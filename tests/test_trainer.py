@@ -496,12 +496,14 @@ def train_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=REPO)
 
 
+@pytest.mark.integration
 def test_cli_missing_data_set_exits_2(tmp_path: Path) -> None:
     proc = train_cli(f"data.root={tmp_path / 'nowhere'}", f"run.output_dir={tmp_path / 'run'}")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "nowhere" in proc.stderr and not (tmp_path / "run").exists()
 
 
+@pytest.mark.integration
 def test_cli_config_error_exits_2(tmp_path: Path) -> None:
     proc = train_cli("optim.lr=-1")
     assert proc.returncode == 2 and "optim.lr" in proc.stderr
