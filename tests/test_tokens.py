@@ -267,3 +267,131 @@ def test_make_tokens_without_tokenizers_says_how_to_get_it(
     # auto falls back to bytes.
     make.main([str(tmp_path / "a.txt"), "--out", str(tmp_path / "t.bin")])
     assert np.fromfile(tmp_path / "t.bin", dtype=np.uint16).tolist() == [97, 98, 99]
+
+
+# -- larger than memory ------------------------------------------------------------------------
+
+# The training process may allocate this much (RLIMIT_DATA: `ulimit -d`, heap and anonymous
+# mappings); the token file is twice as large. Not `ulimit -v` (RLIMIT_AS): that counts the
+# address space of a file mapping too, so it would refuse the very map that avoids reading the
+# file, and it also counts torch's reserved-but-untouched address space.
+DATA_LIMIT = 640 << 20
+BIG_FILE = 1280 << 20
+BIG_BATCH = 256  # windows per update, ~1 MiB of distinct file pages each
+
+
+def _limit_data() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_DATA, (DATA_LIMIT, DATA_LIMIT))
+
+
+def _status_kib(pid: int, key: str) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_trains_from_a_file_larger_than_its_memory_limit_with_a_flat_rss(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import time
+
+    big = tmp_path / "big.bin"
+    block = np.random.default_rng(0).integers(0, 256, size=2 << 20, dtype=np.uint16)  # 4 MiB
+    with big.open("wb") as f:
+        for _ in range(BIG_FILE // block.nbytes):
+            f.write(block.tobytes())
+    (tmp_path / "big.bin.json").write_text(json.dumps({"vocab_size": 256}))  # no pass over it
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
+    # The limit bites: reading the file into memory fails in a process under it.
+    control = subprocess.run(
+        [sys.executable, "-c", f"import numpy; numpy.fromfile({str(big)!r}, numpy.uint16)"],
+        preexec_fn=_limit_data,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert control.returncode != 0 and "MemoryError" in control.stderr, control.stderr
+    run_dir = tmp_path / "run"
+    argv = [
+        sys.executable,
+        "-m",
+        "distgrow",
+        "train",
+        str(REPO / "configs/tokens_tiny.yaml"),
+        f"data.path={big}",
+        "data.limit_train=null",
+        "data.size=null",
+        "data.val_fraction=0.001",
+        "data.limit_val=64",
+        "model.depth=1",
+        "model.width=32",
+        "growth.mode=decay_lr",
+        f"growth.base_batch={BIG_BATCH}",
+        "schedule.type=constant",
+        "schedule.warmup=0",
+        "run.threads=1",
+        "logging.every_steps=1",
+        "logging.progress=lines",
+        f"run.output_dir={run_dir}",
+    ]
+    log = tmp_path / "train.log"
+    samples: list[tuple[int, int]] = []  # (updates done, RSS KiB)
+    files: list[tuple[int | None, int | None]] = []
+    with log.open("w") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=_limit_data, cwd=REPO)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 420
+            step = 0
+            while step < 160 and proc.poll() is None and time.monotonic() < deadline:
+                rss = _status_kib(proc.pid, "VmRSS")
+                metrics = run_dir / "metrics.jsonl"
+                if metrics.exists():
+                    step = sum(
+                        '"kind": "step"' in line for line in metrics.read_text().splitlines()
+                    )
+                if rss is not None:
+                    samples.append((step, rss))
+                    files.append(
+                        (_status_kib(proc.pid, "RssFile"), _status_kib(proc.pid, "RssAnon"))
+                    )
+                time.sleep(0.1)
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert step >= 160, f"only {step} updates in time:\n{log.read_text()[-2000:]}"
+            proc.send_signal(signal.SIGTERM)  # stops after the update, with a checkpoint
+            assert proc.wait(timeout=120) == 143, log.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert "N=10,314,356" in log.read_text()  # 1.25 GiB / 2 bytes / 65, less 1 block of 4096
+    early = [rss for step, rss in samples if 20 <= step <= 50]
+    late = [rss for step, rss in samples if step >= 130]
+    assert len(early) > 10 and len(late) > 10
+    grew = (max(late) - max(early)) / 1024, (np.median(late) - np.median(early)) / 1024
+    peak = max(rss for _, rss in samples) / 1024
+    # Updates 50 to 130 read 80 × 256 windows from all over the file (a cached file: the test
+    # just wrote it): mapped, each window would bring in a folio around it (~400 MiB for one
+    # batch, seen with np.memmap), and kept, hundreds of MiB more; the resident set instead
+    # stays where it was, within one update's own ups and downs.
+    print(f"RSS (MiB): updates 20-50 peak {max(early) / 1024:.0f} median "
+          f"{np.median(early) / 1024:.0f}; updates 130-160 peak {max(late) / 1024:.0f} median "
+          f"{np.median(late) / 1024:.0f}; whole run peak {peak:.0f}; file {BIG_FILE >> 20}, "
+          f"data limit {DATA_LIMIT >> 20}")  # fmt: skip
+    # The file's pages are not in the resident set at all: its file-backed part (the libraries)
+    # does not move.
+    file_kib = [
+        kib for (step, _), (kib, _) in zip(samples, files, strict=True) if step >= 20 and kib
+    ]
+    print(f"RSS file-backed (MiB): {min(file_kib) / 1024:.0f} to {max(file_kib) / 1024:.0f}")
+    assert max(file_kib) - min(file_kib) < 8 << 10
+    assert grew[0] < 24 and grew[1] < 48, (grew, samples)
+    assert peak < BIG_FILE >> 20

@@ -6,10 +6,14 @@ A token file is a flat array of token ids, the layout nanoGPT, Megatron and OLMo
 ``scripts/make_tokens.py`` makes one from text files. The vocabulary is ``vocab_size`` from
 ``FILE.json`` when there is one, else the largest id in the files + 1 (one pass, in chunks).
 
-The file is never read into memory: each batch maps it (``np.memmap``), copies out the windows
-it needs and unmaps it again, so the process's resident memory holds one batch of windows, not
-the pages it read before. The ids are cut into non-overlapping windows of ``data.seq_len + 1``:
-a sample is the first ``seq_len`` ids of a window, its target the window shifted by one.
+The file is never read into memory: a batch reads its windows with one ``pread`` each, so the
+process holds one batch of windows and the file's pages stay in the kernel's page cache, out of
+the process's resident set. (A memory map (``np.memmap``) would bring them in: the kernel maps
+up to a whole large folio, hundreds of KiB, around each window a batch touches, so one batch
+of 256 scattered windows put ~400 MiB of the file into the resident set until it was unmapped.
+The one pass that finds the largest id maps 16 M ids at a time.) The ids are cut into
+non-overlapping windows of ``data.seq_len + 1``: a sample is the first ``seq_len`` ids of a
+window, its target the window shifted by one.
 
 Validation is ``data.val_path`` (another token file) when given, else whole blocks of
 consecutive windows held out with the run seed (``data.val_fraction`` of at most
@@ -20,6 +24,7 @@ is always computed on the fly (:class:`~distgrow.data.order.FeistelPermutation`)
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,7 +157,7 @@ def _vocab(meta: dict[str, object], file: Path) -> int | None:
 
 @dataclass
 class TokenWindows(ArrayDataset):
-    """Windows of a token file, read from the file batch by batch.
+    """Windows of a token file, read from the file batch by batch (``pread``, not a map).
 
     Sample ``i`` is window ``starts[k] + (i - first[k])`` of the file, ``k`` the block that
     holds it (blocks of consecutive windows: the training or validation blocks of a split).
@@ -177,16 +182,19 @@ class TokenWindows(ArrayDataset):
             raise IndexError(f"token windows: an index is out of range for {len(self)} samples.")
         block = np.searchsorted(self.first, idx, side="right") - 1
         windows = self.starts[block] + (idx - self.first[block])
-        span = self.seq_len + 1
-        ids = self.file.ids()
-        rows = np.lib.stride_tricks.as_strided(
-            ids,
-            shape=(self.file.count // span, span),
-            strides=(span * ids.itemsize, ids.itemsize),
-            writeable=False,
-        )
-        out = torch.from_numpy(rows[windows].astype(np.int64))  # a copy: the map goes now
-        del rows, ids
+        span = (self.seq_len + 1) * self.file.dtype.itemsize
+        with self.file.path.open("rb", buffering=0) as f:
+            fd = f.fileno()
+            data = b"".join(
+                os.pread(fd, span, self.file.offset + w * span) for w in windows.tolist()
+            )
+        if len(data) != span * len(windows):
+            raise DatasetFormatError(
+                f"tokens: {self.file.path} ended early (read {len(data)} of "
+                f"{span * len(windows)} bytes): it was truncated while training; restore it."
+            )
+        rows = np.frombuffer(data, dtype=self.file.dtype).reshape(len(windows), self.seq_len + 1)
+        out = torch.from_numpy(rows.astype(np.int64))
         return out[:, :-1], out[:, 1:]
 
 
