@@ -9,7 +9,7 @@ update (the measured noise scale, :meth:`GrowthSchedule.observe_noise`; a platea
 :meth:`GrowthSchedule.end_epoch`) applies from the next one, inside an epoch too. It keeps
 distgrow's guarantees, so a loop that follows it computes the same updates as ``distgrow train``:
 
-* one permutation of the training set per epoch (:func:`~distgrow.data.epoch_permutation`),
+* one permutation of the training set per epoch (:func:`~distgrow.data.epoch_order`),
   consumed in order, so the global batches do not depend on how they are realised (1 × 4,
   2 × 2 or 4 × 1 read the same samples in the same micro-batches);
 * a growth changes the batch at an update boundary: no sample is dropped or repeated;
@@ -68,7 +68,8 @@ from torch.utils.data import Sampler
 from torch.utils.data.dataloader import default_collate
 
 from distgrow.config import Config
-from distgrow.data import epoch_permutation, micro_batch_seed, shard_split
+from distgrow.data import epoch_order, micro_batch_seed, shard_split
+from distgrow.data.order import FeistelPermutation
 from distgrow.planner import GrowthPolicy, Setting, Split
 
 STATE_VERSION = 1
@@ -235,7 +236,8 @@ class GrowthSchedule:
         self.step = 0
         self.samples_seen = 0
         self._reported = 0  # epochs whose metric end_epoch received
-        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its permutation)
+        # (epoch, its permutation): computed on the fly for token data and huge sets.
+        self._order: tuple[int, torch.Tensor | FeistelPermutation] | None = None
         self._ahead: dict[tuple[int, int], Split] = {}  # a sampler's read: (epoch, sample) → split
         self._split_told = False  # the plan's split differs here: said once (rank 0)
 
@@ -399,9 +401,11 @@ class GrowthSchedule:
         self._ahead = {(u.epoch, u.position): u.setting.split for u in planned}
         return planned
 
-    def _permutation(self, epoch: int) -> torch.Tensor:
+    def _permutation(self, epoch: int) -> torch.Tensor | FeistelPermutation:
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, epoch_permutation(self.dataset_size, self.cfg.run.seed, epoch))
+            tokens = self.cfg.data.name.strip().lower() == "tokens"
+            order = epoch_order(self.dataset_size, self.cfg.run.seed, epoch, on_the_fly=tokens)
+            self._order = (epoch, order)
         return self._order[1]
 
     def _update(self, epoch: int, position: int, step: int, setting: Setting) -> Update:

@@ -395,3 +395,73 @@ def test_trains_from_a_file_larger_than_its_memory_limit_with_a_flat_rss(tmp_pat
     assert max(file_kib) - min(file_kib) < 8 << 10
     assert grew[0] < 24 and grew[1] < 48, (grew, samples)
     assert peak < BIG_FILE >> 20
+
+
+# -- training: the order, resume and world size --------------------------------------------------
+
+
+def test_training_order_of_token_data_is_the_feistel_permutation() -> None:
+    from distgrow.config import load_config
+    from distgrow.loop import GrowthSchedule
+
+    cfg = load_config(REPO / "configs/tokens_tiny.yaml")
+    schedule = GrowthSchedule(cfg, 1000, 0, 1)
+    order = schedule._permutation(3)
+    assert isinstance(order, FeistelPermutation)
+    assert torch.equal(order[0:1000], FeistelPermutation(1000, cfg.run.seed, 3)[0:1000])
+    other = GrowthSchedule(load_config(REPO / "configs/lm_tiny.yaml"), 1000, 0, 1)
+    assert torch.equal(other._permutation(3), epoch_permutation(1000, 0, 3))  # type: ignore[arg-type]
+
+
+@pytest.mark.integration
+def test_token_run_resumed_mid_epoch_on_two_ranks_ends_where_one_rank_does(tmp_path: Path) -> None:
+    from conftest import assert_same_model, distgrow_job_run
+
+    from distgrow.checkpoint import list_checkpoints, load_checkpoint, load_latest
+
+    path = tmp_path / "t.bin"
+    np.random.default_rng(1).integers(0, 64, size=24_000, dtype=np.uint16).tofile(path)
+    common = [
+        str(REPO / "configs/tokens_tiny.yaml"),
+        f"data.path={path}",
+        "data.seq_len=16",
+        "data.limit_train=null",
+        "data.size=null",
+        "data.limit_val=128",
+        "model.depth=1",
+        "model.width=32",
+        "growth.base_batch=32",
+        "schedule.warmup=512",
+        "run.threads=1",
+        "run.checkpoint_every_steps=10",
+        "run.keep_checkpoints=20",
+    ]
+    straight = tmp_path / "straight"
+    distgrow_job_run(1, [*common, f"run.output_dir={straight}", "growth.max_workers=1"])
+    # A checkpoint inside the second epoch, taken by the one-process run.
+    mid = [
+        p
+        for p in list_checkpoints(straight)
+        if (s := load_checkpoint(p))["epoch"] == 1 and s["position"] > 0
+    ]
+    assert mid, [p.name for p in list_checkpoints(straight)]
+    finals = {}
+    for nproc in (1, 2):
+        resumed = tmp_path / f"resumed{nproc}"
+        resumed.mkdir()
+        (resumed / mid[0].name).write_bytes(mid[0].read_bytes())
+        args = [*common, f"run.output_dir={resumed}", f"growth.max_workers={nproc}", "--resume"]
+        distgrow_job_run(nproc, args)
+        found = load_latest(resumed)
+        assert found is not None
+        finals[nproc] = found[1]
+    want = load_latest(straight)
+    assert want is not None
+    for state in finals.values():
+        assert (state["step"], state["samples_seen"]) == (want[1]["step"], want[1]["samples_seen"])
+    # One rank resumed mid-epoch: the same updates bit for bit.
+    assert_same_model(finals[1]["model"], want[1]["model"], exact=True)
+    # Two ranks: the same samples in the same micro-batches, summed in another order (AdamW
+    # then amplifies the last-bit differences a little over the remaining updates).
+    for name, tensor in want[1]["model"].items():
+        torch.testing.assert_close(finals[2]["model"][name], tensor, rtol=1e-3, atol=2e-4)
