@@ -9,14 +9,16 @@ follow the one schedule. The 2-rank parity of the own-loop example with ``distgr
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
 import torch
 from test_trainer import syn_config, train
 
+from distgrow.engine import UpdateHook, run_update
 from distgrow.exits import EXIT_OK
-from distgrow.loop import GrowthSchedule, ScheduleError
+from distgrow.loop import GrowthSchedule, MicroBatch, ScheduleError, Update
 
 N = 1033  # the training split of syn_config's 1291 samples
 ADAPTIVE = (
@@ -123,3 +125,68 @@ def test_the_trainer_and_its_loader_feed_follow_the_one_schedule(tmp_path: Path)
     assert schedule.policy is trainer.policy  # its checkpoints hold the schedule's decisions
     assert (schedule.epoch, schedule.position, schedule.step) == (1, 0, trainer.state.step)
     assert schedule.samples_seen == trainer.state.samples_seen == N
+
+
+class Recorder(UpdateHook):
+    """Writes each call into ``calls``; holds the sync when asked to."""
+
+    def __init__(self, name: str, calls: list[str], holds: bool = False) -> None:
+        self.name, self.calls, self.holds = name, calls, holds
+
+    def begin_update(self, update: Update) -> None:
+        self.calls.append(f"{self.name}.begin")
+
+    def holds_sync(self, update: Update) -> bool:
+        return self.holds
+
+    def before_last_backward(self, update: Update, total: torch.Tensor) -> None:
+        self.calls.append(f"{self.name}.last {float(total):.6g}")
+
+    def after_micro_step(self, update: Update, micro: MicroBatch) -> None:
+        self.calls.append(f"{self.name}.after {micro.chunk}")
+
+    def end_update(self, update: Update) -> None:
+        self.calls.append(f"{self.name}.end")
+
+
+@pytest.mark.parametrize("holds", [False, True])
+def test_run_update_scales_syncs_seeds_and_calls_the_hooks_in_order(
+    tmp_path: Path, holds: bool
+) -> None:
+    # 9 samples as 2 workers × 2 micro-steps (chunks of 3, 3, 3, 0): rank 1 has chunks 1 and 3.
+    cfg = syn_config(tmp_path, "growth.max_workers=2")
+    schedule = GrowthSchedule(cfg, N, 1, 2)
+    update = schedule.make_update(0, 0, 0, schedule.policy.setting(0, 0), torch.arange(9))
+    calls: list[str] = []
+    seeds: list[int] = []
+    syncs: list[bool] = []
+
+    def micro_step(sync: bool) -> contextlib.nullcontext[None]:
+        syncs.append(sync)
+        return contextlib.nullcontext()
+
+    def loss_of(micro: MicroBatch) -> torch.Tensor:
+        calls.append(f"forward {micro.indices.tolist()}")
+        return micro.indices.double().sum()
+
+    total = run_update(
+        update,
+        loss_of,
+        micro_step=micro_step,
+        backward=lambda loss: calls.append(f"backward {float(loss):.6g}"),
+        reseed=seeds.append,
+        hooks=[Recorder("a", calls), Recorder("b", calls, holds)],
+    )
+    layout = [(m.chunk, m.indices.tolist()) for m in update.micro_batches]
+    assert layout == [(1, [3, 4, 5]), (3, [])]
+    assert update.loss_scale == 2 / 9 and float(total) == pytest.approx(12 * 2 / 9)
+    assert syncs == [False, not holds]  # the all-reduce on the last micro-step, unless held
+    assert seeds == [update.micro_batches[0].seed] and update.micro_batches[1].seed is None
+    scaled = f"{12 * 2 / 9:.6g}"
+    assert calls == [
+        "a.begin", "b.begin",
+        "forward [3, 4, 5]", f"backward {scaled}", "a.after 1", "b.after 1",
+        "forward []", f"a.last {scaled}", f"b.last {scaled}", "backward 0",
+        "a.after 3", "b.after 3",
+        "a.end", "b.end",
+    ]  # fmt: skip
