@@ -401,6 +401,16 @@ class GrowthSchedule:
         self._ahead = {(u.epoch, u.position): u.setting.split for u in planned}
         return planned
 
+    def read_ahead_holds(self) -> bool:
+        """Whether the updates a sampler read ahead (:meth:`remaining`) are still those the
+        schedule will hand out; after a decision (:meth:`observe_noise`) they may not be: make a
+        new ``iter(loader)`` then."""
+        ahead = dict(self._ahead)
+        now = self.remaining()
+        self._ahead = ahead
+        fits = [u for u in now if u.workers <= self.world_size]
+        return all(ahead.get((u.epoch, u.position)) == u.setting.split for u in fits)
+
     def _permutation(self, epoch: int) -> torch.Tensor | FeistelPermutation:
         if self._order is None or self._order[0] != epoch:
             tokens = self.cfg.data.name.strip().lower() == "tokens"

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_trainer import syn_config, train
+from test_formats import write_syn_npz
+from test_trainer import records, syn_config, train
 
 from distgrow.engine import UpdateHook, run_update
 from distgrow.exits import EXIT_OK
@@ -190,3 +191,21 @@ def test_run_update_scales_syncs_seeds_and_calls_the_hooks_in_order(
         "a.after 3", "b.after 3",
         "a.end", "b.end",
     ]  # fmt: skip
+
+
+def test_the_loader_feed_follows_an_adaptive_growth_mid_epoch(tmp_path: Path) -> None:
+    """data.feed=loader under growth.mode=adaptive (refused before): the loader reads anew
+    after a decision, and the run ends with the in-memory run's parameters, bit for bit."""
+    write_syn_npz(tmp_path / "d.npz")
+    common = ["data.name=npz", f"data.path={tmp_path / 'd.npz'}", *ADAPTIVE, "run.epochs=2"]
+    code_a, a = train(syn_config(tmp_path / "memory", *common))
+    code_b, b = train(
+        syn_config(tmp_path / "loader", *common, "data.feed=loader", "data.loader_workers=1")
+    )
+    assert code_a == code_b == EXIT_OK and a.feed is None and b.feed is not None
+    assert b.feed.read_here == 0  # every micro-batch came from the loader, after the growth too
+    grown = [r for r in records(tmp_path / "loader", "event") if r["event"] == "growth"]
+    assert grown and grown[0]["samples_seen"] % N  # inside an epoch
+    assert a.state.growth_events == b.state.growth_events
+    want, got = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)

@@ -199,13 +199,6 @@ class Trainer(Resize):
             self._log_event,
             self._say,
         )
-        if self.feed is not None and cfg.growth.measures_noise():
-            raise TrainError(
-                f"growth.mode={cfg.growth.mode} / growth.noise_cap decide the batch from the "
-                "measured noise scale during the run, which the sample-by-sample loader "
-                "(data.feed=loader) cannot read ahead for. Fix: set data.feed=memory, or "
-                "growth.mode=grow_batch without growth.noise_cap."
-            )
         # The gradient noise scale (noise.measure): None when off.
         self.noise = open_noise_meter(cfg, backend, self.train_model, self.model, self._say)
         if self.noise is not None and cfg.growth.mode == "adaptive":
@@ -446,6 +439,8 @@ class Trainer(Resize):
             return
         events = self.schedule.observe_noise(self.noise.b_simple, self.noise.estimator.updates)
         self._log_policy_events(setting, events)
+        if self.feed is not None and not self.schedule.read_ahead_holds():
+            self.feed.start()  # the loader reads the rest of the epoch as now decided
 
     def end_epoch(self) -> None:
         """Validate, let the plateau rule decide (rank 0, broadcast), log and checkpoint."""
