@@ -60,7 +60,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -537,32 +537,11 @@ class GrowthSchedule:
                 f"the state is of a data set of {state['dataset_size']} samples, this "
                 f"schedule's has {self.dataset_size}: a resume needs the same training set."
             )
-        policy = dict(state["policy"])
-        if int(state["world_size"]) != self.world_size:
-            # The sample order depends only on the global batch: split it anew for this job.
-            current = dict(policy["current"])
-            batch = int(current["global_batch"])
-            split = self.policy.limits.realise(batch)
-            if split is None:
-                raise ScheduleError(
-                    f"the saved global batch ({batch}) cannot be split over {self.world_size} "
-                    f"workers in micro-batches that are multiples of {self.align}. Fix: resume "
-                    f"on {state['world_size']} workers, or on a number of workers that "
-                    f"divides {batch // self.align}."
-                )
-            if split.global_batch != batch:
-                warnings.warn(
-                    f"the saved global batch {batch} cannot be realised on {self.world_size} "
-                    f"workers; continuing with {split.global_batch}",
-                    stacklevel=2,
-                )
-            current.update(
-                global_batch=split.global_batch,
-                workers=split.workers,
-                micro_batch=split.micro_batch,
-                accum_steps=split.accum_steps,
-            )
-            policy["current"] = current
+        policy, note = resplit_policy_state(
+            state["policy"], int(state["world_size"]), self.world_size, self.policy, self.align
+        )
+        if note is not None:
+            warnings.warn(note, stacklevel=2)
         self.policy.load_state_dict(policy)
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
@@ -570,6 +549,39 @@ class GrowthSchedule:
         self.samples_seen = int(state["samples_seen"])
         self._reported = int(state["reported"])
         self._ahead.clear()
+
+
+def resplit_policy_state(
+    policy_state: dict[str, Any], saved_world: int, world: int, policy: GrowthPolicy, align: int
+) -> tuple[dict[str, Any], str | None]:
+    """A policy's saved state with its current global batch split anew for ``world`` workers.
+
+    The one rule for a resume at another world size (``distgrow train`` and own loops alike):
+    the sample order depends only on the global batch, so the same batches continue in another
+    split. Returns the state and, when the saved batch is not realisable here, a warning that
+    names the batch the run continues with.
+
+    Raises:
+        ScheduleError: the saved global batch cannot be split over ``world`` workers.
+    """
+    state = dict(policy_state)
+    if saved_world == world:
+        return state, None
+    batch = int(state["current"]["global_batch"])
+    split = policy.limits.realise(batch)
+    if split is None:
+        raise ScheduleError(
+            f"the saved global batch ({batch}) cannot be split over {world} workers in "
+            f"micro-batches that are multiples of {align}. Fix: resume on {saved_world} "
+            f"workers, or on a number of workers that divides {batch // align}."
+        )
+    state["current"] = asdict(split)
+    if split.global_batch == batch:
+        return state, None
+    return state, (
+        f"the saved global batch {batch} cannot be realised on {world} workers; "
+        f"continuing with {split.global_batch} = {split}"
+    )
 
 
 class GrowthBatchSampler(Sampler[list[int]]):

@@ -10,7 +10,10 @@ follow the one schedule. The 2-rank parity of the own-loop example with ``distgr
 from __future__ import annotations
 
 import contextlib
+from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 import torch
@@ -19,7 +22,14 @@ from test_trainer import records, syn_config, train
 
 from distgrow.engine import UpdateHook, run_update
 from distgrow.exits import EXIT_OK
-from distgrow.loop import GrowthSchedule, MicroBatch, ScheduleError, Update
+from distgrow.loop import (
+    GrowthSchedule,
+    MicroBatch,
+    ScheduleError,
+    Update,
+    resplit_policy_state,
+)
+from distgrow.planner import GrowthPolicy, Split
 
 N = 1033  # the training split of syn_config's 1291 samples
 ADAPTIVE = (
@@ -209,3 +219,29 @@ def test_the_loader_feed_follows_an_adaptive_growth_mid_epoch(tmp_path: Path) ->
     assert a.state.growth_events == b.state.growth_events
     want, got = a.model.state_dict(), b.model.state_dict()
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_one_rule_resplits_a_saved_batch_for_another_world_size() -> None:
+    """``distgrow train`` and own loops resume at another world size through one function."""
+    realised = {96: Split(96, 3, 32, 1), 100: Split(96, 3, 32, 1), 64: None}
+
+    class Limits:
+        def realise(self, batch: int) -> Split | None:
+            return realised[batch]
+
+    policy = cast(GrowthPolicy, SimpleNamespace(limits=Limits()))
+    saved = {"current": asdict(Split(96, 2, 48, 1)), "other": 1}
+    same, note = resplit_policy_state(saved, 2, 2, policy, 16)
+    assert same == saved and note is None  # the same world size: untouched
+    state, note = resplit_policy_state(saved, 2, 3, policy, 16)
+    assert state == {"current": asdict(Split(96, 3, 32, 1)), "other": 1} and note is None
+    assert saved["current"] == asdict(Split(96, 2, 48, 1))  # the caller's state is not changed
+    odd = {"current": asdict(Split(100, 2, 50, 1))}
+    state, note = resplit_policy_state(odd, 2, 3, policy, 2)
+    assert state["current"]["global_batch"] == 96
+    assert (
+        note
+        == "the saved global batch 100 cannot be realised on 3 workers; continuing with 96 = 3×32×1"
+    )
+    with pytest.raises(ScheduleError, match=r"global batch \(64\) cannot be split over 3 workers"):
+        resplit_policy_state({"current": asdict(Split(64, 2, 32, 1))}, 2, 3, policy, 16)

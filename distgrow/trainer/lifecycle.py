@@ -22,6 +22,7 @@ from distgrow.checkpoint import (
 )
 from distgrow.config import dump_config
 from distgrow.held import held_so_far
+from distgrow.loop import ScheduleError, resplit_policy_state
 from distgrow.metrics import (
     JsonlLogger,
     MultiLogger,
@@ -283,24 +284,15 @@ class RunLifecycle(Telemetry):
         """
         self.backend.load_model_state_dict(state["model"])
         self.backend.load_optimizer_state_dict(self.optimizer, state["optimizer"])
-        plan_state = dict(state["plan_state"])
-        if int(state.get("world_size", self.world)) != self.world:
-            # The sample order depends only on the global batch: split it anew for this job.
-            batch = int(plan_state["current"]["global_batch"])
-            split = self.policy.limits.realise(batch)
-            if split is None:
-                raise TrainError(
-                    f"the checkpoint's global batch ({batch}) cannot be split over "
-                    f"{self.world} workers in micro-batches that are multiples of "
-                    f"{self.align}. Fix: resume on {state['world_size']} workers, or on a "
-                    f"number of workers that divides {batch // self.align}."
-                )
-            if split.global_batch != batch:
-                self._say(
-                    f"warning: the global batch {batch} of the checkpoint is not realisable on "
-                    f"{self.world} workers; continuing with {split.global_batch} = {split}"
-                )
-            plan_state["current"] = asdict(split)
+        saved_world = int(state.get("world_size", self.world))
+        try:
+            plan_state, note = resplit_policy_state(
+                state["plan_state"], saved_world, self.world, self.policy, self.align
+            )
+        except ScheduleError as err:
+            raise TrainError(f"checkpoint: {err}") from None
+        if note is not None:
+            self._say(f"warning: checkpoint: {note}")
         self.policy.load_state_dict(plan_state)
         self.state.load_state_dict(state)
         st = self.state
