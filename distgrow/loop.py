@@ -70,7 +70,7 @@ from torch.utils.data.dataloader import default_collate
 from distgrow.config import Config
 from distgrow.data import epoch_order, micro_batch_seed, shard_split
 from distgrow.data.order import FeistelPermutation
-from distgrow.planner import GrowthPolicy, Setting, Split
+from distgrow.planner import GrowthPolicy, Setting, Split, micro_batch_multiple
 
 STATE_VERSION = 1
 
@@ -227,7 +227,7 @@ class GrowthSchedule:
         self.dataset_size = dataset_size
         self.rank = rank
         self.world_size = world_size
-        self.align = cfg.model.ghost_batch or 1
+        self.align = micro_batch_multiple(cfg.model)
         self.policy = policy or GrowthPolicy(cfg, dataset_size, min_workers=world_size)
         self.fit = fit or self._on_this_job
         # Where training stands: counts the updates handed out (see state_dict).

@@ -51,6 +51,7 @@ from distgrow.core.split import (
     Realisation,
     Split,
     flatten_split,
+    micro_batch_multiple,
     preferred_micro_batch,
 )
 
@@ -69,6 +70,7 @@ __all__ = [
     "Split",
     "flatten_split",
     "make_plan",
+    "micro_batch_multiple",
     "plan_from_file",
     "plan_is_ladder",
     "preferred_micro_batch",

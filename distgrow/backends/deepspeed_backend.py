@@ -61,6 +61,7 @@ from distgrow.backends.torch_ddp import (
     resolve_dist_backend,
 )
 from distgrow.config import Config
+from distgrow.core.split import preferred_micro_batch
 from distgrow.extensions import check_locks, use_environment_cache
 from distgrow.runtime import Runtime
 
@@ -335,7 +336,7 @@ class DeepSpeedBackend(ProcessGroupMember):
             if cfg.backend.deepspeed_config
             else {}
         )
-        micro = cfg.growth.micro_batch or cfg.growth.base_batch
+        micro = preferred_micro_batch(cfg.growth)
         # The first update's split arrives with begin_update(); a config built now must already
         # merge, so that a conflicting JSON fails before any training.
         self.ds_config = merge_ds_config(

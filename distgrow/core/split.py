@@ -63,6 +63,12 @@ def preferred_micro_batch(growth: GrowthConfig) -> int:
     return growth.micro_batch or growth.base_batch
 
 
+def micro_batch_multiple(model: ModelConfig) -> int:
+    """What every micro-batch is a whole multiple of: the ghost batch (so batch-norm statistics
+    do not depend on the split), else 1. The one rule for the plan, the trainer and own loops."""
+    return model.ghost_batch or 1
+
+
 def flatten_split(record: Mapping[str, Any]) -> dict[str, Any]:
     """``record`` (a dataclass as a dict) with its ``split`` dict written flat in its place."""
     out: dict[str, Any] = {}
@@ -123,7 +129,7 @@ class Limits:
             micro_batch=preferred_micro_batch(growth),
             max_micro_batch=max_micro,
             max_accum_steps=growth.max_accum_steps,
-            multiple=model.ghost_batch or 1,
+            multiple=micro_batch_multiple(model),
             min_workers=min_workers,
         )
 

@@ -40,7 +40,7 @@ from distgrow.metrics import (
 from distgrow.models import output_width, uses_batch_norm
 from distgrow.noise_meter import open_noise_meter
 from distgrow.oom import OomFallback, fallback_wanted
-from distgrow.planner import GrowthPolicy, Setting, make_plan
+from distgrow.planner import GrowthPolicy, Setting, make_plan, micro_batch_multiple
 from distgrow.progress import ProgressState
 from distgrow.rundir import RunDir
 from distgrow.savings import PhaseTracker
@@ -109,7 +109,7 @@ class Trainer(Resize):
         self.echo = echo or _print_flush
         self.num_train = len(data.train)
         self.run_dir = RunDir(cfg.run.resolved_output_dir)
-        self.align = cfg.model.ghost_batch or 1
+        self.align = micro_batch_multiple(cfg.model)
 
         self.plan_cfg = plan_cfg or cfg
         self.policy = GrowthPolicy(self.plan_cfg, self.num_train, min_workers=self.world)
