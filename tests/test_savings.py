@@ -457,7 +457,7 @@ def test_an_old_summary_without_the_spread_is_estimated_without_an_interval() ->
 
 
 def test_the_report_line_and_the_wandb_summary_show_the_interval_or_the_refusal() -> None:
-    from distgrow.report.render import _savings_line
+    from distgrow.report.markdown import _savings_line
     from distgrow.wandb_logger import wandb_summary
 
     est = estimated_savings(b0_summary([0.05, 0.15] * 50)).to_dict()

@@ -18,7 +18,8 @@ The layers, each importing only the one above it:
 * :mod:`~distgrow.report.runs`: finished run directories, read through
   :mod:`distgrow.rundir` (the typed :class:`~distgrow.rundir.Summary`), their curves, and
   how two configs differ.
-* :mod:`~distgrow.report.render`: ``report.md``, ``summary.json``, the plots, the sweep files.
+* :mod:`~distgrow.report.render`: ``report.md``, ``summary.json`` and the plots;
+  :mod:`~distgrow.report.markdown` the report's text; :mod:`~distgrow.report.sweep` the sweep files.
 * :mod:`~distgrow.report.verbs`: the verbs, which run the trainings as child processes
   (:func:`distgrow.launch.run_subprocess`) and reuse a run only if its config is the same.
 
@@ -32,7 +33,6 @@ from distgrow.report.render import (
     render_markdown,
     run_curve,
     throughput_drift,
-    write_sweep,
 )
 from distgrow.report.runs import (
     ReportError,
@@ -42,6 +42,7 @@ from distgrow.report.runs import (
     schedule_path,
     validation_points,
 )
+from distgrow.report.sweep import write_sweep
 from distgrow.report.verbs import (
     DEFAULT_VARIANTS,
     VARIANTS,

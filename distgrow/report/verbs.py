@@ -30,11 +30,9 @@ from distgrow.launch.executor import worker_error
 from distgrow.planner import make_plan
 from distgrow.report.render import (
     REPORT_FILE,
-    SWEEP_FILES,
     build_report,
     cannot_write,
     report_title,
-    write_sweep,
 )
 from distgrow.report.runs import (
     ReportError,
@@ -44,6 +42,7 @@ from distgrow.report.runs import (
     read_config,
     read_summary,
 )
+from distgrow.report.sweep import SWEEP_FILES, write_sweep
 from distgrow.rundir import CONFIG_FILE, WRITE_FAILURE, RunDir, is_disk_error, write_failure
 from distgrow.signals import exit_status, signal_name
 from distgrow.wandb_logger import log_compare
