@@ -35,8 +35,8 @@ from distgrow.report import (
     run_curve,
     schedule_path,
     sweep,
+    training,
     variant_overrides,
-    verbs,
     write_sweep,
 )
 from distgrow.rundir import RunDir
@@ -531,7 +531,7 @@ def test_compare_reuses_a_run_only_if_its_config_is_the_same(
     out = tmp_path / "cmp"
     finished_compare(out, config)
     executor = FakeExecutor(Outcome(3))
-    monkeypatch.setattr(verbs, "run_subprocess", executor)
+    monkeypatch.setattr(training, "run_subprocess", executor)
     # The same command again: the three finished runs are reused, nothing trains.
     lines: list[str] = []
     compare(config, out_dir=out, echo=lines.append)
@@ -590,7 +590,7 @@ def test_compare_stops_when_a_signal_stopped_a_training(
     config = config_writer(yaml.safe_load(dump_config(load_config(None, BASE))))
     out = tmp_path / "cmp"
     executor = FakeExecutor(Outcome(130, signal.SIGINT))
-    monkeypatch.setattr(verbs, "run_subprocess", executor)
+    monkeypatch.setattr(training, "run_subprocess", executor)
     with pytest.raises(ReportError, match="decay_lr run was stopped by SIGINT") as err:
         compare(config, out_dir=out, echo=lambda _: None)
     assert err.value.exit_code == 130

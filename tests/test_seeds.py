@@ -20,7 +20,7 @@ from test_report import BASE, FakeExecutor, fake_run, mask, read_png, rgb
 from distgrow import plots, wandb_logger
 from distgrow.config import dump_config, load_config
 from distgrow.launch import Outcome
-from distgrow.report import ReportError, build_report, compare, load_run, seed_list, verbs
+from distgrow.report import ReportError, build_report, compare, load_run, seed_list, training, verbs
 from distgrow.report.seeds import mean_interval, t_975, verdict
 
 SEEDS = [0, 1, 2]
@@ -203,7 +203,7 @@ def test_compare_with_seeds_trains_what_is_missing_and_reuses_the_rest(
             return outcome
 
     executor = Trains(Outcome(0))
-    monkeypatch.setattr(verbs, "run_subprocess", executor)
+    monkeypatch.setattr(training, "run_subprocess", executor)
     lines: list[str] = []
     compare(config, out_dir=out, seeds=SEEDS, echo=lines.append)
     assert len(executor.argvs) == 1  # only hybrid on seed 2 was missing

@@ -17,37 +17,41 @@ or is stopped never submits a next one, so nothing waits for a dependency that c
 The cost: the next span enters the queue only when it is needed.
 
 The jobs are recorded in the run directory's ``slurm_jobs.json`` (:class:`SlurmJobs`, also in
-allocation mode, for the held hours of :mod:`distgrow.held`). ``distgrow chain status RUN_DIR``
-shows them; ``distgrow chain cancel RUN_DIR`` stops the chain (``scancel --name=NAME`` of the
+allocation mode, for the held hours of :mod:`distgrow.held`; :mod:`distgrow.launch.slurm_jobs`).
+``distgrow chain status RUN_DIR`` shows them; ``distgrow chain cancel RUN_DIR`` stops the chain
+(:mod:`distgrow.launch.chain_verbs`) (``scancel --name=NAME`` of the
 chain's one job name does the same without the record).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
-import json
 import math
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from distgrow.config import ChainConfig, Config
 from distgrow.config.grammar import control_characters
-from distgrow.exits import EXIT_FAILURE, EXIT_NEED_WORKERS, EXIT_OK, EXIT_USAGE
-from distgrow.held import held_from_slurm
+from distgrow.exits import EXIT_NEED_WORKERS, EXIT_OK, EXIT_USAGE
 from distgrow.launch.builders import LaunchError, format_command
+
+# The chain verbs and SLURM records live beside this module; their names stay importable here.
+from distgrow.launch.chain_verbs import cancel_chain as cancel_chain
+from distgrow.launch.chain_verbs import chain_status as chain_status
+from distgrow.launch.chain_verbs import main_chain as main_chain
 from distgrow.launch.job import Job
-from distgrow.rundir import ResizeRequest, RunDir, SlurmJob, SlurmJobs, read_json
-from distgrow.runtime import slurm_counts
+from distgrow.launch.slurm_jobs import Runner as Runner
+from distgrow.launch.slurm_jobs import allocation_size as allocation_size
+from distgrow.launch.slurm_jobs import record_end as record_end
+from distgrow.launch.slurm_jobs import record_start as record_start
+from distgrow.launch.slurm_jobs import run_slurm_command as run_slurm_command
+from distgrow.launch.slurm_jobs import updating as updating
+from distgrow.rundir import ResizeRequest, RunDir, SlurmJob
 from distgrow.signals import signal_from_status
 
 if TYPE_CHECKING:
@@ -56,8 +60,6 @@ if TYPE_CHECKING:
 CHAIN_SPAN_ENV = "DISTGROW_CHAIN_SPAN"
 """Set by a span's batch script: the controller requeues its own job after a USR1 stop (the
 allocation template does that in bash)."""
-
-Runner = Callable[..., "subprocess.CompletedProcess[str]"]
 
 
 @dataclass(frozen=True)
@@ -222,83 +224,8 @@ def check_chain(cfg: Config) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# slurm_jobs.json
-# --------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def updating(run: RunDir, mode: str, name: str) -> Iterator[SlurmJobs]:
-    """``slurm_jobs.json`` under a lock, written back on leaving (a span and ``chain cancel``
-    may change it at the same time)."""
-    run.path.mkdir(parents=True, exist_ok=True)
-    lock = run.path / f".{run.slurm_jobs.name}.lock"
-    with lock.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        jobs = run.read_slurm_jobs() or SlurmJobs(mode=mode, name=name)
-        yield jobs
-        run.write_slurm_jobs(jobs)
-
-
-def _leading(text: str | None) -> int | None:
-    match = re.match(r"\s*(\d+)", text or "")
-    return int(match.group(1)) if match else None
-
-
-def allocation_size(env: Mapping[str, str]) -> tuple[int, int, int, int]:
-    """``(nodes, tasks, cpus, gpus)`` of the job this process runs in, from SLURM's variables.
-
-    ``SLURM_JOB_CPUS_PER_NODE`` reads like ``4(x2),2``; GPUs are ``SLURM_GPUS_ON_NODE`` per
-    node (the same on every node of a job that asked per node).
-    """
-    nodes = _leading(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES")) or 1
-    tasks = _leading(env.get("SLURM_NTASKS") or env.get("SLURM_NPROCS")) or 1
-    cpus = sum(slurm_counts(env.get("SLURM_JOB_CPUS_PER_NODE") or "") or [])
-    gpus = (_leading(env.get("SLURM_GPUS_ON_NODE")) or 0) * nodes
-    return nodes, tasks, cpus or tasks, gpus
-
-
-def record_start(run: RunDir, mode: str, name: str, env: Mapping[str, str], now: float) -> SlurmJob:
-    """Record that this job (``SLURM_JOB_ID``) started running: its size and start time."""
-    job_id = str(env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID"))
-    nodes, tasks, cpus, gpus = allocation_size(env)
-    with updating(run, mode, name) as jobs:
-        job = jobs.job(job_id)
-        if job is None:
-            job = SlurmJob(index=len(jobs.jobs) + 1, job_id=job_id, workers=tasks)
-            jobs.jobs.append(job)
-        job.state = "running"
-        job.nodes, job.tasks, job.cpus, job.gpus = nodes, tasks, cpus, gpus
-        job.partition = env.get("SLURM_JOB_PARTITION") or job.partition
-        job.restarts = _leading(env.get("SLURM_RESTART_COUNT")) or 0
-        job.runs.append([now, None])
-        # A requeued job runs again: how its earlier run ended no longer describes it.
-        job.exit_code = job.message = job.fix = None
-        return job
-
-
-def record_end(run: RunDir, job: SlurmJob, now: float, **changes: object) -> SlurmJobs:
-    """Record how this job's run ended (``state``, ``exit_code``, ``message``, ``fix`` ...)."""
-    with updating(run, "", "") as jobs:
-        mine = jobs.job(job.job_id)
-        if mine is None:  # the file was replaced meanwhile: record the job again
-            mine = job
-            jobs.jobs.append(mine)
-        if mine.runs and mine.runs[-1][1] is None:
-            mine.runs[-1][1] = now
-        for key, value in changes.items():
-            setattr(mine, key, value)
-        return jobs
-
-
-# --------------------------------------------------------------------------------------------
 # Submitting
 # --------------------------------------------------------------------------------------------
-
-
-def _run(argv: Sequence[str], env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        list(argv), capture_output=True, text=True, timeout=120, check=False, env=dict(env)
-    )
 
 
 def submission_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -323,7 +250,7 @@ def submit_span(
     after: str | None,
     env: Mapping[str, str],
     chdir: Path,
-    runner: Runner = _run,
+    runner: Runner = run_slurm_command,
     dry_run: bool = False,
     log: Callable[[str], None] = print,
 ) -> SlurmJob | None:
@@ -392,103 +319,6 @@ def submit_span(
         + f"; script {script}"
     )
     return job
-
-
-# --------------------------------------------------------------------------------------------
-# `distgrow chain status|cancel RUN_DIR`
-# --------------------------------------------------------------------------------------------
-
-_ALIVE = ("submitted", "running")
-
-
-def _no_chain(run: RunDir) -> int:
-    """Exit 2 with the line that says why ``run`` shows no chain: no record, or a bad one."""
-    problem = f"{run.slurm_jobs} does not exist: {run.path} holds no SLURM run"
-    fix = "give the run directory of a launch.slurm=chain run (run.output_dir)"
-    if run.slurm_jobs.is_file():
-        try:
-            json.loads(run.slurm_jobs.read_text(encoding="utf-8"))
-            problem = f"{run.slurm_jobs} lists no SLURM jobs of a chain"
-        except (OSError, UnicodeDecodeError, ValueError) as err:
-            problem = f"{run.slurm_jobs} is not valid JSON ({' '.join(str(err).split())})"
-        fix = (
-            "the chain's record is damaged: see its jobs with `squeue --name=<run.name>` "
-            "(scancel them there), then move the file aside and relaunch with run.resume=true"
-        )
-    print(f"distgrow chain: error: {problem}. Fix: {fix}.", file=sys.stderr)
-    return EXIT_USAGE
-
-
-def cancel_chain(run_dir: Path, runner: Runner = _run, log: Callable[[str], None] = print) -> int:
-    """Stop a chain: no pending span starts; the running one checkpoints and stops.
-
-    Marks the chain cancelled first (a span ending meanwhile then submits no next one), then
-    ``scancel``s its pending jobs, then the rest: SLURM sends SIGTERM to the running span's
-    processes, its workers checkpoint within ``KillWait`` and exit, and a resume continues.
-
-    Returns:
-        0, or 2 when the directory holds no chain.
-    """
-    run = RunDir(run_dir)
-    jobs = run.read_slurm_jobs()
-    if jobs is None or not jobs.jobs:
-        return _no_chain(run)
-    with updating(run, jobs.mode, jobs.name) as current:
-        current.cancel_requested = True
-        ids = [j.job_id for j in current.jobs]
-    env = dict(os.environ)
-    pending = runner(["scancel", "--state=PENDING", f"--name={jobs.name}"], env)
-    everything = runner(["scancel", f"--name={jobs.name}", *ids], env)
-    for done in (pending, everything):
-        if done.returncode != 0 and done.stderr.strip():
-            log(f"distgrow chain: scancel: {done.stderr.strip()}")
-    with updating(run, jobs.mode, jobs.name) as current:
-        for job in current.jobs:
-            if job.state == "submitted":
-                job.state = "cancelled"
-                job.message = "cancelled by distgrow chain cancel before it ran"
-    log(
-        f"distgrow chain: cancelled {jobs.name} (jobs {', '.join(ids)}); the running span's "
-        "workers checkpoint and stop. Resume: distgrow launch CONFIG launch.slurm=chain "
-        "run.resume=true"
-    )
-    return EXIT_OK
-
-
-def chain_status(run_dir: Path, log: Callable[[str], None] = print) -> int:
-    """Print the run's SLURM jobs: size, distgrow's state, what each held; the fix if failed.
-
-    Returns:
-        0 while the chain runs or after it completed, 1 when a span failed, 2 without a chain.
-    """
-    run = RunDir(run_dir)
-    jobs = run.read_slurm_jobs()
-    if jobs is None or not jobs.jobs:
-        return _no_chain(run)
-    summary = read_json(run.summary) if run.summary.is_file() else {}
-    held = held_from_slurm(run, summary)
-    log(f"{jobs.mode} {jobs.name}{' (cancel requested)' if jobs.cancel_requested else ''}")
-    for job, row in zip(jobs.jobs, held["jobs"], strict=True):
-        what = "span" if jobs.mode == "chain" else "allocation"
-        log(
-            f"  {what} {job.index}: job {job.job_id}, {job.workers} worker(s), {job.state}"
-            + (f" (SLURM: {row['slurm_state']})" if row.get("slurm_state") else "")
-            + f", held {row['cpu_hours']:.4f} CPU-h {row['gpu_hours']:.4f} GPU-h "
-            f"[{row['source']}]" + (f" -> next job {job.next_job_id}" if job.next_job_id else "")
-        )
-        if job.message and job.state in ("failed", "stopped", "requeued"):
-            log(f"    {job.message}")
-        if job.fix:
-            log(f"    fix: {job.fix}")
-    failed = [j for j in jobs.jobs if j.state == "failed"]
-    return EXIT_FAILURE if failed else EXIT_OK
-
-
-def main_chain(action: str, run_dir: str) -> int:
-    """``distgrow chain status|cancel RUN_DIR``."""
-    if action == "cancel":
-        return cancel_chain(Path(run_dir))
-    return chain_status(Path(run_dir))
 
 
 # --------------------------------------------------------------------------------------------
@@ -604,7 +434,7 @@ def end_of_job(
     overrides: Sequence[str],
     env: Mapping[str, str],
     log: Callable[[str], None],
-    runner: Runner = _run,
+    runner: Runner = run_slurm_command,
 ) -> int:
     """After the controller's last launch in a SLURM job: record how the job ended and, in a
     chain, submit the next span when the workers asked for more than this job has.

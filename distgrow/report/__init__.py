@@ -21,7 +21,8 @@ The layers, each importing only the one above it:
 * :mod:`~distgrow.report.render`: ``report.md``, ``summary.json`` and the plots;
   :mod:`~distgrow.report.markdown` the report's text; :mod:`~distgrow.report.sweep` the sweep files.
 * :mod:`~distgrow.report.verbs`: the verbs, which run the trainings as child processes
-  (:func:`distgrow.launch.run_subprocess`) and reuse a run only if its config is the same.
+  (:func:`distgrow.launch.run_subprocess`) and reuse a run only if its config is the same
+  (:mod:`~distgrow.report.training`: one run, its reuse check and its errors).
 
 Nothing here imports torch or matplotlib at import time; runs are separate processes.
 """
@@ -43,20 +44,17 @@ from distgrow.report.runs import (
     validation_points,
 )
 from distgrow.report.sweep import write_sweep
+from distgrow.report.training import check_reuse, config_mismatch, discard, train_process
 from distgrow.report.verbs import (
     DEFAULT_VARIANTS,
     VARIANTS,
-    check_reuse,
     compare,
-    config_mismatch,
     default_report_dir,
-    discard,
     hybrid_cap,
     parse_list,
     report,
     seed_list,
     sweep,
-    train_process,
     variant_overrides,
 )
 
