@@ -3,8 +3,9 @@
 An update is ``workers × micro_batch × accum_steps`` samples; halving the micro-batch and
 doubling the accumulation runs the same samples through the same update (the gradient is the
 same sum, up to the order of the additions). :class:`OomFallback` wraps the trainer's
-``train_step``: on ``torch.cuda.OutOfMemoryError`` (or a cuBLAS/cuDNN allocation failure,
-:func:`is_oom`) it drops the partial gradients of the failed
+``train_step`` (the one wrapper around :func:`distgrow.engine.run_update` and its hooks; its
+place in their order: :mod:`distgrow.engine.hooks`): on ``torch.cuda.OutOfMemoryError`` (or
+a cuBLAS/cuDNN allocation failure, :func:`is_oom`) it drops the partial gradients of the failed
 update, restores the batch-norm buffers its forward passes moved, empties the CUDA cache, logs
 an ``oom_fallback`` event and runs the update again at the smaller split; later updates keep
 the micro-batch at or below the one that fitted (a ceiling), so the error is paid once; the

@@ -5,7 +5,8 @@
   hyperparameters (LR, momentum, β₂, weight decay) into an optimizer.
 * :func:`run_update` (:mod:`distgrow.engine.step`): one update's micro-steps (forward, loss
   scaling, the sync on the last micro-step, seeds), what ``distgrow train`` runs; the optional
-  features plug in as :class:`UpdateHook` (:mod:`distgrow.engine.hooks`, their order).
+  features plug in as :class:`UpdateHook` (:mod:`distgrow.engine.hooks`, their order); the
+  OOM retry (:class:`distgrow.oom.OomFallback`) is the one wrapper around a whole update.
 * :class:`DdpNoiseProbe` (:mod:`distgrow.engine.noise`): the measured noise scale for
   :meth:`GrowthSchedule.observe_noise` in a DDP loop (``growth.mode: adaptive``), as a hook.
 """

@@ -13,7 +13,16 @@ list given to ``run_update`` (``end_update`` too):
 
 ``distgrow train`` plugs in, in this order: the batch-norm merge (:class:`BatchNormMergeHook`),
 the noise meter (:class:`NoiseMeterHook`) and the per-update agreement
-(:class:`AgreementHook`). The OOM retry wraps the whole update (:class:`distgrow.oom.OomFallback`).
+(:class:`AgreementHook`).
+
+The one wrapper, outside all five points: the OOM retry (:class:`distgrow.oom.OomFallback`,
+``oom.run(train_step, indices, setting)``) wraps the whole update: the hyperparameters,
+``run_update`` with these hooks, the agreement's answer and the optimizer step. A hook cannot
+be it: a retry runs the update again, from the top. When a micro-step runs out of CUDA memory
+before the optimizer step began, it drops the gradients, restores the batch-norm buffers and
+calls the step again at a smaller split: every hook then sees ``begin_update`` anew and one
+whole update at that split (so a hook keeps nothing of an attempt past ``begin_update``). It is
+on only where no collective can be half done (one worker; :func:`distgrow.oom.fallback_wanted`).
 """
 
 from __future__ import annotations

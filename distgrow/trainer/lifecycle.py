@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -95,10 +94,12 @@ class RunLifecycle(Telemetry):
             f"plan: {self.plan.total_updates or '?'} updates (decay_lr baseline: "
             f"{self.plan.baseline_total_updates or '?'}); run dir {self.run_dir}"
         )
-        self.startup_s = self.state.startup_s + time.perf_counter() - self._started_at
-        self._start_time = self._epoch_start = self._saved_at = time.perf_counter()
+        self.startup_s = self.state.startup_s + self.clock.start_training()
         self.phases.start()
-        self._meter, self._epoch_meter = ThroughputMeter(), ThroughputMeter()
+        self._meter, self._epoch_meter = (
+            ThroughputMeter(self.clock.now),
+            ThroughputMeter(self.clock.now),
+        )
         return True
 
     def _open_outputs(self) -> None:
@@ -108,6 +109,7 @@ class RunLifecycle(Telemetry):
                 self.cfg.logging.progress,
                 total_samples=self.num_train * self.cfg.run.epochs,
                 total_epochs=self.cfg.run.epochs,
+                clock=self.clock.now,
             )
         wandb = open_wandb_logger(
             self.cfg,
@@ -327,7 +329,7 @@ class RunLifecycle(Telemetry):
                     failure = str(write_error(err, "checkpoint", path, self._after_failure()))
         self._raise_if_failed(failure)
         self._last_checkpoint = (key, path)
-        self._saved_at = time.perf_counter()
+        self.clock.lap("checkpoint")  # the checkpoint interval counts from here
         return path
 
     def _metrics_failure(self) -> str | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import gc
 import math
-import time
 from collections.abc import Callable
 from dataclasses import asdict
 
@@ -55,6 +54,7 @@ from distgrow.trainer.pieces import (
     draws_random,
 )
 from distgrow.trainer.resize import Resize
+from distgrow.trainer.telemetry import Clock
 
 # Validation runs in fixed chunks, each on one rank, summed in chunk order: the metrics are
 # bit-identical for any world size (given the same parameters).
@@ -71,7 +71,7 @@ class Trainer(Resize):
         echo: Where rank 0 prints progress lines (``print`` by default).
         started_at: ``time.perf_counter()`` when this process began working on the run (its
             start, for ``distgrow train``); start-up lasts from there to the first update.
-            Default: now.
+            Default: now. (A reading of ``clock``'s source, when a clock is given.)
         stop_signals: Installed by the caller (:func:`distgrow.startup.run`): a signal it notes
             stops training after the current update, with a checkpoint (see
             :meth:`stop_for_signal`). Default: none installed, so signals keep their usual
@@ -82,6 +82,8 @@ class Trainer(Resize):
         plan_cfg: The config the plan is made from: ``cfg`` with ``growth.max_micro_batch:
             auto`` resolved (:func:`distgrow.probe.resolve_auto`); default ``cfg``. The run
             directory's ``config.yaml`` keeps ``cfg`` as written.
+        clock: The run's one clock (:class:`~distgrow.trainer.telemetry.Clock`); default:
+            one on ``time.perf_counter`` started at ``started_at``.
 
     Raises:
         ConfigError: the plan cannot be realised on this many workers.
@@ -98,8 +100,10 @@ class Trainer(Resize):
         stop_signals: StopSignals | None = None,
         startup_marks: dict[str, float] | None = None,
         plan_cfg: Config | None = None,
+        clock: Clock | None = None,
     ) -> None:
-        self._started_at = time.perf_counter() if started_at is None else started_at
+        # Every time the run records is read on this one clock (telemetry.Clock).
+        self.clock = clock or Clock(started_at)
         self.cfg = cfg
         self.backend = backend
         self.data = data
@@ -147,7 +151,7 @@ class Trainer(Resize):
         self.last_setting = None
         self.startup_s = 0.0  # all processes' start-up, up to the first update
         # Throughput and time per batch realisation; on CUDA also its peak memory.
-        self.phases = PhaseTracker(memory=cuda_peak_memory(self.device))
+        self.phases = PhaseTracker(self.clock.now, memory=cuda_peak_memory(self.device))
         self.progress = None  # rank 0's bar or periodic lines
         # Phases in the plan as the tracker counts them (a change of realisation); plateau
         # schedules cannot know theirs in advance.
@@ -157,10 +161,8 @@ class Trainer(Resize):
         self.agreement = Agreement(backend, self.stop_signals, self.device)
         self.startup_marks = startup_marks if startup_marks is not None else {}
         self._asked_for_workers = 0  # elastic: the worker count resize.json last asked for
-        self._start_time = time.perf_counter()
-        self._epoch_start = self._saved_at = self._start_time
-        self._meter = ThroughputMeter()
-        self._epoch_meter = ThroughputMeter()
+        self._meter = ThroughputMeter(self.clock.now)
+        self._epoch_meter = ThroughputMeter(self.clock.now)
         self._window_loss = 0.0
         self._window_samples = 0
         self._open_optional()
@@ -268,13 +270,10 @@ class Trainer(Resize):
             if setting.workers > self.world:
                 return self.stop_for_workers(setting)
             indices = update.indices
-            started, cpu_started = time.perf_counter(), time.process_time()
+            started = self.clock.reading()
             loss, setting = self.oom.run(self.train_step, indices, setting)
-            self.phases.record_update(
-                int(indices.numel()),
-                time.perf_counter() - started,
-                time.process_time() - cpu_started,
-            )
+            took = self.clock.since(started)
+            self.phases.record_update(int(indices.numel()), took.seconds, took.cpu_seconds)
             if not math.isfinite(loss):
                 return self.stop_nonfinite(loss, setting)
             self.after_update(int(indices.numel()), loss, setting)
@@ -388,7 +387,7 @@ class Trainer(Resize):
         if self._jsonl is not None and self._jsonl.error is not None:
             return True
         every_s = self.cfg.run.checkpoint_every_s
-        return every_s is not None and time.perf_counter() - self._saved_at >= every_s
+        return every_s is not None and self.clock.peek("checkpoint") >= every_s
 
     def after_update(self, samples: int, loss: float, setting: Setting) -> None:
         """Advance the counters; log a step record every ``logging.every_steps`` updates."""
@@ -457,9 +456,7 @@ class Trainer(Resize):
                 self.policy.state_dict() if self.backend.is_main else None
             )
             self.policy.load_state_dict(decided)
-        now = time.perf_counter()
-        epoch_wall = now - self._epoch_start
-        self._epoch_start = now
+        epoch_wall = self.clock.lap("epoch")
         # The last update's setting: asking the policy again here could move its state.
         setting = self.last_setting or self.policy.setting(self.state.epoch, self.state.position)
         self.state.epoch += 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -33,6 +33,9 @@ from distgrow.rundir import RunDir
 from distgrow.savings import PhaseTracker
 from distgrow.signals import StopSignals
 from distgrow.state import TrainState
+
+if TYPE_CHECKING:
+    from distgrow.trainer.telemetry import Clock
 
 
 class TrainerParts:
@@ -64,6 +67,7 @@ class TrainerParts:
     fingerprint: dict[str, Any]
     state: TrainState
     last_setting: Setting | None
+    clock: Clock
     startup_s: float
     phases: PhaseTracker
     progress: Progress | None
@@ -76,10 +80,6 @@ class TrainerParts:
     _last_checkpoint: tuple[tuple[int, int, int], Path] | None
     _asked_for_workers: int
     _draws_random: bool
-    _started_at: float
-    _start_time: float
-    _epoch_start: float
-    _saved_at: float
     _meter: ThroughputMeter
     _epoch_meter: ThroughputMeter
     _window_loss: float

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -84,7 +83,7 @@ class Resize(RunLifecycle):
             step=self.state.step,
             samples_seen=self.state.samples_seen,
             global_batch=setting.global_batch,
-            time=time.time(),
+            time=self.clock.unix(),
             **extra,
         )
         if self.backend.is_main:
