@@ -21,6 +21,7 @@ import math
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import TypeAlias
 
 from distgrow import report
 from distgrow.config import (
@@ -380,18 +381,22 @@ def _seed_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, metavar="N", help="N seeds from the config's run.seed on")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="distgrow",
-        description="Don't decay the learning rate, increase the batch size.",
-    )
-    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=_AnyOrder)
+_Subparsers: TypeAlias = "argparse._SubParsersAction[_AnyOrder]"
+
+
+def _verb(sub: _Subparsers, name: str, help_: str) -> argparse.ArgumentParser:
+    """A verb that reads a config and its dotted overrides."""
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help_, description=help_)
+    p.add_argument("config", nargs="?" if name == "config" else None, help="a YAML config")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    return p
+
+
+def _add_run_verbs(sub: _Subparsers) -> None:
+    """plan, config, train, launch and chain: one run."""
 
     def verb(name: str, help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_, description=help_)
-        p.add_argument("config", nargs="?" if name == "config" else None, help="a YAML config")
-        p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
-        return p
+        return _verb(sub, name, help_)
 
     p = verb("plan", "Print the batch-growth plan of a config against its decay_lr baseline.")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -431,6 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("status", "cancel"), help="show the chain, or stop it")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
     p.set_defaults(func=_cmd_chain)
+
+
+def _add_report_verbs(sub: _Subparsers) -> None:
+    """compare, report, sweep (runs side by side) and probe."""
+
+    def verb(name: str, help_: str) -> argparse.ArgumentParser:
+        return _verb(sub, name, help_)
 
     p = verb("compare", "Train decay_lr, grow_batch and the hybrid side by side; write a report.")
     p.add_argument(
@@ -475,6 +487,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.epilog = _PROBE_EPILOG
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.set_defaults(func=_cmd_probe)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distgrow",
+        description="Don't decay the learning rate, increase the batch size.",
+    )
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=_AnyOrder)
+    _add_run_verbs(sub)
+    _add_report_verbs(sub)
     return parser
 
 

@@ -239,6 +239,40 @@ def _slurm_tasks_on_node(tasks_per_node: str, node_id: int) -> int | None:
     return counts[node_id] if 0 <= node_id < len(counts) else None
 
 
+def _from_slurm(env: Mapping[str, str], addr: str) -> tuple[int, int, int, int | None, str]:
+    """``(rank, world, local rank, local world or None, rendezvous host)`` of an ``srun`` task;
+    the host is SLURM's first node unless ``MASTER_ADDR`` is set (else ``addr``)."""
+    rank = _int(env, "SLURM_PROCID")
+    # Inside an `srun` step the step's own task count is the world; SLURM_NTASKS is the
+    # allocation's, which can be larger.
+    world = _first_int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") or 1
+    local_rank = _first_int(env, "SLURM_LOCALID") or 0
+    local_world = None
+    per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    if per_node:
+        local_world = _slurm_tasks_on_node(per_node, _first_int(env, "SLURM_NODEID") or 0)
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+    if nodelist and not env.get("MASTER_ADDR"):  # the node list only names the master
+        hosts = expand_nodelist(nodelist)
+        if hosts:
+            addr = hosts[0]
+    return rank, world, local_rank, local_world, addr
+
+
+def _check_ranks(launcher: str, rank: int, local_rank: int, world: int) -> None:
+    """Raise :class:`RuntimeEnvError` unless ``0 <= rank, local_rank < world``."""
+    if world < 1 or not 0 <= rank < world:
+        raise RuntimeEnvError(
+            f"the {launcher} variables give rank {rank} in a world of {world}: the rank must be "
+            "in [0, world size). Fix: check the launcher's command line."
+        )
+    if not 0 <= local_rank < world:
+        raise RuntimeEnvError(
+            f"the {launcher} variables give local rank {local_rank} in a world of {world}. "
+            "Fix: check the launcher's command line."
+        )
+
+
 def detect_runtime(
     env: Mapping[str, str],
     *,
@@ -289,19 +323,7 @@ def detect_runtime(
         local_world = _first_int(env, "HOROVOD_LOCAL_SIZE")
     elif env.get("SLURM_PROCID") and (env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")):
         launcher = "srun"
-        rank = _int(env, "SLURM_PROCID")
-        # Inside an `srun` step the step's own task count is the world; SLURM_NTASKS is the
-        # allocation's, which can be larger.
-        world = _first_int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") or 1
-        local_rank = _first_int(env, "SLURM_LOCALID") or 0
-        per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
-        if per_node:
-            local_world = _slurm_tasks_on_node(per_node, _first_int(env, "SLURM_NODEID") or 0)
-        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
-        if nodelist and not env.get("MASTER_ADDR"):  # the node list only names the master
-            hosts = expand_nodelist(nodelist)
-            if hosts:
-                addr = hosts[0]
+        rank, world, local_rank, local_world, addr = _from_slurm(env, addr)
     elif env.get("PMI_RANK") and env.get("PMI_SIZE"):
         launcher = "pmi"
         rank, world = _int(env, "PMI_RANK"), _int(env, "PMI_SIZE")
@@ -313,16 +335,7 @@ def detect_runtime(
         rank, world = found.rank, found.size
         local_rank, local_world = found.local_rank, found.local_size
         addr = found.root_host
-    if world < 1 or not 0 <= rank < world:
-        raise RuntimeEnvError(
-            f"the {launcher} variables give rank {rank} in a world of {world}: the rank must be "
-            "in [0, world size). Fix: check the launcher's command line."
-        )
-    if not 0 <= local_rank < world:
-        raise RuntimeEnvError(
-            f"the {launcher} variables give local rank {local_rank} in a world of {world}. "
-            "Fix: check the launcher's command line."
-        )
+    _check_ranks(launcher, rank, local_rank, world)
     # Unknown local size: assume every worker is on this node, the safe side for sharing cores.
     local_world = local_world if local_world and local_world >= 1 else world
     addr = env.get("MASTER_ADDR") or addr

@@ -276,24 +276,7 @@ def prepare(
             "controller grows it by relaunching"
         )
     if cfg.launch.elastic and launcher == "torchrun":
-        if rdzv.nodes > 1:
-            raise LaunchError(
-                f"launch.elastic=true grows a torchrun job by starting agents on this machine, "
-                f"but the job spans {rdzv.nodes} nodes. Fix: set launch.elastic=false (the "
-                "controller relaunches wider, on every node), or launch on one node."
-            )
-        if cfg.run.threads is None:
-            # Each agent runs one worker that believes it is alone on the machine.
-            cores = cpu_cores()
-            threads = max(1, cores // limit)
-            log(
-                f"run.threads -> {threads}: {cores} core(s) shared by up to "
-                f"{limit} elastic worker(s)"
-            )
-            cfg = with_updates(cfg, "run", threads=threads)
-            overrides += as_overrides("run", threads=threads)
-        if cfg.run.device != "cpu":
-            gpu_ids = visible_gpu_ids(env, gpus_on_node)
+        cfg, gpu_ids = _elastic_torchrun(cfg, overrides, rdzv, limit, env, gpus_on_node, log)
     listed_gpus: tuple[str, ...] = ()
     if cfg.run.device != "cpu" and "CUDA_VISIBLE_DEVICES" in env:
         listed_gpus = visible_gpu_ids(env, gpus_on_node)
@@ -313,3 +296,38 @@ def prepare(
         listed_gpus=listed_gpus,
     )
     return job, plan
+
+
+def _elastic_torchrun(
+    cfg: Config,
+    overrides: list[str],
+    rdzv: Rendezvous,
+    limit: int,
+    env: Mapping[str, str],
+    gpus_on_node: int | None,
+    log: Callable[[str], None],
+) -> tuple[Config, tuple[str, ...]]:
+    """What elastic torchrun agents need: one node, a thread count for each worker (appended
+    to ``overrides`` too) and the GPUs they share out.
+
+    Returns:
+        The config with ``run.threads`` set, and the visible GPU ids (() on CPU).
+
+    Raises:
+        LaunchError: the job spans several nodes.
+    """
+    if rdzv.nodes > 1:
+        raise LaunchError(
+            f"launch.elastic=true grows a torchrun job by starting agents on this machine, "
+            f"but the job spans {rdzv.nodes} nodes. Fix: set launch.elastic=false (the "
+            "controller relaunches wider, on every node), or launch on one node."
+        )
+    if cfg.run.threads is None:
+        # Each agent runs one worker that believes it is alone on the machine.
+        cores = cpu_cores()
+        threads = max(1, cores // limit)
+        log(f"run.threads -> {threads}: {cores} core(s) shared by up to {limit} elastic worker(s)")
+        cfg = with_updates(cfg, "run", threads=threads)
+        overrides += as_overrides("run", threads=threads)
+    gpu_ids = visible_gpu_ids(env, gpus_on_node) if cfg.run.device != "cpu" else ()
+    return cfg, gpu_ids

@@ -238,6 +238,29 @@ def submission_env(env: Mapping[str, str]) -> dict[str, str]:
     }
 
 
+def _sbatch(argv: list[str], env: Mapping[str, str], runner: Runner, what: str) -> str:
+    """Submit the batch script of ``argv`` (``sbatch --parsable ... SCRIPT``); its job id.
+
+    Raises:
+        LaunchError: ``sbatch`` is missing or refused the job (its message is quoted).
+    """
+    try:
+        done = runner(argv, submission_env(env))
+    except FileNotFoundError:
+        raise LaunchError(
+            "launch.slurm=chain submits each span with sbatch, which is not on PATH here. Fix: "
+            "run on a SLURM login node, or set launch.slurm=allocation."
+        ) from None
+    if done.returncode != 0:
+        raise LaunchError(
+            f"sbatch refused {what}: "
+            f"{(done.stderr or done.stdout).strip()}. Fix: change launch.chain (partition, "
+            f"time, tasks_per_node, gpus_per_node) to a shape this cluster accepts; the script "
+            f"is {argv[-1]}."
+        )
+    return done.stdout.strip().split(";")[0]
+
+
 def submit_span(
     *,
     cfg: Config,
@@ -285,21 +308,9 @@ def submit_span(
         return None
     run.launch_dir.mkdir(parents=True, exist_ok=True)
     script.write_text(text, encoding="utf-8")
-    try:
-        done = runner(argv, submission_env(env))
-    except FileNotFoundError:
-        raise LaunchError(
-            "launch.slurm=chain submits each span with sbatch, which is not on PATH here. Fix: "
-            "run on a SLURM login node, or set launch.slurm=allocation."
-        ) from None
-    if done.returncode != 0:
-        raise LaunchError(
-            f"sbatch refused span {index} ({workers} worker(s), {shape.nodes} node(s)): "
-            f"{(done.stderr or done.stdout).strip()}. Fix: change launch.chain (partition, "
-            f"time, tasks_per_node, gpus_per_node) to a shape this cluster accepts; the script "
-            f"is {script}."
-        )
-    job_id = done.stdout.strip().split(";")[0]
+    job_id = _sbatch(
+        argv, env, runner, f"span {index} ({workers} worker(s), {shape.nodes} node(s))"
+    )
     job = SlurmJob(
         index=index,
         job_id=job_id,

@@ -153,21 +153,16 @@ def _run_worker(command: Sequence[str], env: Mapping[str, str]) -> int:
     return code
 
 
-def launch(command: Sequence[str], *, nproc: int, master_addr: str, master_port: int) -> int:
-    """Fork ``nproc`` workers running ``command``, forward stop signals, wait for them all.
-
-    Returns:
-        The first non-zero worker status (128 + N for a worker killed by signal N), else 0.
-    """
-    received: list[int] = []
-    children: dict[int, int] = {}  # pid -> local rank
-
-    def forward(signum: int, _frame: FrameType | None) -> None:
-        received.append(signum)
-        _signal_all(children, signum)
-
-    for signum in FORWARDED:
-        signal.signal(signum, forward)
+def _fork_workers(
+    command: Sequence[str],
+    children: dict[int, int],
+    *,
+    nproc: int,
+    master_addr: str,
+    master_port: int,
+) -> None:
+    """Fork the ``nproc`` workers of ``command``, each entered in ``children`` (pid -> local
+    rank) as it starts, so that a signal forwarded meanwhile reaches those already running."""
     sys.stdout.flush()
     sys.stderr.flush()
     for local_rank in range(nproc):
@@ -192,6 +187,24 @@ def launch(command: Sequence[str], *, nproc: int, master_addr: str, master_port:
                 os._exit(code)
         children[pid] = local_rank
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+
+
+def launch(command: Sequence[str], *, nproc: int, master_addr: str, master_port: int) -> int:
+    """Fork ``nproc`` workers running ``command``, forward stop signals, wait for them all.
+
+    Returns:
+        The first non-zero worker status (128 + N for a worker killed by signal N), else 0.
+    """
+    received: list[int] = []
+    children: dict[int, int] = {}  # pid -> local rank
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        received.append(signum)
+        _signal_all(children, signum)
+
+    for signum in FORWARDED:
+        signal.signal(signum, forward)
+    _fork_workers(command, children, nproc=nproc, master_addr=master_addr, master_port=master_port)
     first_failure: int | None = None
     # After a failure: when the others get SIGTERM, then SIGKILL (None: not yet, or done).
     term_at: float | None = None
