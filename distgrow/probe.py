@@ -35,40 +35,87 @@ the start of training when nothing is cached.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
 from distgrow.backends import Backend
 from distgrow.backends.torch_ddp import autocast_model, grad_scaler, resolve_device
 from distgrow.config import Config
-from distgrow.data import DataBundle, LoaderDataset
-from distgrow.gpu import PinnedArrays, data_placement, place_data, prepare_model
+from distgrow.data import DataBundle
+from distgrow.gpu import place_data, prepare_model
 from distgrow.losses import build_objective
 from distgrow.oom import is_oom
 from distgrow.planner import Limits
+from distgrow.probe_cache import (
+    CACHE_VERSION,
+    DEFAULT_TOLERANCE,
+    ProbeResult,
+    ProbeRow,
+    Status,
+    cache_dir,
+    cache_key,
+    cache_path,
+    data_placement_of,
+    device_name,
+    format_result,
+    format_row,
+    gib,
+    probe_identity,
+    read_cache,
+    training_overhead_bytes,
+    write_cache,
+)
 from distgrow.runtime import cpu_cores
 from distgrow.state import TrainError
 from distgrow.trainer import build_optimizer, build_run_model
 
-DEFAULT_TOLERANCE = 0.05
-"""A micro-batch within this fraction of the best throughput counts as saturated."""
+# The results and their cache live in distgrow.probe_cache; importers find them here too.
+__all__ = [
+    "CACHE_VERSION",
+    "DEFAULT_CPU_FRACTION",
+    "DEFAULT_CUDA_FRACTION",
+    "DEFAULT_TOLERANCE",
+    "MAX_BUDGET_GIB",
+    "ProbeError",
+    "ProbeResult",
+    "ProbeRow",
+    "Status",
+    "budget_bytes",
+    "cache_dir",
+    "cache_key",
+    "cache_path",
+    "cached_limit",
+    "data_placement_of",
+    "device_memory_bytes",
+    "device_name",
+    "doubling_sequence",
+    "format_result",
+    "format_row",
+    "gib",
+    "measure",
+    "parse_budget",
+    "predicted_peak",
+    "probe_device",
+    "probe_identity",
+    "read_cache",
+    "resolve_auto",
+    "run_probe",
+    "same_budget",
+    "saturation_point",
+    "training_overhead_bytes",
+    "write_cache",
+]
+
 DEFAULT_CUDA_FRACTION = 0.9
 DEFAULT_CPU_FRACTION = 0.5
-CACHE_VERSION = 2
 MAX_BUDGET_GIB = 2**20
 """A ``--memory-budget`` in GiB above this (a PiB) is no device's memory: a typo."""
-
-Status = Literal["ok", "over_budget", "out_of_memory"]
 
 
 class ProbeError(ValueError):
@@ -76,7 +123,7 @@ class ProbeError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------
-# The pure rules
+# The pure rules (the results and their cache: distgrow.probe_cache)
 # --------------------------------------------------------------------------------------------
 
 
@@ -150,161 +197,6 @@ def parse_budget(text: str) -> tuple[Literal["fraction", "bytes"], float]:
     if percent or value <= 1.0:
         return ("fraction", value)
     return ("bytes", value * 2**30)
-
-
-# --------------------------------------------------------------------------------------------
-# Results and their cache
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ProbeRow:
-    """One micro-batch: its throughput and peak memory, or why it stopped the probe."""
-
-    micro_batch: int
-    status: Status
-    samples_per_s: float | None = None
-    peak_bytes: int | None = None
-    """CUDA: peak allocated; CPU: peak resident-set growth; None when not measurable."""
-    reserved_bytes: int | None = None
-    """CUDA only: peak reserved by the caching allocator."""
-
-
-@dataclass
-class ProbeResult:
-    """A probe of one model on one device: the table and the two answers."""
-
-    key: str
-    device: str
-    memory_kind: str
-    budget_bytes: int | None
-    rows: list[ProbeRow]
-    preferred_micro_batch: int
-    max_micro_batch: int
-    stopped: str
-    """Why the doubling stopped (a phrase)."""
-    tolerance: float = DEFAULT_TOLERANCE
-    identity: dict[str, Any] = field(default_factory=dict)
-    """What the key hashes (:func:`probe_identity`)."""
-    measured_at: float = 0.0
-    budget_spec: str | None = None
-    """The ``--memory-budget`` it was measured under (None: the device's default)."""
-    overhead_bytes: int = 0
-    """Added to every row's peak: what training holds that the probe does not build."""
-
-    def to_json(self) -> dict[str, Any]:
-        return {"version": CACHE_VERSION, **asdict(self)}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ProbeResult:
-        fields = {k: v for k, v in data.items() if k != "version"}
-        fields["rows"] = [ProbeRow(**row) for row in fields["rows"]]
-        return cls(**fields)
-
-
-def cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/distgrow/probe`` (``~/.cache/distgrow/probe`` by default)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "distgrow" / "probe"
-
-
-def device_name(device: torch.device) -> str:
-    """The device as the cache knows it: the GPU's name, or the CPU's model (not its thread
-    count: the answer the cache serves, the memory limit, does not depend on it)."""
-    if device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return f"cpu: {cpu}"
-
-
-def probe_identity(
-    cfg: Config,
-    input_shape: Sequence[int],
-    device: str,
-    placement: str = "host",
-    world_size: int = 1,
-) -> dict[str, Any]:
-    """What a probe's answer depends on: the model, the optimizer (its state's size), the
-    input shape, the precision, the device, where the data lives (``device``: on the GPU beside
-    the model), the world size (DDP's buckets), the backend, the noise meter, and compilation
-    and memory format."""
-    return {
-        "model": asdict(cfg.model),
-        "optim": cfg.optim.name,
-        "input_shape": list(input_shape),
-        "precision": cfg.backend.precision,
-        "device": device,
-        "placement": placement,
-        "world_size": world_size,
-        "backend": cfg.backend.name,
-        "noise": cfg.noise.enabled(cfg.growth),
-        "compile": cfg.run.compile,
-        "channels_last": cfg.run.channels_last,
-    }
-
-
-def data_placement_of(cfg: Config, data: DataBundle, device: torch.device) -> str:
-    """Where training keeps ``data`` on ``device``: ``device``, ``pinned``, ``host`` (the CPU)
-    or ``loader`` (read sample by sample), as :func:`distgrow.gpu.place_data` decides."""
-    train, val = data.train, data.val
-    if isinstance(train, LoaderDataset) or isinstance(val, LoaderDataset):
-        return "loader"
-    if device.type != "cuda":
-        return "host"
-    if isinstance(train, PinnedArrays):
-        return "pinned"
-    if train.x.device.type == "cuda":
-        return "device"
-    total = sum(t.numel() * t.element_size() for t in (train.x, train.y, val.x, val.y))
-    free, _ = torch.cuda.mem_get_info(device)
-    return data_placement(total, free, cfg.data.device_fraction, device.type)
-
-
-def training_overhead_bytes(cfg: Config, model: torch.nn.Module, world_size: int) -> int:
-    """What training holds on the device beyond one process's forward, backward and step:
-    DDP's gradient buckets on several workers of the torch backend (one more copy of the
-    gradients), and the noise meter's float64 copy of the flat gradient."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    grad_bytes = sum(p.numel() * p.element_size() for p in params)
-    extra = grad_bytes if world_size > 1 and cfg.backend.name == "torch" else 0
-    if cfg.noise.enabled(cfg.growth):
-        extra += sum(p.numel() for p in params) * 8
-    return extra
-
-
-def cache_key(identity: dict[str, Any]) -> str:
-    """A short hash of :func:`probe_identity`."""
-    text = json.dumps(identity, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
-
-
-def cache_path(key: str) -> Path:
-    return cache_dir() / f"{key}.json"
-
-
-def read_cache(key: str) -> ProbeResult | None:
-    """The cached probe of ``key``; None when absent or unreadable (it is measured again)."""
-    try:
-        data = json.loads(cache_path(key).read_text(encoding="utf-8"))
-        return ProbeResult.from_json(data) if data.get("version") == CACHE_VERSION else None
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return None
-
-
-def write_cache(result: ProbeResult) -> Path:
-    """Write ``result`` atomically (a rename) and return its file."""
-    path = cache_path(result.key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result.to_json(), indent=2), encoding="utf-8")
-    tmp.replace(path)
-    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -470,7 +362,6 @@ def measure(
         torch.manual_seed(cfg.run.seed)
         stepper = _Stepper(cfg, data, device)
         overhead = training_overhead_bytes(cfg, stepper.model, world_size)
-        cpu_memory = device.type != "cuda"
         # A first update creates the gradients and the optimizer state: the CPU baseline then
         # holds everything but the activations and the batch.
         first = _measure_one(stepper, sizes[0], 1, 0, None)
@@ -479,30 +370,12 @@ def measure(
                 f"growth.base_batch = {sizes[0]} does not fit on {name}: it ran out of memory. "
                 "Fix: lower growth.base_batch (the probe starts there)."
             )
-        base_rss = _proc_status_kib("VmRSS") if cpu_memory else None
-        rows: list[ProbeRow] = []
-        peaks: list[tuple[int, int]] = []
-        stopped = f"reached the largest global batch the config allows ({limits.cap})"
-        for m in sizes:
-            guess = predicted_peak(peaks, m)
-            if budget is not None and guess is not None and guess > budget:
-                stopped = f"micro-batch {m} would need about {_gib(guess)} (budget {_gib(budget)})"
-                break
-            row = _measure_one(stepper, m, steps, warmup, base_rss)
-            if row.peak_bytes is not None and overhead:
-                row = replace(row, peak_bytes=row.peak_bytes + overhead)
-            rows.append(row)
-            if echo is not None:
-                echo(format_row(row))
-            if row.status == "out_of_memory":
-                stopped = f"micro-batch {m} ran out of memory"
-                break
-            if row.peak_bytes is not None:
-                if budget is not None and row.peak_bytes > budget:
-                    rows[-1] = replace(row, status="over_budget")
-                    stopped = f"micro-batch {m} used {_gib(row.peak_bytes)} (budget {_gib(budget)})"
-                    break
-                peaks.append((m, row.peak_bytes))
+        base_rss = _proc_status_kib("VmRSS") if device.type != "cuda" else None
+        rows, stopped = _measure_doubling(
+            stepper, sizes, budget, overhead, base_rss, steps=steps, warmup=warmup, echo=echo
+        )
+        if stopped is None:
+            stopped = f"reached the largest global batch the config allows ({limits.cap})"
         del stepper
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -528,6 +401,41 @@ def measure(
         budget_spec=budget_spec,
         overhead_bytes=overhead,
     )
+
+
+def _measure_doubling(
+    stepper: _Stepper,
+    sizes: Sequence[int],
+    budget: int | None,
+    overhead: int,
+    base_rss: int | None,
+    *,
+    steps: int,
+    warmup: int,
+    echo: Callable[[str], None] | None,
+) -> tuple[list[ProbeRow], str | None]:
+    """The rows of ``sizes`` in turn, up to the first that runs out of memory, goes over
+    ``budget`` or would (its predicted peak); with why it stopped (None: it measured them all)."""
+    rows: list[ProbeRow] = []
+    peaks: list[tuple[int, int]] = []
+    for m in sizes:
+        guess = predicted_peak(peaks, m)
+        if budget is not None and guess is not None and guess > budget:
+            return rows, f"micro-batch {m} would need about {gib(guess)} (budget {gib(budget)})"
+        row = _measure_one(stepper, m, steps, warmup, base_rss)
+        if row.peak_bytes is not None and overhead:
+            row = replace(row, peak_bytes=row.peak_bytes + overhead)
+        rows.append(row)
+        if echo is not None:
+            echo(format_row(row))
+        if row.status == "out_of_memory":
+            return rows, f"micro-batch {m} ran out of memory"
+        if row.peak_bytes is not None:
+            if budget is not None and row.peak_bytes > budget:
+                rows[-1] = replace(row, status="over_budget")
+                return rows, f"micro-batch {m} used {gib(row.peak_bytes)} (budget {gib(budget)})"
+            peaks.append((m, row.peak_bytes))
+    return rows, None
 
 
 def _measure_one(
@@ -567,38 +475,6 @@ def _measure_one(
 # --------------------------------------------------------------------------------------------
 # The command and `growth.max_micro_batch: auto`
 # --------------------------------------------------------------------------------------------
-
-
-def _gib(value: int | None) -> str:
-    return "-" if value is None else f"{value / 2**30:.2f} GiB"
-
-
-def format_row(row: ProbeRow) -> str:
-    rate = "-" if row.samples_per_s is None else f"{row.samples_per_s:,.0f}"
-    return f"{row.micro_batch:>10}  {rate:>12}  {_gib(row.peak_bytes):>12}  {row.status}"
-
-
-def format_result(result: ProbeResult, source: str | None = None) -> str:
-    """The table and the two answers, as ``distgrow probe`` prints them."""
-    memory = (
-        "peak reserved + CUDA context (CUDA)"
-        if result.memory_kind == "cuda_peak_reserved"
-        else "peak RSS growth (CPU)"
-    )
-    if result.overhead_bytes:
-        memory += f" + {_gib(result.overhead_bytes)} training adds (DDP buckets, noise meter)"
-    lines = [
-        f"probe: {result.device}; memory = {memory}; budget {_gib(result.budget_bytes)}"
-        + (f"; {source}" if source else ""),
-        f"{'micro':>10}  {'samples/s':>12}  {'memory':>12}  status",
-        *(format_row(r) for r in result.rows),
-        f"stopped: {result.stopped}",
-        f"throughput saturates at micro-batch {result.preferred_micro_batch} (the smallest within "
-        f"{result.tolerance:.0%} of the best): growth.micro_batch={result.preferred_micro_batch}",
-        f"memory limit: micro-batch {result.max_micro_batch}: growth.max_micro_batch="
-        f"{result.max_micro_batch} (or growth.max_micro_batch=auto, which reads this cache)",
-    ]
-    return "\n".join(lines)
 
 
 def probe_device(cfg: Config) -> torch.device:
