@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -141,8 +142,16 @@ def test_on_the_cpu_the_gpu_only_checks_are_skipped_naming_what_is_missing(
 
 
 def test_make_gpu_check_runs_the_script_through_its_shell_wrapper() -> None:
+    # Under `make test` the parent make's MAKELEVEL/MAKEFLAGS would make this one print
+    # "make[1]: Leaving directory ..." last: run it as a user would, from a shell.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     dry = subprocess.run(
-        ["make", "-n", "gpu-check"], capture_output=True, text=True, cwd=REPO, check=True
+        ["make", "-n", "--no-print-directory", "gpu-check"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+        env=env,
     ).stdout
     assert dry.splitlines()[-1] == "bash scripts/gpu_check.sh"
     wrapper = (REPO / "scripts" / "gpu_check.sh").read_text()
