@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import exit_spawned_rank
 
 from distgrow.agreement import Agreement
 from distgrow.backends.torch_ddp import ProcessGroupMember, TorchBackend, join_process_group
@@ -90,6 +91,7 @@ def _rank(rank: int, port: int, out: str, overlapped: bool) -> None:
         seen.append((mean, agreement.checkpoint_agreed, extras.tolist(), agreement.stop_signal()))
     torch.save(seen, Path(out) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
+    exit_spawned_rank()
 
 
 @pytest.mark.integration
@@ -146,6 +148,7 @@ def _carried_rank(rank: int, port: int, out: str) -> None:
         seen.append((mean, agreement.checkpoint_agreed, agreement.stop_signal(), same))
     torch.save((seen, started), Path(out) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
+    exit_spawned_rank()
 
 
 @pytest.mark.integration

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import free_port
+from conftest import exit_spawned_rank, free_port
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -395,6 +395,7 @@ def _ddp_worker(rank: int, port: int, out: str, mode: str) -> None:
         torch.save(results, Path(out) / f"{mode}-{rank}.pt")
     finally:
         dist.destroy_process_group()
+    exit_spawned_rank()
 
 
 def run_ranks(tmp_path: Path, mode: str) -> list[list[dict[str, Any]]]:
