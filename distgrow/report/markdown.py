@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from distgrow.report.seeds import seed_markdown
+from distgrow.report.seeds import delta_text, metric_text, seed_markdown
 from distgrow.rundir import (
     SUMMARY_FILE,
 )
@@ -65,18 +65,6 @@ def _num(value: Any, fmt: str = ",.0f") -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
     return format(value, fmt)
-
-
-def _metric_text(metric: str, value: Any) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.2%}" if metric == "val_acc" else f"{value:.4f}"
-
-
-def _delta_text(metric: str, delta: float | None) -> str:
-    if delta is None:
-        return "-"
-    return f"{delta * 100:+.2f} pp" if metric == "val_acc" else f"{delta:+.4f}"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -159,7 +147,7 @@ def _run_table(rows: Sequence[Mapping[str, Any]], metric: str) -> list[str]:
             [
                 row["label"],
                 mode,
-                _metric_text(metric, row.get(metric)),
+                metric_text(metric, row.get(metric)),
                 _num(row["total_updates"]),
                 format_seconds(row["wall_s"]),
                 format_seconds(row["startup_s"]),
@@ -189,7 +177,7 @@ def _versus(row: Mapping[str, Any], metric: str) -> list[str]:
         format_ratio(m["wall_ratio"], "faster", "slower")
         + (" (not comparable)" if row.get("throughput_drift") else ""),
         format_ratio(m["worker_seconds_ratio"], "less", "more"),
-        _delta_text(metric, m["metric_delta"]),
+        delta_text(metric, m["metric_delta"]),
     ]
 
 
@@ -310,7 +298,7 @@ def _savings_line(s: Mapping[str, Any], metric: str) -> str:
             f"{_num(s['run_worker_seconds'], ',.1f')})"
         )
     if s.get("metric_delta") is not None:
-        words.append(f"Δ {metric.replace('_', ' ')} {_delta_text(metric, s['metric_delta'])}")
+        words.append(f"Δ {metric.replace('_', ' ')} {delta_text(metric, s['metric_delta'])}")
     method = str(s["method"]).removeprefix(f"{s['kind']}: ")
     return f"- **{s['kind']}**: " + "; ".join(words) + f". Method: {method}."
 

@@ -198,7 +198,8 @@ def _paired(
 # --------------------------------------------------------------------------------------------
 
 
-def _value(metric: str, value: float | None) -> str:
+def metric_text(metric: str, value: float | None) -> str:
+    """A final metric as the reports print it: accuracy in percent, a loss to 4 places."""
     if value is None:
         return "-"
     return f"{value * 100:.2f}%" if metric == "val_acc" else f"{value:.4f}"
@@ -210,7 +211,8 @@ def _spread(metric: str, value: float | None) -> str:
     return f"{value * 100:.2f} pp" if metric == "val_acc" else f"{value:.4f}"
 
 
-def _diff(metric: str, value: float | None) -> str:
+def delta_text(metric: str, value: float | None) -> str:
+    """A difference of the metric, signed: percentage points for accuracy."""
     if value is None:
         return "-"
     return f"{value * 100:+.2f} pp" if metric == "val_acc" else f"{value:+.4f}"
@@ -247,23 +249,23 @@ def seed_markdown(section: Mapping[str, Any]) -> list[str]:
         d = v.get("difference")
         interval = "-"
         if d and d.get("mean") is not None:
-            interval = _diff(metric, d["mean"])
+            interval = delta_text(metric, d["mean"])
             if d.get("low") is not None:
-                interval += f" [{_diff(metric, d['low'])}, {_diff(metric, d['high'])}]"
+                interval += f" [{delta_text(metric, d['low'])}, {delta_text(metric, d['high'])}]"
         ratio = d.get("updates_ratio_mean") if d else None
         updates = "-" if v["updates_mean"] is None else f"{v['updates_mean']:,.0f}"
         vs = format_ratio(ratio, "fewer", "more") if d else "-"
         if v["label"] == section["baseline"]:
             vs = "1.00× (baseline)"
         lines.append(
-            f"| {v['label']} | {v['n']} | {_value(metric, v['mean'])} ± "
+            f"| {v['label']} | {v['n']} | {metric_text(metric, v['mean'])} ± "
             f"{_spread(metric, v['std'])} | {updates} | {vs} | {_wall(d)} | {interval} | "
             f"{d['verdict'] if d else '-'} |"
         )
     lines += ["", "Per seed (final " + name + ", updates):", ""]
     for v in section["variants"]:
         cells = [
-            f"seed {r['seed']}: {_value(metric, r[metric])}, {r['updates']:,} updates"
+            f"seed {r['seed']}: {metric_text(metric, r[metric])}, {r['updates']:,} updates"
             for r in v["per_seed"]
         ]
         lines.append(f"- {v['label']}: " + "; ".join(cells))

@@ -300,6 +300,40 @@ def _hybrid_note(plan_overrides: Mapping[str, list[str]]) -> list[str]:
     ]
 
 
+def _run_child(
+    config: str | Path,
+    name: str,
+    what: str,
+    run_dir: RunDir,
+    run_overrides: list[str],
+    stale: Mapping[str, list[str]],
+    out: Path,
+    made_out: bool,
+    echo: Echo,
+    python: str,
+    env: Mapping[str, str] | None = None,
+) -> tuple[int, Path]:
+    """Train (or reuse, or resume) one run of a compare or sweep as a child process.
+
+    A signal or a full disk ends the whole verb (:class:`ReportError`); otherwise the child's
+    exit status and its log are returned for the caller to judge.
+    """
+    log = out / "logs" / f"{name}.log"
+    with writing(out):
+        if name in stale:
+            discard(run_dir, log, stale[name], f"[{name}]", echo)
+        outcome = train_process(
+            config, run_overrides, run_dir, log, prefix=f"[{name}]", echo=echo, python=python,
+            env=env,
+        )  # fmt: skip
+    if outcome.signal is not None:
+        raise stopped_error(outcome, what, log, out)
+    full = disk_failure(outcome, what, log, run_dir, out, made_out)
+    if full is not None:
+        raise full
+    return outcome.returncode, log
+
+
 def _train_one(
     config: str | Path,
     name: str,
@@ -313,22 +347,13 @@ def _train_one(
     env: Mapping[str, str],
 ) -> None:
     """Train (or reuse, or resume) one compare run; a failure is one :class:`ReportError`."""
-    log = out / "logs" / f"{name}.log"
-    with writing(out):
-        if name in stale:
-            discard(run_dir, log, stale[name], f"[{name}]", echo)
-        outcome = train_process(
-            config, run_overrides, run_dir, log, prefix=f"[{name}]", echo=echo, python=python,
-            env=env,
-        )  # fmt: skip
-    if outcome.signal is not None:
-        raise stopped_error(outcome, f"the {name} run", log, out)
-    full = disk_failure(outcome, f"the {name} run", log, run_dir, out, made_out)
-    if full is not None:
-        raise full
-    if outcome.returncode != 0:
+    code, log = _run_child(
+        config, name, f"the {name} run", run_dir, run_overrides, stale, out, made_out, echo,
+        python, env,
+    )  # fmt: skip
+    if code != 0:
         raise ReportError(
-            f"the {name} run failed with exit status {outcome.returncode}; its output "
+            f"the {name} run failed with exit status {code}; its output "
             f"is in {log}. Fix the cause, then rerun the same command with --out {out}: "
             "finished runs are reused, this one resumes.",
             exit_code=1,
@@ -496,19 +521,10 @@ def _sweep_run(
     python: str,
 ) -> dict[str, Any]:
     """Train (or reuse) one sweep run; its result row (completed, diverged or failed)."""
-    log = out / "logs" / f"{name}.log"
-    with writing(out):
-        if name in stale:
-            discard(run_dir, log, stale[name], f"[{name}]", echo)
-        outcome = train_process(
-            config, run_overrides, run_dir, log, prefix=f"[{name}]", echo=echo, python=python
-        )
-    if outcome.signal is not None:
-        raise stopped_error(outcome, f"the sweep run {name}", log, out)
-    full = disk_failure(outcome, f"the sweep run {name}", log, run_dir, out, made_out)
-    if full is not None:
-        raise full
-    code = outcome.returncode
+    code, _ = _run_child(
+        config, name, f"the sweep run {name}", run_dir, run_overrides, stale, out, made_out,
+        echo, python,
+    )  # fmt: skip
     row: dict[str, Any] = {"run_dir": str(run_dir), "exit_code": code}
     if code == 0:
         s = read_summary(run_dir)
