@@ -5,8 +5,11 @@ A checkpoint is one ``torch.save`` dict of plain types and tensors, written by r
 
 ``format_version``, ``fingerprint`` (what must match to resume: model, data, seed, optimizer),
 ``model`` (the unwrapped state dict, CPU tensors), ``optimizer`` (its state dict: replicated
-under DDP, so valid at any world size), ``plan_state`` (the growth policy), ``epoch`` and
-``position`` (where the next update starts: samples already consumed in that epoch), ``step``
+under DDP, so valid at any world size; under a sharded backend, FSDP, both entries are
+``{"sharded_dcp": "ckpt-<step>.dcp"}``, the ``torch.distributed.checkpoint`` directory beside
+the file that each rank wrote its shards into, see :mod:`distgrow.backends.sharded_state`),
+``plan_state`` (the growth policy), ``epoch`` and ``position`` (where the next update starts:
+samples already consumed in that epoch), ``step``
 (updates so far), ``samples_seen``, ``rng`` (torch's CPU RNG state), plus the rest of the
 trainer's counters (:class:`distgrow.state.TrainState`: ``wall_s``, ``worker_seconds``, ...),
 the phase tracker's ``phases`` and ``metrics_bytes`` (the size of ``metrics.jsonl`` then: a
@@ -31,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import pickle
 import re
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -41,6 +45,10 @@ from distgrow.config import Config
 from distgrow.rundir import RunDir, atomic_write
 
 FORMAT_VERSION = 1
+
+SHARDED_KEY = "sharded_dcp"
+"""The key of a sharded checkpoint's ``model``/``optimizer`` entry: the name of the DCP directory
+beside the file (:mod:`distgrow.backends.sharded_state`, which writes and reads it)."""
 
 REQUIRED_KEYS = (
     "format_version",
@@ -205,7 +213,35 @@ def save_checkpoint(directory: str | Path, state: Mapping[str, Any], keep: int) 
     for old in run_dir.checkpoints()[:-keep]:
         with contextlib.suppress(OSError):
             old.unlink()
+    remove_orphan_shards(run_dir.path)
     return path
+
+
+def remove_orphan_shards(directory: str | Path) -> list[Path]:
+    """Remove sharded-checkpoint directories no checkpoint file names any more.
+
+    A sharded backend's ``ckpt-<step>.dcp/`` (:mod:`distgrow.backends.sharded_state`) belongs to
+    ``ckpt-<step>.pt``: it goes when its file was pruned, or was never written (a crash between
+    the two), and so do the temporary ``.ckpt-<step>.dcp.tmp/`` and ``.old/`` a kill left. Called
+    by rank 0 right after a checkpoint is written, when no rank writes shards.
+
+    Returns:
+        The directories removed.
+    """
+    root = Path(directory)
+    removed = []
+    for p in root.iterdir() if root.is_dir() else ():
+        orphan = (_SHARDS.match(p.name) and not p.with_suffix(".pt").exists()) or (
+            _SHARD_TEMPORARY.match(p.name)
+        )
+        if orphan and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+_SHARDS = re.compile(r"^ckpt-\d{9,}\.dcp$")
+_SHARD_TEMPORARY = re.compile(r"^\.ckpt-\d{9,}\.dcp\.(tmp|old)$")
 
 
 def load_checkpoint(path: str | Path, expected: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -256,6 +292,13 @@ def load_checkpoint(path: str | Path, expected: Mapping[str, Any] | None = None)
             f"checkpoint {p} has format_version {state['format_version']!r}; this distgrow "
             f"reads version {FORMAT_VERSION}. Fix: resume it with the distgrow that wrote it, "
             "or start a new run."
+        )
+    shards = state["model"].get(SHARDED_KEY) if isinstance(state["model"], dict) else None
+    if isinstance(shards, str) and not (p.parent / shards / ".metadata").is_file():
+        raise CheckpointError(
+            f"checkpoint {p} keeps its model and optimizer in {p.parent / shards}, which is "
+            "missing or incomplete (no .metadata). Fix: restore that directory beside the "
+            "file, or move the file out of the run directory to resume from the previous one."
         )
     if expected is not None:
         have, want = _flatten(state["fingerprint"]), _flatten(expected)

@@ -7,6 +7,7 @@ the trainer picks one by ``backend.name`` through :func:`make_backend` and never
 ``backend.name``        module                          accumulation mechanics
 ======================  ==============================  =====================================
 ``torch``               :mod:`.torch_ddp`               DDP ``no_sync()``
+``fsdp``                :mod:`.fsdp_backend`            ``set_requires_gradient_sync(False)``
 ``deepspeed``           :mod:`.deepspeed_backend`       the engine's accumulation boundary
 ``horovod``             :mod:`.horovod_backend`         ``backward_passes_per_step``
 ======================  ==============================  =====================================
@@ -44,6 +45,10 @@ def make_backend(cfg: Config, runtime: Runtime) -> Backend:
         from distgrow.backends.torch_ddp import TorchBackend
 
         return TorchBackend(cfg.backend, runtime, device=cfg.run.device)
+    if name == "fsdp":
+        from distgrow.backends.fsdp_backend import FSDPBackend
+
+        return FSDPBackend(cfg, runtime)
     if name == "deepspeed":
         from distgrow.backends.deepspeed_backend import DeepSpeedBackend
 
@@ -52,4 +57,6 @@ def make_backend(cfg: Config, runtime: Runtime) -> Backend:
         from distgrow.backends.horovod_backend import HorovodBackend
 
         return HorovodBackend(cfg, runtime)
-    raise BackendError(f"backend.name = {name!r} is unknown. Fix: use torch, deepspeed or horovod.")
+    raise BackendError(
+        f"backend.name = {name!r} is unknown. Fix: use torch, fsdp, deepspeed or horovod."
+    )

@@ -304,7 +304,36 @@ class ProcessGroupMember:
         raise SystemExit(exit_code)
 
 
-class TorchBackend(ProcessGroupMember):
+class AsyncReducer(ProcessGroupMember):
+    """A :class:`ProcessGroupMember` that can also start an all-reduce and wait later (the
+    engines whose gradient reduction is torch's own: DDP and FSDP)."""
+
+    def all_reduce_async(
+        self, tensor: torch.Tensor, op: ReduceOp = "sum"
+    ) -> Callable[[], torch.Tensor]:
+        """Start :meth:`all_reduce`; the function returned waits for it and gives the result.
+
+        Where the gradients cannot carry the trainer's per-update agreement (FSDP; DDP's
+        :meth:`TorchBackend.carry` for a measured noise-scale update, extras), the trainer
+        starts that all-reduce before the backward, so that it runs while the gradients are
+        reduced instead of after them (every rank issues the two in the same order). DDP and
+        FSDP only: Horovod and DeepSpeed reduce their own way.
+        """
+        if not self._distributed:
+            return lambda: tensor
+        comm = tensor if self.dist_backend != "nccl" else tensor.to(self._device)
+        work = dist.all_reduce(comm, op=_OPS[op], async_op=True)
+
+        def wait() -> torch.Tensor:
+            work.wait()
+            if comm is not tensor:
+                tensor.copy_(comm)
+            return tensor
+
+        return wait
+
+
+class TorchBackend(AsyncReducer):
     """:class:`~distgrow.backends.base.Backend` over ``torch.distributed`` and DDP.
 
     Args:
@@ -331,30 +360,6 @@ class TorchBackend(ProcessGroupMember):
             torch.cuda.set_device(self._device)
         self._owns_group = join_process_group(runtime, self.dist_backend)
         self.check_distinct_gpus()
-
-    def all_reduce_async(
-        self, tensor: torch.Tensor, op: ReduceOp = "sum"
-    ) -> Callable[[], torch.Tensor]:
-        """Start :meth:`all_reduce`; the function returned waits for it and gives the result.
-
-        Where DDP's gradients cannot carry the trainer's per-update agreement (:meth:`carry`:
-        a measured noise-scale update, extras), it starts that all-reduce before the backward,
-        so that it runs while DDP's gradient buckets are computed instead of after them (every
-        rank issues the two in the same order). Only here: Horovod and DeepSpeed reduce their
-        own way.
-        """
-        if not self._distributed:
-            return lambda: tensor
-        comm = tensor if self.dist_backend != "nccl" else tensor.to(self._device)
-        work = dist.all_reduce(comm, op=_OPS[op], async_op=True)
-
-        def wait() -> torch.Tensor:
-            work.wait()
-            if comm is not tensor:
-                tensor.copy_(comm)
-            return tensor
-
-        return wait
 
     # -- training ------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from distgrow import __version__
+from distgrow.backends.sharded_state import load_model_and_optimizer, save_model_and_optimizer
 from distgrow.checkpoint import (
     FORMAT_VERSION,
     IDENTITY_KEYS,
@@ -256,6 +257,9 @@ class RunLifecycle(Telemetry):
     def state_dict(self, reason: str) -> dict[str, Any]:
         """Everything a resume needs, as tensors and plain types (``weights_only`` loads it)."""
         wall, worker_s = self._clock()
+        model_state, optimizer_state = save_model_and_optimizer(
+            self.backend, self.optimizer, self.run_dir.checkpoint(self.state.step)
+        )
         counters = replace(
             self.state, wall_s=wall, worker_seconds=worker_s, startup_s=self.startup_s
         )
@@ -265,8 +269,9 @@ class RunLifecycle(Telemetry):
             "reason": reason,
             "distgrow_version": __version__,
             "world_size": self.world,
-            "model": self.backend.model_state_dict(),
-            "optimizer": self.backend.optimizer_state_dict(self.optimizer),
+            # Full state dicts, or (a sharded backend) the name of the shards written now.
+            "model": model_state,
+            "optimizer": optimizer_state,
             "plan_state": self.policy.state_dict(),
             "noise": self.noise.state_dict() if self.noise is not None else None,
             "phases": self.phases.state_dict(),
@@ -284,8 +289,7 @@ class RunLifecycle(Telemetry):
         Raises:
             TrainError: the checkpoint's global batch cannot be split over this job's workers.
         """
-        self.backend.load_model_state_dict(state["model"])
-        self.backend.load_optimizer_state_dict(self.optimizer, state["optimizer"])
+        load_model_and_optimizer(self.backend, self.model, self.optimizer, state, self.run_dir.path)
         saved_world = int(state.get("world_size", self.world))
         try:
             plan_state, note = resplit_policy_state(

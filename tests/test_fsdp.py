@@ -1,0 +1,218 @@
+"""backend.name=fsdp (FSDP2 ``fully_shard``) against DDP, and checkpoints that reshard.
+
+Unit: the sharding rule, the optimizer-state re-keying, the refusals, the orphan shards.
+
+Integration (gloo ranks on the CPU, ``distgrow train`` under torchrun), one reference run of
+DDP on 2 ranks (AdamW with clipping and dropout; batch 32 as 2 × 8 × 2, then 64 as
+2 × 8 × 4 from epoch 2: a growth by accumulation) and two chains of resumes against it:
+
+* fsdp on 2 ranks (epoch 1) → fsdp on 4 (epoch 2, the growth; DCP reshards 2 → 4) → fsdp on 1
+  (epoch 3; DCP 4 → 1);
+* DDP's full checkpoint after epoch 1 → fsdp on 2 (epoch 2) → DDP on 1 (epoch 3, from fsdp's
+  DCP checkpoint).
+
+Each checkpoint (1, 2 and 3 epochs) and each update's loss must equal the reference's.
+
+Tolerance: rtol 1e-5 / atol 1e-6 on parameters (``assert_same_model``), rtol 1e-5 on losses.
+Every micro-batch's gradient is the same computation in both engines; what differs is the
+order of the sums: DDP all-reduces the rank-summed gradient, FSDP reduce-scatters it (gloo
+sums the ranks' buffers in another order, and with 4 ranks not associatively alike), and
+FSDP's clipping sums the squared norms per shard before summing over ranks. Each update thus
+differs by a few float32 ulp (~1e-7 relative); over these 67 updates AdamW and momentum carry
+that forward without amplifying it by more than ~10x (measured: on 2 ranks the runs are bit for
+bit equal, 4 ranks within 3e-7; the largest in the chains below 2e-6), so 1e-5 leaves a
+margin while a lost micro-batch, a double-counted one, or a loss scaled by the accumulation
+count (each > 1e-2 here) fails it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import SYN_PLAN, assert_same_model, distgrow_job_run, write_config
+from torch import nn
+
+from distgrow.backends import BackendError
+from distgrow.backends.sharded_state import (
+    fqn_keyed,
+    id_keyed,
+    is_sharded,
+    parameter_names,
+    read_full,
+)
+from distgrow.checkpoint import load_checkpoint, remove_orphan_shards
+from distgrow.metrics import read_jsonl
+
+# The conftest plan with AdamW (its per-parameter step, exp_avg and exp_avg_sq go through the
+# sharded checkpoint) and gradient clipping (FSDP's norm over shards); clip 0.5 is hit often.
+FSDP_PLAN: dict[str, Any] = {
+    **SYN_PLAN,
+    "optim": {"name": "adamw", "lr": 0.005, "weight_decay": 0.01, "grad_clip": 0.5},
+    "logging": {"every_steps": 1, "progress": "off"},
+}
+EPOCH_STEPS = {1: 33, 2: 50, 3: 67}  # updates after each epoch (conftest.SYN_PLAN)
+
+
+# -- unit --------------------------------------------------------------------------------------
+
+
+def test_shard_units_follow_the_documented_rule() -> None:
+    from distgrow.backends.fsdp_backend import shard_units
+    from distgrow.models_lm import TinyTransformer
+
+    lm = TinyTransformer(vocab=256, max_len=16, depth=3, width=64)
+    assert shard_units(lm) == list(lm.blocks)  # one unit per transformer block
+    assert shard_units(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))) == []
+
+    class Own(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(2, 2), nn.Linear(2, 2)
+
+        def fsdp_units(self) -> list[nn.Module]:
+            return [self.b]
+
+    own = Own()
+    assert shard_units(own) == [own.b]
+    own.fsdp_units = lambda: [nn.Linear(1, 1)]  # type: ignore[method-assign]
+    with pytest.raises(BackendError, match=r"not submodules of the model.*Fix:"):
+        shard_units(own)
+
+
+def test_wide_resnet_is_sharded_per_residual_block() -> None:
+    from distgrow.backends.fsdp_backend import shard_units
+    from distgrow.models import _WideBlock, _WideResNet
+
+    wrn = _WideResNet(in_channels=3, num_outputs=10, depth=10, width=1, dropout=0.0, ghost_batch=8)
+    units = shard_units(wrn)
+    assert len(units) == 3 and all(isinstance(u, _WideBlock) for u in units)  # (10-4)/6 × 3
+
+
+def test_optimizer_state_rekeys_by_name_and_back() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    groups: list[dict[str, Any]] = [
+        {"params": [model[1].weight]},
+        {"params": [model[0].weight, model[0].bias, model[1].bias], "lr": 0.1},
+    ]
+    opt = torch.optim.AdamW(groups)
+    model(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    names = parameter_names(model, opt)
+    assert names == [["1.weight"], ["0.weight", "0.bias", "1.bias"]]
+    plain = opt.state_dict()
+    keyed = fqn_keyed(plain, names)
+    assert set(keyed["state"]) == {"0.weight", "0.bias", "1.weight", "1.bias"}
+    assert keyed["param_groups"][1]["params"] == ["0.weight", "0.bias", "1.bias"]
+    assert torch.equal(keyed["state"]["0.bias"]["exp_avg"], plain["state"][2]["exp_avg"])
+    back = id_keyed(keyed, names)
+    assert back["param_groups"] == plain["param_groups"]
+    for i, values in plain["state"].items():
+        assert all(torch.equal(back["state"][i][k], v) for k, v in values.items())
+
+
+def test_fp16_and_the_noise_meter_are_refused(tmp_path: Path) -> None:
+    from distgrow.backends.fsdp_backend import FSDPBackend
+    from distgrow.config import load_config
+    from distgrow.runtime import Runtime
+
+    cfg_path = write_config(tmp_path / "c.yaml", FSDP_PLAN)
+    runtime = Runtime(0, 1, 0, 1, "127.0.0.1", 29500, "none")
+    cfg = load_config(cfg_path, ["backend.name=fsdp", "backend.precision=fp16", "run.device=cpu"])
+    with pytest.raises(BackendError, match=r"fp16.*Fix: set backend.precision=bf16"):
+        FSDPBackend(cfg, runtime)
+    cfg = load_config(cfg_path, ["backend.name=fsdp", "noise.measure=on", "run.device=cpu"])
+    with pytest.raises(BackendError, match=r"noise.*reduce-scatters.*Fix: set backend.name=torch"):
+        FSDPBackend(cfg, runtime)
+
+
+def test_orphan_and_temporary_shard_directories_are_removed(tmp_path: Path) -> None:
+    for name in ("ckpt-000000004.dcp", "ckpt-000000008.dcp", ".ckpt-000000012.dcp.tmp"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "ckpt-000000008.pt").write_bytes(b"")
+    removed = remove_orphan_shards(tmp_path)
+    assert sorted(p.name for p in removed) == [".ckpt-000000012.dcp.tmp", "ckpt-000000004.dcp"]
+    assert (tmp_path / "ckpt-000000008.dcp").is_dir()
+
+
+# -- integration -------------------------------------------------------------------------------
+
+
+def _train(nproc: int, config: Path, run_dir: Path, *overrides: str) -> str:
+    args = [str(config), f"run.output_dir={run_dir}", f"growth.max_workers={nproc}", *overrides]
+    return distgrow_job_run(nproc, args, timeout=240).stdout
+
+
+def _model_at(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    """The model of the checkpoint after ``step`` updates, full or sharded."""
+    state = load_checkpoint(run_dir / f"ckpt-{step:09d}.pt")
+    if is_sharded(state["model"]):
+        return read_full(run_dir / state["model"]["sharded_dcp"])["model"]
+    return state["model"]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {
+        r["step"]: r["train_loss"]
+        for r in read_jsonl(run_dir / "metrics.jsonl")
+        if r["kind"] == "step"
+    }
+
+
+def _assert_same_run(got: Path, want: Path, epochs: list[int]) -> None:
+    for epoch in epochs:
+        assert_same_model(_model_at(got, EPOCH_STEPS[epoch]), _model_at(want, EPOCH_STEPS[epoch]))
+    have, ref = _losses(got), _losses(want)
+    assert set(have) == set(ref) and len(ref) == EPOCH_STEPS[3]
+    for step, loss in ref.items():
+        assert have[step] == pytest.approx(loss, rel=1e-5), step
+
+
+@pytest.fixture(scope="module")
+def plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_config(tmp_path_factory.mktemp("cfg") / "fsdp.yaml", FSDP_PLAN)
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(plan: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("ddp") / "ref"
+    _train(2, plan, run_dir, "run.keep_checkpoints=3")
+    return run_dir
+
+
+@pytest.mark.integration
+def test_fsdp_equals_ddp_and_reshards_2_4_1(
+    plan: Path, ddp_reference: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "fsdp"
+    _train(2, plan, run_dir, "backend.name=fsdp", "run.epochs=1", "run.keep_checkpoints=3")
+    assert (run_dir / "ckpt-000000033.dcp" / ".metadata").is_file()
+    _train(4, plan, run_dir, "backend.name=fsdp", "run.epochs=2", "--resume")
+    _train(1, plan, run_dir, "backend.name=fsdp", "--resume")
+    _assert_same_run(run_dir, ddp_reference, [1, 2, 3])
+    steps = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] == "step"]
+    assert {(r["workers"], r["accum_steps"]) for r in steps} == {(2, 2), (4, 2), (1, 8)}
+    # Every checkpoint has its shards; the shards of pruned checkpoints are gone.
+    assert sorted(p.name for p in run_dir.glob("ckpt-*")) == sorted(
+        f"ckpt-{s:09d}.{ext}" for s in EPOCH_STEPS.values() for ext in ("pt", "dcp")
+    )
+
+
+@pytest.mark.integration
+def test_ddp_checkpoint_resumes_under_fsdp_and_back(
+    plan: Path, ddp_reference: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "mixed"
+    shutil.copytree(
+        ddp_reference,
+        run_dir,
+        ignore=shutil.ignore_patterns("ckpt-00000005*", "ckpt-00000006*", "summary.json", "wandb*"),
+    )
+    _train(2, plan, run_dir, "backend.name=fsdp", "run.epochs=2", "--resume")  # full → fsdp
+    assert is_sharded(load_checkpoint(run_dir / "ckpt-000000050.pt")["model"])
+    _train(1, plan, run_dir, "backend.name=torch", "--resume")  # DCP → DDP (one worker)
+    _assert_same_run(run_dir, ddp_reference, [2, 3])
