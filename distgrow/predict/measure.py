@@ -84,11 +84,12 @@ def _mean_time(
     sync: Callable[[], None],
     reps: int,
     warmup: int,
-    min_time: float = MIN_TIME_S,
+    min_time: float | None = None,
 ) -> tuple[float, float]:
     """The mean wall-clock and CPU seconds (this process, all its threads) of one call of
     ``fn``, over at least ``reps`` calls and ``min_time`` seconds (0: exactly ``reps``, as
     the ranks of a process group must all make the same calls)."""
+    min_time = MIN_TIME_S if min_time is None else min_time
     for _ in range(warmup):
         fn()
     sync()

@@ -406,6 +406,11 @@ def _write_plots(runs: Sequence[RunData], out: Path, metric: str) -> dict[str, s
     if noise:  # only runs that measured it (noise.measure)
         plots.plot_noise(noise, out / NOISE_PLOT_FILE)
         written["noise_scale"] = NOISE_PLOT_FILE
+    from distgrow.report.predicted import write_predicted_plot
+
+    predicted = write_predicted_plot(runs, out, colours)  # only beside a timing.json
+    if predicted is not None:
+        written["predicted_vs_measured"] = predicted
     # batch, LR and B_simple on one axis of samples seen (distgrow/report/schedule_plot.py)
     from distgrow.report import schedule_plot
 
