@@ -8,6 +8,7 @@
     distgrow report RUN_DIR [RUN_DIR ...] [--baseline RUN_DIR] [--out DIR]
     distgrow sweep CONFIG [key=value ...] --batch-sizes LIST --lrs LIST [--out DIR] [--force]
     distgrow probe CONFIG [key=value ...] [--memory-budget B] [--refresh]
+    distgrow estimate CONFIG [key=value ...] [--probe FILE --nodes N] [--json]
 
 Errors in the config are printed as one line naming the key, the value and the fix, with exit
 status 2 (the same as a usage error), before anything runs.
@@ -202,6 +203,12 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         print(f"distgrow: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     return 0
+
+
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    from distgrow.predict.verb import run_estimate  # torch, when it measures
+
+    return run_estimate(args)
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -487,6 +494,14 @@ def _add_report_verbs(sub: _Subparsers) -> None:
     p.epilog = _PROBE_EPILOG
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.set_defaults(func=_cmd_probe)
+
+    p = verb(
+        "estimate", "Predicted wall-clock, worker- and node-hours of decay_lr, grow_batch, hybrid."
+    )
+    from distgrow.predict.verb import add_arguments as estimate_arguments
+
+    estimate_arguments(p)
+    p.set_defaults(func=_cmd_estimate)
 
 
 def build_parser() -> argparse.ArgumentParser:
