@@ -178,7 +178,7 @@ def test_wrong_types(override: str, expected: str) -> None:
         ),
         (["data.val_fraction=1.0"], "data.val_fraction"),
         (["launch.master_port=70000"], "launch.master_port"),
-        (["backend.zero_stage=3"], "backend.zero_stage = 3"),
+        (["backend.zero_stage=4"], "backend.zero_stage = 4"),
     ],
 )
 def test_impossible_values_name_key_value_and_fix(overrides: list[str], expected: str) -> None:

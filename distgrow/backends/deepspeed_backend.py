@@ -1,4 +1,4 @@
-"""DeepSpeed: ZeRO stages 0, 1 and 2 behind the same protocol, exact across batch growth.
+"""DeepSpeed: ZeRO stages 0 to 3 behind the same protocol, exact across batch growth.
 
 The DeepSpeed config is built from distgrow's own (:func:`build_ds_config`): the batch keys
 from the update's split, ``gradient_clipping`` always explicit (DeepSpeed 0.19.8 defaults it to
@@ -25,14 +25,21 @@ On CUDA the collectives run on NCCL, for a single worker too (its group of one),
 float32 (:class:`Float32Outputs`; DeepSpeed's autocast returns 16-bit logits) and gradients are
 reduced in float32 (``lower_precision_safe_modules: []``; DeepSpeed reduces Linear/Conv
 gradients in 16 bits): a bf16 ZeRO-2 run ends bit-identical to the torch backend's on one
-process (3.7e-3 apart with DeepSpeed's own semantics).
+process (3.7e-3 apart with DeepSpeed's own semantics). ZeRO-3 applies the same two rules.
 
-Checkpoints stay distgrow's, world-size independent: ZeRO stages 1 and 2 keep the optimizer
-state in flat per-rank partitions, which :meth:`DeepSpeedBackend.optimizer_state_dict`
-gathers into the state dict a plain ``torch.optim`` optimizer would have, and
-:meth:`DeepSpeedBackend.load_optimizer_state_dict` partitions again for this job's world size.
-DeepSpeed's own ZeRO-2 checkpoints would not load at another world size (INFRA.md); distgrow
-never writes them.
+ZeRO-3 partitions the weights too. The model is built whole on every rank (the trainer seeds
+it, checks the loss contract on it, then hands it over) and ``deepspeed.initialize`` partitions
+it: ``deepspeed.zero.Init`` would build it already partitioned, but only if the backend built
+the model, and the trainer's checks need the whole model once. Start-up therefore holds the
+float32 weights once per rank; training then holds only this rank's slice of weights,
+gradients and optimizer state. Every forward gathers each module's weights (a collective), so
+the trainer runs as many validation forwards on every rank.
+
+Checkpoints stay distgrow's, world-size independent (:mod:`distgrow.backends.deepspeed_state`):
+the weights (gathered one parameter at a time under ZeRO-3) and the optimizer state a plain
+``torch.optim`` optimizer would hold, assembled from ZeRO's flat per-rank partitions, and
+partitioned again for this job's world size on load. DeepSpeed's own ZeRO-2/3 checkpoints would
+not load at another world size (INFRA.md); distgrow never writes them.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ import logging
 import os
 import sys
 import typing
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -53,6 +61,15 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from distgrow.backends.base import BackendError, check_precision
+from distgrow.backends.deepspeed_state import (
+    gather_zero3_state,
+    gather_zero12_state,
+    gathered_model_state,
+    load_partitioned_model_state,
+    saved_dtype,
+    scatter_zero3_state,
+    scatter_zero12_state,
+)
 from distgrow.backends.torch_ddp import (
     ProcessGroupMember,
     _to_float32,
@@ -310,11 +327,20 @@ def _import_deepspeed() -> Any:
         ) from err
     # DeepSpeed logs its whole config at INFO; distgrow's output stays readable with warnings.
     deepspeed.utils.logger.setLevel(logging.WARNING)
+    # ZeRO-3 gathers and reduce-scatters through collectives torch 2.13 deprecates, and each
+    # call warns (about 1,900 lines in a 67-update run): torch's notice to DeepSpeed, not to the
+    # user.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
+        "deprecated",
+        category=FutureWarning,
+    )
     return deepspeed
 
 
 class DeepSpeedBackend(ProcessGroupMember):
-    """:class:`~distgrow.backends.base.Backend` over a DeepSpeed engine (ZeRO 0, 1 or 2).
+    """:class:`~distgrow.backends.base.Backend` over a DeepSpeed engine (ZeRO 0, 1, 2 or 3).
 
     Args:
         cfg: The whole config (the DeepSpeed config needs ``optim`` and ``growth`` too).
@@ -426,14 +452,22 @@ class DeepSpeedBackend(ProcessGroupMember):
     # -- state ---------------------------------------------------------------------------------
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full model: ZeRO 0-2 partition only the optimizer and gradients, not weights."""
+        """The full model: ZeRO 0-2 keep whole weights; ZeRO-3's are gathered one parameter
+        at a time (a collective: every rank calls it)."""
+        module = self._require_module()
+        if self.zero_stage == 3:
+            return gathered_model_state(module, self._ds)
         return {
-            name: value.detach().to("cpu", dtype=_saved_dtype(value), copy=True)
-            for name, value in self._require_module().state_dict().items()
+            name: value.detach().to("cpu", dtype=saved_dtype(value), copy=True)
+            for name, value in module.state_dict().items()
         }
 
     def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self._require_module().load_state_dict(state)
+        module = self._require_module()
+        if self.zero_stage == 3:
+            load_partitioned_model_state(module, state, self._ds)
+        else:
+            module.load_state_dict(state)
         engine = self._engine
         if engine is not None and hasattr(engine.optimizer, "refresh_fp32_params"):
             # ZeRO and the bf16/fp16 optimizers step a separate fp32 master copy.
@@ -441,110 +475,35 @@ class DeepSpeedBackend(ProcessGroupMember):
 
     def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """The state a plain ``torch.optim`` optimizer would hold (gathered over ranks)."""
-        engine = self._require_engine()
-        inner = engine.optimizer
-        if not hasattr(inner, "single_partition_of_fp32_groups"):
-            if inner is optimizer:
-                return optimizer.state_dict()
-            raise BackendError(
-                f"saving the optimizer of DeepSpeed's {type(inner).__name__} (precision "
-                f"{self._cfg.backend.precision}, ZeRO stage {self.zero_stage}) is not supported. "
-                "Fix: use backend.zero_stage=1 or 2 with bf16/fp16, or precision fp32."
-            )
-        return self._gather_zero_state(inner, optimizer)
+        inner = self._require_engine().optimizer
+        if self.zero_stage == 3:
+            return gather_zero3_state(inner, self._groups)
+        if hasattr(inner, "single_partition_of_fp32_groups"):
+            return gather_zero12_state(inner, self._groups)
+        if inner is optimizer:
+            return optimizer.state_dict()
+        raise BackendError(
+            f"saving the optimizer of DeepSpeed's {type(inner).__name__} (precision "
+            f"{self._cfg.backend.precision}, ZeRO stage {self.zero_stage}) is not supported. "
+            "Fix: use backend.zero_stage=1, 2 or 3 with bf16/fp16, or precision fp32."
+        )
 
     def load_optimizer_state_dict(
         self, optimizer: torch.optim.Optimizer, state: dict[str, Any]
     ) -> None:
-        engine = self._require_engine()
-        inner = engine.optimizer
-        if not hasattr(inner, "single_partition_of_fp32_groups"):
-            if inner is optimizer:
-                optimizer.load_state_dict(state)
-                return
+        inner = self._require_engine().optimizer
+        if self.zero_stage == 3:
+            scatter_zero3_state(inner, self._groups, state)
+        elif hasattr(inner, "single_partition_of_fp32_groups"):
+            scatter_zero12_state(inner, self._groups, state)
+        elif inner is optimizer:
+            optimizer.load_state_dict(state)
+        else:
             raise BackendError(
                 f"loading an optimizer state into DeepSpeed's {type(inner).__name__} is not "
-                "supported. Fix: use backend.zero_stage=1 or 2 with bf16/fp16, or precision fp32."
+                "supported. Fix: use backend.zero_stage=1, 2 or 3 with bf16/fp16, or precision "
+                "fp32."
             )
-        self._scatter_zero_state(inner, optimizer, state)
-
-    def _gather_zero_state(self, zero: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Every rank: each parameter's optimizer state, assembled from all partitions."""
-        from deepspeed.utils import safe_get_full_optimizer_state
-
-        base = zero.optimizer  # the trainer's optimizer, now over flat fp32 partitions
-        state: dict[int, dict[str, Any]] = {}
-        groups: list[dict[str, Any]] = []
-        index = 0
-        for g, (group, params) in enumerate(zip(base.param_groups, self._groups, strict=True)):
-            flat = zero.single_partition_of_fp32_groups[g]
-            flat_state = base.state.get(flat, {})
-            per_element = [k for k, v in flat_state.items() if _is_per_element(v, flat)]
-            shared = {k: _clone(v) for k, v in flat_state.items() if k not in per_element}
-            if per_element:
-                zero._lazy_init_hp_params_optimizer_state()
-            ids = list(range(index, index + len(params)))
-            for i, param in zip(ids, params, strict=True):
-                if not flat_state:
-                    continue
-                entry = dict(shared)
-                for key in per_element:
-                    full = safe_get_full_optimizer_state(param, key)
-                    entry[key] = full.detach().to("cpu", copy=True).view_as(param)
-                state[i] = entry
-            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})
-            index += len(params)
-        del optimizer
-        return {"state": state, "param_groups": groups}
-
-    def _scatter_zero_state(
-        self, zero: Any, optimizer: torch.optim.Optimizer, saved: dict[str, Any]
-    ) -> None:
-        """Every rank: take this rank's slice of each parameter's saved optimizer state."""
-        from deepspeed.utils import safe_set_full_optimizer_state
-
-        base = zero.optimizer
-        saved_groups = saved["param_groups"]
-        if len(saved_groups) != len(self._groups) or any(
-            len(s["params"]) != len(p) for s, p in zip(saved_groups, self._groups, strict=True)
-        ):
-            raise BackendError(
-                "the checkpoint's optimizer has other parameter groups than this model's. "
-                "Fix: resume with the same model and optimizer."
-            )
-        saved_state = {int(k): v for k, v in saved["state"].items()}
-        for g, (group, saved_group) in enumerate(zip(base.param_groups, saved_groups, strict=True)):
-            group.update({k: v for k, v in saved_group.items() if k != "params"})
-            ids = [int(i) for i in saved_group["params"]]
-            entries = [saved_state[i] for i in ids if i in saved_state]
-            if not entries:
-                continue
-            flat = zero.single_partition_of_fp32_groups[g]
-            params = self._groups[g]
-            first = next(i for i in ids if i in saved_state)
-            sample = saved_state[first]
-            shape = params[ids.index(first)].shape
-            per_element = [
-                k for k, v in sample.items() if isinstance(v, torch.Tensor) and v.shape == shape
-            ]
-            # torch optimizers create their state at the first step: create it the same way
-            # (the right keys, per-element tensors shaped like the flat partition).
-            flat_state = base.state[flat]
-            for key, value in sample.items():
-                if key in per_element:
-                    flat_state[key] = torch.zeros_like(flat)
-                else:
-                    flat_state[key] = _clone(value)
-            zero._hp_optimizer_states_linked = False
-            zero._lazy_init_hp_params_optimizer_state()
-            for i, param in zip(ids, params, strict=True):
-                entry = saved_state.get(i)
-                for key in per_element:
-                    if entry is None or key not in entry:
-                        continue
-                    value = entry[key].to(flat.device, dtype=flat.dtype)
-                    safe_set_full_optimizer_state(param, value, key)
-        del optimizer
 
     def _require_engine(self) -> Any:
         if self._engine is None:
@@ -555,17 +514,3 @@ class DeepSpeedBackend(ProcessGroupMember):
         if self._module is None:
             raise BackendError("the backend has no model yet: call setup(model, optimizer) first.")
         return self._module
-
-
-def _is_per_element(value: Any, flat: torch.Tensor) -> bool:
-    return isinstance(value, torch.Tensor) and value.shape == flat.shape
-
-
-def _clone(value: Any) -> Any:
-    return value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor) else value
-
-
-def _saved_dtype(value: torch.Tensor) -> torch.dtype:
-    # bf16/fp16 training keeps low-precision weights in the module: checkpoints hold float32,
-    # as the torch backend's do, so that any backend can resume them.
-    return torch.float32 if value.is_floating_point() else value.dtype

@@ -52,6 +52,7 @@ from distgrow.trainer.pieces import (
     build_optimizer,
     build_run_model,
     draws_random,
+    val_pieces,
 )
 from distgrow.trainer.resize import Resize
 from distgrow.trainer.telemetry import Clock
@@ -489,17 +490,23 @@ class Trainer(Resize):
         model = autocast_model(self.model, self.cfg.backend.precision, self.device)
         caps = [_VAL_CHUNK, self.policy.limits.max_micro_batch, self.oom.ceiling]
         piece = min(c for c in caps if c is not None)
+        pieces = val_pieces(n, _VAL_CHUNK, piece, self.world)
         self.model.eval()
         try:
-            for c in range(self.rank, chunks, self.world):
-                for start in range(c * _VAL_CHUNK, min(n, (c + 1) * _VAL_CHUNK), piece):
-                    idx = torch.arange(start, min(n, (c + 1) * _VAL_CHUNK, start + piece))
-                    x, y = val.batch(idx, 0)
-                    x, y = x.to(self.device), y.to(self.device)
-                    out = model(x)
-                    sums[c, 0] += self.objective.loss_sum(out, y).double()
-                    if self.objective.metric_sum is not None:
-                        sums[c, 1] += self.objective.metric_sum(out, y).double()
+            for c, start, end in pieces[self.rank]:
+                x, y = val.batch(torch.arange(start, end), 0)
+                x, y = x.to(self.device), y.to(self.device)
+                out = model(x)
+                sums[c, 0] += self.objective.loss_sum(out, y).double()
+                if self.objective.metric_sum is not None:
+                    sums[c, 1] += self.objective.metric_sum(out, y).double()
+            # Every rank runs as many forwards as the busiest: where the forward is itself a
+            # collective (ZeRO-3 gathers each module's weights), a rank with fewer pieces would
+            # leave the others waiting. The extra forwards cost no wall-clock (the rank would
+            # wait for the busiest at the all-reduce below) and are not counted.
+            for _ in range(max(map(len, pieces)) - len(pieces[self.rank])):
+                _, start, end = pieces[0][0]
+                model(val.batch(torch.arange(start, end), 0)[0].to(self.device))
         finally:
             self.model.train()
         self.backend.all_reduce(sums, "sum")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -140,3 +141,19 @@ def _reseed(seed: int, device: torch.device) -> None:
 
 def _print_flush(line: str) -> None:
     print(line, flush=True)
+
+
+def val_pieces(n: int, chunk: int, piece: int, world: int) -> list[list[tuple[int, int, int]]]:
+    """Each rank's validation forwards: ``(chunk index, first sample, end)``, in order.
+
+    The ``n`` samples are cut into chunks of ``chunk`` (one row of sums each, so the totals do
+    not depend on the world size), chunk ``c`` goes to rank ``c % world``, and each chunk is
+    fed in pieces of at most ``piece`` samples (what a training micro-batch may hold).
+    """
+    out: list[list[tuple[int, int, int]]] = [[] for _ in range(world)]
+    for c in range(math.ceil(n / chunk)):
+        end = min(n, (c + 1) * chunk)
+        out[c % world].extend(
+            (c, start, min(end, start + piece)) for start in range(c * chunk, end, piece)
+        )
+    return out
