@@ -46,8 +46,8 @@ class BackendConfig(Section):
     )
     zero_stage: Int = setting(
         0,
-        "DeepSpeed ZeRO stage (0, 1 or 2).",
-        Range(ge=0, le=2, problem="supported: 0, 1, 2", fix="use 0-2"),
+        "DeepSpeed ZeRO stage (0, 1, 2 or 3; 3 partitions the weights too).",
+        Range(ge=0, le=3, problem="supported: 0, 1, 2, 3", fix="use 0-3"),
     )
     precision: Literal["fp32", "bf16", "fp16"] = setting("fp32", "Training precision.")
     deepspeed_config: Str | None = setting(
