@@ -19,6 +19,11 @@ ratios
 CPU time is printed too: with one thread per rank it is the compute each side used, which load
 from other processes on a shared machine distorts far less than the wall clock.
 
+``--backend fsdp`` runs both sides sharded (FSDP2): distgrow's ``backend.name=fsdp`` against a
+plain loop over the same MLP under ``fully_shard`` (the root as one unit, the rule distgrow
+applies to an MLP), SGD built over the sharded parameters, the same loss scale (FSDP's
+reduce-scatter averages over ranks as DDP's all-reduce does).
+
 ``--control`` adds a third side, a second copy of the hand-written loop, timed in the same
 rotation (an A/A comparison): its ratio to the plain loop should be 1, and how far it strays is
 what this machine resolves in the same run (on 2 ranks sharing 2 cores, a few per cent).
@@ -37,6 +42,7 @@ Usage::
     PYTHONPATH=. .venv/bin/python benchmarks/overhead.py                 # 1 process
     PYTHONPATH=. .venv/bin/python benchmarks/overhead.py --world 2       # 2 gloo ranks
     PYTHONPATH=. .venv/bin/python benchmarks/overhead.py --world 2 --control   # A/A control
+    PYTHONPATH=. .venv/bin/python benchmarks/overhead.py --world 2 --backend fsdp   # FSDP2 row
     PYTHONPATH=. .venv/bin/python benchmarks/overhead.py --pieces
     PYTHONPATH=. .venv/bin/python benchmarks/overhead.py --profile --batches 128 3200
 """
@@ -63,7 +69,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from distgrow.backends.torch_ddp import TorchBackend
+from distgrow.backends import Backend, make_backend
 from distgrow.config import load_config
 from distgrow.data import epoch_permutation
 from distgrow.data.order import shard_split
@@ -74,7 +80,7 @@ from distgrow.trainer import Trainer
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
-def _config(batch: int, workers: int, out: str) -> list[str]:
+def _config(batch: int, workers: int, out: str, backend: str = "torch") -> list[str]:
     data = (
         ["data.name=fashion_mnist"]
         if FASHION.is_dir()
@@ -96,18 +102,25 @@ def _config(batch: int, workers: int, out: str) -> list[str]:
         f"growth.max_micro_batch={batch // workers}",
         "growth.max_dataset_fraction=null",
         "run.epochs=1",
+        "run.device=cpu",
+        f"backend.name={backend}",
         f"run.output_dir={out}",
         "logging.progress='off'",
     ]
 
 
-def _plain_model(world: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+def _plain_model(world: int, backend: str = "torch") -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model: nn.Module = nn.Sequential(
         nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
         nn.Linear(512, 10),
     )  # fmt: skip
-    if world > 1:
+    if backend == "fsdp":  # the process group is the backend's (a group of one on 1 rank)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    elif world > 1:
         model = nn.parallel.DistributedDataParallel(model)
     return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
@@ -158,7 +171,7 @@ def trainer_block(
 
 
 def _timed(
-    backend: TorchBackend, block: Callable[[int, int], None], first_step: int, steps: int
+    backend: Backend, block: Callable[[int, int], None], first_step: int, steps: int
 ) -> tuple[float, float]:
     """Wall and process CPU seconds of ``steps`` updates, the ranks started together."""
     backend.barrier()
@@ -176,11 +189,11 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     cpu_ratios: dict[tuple[int, str], list[float]] = {}
     rates: dict[tuple[int, str], list[float]] = {}
     profiles: dict[int, str] = {}
-    backend: TorchBackend | None = None
+    backend: Backend | None = None
     for batch in args.batches:
-        cfg = load_config(None, _config(batch, world, f"{out}/run{batch}"))
+        cfg = load_config(None, _config(batch, world, f"{out}/run{batch}", args.backend))
         if backend is None:
-            backend = TorchBackend(cfg.backend, runtime, device="cpu")
+            backend = make_backend(cfg, runtime)
         trainer = Trainer(cfg, backend, load_data(cfg))
         setting = trainer.next_setting()
         order = epoch_permutation(trainer.num_train, cfg.run.seed, 0)
@@ -192,13 +205,15 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
             continue
         # The plain loop's data: the whole normalised training set as one float32 tensor, ready.
         x_all, y_all = trainer.data.train.batch(torch.arange(trainer.num_train), 0)
-        model, optimizer = _plain_model(world)
+        model, optimizer = _plain_model(world, args.backend)
         blocks = {
             "plain": _PlainSide(model, optimizer, x_all, y_all, order, batch, rank, world).block,
             "distgrow": trainer_block(trainer, setting, order, batch),
         }
         if args.control:  # a second copy of the plain loop, timed in the same rotation (A/A)
-            copy = _PlainSide(*_plain_model(world), x_all, y_all, order, batch, rank, world)
+            copy = _PlainSide(
+                *_plain_model(world, args.backend), x_all, y_all, order, batch, rank, world
+            )
             blocks["control"] = copy.block
         names = list(blocks)
         wall: dict[str, list[float]] = {name: [] for name in names}
@@ -382,6 +397,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=30, help="timed blocks per side")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument(
+        "--backend",
+        choices=("torch", "fsdp"),
+        default="torch",
+        help="both sides under DDP (torch) or FSDP2 (fsdp: fully_shard)",
+    )
+    parser.add_argument(
         "--pieces",
         action="store_true",
         help="time each piece of distgrow's own per-update work alone (1 process)",
@@ -431,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
             print(text)
         return 0
     print(
-        f"torch backend, {args.world} process(es), {args.threads} thread(s) each, {data}, "
+        f"{args.backend} backend, {args.world} process(es), {args.threads} thread(s) each, {data}, "
         f"MLP 784-512-512-10, {args.reps} blocks × {args.steps} updates per side; "
         f"load average at the end {load} on {os.cpu_count()} CPUs"
     )

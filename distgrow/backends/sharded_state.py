@@ -27,6 +27,7 @@ across nodes), as DCP's file writer requires.
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -180,7 +181,9 @@ def read_full(path: Path) -> dict[str, Any]:
             flat[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
         else:
             flat[key] = None  # a plain value (an LR, a flag): DCP replaces it when it loads
-    dcp.load(flat, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(flat, storage_reader=reader, no_dist=True)
     mappings = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
     return _unflatten(flat, mappings)
 
