@@ -38,8 +38,10 @@ class BackendConfig(Section):
 
     KEY: ClassVar[str] = "backend"
 
-    name: Literal["torch", "deepspeed", "horovod"] = setting(
-        "torch", "torch, deepspeed or horovod."
+    name: Literal["torch", "fsdp", "deepspeed", "horovod"] = setting(
+        "torch",
+        "torch (DDP), fsdp (FSDP2: the model and optimizer sharded over the ranks), deepspeed "
+        "or horovod.",
     )
     dist_backend: Literal["auto", "gloo", "nccl"] = setting(
         "auto", "torch.distributed process-group backend: auto = NCCL on CUDA, gloo on CPU."
