@@ -44,8 +44,15 @@ from distgrow.backends.sharded_state import (
     is_sharded,
     parameter_names,
     read_full,
+    save_model_and_optimizer,
 )
-from distgrow.checkpoint import load_checkpoint, remove_orphan_shards
+from distgrow.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    load_checkpoint,
+    remove_orphan_shards,
+    save_checkpoint,
+)
 from distgrow.metrics import read_jsonl
 
 # The conftest plan (SGD, momentum: its buffers go through the sharded checkpoint; plain SGD
@@ -139,6 +146,58 @@ def test_orphan_and_temporary_shard_directories_are_removed(tmp_path: Path) -> N
     removed = remove_orphan_shards(tmp_path)
     assert sorted(p.name for p in removed) == [".ckpt-000000012.dcp.tmp", "ckpt-000000004.dcp"]
     assert (tmp_path / "ckpt-000000008.dcp").is_dir()
+
+
+class _FakeSharded:
+    """A sharded backend of one rank whose shards are one file naming their write."""
+
+    is_main = True
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    def barrier(self) -> None:
+        pass
+
+    def save_sharded(self, path: Path, optimizer: torch.optim.Optimizer) -> None:
+        assert path.name.startswith(".") and path.name.endswith(".dcp.tmp")  # never the final
+        path.mkdir()
+        self.writes += 1
+        (path / ".metadata").write_text(str(self.writes))
+
+    def load_sharded(self, path: Path, optimizer: torch.optim.Optimizer) -> None:
+        raise AssertionError("not loaded here")
+
+
+def test_shards_are_written_aside_then_renamed_and_the_pt_names_them(tmp_path: Path) -> None:
+    backend = _FakeSharded()
+    opt = torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1)
+    for _ in range(2):  # the same step saved twice: the second write replaces the first
+        entry, optim_entry = save_model_and_optimizer(
+            backend,  # type: ignore[arg-type]
+            opt,
+            tmp_path / "ckpt-000000005.pt",
+        )
+    assert entry == optim_entry == {"sharded_dcp": "ckpt-000000005.dcp"}
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt-000000005.dcp"]
+    assert (tmp_path / "ckpt-000000005.dcp" / ".metadata").read_text() == "2"
+    state = {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": {},
+        "model": entry,
+        "optimizer": optim_entry,
+        "plan_state": {},
+        "epoch": 0,
+        "position": 0,
+        "step": 5,
+        "samples_seen": 0,
+        "rng": torch.get_rng_state(),
+    }
+    path = save_checkpoint(tmp_path, state, keep=1)
+    assert is_sharded(load_checkpoint(path)["model"])
+    shutil.rmtree(tmp_path / "ckpt-000000005.dcp")
+    with pytest.raises(CheckpointError, match=r"missing or incomplete.*Fix: restore"):
+        load_checkpoint(path)
 
 
 # -- integration -------------------------------------------------------------------------------
