@@ -36,7 +36,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from distgrow.backends.base import Backend
+from distgrow.backends.base import Backend, BackendError
 from distgrow.checkpoint import SHARDED_KEY
 
 
@@ -117,8 +117,10 @@ def save_model_and_optimizer(
     entries name it; any other returns its full state dicts.
 
     Raises:
-        OSError: the shards could not be written (rank 0's rename; DCP's own write errors
-            come as its ``CheckpointException``); the previous checkpoints are untouched.
+        BackendError: on every rank, when rank 0 could not rename the shards into place, or
+            a rank does not see them there (the run directory is not shared by the nodes);
+            the previous checkpoints are untouched. (DCP's own write errors come as its
+            ``CheckpointException``.)
     """
     if not isinstance(backend, ShardedCheckpointing):
         return backend.model_state_dict(), backend.optimizer_state_dict(optimizer)
@@ -129,8 +131,29 @@ def save_model_and_optimizer(
         shutil.rmtree(temporary, ignore_errors=True)  # a write a kill cut short
     backend.barrier()
     backend.save_sharded(temporary, optimizer)  # returns once every rank's shards are written
+    why = ""
     if backend.is_main:
-        _replace_dir(temporary, final)
+        try:
+            _replace_dir(temporary, final)
+        except OSError as err:
+            why = f"{type(err).__name__}: {err}"
+    # Every rank must see the renamed shards: a rank on a node whose run directory is its own
+    # disk wrote its shards there, where no resume would find them. Said now, not at a resume.
+    flags = torch.tensor([float(bool(why)), float(not (final / ".metadata").is_file())])
+    renamed_failed, unseen = backend.all_reduce(flags, "max").tolist()
+    if renamed_failed:
+        raise BackendError(
+            f"the shards of this checkpoint could not be moved into {final} "
+            f"({why or 'on rank 0'}). The previous checkpoints are untouched. Fix: free space "
+            "in (or allow writes to) the run directory, then rerun with --resume."
+        )
+    if unseen:
+        raise BackendError(
+            f"a rank does not see {final / '.metadata'}, which rank 0 wrote: under "
+            "backend.name=fsdp every rank writes its shards into the run directory, so it must "
+            "be one shared file system on every node. Fix: set run.output_dir to a shared path "
+            "(NFS, Lustre, ...), or use backend.name=torch."
+        )
     entry = {SHARDED_KEY: final.name}
     return entry, dict(entry)
 
