@@ -16,9 +16,10 @@ collectives: all ranks walk the parameters in the same order).
   ``grad_position``). Weights are gathered one parameter at a time
   (``deepspeed.zero.GatheredParameters``: never the whole model at once) and written back the
   same way (``modifier_rank=0``), then the fp32 master copy is refreshed from them; the
-  optimizer state goes through ``safe_get_full_optimizer_state`` /
-  ``safe_set_full_optimizer_state``, which under ZeRO-3 all-gather or cut this rank's slice:
-  :func:`gathered_model_state`, :func:`load_partitioned_model_state`,
+  optimizer state is all-gathered by ``safe_get_full_optimizer_state`` and written back as
+  this rank's padded slice (``safe_set_local_optimizer_state``; :func:`_local_slice` says why
+  not ``safe_set_full_optimizer_state``): :func:`gathered_model_state`,
+  :func:`load_partitioned_model_state`,
   :func:`gather_zero3_state`, :func:`scatter_zero3_state`.
 """
 
