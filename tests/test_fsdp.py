@@ -34,7 +34,14 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import SYN_PLAN, assert_same_model, distgrow_job_run, write_config
+from conftest import (
+    SYN_PLAN,
+    assert_same_model,
+    clear_launcher_env,
+    distgrow_job_run,
+    free_port,
+    write_config,
+)
 from torch import nn
 
 from distgrow.backends import BackendError
@@ -53,6 +60,8 @@ from distgrow.checkpoint import (
     remove_orphan_shards,
     save_checkpoint,
 )
+from distgrow.config import load_config
+from distgrow.launch import run_controller
 from distgrow.metrics import read_jsonl
 
 # The conftest plan (SGD, momentum: its buffers go through the sharded checkpoint; plain SGD
@@ -280,3 +289,45 @@ def test_ddp_checkpoint_resumes_under_fsdp_and_back(
     assert is_sharded(load_checkpoint(run_dir / "ckpt-000000050.pt")["model"])
     _train(1, plan, run_dir, "backend.name=torch", "--resume")  # DCP → DDP (one worker)
     _assert_same_run(run_dir, ddp_reference, [2, 3])
+
+
+# The plan of test_launch_integration.py, shortened: batch 32 on 1 worker for epoch 1, then 64
+# on 2 workers (micro-batch 32): `distgrow launch` relaunches wider after epoch 1.
+LAUNCHED: dict[str, Any] = {
+    "run": {"name": "grow", "epochs": 2, "seed": 3, "device": "cpu", "threads": 1},
+    "data": {"name": "synthetic_classification", "synthetic_samples": 2048},
+    "model": {"name": "mlp", "hidden": [32]},
+    "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+    "schedule": {"type": "multistep", "milestones": [1], "gamma": 0.5},
+    "growth": {"base_batch": 32, "micro_batch": 32, "max_workers": 2},
+    "logging": {"progress": "off"},
+}
+
+
+@pytest.mark.integration
+def test_launch_relaunches_an_fsdp_run_wider_from_its_shards(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clear_launcher_env(monkeypatch)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    tree = {**LAUNCHED, "launch": {"master_port": free_port(), "max_restarts": 0}}
+    config = write_config(tmp_path / "grow.yaml", tree)
+    run_dir = tmp_path / "fsdp"
+    code = run_controller(
+        str(config),
+        [f"run.output_dir={run_dir}", "backend.name=fsdp"],
+        load_config(config, [f"run.output_dir={run_dir}", "backend.name=fsdp"]),
+        log=lambda line: None,
+    )
+    assert code == 0
+    starts = [
+        (r["event"], r["world_size"])
+        for r in read_jsonl(run_dir / "metrics.jsonl")
+        if r.get("event") in ("start", "resume")
+    ]
+    assert starts == [("start", 1), ("resume", 2)]  # the relaunch read the 1-rank shards
+    # The same plan in one DDP process (the batch of 64 by accumulation) ends alike.
+    reference = tmp_path / "ddp"
+    _train(1, config, reference)
+    last = max(int(p.stem.split("-")[1]) for p in run_dir.glob("ckpt-*.pt"))
+    assert_same_model(_model_at(run_dir, last), _model_at(reference, last))
