@@ -59,14 +59,17 @@ def series_of(run: RunData, colour: str | None = None) -> ScheduleSeries:
 
 def plot_schedule_noise(series: Sequence[ScheduleSeries], path: Path) -> Any:
     """Two panels over samples seen: the batch (steps) with ``B_simple`` (dotted) above, the
-    LR below, one colour per run; returns the figure (tests read its lines back)."""
-    from distgrow.plots import _legend, _save, colour_for
+    LR below, one colour per run; returns the figure (tests read its lines back).
+
+    A step record describes the updates that ended at its ``samples_seen``, so the steps are
+    drawn ending there (``steps-pre``)."""
+    from distgrow.plots import _save, colour_for
 
     fig, (ax_b, ax_lr) = _two_rows()
     for i, s in enumerate(series):
         colour = s.colour or colour_for(s.label, i)
         ax_b.plot(
-            s.samples, s.batch, color=colour, drawstyle="steps-post", label=f"{s.label}: batch"
+            s.samples, s.batch, color=colour, drawstyle="steps-pre", label=f"{s.label}: batch"
         )
         if s.b_simple:
             ax_b.plot(
@@ -77,7 +80,7 @@ def plot_schedule_noise(series: Sequence[ScheduleSeries], path: Path) -> Any:
                 linewidth=2,
                 label=f"{s.label}: B_simple",
             )
-        ax_lr.plot(s.samples, s.lr, color=colour, drawstyle="steps-post", label=s.label)
+        ax_lr.plot(s.samples, s.lr, color=colour, drawstyle="steps-pre", label=s.label)
     ax_b.set_ylabel("samples (log)")
     ax_b.set_title("global batch (solid) and measured noise scale B_simple (dotted)")
     ax_lr.set_ylabel("learning rate (log)")
@@ -85,7 +88,9 @@ def plot_schedule_noise(series: Sequence[ScheduleSeries], path: Path) -> Any:
     for ax in (ax_b, ax_lr):
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
-    _legend(fig, ax_b)
+    handles, labels = ax_b.get_legend_handles_labels()
+    if handles:  # two entries per run: two per row keeps long labels inside the figure
+        fig.legend(handles, labels, loc="outside lower center", ncols=2)
     return _save(fig, path)
 
 
