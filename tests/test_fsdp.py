@@ -148,6 +148,45 @@ def test_fp16_and_the_noise_meter_are_refused(tmp_path: Path) -> None:
         FSDPBackend(cfg, runtime)
 
 
+def test_bf16_trains_the_transformer_in_one_process(tmp_path: Path, one_thread: None) -> None:
+    """bf16: units compute in bf16 and hand bf16 on (the root's final norm is bf16 too), the
+    loss comes back float32, the sharded weights and their gradients stay float32."""
+    import torch.distributed as dist
+
+    from distgrow.backends.fsdp_backend import FSDPBackend
+    from distgrow.models_lm import TinyTransformer
+    from distgrow.runtime import Runtime
+
+    cfg = load_config(
+        write_config(tmp_path / "c.yaml", FSDP_PLAN),
+        ["backend.name=fsdp", "backend.precision=bf16", "run.device=cpu"],
+    )
+    backend = FSDPBackend(cfg, Runtime(0, 1, 0, 1, "127.0.0.1", 29500, "none"))
+    try:
+        torch.manual_seed(0)
+        model = TinyTransformer(vocab=32, max_len=8, depth=2, width=32)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        train = backend.setup(model, opt)
+        tokens = torch.randint(0, 32, (4, 8))
+        for sync in (False, True):  # two micro-steps: the gradient syncs on the last only
+            with backend.micro_step(sync):
+                logits = train(tokens)
+                assert logits.dtype == torch.float32
+                backend.backward(logits.logsumexp(-1).sum())
+        assert all(
+            p.grad is not None and p.grad.dtype == torch.float32
+            for p in opt.param_groups[0]["params"]
+        )
+        backend.step(opt, grad_clip=1.0)
+        after = backend.model_state_dict()
+        assert after.keys() == before.keys() and after["head.weight"].dtype == torch.float32
+        assert not torch.equal(after["blocks.0.qkv.weight"], before["blocks.0.qkv.weight"])
+        assert torch.equal(after["head.weight"], after["token.weight"])  # still tied
+    finally:
+        dist.destroy_process_group()
+
+
 def test_orphan_and_temporary_shard_directories_are_removed(tmp_path: Path) -> None:
     for name in ("ckpt-000000004.dcp", "ckpt-000000008.dcp", ".ckpt-000000012.dcp.tmp"):
         (tmp_path / name).mkdir()

@@ -95,11 +95,17 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in _BLOCK_CLASSES]
 
 
-def mixed_precision(precision: str) -> MixedPrecisionPolicy:
-    """FSDP's policy for ``backend.precision`` (bf16: gather and reduce in bf16)."""
+def mixed_precision(precision: str, root: bool) -> MixedPrecisionPolicy:
+    """FSDP's policy for ``backend.precision`` (bf16: gather and reduce in bf16).
+
+    Only the root's output comes back float32 (for the loss): a unit's output stays bf16, as
+    the next unit or the root's own layers (a final norm) compute in bf16.
+    """
     if precision == "bf16":
         return MixedPrecisionPolicy(
-            param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16, output_dtype=torch.float32
+            param_dtype=torch.bfloat16,
+            reduce_dtype=torch.bfloat16,
+            output_dtype=torch.float32 if root else None,
         )
     return MixedPrecisionPolicy()
 
@@ -171,10 +177,9 @@ class FSDPBackend(AsyncReducer):
         if optimizer.state:
             raise BackendError("FSDPBackend.setup: the optimizer already has state (a bug).")
         names = parameter_names(model, optimizer)
-        policy = mixed_precision(self.precision)
         for unit in shard_units(model):
-            fully_shard(unit, mesh=self._mesh, mp_policy=policy)
-        fully_shard(model, mesh=self._mesh, mp_policy=policy)
+            fully_shard(unit, mesh=self._mesh, mp_policy=mixed_precision(self.precision, False))
+        fully_shard(model, mesh=self._mesh, mp_policy=mixed_precision(self.precision, True))
         sharded = dict(model.named_parameters())
         for group, group_names in zip(optimizer.param_groups, names, strict=True):
             group["params"] = [sharded[name] for name in group_names]
