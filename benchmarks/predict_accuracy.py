@@ -187,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
             if key in row:
                 guess, got, err = row[key]
                 print(f"    {what}: predicted {guess:.2f}, measured {got:.2f} ({err:+.1%})")
+        if len(row["phases"]) > 6:  # a continuous schedule: a phase per batch size
+            print(f"    {len(row['phases'])} phases (each in --json)")
+            continue
         for ph in row["phases"]:
             measured = ph["measured_s"]
             print(

@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from distgrow.config import Config, load_config
+from distgrow.config import Config, ConfigError, load_config
 from distgrow.exits import EXIT_USAGE
 from distgrow.planner import Plan, make_plan
 from distgrow.predict.estimate import RunPrediction, format_predictions, predict_plan
@@ -37,7 +37,7 @@ Measured (on this node, once, then cached under ~/.cache/distgrow/probe/timing-*
 from --probe FILE): a micro-step's time at the plan's micro-batches, the optimizer step, a
 validation forward, a checkpoint, the gradient all-reduce and the node's core sharing with 2, 4,
 ... processes of the config's backend (--workers-to-time), a cold worker's start, the data load.
-Modelled: a + b*m between and beyond the measured micro-batches, the ring all-reduce
+Modelled: interpolation between the measured micro-batches, a + b*m beyond them, the ring all-reduce
 alpha*(W-1) + beta*(W-1)/W beyond the measured worker counts and across nodes (the network
 between nodes is not measured), no overlap of the all-reduce with the backward, no queue wait.
 
@@ -200,8 +200,9 @@ def describe_model(model: Throughput, per_node: int, nodes: int) -> list[str]:
     p = model.profile
     ms = [m for m, _ in p.micro_rows]
     lines = [
-        f"model: micro-step {model.a * 1e3:.3f} ms + {model.b * 1e6:.3f} µs/sample (measured at "
-        f"{ms[0]}–{ms[-1]}, fitted); optimizer step {p.step_s * 1e3:.3f} ms; checkpoint "
+        f"model: micro-step measured at {', '.join(map(str, ms))} (interpolated between), beyond "
+        f"{model.a * 1e3:.3f} ms + {model.b * 1e6:.3f} µs/sample (fitted); optimizer step "
+        f"{p.step_s * 1e3:.3f} ms; checkpoint "
         f"{p.checkpoint_s * 1e3:.1f} ms; validation forward {model.eval_a * 1e3:.3f} ms + "
         f"{model.eval_b * 1e6:.3f} µs/sample (measured)",
     ]
@@ -226,9 +227,15 @@ def describe_model(model: Throughput, per_node: int, nodes: int) -> list[str]:
 
 def run_estimate(args: argparse.Namespace) -> int:
     """``distgrow estimate``: see the module's docstring."""
+    from distgrow.backends import BackendError
+    from distgrow.state import TrainError
+
     try:
         return _run(args)
-    except (EstimateError, ProfileError) as err:
+    except ConfigError:
+        raise  # the command's own config-error line
+    except (EstimateError, ProfileError, TrainError, BackendError, ValueError, OSError) as err:
+        # ValueError and OSError: a missing or malformed data set (as `distgrow probe` says).
         print(f"distgrow: error: {err}", file=sys.stderr)
         return EXIT_USAGE
 
