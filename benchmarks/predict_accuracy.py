@@ -11,7 +11,9 @@ runs, side by side and in this order for each case:
    last: validation and checkpoints included, start-up excluded, which is what is predicted).
 
 It prints one row per case (predicted, measured, error %) and each case's phases, and the load
-average around each case: on a machine shared with other jobs the measured time moves with
+average around each case (with ``--keep DIR`` each run directory also holds the case's timing
+profile as ``timing.json``, so ``distgrow report RUN_DIR`` draws its phases predicted against
+measured): on a machine shared with other jobs the measured time moves with
 their load, and the prediction moves with the load during its own probe.
 
 A config whose data is not on this machine (CIFAR-10, covtype, the ionosphere file) is listed as
@@ -87,10 +89,10 @@ def _python() -> str:
     return sys.executable
 
 
-def estimate(case: Case, overrides: list[str]) -> dict[str, Any] | str:
-    """The estimate's JSON, or its error line."""
+def estimate(case: Case, overrides: list[str], save: Path) -> dict[str, Any] | str:
+    """The estimate's JSON (its timing profile saved to ``save``), or its error line."""
     argv = [_python(), "-m", "distgrow", "estimate", f"configs/{case.config}.yaml", *overrides]
-    argv += ["--refresh", "--json", "--workers", str(case.workers)]
+    argv += ["--refresh", "--json", "--workers", str(case.workers), "--save", str(save)]
     argv += ["--workers-to-time", str(case.workers)]
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -121,7 +123,10 @@ def train(case: Case, overrides: list[str], out: Path) -> dict[str, Any] | str:
 def run_case(case: Case, work: Path) -> dict[str, Any]:
     overrides = [*COMMON, *case.overrides]
     row: dict[str, Any] = {"case": case.name, "workers": case.workers, "load_before": _load()}
-    est = estimate(case, overrides)
+    out = work / case.name.replace(" ", "_").replace(",", "")
+    shutil.rmtree(out, ignore_errors=True)
+    timing = work / f"{out.name}.timing.json"
+    est = estimate(case, overrides, timing)
     if isinstance(est, str):
         row["skipped"] = est
         return row
@@ -129,9 +134,9 @@ def run_case(case: Case, work: Path) -> dict[str, Any]:
     if pred is None:
         row["skipped"] = f"no {case.variant} prediction"
         return row
-    out = work / case.name.replace(" ", "_").replace(",", "")
-    shutil.rmtree(out, ignore_errors=True)
     summary = train(case, overrides, out)
+    if out.is_dir():  # `distgrow report RUN_DIR` then draws predicted_vs_measured.png
+        shutil.copyfile(timing, out / "timing.json")
     row["load_after"] = _load()
     if isinstance(summary, str):
         row["skipped"] = f"training failed: {summary}"

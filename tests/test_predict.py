@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -183,6 +184,20 @@ def test_measured_phases_are_predicted_with_the_plans_arithmetic() -> None:
 # -- the command -------------------------------------------------------------------------------
 
 
+def test_the_micro_batches_timed_span_the_plans_doubling_with_both_ends() -> None:
+    from distgrow.predict.verb import micro_batches, world_sizes
+
+    plan = two_phase_plan()
+    plan.phases[1] = replace(plan.phases[1], split=Split(6400, 2, 3200, 1))
+    plan.phases[0] = replace(plan.phases[0], split=Split(32, 1, 32, 1))
+    assert micro_batches({"grow_batch": plan}) == [32, 64, 128, 256, 512, 1024, 2048, 3200]
+    assert micro_batches({"grow_batch": plan}, most=3) == [32, 512, 3200]
+    assert world_sizes(None, {"grow_batch": plan}, per_node=8) == [2]
+    assert world_sizes("1,2,4", {"grow_batch": plan}, per_node=8) == [2, 4]
+    with pytest.raises(ValueError, match="Fix: e.g. --workers-to-time 2,4"):
+        world_sizes("2,x", {"grow_batch": plan}, per_node=8)
+
+
 def _config_file(tmp_path: Path) -> Path:
     path = tmp_path / "job.yaml"
     path.write_text(
@@ -229,7 +244,7 @@ def test_the_estimate_prints_the_model_and_the_three_variants(
     argv = ["estimate", str(_config_file(tmp_path)), "--probe", str(_profile_file(tmp_path))]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "model: micro-step 1.000 ms + 100.000 µs/sample" in out
+    assert "measured at 100, 200, 400 (interpolated between), beyond 1.000 ms + 100.000 µs" in out
     assert "model: 2 workers on the node (measured): micro-step ×2.00" in out
     for variant in ("decay_lr ", "grow_batch ", "hybrid "):
         assert any(line.startswith(variant) for line in out.splitlines())
