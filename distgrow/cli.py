@@ -121,6 +121,7 @@ def format_plan(plan: Plan, growth: GrowthConfig | None = None, world_size: int 
     lines.append(f"rule {plan.rule}: {RULE_IDENTITIES[plan.rule]}")
     lines += [f"adjustment: {name}: {ADJUSTMENT_NOTES[name]}" for name in plan.adjustments]
     lines += [f"note: {n}" for n in plan.notes]
+    lines += [f"warning: {w}" for w in plan.warnings]  # distgrow/core/risk.py
     return "\n".join(lines)
 
 

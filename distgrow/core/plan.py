@@ -16,6 +16,7 @@ from typing import Any
 
 from distgrow.config import FLOORED, Config, load_config
 from distgrow.core.policy import GrowthPolicy, Setting, _SplitView
+from distgrow.core.risk import growth_warnings
 from distgrow.core.split import Split, flatten_split
 
 
@@ -68,6 +69,8 @@ class Plan:
     """
     cap_from_epoch: float | None = None
     """Where the cap first binds (the hybrid takes over), in epochs; None if it never does."""
+    warnings: list[str] = field(default_factory=list)
+    """Phases in the region where growth lost to decay_lr in the evidence (core/risk.py)."""
 
     @property
     def update_ratio(self) -> float | None:
@@ -408,6 +411,12 @@ def make_plan(cfg: Config, dataset_size: int, min_workers: int = 1) -> Plan:
         rule=policy.rule,
         adjustments=adjustments,
         cap_from_epoch=None if plan_is_ladder(cfg) else cap_from,
+        warnings=growth_warnings(
+            phases,
+            mode=cfg.growth.mode,
+            base_batch=cfg.growth.base_batch,
+            dataset_size=dataset_size,
+        ),
     )
 
 
