@@ -238,6 +238,21 @@ def test_n_nodes_from_a_probe_file(tmp_path: Path, capsys: pytest.CaptureFixture
     assert preds["decay_lr"]["updates"] > grow["updates"]
 
 
+def test_the_chains_tasks_per_node_shape_the_node_hours(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["estimate", str(_config_file(tmp_path)), "--probe", str(_profile_file(tmp_path))]
+    shape = ["growth.max_workers=4", "launch.chain.tasks_per_node=2", "--json"]
+    assert main([*argv, *shape]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["per_node"] == 2
+    grow = next(p for p in out["predictions"] if p["variant"] == "grow_batch")
+    assert max(p["workers"] for p in grow["phases"]) == 4  # 2 nodes at the widest
+    assert grow["allocation_node_hours"] == pytest.approx(
+        2 * (grow["startup_s"] + grow["wall_s"]) / 3600
+    )
+
+
 def test_the_estimate_prints_the_model_and_the_three_variants(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -93,13 +93,13 @@ def variant_configs(cfg: Config, dataset_size: int) -> dict[str, Config]:
     return out
 
 
-def per_node_of(cfg: Config, args: argparse.Namespace, profile_per_node: int | None) -> int:
-    """Workers per node: the option, the chain's shape, else the probed node's."""
+def per_node_of(cfg: Config, args: argparse.Namespace) -> int | None:
+    """Workers per node as given: the option, else the chain's shape (None: neither)."""
     chain = cfg.launch.chain
     for value in (args.workers_per_node, chain.tasks_per_node, chain.gpus_per_node or None):
         if value:
             return int(value)
-    return profile_per_node or 1
+    return None
 
 
 def world_sizes(text: str | None, plans: dict[str, Plan], per_node: int) -> list[int]:
@@ -258,7 +258,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.probe is not None:
         profile = read_profile(args.probe)
         source = f"read from {args.probe}"
-    per_node = per_node_of(cfg, args, profile.workers_per_node if profile else None)
+    given = per_node_of(cfg, args)
+    per_node = given or (profile.workers_per_node if profile else 1)
     nodes = args.nodes or 1
     if args.nodes is not None:
         workers = nodes * per_node
@@ -266,8 +267,8 @@ def _run(args: argparse.Namespace) -> int:
     if cfg.growth.max_micro_batch == "auto" and profile is not None:
         cfg = replace(cfg, growth=replace(cfg.growth, max_micro_batch=profile.max_micro_batch))
     plans = _plans(cfg, args.workers)
-    if args.nodes is None and args.workers_per_node is None:
-        # One node: every worker of the plans shares it.
+    if args.nodes is None and given is None:
+        # No shape given: one node, which every worker of the plans shares.
         per_node = max(p.workers for plan in plans.values() for p in plan.phases)
     if profile is None:
         profile, source, cfg = _measured_profile(cfg, args, plans, per_node)
