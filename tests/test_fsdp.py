@@ -251,6 +251,23 @@ def test_shards_are_written_aside_then_renamed_and_the_pt_names_them(tmp_path: P
         load_checkpoint(path)
 
 
+def test_shards_a_rank_cannot_see_stop_the_run_with_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rank whose run directory is not rank 0's (no shared file system) does not see the
+    renamed shards: every rank stops at that first checkpoint, not at a resume."""
+    from distgrow.backends import sharded_state
+
+    class Unshared(_FakeSharded):
+        def save_sharded(self, path: Path, optimizer: torch.optim.Optimizer) -> None:
+            path.mkdir()  # this rank's shards; DCP's metadata went to another node's disk
+
+    monkeypatch.setattr(sharded_state, "SEEN_WITHIN_S", 0.0)
+    opt = torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1)
+    with pytest.raises(BackendError, match=r"does not see .*shared file system.*Fix:"):
+        save_model_and_optimizer(Unshared(), opt, tmp_path / "ckpt-000000005.pt")  # type: ignore[arg-type]
+
+
 # -- integration -------------------------------------------------------------------------------
 
 

@@ -27,6 +27,7 @@ across nodes), as DCP's file writer requires.
 from __future__ import annotations
 
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -137,17 +138,17 @@ def save_model_and_optimizer(
             _replace_dir(temporary, final)
         except OSError as err:
             why = f"{type(err).__name__}: {err}"
-    # Every rank must see the renamed shards: a rank on a node whose run directory is its own
-    # disk wrote its shards there, where no resume would find them. Said now, not at a resume.
-    flags = torch.tensor([float(bool(why)), float(not (final / ".metadata").is_file())])
-    renamed_failed, unseen = backend.all_reduce(flags, "max").tolist()
-    if renamed_failed:
+    # The all-reduce also holds every rank until rank 0 has renamed the shards.
+    if backend.all_reduce(torch.tensor([float(bool(why))]), "max").item():
         raise BackendError(
             f"the shards of this checkpoint could not be moved into {final} "
             f"({why or 'on rank 0'}). The previous checkpoints are untouched. Fix: free space "
             "in (or allow writes to) the run directory, then rerun with --resume."
         )
-    if unseen:
+    # Every rank must see the renamed shards: a rank on a node whose run directory is its own
+    # disk wrote its shards there, where no resume would find them. Said now, not at a resume.
+    unseen = torch.tensor([float(not _appears(final / ".metadata", SEEN_WITHIN_S))])
+    if backend.all_reduce(unseen, "max").item():
         raise BackendError(
             f"a rank does not see {final / '.metadata'}, which rank 0 wrote: under "
             "backend.name=fsdp every rank writes its shards into the run directory, so it must "
@@ -233,6 +234,21 @@ def _lists(node: Any) -> Any:
     if keys and all(isinstance(k, int) for k in keys) and sorted(keys) == list(range(len(keys))):
         return [converted[i] for i in range(len(keys))]
     return converted
+
+
+SEEN_WITHIN_S = 60.0
+"""How long a rank waits to see the shards rank 0 renamed: a network file system may cache a
+directory's entries on other nodes for some seconds (NFS: ``acdirmax``, 60 s by default)."""
+
+
+def _appears(path: Path, within_s: float) -> bool:
+    """Whether ``path`` exists now or within ``within_s`` seconds (polled)."""
+    deadline = time.monotonic() + within_s
+    while not path.is_file():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def _replace_dir(temporary: Path, final: Path) -> None:
