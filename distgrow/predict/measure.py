@@ -15,8 +15,8 @@ model on the same device, what a prediction of wall-clock needs beyond that:
   ``torch._dynamo``: what a relaunch pays; ``launch.preload`` avoids it on one machine).
 
 The record is cached beside the memory probe's (:func:`timing_path`), keyed by the probe's
-identity (:func:`distgrow.probe_cache.probe_identity`) plus the threads per worker: unlike the
-memory limit, times depend on them.
+identity (:func:`distgrow.probe_cache.probe_identity`) plus the threads per worker and the
+cores: unlike the memory limit, times depend on them.
 """
 
 from __future__ import annotations
@@ -60,10 +60,12 @@ def worker_threads(cfg: Config, local_workers: int) -> int:
 
 
 def timing_identity(cfg: Config, data: DataBundle, device: torch.device) -> dict[str, Any]:
-    """The memory probe's identity plus the threads of a one-worker run."""
+    """The memory probe's identity plus the threads of a one-worker run and the cores (which
+    give several workers' threads): times depend on both, the memory limit on neither."""
     placement = data_placement_of(cfg, data, device)
     identity = probe_identity(cfg, data.input_shape, device_name(device), placement)
-    return {**identity, "record": "timing", "threads": worker_threads(cfg, 1)}
+    threads = worker_threads(cfg, 1)
+    return {**identity, "record": "timing", "threads": threads, "cores": cpu_cores()}
 
 
 def timing_path(identity: dict[str, Any]) -> Path:
