@@ -68,15 +68,22 @@ def summary(budget: str, corpus: str, rule: str, variant: str, seed: int) -> dic
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
-    return data if data.get("status") == "completed" else None
+    if data.get("status") != "completed":
+        return None
+    # The first epoch's validation loss (half the tokens), from the run's metrics.jsonl.
+    records = (path.parent / "metrics.jsonl").read_text().splitlines()
+    epochs = [r for r in map(json.loads, records) if r.get("kind") == "epoch"]
+    data["first_epoch_val_loss"] = epochs[0]["val_loss"] if epochs else None
+    return data
 
 
 def table(budget: str, corpora: list[str], seeds: list[int]) -> str:
     """Final validation loss and updates of every run, each rule's mean difference to decay_lr,
     and which rule ended closer to it on average over corpora and seeds."""
     rows = [
-        "| corpus | seed | run | final val loss (nats/token) | Δ vs decay_lr | updates |",
-        "|---|---|---|---|---|---|",
+        "| corpus | seed | run | val loss after epoch 1 | final val loss (nats/token) "
+        "| Δ vs decay_lr | updates |",
+        "|---|---|---|---|---|---|---|",
     ]
     deltas: dict[str, list[float]] = {"sqrt": [], "linear": []}
     for corpus in corpora:
@@ -88,16 +95,17 @@ def table(budget: str, corpora: list[str], seeds: list[int]) -> str:
             ]
             for name, run in runs:
                 if run is None:
-                    rows.append(f"| {corpus} | {seed} | {name} | (not finished) | | |")
+                    rows.append(f"| {corpus} | {seed} | {name} | | (not finished) | | |")
                     continue
                 delta = ""
                 if base is not None and name != "decay_lr":
                     diff = run["val_loss"] - base["val_loss"]
                     deltas[name.split()[1]].append(diff)
                     delta = f"{diff:+.3f}"
+                first = run["first_epoch_val_loss"]
                 rows.append(
-                    f"| {corpus} | {seed} | {name} | {run['val_loss']:.3f} | {delta} | "
-                    f"{run['total_updates']} |"
+                    f"| {corpus} | {seed} | {name} | {'' if first is None else f'{first:.3f}'} | "
+                    f"{run['val_loss']:.3f} | {delta} | {run['total_updates']} |"
                 )
     lines = [*rows, ""]
     for rule, values in deltas.items():
