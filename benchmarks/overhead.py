@@ -243,13 +243,14 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
 
 # Where the profile puts the update's time: (label, file, function, caller), the cumulative
 # time of that function called from that caller (None: from anywhere).
+# The micro-steps run in engine/step.py's run_update, each micro-batch's loss in _loss_of.
 _PARTS = (
-    ("forward (the model)", "torch/nn/modules/module.py", "_wrapped_call_impl", "train_step"),
-    ("loss function", "distgrow/losses.py", None, "train_step"),
-    ("backward (+ DDP's gradient all-reduce)", "distgrow/backends/", "backward", "train_step"),
+    ("forward (the model)", "torch/nn/modules/module.py", "_wrapped_call_impl", "_loss_of"),
+    ("loss function", "distgrow/losses.py", None, "_loss_of"),
+    ("backward (+ the gradient all-reduce)", "distgrow/backends/", "backward", "run_update"),
     ("optimizer step + zero_grad", "distgrow/backends/", "step", "train_step"),
-    ("data: gather (+ normalise)", "distgrow/data/containers.py", "batch", "train_step"),
-    ("agreement: start the all-reduce", "distgrow/agreement.py", "start", "train_step"),
+    ("data: gather (+ normalise)", "distgrow/data/containers.py", "batch", "_loss_of"),
+    ("agreement: start the all-reduce", "distgrow/agreement.py", "start", None),
     ("agreement: collect it, read back", "distgrow/agreement.py", "mean_loss", "train_step"),
     ("reseed per micro-batch", "distgrow/", "_reseed", None),
     ("hyperparameters into the optimizer", "distgrow/", "_apply_hyperparameters", None),
@@ -445,8 +446,9 @@ def main(argv: list[str] | None = None) -> int:
             f"distgrow's own work per update, each piece timed alone (timeit), torch backend, "
             f"{args.threads} thread(s), {data}; load average {load}"
             if args.pieces
-            else f"cProfile of Trainer.train_step, torch backend, {args.world} process(es), "
-            f"{args.threads} thread(s) each, {data}, {args.steps} updates; load average {load}"
+            else f"cProfile of Trainer.train_step, {args.backend} backend, {args.world} "
+            f"process(es), {args.threads} thread(s) each, {data}, {args.steps} updates; "
+            f"load average {load}"
         )
         for text in profiles.values():
             print(text)
