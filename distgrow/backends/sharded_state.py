@@ -33,9 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from distgrow.backends.base import Backend, BackendError
 from distgrow.checkpoint import SHARDED_KEY
@@ -197,6 +195,10 @@ def read_full(path: Path) -> dict[str, Any]:
         ``{"model": {name: tensor}, "optim": {"state": {name: {...}}, "param_groups": [...]}}``
         as :meth:`ShardedCheckpointing.save_sharded` wrote them, unsharded.
     """
+    # Imported here: torch.distributed.checkpoint adds ~1 s to every run's start-up otherwise.
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     reader = dcp.FileSystemReader(str(path))
     metadata = reader.read_metadata()
     flat: dict[str, Any] = {}
