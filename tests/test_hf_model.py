@@ -39,7 +39,7 @@ def test_the_gpt2_is_built_from_its_config_causal_and_takes_an_empty_batch() -> 
     _transformers()
     from transformers import GPT2LMHeadModel
 
-    build = resolve_entry_point("model.name", f"{EXAMPLE / 'model.py'}:build")
+    build = resolve_entry_point("model.name", f"{EXAMPLE / 'gpt2_model.py'}:build")
     torch.manual_seed(0)
     model = build(vocab_size=50, n_positions=16, n_layer=2, n_embd=32, n_head=2).eval()
     assert isinstance(model.lm, GPT2LMHeadModel)

@@ -1,6 +1,6 @@
 """A Hugging Face ``transformers`` GPT-2 as your own model file (docs/own_code.md).
 
-distgrow builds it with ``model.name: "model.py:build"`` and ``model.kwargs`` (config.yaml
+distgrow builds it with ``model.name: "gpt2_model.py:build"`` and ``model.kwargs`` (config.yaml
 beside this file). The model is made from a ``GPT2Config``, never downloaded: its weights are
 drawn by transformers' own initialisation from torch's global RNG, which distgrow seeds with
 ``run.seed`` before it calls ``build``, so every rank starts from the same model. Any causal LM
@@ -69,7 +69,7 @@ def build(
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError as err:
         raise ImportError(
-            "examples/hf_gpt2/model.py needs Hugging Face transformers, which is not "
+            "examples/hf_gpt2/gpt2_model.py needs Hugging Face transformers, which is not "
             "installed: pip install 'distgrow[hf]' (or pip install transformers)."
         ) from err
     config = GPT2Config(
