@@ -24,7 +24,7 @@ from distgrow.held import (
     parse_tres,
     query_slurm,
 )
-from distgrow.launch.builders import LaunchError
+from distgrow.launch.builders import LaunchError, build_command
 from distgrow.launch.controller import Decision
 from distgrow.launch.job import prepare
 from distgrow.launch.slurm_chain import (
@@ -516,3 +516,32 @@ def test_query_slurm_asks_nothing_more_when_slurm_does_not_answer() -> None:
 
     assert query_slurm(["3", "4", "5"], down) == {}
     assert asked == [["scontrol", "show", "config"]]
+
+
+def test_a_chain_of_fsdp_spans_is_accepted_and_launched_as_srun_steps(tmp_path: Path) -> None:
+    """``backend.name=fsdp`` in a chain: nothing refuses it; inside a span of two nodes the
+    workers are one srun step across both (no ``--mpi``, which only Horovod needs), each
+    resuming from the shards of the span before; the next span's script carries the backend."""
+    check_chain(chain_config(tmp_path, "backend.name=fsdp"))
+    env = {
+        "SLURM_JOB_ID": "42",
+        "SLURM_NTASKS": "4",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_JOB_NODELIST": "n[1-2]",
+        CHAIN_SPAN_ENV: "1",
+    }
+    cfg = chain_config(tmp_path, "backend.name=fsdp", "growth.max_workers=8")
+    job, _ = prepare("c.yaml", ["backend.name=fsdp"], cfg, env, lambda _: None, "py", 0)
+    assert job.launcher == "srun" and job.cfg.backend.name == "fsdp"
+    argv, _ = build_command(job.launcher, job.spec(4, resume=True))
+    assert argv[:4] == ["srun", "--ntasks=4", "--nodes=2", "--kill-on-bad-exit=1"]
+    train = ["py", "-m", "distgrow", "train", job.config_path, "backend.name=fsdp"]
+    assert argv[4:] == [*train, "run.resume=true"]
+    record = record_start(job.run, "chain", "dg", env, 1000.0)
+    grow = Decision("stop", 75, message="needs 8")
+    slurm = FakeSlurm()
+    overrides = ["backend.name=fsdp"]
+    assert end_of_job(job, record, grow, resize(8), overrides, env, lambda _: None, slurm) == 0
+    script = (job.run.launch_dir / "span-02.sbatch").read_text()
+    assert "#SBATCH --ntasks=8\n" in script
+    assert f"launch {job.config_path} backend.name=fsdp launch.slurm=chain\n" in script
