@@ -268,6 +268,33 @@ def test_shards_a_rank_cannot_see_stop_the_run_with_the_fix(
         save_model_and_optimizer(Unshared(), opt, tmp_path / "ckpt-000000005.pt")  # type: ignore[arg-type]
 
 
+def test_a_resume_from_shards_a_rank_cannot_see_stops_with_the_same_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relaunch wider onto a node whose run directory is its own disk: that rank finds no
+    shards at the resume, before any save; every rank stops with the line and the fix
+    (not DCP's FileNotFoundError), and DCP is not asked to read."""
+    from distgrow.backends import sharded_state
+
+    monkeypatch.setenv(sharded_state.SEEN_WITHIN_ENV, "0")
+    model = nn.Linear(1, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = {"model": {"sharded_dcp": "ckpt-000000005.dcp"}}
+    with pytest.raises(BackendError, match=r"does not see .*resumes from.*shared file sy.*Fix:"):
+        sharded_state.load_model_and_optimizer(
+            _FakeSharded(),  # type: ignore[arg-type]
+            model,
+            opt,
+            state,
+            tmp_path,
+        )
+    monkeypatch.setenv(sharded_state.SEEN_WITHIN_ENV, "soon")
+    with pytest.raises(BackendError, match=r"SEEN_WITHIN_S='soon' is not a number.*Fix:"):
+        sharded_state.seen_within_s()
+    monkeypatch.setenv(sharded_state.SEEN_WITHIN_ENV, "2.5")
+    assert sharded_state.seen_within_s() == 2.5
+
+
 # -- integration -------------------------------------------------------------------------------
 
 

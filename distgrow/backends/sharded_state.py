@@ -26,6 +26,8 @@ across nodes), as DCP's file writer requires.
 
 from __future__ import annotations
 
+import math
+import os
 import shutil
 import time
 import warnings
@@ -145,14 +147,7 @@ def save_model_and_optimizer(
         )
     # Every rank must see the renamed shards: a rank on a node whose run directory is its own
     # disk wrote its shards there, where no resume would find them. Said now, not at a resume.
-    unseen = torch.tensor([float(not _appears(final / ".metadata", SEEN_WITHIN_S))])
-    if backend.all_reduce(unseen, "max").item():
-        raise BackendError(
-            f"a rank does not see {final / '.metadata'}, which rank 0 wrote: under "
-            "backend.name=fsdp every rank writes its shards into the run directory, so it must "
-            "be one shared file system on every node. Fix: set run.output_dir to a shared path "
-            "(NFS, Lustre, ...), or use backend.name=torch."
-        )
+    require_seen(backend, final / ".metadata", "which rank 0 wrote")
     entry = {SHARDED_KEY: final.name}
     return entry, dict(entry)
 
@@ -179,6 +174,9 @@ def load_model_and_optimizer(
         return
     path = run_dir / state["model"][SHARDED_KEY]
     if isinstance(backend, ShardedCheckpointing):
+        # A relaunch wider onto a node whose run directory is its own disk (nothing saved
+        # there yet): the same line as after a save, not DCP's FileNotFoundError per rank.
+        require_seen(backend, path / ".metadata", "of the checkpoint this run resumes from")
         backend.load_sharded(path, optimizer)
         return
     full = read_full(path)
@@ -240,7 +238,49 @@ def _lists(node: Any) -> Any:
 
 SEEN_WITHIN_S = 60.0
 """How long a rank waits to see the shards rank 0 renamed: a network file system may cache a
-directory's entries on other nodes for some seconds (NFS: ``acdirmax``, 60 s by default)."""
+directory's entries on other nodes for some seconds (NFS: ``acdirmax``, 60 s by default).
+``DISTGROW_SHARDS_SEEN_WITHIN_S`` replaces it (a mount with a longer cache; a test)."""
+
+SEEN_WITHIN_ENV = "DISTGROW_SHARDS_SEEN_WITHIN_S"
+
+
+def seen_within_s() -> float:
+    """:data:`SEEN_WITHIN_S`, or the seconds ``DISTGROW_SHARDS_SEEN_WITHIN_S`` gives.
+
+    Raises:
+        BackendError: the variable is not a number of seconds >= 0.
+    """
+    raw = os.environ.get(SEEN_WITHIN_ENV)
+    if raw is None:
+        return SEEN_WITHIN_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or math.isinf(value):
+        raise BackendError(
+            f"{SEEN_WITHIN_ENV}={raw!r} is not a number of seconds. Fix: unset it (60 s), or "
+            f"set it to the seconds a rank may wait to see shards another node wrote, e.g. 120."
+        )
+    return value
+
+
+def require_seen(backend: Backend, metadata: Path, whose: str) -> None:
+    """Every rank checks it sees ``metadata`` (DCP's ``.metadata`` of a checkpoint's shards),
+    waiting :func:`seen_within_s` for a network file system's cache; a collective.
+
+    Raises:
+        BackendError: on every rank, when one rank does not see it (the run directory is not
+            one file system shared by every node).
+    """
+    unseen = torch.tensor([float(not _appears(metadata, seen_within_s()))])
+    if backend.all_reduce(unseen, "max").item():
+        raise BackendError(
+            f"a rank does not see {metadata}, {whose}: under backend.name=fsdp every rank "
+            "writes and reads its shards in the run directory, so it must be one shared file "
+            "system on every node. Fix: set run.output_dir to a shared path (NFS, Lustre, ...), "
+            "or use backend.name=torch."
+        )
 
 
 def _appears(path: Path, within_s: float) -> bool:
