@@ -646,8 +646,9 @@ def test_sqrt_rule_multiplies_the_lr_by_the_root_of_each_cut() -> None:
     assert [p.lr for p in linear.phases] == pytest.approx([0.1, 0.1, 0.1, 0.025])
 
 
-def test_auto_rule_is_linear_for_sgd_and_sqrt_for_adaptive_updates() -> None:
-    for name, rule in (("sgd", "linear"), ("adam", "sqrt"), ("adamw", "sqrt"),
+def test_auto_rule_is_linear_for_sgd_and_adamw_and_sqrt_for_adam_and_rmsprop() -> None:
+    # adamw: linear since docs/lm.md's language-model evidence (growth.GrowthConfig.rule).
+    for name, rule in (("sgd", "linear"), ("adam", "sqrt"), ("adamw", "linear"),
                        ("rmsprop", "sqrt")):  # fmt: skip
         cfg = load_config(None, [f"optim.name={name}"])
         assert cfg.growth.resolved_rule(name) == rule
@@ -781,6 +782,7 @@ def test_intervals_in_samples_and_tokens_follow_the_same_path() -> None:
 
 def test_adam_adjustments_follow_the_batch() -> None:
     cfg = cifar("optim.name=adamw", "optim.momentum=0", "optim.weight_decay=0.1",
+                "growth.rule=sqrt",  # the square-root forms below (auto is linear for adamw)
                 "optim.betas=[0.9, 0.95]", "growth.beta2_half_life=true",
                 "growth.weight_decay_timescale=true", "growth.max_dataset_fraction=null",
                 "growth.max_global_batch=3200")  # fmt: skip

@@ -532,6 +532,7 @@ def test_adam_adjustments_reach_the_optimizer(tmp_path: Path) -> None:
     trainer = make_trainer(syn_config(
         tmp_path / "run", "optim.name=adamw", "optim.momentum=0", "optim.weight_decay=0.01",
         "growth.beta2_half_life=true", "growth.weight_decay_timescale=true",
+        "growth.rule=sqrt",  # the square-root forms below (auto is linear for adamw)
     ))  # fmt: skip
     setting = trainer.policy.setting(1, 0)  # after the cut: B = 64 = 2 · B0 (sqrt rule)
     assert setting.global_batch == 64
