@@ -21,9 +21,10 @@ still knows, before its optimizer step, whether any rank's loss was NaN/inf and 
 rank holds a stop signal or a checkpoint clock that ran out: the same guarantees as a
 collective per update, at the cost of a few tiny tensor operations (docs/speed.md, figures).
 
-Elsewhere (Horovod, DeepSpeed, a measured noise-scale update that reduces its gradients itself,
-or ``extras``) the numbers travel in one preallocated float64 buffer, reduced in place and read
-back once: ``[loss_sum, stop votes, checkpoint votes, *extras]``; under DDP
+Elsewhere (FSDP, Horovod, DeepSpeed, a measured noise-scale update that reduces its gradients
+itself, or ``extras``) the numbers travel in one float64 buffer, reduced in place and read
+back once: ``[loss_sum, stop votes, checkpoint votes, *extras]`` (without extras, one ``cat``
+of the loss and a row of a flags table kept on the device); under DDP and FSDP
 (``all_reduce_async``) that all-reduce runs in the background during the backward. A single
 process runs no collective at all: its loss is read back once and its own signal and clock are
 the answer.
@@ -79,6 +80,7 @@ class Agreement:
         self._pending: Callable[[], torch.Tensor] | None = None  # its result, when started
         self._local: tuple[torch.Tensor, bool, bool] | None = None  # one process: no collective
         self._flags: torch.Tensor | None = None  # (stop, checkpoint) rows for a carried update
+        self._flags64: torch.Tensor | None = None  # the same rows, float64, for the all-reduce
         self.checkpoint_agreed = False
         """Some rank wanted a checkpoint at the last update's loss agreement (so all do)."""
         self.extras_sum: torch.Tensor | None = None
@@ -121,15 +123,28 @@ class Agreement:
             if carried is not None:
                 self._pending = carried
                 return
-        buffer = self._buffer
-        if buffer is None or buffer.numel() != 3 + n_extra:
-            buffer = self._buffer = torch.zeros(
-                3 + n_extra, dtype=torch.float64, device=self.device
-            )
-        buffer[0] = loss_sum.detach().reshape(())
-        buffer[1] = float(signalled)
-        buffer[2] = float(wants_checkpoint)
-        if extras is not None and n_extra:
+        if n_extra == 0:
+            # One cat of the loss and a row of the flags table (float64, on the device): one
+            # tensor operation per update where three element writes took twice the time.
+            table = self._flags64
+            if table is None:
+                table = self._flags64 = torch.tensor(
+                    [[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]],
+                    dtype=torch.float64,
+                    device=self.device,
+                )
+            loss = loss_sum.detach().reshape(1).to(self.device, torch.float64)
+            buffer = torch.cat((loss, table[2 * signalled + wants_checkpoint]))
+        else:
+            reused = self._buffer
+            if reused is None or reused.numel() != 3 + n_extra:
+                reused = self._buffer = torch.zeros(
+                    3 + n_extra, dtype=torch.float64, device=self.device
+                )
+            buffer = reused
+            buffer[0] = loss_sum.detach().reshape(())
+            buffer[1] = float(signalled)
+            buffer[2] = float(wants_checkpoint)
             buffer[3:] = torch.as_tensor(extras, dtype=torch.float64).to(self.device)
         start_async = getattr(self.backend, "all_reduce_async", None)
         if start_async is not None:

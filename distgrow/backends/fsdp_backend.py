@@ -165,6 +165,10 @@ class FSDPBackend(AsyncReducer):
         self.check_distinct_gpus()
         self._mesh: DeviceMesh = init_device_mesh(self._device.type, (runtime.world_size,))
         self._model: nn.Module | None = None
+        # The gradient sync switch as last set (fully_shard starts with it on): set only when
+        # it changes, since setting it walks every module (with one micro-step per update, as
+        # at small batches, it never changes).
+        self._sync = True
 
     # -- training ------------------------------------------------------------------------------
 
@@ -180,6 +184,7 @@ class FSDPBackend(AsyncReducer):
         for unit in shard_units(model):
             fully_shard(unit, mesh=self._mesh, mp_policy=mixed_precision(self.precision, False))
         fully_shard(model, mesh=self._mesh, mp_policy=mixed_precision(self.precision, True))
+        self._sync = True  # fully_shard's default: reduce-scatter at every backward
         sharded = dict(model.named_parameters())
         for group, group_names in zip(optimizer.param_groups, names, strict=True):
             group["params"] = [sharded[name] for name in group_names]
@@ -192,7 +197,9 @@ class FSDPBackend(AsyncReducer):
 
     def micro_step(self, sync: bool) -> AbstractContextManager[None]:
         """Reduce-scatter the gradients only on the last micro-step of an update."""
-        self._fsdp().set_requires_gradient_sync(sync)
+        if sync != self._sync:
+            self._fsdp().set_requires_gradient_sync(sync)
+            self._sync = sync
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
