@@ -21,7 +21,8 @@ The workloads (all from shipped configs with overrides, so nothing new is needed
   (a medium-sized "tabular" set: no larger tabular set is available offline here).
 * ``fmnist``: ``configs/fashion_mnist_mlp.yaml`` (N = 60,000), shortened to 4 epochs with the
   cuts at 1 and 2 (images).
-* ``lm``: ``configs/lm_tiny.yaml`` (N = 2,048 sequences, AdamW, cosine, sqrt rule).
+* ``lm``: ``configs/lm_tiny.yaml`` (N = 2,048 sequences, AdamW, cosine) with ``growth.rule=sqrt``
+  (the rule ``auto`` chose for AdamW when these ran; ``grow_linear`` is the linear rule).
 """
 
 from __future__ import annotations
@@ -92,12 +93,20 @@ WORKLOADS: dict[str, Workload] = {
     ),
     "lm": Workload(
         "configs/lm_tiny.yaml",
-        (),
+        ("growth.rule=sqrt",),
         "val_loss",
         4,
         (0, 0.5, 1, 1.5, 2),
         ("growth.adaptive.every=10", "growth.adaptive.patience=2"),
-        ("decay_lr", "grow_batch", "noise_cap", "noise_cap_half", "adaptive", "adaptive_r2"),
+        (
+            "decay_lr",
+            "grow_batch",
+            "grow_linear",
+            "noise_cap",
+            "noise_cap_half",
+            "adaptive",
+            "adaptive_r2",
+        ),
     ),
 }
 
@@ -107,6 +116,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "grow_nocap": ("growth.mode=grow_batch", "growth.max_dataset_fraction=null"),
     "noise_cap": ("growth.mode=grow_batch", "growth.noise_cap=1"),
     "noise_cap_half": ("growth.mode=grow_batch", "growth.noise_cap=0.5"),
+    "grow_linear": ("growth.mode=grow_batch", "growth.rule=linear"),
     "adaptive": ("growth.mode=adaptive",),
     "adaptive_r2": ("growth.mode=adaptive", "growth.adaptive.ratio=2"),
 }
