@@ -94,3 +94,17 @@ def test_nothing_is_drawn_without_step_records(tmp_path: Path) -> None:
     run = _run("decay_lr", [{"kind": "epoch", "epoch": 1, "samples_seen": 10, "lr": 0.1}])
     assert schedule_plot.write([run], ["#000000"], tmp_path) is None
     assert not (tmp_path / "schedule_noise.png").exists()
+
+
+def test_report_names_the_new_plots_in_words() -> None:
+    """report.md captions the schedule/noise and predicted-vs-measured plots, not their keys."""
+    from distgrow.report.markdown import _plot_lines
+
+    lines = _plot_lines(
+        {"schedule_noise": "schedule_noise.png", "predicted_vs_measured": "p.png"}, "val_acc"
+    )
+    assert (
+        "![global batch, learning rate and measured B_simple against samples seen]"
+        "(schedule_noise.png)" in lines
+    )
+    assert "![each phase's wall-clock: predicted (distgrow estimate) and measured](p.png)" in lines

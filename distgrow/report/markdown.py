@@ -258,6 +258,10 @@ def _plot_lines(plots: Mapping[str, str], metric: str) -> list[str]:
         "schedules": "global batch and learning rate against epochs",
         "noise_scale": "measured noise scale B_simple against the global batch",
         "seeds": f"final {metric_name} of each seed, the mean and ± one standard deviation",
+        "schedule_noise": "global batch, learning rate and measured B_simple against samples seen",
+        "predicted_vs_measured": (
+            "each phase's wall-clock: predicted (distgrow estimate) and measured"
+        ),
     }
     lines = ["## Plots", ""]
     for key, file in plots.items():
