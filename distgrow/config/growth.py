@@ -129,10 +129,11 @@ class GrowthConfig(Section):
         "so ε/B follows the schedule; sqrt (Malladi et al. 2022, Seesaw 2025): LR × √α, "
         "batch × 1/α, so ε/√B follows it (adaptive updates); auto: linear for sgd and adamw, "
         "sqrt for adam and rmsprop. adamw is linear from docs/lm.md's language models: on the "
-        "5.3 M GPT-2 (configs/lm_small.yaml, code) linear ended 0.038 nats/token below decay_lr "
-        "and sqrt 0.003 above; on its shorter budget (code and prose, 2 seeds) the two tied "
-        "(+0.067 / +0.068); on lm_tiny linear was lower at B0 = 8 and 32 (-0.008 / +0.016, "
-        "+0.053 / +0.094). adam stays sqrt (Fashion-MNIST: +0.017 linear, +0.010 sqrt).",
+        "5.3 M GPT-2 (configs/lm_small.yaml) linear ended 0.038 (code) and 0.027 (prose) "
+        "nats/token below decay_lr, sqrt +0.003 and -0.006; on its shorter budget (2 corpora x "
+        "2 seeds) the two tied (+0.067 / +0.068); on lm_tiny linear was lower at B0 = 8 and 32 "
+        "(-0.008 / +0.016, +0.053 / +0.094). adam stays sqrt (Fashion-MNIST: +0.017 linear, "
+        "+0.010 sqrt).",
     )
     beta2_half_life: Bool = setting(
         False,
@@ -176,7 +177,7 @@ class GrowthConfig(Section):
         rmsprop.
 
         AdamW is linear because the language models measured with it ended lower under linear
-        in 5 of 7 (run, seed) pairs and below decay_lr at full size (docs/lm.md, "What
+        in 6 of 8 (run, seed) pairs and below decay_lr at full size (docs/lm.md, "What
         growth.rule: auto does for AdamW"): those runs are limited by their number of updates,
         where the LR that linear keeps is worth more than the gradient noise sqrt removes.
         Adam's one measured task (Fashion-MNIST) was closer under sqrt; RMSprop is unmeasured
