@@ -177,7 +177,7 @@ class GrowthConfig(Section):
         rmsprop.
 
         AdamW is linear because the language models measured with it ended lower under linear
-        in 6 of 8 (run, seed) pairs and below decay_lr at full size (docs/lm.md, "What
+        in 8 of 10 (run, seed) pairs and below decay_lr at full size (docs/lm.md, "What
         growth.rule: auto does for AdamW"): those runs are limited by their number of updates,
         where the LR that linear keeps is worth more than the gradient noise sqrt removes.
         Adam's one measured task (Fashion-MNIST) was closer under sqrt; RMSprop is unmeasured
