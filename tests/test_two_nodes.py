@@ -1,8 +1,10 @@
 """One job across two hosts: two containers on a Docker bridge network, each its own address.
 
 The hosts run the ``distgrow:test`` image (``docker_fixtures.py``) on a user-defined bridge
-network; only the addresses Docker gives them are used (no loopback, no shared file system:
-each host mounts a folder of its own, and only node 0's ends up holding the run).
+network; only the addresses Docker gives them are used (no loopback). Each host mounts a folder
+of its own at /out (the DDP runs: only node 0's ends up holding the run) and one folder both
+mount at /shared (the FSDP runs, whose every rank writes its shards into the run directory, as
+on a cluster's shared file system).
 
 * **torchrun, static and c10d rendezvous.** Each host runs ``distgrow launch`` with its own
   ``launch.node_rank``; node 0's controller leads, node 1's follows (``distgrow.launch.nodes``).
@@ -11,6 +13,13 @@ each host mounts a folder of its own, and only node 0's ends up holding the run)
   run must equal the same config run on one host (4 workers on node 0 alone, same image) bit
   for bit: on CPU gloo's all-reduce of the same tensors over the same ranks adds them in the
   same order whichever host each rank is on, so nothing may differ at all.
+* **FSDP2 (``backend.name: fsdp``), torchrun static.** The same 1 -> 2 -> 4 plan with its run
+  directory in /shared: each relaunch wider resumes from the sharded checkpoint
+  (``torch.distributed.checkpoint``) the narrower launch wrote, node 1's ranks reading and
+  writing their shards there. It must equal the DDP run on one host within the tolerance of
+  docs/backends.md (rtol 1e-5, atol 1e-6: reduce-scatter sums in another order than DDP's
+  all-reduce, a few ulp per update). With the run directory on each host's own disk instead,
+  the relaunch onto node 1 stops with the one line that says the directory must be shared.
 * **SLURM.** One controller and two compute nodes in containers (``docker/slurm``: slurm-wlm
   and munge on top of the image) run ``slurm/distgrow.sbatch`` with ``--nodes=2``: the 4-worker
   job step spans both hosts, and the result equals the single-host run too.
@@ -38,6 +47,7 @@ import pytest
 from conftest import REPO_ROOT, assert_same_model, write_config
 from test_launch_integration import GROWING, PLANNED_WORKERS
 
+from distgrow.backends.sharded_state import id_keyed, is_sharded, read_full
 from distgrow.checkpoint import load_latest
 from distgrow.metrics import read_jsonl
 from distgrow.rundir import RunDir, SlurmJobs
@@ -48,6 +58,7 @@ RUN_TIMEOUT_S = 900  # one growing run across the hosts (2 cores for everything)
 SLURM_IMAGE = "distgrow-slurm:test"
 SLURM_CONTEXT = REPO_ROOT / "docker" / "slurm"
 PORT = 29500  # each host has its own network namespace: no other job shares it
+SHARED = "/shared"  # where both hosts of ``two_hosts`` mount one folder (the FSDP runs)
 
 
 def _sh(
@@ -147,28 +158,45 @@ def two_hosts(
     docker_env: dict[str, str], image: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Cluster, Host, Host]]:
     """Two containers of the image on a bridge network: node 0 and node 1."""
-    cluster = Cluster(docker_env, tmp_path_factory.mktemp("two-hosts"))
+    root = tmp_path_factory.mktemp("two-hosts")
+    shared = root / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    cluster = Cluster(docker_env, root)
     try:
-        a, b = cluster.start("node0", image), cluster.start("node1", image)
+        mount = ["-v", f"{shared}:{SHARED}"]
+        a, b = cluster.start("node0", image, *mount), cluster.start("node1", image, *mount)
         assert a.ip != b.ip
         yield cluster, a, b
     finally:
         cluster.close()
 
 
-def growing_config(host: Host, name: str, **launch: Any) -> str:
-    """The 1 -> 2 -> 4 plan, its run in the host's /out; the path inside the container."""
+def shared_folder(host: Host) -> Path:
+    """The folder both hosts of ``two_hosts`` mount at /shared, as seen from here."""
+    return host.out.parent / "shared"
+
+
+def growing_config(
+    host: Host, name: str, backend: str = "torch", folder: str = "/out", **launch: Any
+) -> str:
+    """The 1 -> 2 -> 4 plan, its run (and the config) in the host's ``folder`` (/out: its own;
+    /shared: both hosts'); the config's path inside the container."""
     tree = {
         **GROWING,
-        "run": {**GROWING["run"], "name": name, "output_dir": f"/out/{name}"},
+        "run": {**GROWING["run"], "name": name, "output_dir": f"{folder}/{name}"},
+        "backend": {"name": backend},
         "launch": {"launcher": "torchrun", "max_restarts": 0, "master_port": PORT, **launch},
     }
-    write_config(host.out / f"{name}.yaml", tree)
-    return f"/out/{name}.yaml"
+    here = host.out if folder == "/out" else shared_folder(host)
+    write_config(here / f"{name}.yaml", tree)
+    return f"{folder}/{name}.yaml"
 
 
-def finish(procs: list[subprocess.Popen[str]], timeout: float = RUN_TIMEOUT_S) -> list[str]:
-    """Wait for every process; fail with all their output if one fails or hangs."""
+def finish(
+    procs: list[subprocess.Popen[str]], timeout: float = RUN_TIMEOUT_S, ok: bool = True
+) -> list[str]:
+    """Wait for every process; fail with all their output if one hangs, or (``ok``) fails."""
     deadline = time.monotonic() + timeout
     outputs = []
     try:
@@ -181,7 +209,8 @@ def finish(procs: list[subprocess.Popen[str]], timeout: float = RUN_TIMEOUT_S) -
         rest = [proc.communicate()[0] for proc in procs]
         pytest.fail("the run hung:\n" + "\n-----\n".join(o[-6000:] for o in outputs + rest))
     codes = [proc.returncode for proc in procs]
-    assert codes == [0] * len(procs), "\n-----\n".join(o[-8000:] for o in outputs)
+    if ok:
+        assert codes == [0] * len(procs), "\n-----\n".join(o[-8000:] for o in outputs)
     return outputs
 
 
@@ -226,7 +255,7 @@ def test_torchrun_grows_1_2_4_across_two_hosts_to_the_one_host_result(
 ) -> None:
     cluster, a, b = two_hosts
     name = f"two-hosts-{rdzv}"
-    launch = {"nodes": 2, "master_addr": a.ip, "rdzv": rdzv}
+    launch: dict[str, Any] = {"nodes": 2, "master_addr": a.ip, "rdzv": rdzv}
     config = growing_config(a, name, **launch)
     assert growing_config(b, name, **launch) == config  # the same file on both hosts
     leader = popen(cluster.exec(a, "distgrow", "launch", config, "launch.node_rank=0"), cluster.env)
@@ -270,6 +299,112 @@ def test_torchrun_grows_1_2_4_across_two_hosts_to_the_one_host_result(
             {"m": state["momentum_buffer"]},
             exact=True,
         )
+
+
+# --------------------------------------------------------------------------------------------
+# FSDP2 across the two hosts: a run directory both hosts share
+# --------------------------------------------------------------------------------------------
+
+
+def test_fsdp_grows_1_2_4_across_two_hosts_on_a_shared_run_directory(
+    two_hosts: tuple[Cluster, Host, Host], one_host_run: Path
+) -> None:
+    """backend.name=fsdp, torchrun --nnodes=2 (static): each relaunch wider reshards."""
+    cluster, a, b = two_hosts
+    name = "two-hosts-fsdp"
+    launch: dict[str, Any] = {"nodes": 2, "master_addr": a.ip, "rdzv": "static"}
+    config = growing_config(a, name, backend="fsdp", folder=SHARED, **launch)
+    leader = popen(cluster.exec(a, "distgrow", "launch", config, "launch.node_rank=0"), cluster.env)
+    follower = popen(
+        cluster.exec(b, "distgrow", "launch", config, "launch.node_rank=1"), cluster.env
+    )
+    out_a, out_b = finish([leader, follower])
+    assert "done: 3 launch(es)" in out_a, out_a
+    assert "node 0 ended the run with exit 0" in out_b, out_b
+    for workers in (2, 4):
+        line = next(x for x in out_b.splitlines() if f"--nproc_per_node={workers // 2}" in x)
+        assert "--nnodes=2" in line and "--node_rank=1" in line, line
+
+    run_dir = shared_folder(a) / name
+    # Both controllers' logs in the one run directory; node 1's for the launches it ran.
+    assert sorted(p.name for p in (run_dir / "launch").glob("attempt-*.log")) == [
+        "attempt-01-1w.log",
+        "attempt-02-2w-node1.log",
+        "attempt-02-2w.log",
+        "attempt-03-4w-node1.log",
+        "attempt-03-4w.log",
+    ]
+    starts = [
+        (r["event"], r["world_size"])
+        for r in read_jsonl(run_dir / "metrics.jsonl")
+        if r.get("event") in ("start", "resume")
+    ]
+    assert starts == [("start", 1), ("resume", 2), ("resume", 4)]  # each from the shards
+    assert epoch_ends(run_dir) == epoch_ends(one_host_run)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["world_size"] == 4
+
+    got, want = final_state(run_dir), final_state(one_host_run)
+    assert got["step"] == want["step"] == summary["total_updates"]
+    assert is_sharded(got["model"]), got["model"]
+    shards = run_dir / got["model"]["sharded_dcp"]
+    # Every rank wrote its own shards there: ranks 2 and 3 ran on node 1.
+    ranks = {
+        int(m[1]) for p in shards.iterdir() if (m := re.match(r"__(\d+)_\d+\.distcp$", p.name))
+    }
+    assert ranks == {0, 1, 2, 3}, sorted(p.name for p in shards.iterdir())
+    full = read_full(shards)
+    # Within docs/backends.md's FSDP tolerance of DDP (rtol 1e-5, atol 1e-6), momentum too.
+    assert_same_model(full["model"], want["model"])
+    names = [full["optim"]["param_groups"][0]["params"]]
+    momentum = id_keyed(full["optim"], names)["state"]
+    for key, state in want["optimizer"]["state"].items():
+        assert_same_model({"m": momentum[key]["momentum_buffer"]}, {"m": state["momentum_buffer"]})
+    # The figures docs/backends.md quotes (pytest -s): the largest difference of any tensor,
+    # as a share of that tensor's largest value.
+    params = max(_share(full["model"][k], v) for k, v in want["model"].items())
+    moms = max(
+        _share(momentum[k]["momentum_buffer"], s["momentum_buffer"])
+        for k, s in want["optimizer"]["state"].items()
+    )
+    print(f"fsdp on two hosts against DDP on one: parameters {params:.1e}, momentum {moms:.1e}")
+
+
+def _share(got: Any, want: Any) -> float:
+    """``max |got - want|`` as a share of ``max |want|``."""
+    return float((got - want).abs().max() / want.abs().max())
+
+
+def test_fsdp_on_each_hosts_own_disk_stops_at_the_relaunch_with_the_fix(
+    two_hosts: tuple[Cluster, Host, Host],
+) -> None:
+    """The run directory in each host's own /out: the first launch (node 0 alone) saves its
+    shards there; the relaunch onto both hosts stops every rank with one line (node 1's rank
+    sees no shards), exit 2, and nothing is retried."""
+    cluster, a, b = two_hosts
+    name = "unshared-fsdp"
+    launch: dict[str, Any] = {"nodes": 2, "master_addr": a.ip, "rdzv": "static"}
+    config = growing_config(a, name, backend="fsdp", **launch)
+    assert growing_config(b, name, backend="fsdp", **launch) == config
+    wait = {"DISTGROW_SHARDS_SEEN_WITHIN_S": "2"}  # not NFS's 60 s: nothing will appear
+    argv = ["distgrow", "launch", config]
+    leader = popen(cluster.exec(a, *argv, "launch.node_rank=0", env=wait), cluster.env)
+    follower = popen(cluster.exec(b, *argv, "launch.node_rank=1", env=wait), cluster.env)
+    out_a, out_b = finish([leader, follower], ok=False)
+    assert leader.returncode == 2, out_a[-6000:]
+    line = re.compile(
+        r"a rank does not see /out/unshared-fsdp/ckpt-\d+\.dcp/\.metadata, of the checkpoint "
+        r"this run resumes from: under backend\.name=fsdp every rank writes and reads its "
+        r"shards in the run directory, so it must be one shared file system on every node\. "
+        r"Fix: set run\.output_dir to a shared path"
+    )
+    log = (a.out / name / "launch" / "attempt-02-2w.log").read_text()
+    assert line.search(log), log[-6000:]
+    assert "FileNotFoundError" not in log and "CheckpointException" not in log, log[-6000:]
+    assert "distgrow launch: done:" not in out_a, out_a[-6000:]
+    assert not list((a.out / name / "launch").glob("attempt-03*"))  # a usage error: no retry
+    assert "node 0 ended the run with exit 2" in out_b, out_b[-6000:]
+    assert list((a.out / name).glob("ckpt-*.dcp")) and not list((b.out / name).glob("ckpt-*"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,22 +520,26 @@ def test_sbatch_runs_one_job_across_two_slurm_nodes_to_the_one_host_result(
     assert_same_model(got["model"], want["model"], exact=True)
 
 
+@pytest.mark.parametrize("backend", ["torch", "fsdp"])
 def test_chain_mode_runs_each_span_as_its_own_job_the_last_on_both_nodes(
-    slurm_cluster: SlurmCluster, one_host_run: Path
+    slurm_cluster: SlurmCluster, one_host_run: Path, backend: str
 ) -> None:
     """``launch.slurm=chain`` from the login node: 1 -> 2 -> 4 workers, two tasks per node.
 
     Three jobs, each the size of its span: 1 task on one node, 2 on one node, 4 on n1 and n2
     (the third span's job is submitted by the second from inside SLURM, and runs one job step
     across both nodes). Each span resumes from the checkpoint the one before wrote, as each
-    launch of the one-host run does: the result equals it bit for bit.
+    launch of the one-host run does: the result equals it bit for bit (torch); under fsdp each
+    span reshards the one before's shards in /shared and ends within docs/backends.md's
+    tolerance of it (rtol 1e-5, atol 1e-6).
     """
     shared, cluster, ctl = slurm_cluster.shared, slurm_cluster.cluster, slurm_cluster.controller
-    job = "chain"
+    job = "chain" if backend == "torch" else f"chain-{backend}"
     (shared / job).mkdir()
     tree = {
         **GROWING,
         "run": {**GROWING["run"], "name": job, "output_dir": f"/shared/{job}/run"},
+        "backend": {"name": backend},
         "launch": {"max_restarts": 0, "master_port": PORT, "chain": {"tasks_per_node": 2}},
     }
     write_config(shared / job / "grow.yaml", tree)
@@ -461,7 +600,11 @@ def test_chain_mode_runs_each_span_as_its_own_job_the_last_on_both_nodes(
     assert summary["status"] == "completed" and summary["world_size"] == 4
     got, want = final_state(run_dir), final_state(one_host_run)
     assert got["step"] == want["step"] == summary["total_updates"]
-    assert_same_model(got["model"], want["model"], exact=True)
+    if backend == "torch":
+        assert_same_model(got["model"], want["model"], exact=True)
+        return
+    assert is_sharded(got["model"]), got["model"]
+    assert_same_model(read_full(run_dir / got["model"]["sharded_dcp"])["model"], want["model"])
 
 
 # --------------------------------------------------------------------------------------------
