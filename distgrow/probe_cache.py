@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import torch
 
+from distgrow.atomic import atomic_write_bytes
 from distgrow.config import Config
 from distgrow.data import DataBundle, LoaderDataset
 from distgrow.gpu import PinnedArrays, data_placement
@@ -171,12 +172,9 @@ def read_cache(key: str) -> ProbeResult | None:
 
 
 def write_cache(result: ProbeResult) -> Path:
-    """Write ``result`` atomically (a rename) and return its file."""
+    """Write ``result`` atomically (:func:`distgrow.atomic.atomic_write_bytes`); its file."""
     path = cache_path(result.key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result.to_json(), indent=2), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_bytes(path, json.dumps(result.to_json(), indent=2).encode("utf-8"))
     return path
 
 

@@ -33,6 +33,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from distgrow.atomic import atomic_write_bytes
+
 PROFILE_KIND = "distgrow-timing"
 PROFILE_VERSION = 1
 VAL_CHUNK = 500
@@ -141,11 +143,8 @@ class TimingProfile:
         return cls(**fields)
 
     def save(self, path: Path) -> Path:
-        """Write the profile atomically (a rename)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2), encoding="utf-8")
-        tmp.replace(path)
+        """Write the profile atomically (:func:`distgrow.atomic.atomic_write_bytes`)."""
+        atomic_write_bytes(path, json.dumps(self.to_json(), indent=2).encode("utf-8"))
         return path
 
 
