@@ -21,10 +21,14 @@ still knows, before its optimizer step, whether any rank's loss was NaN/inf and 
 rank holds a stop signal or a checkpoint clock that ran out: the same guarantees as a
 collective per update, at the cost of a few tiny tensor operations (docs/speed.md, figures).
 
-Elsewhere (FSDP, Horovod, DeepSpeed, a measured noise-scale update that reduces its gradients
-itself, or ``extras``) the numbers travel in one float64 buffer, reduced in place and read
-back once: ``[loss_sum, stop votes, checkpoint votes, *extras]`` (without extras, one ``cat``
-of the loss and a row of a flags table kept on the device); under DDP and FSDP
+FSDP in fp32 on several ranks carries them the same way
+(:meth:`FSDPBackend.carry <distgrow.backends.fsdp_backend.FSDPBackend.carry>`): the band, one row
+per rank, is sharded with the root and rides its reduce-scatter.
+
+Elsewhere (FSDP in bf16, Horovod, DeepSpeed, a measured noise-scale update that reduces its
+gradients itself, or ``extras``) the numbers travel in one float64 buffer, reduced in place and
+read back once: ``[loss_sum, stop votes, checkpoint votes, *extras]`` (without extras, one
+``cat`` of the loss and a row of a flags table kept on the device); under DDP and FSDP
 (``all_reduce_async``) that all-reduce runs in the background during the backward. A single
 process runs no collective at all: its loss is read back once and its own signal and clock are
 the answer.
@@ -111,7 +115,7 @@ class Agreement:
             return
         carry = getattr(self.backend, "carry", None)
         if carry is not None and n_extra == 0:
-            # DDP's gradient all-reduce carries the 3 numbers (TorchBackend.carry): no
+            # The gradients carry the 3 numbers (TorchBackend.carry, FSDPBackend.carry): no
             # collective of their own. The flags are a row of a table kept on the device.
             flags = self._flags
             if flags is None:

@@ -8,7 +8,7 @@ import math
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -168,3 +168,105 @@ def test_ddp_gradients_carry_the_agreement_without_changing_them(tmp_path: Path)
         assert (c0, c1, c2) == (False, False, True)
         assert (s0, s1, s2) == (15, 15, 15)
         assert g0 and g1 and g2  # the model's gradients bit for bit as DDP's without the carrier
+
+
+def _fsdp_carried_rank(rank: int, world: int, port: int, out: str, precision: str) -> None:
+    """FSDP's reduce-scatter carries the agreement in fp32 (bf16: its own all-reduce)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from distgrow.backends.fsdp_backend import FSDPBackend, mixed_precision
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    runtime = Runtime(rank, world, rank, world, "127.0.0.1", port, "none")
+    cfg = load_config(
+        None, ["backend.name=fsdp", "run.device=cpu", f"backend.precision={precision}"]
+    )
+    backend = FSDPBackend(cfg, runtime)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    reference = copy.deepcopy(model)  # the same model sharded without a carrier
+    mesh = init_device_mesh("cpu", (world,))
+    fully_shard(reference, mesh=mesh, mp_policy=mixed_precision(precision, root=True))
+    root = backend.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    started: list[str] = []
+    real_start = backend.all_reduce_async
+
+    def counted(tensor: torch.Tensor, op: Any = "sum") -> Any:
+        started.append(op)
+        return real_start(tensor, op)
+
+    backend.all_reduce_async = counted  # type: ignore[method-assign]
+    agreement = Agreement(backend, _signals(15 if rank == 1 else None), torch.device("cpu"))
+    seen: list[Any] = []
+    for update in range(3):
+        for micro, sync in enumerate((False, True)):  # accumulation: the carry rides the last
+            x = torch.randn(4, 6, generator=torch.Generator().manual_seed(10 * update + micro))
+            x = x + rank
+            with backend.micro_step(sync=sync):
+                loss = root(x).square().sum()
+                if sync:
+                    value = math.nan if (rank, update) == (1, 1) else 1.0 + rank + 2**-40
+                    agreement.start(
+                        torch.tensor(value, dtype=torch.float64),
+                        wants_checkpoint=rank == world - 1 and update == 2,
+                    )
+                backend.backward(loss)
+            reference.set_requires_gradient_sync(sync)  # type: ignore[operator]
+            reference(x).square().sum().backward()
+        mean = agreement.mean_loss()
+        grads = [
+            (cast(DTensor, p.grad).to_local(), cast(DTensor, q.grad).to_local())
+            for p, q in zip(model.parameters(), reference.parameters(), strict=True)
+        ]
+        seen.append((mean, agreement.checkpoint_agreed, agreement.stop_signal(), grads))
+        model.zero_grad(set_to_none=True)
+        reference.zero_grad(set_to_none=True)
+    # Validation runs the backend's root (it gathers the shards the model's layers hold).
+    with torch.no_grad():
+        evaluated = backend.eval_module()(torch.ones(2, 6)).sum().item()
+        expected = reference(torch.ones(2, 6)).sum().item()
+    torch.save((seen, started, evaluated, expected), Path(out) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+    exit_spawned_rank()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("world", "precision"), [(2, "fp32"), (3, "fp32"), (2, "bf16")])
+def test_fsdp_reduce_scatter_carries_the_agreement(
+    tmp_path: Path, world: int, precision: str
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    mp.start_processes(
+        _fsdp_carried_rank,
+        args=(world, port, str(tmp_path), precision),
+        nprocs=world,
+        join=True,
+        start_method="spawn",
+    )
+    # The ranks' losses 1 + r + 2**-40: their mean, to float32's rounding where carried (the
+    # reduce-scatter averages in float32), exactly where all-reduced in float64.
+    want = sum(1.0 + r + 2**-40 for r in range(world)) / world
+    for r in range(world):
+        seen, started, evaluated, expected = torch.load(tmp_path / f"rank{r}.pt")
+        # fp32: no all-reduce of the agreement's own; bf16 (a band reduced in bfloat16 would
+        # keep 3 digits of the loss): one per update.
+        assert started == ([] if precision == "fp32" else ["sum"] * 3)
+        (m0, c0, s0, g0), (m1, c1, s1, _), (m2, c2, s2, g2) = seen
+        if precision == "fp32":
+            assert m0 == pytest.approx(want, rel=2**-23, abs=0) and m0 != want  # float32
+        else:
+            assert m0 == want
+        assert m2 == m0
+        assert math.isnan(m1)  # rank 1's NaN is every rank's
+        assert (c0, c1, c2) == (False, False, True)  # the last rank's clock, at update 2
+        assert (s0, s1, s2) == (15, 15, 15)  # rank 1's signal stops every rank together
+        for mine, ref in g0 + g2:
+            if world == 2:  # two terms: the same sums bit for bit (a + b == b + a)
+                assert torch.equal(mine, ref)
+            else:  # the band moves the ring's chunk bounds: the same 3 terms, another order
+                torch.testing.assert_close(mine, ref, rtol=4 * 2**-24, atol=1e-7)
+        assert evaluated == expected

@@ -22,6 +22,14 @@ accumulate unsharded, unreduced), ``True`` on the last one, which reduce-scatter
 FSDP averages over ranks as DDP does, so the loss convention of
 :mod:`distgrow.backends.base` holds as it is.
 
+The trainer's per-update agreement (loss sum, stop and checkpoint votes) rides the root's
+reduce-scatter, as it rides DDP's all-reduce (:meth:`FSDPBackend.carry`): on several ranks in
+fp32 the model is wrapped in a :class:`~distgrow.backends.torch_ddp.Carrier` whose band (one
+row of 3 numbers per rank) is sharded with the root, so the update runs no collective of its
+own. A separate all-reduce was measured at 5-8 % of a 2-rank CPU update at batch 640
+(docs/speed.md). Under bf16 the band would be reduced in bfloat16 (a loss to 3 digits): there
+the numbers keep their own float64 all-reduce, started before the backward.
+
 Checkpoints are sharded (:mod:`distgrow.backends.sharded_state`): each rank writes its shards
 with ``torch.distributed.checkpoint``, which reshards on load at any world size.
 """
@@ -29,7 +37,7 @@ with ``torch.distributed.checkpoint``, which reshards on load at any world size.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, cast
@@ -53,8 +61,10 @@ from torch.distributed.tensor import DTensor
 from distgrow.backends.base import BackendError, check_precision
 from distgrow.backends.sharded_state import fqn_keyed, id_keyed, parameter_names
 from distgrow.backends.torch_ddp import (
+    CARRIED,
     SCALER_KEY,
     AsyncReducer,
+    Carrier,
     join_process_group,
     resolve_device,
     resolve_dist_backend,
@@ -164,11 +174,16 @@ class FSDPBackend(AsyncReducer):
         self._owns_group = join_process_group(runtime, self.dist_backend, single=True)
         self.check_distinct_gpus()
         self._mesh: DeviceMesh = init_device_mesh(self._device.type, (runtime.world_size,))
-        self._model: nn.Module | None = None
+        self._model: nn.Module | None = None  # the user's model (its state is what is saved)
+        self._root: nn.Module | None = None  # the sharded root: the model, or its Carrier
+        self._carrier: Carrier | None = None  # several ranks in fp32 (carry())
+        self._band: nn.Parameter | None = None  # the carrier's band as sharded (its .grad)
+        self._carry: torch.Tensor | None = None  # what the synchronising backward carries
         # The gradient sync switch as last set (fully_shard starts with it on): set only when
         # it changes, since setting it walks every module (with one micro-step per update, as
         # at small batches, it never changes).
         self._sync = True
+        self._synced = False  # the current micro-step reduce-scatters (its sync is on)
 
     # -- training ------------------------------------------------------------------------------
 
@@ -176,20 +191,34 @@ class FSDPBackend(AsyncReducer):
         """Shard ``model`` in place (units, then the root); point ``optimizer`` at the shards.
 
         ``fully_shard`` replaces every parameter by a sharded one (a DTensor), so the
-        optimizer, built over the originals, gets the new parameters in the same places.
+        optimizer, built over the originals, gets the new parameters in the same places. On
+        several ranks in fp32 the root is a :class:`Carrier` around the model (its band rides
+        the root's reduce-scatter: :meth:`carry`); the model returned is that root.
         """
         if optimizer.state:
             raise BackendError("FSDPBackend.setup: the optimizer already has state (a bug).")
         names = parameter_names(model, optimizer)
-        for unit in shard_units(model):
+        units = shard_units(model)
+        root = model
+        if self.world_size > 1 and self.precision == "fp32":
+            root = self._carrier = Carrier(model, self._device, copies=self.world_size)
+        for unit in units:
             fully_shard(unit, mesh=self._mesh, mp_policy=mixed_precision(self.precision, False))
-        fully_shard(model, mesh=self._mesh, mp_policy=mixed_precision(self.precision, True))
+        fully_shard(root, mesh=self._mesh, mp_policy=mixed_precision(self.precision, True))
+        self._band = None if self._carrier is None else self._carrier.band  # sharded now
         self._sync = True  # fully_shard's default: reduce-scatter at every backward
         sharded = dict(model.named_parameters())
         for group, group_names in zip(optimizer.param_groups, names, strict=True):
             group["params"] = [sharded[name] for name in group_names]
-        self._model = model
-        return model
+        self._model, self._root = model, root
+        return root
+
+    def eval_module(self) -> nn.Module:
+        """The module whose forward evaluates the model: the sharded root (the model, or its
+        carrier), whose forward gathers the parameters the model's own layers hold sharded."""
+        self._require_model()
+        assert self._root is not None
+        return self._root
 
     def begin_update(self, micro_batch: int, accum_steps: int) -> None:
         """Nothing to set: the gradient sync switch per micro-step is the accumulation."""
@@ -200,9 +229,52 @@ class FSDPBackend(AsyncReducer):
         if sync != self._sync:
             self._fsdp().set_requires_gradient_sync(sync)
             self._sync = sync
+        self._synced = sync
         return contextlib.nullcontext()
 
+    def carry(self, values: torch.Tensor) -> Callable[[], torch.Tensor] | None:
+        """Let ``values`` (:data:`CARRIED` numbers) ride this micro-step's reduce-scatter.
+
+        Call inside the synchronising micro-step, before its :meth:`backward`. Returns the
+        function that gives their sum over ranks (float64) once that backward has returned, or
+        None where nothing carries them (one process, bf16, a micro-step whose sync is off):
+        all-reduce them then. The carried sum is float32 arithmetic (FSDP's averaging): exact
+        for counts below 2**24, a float32 rounding of a loss.
+        """
+        if self._carrier is None or not self._synced or values.numel() != CARRIED:
+            return None
+        self._carry = values.detach().reshape(CARRIED).to(torch.float32)
+        return self._carried
+
+    def _carried(self) -> torch.Tensor:
+        band = self._band
+        assert band is not None  # carry() returned this only with a carrier
+        grad, band.grad = band.grad, None
+        if grad is None:
+            raise RuntimeError("FSDPBackend.carry: read before the synchronising backward.")
+        local = grad.to_local() if isinstance(grad, DTensor) else grad
+        return local.to(torch.float64) * self.world_size  # FSDP averaged this rank's row
+
     def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate; at the synchronising micro-step, with the carried numbers' term.
+
+        Every rank adds the term at every synchronising backward (zeros when nothing rides),
+        so the root's reduce-scatter holds the same parameters on all of them. The band's
+        value is zeros and it is never stepped, so the term changes neither the loss nor any
+        other gradient; its gradient is ``values`` in every rank's row.
+        """
+        if self._synced and self._carrier is not None and self._band is not None:
+            self._band.grad = None  # the reduce-scatter would add to a stale one
+            values, self._carry = self._carry, None
+            band = self._carrier.band  # unsharded: the root keeps it gathered until backward
+            if isinstance(band, DTensor):
+                raise BackendError(
+                    "FSDPBackend.backward: the root's parameters were resharded before the "
+                    "backward, so the agreement cannot ride its reduce-scatter (a bug: FSDP2 "
+                    "keeps the root gathered after its forward)."
+                )
+            rows = torch.zeros(CARRIED, device=band.device) if values is None else values
+            loss = loss + (band.view(self.world_size, CARRIED) * rows).sum()
         loss.backward()
 
     def step(self, optimizer: torch.optim.Optimizer, grad_clip: float | None) -> None:
@@ -262,9 +334,10 @@ class FSDPBackend(AsyncReducer):
         )
 
     def _fsdp(self) -> FSDPModule:
-        model = self._require_model()
-        assert isinstance(model, FSDPModule)  # fully_shard swapped its class in setup
-        return model
+        self._require_model()
+        root = self._root
+        assert isinstance(root, FSDPModule)  # fully_shard swapped its class in setup
+        return root
 
     def _require_model(self) -> nn.Module:
         if self._model is None:

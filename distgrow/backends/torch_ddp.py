@@ -168,15 +168,21 @@ class Carrier(nn.Module):
     so after the backward every rank holds ``values`` averaged over ranks, with no collective
     of its own (:meth:`TorchBackend.carry`).
 
+    Under FSDP (:class:`~distgrow.backends.fsdp_backend.FSDPBackend`) the band holds ``copies``
+    (the world size) rows of :data:`CARRIED` numbers, one row per rank's shard: every rank's
+    gradient repeats its values in each row, so the reduce-scatter leaves each rank the average
+    in its own row.
+
     Args:
         module: The model (or its autocast wrapper).
         device: Where the model's parameters are.
+        copies: Rows of :data:`CARRIED` numbers (1 under DDP; the world size under FSDP).
     """
 
-    def __init__(self, module: nn.Module, device: torch.device) -> None:
+    def __init__(self, module: nn.Module, device: torch.device, copies: int = 1) -> None:
         super().__init__()
         self.inner = module
-        self.band = nn.Parameter(torch.zeros(CARRIED, device=device))
+        self.band = nn.Parameter(torch.zeros(CARRIED * copies, device=device))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.inner(*args, **kwargs)

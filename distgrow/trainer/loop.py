@@ -135,6 +135,10 @@ class Trainer(Resize):
         self.objective = self._checked_objective()
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters())
         self.train_model = backend.setup(self.model, self.optimizer)
+        # What validation runs: the model itself, unless the backend's forward must go through
+        # a root of its own (FSDP's carrier root, which gathers the parameters).
+        evaluated = getattr(backend, "eval_module", None)
+        self.eval_model: nn.Module = self.model if evaluated is None else evaluated()
         # Reseeding per micro-batch (so dropout masks do not depend on the split) is skipped
         # only for models that provably draw nothing at random in training.
         self._draws_random = draws_random(self.model)
@@ -487,11 +491,11 @@ class Trainer(Resize):
         # Under the training precision, in pieces no larger than a training micro-batch may be
         # (the config's cap, or the OOM fallback's ceiling): what trains also validates. The
         # pieces do not depend on the world size, so neither do the sums.
-        model = autocast_model(self.model, self.cfg.backend.precision, self.device)
+        model = autocast_model(self.eval_model, self.cfg.backend.precision, self.device)
         caps = [_VAL_CHUNK, self.policy.limits.max_micro_batch, self.oom.ceiling]
         piece = min(c for c in caps if c is not None)
         pieces = val_pieces(n, _VAL_CHUNK, piece, self.world)
-        self.model.eval()
+        self.eval_model.eval()
         try:
             for c, start, end in pieces[self.rank]:
                 x, y = val.batch(torch.arange(start, end), 0)
@@ -508,7 +512,7 @@ class Trainer(Resize):
                 _, start, end = pieces[0][0]
                 model(val.batch(torch.arange(start, end), 0)[0].to(self.device))
         finally:
-            self.model.train()
+            self.eval_model.train()
         self.backend.all_reduce(sums, "sum")
         totals = sums.sum(0)
         metric = float(totals[1]) / n if self.objective.metric_sum is not None else None
