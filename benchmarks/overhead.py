@@ -24,6 +24,11 @@ plain loop over the same MLP under ``fully_shard`` (the root as one unit, the ru
 applies to an MLP), SGD built over the sharded parameters, the same loss scale (FSDP's
 reduce-scatter averages over ranks as DDP's all-reduce does).
 
+``--agreement`` (fsdp only) picks how distgrow's side agrees on the loss and votes per update:
+``carried`` (distgrow's way: the numbers ride FSDP's reduce-scatter), ``all-reduce`` (their own
+gloo all-reduce, as before the carrier) or ``none`` (no collective at all: a floor for the
+measurement, not a valid run: a NaN on one rank would not stop the others).
+
 ``--control`` adds a third side, a second copy of the hand-written loop, timed in the same
 rotation (an A/A comparison): its ratio to the plain loop should be 1, and how far it strays is
 what this machine resolves in the same run (on 2 ranks sharing 2 cores, a few per cent).
@@ -70,6 +75,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from distgrow.backends import Backend, make_backend
+from distgrow.backends.fsdp_backend import FSDPBackend
 from distgrow.config import load_config
 from distgrow.data import epoch_permutation
 from distgrow.data.order import shard_split
@@ -170,6 +176,17 @@ def trainer_block(
     return block
 
 
+def _agreement_as(backend: Backend, how: str) -> None:
+    """The FSDP update's agreement as ``--agreement`` asks (before the trainer's ``setup``)."""
+    if how == "carried":
+        return
+    if not isinstance(backend, FSDPBackend):
+        raise SystemExit(f"--agreement {how} is for --backend fsdp. Fix: drop it.")
+    backend.carries = False  # the agreement's own all-reduce, started before the backward
+    if how == "none":  # measurement only: no collective at all (each rank's own loss)
+        backend.all_reduce_async = lambda t, op="sum": lambda: t  # type: ignore[method-assign,assignment]
+
+
 def _timed(
     backend: Backend, block: Callable[[int, int], None], first_step: int, steps: int
 ) -> tuple[float, float]:
@@ -194,6 +211,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
         cfg = load_config(None, _config(batch, world, f"{out}/run{batch}", args.backend))
         if backend is None:
             backend = make_backend(cfg, runtime)
+            _agreement_as(backend, args.agreement)
         trainer = Trainer(cfg, backend, load_data(cfg))
         setting = trainer.next_setting()
         order = epoch_permutation(trainer.num_train, cfg.run.seed, 0)
@@ -404,6 +422,13 @@ def main(argv: list[str] | None = None) -> int:
         help="both sides under DDP (torch) or FSDP2 (fsdp: fully_shard)",
     )
     parser.add_argument(
+        "--agreement",
+        choices=("carried", "all-reduce", "none"),
+        default="carried",
+        help="fsdp: the per-update agreement carried by the reduce-scatter (what distgrow "
+        "does), its own all-reduce (before the carrier), or none (a floor, not a valid run)",
+    )
+    parser.add_argument(
         "--pieces",
         action="store_true",
         help="time each piece of distgrow's own per-update work alone (1 process)",
@@ -443,8 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     if args.pieces or args.profile:
         print(
-            f"distgrow's own work per update, each piece timed alone (timeit), torch backend, "
-            f"{args.threads} thread(s), {data}; load average {load}"
+            f"distgrow's own work per update, each piece timed alone (timeit), "
+            f"{args.backend} backend, {args.threads} thread(s), {data}; load average {load}"
             if args.pieces
             else f"cProfile of Trainer.train_step, {args.backend} backend, {args.world} "
             f"process(es), {args.threads} thread(s) each, {data}, {args.steps} updates; "
@@ -454,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
             print(text)
         return 0
     print(
-        f"{args.backend} backend, {args.world} process(es), {args.threads} thread(s) each, {data}, "
+        f"{args.backend} backend (agreement {args.agreement}), {args.world} process(es), "
+        f"{args.threads} thread(s) each, {data}, "
         f"MLP 784-512-512-10, {args.reps} blocks × {args.steps} updates per side; "
         f"load average at the end {load} on {os.cpu_count()} CPUs"
     )

@@ -184,6 +184,9 @@ class FSDPBackend(AsyncReducer):
         # at small batches, it never changes).
         self._sync = True
         self._synced = False  # the current micro-step reduce-scatters (its sync is on)
+        self.carries = runtime.world_size > 1 and b.precision == "fp32"
+        """Whether :meth:`setup` wraps the model in a carrier for the agreement (set before
+        ``setup``; benchmarks/overhead.py turns it off to time the all-reduce instead)."""
 
     # -- training ------------------------------------------------------------------------------
 
@@ -200,7 +203,7 @@ class FSDPBackend(AsyncReducer):
         names = parameter_names(model, optimizer)
         units = shard_units(model)
         root = model
-        if self.world_size > 1 and self.precision == "fp32":
+        if self.carries:
             root = self._carrier = Carrier(model, self._device, copies=self.world_size)
         for unit in units:
             fully_shard(unit, mesh=self._mesh, mp_policy=mixed_precision(self.precision, False))
