@@ -255,8 +255,10 @@ class FSDPBackend(AsyncReducer):
         grad, band.grad = band.grad, None
         if grad is None:
             raise RuntimeError("FSDPBackend.carry: read before the synchronising backward.")
-        local = grad.to_local() if isinstance(grad, DTensor) else grad
-        return local.to(torch.float64) * self.world_size  # FSDP averaged this rank's row
+        if isinstance(grad, DTensor):
+            with torch.no_grad():  # to_local is then the tensor itself, not an autograd op
+                grad = grad.to_local()
+        return grad.to(torch.float64) * self.world_size  # FSDP averaged this rank's row
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate; at the synchronising micro-step, with the carried numbers' term.
