@@ -16,6 +16,10 @@ so the update is a sum over micro-steps of averages over ranks where ZeRO-0 all-
 summed micro-steps once; float32 addition in another order differs in the last bits
 (measured: 1.8e-7 at most after 67 updates, the same as ZeRO-2 in docs/backends.md).
 
+A NaN loss on one rank (2 gloo ranks, the backend and the agreement driven as the trainer
+drives them): the update is skipped on both ranks (weights and momentum unchanged, bit for bit)
+and the next one equals that of a run without the NaN update, bit for bit.
+
 A single-process ZeRO-3 engine (in a subprocess: DeepSpeed's process group must not leak into
 pytest) shows the partitioning, the gathered state and its load, and the bf16 semantics of
 stages 0-2: float32 outputs and float32 gradient reduction.
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -39,6 +44,8 @@ from conftest import (
     assert_same_model,
     distgrow_job_env,
     distgrow_job_run,
+    exit_spawned_rank,
+    free_port,
     write_config,
 )
 
@@ -226,3 +233,108 @@ backend.shutdown(0)
         timeout=300,
     )
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr
+
+
+def _nan_skip_rank(rank: int, port: int, out: str, user: str, nan: bool, absent: int) -> None:
+    """Three updates of 2 micro-steps under ZeRO-3 on 2 gloo ranks, as the trainer runs them:
+    the agreement on the loss, then ``step`` when it is finite, ``zero_grad`` when it is not.
+    ``nan``: rank 1's first micro-step of update 1 has a NaN loss (its gradients NaN too, and
+    the reduce-scatter carries them into both ranks' partitions). ``absent``: the update not
+    run at all (-1: none), the reference."""
+    import os
+
+    from distgrow.agreement import Agreement
+    from distgrow.backends import make_backend
+    from distgrow.runtime import Runtime
+    from distgrow.signals import StopSignals
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    cfg = load_config(
+        None,
+        [
+            "backend.name=deepspeed",
+            "backend.zero_stage=3",
+            "run.device=cpu",
+            f"backend.deepspeed_config={user}",
+        ],
+    )
+    backend = make_backend(cfg, Runtime(rank, 2, rank, 2, "127.0.0.1", port, "none"))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    engine = backend.setup(model, opt)
+    agreement = Agreement(backend, StopSignals(), torch.device("cpu"))
+    backend.begin_update(4, 2)
+    seen: list[Any] = []
+    for update in range(3):
+        if update == absent:
+            continue
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for micro, sync in enumerate((False, True)):
+            seed = 100 * update + 10 * micro + rank
+            x = torch.randn(4, 6, generator=torch.Generator().manual_seed(seed))
+            with backend.micro_step(sync):
+                loss = engine(x).square().sum()
+                if nan and (rank, update, micro) == (1, 1, 0):
+                    loss = loss * math.nan
+                backend.backward(loss)
+            loss_sum += loss.detach().double()
+        mean = agreement.mean_loss(loss_sum)
+        if math.isfinite(mean):
+            backend.step(opt, None)
+        else:
+            backend.zero_grad(opt)
+        seen.append(
+            (update, mean, backend.model_state_dict(), backend.optimizer_state_dict(opt)["state"])
+        )
+    torch.save(seen, Path(out) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+    exit_spawned_rank()
+
+
+def _spawn_nan_skip(tmp: Path, user: Path, nan: bool, absent: int) -> list[list[Any]]:
+    import torch.multiprocessing as mp
+
+    out = tmp / f"nan{int(nan)}-absent{absent}"
+    out.mkdir()
+    mp.start_processes(
+        _nan_skip_rank,
+        args=(free_port(), str(out), str(user), nan, absent),
+        nprocs=2,
+        join=True,
+        start_method="spawn",
+    )
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def _equal_states(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@needs_deepspeed
+@pytest.mark.integration
+def test_zero3_skips_an_update_whose_loss_is_nan_on_one_rank(tmp_path: Path) -> None:
+    """The NaN update leaves the weights and momentum exactly as they were on both ranks, and
+    the next update trains bit for bit as in a run where it never happened: ``zero_grad`` drops
+    the partitioned gradients (the next backward copies into ZeRO-3's partition buffers instead
+    of adding to the NaNs there)."""
+    user = tmp_path / "ds3.json"  # partition every parameter
+    user.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+    skipped = _spawn_nan_skip(tmp_path, user, nan=True, absent=-1)
+    reference = _spawn_nan_skip(tmp_path, user, nan=False, absent=1)
+    for rank in range(2):
+        (u0, m0, w0, o0), (u1, m1, w1, o1), (u2, m2, w2, o2) = skipped[rank]
+        (r0, n0, v0, p0), (r2, n2, v2, p2) = reference[rank]
+        assert (u0, u1, u2, r0, r2) == (0, 1, 2, 0, 2)
+        assert math.isnan(m1) and math.isfinite(m0) and math.isfinite(m2)  # every rank's NaN
+        assert (m0, m2) == (n0, n2)
+        # The skipped update: weights and momentum exactly those of update 0.
+        assert _equal_states(w1, w0) and o1.keys() == o0.keys()
+        assert all(torch.equal(o1[i]["momentum_buffer"], o0[i]["momentum_buffer"]) for i in o0)
+        # After it, training goes on as if it were absent, bit for bit.
+        assert _equal_states(w0, v0) and _equal_states(w2, v2)
+        assert not _equal_states(w2, w0)  # update 2 did train
+        assert all(torch.equal(o0[i]["momentum_buffer"], p0[i]["momentum_buffer"]) for i in p0)
+        assert all(torch.equal(o2[i]["momentum_buffer"], p2[i]["momentum_buffer"]) for i in p2)
+        assert all(torch.isfinite(v).all() for v in w2.values())
+    assert _equal_states(skipped[0][2][2], skipped[1][2][2])  # both ranks hold the same model
