@@ -5,13 +5,14 @@ precision rules, the runtime's reading of horovodrun's variables, and that every
 implements the whole protocol.
 
 Integration tests (real 2-rank jobs on the CPU, each started by the real launcher command that
-``distgrow.launch`` builds): the same config and seed, with a growth event after epoch 1 (the
-batch grows 32 -> 64 through accumulation 2 -> 4), trained by torch/DDP, DeepSpeed ZeRO 0, 1
-and 2, and Horovod, must end with the same parameters (float32, ``rtol=1e-5, atol=1e-6``) and
-log the same ``metrics.jsonl`` values for batch, workers, accumulation, learning rate and
-updates. DeepSpeed checkpoints resume at another world size (ZeRO 0 and 2, momentum included)
-and under another backend. Each supported pair of the table in ``docs/backends.md`` is one test
-here: ``test_launcher_backend_pair[<launcher>-<backend>]``.
+``distgrow.launch`` builds): the same config and seed, with a growth event after epoch 1 (the batch
+grows 32 -> 64 through accumulation 2 -> 4), trained by torch/DDP, DeepSpeed ZeRO 0, 1, 2 and 3
+(ZeRO-3 with every parameter partitioned, under torchrun, ``distgrow launch``, the deepspeed
+launcher, mpirun and srun), and Horovod, must end with the same parameters (float32, ``rtol=1e-5,
+atol=1e-6``) and log the same ``metrics.jsonl`` values for batch, workers, accumulation, learning
+rate and updates. DeepSpeed checkpoints resume at another world size (ZeRO 0 and 2, momentum
+included) and under another backend. Each supported pair of the table in ``docs/backends.md`` is
+one test here: ``test_launcher_backend_pair[<launcher>-<backend>]``.
 """
 
 from __future__ import annotations
@@ -262,6 +263,8 @@ BACKENDS: dict[str, tuple[str, ...]] = {
     "ds-zero0": ("backend.name=deepspeed", "backend.zero_stage=0"),
     "ds-zero1": ("backend.name=deepspeed", "backend.zero_stage=1"),
     "ds-zero2": ("backend.name=deepspeed", "backend.zero_stage=2"),
+    # + backend.deepspeed_config: the zero3_json fixture (every parameter partitioned)
+    "ds-zero3": ("backend.name=deepspeed", "backend.zero_stage=3"),
     "horovod": ("backend.name=horovod",),
 }
 
@@ -321,7 +324,12 @@ def run_launcher(
         "mpirun-mpi4py": build_mpirun,
         "srun": build_srun,
     }
-    argv, additions = builders[launcher](spec)
+    if launcher == "distgrow-launch":  # the controller: on one node, torchrun's preloaded fork
+        port = f"launch.master_port={spec.master_port}"
+        argv = [spec.python, "-m", "distgrow", "launch", spec.config, *spec.overrides, port]
+        additions: dict[str, str] = {}
+    else:
+        argv, additions = builders[launcher](spec)
     started = time.monotonic()
     proc = subprocess.Popen(
         argv,
@@ -359,6 +367,14 @@ def max_abs_diff(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) ->
 @pytest.fixture(scope="module")
 def syn_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_config(tmp_path_factory.mktemp("cfg") / "syn.yaml", SYN)
+
+
+@pytest.fixture(scope="module")
+def zero3_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ZeRO-3 partitioning every parameter (DeepSpeed keeps those under 1e5 elements whole)."""
+    path = tmp_path_factory.mktemp("ds3") / "ds3.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -407,6 +423,11 @@ PAIRS = [
     ("srun", "torch"),
     ("srun", "ds-zero2"),
     ("srun", "horovod"),
+    ("torchrun", "ds-zero3"),
+    ("distgrow-launch", "ds-zero3"),
+    ("deepspeed", "ds-zero3"),
+    ("mpirun", "ds-zero3"),
+    ("srun", "ds-zero3"),
 ]
 
 
@@ -425,10 +446,16 @@ def test_launcher_backend_pair(
     env = None
     if launcher == "srun":  # the session's local SLURM cluster (conftest.slurm)
         env = {"SLURM_CONF": request.getfixturevalue("slurm")["SLURM_CONF"]}
+    overrides = BACKENDS[backend]
+    if backend == "ds-zero3":
+        overrides += (f"backend.deepspeed_config={request.getfixturevalue('zero3_json')}",)
     run_dir = tmp_path / "run"
-    out = run_launcher(launcher, syn_config, run_dir, BACKENDS[backend], env=env)
+    out = run_launcher(launcher, syn_config, run_dir, overrides, env=env)
     if launcher == "mpirun-mpi4py":
         assert "set WORLD_SIZE=2 (from mpi)" in out  # the ranks came from mpi4py
+    if launcher == "distgrow-launch":  # one launch of 2 workers, forked by the preloaded spawner
+        assert "-m distgrow.launch.spawn --nproc_per_node=2" in out
+        assert "distgrow launch: done: 1 launch(es)" in out
     got, want = final_state(run_dir), final_state(torch_reference)
     assert got["step"] == want["step"] == SYN_UPDATES
     diff = max_abs_diff(got["model"], want["model"])
