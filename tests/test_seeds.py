@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 import sys
 import types
@@ -20,7 +21,16 @@ from test_report import BASE, FakeExecutor, fake_run, mask, read_png, rgb
 from distgrow import plots, wandb_logger
 from distgrow.config import dump_config, load_config
 from distgrow.launch import Outcome
-from distgrow.report import ReportError, build_report, compare, load_run, seed_list, training, verbs
+from distgrow.report import (
+    ReportError,
+    build_report,
+    compare,
+    load_run,
+    report,
+    seed_list,
+    training,
+    verbs,
+)
 from distgrow.report.seeds import mean_interval, t_975, verdict
 
 SEEDS = [0, 1, 2]
@@ -499,3 +509,96 @@ def test_compare_trains_every_variant_on_every_seed_for_real(
     compare(config, variants=["decay_lr", "grow_batch"], seeds=[0, 1], out_dir=out,
             echo=again.append)  # fmt: skip
     assert sum("already finished" in line for line in again) == 4
+
+
+# --- distgrow report over seeded runs ------------------------------------------------------
+
+TWO_BY_THREE = {"decay_lr": [0.88, 0.90, 0.93], "grow_batch": [0.87, 0.905, 0.92]}
+
+
+def two_variants_three_seeds(root: Path) -> list[Path]:
+    """``compare --variants decay_lr,grow_batch --seeds 0,1,2`` as it leaves its runs (made up),
+    seed-major, so that a variant's seeds are not next to each other."""
+    made = []
+    for seed in SEEDS:
+        for variant, accs in TWO_BY_THREE.items():
+            name = f"{variant}-seed{seed}"
+            overrides = [
+                *VARIANT_OVERRIDES[variant],
+                f"run.seed={seed}",
+                f"run.name=toy-{name}",
+                f"run.output_dir={root / name}",
+            ]
+            made.append(fake_run(root, name, overrides, wall_s=WALL[variant], final_acc=accs[seed]))
+    return made
+
+
+def test_report_groups_the_runs_of_a_seeded_compare_by_variant(tmp_path: Path) -> None:
+    runs = two_variants_three_seeds(tmp_path / "cmp" / "runs")
+    lines: list[str] = []
+    out = report(runs, out_dir=tmp_path / "again", echo=lines.append)
+    data = json.loads((out / "summary.json").read_text())
+    # One row per variant in the tables (its lowest seed), named as compare names it.
+    assert [r["label"] for r in data["runs"]] == ["decay_lr", "grow_batch"]
+    assert [r["run_dir"] for r in data["runs"]] == [str(runs[0]), str(runs[1])]
+    assert data["baseline"] == "decay_lr"
+    section = data["seeds"]
+    assert section["seeds"] == SEEDS and section["baseline"] == "decay_lr"
+    by = {v["label"]: v for v in section["variants"]}
+    assert list(by) == ["decay_lr", "grow_batch"]
+    for variant, accs in TWO_BY_THREE.items():
+        assert by[variant]["n"] == 3
+        assert by[variant]["mean"] == pytest.approx(sum(accs) / 3)
+        assert [r["val_acc"] for r in by[variant]["per_seed"]] == accs
+    # Paired by seed: -1.0, +0.5, -1.0 points.
+    grow, decay = TWO_BY_THREE["grow_batch"], TWO_BY_THREE["decay_lr"]
+    diffs = [g - d for g, d in zip(grow, decay, strict=True)]
+    assert by["grow_batch"]["difference"]["mean"] == pytest.approx(sum(diffs) / 3)
+    md = (out / "report.md").read_text()
+    mean = sum(TWO_BY_THREE["grow_batch"]) / 3
+    assert f"| grow_batch | 3 | {mean * 100:.2f}% ± " in md
+    assert "the **Seeds** section gives all 3 seeds" in md
+    assert lines[0] == (
+        "distgrow report: 6 runs are 2 variant(s) × seeds 0, 1, 2: grouped by seed as compare "
+        "--seeds groups them"
+    )
+    # The same numbers and text as the report compare itself writes over these runs.
+    g = {v: {s: load_run(tmp_path / "cmp" / "runs" / f"{v}-seed{s}", v) for s in SEEDS}
+         for v in TWO_BY_THREE}  # fmt: skip
+    compared = build_report(
+        [g[v][0] for v in g], tmp_path / "cmp", seed_runs=g, command=data["command"]
+    )
+    assert section == json.loads(json.dumps(compared["seeds"]))
+    seeds_md = md[md.index("## Seeds") : md.index("## ", md.index("## Seeds") + 3)]
+    assert seeds_md in (tmp_path / "cmp" / "report.md").read_text()
+    # The compare's output folder stands for its runs; the baseline may be any of its seeds.
+    out2 = report([tmp_path / "cmp"], out_dir=tmp_path / "folder", baseline=str(runs[2]))
+    folder = json.loads((out2 / "summary.json").read_text())
+    assert folder["seeds"] == section and folder["baseline"] == "decay_lr"
+
+
+def test_report_of_one_seed_per_variant_or_repeated_seeds_is_not_grouped(
+    tmp_path: Path,
+) -> None:
+    runs = two_variants_three_seeds(tmp_path / "runs")
+    one_seed = [runs[2], runs[3]]  # decay_lr-seed1, grow_batch-seed1
+    out = report(one_seed, out_dir=tmp_path / "one", echo=lambda _: None)
+    data = json.loads((out / "summary.json").read_text())
+    # The report as it was before runs were grouped: build_report over the runs themselves.
+    before = build_report(
+        [load_run(p) for p in one_seed], tmp_path / "before", command=data["command"]
+    )
+    assert "seeds" not in data and data["notes"] == before["notes"]
+    assert [r["label"] for r in data["runs"]] == ["decay_lr-seed1", "grow_batch-seed1"]
+    md = (out / "report.md").read_text()
+    assert md == (tmp_path / "before" / "report.md").read_text() and "## Seeds" not in md
+    # A second copy of a run (same config and seed) leaves the seeds unknown: not grouped.
+    copy = tmp_path / "copy" / "grow_batch-seed2"
+    shutil.copytree(runs[5], copy)
+    out = report([*runs[:4], runs[5], copy], out_dir=tmp_path / "dup", baseline=str(runs[0]))
+    data = json.loads((out / "summary.json").read_text())
+    assert "seeds" not in data and len(data["runs"]) == 6
+    assert data["notes"][0] == (
+        f"not grouped by seed: {runs[5]} and {copy} have the same config and seed 2; each run "
+        "is shown on its own"
+    )

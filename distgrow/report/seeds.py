@@ -1,17 +1,21 @@
 """Several seeds per variant: each variant's mean and spread of the final metric, the
-difference to the baseline with a 95% interval paired by seed (Student t), and a plain verdict.
+difference to the baseline with a 95% interval paired by seed (Student t), and a plain verdict;
+and which of a report's runs are seeds of one variant (:func:`group_by_seed`).
 
 Pure arithmetic on :class:`~distgrow.report.runs.RunData`; no torch, no files.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import statistics
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
-from distgrow.report.runs import RunData
+from distgrow.report.runs import RunData, flat
 from distgrow.savings import SavingsError, format_ratio, measured_savings
 
 T_975 = (
@@ -191,6 +195,80 @@ def _paired(
         "updates_ratio_mean": statistics.fmean(ratios) if ratios else None,
         "verdict": verdict(low, high, tolerance, metric, len(diffs)),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Which runs are seeds of one variant
+# --------------------------------------------------------------------------------------------
+
+NOT_THE_VARIANT = ("run.seed", "run.name", "run.output_dir", "run.resume")
+"""The config keys in which seeds of one variant may differ (``compare --seeds`` gives each
+seed's run its own ``run.seed``, name and folder); every other key of ``config.yaml`` is the
+variant."""
+
+
+def run_seed(run: RunData) -> int | None:
+    """The ``run.seed`` of the run's ``config.yaml`` (None without one)."""
+    seed = (run.config.get("run") or {}).get("seed") if run.config else None
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+
+def _variant_key(run: RunData) -> str:
+    tree = {k: v for k, v in flat(run.config).items() if k not in NOT_THE_VARIANT}
+    return json.dumps(tree, sort_keys=True, default=str)
+
+
+def _group_label(runs: Sequence[tuple[int, RunData]]) -> str:
+    """The label the seeds share once ``-seed<k>`` is cut (``compare``'s folder names), else
+    the first seed's label."""
+    stems = {re.sub(rf"[-_.]?seed{seed}$", "", run.label) for seed, run in runs}
+    stem = stems.pop() if len(stems) == 1 else ""
+    return stem or runs[0][1].label
+
+
+def group_by_seed(
+    runs: Sequence[RunData],
+) -> tuple[dict[str, dict[int, RunData]] | None, str | None]:
+    """Group the runs whose ``config.yaml`` differ only in :data:`NOT_THE_VARIANT` (one
+    variant trained on several seeds), as ``compare --seeds`` groups its own runs.
+
+    Returns:
+        (variant label → seed → its run, relabelled; None) when some variant has two or more
+        seeds, in the order the variants first appear, seeds ascending; otherwise (None, None),
+        or (None, why not) where seeds cannot be told apart (a run without ``config.yaml`` or
+        ``run.seed``, or two runs of the same config and seed).
+    """
+    keyed: dict[str, list[RunData]] = {}
+    for i, run in enumerate(runs):
+        key = _variant_key(run) if run_seed(run) is not None else f"#{i}"
+        keyed.setdefault(key, []).append(run)
+    members = list(keyed.values())
+    if not any(len({run_seed(r) for r in m}) > 1 for m in members):
+        return None, None
+    seeded: list[list[tuple[int, RunData]]] = []
+    for m in members:
+        pairs = [(s, r) for r in m if (s := run_seed(r)) is not None]
+        if len(pairs) < len(m):
+            return None, (
+                f"not grouped by seed: {m[0].path} has no run.seed in its config.yaml, so "
+                "its seed is unknown; each run is shown on its own"
+            )
+        seen: dict[int, RunData] = {}
+        for s, r in pairs:
+            if s in seen:
+                return None, (
+                    f"not grouped by seed: {seen[s].path} and {r.path} have the same config "
+                    f"and seed {s}; each run is shown on its own"
+                )
+            seen[s] = r
+        seeded.append(sorted(pairs, key=lambda p: p[0]))
+    labels = [_group_label(pairs) for pairs in seeded]
+    if len(set(labels)) != len(labels):
+        labels = [pairs[0][1].label for pairs in seeded]
+    return {
+        label: {s: replace(r, label=label) for s, r in pairs}
+        for label, pairs in zip(labels, seeded, strict=True)
+    }, None
 
 
 # --------------------------------------------------------------------------------------------

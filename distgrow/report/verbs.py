@@ -33,6 +33,7 @@ from distgrow.report.runs import (
     load_run,
     read_summary,
 )
+from distgrow.report.seeds import group_by_seed
 from distgrow.report.sweep import SWEEP_FILES, write_sweep
 from distgrow.report.training import (
     Echo,
@@ -369,10 +370,16 @@ def report(
 ) -> Path:
     """Rebuild a report from finished run directories (``distgrow report``).
 
+    A ``compare`` output folder stands for the runs in its ``runs/``. Runs whose configs differ
+    only in ``run.seed`` (and name and folder) are seeds of one variant and are grouped as
+    ``compare --seeds`` groups them (:func:`~distgrow.report.seeds.group_by_seed`): the tables
+    show each variant's lowest seed and the *Seeds* section the mean, spread and paired 95%
+    interval over all of them. One run per variant gives the report as before.
+
     Raises:
         ReportError: a directory is not a finished run, or the baseline is ambiguous.
     """
-    paths = [Path(p) for p in run_dirs]
+    paths = [run for p in run_dirs for run in _compare_runs(Path(p))]
     names = [p.resolve().name for p in paths]
     # Two runs named alike (two "grow_batch" folders of different reports) get their parent's
     # name in front so that the table and the legends tell them apart.
@@ -381,16 +388,51 @@ def report(
         for p, n in zip(paths, names, strict=True)
     ]
     runs = [load_run(p, label) for p, label in zip(paths, labels, strict=True)]
+    groups, why_not = group_by_seed(runs)
+    # A run's label (or folder) names its variant once the runs are grouped by seed.
+    label_of = {r.label: r.label for r in runs}
+    if groups is not None:
+        variant_at = {run.path: v for v, seeds in groups.items() for run in seeds.values()}
+        label_of = {r.label: variant_at[r.path] for r in runs}
     base_label = None
     if baseline is not None:
         wanted = Path(baseline).resolve()
-        match = [r.label for r in runs if r.path.resolve() == wanted]
-        base_label = match[0] if match else baseline
+        match = [label_of[r.label] for r in runs if r.path.resolve() == wanted]
+        base_label = match[0] if match else label_of.get(baseline, baseline)
     out = Path(out_dir) if out_dir is not None else default_report_dir(report_title(runs), "report")
     command = shlex.join(["distgrow", "report", *map(str, run_dirs)])
-    build_report(runs, out, baseline=base_label, command=command)
+    if groups is not None:
+        seeds = sorted({s for g in groups.values() for s in g})
+        echo(
+            f"distgrow report: {len(runs)} runs are {len(groups)} variant(s) × seeds "
+            f"{', '.join(map(str, seeds))}: grouped by seed as compare --seeds groups them"
+        )
+        firsts = [next(iter(g.values())) for g in groups.values()]
+        build_report(firsts, out, baseline=base_label, command=command, seed_runs=groups)
+    else:
+        notes = [why_not] if why_not else []
+        build_report(runs, out, baseline=base_label, command=command, notes=notes)
     echo(f"distgrow report: written to {out / REPORT_FILE}")
     return out
+
+
+def _compare_runs(path: Path) -> list[Path]:
+    """``[path]``, or for a ``compare`` output folder (``runs/`` and no run of its own) the run
+    folders in ``runs/``, the variants in :data:`VARIANTS` order."""
+    runs = path / "runs"
+    if not runs.is_dir() or RunDir(path).config.is_file():
+        return [path]
+
+    def order(run: Path) -> tuple[int, str]:
+        variant = re.sub(r"-seed-?\d+$", "", run.name)
+        return (VARIANTS.index(variant) if variant in VARIANTS else len(VARIANTS), run.name)
+
+    found = sorted((p for p in runs.iterdir() if p.is_dir()), key=order)
+    if not found:
+        raise ReportError(
+            f"{runs} holds no run folders. Fix: give the finished run directories themselves."
+        )
+    return found
 
 
 # --------------------------------------------------------------------------------------------
