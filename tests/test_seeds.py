@@ -31,7 +31,7 @@ from distgrow.report import (
     training,
     verbs,
 )
-from distgrow.report.seeds import mean_interval, t_975, verdict
+from distgrow.report.seeds import group_by_seed, mean_interval, t_975, verdict
 
 SEEDS = [0, 1, 2]
 ACC = {
@@ -601,4 +601,21 @@ def test_report_of_one_seed_per_variant_or_repeated_seeds_is_not_grouped(
     assert data["notes"][0] == (
         f"not grouped by seed: {runs[5]} and {copy} have the same config and seed 2; each run "
         "is shown on its own"
+    )
+
+
+def test_group_by_seed_keeps_single_seeds_and_refuses_an_unknown_seed(tmp_path: Path) -> None:
+    runs = [load_run(p) for p in two_variants_three_seeds(tmp_path / "runs")]
+    # grow_batch on seed 1 only: its group has n = 1, decay_lr keeps its three seeds.
+    groups, why_not = group_by_seed([runs[4], runs[3], runs[0], runs[2]])  # seed-major order
+    assert why_not is None and groups is not None
+    assert {v: list(g) for v, g in groups.items()} == {"decay_lr": [0, 1, 2], "grow_batch": [1]}
+    assert groups["grow_batch"][1].path == runs[3].path
+    # A run whose config.yaml is gone has no known seed: nothing is grouped, and the note says why.
+    runs[3].config = {}
+    groups, why_not = group_by_seed(runs)
+    assert groups is None
+    assert why_not == (
+        f"not grouped by seed: {runs[3].path} has no run.seed in its config.yaml, so its seed "
+        "is unknown; each run is shown on its own"
     )
