@@ -505,6 +505,9 @@ def test_compare_trains_every_variant_on_every_seed_for_real(
     assert d["wall_ratio_mean"] == pytest.approx(statistics.fmean(ratios))
     assert d["verdict"].startswith("within 0.5 points of the baseline:")
     assert read_png(out / "seeds.png").std() > 0.05
+    # distgrow report over the compare's folder, later, gives the same Seeds section.
+    later = report([out], out_dir=tmp_path / "later", echo=lambda _: None)
+    assert json.loads((later / "summary.json").read_text())["seeds"] == seeds
     again: list[str] = []
     compare(config, variants=["decay_lr", "grow_batch"], seeds=[0, 1], out_dir=out,
             echo=again.append)  # fmt: skip
