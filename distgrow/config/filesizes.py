@@ -36,6 +36,7 @@ __all__ = [
     "npz_header",
     "npz_member",
     "npz_rows",
+    "stream_train_size",
 ]
 
 # What Pillow decodes and torchvision's ImageFolder lists (case ignored).
@@ -310,3 +311,23 @@ def file_train_size(cfg: DataConfig) -> int:
     if n < 2:
         raise ValueError(f"{train}: {n} sample(s) cannot be split into train and validation.")
     return n - held_out(n, cfg.val_fraction)
+
+
+# -- token files and text ----------------------------------------------------------------------
+
+
+def stream_train_size(cfg: DataConfig, seed: int) -> int:
+    """Training windows of ``data.name`` tokens or text, from the files' headers and sizes: the
+    loader's own split (:func:`distgrow.data.readers.tokens.split`,
+    :func:`distgrow.data.readers.text.train_size`), whose held-out blocks follow ``seed``.
+
+    Raises:
+        FileNotFoundError: ``data.path`` (or ``data.val_path``) does not exist.
+        ValueError: no ``data.seq_len``, a malformed file, too few windows.
+    """
+    # Imported here: the split lives with its reader (one copy of the arithmetic), and the
+    # config's other users need neither torch nor the readers.
+    from distgrow.data.readers import text, tokens
+
+    reader = tokens if cfg.name == "tokens" else text
+    return reader.train_size(cfg, seed)

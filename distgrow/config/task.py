@@ -33,7 +33,7 @@ from distgrow.config.fields import (
     raises_config_errors,
     setting,
 )
-from distgrow.config.filesizes import file_train_size
+from distgrow.config.filesizes import file_train_size, stream_train_size
 from distgrow.entrypoints import EntryPointError, is_entry_point, parse_entry_point
 
 
@@ -176,6 +176,13 @@ _DATA_CONFIG = ConfigDict(**STRICT, populate_by_name=True)
 _POSITIVE_OR_NULL = Range(ge=1, problem="must be positive or null", fix="remove it or use 1+")
 
 VAL_PATH_NAMES = (*FILE_FORMATS, "text", "tokens")
+STREAM_FORMATS = ("tokens", "text")
+"""Counted in windows of ``seq_len + 1`` from the files' sizes (:func:`stream_train_size`)."""
+STREAM_FIX = {
+    "tokens": "make the token file (bash scripts/lm_corpora.sh, or scripts/make_tokens.py) or "
+    "point data.path at one",
+    "text": "point data.path at your text (a file or a folder of .py / .txt files)",
+}
 """The data sets that read ``data.val_path``."""
 
 
@@ -310,13 +317,26 @@ class DataConfig(Section):
         _POSITIVE_OR_NULL,
     )
 
-    def expected_train_size(self) -> int:
+    def expected_train_size(self, seed: int = 0) -> int:
         """N for planning without loading: ``size`` if set, else the data set's known size.
+
+        Args:
+            seed: ``run.seed``, which picks the blocks ``tokens`` and ``text`` hold out (the
+                last block of a file may be short, so N can differ by a few windows).
 
         Must agree with ``distgrow.data`` (a test loads each set and compares).
         """
         if self.size is not None:
             return self.size
+        if self.name in STREAM_FORMATS:
+            # Counted from the file sizes and headers by the loader's own split, nothing read.
+            try:
+                return stream_train_size(self, seed)
+            except (OSError, ValueError) as err:
+                raise ConfigError(
+                    f"data.path = {self.path!r}: cannot count its windows: {err} "
+                    f"Fix: {STREAM_FIX[self.name]}, or set data.size=N."
+                ) from err
         if self.name in FILE_FORMATS:
             # Counted from the files (headers, lines, file names), nothing decoded.
             try:

@@ -32,7 +32,16 @@ from distgrow.data.containers import (
 from distgrow.data.order import STREAM_SPLIT, stream_seed
 from distgrow.data.splits import limit
 
-__all__ = ["BLOCK_SEQUENCES", "CORPUS_BYTES", "VOCAB", "corpus_bytes", "read", "sequences"]
+__all__ = [
+    "BLOCK_SEQUENCES",
+    "CORPUS_BYTES",
+    "VOCAB",
+    "corpus_bytes",
+    "read",
+    "sequences",
+    "text_size",
+    "train_size",
+]
 
 VOCAB = 256
 """Byte-level tokens: one per byte value."""
@@ -106,10 +115,31 @@ def sequences(tokens: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Ten
         ``(x, y)``, both ``int64`` ``(n, seq_len)`` with ``y[i, t] == x[i, t + 1]`` for
         ``t < seq_len - 1``; window ``i`` covers ``tokens[i * (seq_len + 1):][: seq_len + 1]``.
     """
-    n = len(tokens) // (seq_len + 1)
+    n = _sequence_count(len(tokens), seq_len)
     windows = torch.from_numpy(tokens[: n * (seq_len + 1)].astype(np.int64))
     windows = windows.reshape(n, seq_len + 1)
     return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+
+def _blocks(n: int, name: str) -> int:
+    """Blocks of :data:`BLOCK_SEQUENCES` that ``n`` sequences make (the last may be short)."""
+    blocks = -(-n // BLOCK_SEQUENCES)
+    if blocks < 2:
+        raise DatasetFormatError(
+            f"{name}: {n} sequences make {blocks} block of {BLOCK_SEQUENCES}; need 2 or "
+            "more to hold one out: use a longer text, a smaller data.seq_len, or (text) a "
+            "data.val_path."
+        )
+    return blocks
+
+
+def _val_blocks(blocks: int, val_fraction: float, seed: int) -> list[int]:
+    """The held-out block ids: the first ``held_out(blocks, val_fraction)`` of a seeded
+    permutation."""
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(stream_seed(seed, STREAM_SPLIT))
+    chosen = torch.randperm(blocks, generator=generator)[: held_out(blocks, val_fraction)]
+    return [int(b) for b in chosen.tolist()]
 
 
 def block_split(
@@ -121,21 +151,71 @@ def block_split(
     :data:`BLOCK_SEQUENCES` go to validation, chosen with the run seed; both index lists are
     in text order.
     """
-    blocks = -(-n // BLOCK_SEQUENCES)
-    if blocks < 2:
-        raise DatasetFormatError(
-            f"{name}: {n} sequences make {blocks} block of {BLOCK_SEQUENCES}; need 2 or "
-            "more to hold one out: use a longer text, a smaller data.seq_len, or (text) a "
-            "data.val_path."
-        )
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(stream_seed(seed, STREAM_SPLIT))
-    val_blocks = torch.randperm(blocks, generator=generator)[: held_out(blocks, val_fraction)]
+    blocks = _blocks(n, name)
     is_val = torch.zeros(n, dtype=torch.bool)
-    for b in val_blocks.tolist():
+    for b in _val_blocks(blocks, val_fraction, seed):
         is_val[b * BLOCK_SEQUENCES : (b + 1) * BLOCK_SEQUENCES] = True
     index = torch.arange(n)
     return index[~is_val], index[is_val]
+
+
+def _sequence_count(size: int, seq_len: int) -> int:
+    """Windows of ``seq_len + 1`` that ``size`` tokens make (as :func:`sequences` cuts them)."""
+    return size // (seq_len + 1)
+
+
+def text_size(root: str, where: str) -> int:
+    """Bytes of the text files :func:`corpus_bytes` reads under ``root`` (file sizes alone)."""
+    return sum(p.stat().st_size for p in _files(root, where))
+
+
+def train_size(cfg: DataConfig, seed: int) -> int:
+    """The training sequences :func:`read` makes for ``data.name: text`` (``data.val_path``,
+    ``data.val_fraction``, ``data.limit_train`` honoured), from the files' sizes alone.
+
+    Raises:
+        ValueError, DatasetNotFoundError, DatasetFormatError: as :func:`read`.
+    """
+    seq_len = _seq_len(cfg, "text")
+    path = _text_path(cfg)
+    n = _sequence_count(text_size(path, "text: data.path"), seq_len)
+    if cfg.val_path is not None:
+        val_n = _sequence_count(text_size(cfg.val_path, "text: data.val_path"), seq_len)
+        _check_both(n, val_n, seq_len)
+    else:
+        blocks = _blocks(n, "text")
+        last = n - (blocks - 1) * BLOCK_SEQUENCES
+        val_blocks = _val_blocks(blocks, cfg.val_fraction, seed)
+        n -= sum(last if b == blocks - 1 else BLOCK_SEQUENCES for b in val_blocks)
+    return n if cfg.limit_train is None else min(n, cfg.limit_train)
+
+
+def _seq_len(cfg: DataConfig, name: str) -> int:
+    if cfg.seq_len is None:
+        raise ValueError(
+            f"{name}: data.seq_len is null; the text is cut into sequences of that many "
+            "tokens: set it, e.g. data.seq_len=64."
+        )
+    return cfg.seq_len
+
+
+def _text_path(cfg: DataConfig) -> str:
+    if cfg.path is None:
+        raise DatasetNotFoundError(
+            "text: data.path is null; point it at your text (a file, or a folder of .py / "
+            ".txt files), e.g. data.path=corpus.txt (python_stdlib reads the standard "
+            "library)."
+        )
+    return cfg.path
+
+
+def _check_both(n: int, val_n: int, seq_len: int) -> None:
+    if val_n == 0 or n == 0:
+        short = "data.val_path" if val_n == 0 else "data.path"
+        raise DatasetFormatError(
+            f"text: {short} holds fewer than data.seq_len + 1 = {seq_len + 1} bytes, not "
+            "one sequence: use a longer text or a smaller data.seq_len."
+        )
 
 
 def read(name: str, cfg: DataConfig, seed: int) -> DataBundle:
@@ -158,30 +238,14 @@ def read(name: str, cfg: DataConfig, seed: int) -> DataBundle:
             ``text`` without ``data.path``.
         DatasetFormatError: Too little text for one training and one validation block.
     """
-    seq_len = cfg.seq_len
-    if seq_len is None:
-        raise ValueError(
-            f"{name}: data.seq_len is null; the text is cut into sequences of that many "
-            "tokens: set it, e.g. data.seq_len=64."
-        )
+    seq_len = _seq_len(cfg, name)
     if name == "text":
-        if cfg.path is None:
-            raise DatasetNotFoundError(
-                "text: data.path is null; point it at your text (a file, or a folder of .py / "
-                ".txt files), e.g. data.path=corpus.txt (python_stdlib reads the standard "
-                "library)."
-            )
-        x, y = sequences(corpus_bytes(cfg.path, None, "text: data.path"), seq_len)
+        x, y = sequences(corpus_bytes(_text_path(cfg), None, "text: data.path"), seq_len)
     else:
         x, y = sequences(corpus_bytes(cfg.root), seq_len)
     if name == "text" and cfg.val_path is not None:
         val_x, val_y = sequences(corpus_bytes(cfg.val_path, None, "text: data.val_path"), seq_len)
-        if val_x.shape[0] == 0 or x.shape[0] == 0:
-            short = "data.val_path" if val_x.shape[0] == 0 else "data.path"
-            raise DatasetFormatError(
-                f"text: {short} holds fewer than data.seq_len + 1 = {seq_len + 1} bytes, not "
-                "one sequence: use a longer text or a smaller data.seq_len."
-            )
+        _check_both(x.shape[0], val_x.shape[0], seq_len)
         train_x, train_y = limit(x, y, cfg.limit_train)
         val_x, val_y = limit(val_x, val_y, cfg.limit_val)
     else:

@@ -40,7 +40,16 @@ from distgrow.data.containers import (
 )
 from distgrow.data.order import STREAM_SPLIT, FeistelPermutation, stream_seed
 
-__all__ = ["MAX_BLOCKS", "MIN_BLOCK_WINDOWS", "TokenFile", "TokenWindows", "read"]
+__all__ = [
+    "MAX_BLOCKS",
+    "MIN_BLOCK_WINDOWS",
+    "TokenFile",
+    "TokenWindows",
+    "block_sizes",
+    "read",
+    "split",
+    "train_size",
+]
 
 MAX_BLOCKS = 4096
 """At most this many held-out blocks per file: a block is ``ceil(windows / 4096)`` windows
@@ -198,13 +207,19 @@ class TokenWindows(ArrayDataset):
         return out[:, :-1], out[:, 1:]
 
 
+def block_sizes(windows: int, blocks: np.ndarray, block: int) -> np.ndarray:
+    """Windows in each of ``blocks`` (block ids) of ``block`` windows, of ``windows`` in all
+    (the last block of the file may be short)."""
+    starts = blocks.astype(np.int64) * block
+    return np.minimum(starts + block, windows) - starts
+
+
 def _windows(
     file: TokenFile, seq_len: int, blocks: np.ndarray, block: int, limit: int | None
 ) -> TokenWindows:
     """The :class:`TokenWindows` of ``blocks`` (block ids, ascending) of ``block`` windows."""
-    total = file.count // (seq_len + 1)
     starts = blocks.astype(np.int64) * block
-    sizes = np.minimum(starts + block, total) - starts
+    sizes = block_sizes(file.count // (seq_len + 1), blocks, block)
     first = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     n = int(sizes.sum())
     if limit is not None:
@@ -238,25 +253,26 @@ def held_out_blocks(
     return train, val, block
 
 
-def read(name: str, cfg: DataConfig, seed: int) -> DataBundle:
-    """The token file of ``data.path`` as windows of ``data.seq_len`` ids and their targets.
+Split = tuple[TokenFile, np.ndarray, int]
+"""A file, the ids of its blocks that a split takes (ascending) and the block size, in windows."""
+
+
+def split(cfg: DataConfig, seed: int) -> tuple[Split, Split]:
+    """The training and validation blocks of ``cfg``'s token files, from their headers alone.
+
+    ``data.val_path`` given: all windows of each file (one block of them); else the blocks of
+    :func:`held_out_blocks`. :func:`read` loads these; :func:`train_size` counts them.
 
     Raises:
-        ValueError: ``data.seq_len`` is not set, or ``data.feed=loader``.
+        ValueError: ``data.seq_len`` is not set.
         DatasetNotFoundError: No file at ``data.path`` / ``data.val_path``.
-        DatasetFormatError: A malformed file, too few windows, an id outside the stated
-            vocabulary.
+        DatasetFormatError: A malformed file, too few windows.
     """
     seq_len = cfg.seq_len
     if seq_len is None:
         raise ValueError(
             "tokens: data.seq_len is null; the ids are cut into sequences of that many "
             "tokens: set it, e.g. data.seq_len=256."
-        )
-    if cfg.feed == "loader":
-        raise ValueError(
-            "tokens: data.feed = 'loader' is not how token files are read (each batch maps the "
-            "file itself, no worker processes needed): set data.feed=auto."
         )
     if cfg.path is None:
         raise DatasetNotFoundError(
@@ -266,26 +282,51 @@ def read(name: str, cfg: DataConfig, seed: int) -> DataBundle:
     train_file = TokenFile.open(cfg.path, "data.path")
     span = seq_len + 1
     windows = train_file.count // span
-    files = [train_file]
-    if cfg.val_path is not None:
-        val_file = TokenFile.open(cfg.val_path, "data.val_path")
-        files.append(val_file)
-        for f, key in ((train_file, "data.path"), (val_file, "data.val_path")):
-            if f.count < span:
-                raise DatasetFormatError(
-                    f"tokens: {key} {f.path} holds {f.count} ids, fewer than data.seq_len + 1 = "
-                    f"{span}, not one window: use a longer file or a smaller data.seq_len."
-                )
-        every = np.arange(windows, dtype=np.int64)[:1]  # one block of all windows
-        train = _windows(train_file, seq_len, every, windows, cfg.limit_train)
-        val_windows = val_file.count // span
-        val = _windows(val_file, seq_len, every, val_windows, cfg.limit_val)
-    else:
+    if cfg.val_path is None:
         train_blocks, val_blocks, block = held_out_blocks(
             windows, cfg.val_fraction, seed, f"data.path {train_file.path}"
         )
-        train = _windows(train_file, seq_len, train_blocks, block, cfg.limit_train)
-        val = _windows(train_file, seq_len, val_blocks, block, cfg.limit_val)
+        return (train_file, train_blocks, block), (train_file, val_blocks, block)
+    val_file = TokenFile.open(cfg.val_path, "data.val_path")
+    for f, key in ((train_file, "data.path"), (val_file, "data.val_path")):
+        if f.count < span:
+            raise DatasetFormatError(
+                f"tokens: {key} {f.path} holds {f.count} ids, fewer than data.seq_len + 1 = "
+                f"{span}, not one window: use a longer file or a smaller data.seq_len."
+            )
+    every = np.zeros(1, dtype=np.int64)  # one block of all windows
+    return (train_file, every, windows), (val_file, every, val_file.count // span)
+
+
+def train_size(cfg: DataConfig, seed: int) -> int:
+    """The training windows :func:`read` makes of ``cfg``'s files (``data.limit_train``
+    honoured), from the files' headers and sizes alone: no id is read."""
+    (file, blocks, block), _ = split(cfg, seed)
+    assert cfg.seq_len is not None  # split() refused it
+    n = int(block_sizes(file.count // (cfg.seq_len + 1), blocks, block).sum())
+    return n if cfg.limit_train is None else min(n, cfg.limit_train)
+
+
+def read(name: str, cfg: DataConfig, seed: int) -> DataBundle:
+    """The token file of ``data.path`` as windows of ``data.seq_len`` ids and their targets.
+
+    Raises:
+        ValueError: ``data.seq_len`` is not set, or ``data.feed=loader``.
+        DatasetNotFoundError: No file at ``data.path`` / ``data.val_path``.
+        DatasetFormatError: A malformed file, too few windows, an id outside the stated
+            vocabulary.
+    """
+    if cfg.feed == "loader":
+        raise ValueError(
+            "tokens: data.feed = 'loader' is not how token files are read (each batch maps the "
+            "file itself, no worker processes needed): set data.feed=auto."
+        )
+    (train_file, train_blocks, train_block), (val_file, val_blocks, val_block) = split(cfg, seed)
+    seq_len = cfg.seq_len
+    assert seq_len is not None  # split() refused it
+    train = _windows(train_file, seq_len, train_blocks, train_block, cfg.limit_train)
+    val = _windows(val_file, seq_len, val_blocks, val_block, cfg.limit_val)
+    files = [train_file] if val_file is train_file else [train_file, val_file]
     # A stated vocabulary is trusted (no pass over the file); else the largest id says it.
     stated = [f.vocab_size for f in files if f.vocab_size is not None]
     vocab = max(stated) if stated else max(f.largest_id() for f in files) + 1
