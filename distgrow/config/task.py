@@ -307,7 +307,8 @@ class DataConfig(Section):
     size: Int | None = setting(
         None,
         "Training-set size N for `distgrow plan` when the data set is not at hand; training "
-        "always uses the real size.",
+        "always uses the real size. Files of npz, csv, tsv, image_folder, text and tokens are "
+        "counted without it (text/tokens: windows from the file sizes and headers).",
         _POSITIVE_OR_NULL,
     )
     seq_len: Int | None = setting(
