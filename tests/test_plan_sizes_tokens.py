@@ -126,3 +126,27 @@ def test_a_missing_file_says_where_and_how_to_make_it(tmp_path: Path) -> None:
     assert DataConfig(name="tokens", path=str(gone), seq_len=256, size=9).expected_train_size() == 9
     with pytest.raises(ConfigError, match=r"no such|neither a file nor a folder"):
         DataConfig(name="text", path=str(tmp_path / "none"), seq_len=8).expected_train_size()
+
+
+LM_SMALL = str(Path(__file__).resolve().parent.parent / "configs" / "lm_small.yaml")
+
+
+def test_plan_counts_the_token_file_of_the_run_seed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from distgrow.cli import main
+
+    path = _bin(tmp_path / "code.bin", np.arange(WINDOWS * (SEQ_LEN + 1)) % 400, "uint16")
+    plan = ["plan", LM_SMALL, "data.size=null", "data.limit_train=null", f"data.path={path}"]
+    sizes = {}
+    for seed in (0, 8):  # seed 0 holds out a full block, seed 8 the short last one
+        argv = [*plan, f"data.seq_len={SEQ_LEN}", "data.val_fraction=0.2", "schedule.warmup=0"]
+        argv.append(f"run.seed={seed}")
+        assert main([*argv, "--json"]) == 0
+        sizes[seed] = json.loads(capsys.readouterr().out)["dataset_size"]
+    assert sizes == {0: WINDOWS - 16, 8: WINDOWS - 3}
+
+    assert main([*plan[:4], f"data.path={tmp_path / 'not_made.bin'}"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert "not_made.bin" in err and "scripts/lm_corpora.sh" in err and "data.size=N" in err
