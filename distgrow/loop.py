@@ -23,7 +23,8 @@ Two ways to read the data, one mechanism:
 * any map-style ``Dataset``: ``DataLoader(dataset, batch_sampler=GrowthBatchSampler(schedule),
   collate_fn=MicroBatchCollate(dataset), num_workers=..., pin_memory=...)`` yields this rank's
   micro-batches of the rest of the epoch in the order the schedule hands out its updates,
-  while worker processes prefetch them.
+  while worker processes prefetch them; each update is built when the loader reads it
+  (:meth:`GrowthSchedule.read_ahead`), so a read costs what it reads, not the epoch.
 
 The loop, with its own model, optimizer and DDP (see ``examples/own_loop/train_ddp.py``)::
 
@@ -57,7 +58,9 @@ This module imports no ``torch.distributed``: the rank and world size are given.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -73,6 +76,9 @@ from distgrow.data.order import FeistelPermutation
 from distgrow.planner import GrowthPolicy, Setting, Split, micro_batch_multiple
 
 STATE_VERSION = 1
+
+_PolicyState = tuple[dict[str, Any], list[tuple[str, dict[str, Any]]]]
+"""A growth policy's state and its events not taken yet."""
 
 
 class ScheduleError(ValueError):
@@ -238,7 +244,10 @@ class GrowthSchedule:
         self._reported = 0  # epochs whose metric end_epoch received
         # (epoch, its permutation): computed on the fly for token data and huge sets.
         self._order: tuple[int, torch.Tensor | FeistelPermutation] | None = None
-        self._ahead: dict[tuple[int, int], Split] = {}  # a sampler's read: (epoch, sample) → split
+        # A sampler's read, not handed out yet: (epoch, sample) → its split and the policy's
+        # state that decided it (None: read by remaining()).
+        self._ahead: dict[tuple[int, int], tuple[Split, dict[str, Any] | None]] = {}
+        self._reader = 0  # counts the reads: a new one ends the ones before it
         self._split_told = False  # the plan's split differs here: said once (rank 0)
 
     @property
@@ -293,7 +302,7 @@ class GrowthSchedule:
             )
         setting = self.fit(self.policy.setting(self.epoch, self.position))
         update = self._update(self.epoch, self.position, self.step, setting)
-        read = self._ahead.pop((update.epoch, update.position), None)
+        read, _ = self._ahead.pop((update.epoch, update.position), (None, None))
         fits = update.workers <= self.world_size  # else the caller stops (distgrow train)
         if read is not None and fits and read != update.setting.split:
             self._ahead.clear()
@@ -375,41 +384,130 @@ class GrowthSchedule:
     def remaining(self) -> list[Update]:
         """The updates left in the current epoch as decided now, without handing any out.
 
-        For a sampler that reads ahead: the policy is asked as :meth:`updates` will ask it,
-        and its state is put back. A decision taken later (:meth:`observe_noise`, an elastic
-        resize) can change what follows; :meth:`next_update` then says so.
+        All of them, each with its index arrays: O(updates in the epoch). A sampler reads
+        :meth:`read_ahead` instead, which builds them one at a time. A decision taken later
+        (:meth:`observe_noise`, an elastic resize) can change what follows; :meth:`next_update`
+        then says so.
         """
         if self.done:
             return []
-        policy, events = self.policy.state_dict(), list(self.policy.events)
+        self._reader += 1  # a read of its own: a sampler reading before it stops
         planned: list[Update] = []
         position, step = self.position, self.step
-        try:
+        with self._policy_put_back():
             while position < self.dataset_size:
-                setting = self.policy.setting(self.epoch, position)
-                if setting.workers > self.world_size:
-                    fitted = self._split_here(setting)
-                    if fitted is None:
-                        break  # the loop cannot go past it on this job
-                    setting = fitted
+                setting = self._decide_ahead(self.epoch, position)
+                if setting is None:
+                    break  # the loop cannot go past it on this job
                 update = self._update(self.epoch, position, step, setting)
                 planned.append(update)
                 position, step = position + update.samples, step + 1
-        finally:
-            self.policy.load_state_dict(policy)
-            self.policy.events = events
-        self._ahead = {(u.epoch, u.position): u.setting.split for u in planned}
+        self._ahead = {(u.epoch, u.position): (u.setting.split, None) for u in planned}
         return planned
 
+    def micro_steps_left(self) -> int:
+        """This rank's micro-steps left in the current epoch as decided now (a sampler's
+        ``len``): from the settings alone, no index arrays built."""
+        if self.done:
+            return 0
+        steps, position = 0, self.position
+        with self._policy_put_back():
+            while position < self.dataset_size:
+                setting = self._decide_ahead(self.epoch, position)
+                if setting is None:
+                    break
+                steps += setting.accum_steps
+                position += min(setting.global_batch, self.dataset_size - position)
+        return steps
+
+    def read_ahead(self) -> Iterator[Update]:
+        """The updates left in the current epoch, each built when it is read (a sampler's read).
+
+        Starts where the schedule stands now and costs what is read, not the epoch: the policy
+        is asked as :meth:`updates` will ask it, and its state is put back. An update read after
+        a decision (:meth:`observe_noise`) follows the decision; one read before it may not:
+        :meth:`read_ahead_holds` says so, and :meth:`next_update` refuses it. A new read (or
+        :meth:`remaining`) ends the ones before it.
+        """
+        self._reader += 1
+        self._ahead = {}
+        if self.done:
+            return iter(())
+        state = (self.policy.state_dict(), list(self.policy.events))
+        return self._reading(self._reader, self.epoch, self.position, self.step, state)
+
+    def _reading(
+        self, reader: int, epoch: int, position: int, step: int, chain: _PolicyState
+    ) -> Iterator[Update]:
+        while position < self.dataset_size and self._reader == reader:
+            with self._policy_put_back():
+                before = self._follow(epoch, position, chain)
+                setting = self._decide_ahead(epoch, position)
+                chain = (self.policy.state_dict(), list(self.policy.events))
+            if setting is None:
+                return  # the loop cannot go past it on this job
+            update = self._update(epoch, position, step, setting)
+            self._ahead[(epoch, position)] = (update.setting.split, before)
+            yield update
+            position, step = position + update.samples, step + 1
+
+    def _follow(self, epoch: int, position: int, chain: _PolicyState) -> dict[str, Any]:
+        """Put the policy where it decides the update at ``position`` of this read; its state.
+
+        The read's own continuation (``chain``) while the policy has not moved since the read
+        decided the update the schedule stands at; else the policy as it stands, walked over
+        the updates read ahead and not handed out yet (a decision came: O(those updates)).
+        """
+        live = self.policy.state_dict()
+        if self.epoch == epoch and self.position <= position:
+            read = self._ahead.get((epoch, self.position))
+            if self.position == position:
+                return live
+            if read is None or read[1] != live:
+                at = self.position
+                while at < position:
+                    setting = self._decide_ahead(epoch, at)
+                    if setting is None:
+                        break
+                    at += min(setting.global_batch, self.dataset_size - at)
+                if at == position:
+                    return self.policy.state_dict()
+        self.policy.load_state_dict(chain[0])
+        self.policy.events = list(chain[1])
+        return chain[0]
+
+    def _decide_ahead(self, epoch: int, position: int) -> Setting | None:
+        """The policy's setting at ``position``, split over this job; None if it cannot be."""
+        setting = self.policy.setting(epoch, position)
+        if setting.workers > self.world_size:
+            return self._split_here(setting)
+        return setting
+
+    @contextlib.contextmanager
+    def _policy_put_back(self) -> Iterator[None]:
+        state, events = self.policy.state_dict(), list(self.policy.events)
+        try:
+            yield
+        finally:
+            self.policy.load_state_dict(state)
+            self.policy.events = events
+
     def read_ahead_holds(self) -> bool:
-        """Whether the updates a sampler read ahead (:meth:`remaining`) are still those the
-        schedule will hand out; after a decision (:meth:`observe_noise`) they may not be: make a
-        new ``iter(loader)`` then."""
-        ahead = dict(self._ahead)
-        now = self.remaining()
-        self._ahead = ahead
-        fits = [u for u in now if u.workers <= self.world_size]
-        return all(ahead.get((u.epoch, u.position)) == u.setting.split for u in fits)
+        """Whether the updates a sampler read ahead so far (:meth:`read_ahead`) are still those
+        the schedule will hand out; after a decision (:meth:`observe_noise`) they may not be:
+        make a new ``iter(loader)`` then. Costs the updates read ahead, not the epoch."""
+        if self.done:
+            return True
+        at = self.position
+        with self._policy_put_back():
+            while (self.epoch, at) in self._ahead and at < self.dataset_size:
+                setting = self._decide_ahead(self.epoch, at)
+                if setting is None:
+                    break
+                if self._ahead[(self.epoch, at)][0] != setting.split:
+                    return False
+                at += min(setting.global_batch, self.dataset_size - at)
+        return True
 
     def _permutation(self, epoch: int) -> torch.Tensor | FeistelPermutation:
         if self._order is None or self._order[0] != epoch:
@@ -602,13 +700,22 @@ class GrowthBatchSampler(Sampler[list[int]]):
         self.schedule = schedule
 
     def __iter__(self) -> Iterator[list[int]]:
-        # Read now, not at the first next(): a single-process loader asks for its first batch
-        # only after the loop has taken the epoch's first update from the schedule.
-        updates = self.schedule.remaining()
-        return (micro.indices.tolist() for update in updates for micro in update.micro_batches)
+        # Start now, not at the first next(): a single-process loader asks for its first batch
+        # only after the loop has taken the epoch's first update from the schedule. The first
+        # update is built now (an error shows at iter()), the others as the loader reads.
+        updates = self.schedule.read_ahead()
+        first = next(updates, None)
+        if first is None:
+            return iter(())
+        return (
+            micro.indices.tolist()
+            for update in itertools.chain((first,), updates)
+            for micro in update.micro_batches
+        )
 
     def __len__(self) -> int:
-        return sum(len(u.micro_batches) for u in self.schedule.remaining())
+        """The micro-batches left in the epoch, from the settings alone (no index arrays)."""
+        return self.schedule.micro_steps_left()
 
 
 class MicroBatchCollate:
