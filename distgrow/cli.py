@@ -467,7 +467,13 @@ def _add_report_verbs(sub: _Subparsers) -> None:
 
     help_ = "Rebuild a report (report.md, PNG plots, summary.json) from finished runs."
     p = sub.add_parser("report", help=help_, description=help_)
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run directories")
+    p.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="finished run directories, or a compare's --out folder (its runs/); runs that "
+        "differ only in run.seed are grouped by seed as compare --seeds groups them",
+    )
     p.add_argument(
         "--baseline",
         metavar="RUN_DIR",
