@@ -391,7 +391,6 @@ class GrowthSchedule:
         """
         if self.done:
             return []
-        self._reader += 1  # a read of its own: a sampler reading before it stops
         planned: list[Update] = []
         position, step = self.position, self.step
         with self._policy_put_back():
@@ -426,8 +425,8 @@ class GrowthSchedule:
         Starts where the schedule stands now and costs what is read, not the epoch: the policy
         is asked as :meth:`updates` will ask it, and its state is put back. An update read after
         a decision (:meth:`observe_noise`) follows the decision; one read before it may not:
-        :meth:`read_ahead_holds` says so, and :meth:`next_update` refuses it. A new read (or
-        :meth:`remaining`) ends the ones before it.
+        :meth:`read_ahead_holds` says so, and :meth:`next_update` refuses it. A new read ends
+        the ones before it (a new ``iter(loader)`` drops the old iterator).
         """
         self._reader += 1
         self._ahead = {}

@@ -90,9 +90,11 @@ def test_reading_builds_the_updates_read_not_the_rest_of_the_epoch(
     batches = iter(GrowthBatchSampler(schedule))
     read = [next(batches) for _ in range(3 * 4)]  # 3 updates × 4 accumulation steps
     assert built == [0, 32, 64]
-    want = [m.indices.tolist() for u in schedule.remaining()[:3] for m in u.micro_batches]
-    assert read == want
+    want = [m.indices.tolist() for u in schedule.remaining()[:4] for m in u.micro_batches]
+    assert read == want[:12]
     assert len(built) == 3 + 33  # remaining() builds the whole epoch: 33 updates
+    assert next(batches) == want[12]  # the read goes on after it, one update more
+    assert len(built) == 3 + 33 + 1
 
 
 def test_a_decision_after_a_partial_read_is_refused_and_a_new_read_follows_it(
