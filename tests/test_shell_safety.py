@@ -622,6 +622,53 @@ def test_real_sbatch_reads_every_option_back_and_runs_the_span(
     nothing_ran(tmp_path)
 
 
+PERCENT_DIR = "runs/lr%5 %j %x %u %%"  # sbatch's filename patterns, and its escape itself
+
+
+def test_span_output_keeps_percent_signs_literal(tmp_path: Path) -> None:
+    """sbatch expands ``%j``, ``%x``, ``%%``... in ``--output``: a run directory holding ``%``
+    is written with each doubled there (so the log lands at the run's own path), the file name's
+    ``%j`` kept; ``--chdir``, which sbatch does not expand, as it is."""
+    cfg = chain_cfg()
+    run = tmp_path / PERCENT_DIR
+    shape = span_shape(1, cfg.launch.chain)
+    options = sbatch_options(shape, cfg.launch.chain, "distgrow-x-1", run / "span-%j.out", run)
+    assert f"--output={tmp_path}/runs/lr%%5 %%j %%x %%u %%%%/span-%j.out" in options
+    assert f"--chdir={run}" in options
+    text = span_script(1, options, "/py", "c.yaml", [])
+    assert f'#SBATCH "--output={tmp_path}/runs/lr%%5 %%j %%x %%u %%%%/span-%j.out"' in text
+
+
+@pytest.mark.integration
+def test_real_sbatch_writes_a_span_log_under_a_percent_directory(
+    slurm: dict[str, str], tmp_path: Path
+) -> None:
+    """SLURM's own sbatch puts a span's log at the literal path under a run directory named
+    with ``%`` codes, and runs the span there (``--chdir`` is not expanded)."""
+    run = tmp_path / PERCENT_DIR
+    run.mkdir(parents=True)
+    python = tmp_path / "bin" / "python"
+    python.parent.mkdir()
+    python.write_text('#!/bin/sh\necho span-ran\npwd > "$STUB_LOG"\n')
+    python.chmod(0o755)
+    cfg = chain_cfg()
+    shape = span_shape(1, cfg.launch.chain)
+    options = sbatch_options(shape, cfg.launch.chain, "distgrow-x-1", run / "span-%j.out", run)
+    script = tmp_path / "span.sbatch"
+    script.write_text(span_script(1, options, str(python), "c.yaml", []))
+    env = {**slurm, "STUB_LOG": str(tmp_path / "cwd")}
+    done = subprocess.run(
+        ["sbatch", "--wait", "--parsable", str(script)],
+        env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    job = done.stdout.strip().split(";")[0]
+    landed = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.out"))
+    assert landed == [f"{PERCENT_DIR}/span-{job}.out"]
+    assert (run / f"span-{job}.out").read_text() == "span-ran\n"
+    assert (tmp_path / "cwd").read_text() == f"{run}\n"
+
+
 @pytest.mark.parametrize("launcher", ["deepspeed", "mpirun", "horovodrun"])
 def test_a_hostfile_launch_refuses_a_host_that_is_not_one(
     launcher: str,

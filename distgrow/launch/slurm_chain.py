@@ -98,7 +98,9 @@ def chain_name(cfg: Config, run_dir: Path) -> str:
 def sbatch_options(
     shape: SpanShape, chain: ChainConfig, name: str, output: Path, chdir: Path
 ) -> list[str]:
-    """The ``#SBATCH`` options of a span's batch script (the dependency is added at submit)."""
+    """The ``#SBATCH`` options of a span's batch script (the dependency is added at submit).
+
+    ``output``: a literal folder and a file name that may hold sbatch's ``%`` patterns."""
     opts = [
         f"--job-name={name}",
         f"--nodes={shape.nodes}",
@@ -121,11 +123,20 @@ def sbatch_options(
         "--requeue",
         "--kill-on-invalid-dep=yes",
         "--open-mode=append",
-        f"--output={output}",
+        f"--output={sbatch_output_pattern(output)}",
         f"--chdir={chdir}",
         *chain.sbatch_args,
     ]
     return opts
+
+
+def sbatch_output_pattern(output: Path) -> str:
+    """``output`` for sbatch's ``--output``, which expands filename patterns (``%j`` the job id,
+    ``%x`` its name, ``%%`` a literal ``%``...: "filename pattern" in ``man sbatch``): its folder
+    with each ``%`` doubled, so that a run directory such as ``runs/lr%5`` or ``runs/%j`` gets
+    the log at its own path, and its file name as given (``span-01-%j.out``: the job id).
+    ``--chdir`` is not expanded (checked with SLURM 22.05) and is written as it is."""
+    return str(output.parent).replace("%", "%%") + "/" + output.name
 
 
 _SBATCH_SPECIAL = re.compile(r"""[\s\\"'#]""")
