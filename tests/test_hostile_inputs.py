@@ -331,3 +331,51 @@ def test_hostile_input(
         assert snapshot(tmp_path) == before
     if case.after is not None:
         case.after(tmp_path)
+
+
+# -- a run directory's own config.yaml, broken by hand ------------------------------------------
+
+LAUGHS = "\n".join(
+    ["l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    + [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
+)
+BROKEN_CONFIG_YAML = {
+    "invalid YAML": (lambda text: text + "model: {hidden: [16\n", r"not valid YAML: .* at line"),
+    # cut mid-key (a cut at a line's end is a valid mapping whose missing keys the resume compares)
+    "truncated": (
+        lambda text: text[: text.index("warmup_shape") + 6],
+        r"not valid YAML: .* at line",
+    ),
+    "emptied": (lambda text: "", r"is empty"),
+    "alias bomb": (lambda text: LAUGHS + "\n", r"refused: its aliases expand .*billion laughs"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_CONFIG_YAML), ids=list(BROKEN_CONFIG_YAML))
+def test_a_broken_config_yaml_of_a_run_is_one_line_on_resume_and_in_report(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Hand-edited into invalid YAML, cut short, emptied or an alias bomb: ``train --resume``
+    and ``report`` each say so in one line naming the file and the fix, and the checkpoints,
+    metrics and summary stay as they were."""
+    run_dir = finished_run(tmp_path)
+    config = run_dir / "config.yaml"
+    edit, says = BROKEN_CONFIG_YAML[case]
+    config.write_text(edit(config.read_text()))
+    before = snapshot(tmp_path)
+    assert any(name.startswith("run/ckpt-") for name in before)
+    capsys.readouterr()
+    for argv, fix in (
+        (train(tmp_path, "run.epochs=2", "--resume"), r"Fix: restore it from the job's YAML"),
+        (["report", str(run_dir), "--out", str(tmp_path / "rep")], r"Fix: restore it from"),
+    ):
+        try:
+            code = cli.main(argv)
+        except SystemExit as stop:
+            code = int(stop.code or 0)
+        err = capsys.readouterr().err
+        assert code == 2, f"{argv[0]}: exit {code}: {err}"
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert str(config) in err and re.search(says, err) and re.search(fix, err), err
+        assert "lol" not in err
+        assert snapshot(tmp_path) == before  # nothing overwritten, nothing lost

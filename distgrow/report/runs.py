@@ -13,6 +13,8 @@ from typing import Any
 import yaml
 
 from distgrow.config import ConfigError, config_from_dict
+from distgrow.config.loader import YamlExpansionError, safe_load
+from distgrow.config.loader import _yaml_problem as yaml_problem
 from distgrow.planner import make_plan
 from distgrow.rundir import RunDir, RunDirError, Summary
 
@@ -87,11 +89,30 @@ def read_summary(run_dir: RunDir) -> Summary:
 
 
 def read_config(run_dir: RunDir) -> dict[str, Any]:
-    """The run's ``config.yaml`` as a tree ({} when there is none or it is not a mapping)."""
-    if not run_dir.config.is_file():
+    """The run's ``config.yaml`` as a tree ({} when there is none or it is not a mapping).
+
+    Raises:
+        ReportError: it cannot be read, is not valid YAML, is an alias bomb or is empty.
+    """
+    path = run_dir.config
+    if not path.is_file():
         return {}
-    loaded = yaml.safe_load(run_dir.config.read_text(encoding="utf-8"))
-    return loaded if isinstance(loaded, dict) else {}
+    try:
+        loaded = safe_load(path.read_text(encoding="utf-8"))
+    except YamlExpansionError as err:
+        problem = f"is refused: {err}"
+    except yaml.YAMLError as err:
+        problem = f"is not valid YAML: {yaml_problem(err)}"
+    except (OSError, UnicodeDecodeError) as err:
+        problem = f"cannot be read ({type(err).__name__}: {' '.join(str(err).split())})"
+    else:
+        if loaded is not None:
+            return loaded if isinstance(loaded, dict) else {}
+        problem = "is empty (or only comments)"
+    raise ReportError(
+        f"{path} {problem}; its checkpoints and metrics were left as they are. Fix: restore "
+        "it from the job's YAML the run was trained with, or leave the run out of the report."
+    )
 
 
 def load_run(path: str | Path, label: str | None = None) -> RunData:

@@ -43,7 +43,10 @@ def config_mismatch(run_dir: RunDir, expected: Config) -> list[str]:
     they are equal, or when the directory holds no run yet)."""
     if not run_dir.holds_a_run():
         return []
-    stored = read_config(run_dir)
+    try:
+        stored = read_config(run_dir)
+    except ReportError:
+        stored = {}  # broken: it cannot be checked (below), and --force may still reuse it
     if not stored:
         return [f"it has no readable {CONFIG_FILE}, so its config cannot be checked"]
     try:

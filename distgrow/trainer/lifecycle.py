@@ -21,6 +21,8 @@ from distgrow.checkpoint import (
     save_checkpoint,
 )
 from distgrow.config import dump_config
+from distgrow.config.loader import YamlExpansionError, safe_load
+from distgrow.config.loader import _yaml_problem as yaml_problem
 from distgrow.held import held_so_far
 from distgrow.loop import ScheduleError, resplit_policy_state
 from distgrow.metrics import (
@@ -204,15 +206,25 @@ class RunLifecycle(Telemetry):
         if not path.exists():
             return None
         try:
-            tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            # The bounded loader: a hand-edited alias bomb is refused, not expanded.
+            tree = safe_load(path.read_text(encoding="utf-8"))
+        except YamlExpansionError as err:
+            tree = f"refused: {err}"
+        except yaml.YAMLError as err:
+            tree = f"not valid YAML: {yaml_problem(err)}"
+        except (OSError, UnicodeDecodeError) as err:
             tree = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         if isinstance(tree, dict):
             return tree
-        what = tree if isinstance(tree, str) else f"a {type(tree).__name__}, not a mapping"
+        if tree is None:
+            what = "it is empty or only comments"
+        else:
+            what = tree if isinstance(tree, str) else f"a {type(tree).__name__}, not a mapping"
         return (
-            f"{path} is not a distgrow config ({what}); distgrow never overwrites it. Fix: "
-            "move it away, or choose another run.output_dir (or run.name)."
+            f"{path} is not a distgrow config ({what}); distgrow never overwrites it, nor the "
+            "checkpoints and metrics beside it. Fix: restore it from the job's YAML the run was "
+            "trained with (or move it away and re-create the run), or choose another "
+            "run.output_dir (or run.name)."
         )
 
     def _config_refusal(self, differ: list[str]) -> str:
