@@ -21,8 +21,11 @@ line DeepSpeed builds for an unchecked master address runs its ``touch``.
 
 from __future__ import annotations
 
+import getpass
 import os
+import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +87,8 @@ AWKWARD = [
     "#not a comment",
     "",
 ]
+# pdsh's own codes (%h the node, %u the user, %n its rank, %% a %) and % signs it leaves.
+PERCENT = ["%h %u %n", "lr%5", "100%%", "%n%", "runs/%%h%j"]
 # Host names and addresses a cluster really uses: accepted, and they arrive as one word.
 HOSTS = ["10.0.0.1", "node-01.cluster_a", "n1", "::1", "fe80::1%eth0", "localhost"]
 
@@ -290,8 +295,17 @@ def deepspeed_remote_line(
     return cmd, " ".join(cmd[6:])
 
 
+def pdsh_rewrites(line: str, host: str = "node-1", user: str = "u", rank: int = 0) -> str:
+    """The remote command line as pdsh 2.34 hands it on (``-R ssh`` and ``-R exec``): ``%h``,
+    ``%u``, ``%n`` and ``%%`` replaced, left to right; other ``%`` kept
+    (test_pdsh_rewrites_as_the_real_pdsh_does)."""
+    codes = {"h": host, "u": user, "n": str(rank), "%": "%"}
+    return re.sub("%([hun%])", lambda code: codes[code.group(1)], line)
+
+
 def run_remote(line: str, cwd: Path, log: Path) -> None:
-    """The node's shell: ``sh -c LINE`` (as ssh runs a remote command)."""
+    """The node's shell: ``sh -c LINE`` (as ssh runs a remote command), after pdsh's rewriting."""
+    line = pdsh_rewrites(line)
     bash_parses(line)
     env = {"PATH": os.environ["PATH"], "STUB_LOG": str(log)}
     done = subprocess.run(["sh", "-c", line], cwd=cwd, env=env, capture_output=True, text=True)
@@ -309,8 +323,8 @@ def test_deepspeed_remote_line_gives_every_value_as_one_word(
     (work / "hosts").write_text("node-1 slots=2\nnode_2 slots=2\n")
     monkeypatch.chdir(work)
     monkeypatch.setenv("PYTHONPATH", "/opt/lib")
-    config = str(work / "my configs" / "c [1];x.yaml")
-    overrides = tuple(f"run.name={v}" for v in [*INJECTIONS, *AWKWARD])
+    config = str(work / "my configs" / "c [1];x %h.yaml")
+    overrides = tuple(f"run.name={v}" for v in [*INJECTIONS, *AWKWARD, *PERCENT])
     spec = LaunchSpec(
         workers=4,
         nodes=2,
@@ -331,6 +345,7 @@ def test_deepspeed_remote_line_gives_every_value_as_one_word(
     own = cmd[cmd.index(str(python)) + 1 : cmd.index("distgrow")]
     assert own[:3] == ["-u", "-m", "deepspeed.launcher.launch"]
     assert {"--node_rank=%n", f"--master_addr={master_addr}", "--master_port=29611"} <= set(own)
+    own = [pdsh_rewrites(word) for word in own]  # its --node_rank=%n: the node's rank
     assert got == [*own, "distgrow", "train", config, *overrides, "run.resume=true"]
     # The runner's exports: PYTHONPATH with the working directory first; `cd` went there.
     assert (tmp_path / "argv.pythonpath").read_text() == f"{work}:/opt/lib"
@@ -383,6 +398,81 @@ def test_deepspeed_refuses_a_deepspeed_env_line_a_shell_would_read(
     (tmp_path / "ds.env").write_text("NCCL_IB_HCA=mlx5_0\nX=$(touch pwned)\n")
     with pytest.raises(LaunchError, match=r"X in .*ds\.env = '\$\(touch pwned\)\\n' holds"):
         build_deepspeed(spec)
+
+
+def test_pdsh_rewrites_as_the_real_pdsh_does(tmp_path: Path) -> None:
+    """The harness's pdsh_rewrites is what pdsh does to a remote command line (``-R exec`` runs
+    it here, without ssh: the same rewriting as ``-R ssh``, which DeepSpeed uses)."""
+    if shutil.which("pdsh") is None:
+        pytest.skip("needs pdsh (Debian package pdsh) to check the harness's % rewriting")
+    # (Not a % at the very end: pdsh -R exec reads past the word there.)
+    line = "a%hb %u %n %% %%h %%%n %5 %j %H 50% end"
+    done = subprocess.run(
+        ["pdsh", "-R", "exec", "-w", "localhost", "echo", line],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    want = pdsh_rewrites(line, host="localhost", user=getpass.getuser(), rank=0)
+    assert done.stdout == f"localhost: {want}\n"
+    assert want == f"alocalhostb {getpass.getuser()} 0 % %h %0 %5 %j %H 50% end"
+
+
+def test_real_pdsh_hands_every_percent_value_on_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DeepSpeed's remote line for overrides and a config path holding pdsh's codes, run by
+    the real pdsh (``-R exec ... sh -c LINE``): the worker gets each value as it was."""
+    if shutil.which("pdsh") is None:
+        pytest.skip("needs pdsh (Debian package pdsh) to run DeepSpeed's remote line")
+    work = tmp_path / "work"
+    work.mkdir()
+    python = stub(tmp_path / "bin" / "python")
+    (work / "hosts").write_text("node-1 slots=1\nnode-2 slots=1\n")
+    monkeypatch.chdir(work)
+    config = str(work / "c%h %n.yaml")
+    overrides = tuple(f"run.name={v}" for v in PERCENT)
+    spec = LaunchSpec(
+        workers=2, nodes=2, config=config, overrides=overrides, python=str(python),
+        hostfile="hosts",
+    )  # fmt: skip
+    _, line = deepspeed_remote_line(build_deepspeed(spec)[0], monkeypatch, python)
+    env = {"PATH": os.environ["PATH"], "STUB_LOG": str(tmp_path / "argv")}
+    subprocess.run(
+        ["pdsh", "-R", "exec", "-w", "localhost", "sh", "-c", line],
+        cwd=work, env=env, capture_output=True, timeout=60, check=True,
+    )  # fmt: skip
+    got = recorded(tmp_path / "argv")
+    assert "--node_rank=0" in got  # pdsh did rewrite DeepSpeed's own %n
+    assert got[got.index("distgrow") :] == ["distgrow", "train", config, *overrides]
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "name"),
+    [
+        ("cwd", "/runs/%h", "the working directory"),
+        ("python", "/opt/%n/python", "the interpreter"),
+        ("PYTHONPATH", "/lib%%", "$PYTHONPATH"),
+        ("NCCL_SOCKET_IFNAME", "%u", "$NCCL_SOCKET_IFNAME"),
+        ("master_addr", "fe80::1%nic0", "launch.master_addr"),
+    ],
+)
+def test_deepspeed_refuses_a_value_pdsh_would_rewrite(where: str, value: str, name: str) -> None:
+    """What DeepSpeed writes into pdsh's line itself (distgrow cannot escape it) may not hold
+    %h, %u, %n or %%; a % pdsh leaves (lr%5, 50%, an IPv6 scope %eth0) is accepted."""
+    env = {"NCCL_X": "50%", "PYTHONPATH": "/lib%5"}
+    ok: dict[str, Any] = {"python": "/usr/bin/python3", "cwd": "/work/lr%5", "env": env}
+    check_deepspeed_remote_line(**ok, master_addr="fe80::1%eth0")
+    args = {**ok, "master_addr": "10.0.0.1"}
+    if where in ("cwd", "python", "master_addr"):
+        args[where] = value
+    else:
+        args["env"] = {where: value}
+    with pytest.raises(LaunchError) as err:
+        check_deepspeed_remote_line(**args)
+    message = str(err.value)
+    shown = f"/work/lr%5:{value}" if where == "PYTHONPATH" else value  # the runner's export
+    assert message.startswith(f"deepspeed on several nodes: {name} = {shown!r} holds '%")
+    assert "which pdsh rewrites in every node's remote command line" in message
+    assert "Fix: " in message and "\n" not in message
 
 
 @pytest.mark.parametrize("path", ["/my dir/py", "/d/$(touch pwned)", "/d;x/py", "/d'/py"])

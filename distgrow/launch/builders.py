@@ -283,7 +283,9 @@ def build_deepspeed(spec: LaunchSpec) -> tuple[list[str], dict[str, str]]:
     per_node = spec.workers_per_node
     argv = [spec.python, "-m", "deepspeed.launcher.runner"]
     if spec.nodes > 1:
-        check_deepspeed_remote_line(spec.python, os.path.abspath("."), os.environ)
+        check_deepspeed_remote_line(
+            spec.python, os.path.abspath("."), os.environ, master_addr=spec.master_addr
+        )
         if not spec.hostfile:
             raise LaunchError(
                 f"deepspeed on launch.nodes={spec.nodes} needs a hostfile ('host slots=N' "
@@ -339,10 +341,14 @@ def remote_shell_args(args: Iterable[str]) -> list[str]:
     on every node, and spaces, ``[`` or ``*`` would mangle values. So an argument without a
     space is single-quoted (:func:`shlex.quote`; the runner leaves it as it is), and one with a
     space has the characters still special inside double quotes (backslash, dollar, backquote)
-    escaped, so the runner's double quotes make it whole again.
+    escaped, so the runner's double quotes make it whole again. pdsh then rewrites ``%h``,
+    ``%u``, ``%n`` and ``%%`` in the line (the node, the user, its rank, a ``%``: pdsh 2.34,
+    ``-R ssh`` and ``-R exec`` alike), so every ``%`` is doubled: ``runs/lr%5`` or
+    ``run.name=%h`` arrives as it was.
     """
     out = []
     for arg in args:
+        arg = arg.replace("%", "%%")
         if " " in arg:
             out.append(arg.replace("\\", "\\\\").replace("$", "\\$").replace("`", "\\`"))
         else:
@@ -356,10 +362,14 @@ def remote_shell_args(args: Iterable[str]) -> list[str]:
 # quotes a shell still reads $, `, \ and ".
 DEEPSPEED_EXPORT_PREFIXES = ("MLFLOW", "PYTHON", "MV2", "UCX", "NCCL")
 _DOUBLE_QUOTE_SPECIAL = re.compile(r'[$`\\"\n]')
+# What pdsh rewrites in the remote command line (pdsh 2.34): the node, the user, its rank, a %.
+PDSH_CODES = re.compile(r"%[hun%]")
 _SHELL_PLAIN = re.compile(r"[\w@%+=:,./-]+", re.ASCII)
 
 
-def check_deepspeed_remote_line(python: str, cwd: str, env: Mapping[str, str]) -> None:
+def check_deepspeed_remote_line(
+    python: str, cwd: str, env: Mapping[str, str], master_addr: str = ""
+) -> None:
     """Refuse what DeepSpeed's pdsh runner would paste unquoted into the remote shell line.
 
     The runner writes ``export NAME=VALUE; cd CWD; PYTHON -u -m deepspeed.launcher.launch ...``
@@ -367,12 +377,16 @@ def check_deepspeed_remote_line(python: str, cwd: str, env: Mapping[str, str]) -
     exported variables (``DEEPSPEED_EXPORT_PREFIXES``, ``PYTHONPATH`` always, which it
     prefixes with ``CWD:``, and the lines of ``.deepspeed_env``) in double quotes. distgrow
     cannot quote them (DeepSpeed writes them), so each must hold nothing a shell would read
-    there.
+    there. pdsh rewrites ``%h``, ``%u``, ``%n`` and ``%%`` in that line, so none of them (nor
+    ``master_addr``, an IPv6 scope such as ``%nic0``) may hold one (the worker command's own
+    words are escaped: :func:`remote_shell_args`).
 
     Raises:
         LaunchError: naming the value and what to change.
     """
+    _check_pdsh_codes("launch.master_addr", master_addr)
     for what, value in (("working directory", cwd), ("interpreter", python)):
+        _check_pdsh_codes(f"the {what}", value)
         if not _SHELL_PLAIN.fullmatch(value):
             raise LaunchError(
                 f"deepspeed on several nodes: the {what} {value!r} holds characters a shell "
@@ -391,12 +405,26 @@ def check_deepspeed_remote_line(python: str, cwd: str, env: Mapping[str, str]) -
                     name, _, value = line.partition("=")
                     exported[f"{name.strip()} in {path}"] = value
     for name, value in exported.items():
+        _check_pdsh_codes(name, value.strip())
         if _DOUBLE_QUOTE_SPECIAL.search(value.strip()):
             raise LaunchError(
                 f'deepspeed on several nodes: {name} = {value!r} holds $, `, \\, " or a '
                 "newline, which DeepSpeed's pdsh runner exports to every node inside double "
                 "quotes, where a shell still reads them. Fix: unset it or remove them."
             )
+
+
+def _check_pdsh_codes(name: str, value: str) -> None:
+    """Refuse a value DeepSpeed writes into pdsh's remote line (distgrow cannot escape it)
+    that holds a code pdsh rewrites there (:data:`PDSH_CODES`)."""
+    code = PDSH_CODES.search(value)
+    if code:
+        raise LaunchError(
+            f"deepspeed on several nodes: {name} = {value!r} holds {code.group()!r}, which "
+            "pdsh rewrites in every node's remote command line (%h the node, %u the user, %n "
+            "its rank, %% a %), so it would arrive changed. Fix: rename or unset it, or use "
+            "launch.launcher=srun or torchrun."
+        )
 
 
 def build_horovodrun(spec: LaunchSpec) -> tuple[list[str], dict[str, str]]:
