@@ -27,11 +27,13 @@ from torch import nn
 
 from distgrow import cli
 from distgrow.config import ConfigError, DataConfig, load_config
+from distgrow.config.filesizes import npz_header, read_npy_header
 from distgrow.config.loader import MAX_YAML_VALUES
 from distgrow.data import ArrayDataset, DataBundle, DatasetFormatError, load_dataset
 from distgrow.data.checks import check_class_labels
 from distgrow.data.readers.image_folder import decode
 from distgrow.data.readers.labels import MAX_CLASSES
+from distgrow.data.readers.tokens import TokenFile
 from distgrow.models import MAX_OUTPUTS, build_model, output_width
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -273,6 +275,64 @@ def test_a_well_compressed_npz_is_not_mistaken_for_a_forged_one(tmp_path: Path) 
     assert path.stat().st_size < 3_200_000 / 100  # compressed over 100-fold
     bundle = load_dataset(DataConfig(name="npz", path=str(path)))
     assert len(bundle.train) + len(bundle.val) == 50_000 and bundle.num_classes == 3
+
+
+# -- npy format version 3.0: a UTF-8 header ----------------------------------------------------
+
+STRUCTURED = np.dtype([("数", "<f4"), ("é", "<i8")])  # "数" is not latin-1: numpy writes v3.0
+
+
+@pytest.mark.filterwarnings("ignore:Stored array in format 3.0")
+def test_a_version_3_header_is_read_as_utf8_like_numpy_reads_it(tmp_path: Path) -> None:
+    path = tmp_path / "fields.npy"
+    np.save(path, np.zeros(5, dtype=STRUCTURED))
+    assert path.read_bytes()[6:8] == b"\x03\x00"  # numpy wrote version 3.0
+    with path.open("rb") as handle:
+        shape, fortran, dtype = read_npy_header(handle)
+        offset = handle.tell()
+    loaded = np.load(path)
+    assert (shape, fortran, dtype) == (loaded.shape, False, loaded.dtype)
+    assert dtype.names == ("数", "é")  # latin-1 would give ('æ\x95°', 'Ã©')
+    assert path.stat().st_size - offset == loaded.nbytes
+    # A plain array under a hand-written 3.0 header is read like its 1.0 twin.
+    ids = tmp_path / "ids.npy"
+    with ids.open("wb") as handle:
+        np.lib.format.write_array(handle, np.arange(7, dtype=np.uint16), version=(3, 0))
+    assert ids.read_bytes()[6:8] == b"\x03\x00"
+    with ids.open("rb") as handle:
+        assert read_npy_header(handle) == ((7,), False, np.dtype("<u2"))
+
+
+@pytest.mark.filterwarnings("ignore:Stored array in format 3.0")
+def test_a_structured_version_3_array_is_refused_naming_its_real_fields(tmp_path: Path) -> None:
+    path = tmp_path / "data.npz"
+    np.savez(path, X=np.zeros(4, dtype=STRUCTURED), y=np.arange(4) % 2)
+    assert npz_header(path, "X") == ((4,), str(STRUCTURED))
+    with pytest.raises(DatasetFormatError) as refused:
+        load_dataset(DataConfig(name="npz", path=str(path)))
+    said = str(refused.value)
+    assert said.startswith(f"{path}: array 'X' has dtype {STRUCTURED} and shape (4,)"), said
+    tokens = tmp_path / "train.npy"
+    np.save(tokens, np.zeros(4, dtype=STRUCTURED))
+    with pytest.raises(DatasetFormatError) as refused:
+        TokenFile.open(str(tokens), "data.path")
+    assert str(refused.value) == (
+        f"tokens: {tokens} holds a {STRUCTURED} array of shape (4,); a token file is 1-D "
+        "uint16 or uint32: save it as such."
+    )
+    ids = tmp_path / "ids.npy"
+    with ids.open("wb") as handle:
+        np.lib.format.write_array(handle, np.arange(7, dtype=np.uint16), version=(3, 0))
+    opened = TokenFile.open(str(ids), "data.path")
+    assert (opened.count, opened.dtype, opened.offset) == (7, np.dtype("<u2"), 128)
+
+
+def test_a_broken_version_3_header_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.npy"
+    header = b"{'descr': '<u2', 'fortran_order': False, 'shape': (7,), }\xff"
+    path.write_bytes(b"\x93NUMPY\x03\x00" + struct.pack("<I", len(header)) + header)
+    with pytest.raises(DatasetFormatError, match=rf"^tokens: {path} has no readable \.npy header"):
+        TokenFile.open(str(path), "data.path")
 
 
 # -- labels against the classes ---------------------------------------------------------------

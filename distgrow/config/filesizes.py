@@ -23,6 +23,8 @@ from typing import IO, TYPE_CHECKING
 from distgrow.config.datasets import held_out
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from distgrow.config.schema import DataConfig
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "npz_header",
     "npz_member",
     "npz_rows",
+    "read_npy_header",
     "stream_train_size",
 ]
 
@@ -96,6 +99,59 @@ def _byte_words(n: int) -> str:
     return f"{n} bytes"
 
 
+# numpy's own cap on a header's length (it reads longer ones only from trusted files).
+_NPY_HEADER_MAX = 10_000
+
+
+def read_npy_header(handle: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """``(shape, fortran_order, dtype)`` of the ``.npy`` stream at ``handle``, left just past
+    its header.
+
+    Versions 1.0 and 2.0 headers are latin-1; version 3.0 (what numpy writes for field names
+    latin-1 cannot spell, such as ``"数"``) is UTF-8, which numpy's public
+    ``read_array_header_2_0`` would decode as latin-1 (mangled names).
+
+    Raises:
+        ValueError: not a .npy header, an unknown version, or a header that does not parse.
+    """
+    import ast
+    import struct
+
+    import numpy as np  # here: `distgrow plan` and the config check need it only for .npy/.npz
+
+    version = np.lib.format.read_magic(handle)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(handle)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(handle)
+    if version != (3, 0):
+        raise ValueError(f".npy format version {version[0]}.{version[1]} is not one numpy writes")
+    size = handle.read(4)
+    length = struct.unpack("<I", size)[0] if len(size) == 4 else -1
+    if not 0 <= length <= _NPY_HEADER_MAX:
+        raise ValueError(f"a version 3.0 header of {length} bytes (numpy reads {_NPY_HEADER_MAX})")
+    raw = handle.read(length)
+    if len(raw) < length:
+        raise ValueError(f"the header is cut short ({len(raw)} of {length} bytes)")
+    text = raw.decode("utf-8")  # UnicodeDecodeError is a ValueError
+    try:
+        header = ast.literal_eval(text)
+    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+        raise ValueError(f"the header {text.strip()[:80]!r} does not parse") from None
+    if not isinstance(header, dict) or header.keys() != {"descr", "fortran_order", "shape"}:
+        raise ValueError(f"the header {text.strip()[:80]!r} is not a .npy header")
+    shape, fortran = header["shape"], header["fortran_order"]
+    if not isinstance(shape, tuple) or not all(isinstance(d, int) for d in shape):
+        raise ValueError(f"the header's shape {shape!r} is not a tuple of ints")
+    if not isinstance(fortran, bool):
+        raise ValueError(f"the header's fortran_order {fortran!r} is not a bool")
+    try:
+        dtype = np.lib.format.descr_to_dtype(header["descr"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"the header's descr {header['descr']!r} is not a dtype ({err})") from None
+    return shape, fortran, dtype
+
+
 def npz_header(path: Path, key: str) -> tuple[tuple[int, ...], str]:
     """The shape and dtype of array ``key`` in the ``.npz`` archive ``path``, from its header.
 
@@ -106,18 +162,12 @@ def npz_header(path: Path, key: str) -> tuple[tuple[int, ...], str]:
     Raises:
         ValueError: one line naming the file, the array and what is wrong.
     """
-    import numpy as np  # here: `distgrow plan` and the config check need it only for .npz
-
     member = npz_member(path, key)
     try:
         with zipfile.ZipFile(path) as archive:
             info = archive.getinfo(member)
             with archive.open(info) as handle:
-                version = np.lib.format.read_magic(handle)
-                if version == (1, 0):
-                    shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
-                else:
-                    shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+                shape, _, dtype = read_npy_header(handle)
                 header_bytes = handle.tell()
     except (ValueError, EOFError) as err:
         raise ValueError(

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from distgrow.config import DataConfig, held_out
+from distgrow.config.filesizes import read_npy_header
 from distgrow.data.containers import (
     ArrayDataset,
     DataBundle,
@@ -109,13 +110,13 @@ class TokenFile:
             magic = f.read(6)
             if magic == b"\x93NUMPY":
                 f.seek(0)
-                version = np.lib.format.read_magic(f)
-                header = (
-                    np.lib.format.read_array_header_1_0
-                    if version == (1, 0)
-                    else np.lib.format.read_array_header_2_0
-                )
-                shape, _fortran, dtype = header(f)
+                try:
+                    shape, _fortran, dtype = read_npy_header(f)
+                except (ValueError, EOFError) as err:
+                    raise DatasetFormatError(
+                        f"tokens: {file} has no readable .npy header "
+                        f"({' '.join(str(err).split())}); save it again with numpy.save."
+                    ) from None
                 offset = f.tell()
                 if len(shape) != 1 or dtype.newbyteorder("=") not in _DTYPES.values():
                     raise DatasetFormatError(
