@@ -29,8 +29,14 @@ from test_report import fake_run
 
 from distgrow import cli
 from distgrow.checkpoint import load_checkpoint, save_checkpoint
-from distgrow.launch.controller import AttemptEnd, decide
-from distgrow.launch.executor import PlannedExitFilter, run_subprocess, torchrun_status
+from distgrow.config import load_config
+from distgrow.launch.controller import AttemptEnd, decide, run_controller
+from distgrow.launch.executor import (
+    Outcome,
+    PlannedExitFilter,
+    run_subprocess,
+    torchrun_status,
+)
 from distgrow.rundir import RunDir, atomic_write_bytes
 
 # A model whose checkpoint (weights and momentum) is 2.2 MB: on a 3 MiB disk the checkpoint
@@ -339,6 +345,52 @@ def test_launch_on_a_full_disk_names_its_log(tmp_path: Path) -> None:
         assert str(config) not in stop[0]
         # The worker said why it stopped too (its line reached the terminal, not the log).
         assert f"distgrow: error: cannot write the run directory {run_dir}" in out
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("room", ["none", "some"])
+def test_workers_that_finish_despite_a_cut_log_are_done_with_one_warning(
+    room: str, tmp_path: Path
+) -> None:
+    """The workers end with 0, but their launch log met a full disk: the controller's "done"
+    says in the same line that the log is incomplete and where; an empty log is removed."""
+    config = big_config(tmp_path)
+    child = "print('x' * 400_000); print('trained')"
+    shown: list[str] = []
+
+    def executor(argv: list[str], additions: dict[str, str], log_path: Path) -> Outcome:
+        if room == "none":
+            fill(disk)  # after the controller's own files: only the log meets the full disk
+        return run_subprocess([sys.executable, "-c", child], {}, log_path, echo=shown.append)
+
+    with tmpfs(tmp_path / "disk", "256k") as disk:
+        run_dir = disk / "run"
+        cfg = load_config(config, [f"run.output_dir={run_dir}"])
+        said: list[str] = []
+        code = run_controller(
+            str(config), [], cfg, executor=executor, env={}, log=said.append, gpus_on_node=0
+        )
+        assert code == 0 and shown[-1] == "trained", said
+        log = run_dir / "launch" / "attempt-01-1w.log"
+        done = [line for line in said if line.startswith("done:")]
+        assert len(done) == 1 and "\n" not in done[0], said
+        assert done[0].startswith(
+            "done: 1 launch(es), 0 restart(s) after crashes; but its log is incomplete: cannot "
+            f"write the launch log {log}: [Errno 28 ENOSPC] No space left on device. Fix: free "
+            f"space on the file system of {log.parent}"
+        ), done[0]
+        if room == "none":
+            assert not log.exists()
+            assert done[0].endswith(
+                "Nothing of its output could be written (the empty log was removed)."
+            )
+        else:
+            size = log.stat().st_size
+            assert 0 < size < 400_000
+            assert done[0].endswith(
+                f"The log stops at {size:,} bytes; the rest of its output reached only the "
+                "terminal."
+            )
 
 
 @pytest.mark.integration

@@ -144,7 +144,8 @@ class Decision:
 def decide(end: AttemptEnd, limit: int, limit_reason: str, max_restarts: int) -> Decision:
     """The decision after one launch, by the workers' exit status.
 
-    * 0: done (also after a signal: the workers had finished when it came).
+    * 0: done (also after a signal: the workers had finished when it came); a launch log a
+      full disk cut is named in the same line.
     * a signal the controller forwarded, or a stop the workers report (128 + N, or recorded by
       rank 0): stop with 128 + N, no relaunch; a resume continues.
     * a launch log that could not be written, or workers that could not write the run
@@ -163,9 +164,11 @@ def decide(end: AttemptEnd, limit: int, limit_reason: str, max_restarts: int) ->
     """
     code = end.code
     if code == EXIT_OK:
+        # The workers finished: no retry, but the user must hear that the log lacks output.
+        lost = f"; but its log is incomplete: {end.log_error}" if end.log_error else ""
         return Decision(
             "done",
-            message=f"done: {end.number} launch(es), {end.restarts} restart(s) after crashes",
+            message=f"done: {end.number} launch(es), {end.restarts} restart(s) after crashes{lost}",
         )
     stop = _stopped(end)
     if stop is not None:
@@ -588,7 +591,9 @@ def _read_end(
     tail = log_tail(log_path) if outcome.tail is None else outcome.tail
     log_error = None
     if outcome.log_error is not None and is_disk_error(outcome.log_error):
-        log_error = write_failure(outcome.log_error, "launch log", log_path)
+        log_error = write_failure(
+            outcome.log_error, "launch log", log_path, after=_what_the_log_kept(log_path)
+        )
     return AttemptEnd(
         number,
         attempt.workers,
@@ -603,6 +608,19 @@ def _read_end(
         job.rendezvous.master_port if code != EXIT_OK and address_in_use(tail) else None,
         log_error,
     )
+
+
+def _what_the_log_kept(log_path: Path) -> str:
+    """A sentence on a launch log a write failure cut; an empty one is removed, so that no
+    file named as a log holds nothing."""
+    try:
+        size = log_path.stat().st_size
+        if size == 0:
+            log_path.unlink()
+            return "Nothing of its output could be written (the empty log was removed)."
+    except OSError:
+        return "Its output reached only the terminal."
+    return f"The log stops at {size:,} bytes; the rest of its output reached only the terminal."
 
 
 def _log_stderr(message: str) -> None:
