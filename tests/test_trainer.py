@@ -678,7 +678,8 @@ def test_a_fresh_run_refuses_a_differing_config_yaml_left_alone(tmp_path: Path) 
         make_trainer(syn_config(run_dir, "run.epochs=1")).train()
     assert [p.name for p in run_dir.iterdir()] == ["config.yaml"]
     (run_dir / "config.yaml").write_bytes(b"\xff\xfe")
-    with pytest.raises(TrainError, match=r"is not a distgrow config \(UnicodeDecodeError"):
+    unreadable = r"not a distgrow config \(it is unreadable \(UnicodeDecodeError"
+    with pytest.raises(TrainError, match=unreadable):
         make_trainer(syn_config(run_dir, "run.epochs=1")).train()
     assert (run_dir / "config.yaml").read_bytes() == b"\xff\xfe"
 

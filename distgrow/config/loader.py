@@ -262,6 +262,26 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return " ".join(str(err).split())
 
 
+def read_yaml_file(path: Path) -> tuple[Any, str | None]:
+    """A YAML file's tree through the bounded :func:`safe_load`, or what is wrong with it.
+
+    Returns:
+        ``(tree, None)``; or ``(None, problem)`` where the file cannot be read, is not valid
+        YAML, is an alias bomb or is empty, the problem phrased to follow "<path> is ...".
+    """
+    try:
+        tree = safe_load(path.read_text(encoding="utf-8"))
+    except YamlExpansionError as err:
+        return None, f"refused: {err}"
+    except yaml.YAMLError as err:
+        return None, f"not valid YAML: {_yaml_problem(err)}"
+    except (OSError, UnicodeDecodeError) as err:
+        return None, f"unreadable ({type(err).__name__}: {' '.join(str(err).split())})"
+    if tree is None:
+        return None, "empty (or only comments)"
+    return tree, None
+
+
 def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
     """Turn ``["growth.base_batch=256", "optim.lr=0.05"]`` into a nested dict.
 

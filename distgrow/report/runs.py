@@ -10,11 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from distgrow.config import ConfigError, config_from_dict
-from distgrow.config.loader import YamlExpansionError, safe_load
-from distgrow.config.loader import _yaml_problem as yaml_problem
+from distgrow.config.loader import read_yaml_file
 from distgrow.planner import make_plan
 from distgrow.rundir import RunDir, RunDirError, Summary
 
@@ -97,20 +94,11 @@ def read_config(run_dir: RunDir) -> dict[str, Any]:
     path = run_dir.config
     if not path.is_file():
         return {}
-    try:
-        loaded = safe_load(path.read_text(encoding="utf-8"))
-    except YamlExpansionError as err:
-        problem = f"is refused: {err}"
-    except yaml.YAMLError as err:
-        problem = f"is not valid YAML: {yaml_problem(err)}"
-    except (OSError, UnicodeDecodeError) as err:
-        problem = f"cannot be read ({type(err).__name__}: {' '.join(str(err).split())})"
-    else:
-        if loaded is not None:
-            return loaded if isinstance(loaded, dict) else {}
-        problem = "is empty (or only comments)"
+    loaded, problem = read_yaml_file(path)
+    if problem is None:
+        return loaded if isinstance(loaded, dict) else {}
     raise ReportError(
-        f"{path} {problem}; its checkpoints and metrics were left as they are. Fix: restore "
+        f"{path} is {problem}; its checkpoints and metrics were left as they are. Fix: restore "
         "it from the job's YAML the run was trained with, or leave the run out of the report."
     )
 

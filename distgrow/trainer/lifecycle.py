@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from distgrow import __version__
 from distgrow.backends.sharded_state import load_model_and_optimizer, save_model_and_optimizer
@@ -21,8 +20,7 @@ from distgrow.checkpoint import (
     save_checkpoint,
 )
 from distgrow.config import dump_config
-from distgrow.config.loader import YamlExpansionError, safe_load
-from distgrow.config.loader import _yaml_problem as yaml_problem
+from distgrow.config.loader import read_yaml_file
 from distgrow.held import held_so_far
 from distgrow.loop import ScheduleError, resplit_policy_state
 from distgrow.metrics import (
@@ -205,25 +203,15 @@ class RunLifecycle(Telemetry):
         path = self.run_dir.config
         if not path.exists():
             return None
-        try:
-            # The bounded loader: a hand-edited alias bomb is refused, not expanded.
-            tree = safe_load(path.read_text(encoding="utf-8"))
-        except YamlExpansionError as err:
-            tree = f"refused: {err}"
-        except yaml.YAMLError as err:
-            tree = f"not valid YAML: {yaml_problem(err)}"
-        except (OSError, UnicodeDecodeError) as err:
-            tree = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        # The bounded loader: a hand-edited alias bomb is refused, not expanded.
+        tree, problem = read_yaml_file(path)
         if isinstance(tree, dict):
             return tree
-        if tree is None:
-            what = "it is empty or only comments"
-        else:
-            what = tree if isinstance(tree, str) else f"a {type(tree).__name__}, not a mapping"
+        what = problem or f"a {type(tree).__name__}, not a mapping"
         return (
-            f"{path} is not a distgrow config ({what}); distgrow never overwrites it, nor the "
-            "checkpoints and metrics beside it. Fix: restore it from the job's YAML the run was "
-            "trained with (or move it away and re-create the run), or choose another "
+            f"{path} is not a distgrow config (it is {what}); distgrow never overwrites it, nor "
+            "the checkpoints and metrics beside it. Fix: restore it from the job's YAML the run "
+            "was trained with (or move it away and re-create the run), or choose another "
             "run.output_dir (or run.name)."
         )
 
