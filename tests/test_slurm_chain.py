@@ -404,3 +404,22 @@ def test_a_failed_span_says_so_and_nothing_waits(slurm: dict[str, str], tmp_path
     held = held_from_slurm(RunDir(run_dir), {})
     assert (held["jobs"][1]["slurm_state"], held["jobs"][1]["held_s"]) == ("CANCELLED", 0.0)
     assert calls(run_dir) == [(1, 0, False)]
+
+
+def test_a_chain_under_a_percent_directory_logs_and_grows_there(
+    slurm: dict[str, str], tmp_path: Path
+) -> None:
+    """A run directory named with sbatch's own codes (``%j``, ``%x``, ``%%``): each span's log
+    lands at the literal path (``--output`` has each ``%`` doubled) and the chain grows 1 -> 2."""
+    base = tmp_path / "lr%5 %j %x %%"
+    base.mkdir()
+    env, config, run_dir = fake_chain(slurm, base, "grow:2")
+    start_chain(env, config, base)
+    jobs = wait_chain_end(env, run_dir, 2)
+    logs = span_logs(run_dir)
+    assert [(j.workers, j.state) for j in jobs.jobs] == [(1, "grown"), (2, "completed")], logs
+    assert sorted(calls(run_dir)) == [(1, 0, False), (2, 0, True), (2, 1, True)], logs
+    wanted = [f"span-{j.index:02d}-{j.job_id}.out" for j in jobs.jobs]
+    assert sorted(p.name for p in (run_dir / "launch").glob("span-*.out")) == wanted
+    # and nowhere else (not in a folder named after a job id or the job name)
+    assert sorted(tmp_path.rglob("*.out")) == [run_dir / "launch" / name for name in wanted]
