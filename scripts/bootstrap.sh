@@ -32,8 +32,9 @@ pip_q() {
 # --- Debian packages -------------------------------------------------------------------------
 # Fashion-MNIST; Open MPI (mpirun, and the headers Horovod builds against); the tools that build
 # Horovod (cmake, make, g++) and DeepSpeed's JIT ops (g++, and a `ninja` on PATH for processes
-# that run .venv/bin/python without the venv on PATH, like `make test`).
-APT_PACKAGES=(dataset-fashion-mnist openmpi-bin libopenmpi-dev cmake make g++ ninja-build)
+# that run .venv/bin/python without the venv on PATH, like `make test`); pdsh (DeepSpeed's
+# multi-node runner: the tests run its remote line through the real pdsh's % rewriting).
+APT_PACKAGES=(dataset-fashion-mnist openmpi-bin libopenmpi-dev cmake make g++ ninja-build pdsh)
 # Python headers for those builds: a pyenv/python.org interpreter has them, Debian's needs python3-dev.
 "$PY" -c 'import os, sys, sysconfig
 sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' ||
