@@ -394,13 +394,9 @@ class GrowthSchedule:
         planned: list[Update] = []
         position, step = self.position, self.step
         with self._policy_put_back():
-            while position < self.dataset_size:
-                setting = self._decide_ahead(self.epoch, position)
-                if setting is None:
-                    break  # the loop cannot go past it on this job
-                update = self._update(self.epoch, position, step, setting)
-                planned.append(update)
-                position, step = position + update.samples, step + 1
+            for setting, end in self._walk(self.epoch, position):
+                planned.append(self._update(self.epoch, position, step, setting))
+                position, step = end, step + 1
         self._ahead = {(u.epoch, u.position): (u.setting.split, None) for u in planned}
         return planned
 
@@ -409,15 +405,8 @@ class GrowthSchedule:
         ``len``): from the settings alone, no index arrays built."""
         if self.done:
             return 0
-        steps, position = 0, self.position
         with self._policy_put_back():
-            while position < self.dataset_size:
-                setting = self._decide_ahead(self.epoch, position)
-                if setting is None:
-                    break
-                steps += setting.accum_steps
-                position += min(setting.global_batch, self.dataset_size - position)
-        return steps
+            return sum(setting.accum_steps for setting, _ in self._walk(self.epoch, self.position))
 
     def read_ahead(self) -> Iterator[Update]:
         """The updates left in the current epoch, each built when it is read (a sampler's read).
@@ -464,16 +453,25 @@ class GrowthSchedule:
                 return live
             if read is None or read[1] != live:
                 at = self.position
-                while at < position:
-                    setting = self._decide_ahead(epoch, at)
-                    if setting is None:
+                for _, at in self._walk(epoch, self.position):
+                    if at >= position:
                         break
-                    at += min(setting.global_batch, self.dataset_size - at)
                 if at == position:
                     return self.policy.state_dict()
         self.policy.load_state_dict(chain[0])
         self.policy.events = list(chain[1])
         return chain[0]
+
+    def _walk(self, epoch: int, position: int) -> Iterator[tuple[Setting, int]]:
+        """The policy's settings from ``position`` to the epoch's end, each with the position
+        after its update, deciding as it goes (the policy moves: put it back if need be); ends
+        early where this job cannot split a setting."""
+        while position < self.dataset_size:
+            setting = self._decide_ahead(epoch, position)
+            if setting is None:
+                return  # the loop cannot go past it on this job
+            position += min(setting.global_batch, self.dataset_size - position)
+            yield setting, position
 
     def _decide_ahead(self, epoch: int, position: int) -> Setting | None:
         """The policy's setting at ``position``, split over this job; None if it cannot be."""
@@ -499,13 +497,13 @@ class GrowthSchedule:
             return True
         at = self.position
         with self._policy_put_back():
-            while (self.epoch, at) in self._ahead and at < self.dataset_size:
-                setting = self._decide_ahead(self.epoch, at)
-                if setting is None:
+            for setting, end in self._walk(self.epoch, at):
+                read = self._ahead.get((self.epoch, at))
+                if read is None:
                     break
-                if self._ahead[(self.epoch, at)][0] != setting.split:
+                if read[0] != setting.split:
                     return False
-                at += min(setting.global_batch, self.dataset_size - at)
+                at = end
         return True
 
     def _permutation(self, epoch: int) -> torch.Tensor | FeistelPermutation:
