@@ -140,7 +140,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             f"--workers {args.workers}: the job's world size must be 1 or more. "
             "Fix: give the number of processes the job starts, e.g. --workers 8."
         )
-    plan = make_plan(cfg, cfg.data.expected_train_size(cfg.run.seed), min_workers=args.workers)
+    plan = make_plan(cfg, cfg.expected_train_size(), min_workers=args.workers)
     if args.json:
         print(json.dumps(plan.to_json(), indent=2, allow_nan=False))
     else:

@@ -162,6 +162,11 @@ class Config(Section):
                     f"use {max(g, micro // g * g)} or {(micro // g + 1) * g}",
                 )
 
+    def expected_train_size(self) -> int:
+        """N for planning without loading the data (:meth:`DataConfig.expected_train_size`
+        with ``run.seed``, which picks the blocks token and text data hold out)."""
+        return self.data.expected_train_size(self.run.seed)
+
     def to_dict(self) -> dict[str, Any]:
         """A plain nested dict (what ``config.yaml`` in a run directory holds)."""
         return dataclasses.asdict(self)

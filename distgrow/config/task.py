@@ -176,6 +176,7 @@ _DATA_CONFIG = ConfigDict(**STRICT, populate_by_name=True)
 _POSITIVE_OR_NULL = Range(ge=1, problem="must be positive or null", fix="remove it or use 1+")
 
 VAL_PATH_NAMES = (*FILE_FORMATS, "text", "tokens")
+"""The data sets that read ``data.val_path``."""
 STREAM_FORMATS = ("tokens", "text")
 """Counted in windows of ``seq_len + 1`` from the files' sizes (:func:`stream_train_size`)."""
 STREAM_FIX = {
@@ -183,7 +184,6 @@ STREAM_FIX = {
     "point data.path at one",
     "text": "point data.path at your text (a file or a folder of .py / .txt files)",
 }
-"""The data sets that read ``data.val_path``."""
 
 
 @raises_config_errors

@@ -473,4 +473,4 @@ def _schedule_notes(cfg: Config, policy: GrowthPolicy) -> list[str]:
 def plan_from_file(path: str, overrides: list[str] | None = None) -> Plan:
     """Load a config and plan it, with N from ``data.size`` or the known size of the data set."""
     cfg = load_config(path, overrides or [])
-    return make_plan(cfg, cfg.data.expected_train_size(cfg.run.seed))
+    return make_plan(cfg, cfg.expected_train_size())

@@ -280,7 +280,7 @@ def prepare(
     listed_gpus: tuple[str, ...] = ()
     if cfg.run.device != "cpu" and "CUDA_VISIBLE_DEVICES" in env:
         listed_gpus = visible_gpu_ids(env, gpus_on_node)
-    plan = make_plan(cfg, cfg.data.expected_train_size(cfg.run.seed))
+    plan = make_plan(cfg, cfg.expected_train_size())
     job = Job(
         cfg=cfg,
         config_path=os.path.abspath(cfg_path),  # remote nodes start in other directories

@@ -134,7 +134,7 @@ def micro_batches(plans: dict[str, Plan], most: int = 8) -> list[int]:
 
 
 def _plans(cfg: Config, workers: int) -> dict[str, Plan]:
-    n = cfg.data.expected_train_size(cfg.run.seed)
+    n = cfg.expected_train_size()
     return {v: make_plan(c, n, min_workers=workers) for v, c in variant_configs(cfg, n).items()}
 
 

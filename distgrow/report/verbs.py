@@ -254,7 +254,7 @@ def compare(
         raise ReportError(f"no variants given. Fix: e.g. --variants {','.join(DEFAULT_VARIANTS)}.")
     if len(set(variants)) != len(variants):
         raise ReportError(f"--variants lists one twice ({','.join(variants)}). Fix: once each.")
-    n = cfg.data.expected_train_size(cfg.run.seed)
+    n = cfg.expected_train_size()
     plan_overrides = {v: variant_overrides(cfg, v, n) for v in variants}
     out = Path(out_dir) if out_dir is not None else default_report_dir(cfg.run.name)
     resolved = _resolve_compare(config, overrides, cfg, plan_overrides, seeds, out)
