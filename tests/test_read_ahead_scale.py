@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from test_engine import ADAPTIVE, N
 from test_trainer import syn_config
 from torch.utils.data import DataLoader
 
@@ -20,13 +21,6 @@ from distgrow.data.order import FeistelPermutation
 from distgrow.loop import GrowthBatchSampler, GrowthSchedule, MicroBatchCollate, ScheduleError
 
 HUGE = 10**10  # samples in one epoch: token data's scale, far past any list of its updates
-N = 1033  # the training split of syn_config's 1291 samples
-ADAPTIVE = (
-    "growth.mode=adaptive",
-    "growth.adaptive.every=5",
-    "growth.adaptive.min_updates=5",
-    "growth.adaptive.patience=2",
-)
 
 
 class IndexOnly(torch.utils.data.Dataset[torch.Tensor]):

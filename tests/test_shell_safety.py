@@ -679,6 +679,16 @@ def test_submitted_span_script_runs_the_configs_values_as_words(tmp_path: Path) 
     nothing_ran(tmp_path)
 
 
+def sbatch_wait(script: Path, env: dict[str, str]) -> str:
+    """Submit ``script`` to the test cluster, wait for the job to end; its id (it succeeded)."""
+    done = subprocess.run(
+        ["sbatch", "--wait", "--parsable", str(script)],
+        env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().split(";")[0]
+
+
 @pytest.mark.integration
 def test_real_sbatch_reads_every_option_back_and_runs_the_span(
     slurm: dict[str, str], tmp_path: Path
@@ -696,12 +706,7 @@ def test_real_sbatch_reads_every_option_back_and_runs_the_span(
     script = tmp_path / "span.sbatch"
     script.write_text(span_script(1, options, str(python), "c.yaml", overrides))
     env = {**slurm, "STUB_LOG": str(tmp_path / "argv")}
-    done = subprocess.run(
-        ["sbatch", "--wait", "--parsable", str(script)],
-        env=env, capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    job = done.stdout.strip().split(";")[0]
+    job = sbatch_wait(script, env)
     shown = subprocess.run(
         ["scontrol", "show", "job", job], env=env, capture_output=True, text=True, timeout=60
     ).stdout
@@ -746,13 +751,7 @@ def test_real_sbatch_writes_a_span_log_under_a_percent_directory(
     options = sbatch_options(shape, cfg.launch.chain, "distgrow-x-1", run / "span-%j.out", run)
     script = tmp_path / "span.sbatch"
     script.write_text(span_script(1, options, str(python), "c.yaml", []))
-    env = {**slurm, "STUB_LOG": str(tmp_path / "cwd")}
-    done = subprocess.run(
-        ["sbatch", "--wait", "--parsable", str(script)],
-        env=env, capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    job = done.stdout.strip().split(";")[0]
+    job = sbatch_wait(script, {**slurm, "STUB_LOG": str(tmp_path / "cwd")})
     landed = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.out"))
     assert landed == [f"{PERCENT_DIR}/span-{job}.out"]
     assert (run / f"span-{job}.out").read_text() == "span-ran\n"
