@@ -37,7 +37,7 @@ with ``torch.distributed.checkpoint``, which reshards on load at any world size.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, cast
@@ -235,30 +235,9 @@ class FSDPBackend(AsyncReducer):
         self._synced = sync
         return contextlib.nullcontext()
 
-    def carry(self, values: torch.Tensor) -> Callable[[], torch.Tensor] | None:
-        """Let ``values`` (:data:`CARRIED` numbers) ride this micro-step's reduce-scatter.
-
-        Call inside the synchronising micro-step, before its :meth:`backward`. Returns the
-        function that gives their sum over ranks (float64) once that backward has returned, or
-        None where nothing carries them (one process, bf16, a micro-step whose sync is off):
-        all-reduce them then. The carried sum is float32 arithmetic (FSDP's averaging): exact
-        for counts below 2**24, a float32 rounding of a loss.
-        """
-        if self._carrier is None or not self._synced or values.numel() != CARRIED:
-            return None
-        self._carry = values.detach().reshape(CARRIED).to(torch.float32)
-        return self._carried
-
-    def _carried(self) -> torch.Tensor:
-        band = self._band
-        assert band is not None  # carry() returned this only with a carrier
-        grad, band.grad = band.grad, None
-        if grad is None:
-            raise RuntimeError("FSDPBackend.carry: read before the synchronising backward.")
-        if isinstance(grad, DTensor):
-            with torch.no_grad():  # to_local is then the tensor itself, not an autograd op
-                grad = grad.to_local()
-        return grad.to(torch.float64) * self.world_size  # FSDP averaged this rank's row
+    def _reduced_band(self) -> nn.Parameter:
+        assert self._band is not None  # carry() returned _carried only with a carrier
+        return self._band  # the sharded band: each rank's row after the reduce-scatter
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate; at the synchronising micro-step, with the carried numbers' term.

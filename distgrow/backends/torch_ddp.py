@@ -31,6 +31,7 @@ from typing import Any, NoReturn
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_map
 
@@ -311,8 +312,46 @@ class ProcessGroupMember:
 
 
 class AsyncReducer(ProcessGroupMember):
-    """A :class:`ProcessGroupMember` that can also start an all-reduce and wait later (the
-    engines whose gradient reduction is torch's own: DDP and FSDP)."""
+    """A :class:`ProcessGroupMember` that can also start an all-reduce and wait later, and
+    whose gradient reduction can carry the trainer's agreement (:meth:`carry`): the engines
+    whose gradient reduction is torch's own, DDP and FSDP."""
+
+    # Set by the engine: its Carrier when the gradients carry the agreement, whether the
+    # current micro-step reduces them, and what that micro-step's backward carries.
+    _carrier: Carrier | None = None
+    _synced: bool = False
+    _carry: torch.Tensor | None = None
+
+    def carry(self, values: torch.Tensor) -> Callable[[], torch.Tensor] | None:
+        """Let ``values`` (:data:`CARRIED` numbers) ride this micro-step's gradient reduction
+        (DDP's all-reduce, FSDP's reduce-scatter: the engine's ``backward`` adds them).
+
+        Call inside the synchronising micro-step, before its ``backward``. Returns the
+        function that gives their sum over ranks (float64) once that backward has returned, or
+        None where nothing can carry them (one process, FSDP in bf16, a micro-step that does
+        not reduce): all-reduce them then. The carried sum is float32 arithmetic (the engine's
+        averaging): exact for counts below 2**24, a float32 rounding of a loss.
+        """
+        if self._carrier is None or not self._synced or values.numel() != CARRIED:
+            return None
+        self._carry = values.detach().reshape(CARRIED).to(torch.float32)
+        return self._carried
+
+    def _reduced_band(self) -> nn.Parameter:
+        """The parameter whose gradient holds the carried numbers after the backward."""
+        raise NotImplementedError
+
+    def _carried(self) -> torch.Tensor:
+        band = self._reduced_band()
+        grad, band.grad = band.grad, None
+        if grad is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.carry: read before the synchronising backward."
+            )
+        if isinstance(grad, DTensor):  # FSDP: this rank's row of the sharded band
+            with torch.no_grad():  # to_local is then the tensor itself, not an autograd op
+                grad = grad.to_local()
+        return grad.to(torch.float64) * self.world_size  # the engine averaged it
 
     def all_reduce_async(
         self, tensor: torch.Tensor, op: ReduceOp = "sum"
@@ -394,26 +433,8 @@ class TorchBackend(AsyncReducer):
             return self._ddp.no_sync()
         return contextlib.nullcontext()
 
-    def carry(self, values: torch.Tensor) -> Callable[[], torch.Tensor] | None:
-        """Let ``values`` (:data:`CARRIED` numbers) ride this micro-step's gradient all-reduce.
-
-        Call inside the synchronising micro-step, before its :meth:`backward`. Returns the
-        function that gives their sum over ranks (float64) once that backward has returned, or
-        None where nothing can carry them (one process, or a micro-step under ``no_sync()``):
-        all-reduce them then. The carried sum is float32 arithmetic (DDP's averaging): exact for
-        counts below 2**24, a float32 rounding of a loss.
-        """
-        if self._carrier is None or not self._synced or values.numel() != CARRIED:
-            return None
-        self._carry = values.detach().reshape(CARRIED)
-        return self._carried
-
-    def _carried(self) -> torch.Tensor:
-        band = self._require_carrier().band
-        grad, band.grad = band.grad, None
-        if grad is None:
-            raise RuntimeError("TorchBackend.carry: read before the synchronising backward.")
-        return grad.to(torch.float64) * self.world_size  # DDP averaged it
+    def _reduced_band(self) -> nn.Parameter:
+        return self._require_carrier().band  # DDP reduces it in place
 
     def backward(self, loss: torch.Tensor) -> None:
         scaled = loss if self.scaler is None else self.scaler.scale(loss)
